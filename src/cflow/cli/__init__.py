@@ -1,0 +1,26 @@
+"""`cfctl`, the command-line interface. Entry point only: nothing imports this package."""
+
+from __future__ import annotations
+
+import importlib
+
+from cflow.cli.app import app
+
+# Each module registers its commands on `app` when imported.
+_COMMAND_MODULES = (
+    "server_cmds",
+    "task_cmds",
+)
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"cflow.cli.{name}")
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,118 @@
+"""The Typer app, its global options, and the one place errors become exit codes.
+
+Commands are thin: parse, ``run(ctx, async_fn)`` an async function that uses the
+``Swarm`` facade (or the event log), render. Heavy imports (nats, duckdb,
+docker, mcp) happen inside the command bodies so ``cfctl --help`` and
+``cfctl hook`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import typer
+
+from cflow.errors import CflowError, LeaseLost, NotFound, Unavailable
+
+T = TypeVar("T")
+
+# Exit codes scripts can rely on.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOTHING = 3  # e.g. `task claim` found nothing to claim
+EXIT_LEASE_LOST = 4
+EXIT_NOT_FOUND = 5
+EXIT_UNAVAILABLE = 6
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+app = typer.Typer(
+    name="cfctl",
+    help="cflow: event-sourced coordination for swarms of AI coding agents, on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Ctx:
+    url: str
+    swarm: str
+    json: bool
+    debug: bool
+    agent: str | None = None
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    url: str = typer.Option(
+        DEFAULT_URL, "--url", envvar="CFLOW_URL",
+        help="NATS server URL(s), comma-separated for failover.",
+    ),
+    swarm: str = typer.Option("default", "--swarm", envvar="CFLOW_SWARM", help="Swarm name."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
+) -> None:
+    ctx.obj = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
+
+
+def state(ctx: typer.Context) -> Ctx:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Ctx)
+    return obj
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def exit_code_for(err: CflowError) -> int:
+    if isinstance(err, LeaseLost):
+        return EXIT_LEASE_LOST
+    if isinstance(err, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(err, Unavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_ERROR
+
+
+def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command body; our errors become one line on stderr and an exit code."""
+    import anyio
+
+    c = state(ctx)
+    try:
+        return anyio.run(fn)
+    except CflowError as err:
+        if c.debug:
+            raise
+        fail(str(err), exit_code_for(err))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | None = None) -> None:
+    """Print ``data`` as JSON with ``--json``, else the human rendering."""
+    if state(ctx).json:
+        sys.stdout.write(json.dumps(data, default=str, indent=None) + "\n")
+        return
+    if human is None:
+        sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    elif isinstance(human, str):
+        sys.stdout.write(human + "\n")
+    else:
+        human(data)
+
+
+def agent_name(explicit: str | None = None) -> str:
+    import socket
+
+    return explicit or os.environ.get("CFLOW_AGENT") or f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,82 @@
+"""The async facade every interface uses: ``async with Swarm.connect(...) as swarm``.
+
+CLI commands, the MCP adapter and the worker runtime all go through this class;
+none of them touches NATS directly. Services hang off it as attributes:
+``swarm.tasks`` (claim path), and the others as their modules land.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from cflow.events import check_token
+from cflow.streams import EventLog, connect, ensure_swarm
+from cflow.streams.client import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+
+    from cflow.leases import TaskService
+
+
+def default_agent() -> str:
+    return os.environ.get("CFLOW_AGENT") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Swarm:
+    """One connection to one swarm, acting as one agent (``actor`` on every event)."""
+
+    def __init__(self, nc: NATS, swarm: str, *, agent: str) -> None:
+        self.nc = nc
+        self.name = swarm
+        self.agent = agent
+        self.log = EventLog(nc, swarm, actor=agent, node=f"{agent}@{socket.gethostname()}")
+        self._tasks: TaskService | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        url: str | Sequence[str] = DEFAULT_URL,
+        *,
+        swarm: str = "default",
+        agent: str | None = None,
+        ensure: bool = True,
+        replicas: int = 1,
+        connect_timeout: float = 2.0,
+    ) -> AsyncIterator[Swarm]:
+        """Connect, create the swarm's streams and buckets if needed, and yield the facade.
+
+        Raises:
+            Unavailable: no NATS server reachable.
+            InvalidInput: a swarm name that is not a subject token.
+        """
+        check_token(swarm, "swarm")
+        nc = await connect(url, name=f"cflow:{agent or default_agent()}",
+                           connect_timeout=connect_timeout)
+        try:
+            if ensure:
+                await ensure_swarm(nc, swarm, replicas)
+            facade = cls(nc, swarm, agent=agent or default_agent())
+            try:
+                yield facade
+            finally:
+                await facade.aclose()
+        finally:
+            await nc.close()
+
+    @property
+    def tasks(self) -> TaskService:
+        if self._tasks is None:
+            from cflow.leases import TaskService
+
+            self._tasks = TaskService(self)
+        return self._tasks
+
+    async def aclose(self) -> None:
+        if self._tasks is not None:
+            await self._tasks.aclose()
