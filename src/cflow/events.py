@@ -30,7 +30,7 @@ import msgspec
 from cflow.errors import InvalidInput, MalformedEvent
 
 # Entity ids and swarm names become NATS subject tokens and KV keys.
-TOKEN_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"  # noqa: S105 - a regex, not a secret
 _TOKEN_RE = re.compile(TOKEN_PATTERN)
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 HlcText = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
@@ -443,7 +443,8 @@ def decode(raw: bytes, subject: str | None = None) -> Event:
     except MalformedEvent:
         raise
     except (msgspec.MsgspecError, ValueError, TypeError, RecursionError) as exc:
-        raise MalformedEvent(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, subject) from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MalformedEvent(reason, subject) from None
     return Event(
         id=env.id,
         type=env.type,

@@ -8,12 +8,13 @@ translated by :mod:`cflow.streams.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,7 @@ async def connect(
             dont_randomize=False,
             **{"error_cb": _quiet, "disconnected_cb": _quiet_noargs, **options},
         )
-    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error):
+    except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error):
         raise Unavailable(
             f"no NATS server reachable at {','.join(servers)} (start one with `cfctl up`)",
             url=",".join(servers),
@@ -102,7 +103,7 @@ async def _quiet_noargs() -> None:
 
 
 async def api_request(nc: NATS, subject: str, payload: dict[str, Any] | None = None,
-                      timeout: float = 5.0) -> dict[str, Any]:
+                      timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109 - nats-py's own
     """One JetStream API request; errors in the JSON reply are raised translated."""
     data = json.dumps(payload).encode() if payload is not None else b""
     with nats_errors(subject):
@@ -240,7 +241,7 @@ class KvEntry:
         return self.operation == "PUT"
 
 
-async def publish(js: JetStreamContext, out: Outgoing, *, timeout: float = 5.0,
+async def publish(js: JetStreamContext, out: Outgoing, *, timeout: float = 5.0,  # noqa: ASYNC109
                   expected: int | None = None) -> tuple[int, bool]:
     """One awaited JetStream publish; returns (sequence, duplicate)."""
     with nats_errors(out.subject, expected):
@@ -253,10 +254,7 @@ def _entry_from_raw(bucket: str, raw: Any) -> KvEntry:
     headers: dict[str, str] = dict(raw.headers or {})
     prefix = f"$KV.{bucket}."
     key = str(raw.subject)[len(prefix):]
-    if MARKER_REASON in headers:
-        op = "MARKER"
-    else:
-        op = headers.get(KV_OPERATION, "PUT")
+    op = "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION, "PUT")
     return KvEntry(key, int(raw.seq), bytes(raw.data or b""), op, headers)
 
 
@@ -397,7 +395,7 @@ class EventLog:
     async def get(self, seq: int) -> StoredEvent | BadMessage:
         with nats_errors(self.stream):
             raw = await self.js.get_msg(self.stream, seq=seq, direct=True)
-        return self._decode(int(raw.seq), str(raw.subject), bytes(raw.data or b""))
+        return self._decode(int(raw.seq or 0), str(raw.subject), bytes(raw.data or b""))
 
     def _decode(self, seq: int, subject: str, data: bytes) -> StoredEvent | BadMessage:
         try:
@@ -419,10 +417,10 @@ class EventLog:
                                                 next=True, direct=True)
             except NotFound:
                 return out
-            item = self._decode(int(raw.seq), str(raw.subject), bytes(raw.data or b""))
+            item = self._decode(int(raw.seq or 0), str(raw.subject), bytes(raw.data or b""))
             if isinstance(item, StoredEvent):
                 out.append(item)
-            seq = int(raw.seq) + 1
+            seq = int(raw.seq or 0) + 1
 
     async def stream_last_seq(self) -> int:
         info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}")
@@ -434,7 +432,7 @@ class EventLog:
         *,
         start_seq: int = 1,
         caught_up: asyncio.Event | None = None,
-    ) -> AsyncIterator[StoredEvent | BadMessage]:
+    ) -> AsyncGenerator[StoredEvent | BadMessage, None]:
         """Read from ``start_seq`` and keep following new events (ordered push consumer).
 
         ``caught_up`` is set once everything stored when the consumer was created
@@ -473,10 +471,8 @@ class EventLog:
                 if caught_up is not None and not caught_up.is_set() and meta.num_pending == 0:
                     caught_up.set()
         finally:
-            try:
+            with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
-            except (nats.errors.Error, OSError):
-                pass
 
     async def read(self, filter_subject: str | None = None, *, start_seq: int = 1
                    ) -> list[StoredEvent | BadMessage]:
