@@ -96,8 +96,14 @@ class Timestamp:
 
     def readable(self) -> str:
         """``2026-11-23T18:32:30.123Z+5@3fa2c1d09e4b7a11``: wall time, logical, node."""
-        at = datetime.fromtimestamp(self.wall_ms / 1000, tz=UTC)
-        wall = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{self.wall_ms % 1000:03d}Z"
+        seconds, millis = divmod(self.wall_ms, 1000)
+        try:
+            at = datetime.fromtimestamp(seconds, tz=UTC)
+        except (ValueError, OverflowError, OSError):
+            # Past year 9999 (the 48-bit range reaches year 10889): no calendar form.
+            wall = f"{self.wall_ms}ms"
+        else:
+            wall = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}Z"
         return f"{wall}+{self.logical}@{self.node:016x}"
 
 
