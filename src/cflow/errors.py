@@ -68,6 +68,9 @@ class LeaseLost(ConflictError):
     """The caller no longer holds the claim of record (expired, taken over, cancelled)."""
 
     code = "LEASE_LOST"
+    task_id: str
+    epoch: int
+    reason: str
 
     def __init__(self, task_id: str, epoch: int, reason: str) -> None:
         super().__init__(

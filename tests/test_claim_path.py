@@ -1,0 +1,239 @@
+"""The claim path against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cflow import events as ev
+from cflow.errors import AlreadyClaimed, DependencyError, InvalidState, LeaseLost, NotFound
+from cflow.swarm import Swarm
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def reaper(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
+    """Another process-like participant running maintenance (reaper + readiness)."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="reaper") as s:
+        task = asyncio.create_task(s.tasks.maintain())
+        try:
+            await s.tasks.ensure_board()
+            yield s
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def until(swarm: Swarm, task_id: str, predicate: object, within: float = 15.0) -> object:
+    """Await a task state via the board's push updates (no polling)."""
+    svc = swarm.tasks
+    await svc.ensure_board()
+
+    def ok() -> bool:
+        state = svc.board.get(task_id)
+        return state is not None and predicate(state)  # type: ignore[operator]
+
+    async with svc._changed:
+        await asyncio.wait_for(svc._changed.wait_for(ok), within)
+    return svc.board.get(task_id)
+
+
+async def test_create_get_and_idempotency_key(swarm: Swarm) -> None:
+    a = await swarm.tasks.create("write docs", priority=3, capabilities=["docs"],
+                                 idempotency_key="k1", labels={"area": "docs"})
+    b = await swarm.tasks.create("write docs again", idempotency_key="k1")
+    assert a.task_id == b.task_id and b.title == "write docs"
+    assert a.status == "ready" and a.capabilities == ("docs",) and a.labels == {"area": "docs"}
+    with pytest.raises(NotFound):
+        await swarm.tasks.get("nope")
+
+
+async def test_unknown_dependency_is_refused(swarm: Swarm) -> None:
+    with pytest.raises(DependencyError, match="unknown dependency"):
+        await swarm.tasks.create("b", depends_on=["does-not-exist"])
+
+
+async def test_claim_complete_and_fencing(swarm: Swarm) -> None:
+    t = await swarm.tasks.create("t")
+    lease = await swarm.tasks.claim(agent="w1")
+    assert lease is not None and lease.task_id == t.task_id and lease.attempt == 1
+    with pytest.raises(LeaseLost):
+        await swarm.tasks.complete(t.task_id, lease.epoch + 1, "forged")
+    done = await lease.complete("ok")
+    assert done.status == "completed" and done.result == "ok" and done.owner == "w1"
+    # A retried completion is deduplicated by its Msg-Id: same outcome, first result kept.
+    again = await lease.complete("retry")
+    assert again.status == "completed" and again.result == "ok"
+    with pytest.raises(LeaseLost, match="already completed"):
+        await lease.fail("after the fact")
+    assert await swarm.tasks.claim(agent="w2") is None
+    with pytest.raises(AlreadyClaimed):
+        await swarm.tasks.claim(t.task_id, agent="w2")
+
+
+async def test_64_concurrent_claimers_exactly_one_winner(nats_url: str, swarm_name: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        swarms = [await stack.enter_async_context(
+            Swarm.connect(nats_url, swarm=swarm_name, agent=f"c{i}")) for i in range(4)]
+        for _ in range(100):
+            t = await swarms[0].tasks.create("contended")
+
+            async def one(i: int, task_id: str = t.task_id) -> bool:
+                try:
+                    await swarms[i % 4].tasks.claim(task_id, agent=f"claimer-{i}")
+                except AlreadyClaimed:
+                    return False
+                return True
+
+            wins = await asyncio.gather(*(one(i) for i in range(64)))
+            assert sum(wins) == 1
+        events = await swarms[0].log.read(f"cf.{swarm_name}.evt.task.*")
+        claims = [x for x in events if x.event.type == "TaskClaimed"]  # type: ignore[union-attr]
+        assert len(claims) == 100
+
+
+async def test_expired_lease_is_reaped_once_and_late_holder_is_fenced(
+    nats_url: str, swarm_name: str, swarm: Swarm
+) -> None:
+    t = await swarm.tasks.create("slow", lease_ttl_s=1, max_attempts=3, backoff_initial_s=0)
+    lease = await swarm.tasks.claim(agent="sleepy")
+    assert lease is not None
+    async with reaper(nats_url, swarm_name) as r1, reaper(nats_url, swarm_name) as r2:
+        state = await until(r1, t.task_id, lambda s: s.status == "ready" and s.attempt == 1)
+        assert state is not None
+        second = await r2.tasks.claim(agent="fresh", wait=5)
+        assert second is not None and second.attempt == 2 and second.epoch > lease.epoch
+        with pytest.raises(LeaseLost, match="lease expired"):
+            await lease.complete("late result")
+        await second.complete("fresh result")
+    final = await swarm.tasks.get(t.task_id)
+    assert final.status == "completed" and final.result == "fresh result"
+    history = [x.event.type for x in await swarm.tasks.history(t.task_id)]
+    assert history.count("TaskLeaseExpired") == 1 and history.count("TaskRequeued") == 1
+
+
+async def test_keep_alive_holds_the_lease_past_its_ttl(nats_url: str, swarm_name: str,
+                                                       swarm: Swarm) -> None:
+    t = await swarm.tasks.create("long", lease_ttl_s=1)
+    lease = await swarm.tasks.claim(agent="worker")
+    assert lease is not None
+    async with reaper(nats_url, swarm_name), lease.keep_alive(interval_s=0.3):
+        # Three TTLs pass with heartbeats; a marker would have been reaped at once.
+        for _ in range(10):
+            assert await lease.heartbeat() == "ok"
+            await asyncio.sleep(0.3)
+        assert not lease.lost.is_set()
+    assert (await lease.complete("done")).status == "completed"
+    assert t.task_id == lease.task_id
+
+
+async def test_cancel_reaches_the_holder_through_heartbeat(swarm: Swarm) -> None:
+    t = await swarm.tasks.create("doomed")
+    lease = await swarm.tasks.claim(agent="w")
+    assert lease is not None
+    cancelled = await swarm.tasks.cancel(t.task_id, reason="not needed")
+    assert cancelled.status == "cancelled"
+    assert await lease.heartbeat() == "cancelled"
+    assert lease.lost.is_set() and lease.lost_reason == "cancelled"
+    with pytest.raises(LeaseLost, match="cancelled"):
+        await lease.complete("too late")
+    with pytest.raises(InvalidState, match="already cancelled"):
+        await swarm.tasks.cancel(t.task_id)
+
+
+async def test_retry_backoff_then_failed_and_dependents_blocked(swarm: Swarm) -> None:
+    t = await swarm.tasks.create("flaky", max_attempts=2, backoff_initial_s=0.3)
+    child = await swarm.tasks.create("child", depends_on=[t.task_id])
+    assert child.status == "pending"
+    lease = await swarm.tasks.claim(agent="w")
+    assert lease is not None
+    retried = await lease.fail("boom")
+    assert retried.status == "ready" and retried.not_before_ms > 0
+    # Backing off: not claimable before not_before; a waiting claim is woken by the timer.
+    assert await swarm.tasks.claim(agent="w") is None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    second = await swarm.tasks.claim(agent="w", wait=5)
+    assert second is not None and second.attempt == 2
+    assert loop.time() - started >= 0.2
+    final = await second.fail("boom again")
+    assert final.status == "failed"
+    blocked = await until(swarm, child.task_id, lambda s: s.status == "blocked")
+    assert blocked.reason == f"dependency {t.task_id} failed"  # type: ignore[union-attr]
+
+
+async def test_no_retry_fails_for_good(swarm: Swarm) -> None:
+    await swarm.tasks.create("fatal", max_attempts=5)
+    lease = await swarm.tasks.claim(agent="w")
+    assert lease is not None
+    assert (await lease.fail("bad input", retry=False)).status == "failed"
+
+
+async def test_dag_of_50_completes_in_dependency_order(swarm: Swarm) -> None:
+    ids: list[str] = []
+    for i in range(50):
+        deps = [ids[j] for j in (i - 1, i // 2) if 0 <= j < i]
+        ids.append((await swarm.tasks.create(f"n{i}", depends_on=sorted(set(deps)))).task_id)
+    order: list[str] = []
+    while len(order) < 50:
+        lease = await swarm.tasks.claim(agent="w", wait=5)
+        assert lease is not None
+        order.append(lease.task_id)
+        await lease.complete()
+    position = {tid: i for i, tid in enumerate(order)}
+    for i, tid in enumerate(ids):
+        for j in (i - 1, i // 2):
+            if 0 <= j < i:
+                assert position[ids[j]] < position[tid]
+
+
+async def test_idle_claim_wait_is_woken_by_a_push(nats_url: str, swarm_name: str,
+                                                  swarm: Swarm) -> None:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="producer") as producer:
+        await swarm.tasks.ensure_board()
+        waiter = asyncio.create_task(swarm.tasks.claim(agent="idle", wait=30))
+        await asyncio.sleep(0)  # let the waiter park on the board
+        assert not waiter.done()
+        created = await producer.tasks.create("wake up")
+        lease = await asyncio.wait_for(waiter, 10)
+        # The waiter was parked for 30 s; only the subscription push can explain a
+        # return well before that, and it returns the task that was just created.
+        assert lease is not None and lease.task_id == created.task_id
+        assert swarm.tasks._version > 0
+
+
+async def test_start_to_close_timeout_is_enforced(nats_url: str, swarm_name: str,
+                                                  swarm: Swarm) -> None:
+    t = await swarm.tasks.create("bounded", start_to_close_s=1, lease_ttl_s=30,
+                                 backoff_initial_s=0)
+    lease = await swarm.tasks.claim(agent="w")
+    assert lease is not None
+    async with reaper(nats_url, swarm_name) as r:
+        await until(r, t.task_id, lambda s: s.status == "ready" and s.attempt == 1)
+    history = await swarm.tasks.history(t.task_id)
+    expired = [x.event.data for x in history if x.event.type == "TaskLeaseExpired"]
+    assert len(expired) == 1 and expired[0].reason == "start-to-close timeout"  # type: ignore[union-attr]
+
+
+async def test_claimed_but_never_leased_is_recovered(nats_url: str, swarm_name: str,
+                                                     swarm: Swarm) -> None:
+    t = await swarm.tasks.create("orphan", lease_ttl_s=1, backoff_initial_s=0)
+    # The holder died between the two writes: TaskClaimed is there, the lease never was.
+    await swarm.log.append(ev.TaskClaimed(owner="ghost", attempt=1, lease_ttl_s=1),
+                           t.task_id, expected=t.seq)
+    async with reaper(nats_url, swarm_name) as r:
+        state = await until(r, t.task_id, lambda s: s.status == "ready" and s.attempt == 1)
+    history = await swarm.tasks.history(t.task_id)
+    reasons = [x.event.data.reason for x in history if x.event.type == "TaskLeaseExpired"]  # type: ignore[union-attr]
+    assert reasons == ["claimed but never leased"] and state is not None
