@@ -20,7 +20,9 @@ from cflow.streams.client import DEFAULT_URL
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from cflow.agents import AgentService
     from cflow.leases import TaskService
+    from cflow.projections.query import QueryResult
 
 
 def default_agent() -> str:
@@ -36,6 +38,7 @@ class Swarm:
         self.agent = agent
         self.log = EventLog(nc, swarm, actor=agent, node=f"{agent}@{socket.gethostname()}")
         self._tasks: TaskService | None = None
+        self._agents: AgentService | None = None
 
     @classmethod
     @asynccontextmanager
@@ -76,6 +79,27 @@ class Swarm:
 
             self._tasks = TaskService(self)
         return self._tasks
+
+    @property
+    def agents(self) -> AgentService:
+        if self._agents is None:
+            from cflow.agents import AgentService
+
+            self._agents = AgentService(self)
+        return self._agents
+
+    async def query(self, sql: str, *, limit: int = 1000, wait_for_seq: int | None = None,
+                    timeout_s: float = 10.0) -> QueryResult:
+        """Read-only SQL on the swarm's DuckDB projection, through the query service.
+
+        Raises:
+            QueryRejected: not a pure read. LimitExceeded: time limit or size.
+            Unavailable: no projector is serving the swarm.
+        """
+        from cflow.projections.query import QueryClient
+
+        return await QueryClient(self.nc, self.name).query(
+            sql, limit=limit, wait_for_seq=wait_for_seq, timeout_s=timeout_s)
 
     async def aclose(self) -> None:
         if self._tasks is not None:
