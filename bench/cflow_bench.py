@@ -1,0 +1,441 @@
+"""cflow's figures, each next to the baseline measured in the same run.
+
+1 pickup latency (push) vs SQLite 1 s polling; 2 claims/s and claim latency with
+N agent processes vs SQLite; 3 reclaim time after kill -9 / lease TTL; 4 event
+append through EventLog vs raw JetStream publish; 6 claim p99 under 1,000
+heartbeating agents vs idle; 8 R3 vs R1 on a local 3-node cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from bench import sqlite_baseline
+from bench.context import Ctx
+from bench.procs import Child
+from bench.servers import DURABILITY, SQLITE_DURABILITY
+from bench.stats import Goal, latency_summary, percentile
+from cflow import events as ev
+from cflow.streams import StoredEvent, names
+from cflow.swarm import Swarm
+
+SYNCS = ("always", "default")
+
+
+def swarm_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+async def create_pool(sw: Swarm, n: int, *, concurrency: int = 32, **opts: Any) -> list[str]:
+    """``n`` ready tasks through the public ``create`` (setup, not timed)."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> str:
+        async with sem:
+            state = await sw.tasks.create(f"bench task {i}", priority=i % 5, **opts)
+            return state.task_id
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def holder_violations(items: list[Any]) -> dict[str, int]:
+    """From the task event log: claims made while another claim was live (double
+    claims) and tasks with more than one TaskCompleted."""
+    holder: dict[str, bool] = {}
+    completed: Counter[str] = Counter()
+    doubles = 0
+    for item in items:
+        if not isinstance(item, StoredEvent):
+            continue
+        tid = item.event.entity_id
+        data = item.event.data
+        if isinstance(data, ev.TaskClaimed):
+            if holder.get(tid):
+                doubles += 1
+            holder[tid] = True
+        elif isinstance(data, ev.TaskCompleted):
+            completed[tid] += 1
+            holder[tid] = False
+        elif isinstance(data, ev.TaskFailed | ev.TaskReleased | ev.TaskLeaseExpired
+                        | ev.TaskCancelled):
+            holder[tid] = False
+    return {"double_claims": doubles,
+            "double_completions": sum(c - 1 for c in completed.values() if c > 1)}
+
+
+async def log_violations(url: str | list[str], swarm: str) -> dict[str, int]:
+    async with Swarm.connect(url, swarm=swarm, agent="checker", ensure=False) as sw:
+        items = await sw.log.read(names.events_filter(swarm, "task"))
+    return holder_violations(items)
+
+
+async def agents(ctx: Ctx, n: int) -> list[Child]:
+    """``n`` long-lived agent processes, started once and reused across figures."""
+    have: list[Child] = getattr(ctx, "_agents", [])
+    while len(have) < n:
+        have.append(await ctx.children.start("bench.cflow_worker", f"agent{len(have)}"))
+    ctx._agents = have  # type: ignore[attr-defined]
+    return have[:n]
+
+
+async def reset_agents(ctx: Ctx) -> None:
+    for child in getattr(ctx, "_agents", []):
+        await child.send({"op": "reset"})
+        await child.recv()
+
+
+# --------------------------------------------------------------------- 1 pickup
+
+
+async def pickup(ctx: Ctx) -> None:
+    rec = ctx.rec
+    reps = ctx.reps(2, 5)
+    sq_each = int(ctx.pick(3, 8))
+    for _ in range(reps):
+        lat = await asyncio.to_thread(sqlite_baseline.pickup_run, ctx.tmp, "strict", 4, sq_each)
+        s = latency_summary(lat)
+        for q in ("p50", "p99"):
+            rec.add(f"pickup.sqlite.{q}", s[q], label=f"pickup {q}, SQLite 1 s polling",
+                    unit="ms", section="1 pickup", durability=SQLITE_DURABILITY["strict"],
+                    is_baseline=True,
+                    note=f"4 idle pollers x {sq_each} tasks per run, random phase")
+    n = int(ctx.pick(20, 60))
+    [agent] = await agents(ctx, 1)
+    for sync in SYNCS:
+        url = ctx.servers.url(sync)
+        name = swarm_name("pick")
+        async with Swarm.connect(url, swarm=name, agent="creator") as sw:
+            for _ in range(reps):
+                await agent.send({"op": "pickup", "url": url, "swarm": name, "agent": "picker",
+                                  "n": n, "wait": 30})
+                await agent.recv()
+                lat = []
+                for i in range(n):
+                    await asyncio.sleep(random.uniform(0.005, 0.03))
+                    t0 = time.time()
+                    await sw.tasks.create(f"pickup {i}")
+                    got = await agent.recv()
+                    lat.append(float(got["t"]) - t0)
+                await agent.recv()  # done
+                s = latency_summary(lat)
+                for q in ("p50", "p99"):
+                    rec.add(
+                        f"pickup.cflow.{sync}.{q}", s[q],
+                        label=f"pickup {q}, cflow push, sync {sync}", unit="ms", section="1 pickup", baseline=f"pickup.sqlite.{q}",
+                        durability=DURABILITY[sync],
+                        goals=[Goal("value", "<=", 5.0, "<= 5 ms"),
+                               Goal("ratio", "<=", 0.01, ">= 100x faster")] if q == "p50"
+                        else [],
+                        note=f"{n} tasks per run; measured from before create() to claim "
+                             "returning in another process")
+        await reset_agents(ctx)
+
+
+# --------------------------------------------------------------------- 2 claims
+
+
+def _claim_figures(ctx: Ctx, prefix: str, label: str, n: int, res: dict[str, Any],
+                   durability: str, baseline: str | None, conflicts_note: str) -> None:
+    rec = ctx.rec
+    s = latency_summary(res["latencies"])
+    base = (lambda k: f"{baseline}.n{n}.{k}") if baseline else (lambda k: None)
+    goals = ([Goal("ratio", ">=", 2.0, ">= 2x strict SQLite")]
+             if baseline and n == 16 and "always" in prefix else [])
+    rec.add(f"{prefix}.n{n}.rate", res["rate"], label=f"claims/s, {label}, {n} procs",
+            unit="claims/s", section="2 claims", baseline=base("rate"), better="higher",
+            durability=durability, goals=goals, is_baseline=baseline is None,
+            note="claim + complete cycles per second, all processes together")
+    for q in ("p50", "p99", "max"):
+        rec.add(f"{prefix}.n{n}.{q}", s[q], label=f"claim {q}, {label}, {n} procs", unit="ms",
+                section="2 claims", baseline=base(q), durability=durability,
+                is_baseline=baseline is None)
+    rec.add(f"{prefix}.n{n}.double_claims", res["double_claims"],
+            label=f"double claims, {label}, {n} procs", unit="count", section="2 claims",
+            durability=durability, is_baseline=baseline is None,
+            goals=[Goal("value", "<=", 0, "must be 0")])
+    rec.add(f"{prefix}.n{n}.conflicts", res["conflicts"],
+            label=f"CAS conflicts (lost races), {label}, {n} procs", unit="count",
+            section="2 claims", durability=durability, is_baseline=baseline is None,
+            note=conflicts_note)
+
+
+async def claims(ctx: Ctx) -> None:
+    levels = [1, 4, 16] if ctx.quick else [1, 4, 16, 32]
+    duration = ctx.pick(2.0, 5.0)
+    reps = ctx.reps(1, 3)
+    for mode in ("strict", "default"):
+        for n in levels:
+            for _ in range(reps):
+                res = await asyncio.to_thread(sqlite_baseline.claims_run, ctx.tmp, mode, n,
+                                              duration, int(ctx.pick(60_000, 200_000)))
+                _claim_figures(ctx, f"claims.sqlite.{mode}", f"SQLite {mode}", n, res,
+                               SQLITE_DURABILITY[mode], None,
+                               "UPDATE affected 0 rows, retried")
+                ctx.rec.add(f"claims.sqlite.{mode}.n{n}.locked", res["locked"],
+                            label=f'"database is locked" errors, SQLite {mode}, {n} procs',
+                            unit="count", section="2 claims", is_baseline=True,
+                            durability=SQLITE_DURABILITY[mode],
+                            note="after the 5 s busy timeout; retried")
+    workers = await agents(ctx, max(levels))
+    for sync in SYNCS:
+        url = ctx.servers.url(sync)
+        name = swarm_name("claims")
+        async with Swarm.connect(url, swarm=name, agent="creator") as sw:
+            left = 0
+            target = int(ctx.pick(400, 1500))
+            for n in levels:
+                for _ in range(reps):
+                    if left < target:
+                        await create_pool(sw, target - left)
+                        left = target
+                    active = workers[:n]
+                    for i, w in enumerate(active):
+                        await w.send({"op": "claims", "url": url, "swarm": name,
+                                      "agent": f"a{i}", "duration": duration})
+                    for w in active:
+                        await w.recv(120)
+                    for w in active:
+                        await w.send("go")
+                    results = [await w.recv(duration + 120) for w in active]
+                    lat = [x for r in results for x in r["latencies"]]
+                    ids = Counter(i for r in results for i in r["ids"])
+                    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+                    rate = len(lat) / elapsed if elapsed > 0 else 0.0
+                    left -= len(lat)
+                    target = max(target, int(rate * duration * 1.5) + 50)
+                    res = {"rate": rate, "latencies": lat,
+                           "double_claims": sum(c - 1 for c in ids.values() if c > 1),
+                           "conflicts": sum(r["conflicts"] for r in results)}
+                    _claim_figures(ctx, f"claims.cflow.{sync}", f"cflow {sync}", n, res,
+                                   DURABILITY[sync], "claims.sqlite.strict",
+                                   "expected-last-sequence refusals of TaskClaimed, "
+                                   "counted in the agent processes")
+        violations = await log_violations(url, name)
+        ctx.rec.add(f"claims.cflow.{sync}.log_double_claims", violations["double_claims"],
+                    label=f"double claims in the event log, cflow {sync}, all runs",
+                    unit="count", section="2 claims", durability=DURABILITY[sync],
+                    goals=[Goal("value", "<=", 0, "must be 0")],
+                    note="a TaskClaimed while another claim of the task was live")
+        ctx.rec.add(f"claims.cflow.{sync}.log_double_completions",
+                    violations["double_completions"],
+                    label=f"double completions in the event log, cflow {sync}", unit="count",
+                    section="2 claims", durability=DURABILITY[sync],
+                    goals=[Goal("value", "<=", 0, "must be 0")])
+        await reset_agents(ctx)
+
+
+# -------------------------------------------------------------------- 3 reclaim
+
+
+async def reclaim(ctx: Ctx) -> None:
+    ttl = ctx.pick(2.0, 3.0)
+    reps = ctx.reps(2, 5)
+    sync = "always"
+    url = ctx.servers.url(sync)
+    name = swarm_name("reclaim")
+    [reclaimer] = await agents(ctx, 1)
+    async with Swarm.connect(url, swarm=name, agent="creator") as sw:
+        for r in range(reps):
+            state = await sw.tasks.create(f"reclaim {r}", lease_ttl_s=ttl,
+                                          backoff_initial_s=0.0, max_attempts=5)
+            holder = await ctx.children.start("bench.cflow_worker", f"holder{r}")
+            try:
+                await holder.send({"op": "hold", "url": url, "swarm": name, "agent": "holder",
+                                   "task_id": state.task_id})
+                held = await holder.recv(60)
+                assert held["held"] == state.task_id, held
+                await reclaimer.send({"op": "reclaim", "url": url, "swarm": name,
+                                      "agent": "rescuer", "task_id": state.task_id,
+                                      "wait": ttl * 10})
+                await reclaimer.recv(60)
+                # a random point in the heartbeat cycle (heartbeats run every TTL/3)
+                await asyncio.sleep(random.uniform(0.0, ttl / 3))
+                t_kill = time.time()
+                holder.kill9()
+                got = await reclaimer.recv(ttl * 10 + 30)
+            finally:
+                await ctx.children.stop([holder])
+            if got["id"] is None:
+                raise RuntimeError("task was not reclaimed")
+            ctx.rec.add("reclaim.cflow.ratio_ttl", (float(got["t"]) - t_kill) / ttl,
+                        label="reclaim after kill -9 / lease TTL", unit="x TTL",
+                        section="3 reclaim", durability=DURABILITY[sync],
+                        goals=[Goal("value", "<=", 1.2, "<= 1.2x TTL")],
+                        note=f"TTL {ttl:g} s, kill at a random point of the heartbeat cycle, "
+                             "retry backoff 0; the expected value is about TTL minus half a "
+                             "heartbeat period")
+            ctx.rec.add("reclaim.cflow.seconds", float(got["t"]) - t_kill,
+                        label="reclaim after kill -9", unit="s", section="3 reclaim",
+                        durability=DURABILITY[sync], baseline="reclaim.ttl")
+            ctx.rec.add("reclaim.ttl", ttl, label="lease TTL", unit="s", section="3 reclaim",
+                        is_baseline=True)
+    await reset_agents(ctx)
+
+
+# --------------------------------------------------------------------- 4 append
+
+
+async def append(ctx: Ctx) -> None:
+    reps = ctx.reps(3, 5)
+    n = int(ctx.pick(300, 2000))
+    n_async = int(ctx.pick(2000, 10000))
+    for sync in SYNCS:
+        url = ctx.servers.url(sync)
+        name = swarm_name("append")
+        async with Swarm.connect(url, swarm=name, agent="appender") as sw:
+            log = sw.log
+            data = ev.TaskNoted(task_id="t" * 36, text="progress " * 8)
+            sample = log.event(data, "x" * 36)
+            payload = ev.encode(sample)
+            subj = [names.event_subject(name, "raw", f"r{i}") for i in range(64)]
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await log.js.publish(subj[i % 64], payload)
+                raw_rate = n / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await log.append(data, f"n{i % 64}")
+                cf_rate = n / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                futs = [await log.js.publish_async(subj[i % 64], payload)
+                        for i in range(n_async)]
+                await asyncio.gather(*futs)
+                raw_async = n_async / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await log.append_many([(log.event(data, f"m{i % 64}"), None)
+                                       for i in range(n_async)])
+                cf_async = n_async / (time.perf_counter() - t0)
+                dur = DURABILITY[sync]
+                rec = ctx.rec
+                rec.add(f"append.raw.{sync}.publish.rate", raw_rate,
+                        label=f"raw js.publish, awaited, sync {sync}", unit="msg/s",
+                        section="4 append",
+                        better="higher", durability=dur, is_baseline=True,
+                        note=f"{len(payload)} B payload, no headers")
+                rec.add(f"append.cflow.{sync}.append.rate", cf_rate,
+                        label=f"EventLog.append, awaited, sync {sync}", unit="events/s",
+                        section="4 append",
+                        baseline=f"append.raw.{sync}.publish.rate", better="higher",
+                        durability=dur, goals=[Goal("ratio", ">=", 0.7, ">= 0.7x raw")])
+                rec.add(f"append.raw.{sync}.publish_async.rate", raw_async,
+                        label=f"raw js.publish_async + gather, sync {sync}", unit="msg/s",
+                        section="4 append", better="higher", durability=dur,
+                        is_baseline=True)
+                rec.add(f"append.cflow.{sync}.append_many.rate", cf_async,
+                        label=f"EventLog.append_many (event build included), sync {sync}",
+                        unit="events/s", section="4 append",
+                        baseline=f"append.raw.{sync}.publish_async.rate", better="higher",
+                        durability=dur, goals=[Goal("ratio", ">=", 0.7, ">= 0.7x raw")])
+
+
+# ---------------------------------------------------------------------- 6 scale
+
+
+async def _claim_loop(ctx: Ctx, agent: Child, url: str, name: str, duration: float
+                      ) -> list[float]:
+    await agent.send({"op": "claims", "url": url, "swarm": name, "agent": "measured",
+                      "duration": duration})
+    await agent.recv(120)
+    await agent.send("go")
+    res = await agent.recv(duration + 120)
+    lat: list[float] = res["latencies"]
+    return lat
+
+
+async def scale(ctx: Ctx) -> None:
+    n_agents = 1000
+    duration = ctx.pick(3.0, 8.0)
+    reps = ctx.reps(1, 3)
+    syncs = ("default",) if ctx.quick else SYNCS
+    [agent] = await agents(ctx, 1)
+    for sync in syncs:
+        url = ctx.servers.url(sync)
+        name = swarm_name("scale")
+        load = await ctx.children.start("bench.cflow_worker", f"load-{sync}")
+        try:
+            async with Swarm.connect(url, swarm=name, agent="creator") as sw:
+                await create_pool(sw, int(ctx.pick(1500, 4000)))
+            for _ in range(reps):
+                lat = await _claim_loop(ctx, agent, url, name, duration)
+                ctx.rec.add(f"scale.idle.{sync}.p99", percentile(lat, 99) * 1000,
+                            label=f"claim p99, idle server, sync {sync}", unit="ms",
+                            section="6 scale",
+                            durability=DURABILITY[sync], is_baseline=True)
+            await load.send({"op": "load", "url": url, "swarm": name, "agents": n_agents,
+                             "period": 1.0})
+            ready = await load.recv(300)
+            ctx.rec.add(f"scale.load.{sync}.setup_s", ready["setup_s"],
+                        label=f"setup: create + claim {n_agents} tasks (64 in flight), sync {sync}",
+                        unit="s", section="6 scale", durability=DURABILITY[sync])
+            await asyncio.sleep(2.0)  # let the heartbeat load reach its steady state
+            for _ in range(reps):
+                lat = await _claim_loop(ctx, agent, url, name, duration)
+                ctx.rec.add(
+                    f"scale.load.{sync}.p99", percentile(lat, 99) * 1000,
+                    label=f"claim p99, {n_agents} agents heartbeating 1/s, sync {sync}", unit="ms",
+                    section="6 scale", baseline=f"scale.idle.{sync}.p99",
+                    durability=DURABILITY[sync],
+                    goals=[Goal("ratio", "<=", 2.0, "at most doubles")],
+                    note="load: presence put + lease heartbeat per agent per second from "
+                         "one process on the same 2-core machine")
+            await load.send("stop")
+            stats = await load.recv(60)
+            ticks = stats["tick_s"]
+            ctx.rec.add(f"scale.load.{sync}.tick_p50", percentile(ticks, 50),
+                        label=f"time to renew all {n_agents} agents (one tick), sync {sync}",
+                        unit="s",
+                        section="6 scale", durability=DURABILITY[sync],
+                        note=f"{stats['late']} of {stats['ticks']} ticks overran 1 s; "
+                             f"{stats['failures']} heartbeat failures")
+        finally:
+            await ctx.children.stop([load])
+        await reset_agents(ctx)
+
+
+# -------------------------------------------------------------------- 8 cluster
+
+
+async def cluster(ctx: Ctx) -> None:
+    urls = await ctx.servers.cluster_urls()
+    reps = ctx.reps(2, 5)
+    n = int(ctx.pick(200, 1000))
+    n_claims = int(ctx.pick(40, 200))
+    dur = "3-node cluster on one machine, default sync"
+    for r in ("r1", "r3"):
+        replicas = 3 if r == "r3" else 1
+        name = swarm_name(f"cl{r}")
+        async with Swarm.connect(urls, swarm=name, agent=f"cl-{r}", replicas=replicas) as sw:
+            data = ev.TaskNoted(task_id="t" * 36, text="progress " * 8)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await sw.log.append(data, f"n{i % 64}")
+                rate = n / (time.perf_counter() - t0)
+                await create_pool(sw, n_claims)
+                await sw.tasks.ensure_board()
+                lat = []
+                for _ in range(n_claims):
+                    t0 = time.perf_counter()
+                    lease = await sw.tasks.claim(wait=5)
+                    assert lease is not None
+                    await lease.complete("ok")
+                    lat.append(time.perf_counter() - t0)
+                base = "cluster.r1." if r == "r3" else None
+                ctx.rec.add(f"cluster.{r}.append.rate", rate,
+                            label=f"EventLog.append awaited, {r.upper()}", unit="events/s",
+                            section="8 cluster", better="higher", durability=dur,
+                            baseline=base + "append.rate" if base else None,
+                            is_baseline=base is None,
+                            note="CPU-bound: all three servers share the 2 cores")
+                ctx.rec.add(f"cluster.{r}.claim_complete.p50", percentile(lat, 50) * 1000,
+                            label=f"claim + complete p50, {r.upper()}", unit="ms",
+                            section="8 cluster", durability=dur,
+                            baseline=base + "claim_complete.p50" if base else None,
+                            is_baseline=base is None,
+                            note="CPU-bound: all three servers share the 2 cores")

@@ -1,0 +1,231 @@
+"""A long-lived benchmark agent process: ``python -m bench.cflow_worker``.
+
+It reads one JSON command per line on stdin and answers JSON lines on stdout,
+so the runner can start N of them once and reuse them across figures. Every
+cflow operation goes through the public facade (``Swarm.connect`` ->
+``swarm.tasks``); the only instrumentation is a counter of compare-and-set
+conflicts around ``EventLog.append_event``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from cflow.errors import CflowError, ConcurrencyConflict
+from cflow.swarm import Swarm
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def read_line() -> str:
+    return await asyncio.to_thread(sys.stdin.readline)
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.stack = AsyncExitStack()
+        self.swarms: dict[tuple[str, str, str], Swarm] = {}
+        self.conflicts = 0
+
+    async def swarm(self, url: str, name: str, agent: str) -> Swarm:
+        key = (url, name, agent)
+        if key not in self.swarms:
+            sw = await self.stack.enter_async_context(
+                Swarm.connect(url, swarm=name, agent=agent, ensure=False))
+            self._count_conflicts(sw)
+            self.swarms[key] = sw
+        return self.swarms[key]
+
+    def _count_conflicts(self, sw: Swarm) -> None:
+        original = sw.log.append_event
+
+        async def counted(event: Any, *, expected: int | None = None,
+                          msg_id: str | None = None) -> Any:
+            try:
+                return await original(event, expected=expected, msg_id=msg_id)
+            except ConcurrencyConflict:
+                self.conflicts += 1
+                raise
+
+        sw.log.append_event = counted  # type: ignore[method-assign]
+
+    # ---------------------------------------------------------------- commands
+
+    async def claims(self, cmd: dict[str, Any]) -> None:
+        """Claim + complete in a loop for ``duration`` seconds after "go"."""
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        await sw.tasks.ensure_board()
+        emit({"ready": True})
+        await read_line()  # "go"
+        self.conflicts = 0
+        lat: list[float] = []
+        done_lat: list[float] = []
+        ids: list[str] = []
+        errors = 0
+        start = time.time()
+        deadline = time.perf_counter() + float(cmd["duration"])
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                lease = await sw.tasks.claim(agent=cmd["agent"], wait=0)
+            except CflowError:
+                errors += 1
+                continue
+            if lease is None:
+                break  # pool drained
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            ids.append(lease.task_id)
+            try:
+                await lease.complete("ok")
+            except CflowError:
+                errors += 1
+            done_lat.append(time.perf_counter() - t1)
+        emit({"start": start, "end": time.time(), "latencies": lat, "complete": done_lat,
+              "ids": ids, "conflicts": self.conflicts, "errors": errors})
+
+    async def pickup(self, cmd: dict[str, Any]) -> None:
+        """Idle claimer: ``claim(wait=...)``, report when it got the task, complete it."""
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        await sw.tasks.ensure_board()
+        emit({"ready": True})
+        for _ in range(int(cmd["n"])):
+            lease = await sw.tasks.claim(agent=cmd["agent"], wait=float(cmd.get("wait", 30)))
+            t = time.time()
+            if lease is None:
+                emit({"id": None, "t": t})
+                continue
+            emit({"id": lease.task_id, "t": t})
+            await lease.complete("ok")
+        emit({"done": True})
+
+    async def hold(self, cmd: dict[str, Any]) -> None:
+        """Claim one task and heartbeat it until killed (kill -9 by the runner)."""
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        lease = await sw.tasks.claim(cmd.get("task_id"), agent=cmd["agent"], wait=10)
+        if lease is None:
+            emit({"held": None})
+            return
+        async with lease.keep_alive():
+            emit({"held": lease.task_id, "epoch": lease.epoch, "t": time.time()})
+            await asyncio.Event().wait()
+
+    async def reclaim(self, cmd: dict[str, Any]) -> None:
+        """Run the reaper (``maintain``) and wait to claim ``task_id`` again."""
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        maint = asyncio.create_task(sw.tasks.maintain())
+        try:
+            await sw.tasks.ensure_board()
+            emit({"ready": True})
+            deadline = time.monotonic() + float(cmd["wait"])
+            while time.monotonic() < deadline:
+                lease = await sw.tasks.claim(agent=cmd["agent"],
+                                             wait=max(0.0, deadline - time.monotonic()))
+                if lease is None:
+                    break
+                t = time.time()
+                await lease.complete("reclaimed")
+                if lease.task_id == cmd["task_id"]:
+                    emit({"id": lease.task_id, "t": t, "attempt": lease.attempt})
+                    return
+            emit({"id": None, "t": time.time()})
+        finally:
+            maint.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maint
+
+    async def load(self, cmd: dict[str, Any]) -> None:
+        """``agents`` simulated agents: presence key + one claimed task each, both
+        renewed every ``period`` seconds, until a "stop" line arrives."""
+        url, name = cmd["url"], cmd["swarm"]
+        n = int(cmd["agents"])
+        period = float(cmd.get("period", 1.0))
+        sw = await self.swarm(url, name, "load")
+        log = sw.log
+        presence = log.bucket("presence")
+        setup_t0 = time.perf_counter()
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> Any:
+            async with sem:
+                state = await sw.tasks.create(f"sim {i}", lease_ttl_s=30.0, priority=-1000)
+                return await sw.tasks.claim(state.task_id, agent=f"sim-{i}")
+
+        leases = await asyncio.gather(*(one(i) for i in range(n)))
+        setup_s = time.perf_counter() - setup_t0
+        emit({"ready": True, "setup_s": setup_s})
+        stop = asyncio.create_task(read_line())
+        ticks = 0
+        late = 0
+        failures = 0
+        busy: list[float] = []
+        try:
+            next_tick = time.perf_counter()
+            while not stop.done():
+                t0 = time.perf_counter()
+
+                async def beat(i: int) -> None:
+                    nonlocal failures
+                    async with sem:
+                        try:
+                            await log.kv_put(presence, f"sim-{i}", b'{"status":"busy"}',
+                                             ttl_s=3 * period)
+                            await leases[i].heartbeat()
+                        except CflowError:
+                            failures += 1
+
+                await asyncio.gather(*(beat(i) for i in range(n)))
+                took = time.perf_counter() - t0
+                busy.append(took)
+                ticks += 1
+                next_tick += period
+                if took > period:
+                    late += 1
+                    next_tick = time.perf_counter()
+                await asyncio.wait({stop}, timeout=max(0.0, next_tick - time.perf_counter()))
+        finally:
+            if not stop.done():
+                stop.cancel()
+        emit({"ticks": ticks, "late": late, "failures": failures, "setup_s": setup_s,
+              "tick_s": busy})
+
+    async def serve(self) -> None:
+        handlers = {"claims": self.claims, "pickup": self.pickup, "hold": self.hold,
+                    "reclaim": self.reclaim, "load": self.load}
+        try:
+            while True:
+                line = await read_line()
+                if not line:
+                    return
+                cmd = json.loads(line)
+                if cmd["op"] == "exit":
+                    return
+                if cmd["op"] == "reset":  # close every connection of earlier figures
+                    await self.stack.aclose()
+                    self.stack = AsyncExitStack()
+                    self.swarms.clear()
+                    emit({"reset": True})
+                    continue
+                try:
+                    await handlers[cmd["op"]](cmd)
+                except CflowError as exc:
+                    emit({"error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            await self.stack.aclose()
+
+
+def main() -> None:
+    asyncio.run(Agent().serve())
+
+
+if __name__ == "__main__":
+    main()
