@@ -10,6 +10,7 @@ from cflow.cli.app import app
 _COMMAND_MODULES = (
     "server_cmds",
     "task_cmds",
+    "projection_cmds",
 )
 
 

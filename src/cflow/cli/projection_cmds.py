@@ -1,0 +1,246 @@
+"""`cfctl projector`, `cfctl projections rebuild`, `cfctl query`, `cfctl report`, `cfctl export`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from cflow.cli.app import app, emit, fail, run, state
+
+if TYPE_CHECKING:
+    from cflow.projections.query import QueryResult
+
+projections_app = typer.Typer(help="Manage the DuckDB projection of the swarm.",
+                              no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
+
+DB_OPTION = typer.Option(None, "--db", help="Projection database file "
+                         "(default: $XDG_DATA_HOME/cflow/projections/<swarm>/projection.duckdb).")
+
+
+def _db_path(swarm: str, db: Path | None) -> Path:
+    from cflow.projections.projector import default_db_path
+
+    return db if db is not None else default_db_path(swarm)
+
+
+@app.command("projector")
+def projector_cmd(
+    ctx: typer.Context,
+    db: Path | None = DB_OPTION,
+    batch: int = typer.Option(5000, "--batch", min=1, help="Largest batch per transaction."),
+    no_query: bool = typer.Option(False, "--no-query", help="Do not serve the query service."),
+) -> None:
+    """Fold the swarm's events into DuckDB and serve read-only queries until stopped."""
+    import asyncio
+    import signal
+
+    from cflow.projections.projector import Projector, run_projector
+
+    c = state(ctx)
+    path = _db_path(c.swarm, db)
+
+    def ready(projector: Projector) -> None:
+        typer.echo(f"projector: swarm {c.swarm}, {path}, from sequence "
+                   f"{projector.applied_seq + 1}", err=True)
+
+    async def body() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_projector(c.url, c.swarm, path, stop, serve_queries=not no_query,
+                            batch_max=batch, ready=ready)
+
+    run(ctx, body)
+
+
+@projections_app.command("rebuild")
+def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
+    """Replay the whole stream into a fresh file and swap it in atomically."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from cflow.projections.projector import rebuild
+    from cflow.swarm import Swarm
+
+    c = state(ctx)
+    path = _db_path(c.swarm, db)
+
+    async def body() -> dict[str, Any]:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-rebuild") as swarm:
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(),
+                          disable=c.json or not sys.stderr.isatty(),
+                          console=_err_console()) as bar:
+                task = bar.add_task("rebuilding", total=None)
+
+                def progress(seq: int, total: int) -> None:
+                    bar.update(task, completed=seq, total=total)
+
+                return await rebuild(swarm.log, path, progress=progress)
+
+    result = run(ctx, body)
+    emit(ctx, result, f"rebuilt {result['path']}: {result['events']} events up to sequence "
+                      f"{result['last_seq']} ({result['quarantined']} quarantined) in "
+                      f"{result['seconds']} s")
+
+
+def _err_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | None = None,
+                 timeout_s: float = 10.0) -> QueryResult:
+    from cflow.projections.query import QueryClient
+    from cflow.streams import connect
+
+    c = state(ctx)
+    nc = await connect(c.url, name="cflow:cfctl-query")
+    try:
+        return await QueryClient(nc, c.swarm).query(sql, limit=limit, wait_for_seq=wait_for,
+                                                   timeout_s=timeout_s)
+    finally:
+        await nc.close()
+
+
+def _table(result: QueryResult, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col in result.columns:
+        table.add_column(col, overflow="fold")
+    for row in result.rows:
+        table.add_row(*[_cell(v) for v in row])
+    console = Console()
+    console.print(table)
+    if result.truncated:
+        console.print(f"[yellow]truncated at {len(result.rows)} rows (use --limit)[/]")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+@app.command("query")
+def query_cmd(
+    ctx: typer.Context,
+    sql: str = typer.Argument(..., help="One read-only SQL statement."),
+    as_json: bool = typer.Option(False, "--json", help="Rows as JSON objects."),
+    as_csv: bool = typer.Option(False, "--csv", help="Rows as CSV with a header."),
+    limit: int = typer.Option(1000, "--limit", min=0, help="Row cap."),
+    wait_for: int | None = typer.Option(None, "--wait-for", help="Wait until the projection "
+                                        "reached this stream sequence."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Time limit in seconds."),
+) -> None:
+    """Run read-only SQL on the projection, through the query service."""
+    result = run(ctx, lambda: _query(ctx, sql, limit=limit, wait_for=wait_for,
+                                     timeout_s=timeout))
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows([[_cell(v) for v in row] for row in result.rows])
+    elif as_json or state(ctx).json:
+        sys.stdout.write(json.dumps(result.dicts(), default=str) + "\n")
+    else:
+        _table(result)
+
+
+REPORTS = {
+    "cycle-time": ("cycle time and wait time (seconds)",
+                   "SELECT l.dimension, l.value, l.metric, l.n, round(l.p50_s, 3) AS p50_s, "
+                   "round(l.p95_s, 3) AS p95_s, round(l.avg_s, 3) AS avg_s FROM latency_stats l"),
+    "throughput": ("throughput per hour",
+                   "SELECT * FROM throughput_hourly ORDER BY hour DESC"),
+    "agents": ("agents", "SELECT a.agent_id, a.status, a.current_task, a.tasks_claimed, "
+               "a.tasks_completed, a.tasks_failed, round(u.busy_s, 1) AS busy_s, "
+               "round(u.utilisation, 3) AS utilisation, a.last_seen "
+               "FROM agents a LEFT JOIN agent_utilisation u USING (agent_id) "
+               "ORDER BY a.agent_id"),
+    "failures": ("failures", "SELECT * FROM failure_stats"),
+}
+
+
+@app.command("report")
+def report_cmd(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="cycle-time | throughput | agents | failures | "
+                               "timeline"),
+    task_id: str | None = typer.Argument(None, help="Task id (for timeline)."),
+    limit: int = typer.Option(200, "--limit", min=1),
+) -> None:
+    """Print an analytics view as a table."""
+    from cflow.events import check_token
+
+    queries: list[tuple[str, str]]
+    if kind == "timeline":
+        if not task_id:
+            fail("report timeline needs a TASK_ID", 2)
+        check_token(task_id, "task id")
+        queries = [(f"timeline of {task_id}",
+                    "SELECT seq, ts, type, actor, hlc, data FROM task_timeline "
+                    f"WHERE task_id = '{task_id}' ORDER BY seq")]
+    elif kind == "failures":
+        queries = [REPORTS["failures"], ("top errors", "SELECT * FROM top_errors")]
+    elif kind in REPORTS:
+        queries = [REPORTS[kind]]
+    else:
+        fail(f"unknown report {kind!r}; one of: {', '.join([*REPORTS, 'timeline'])}", 2)
+
+    async def body() -> list[tuple[str, QueryResult]]:
+        return [(title, await _query(ctx, sql, limit=limit)) for title, sql in queries]
+
+    results = run(ctx, body)
+    if state(ctx).json:
+        emit(ctx, {title: r.dicts() for title, r in results})
+        return
+    for title, result in results:
+        _table(result, title)
+
+
+@app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    parquet: Path = typer.Option(..., "--parquet", help="Directory for one file per table."),
+    db: Path | None = DB_OPTION,
+) -> None:
+    """Write every projection table as Parquet (from the file, or via the query service)."""
+    from cflow.projections.export import export_file, export_via_service
+
+    c = state(ctx)
+    path = _db_path(c.swarm, db)
+
+    async def body() -> dict[str, int]:
+        import anyio.to_thread
+
+        from cflow.errors import Unavailable
+
+        if path.exists():
+            try:
+                return await anyio.to_thread.run_sync(export_file, path, parquet)
+            except Unavailable:
+                pass  # a projector holds the file: ask it instead
+        from cflow.streams import connect
+
+        nc = await connect(c.url, name="cflow:cfctl-export")
+        try:
+            return await export_via_service(nc, c.swarm, parquet)
+        finally:
+            await nc.close()
+
+    counts = run(ctx, body)
+    emit(ctx, counts, "\n".join(f"{t}: {n} rows -> {parquet / (t + '.parquet')}"
+                                for t, n in counts.items()))

@@ -1,0 +1,365 @@
+"""Read-only SQL over NATS request/reply: the projector's query service and its client.
+
+DuckDB allows one writing process, so other processes and machines read the
+projection through the projector. Every projector of a swarm subscribes to
+``names.query_subject(swarm)`` in the queue group ``cflow-query``: NATS hands
+each request to one of them.
+
+A query must be exactly one ``SELECT`` (``WITH``, ``VALUES``, ``FROM``, ... as
+DuckDB's own parser classifies it); anything else is refused with
+``QueryRejected`` before it runs. It then runs on its own cursor inside a
+``READ ONLY`` transaction, on a database opened with
+``enable_external_access = false`` (no ``read_csv``, ``COPY``, ``ATTACH`` or
+file paths as tables). Known file and network table functions are refused up
+front so the error says why. The result is capped at ``limit`` rows
+(``truncated`` says so) and the query is interrupted at ``timeout_s``
+(``LimitExceeded``). ``wait_for_seq`` makes the service wait until the
+projection has applied that stream sequence first (read-your-writes).
+
+Wire format (JSON): request ``{"sql", "limit", "timeout_s", "wait_for_seq"}``;
+reply ``{"ok": true, "columns", "types", "rows", "truncated", "checkpoint",
+"server", "elapsed_ms"}`` or ``{"ok": false, "code", "error"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import msgspec
+
+from cflow.errors import CflowError, InvalidInput, LimitExceeded, QueryRejected, Unavailable
+from cflow.streams import names
+
+if TYPE_CHECKING:
+    import duckdb
+    from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from cflow.projections.projector import Projector
+
+QUEUE_GROUP = "cflow-query"
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 100_000
+DEFAULT_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 120.0
+MAX_SQL_CHARS = 100_000
+MAX_CONCURRENT = 4
+QUERY_THREADS = 2
+
+# Table functions that reach files or the network. The database refuses them
+# anyway (external access is off); refusing them here gives a clear reason.
+_FILE_FUNCTIONS = re.compile(
+    r"\b(read_csv\w*|read_parquet|parquet_\w+|read_json\w*|read_ndjson\w*|read_text|"
+    r"read_blob|read_xlsx|glob|sniff_csv|csv_scan|delta_scan|iceberg_\w+|"
+    r"postgres_\w+|mysql_\w+|sqlite_\w+|http\w*|getenv|query_table|query)\s*\(",
+    re.IGNORECASE,
+)
+
+
+class QueryRequest(msgspec.Struct, frozen=True, kw_only=True):
+    sql: str
+    limit: int = DEFAULT_LIMIT
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    wait_for_seq: int | None = None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    types: list[str]
+    rows: list[list[Any]]
+    truncated: bool
+    checkpoint: int
+    server: str = ""
+    elapsed_ms: float = 0.0
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns, "types": self.types, "rows": self.rows,
+                "truncated": self.truncated, "checkpoint": self.checkpoint,
+                "server": self.server, "elapsed_ms": self.elapsed_ms}
+
+
+# --------------------------------------------------------------- the guard
+
+
+def check_read_only(sql: str) -> str:
+    """Refuse anything but one read statement; return it without a trailing ``;``.
+
+    Raises:
+        QueryRejected: not exactly one SELECT-like statement, or a file function.
+    """
+    import duckdb
+
+    if not sql.strip():
+        raise QueryRejected("empty query")
+    if len(sql) > MAX_SQL_CHARS:
+        raise QueryRejected(f"query of {len(sql)} characters exceeds {MAX_SQL_CHARS}")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRejected(f"cannot parse the query: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise QueryRejected(f"exactly one statement is allowed, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryRejected(f"only reads are allowed; this is a {kind.name} statement",
+                            statement=kind.name)
+    found = _FILE_FUNCTIONS.search(sql)
+    if found:
+        raise QueryRejected(f"{found.group(1)}() reaches outside the projection; only its "
+                            "tables and views can be read", function=found.group(1))
+    return sql.strip().rstrip(";")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime | date | dtime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+_reply_encoder = msgspec.json.Encoder(enc_hook=_json_value)
+
+
+def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
+              timeout_s: float) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
+    """Run one checked read on ``cursor`` (blocking). Returns columns, types, rows, truncated.
+
+    Raises:
+        QueryRejected: the statement is not a pure read, or touched a file.
+        LimitExceeded: it ran past ``timeout_s`` and was interrupted.
+        InvalidInput: DuckDB refused it (unknown table, type error, ...).
+    """
+    import duckdb
+
+    statement = check_read_only(sql)
+    timer = threading.Timer(timeout_s, cursor.interrupt)
+    timer.daemon = True
+    try:
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        timer.start()
+        cursor.execute(statement)
+        description = cursor.description or []
+        rows = cursor.fetchmany(limit + 1)
+    except duckdb.InterruptException:
+        raise LimitExceeded(f"query interrupted at its time limit of {timeout_s:g} s",
+                            timeout_s=timeout_s) from None
+    except duckdb.PermissionException as exc:
+        raise QueryRejected(f"query refused: {str(exc).splitlines()[0]}") from None
+    except duckdb.TransactionException as exc:
+        raise QueryRejected(f"only reads are allowed: {str(exc).splitlines()[0]}") from None
+    except duckdb.Error as exc:
+        raise InvalidInput(f"query failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        timer.cancel()
+        with contextlib.suppress(duckdb.Error):
+            cursor.execute("ROLLBACK")
+    truncated = len(rows) > limit
+    return ([str(d[0]) for d in description], [str(d[1]) for d in description],
+            rows[:limit], truncated)
+
+
+# ------------------------------------------------------------- the service
+
+
+class QueryService:
+    """Answers read-only SQL for one projector, in the swarm's query queue group."""
+
+    def __init__(self, nc: NATS, swarm: str, projector: Projector, *, server_id: str,
+                 queue: str = QUEUE_GROUP, max_limit: int = MAX_LIMIT,
+                 max_timeout_s: float = MAX_TIMEOUT_S) -> None:
+        import anyio
+
+        self.nc = nc
+        self.subject = names.query_subject(swarm)
+        self.projector = projector
+        self.server_id = server_id
+        self.queue = queue
+        self.max_limit = max_limit
+        self.max_timeout_s = max_timeout_s
+        self.limiter = anyio.CapacityLimiter(QUERY_THREADS)  # apart from the writer's
+        self.served = 0
+        # Each query thread gets a cursor of its own (a DuckDB connection is not
+        # shared between threads); they are made on the writer's thread.
+        self._cursors: asyncio.Queue[duckdb.DuckDBPyConnection] = asyncio.Queue()
+        self._sub: Subscription | None = None
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._decoder = msgspec.json.Decoder(QueryRequest)
+
+    async def start(self) -> None:
+        store = await self.projector.open()
+        for _ in range(QUERY_THREADS):
+            self._cursors.put_nowait(await self.projector.db(store.cursor))
+        self._sub = await self.nc.subscribe(self.subject, queue=self.queue, cb=self._on_request)
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while not self._cursors.empty():
+            cursor = self._cursors.get_nowait()
+            await self.projector.db(cursor.close)
+
+    async def _on_request(self, msg: Msg) -> None:
+        # Callbacks of one subscription run one at a time: answer in a task.
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        async with self._slots:
+            try:
+                request = self._decoder.decode(msg.data)
+                reply = await self.execute(request)
+            except msgspec.DecodeError as exc:
+                reply = {"ok": False, "code": InvalidInput.code,
+                         "error": f"bad query request: {exc}"}
+            except CflowError as exc:
+                reply = {"ok": False, "code": exc.code, "error": str(exc)}
+            payload = _reply_encoder.encode(reply)
+            if len(payload) > self.nc.max_payload:
+                payload = _reply_encoder.encode({
+                    "ok": False, "code": LimitExceeded.code,
+                    "error": f"result of {len(payload)} bytes exceeds the NATS max payload "
+                             f"({self.nc.max_payload}); lower the limit or select fewer columns"})
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await msg.respond(payload)
+            self.served += 1
+
+    async def execute(self, request: QueryRequest) -> dict[str, Any]:
+        import anyio.to_thread
+
+        started = time.perf_counter()
+        limit = max(0, min(request.limit, self.max_limit))
+        timeout_s = max(0.001, min(request.timeout_s, self.max_timeout_s))
+        check_read_only(request.sql)
+        if request.wait_for_seq is not None and not await self.projector.wait_for(
+                request.wait_for_seq, timeout_s):
+            raise LimitExceeded(
+                f"projection is at sequence {self.projector.applied_seq}, did not reach "
+                f"{request.wait_for_seq} within {timeout_s:g} s",
+                checkpoint=self.projector.applied_seq)
+        cursor = await self._cursors.get()
+        try:
+            checkpoint = self.projector.applied_seq
+            cols, types, rows, truncated = await anyio.to_thread.run_sync(
+                lambda: run_query(cursor, request.sql, limit=limit, timeout_s=timeout_s),
+                limiter=self.limiter)
+        finally:
+            self._cursors.put_nowait(cursor)
+        return {"ok": True, "columns": cols, "types": types, "rows": rows,
+                "truncated": truncated, "checkpoint": checkpoint, "server": self.server_id,
+                "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
+# -------------------------------------------------------------- the client
+
+_ERRORS: dict[str, type[CflowError]] = {
+    QueryRejected.code: QueryRejected,
+    LimitExceeded.code: LimitExceeded,
+    InvalidInput.code: InvalidInput,
+}
+
+
+class _Reply(msgspec.Struct, kw_only=True):
+    ok: bool
+    columns: list[str] = []
+    types: list[str] = []
+    rows: list[list[Any]] = []
+    truncated: bool = False
+    checkpoint: int = 0
+    server: str = ""
+    elapsed_ms: float = 0.0
+    code: str = ""
+    error: str = ""
+
+
+class QueryClient:
+    """Sends read-only SQL to whichever projector of the swarm answers first."""
+
+    def __init__(self, nc: NATS, swarm: str) -> None:
+        self.nc = nc
+        self.subject = names.query_subject(swarm)
+        self._decoder = msgspec.json.Decoder(_Reply)
+
+    async def query(self, sql: str, *, limit: int = DEFAULT_LIMIT,
+                    wait_for_seq: int | None = None,
+                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    params: Sequence[Any] = ()) -> QueryResult:
+        """Run one read on the projection.
+
+        Args:
+            sql: one SELECT (WITH ..., FROM ..., VALUES ...).
+            limit: at most this many rows come back (``truncated`` says if more existed).
+            wait_for_seq: first wait until the projection applied this stream sequence.
+            timeout_s: the query's time limit (and how long to wait for ``wait_for_seq``).
+
+        Raises:
+            QueryRejected: not a pure read, or reaches a file.
+            LimitExceeded: the time limit passed, or the result is too large.
+            InvalidInput: DuckDB refused the SQL.
+            Unavailable: no projector answered.
+        """
+        import nats.errors
+
+        if params:
+            raise InvalidInput("query parameters are not supported; inline literals")
+        body = msgspec.json.encode(QueryRequest(sql=sql, limit=limit, timeout_s=timeout_s,
+                                                wait_for_seq=wait_for_seq))
+        wait = timeout_s * (2 if wait_for_seq is not None else 1) + 5.0
+        try:
+            msg = await self.nc.request(self.subject, body, timeout=wait)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(f"no projector answers on {self.subject} "
+                              "(start one with `cfctl projector`)") from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise Unavailable(f"no answer on {self.subject} within {wait:g} s") from None
+        except nats.errors.Error as exc:
+            raise Unavailable(f"query request failed: {type(exc).__name__}") from None
+        reply = self._decoder.decode(msg.data)
+        if not reply.ok:
+            raise _ERRORS.get(reply.code, CflowError)(reply.error)
+        return QueryResult(reply.columns, reply.types, reply.rows, reply.truncated,
+                           reply.checkpoint, reply.server, reply.elapsed_ms)
+
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "QUEUE_GROUP",
+    "QueryClient",
+    "QueryRequest",
+    "QueryResult",
+    "QueryService",
+    "check_read_only",
+    "run_query",
+]

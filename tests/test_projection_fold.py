@@ -1,0 +1,211 @@
+"""The fold and the analytics views on a hand-built history, in a real DuckDB file."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cflow import events as ev
+from cflow.hlc import HybridClock
+from cflow.projections import schema
+from cflow.projections.store import ProjectionStore, table_rows
+from cflow.streams.client import BadMessage, StoredEvent
+
+BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the start of an hour
+SEEN = datetime(2026, 1, 2)
+
+
+class History:
+    """Events with chosen wall times and stream sequences, as the log would store them."""
+
+    def __init__(self) -> None:
+        self.clock = HybridClock("history")
+        self.items: list[StoredEvent | BadMessage] = []
+
+    @property
+    def seq(self) -> int:
+        return len(self.items)
+
+    def add(self, t_s: float, data: ev.EventData, entity: str, actor: str = "cli") -> int:
+        stamp = str(self.clock.now(BASE_MS + int(t_s * 1000)))
+        event = ev.make_event(data, swarm="hist", entity_id=entity, hlc=stamp, actor=actor)
+        self.items.append(StoredEvent(self.seq + 1, f"cf.hist.evt.{event.entity_kind}.{entity}",
+                                      event))
+        return self.seq
+
+    def bad(self, raw: bytes, error: str) -> None:
+        self.items.append(BadMessage(self.seq + 1, "cf.hist.evt.task.junk", raw, error))
+
+
+def build_history() -> History:
+    h = History()
+    h.add(0, ev.AgentRegistered(name="worker one", capabilities=("py",), host="h1"), "w1", "w1")
+    h.add(0, ev.TaskCreated(title="A", capabilities=("py",), labels={"team": "core"}), "A")
+    h.add(5, ev.TaskCreated(title="B", capabilities=("py",)), "B")
+    h.add(5, ev.TaskCreated(title="C", capabilities=("go",), labels={"team": "core"}), "C")
+    h.add(5, ev.TaskCreated(title="E"), "E")
+    h.add(5, ev.TaskCreated(title="F", depends_on=("E",)), "F")
+    h.add(5, ev.TaskCreated(title="G", depends_on=("F",)), "G")
+    h.add(5, ev.TaskCreated(title="H", depends_on=("E",)), "H")
+    a1 = h.add(10, ev.TaskClaimed(owner="w1", attempt=1, lease_ttl_s=30), "A", "w1")
+    b1 = h.add(20, ev.TaskClaimed(owner="w2", attempt=1, lease_ttl_s=30), "B", "w2")
+    c1 = h.add(25, ev.TaskClaimed(owner="w2", attempt=1, lease_ttl_s=30), "C", "w2")
+    h.add(30, ev.TaskFailed(epoch=b1, error="boom", final=False,
+                            not_before_ms=BASE_MS + 40_000), "B", "w2")
+    h.add(60, ev.TaskLeaseExpired(epoch=c1, owner="w2"), "C", "reaper")
+    h.add(61, ev.TaskRequeued(attempt=1), "C", "reaper")
+    h.add(70, ev.TaskCompleted(epoch=a1, result="done", cost_usd=1.0), "A", "w1")
+    c2 = h.add(71, ev.TaskClaimed(owner="w2", attempt=2, lease_ttl_s=30), "C", "w2")
+    b2 = h.add(75, ev.TaskClaimed(owner="w1", attempt=2, lease_ttl_s=30), "B", "w1")
+    h.add(81, ev.TaskFailed(epoch=c2, error="boom", final=True), "C", "w2")
+    h.add(90, ev.TaskNoted(task_id="B", epoch=b2, text="halfway"), "note-1", "w1")
+    h.add(110, ev.TaskCompleted(epoch=b2, result="ok", cost_usd=0.5), "B", "w1")
+    # Refused by the state machine (E was never claimed): quarantined, fold goes on.
+    h.add(111, ev.TaskCompleted(epoch=999), "E", "w1")
+    h.bad(b'{"id": "x", "type": "TaskCrea', "malformed event: truncated")
+    h.add(112, ev.MemoryStored(namespace="notes", key="k", value="v", ttl_s=60), "mem-1")
+    h.add(113, ev.SwarmPaused(reason="maintenance"), "swarm")
+    return h
+
+
+def apply_in_batches(path: Path, items: list[Any], size: int) -> ProjectionStore:
+    store = ProjectionStore(path)
+    for i in range(0, len(items), size):
+        store.apply(items[i:i + size], SEEN)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = apply_in_batches(tmp_path / "p.duckdb", build_history().items, 7)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def one(store: ProjectionStore, sql: str) -> tuple[Any, ...]:
+    rows = store.fetch(sql)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_tasks_fold_to_their_states(store: ProjectionStore) -> None:
+    rows = dict(store.fetch("SELECT task_id, status FROM tasks"))
+    assert rows == {"A": "completed", "B": "completed", "C": "failed", "E": "ready",
+                    "F": "pending", "G": "pending", "H": "pending"}
+    b = one(store, "SELECT attempt, owner, failures, reclaims, cost_usd, error FROM tasks "
+                   "WHERE task_id = 'B'")
+    assert b == (2, "w1", 1, 0, 0.5, "boom")
+    assert one(store, "SELECT reclaims, failures FROM tasks WHERE task_id = 'C'") == (1, 1)
+    assert store.read_checkpoint() == 24
+    assert store.fetch("SELECT count(*) FROM events") == [(23,)]
+
+
+def test_quarantine_keeps_refused_and_undecodable(store: ProjectionStore) -> None:
+    rows = store.fetch("SELECT seq, error FROM quarantine ORDER BY seq")
+    assert [r[0] for r in rows] == [21, 22]
+    assert "TaskCompleted not allowed when ready" in rows[0][1]
+    assert "truncated" in rows[1][1]
+
+
+def test_agents_counters(store: ProjectionStore) -> None:
+    rows = store.fetch("SELECT agent_id, registered, tasks_claimed, tasks_completed, "
+                       "tasks_failed, cost_usd, current_task FROM agents ORDER BY agent_id")
+    assert rows == [("w1", True, 2, 2, 0, 1.5, None), ("w2", False, 3, 0, 2, 0.0, None)]
+
+
+def test_cycle_and_wait_time_percentiles(store: ProjectionStore) -> None:
+    stats = {(d, v, m): (n, p50, p95) for d, v, m, n, p50, p95, *_ in
+             store.fetch("SELECT * FROM latency_stats")}
+    # cycle: A 70 s, B 105 s
+    assert stats[("all", "*", "cycle")] == (2, 87.5, pytest.approx(103.25))
+    assert stats[("capability", "py", "cycle")] == (2, 87.5, pytest.approx(103.25))
+    assert stats[("label", "team=core", "cycle")] == (1, 70.0, 70.0)
+    # wait (ready or not-before -> claimed): A 10, B 15 and 35, C 20 and 10
+    assert stats[("all", "*", "wait")] == (5, 15.0, pytest.approx(32.0))
+    assert stats[("capability", "py", "wait")] == (3, 15.0, pytest.approx(33.0))
+    assert stats[("capability", "go", "wait")] == (2, 15.0, pytest.approx(19.5))
+    assert stats[("label", "team=core", "wait")] == (3, 10.0, pytest.approx(19.0))
+
+
+def test_attempts_failures_and_errors(store: ProjectionStore) -> None:
+    assert one(store, "SELECT * FROM attempt_stats") == (
+        7, 5, pytest.approx(5 / 3), 1, pytest.approx(0.2), 0, 2)
+    assert one(store, "SELECT * FROM failure_stats") == (
+        2, 5, pytest.approx(0.4), 1, 3, pytest.approx(1 / 3))
+    assert store.fetch("SELECT error, occurrences, tasks FROM top_errors") == [("boom", 2, 2)]
+
+
+def test_throughput(store: ProjectionStore) -> None:
+    assert store.fetch("SELECT * FROM throughput_hourly") == [
+        (datetime(2026, 1, 1, 0, 0), 7, 5, 2, 1, 1)]
+    assert store.fetch("SELECT * FROM throughput_agent") == [
+        ("w1", 2, 2, 0, 0, 0), ("w2", 3, 0, 2, 1, 0)]
+
+
+def test_agent_utilisation(store: ProjectionStore) -> None:
+    rows = store.fetch("SELECT agent_id, attempts, busy_s, window_s, utilisation "
+                       "FROM agent_utilisation")
+    assert rows == [("w1", 2, 95.0, 100.0, pytest.approx(0.95)),
+                    ("w2", 3, 55.0, 61.0, pytest.approx(55 / 61))]
+
+
+def test_critical_path_of_remaining_dag(store: ProjectionStore) -> None:
+    assert store.fetch("SELECT position, task_id, length FROM critical_path") == [
+        (1, "E", 3), (2, "F", 3), (3, "G", 3)]
+
+
+def test_timeline_of_a_task(store: ProjectionStore) -> None:
+    rows = store.fetch("SELECT type, actor FROM task_timeline WHERE task_id = 'B'")
+    assert rows == [("TaskCreated", "cli"), ("TaskClaimed", "w2"), ("TaskFailed", "w2"),
+                    ("TaskClaimed", "w1"), ("TaskNoted", "w1"), ("TaskCompleted", "w1")]
+    assert store.fetch("SELECT text FROM task_notes") == [("halfway",)]
+
+
+def test_memory_and_control(store: ProjectionStore) -> None:
+    assert one(store, "SELECT value, version, expires_at - updated_at, deleted FROM memory") \
+        == ("v", 1, __import__("datetime").timedelta(seconds=60), False)
+    assert one(store, "SELECT scope, paused, reason FROM control") == (
+        "swarm", True, "maintenance")
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_batch_boundaries_do_not_matter(tmp_path: Path, size: int) -> None:
+    items = build_history().items
+    reference = apply_in_batches(tmp_path / "ref.duckdb", items, 5)
+    other = apply_in_batches(tmp_path / f"b{size}.duckdb", items, size)
+    try:
+        for table in schema.TABLES:
+            assert table_rows(other.con, table) == table_rows(reference.con, table), table
+    finally:
+        reference.close()
+        other.close()
+
+
+def test_reapplying_a_batch_is_a_no_op(tmp_path: Path) -> None:
+    items = build_history().items
+    store = apply_in_batches(tmp_path / "p.duckdb", items, 10)
+    try:
+        before = {t: table_rows(store.con, t) for t in schema.TABLES}
+        changes = store.apply(items[:15], SEEN)
+        assert changes.count == 0
+        assert {t: table_rows(store.con, t) for t in schema.TABLES} == before
+    finally:
+        store.close()
+
+
+def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
+    items = build_history().items
+    store = apply_in_batches(tmp_path / "p.duckdb", items[:10], 4)
+    store.close()
+    again = ProjectionStore(tmp_path / "p.duckdb")
+    try:
+        assert again.last_seq == 10
+        again.apply(items[10:], SEEN)
+        assert again.fetch("SELECT count(*) FROM events") == [(23,)]
+    finally:
+        again.close()
