@@ -14,6 +14,7 @@ from cflow.streams import names
 
 DUPLICATE_WINDOW_S = 120.0
 MARKER_TTL_S = 300.0  # how long an expiry marker stays readable for late reapers
+MEMORY_MARKER_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class StreamSpec:
 
 
 def _bucket(swarm: str, name: str, description: str, *, history: int, ttl: bool,
-            replicas: int) -> StreamSpec:
+            replicas: int, marker_ttl_s: float = MARKER_TTL_S) -> StreamSpec:
     bucket = names.bucket(swarm, name)
     return StreamSpec(
         name=names.kv_stream(bucket),
@@ -69,7 +70,7 @@ def _bucket(swarm: str, name: str, description: str, *, history: int, ttl: bool,
         max_msgs_per_subject=history,
         duplicate_window_s=DUPLICATE_WINDOW_S,
         allow_msg_ttl=ttl,
-        marker_ttl_s=MARKER_TTL_S if ttl else None,
+        marker_ttl_s=marker_ttl_s if ttl else None,
         kv=True,
     )
 
@@ -97,8 +98,10 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
                 history=1, ttl=True, replicas=replicas),
         _bucket(swarm, names.PRESENCE, "agent presence; server-side TTL",
                 history=1, ttl=True, replicas=replicas),
+        # With history > 1 the server raises every message TTL to at least the
+        # marker TTL (nats-server 2.15, measured), so memory's markers live 1 s.
         _bucket(swarm, names.MEMORY, "shared memory with history",
-                history=64, ttl=True, replicas=replicas),
+                history=64, ttl=True, replicas=replicas, marker_ttl_s=MEMORY_MARKER_TTL_S),
         _bucket(swarm, names.RESERVATIONS, "path reservations; server-side TTL",
                 history=1, ttl=True, replicas=replicas),
         _bucket(swarm, names.CONTROL, "pause/stop flags, budgets, breakers",

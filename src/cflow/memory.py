@@ -1,0 +1,600 @@
+"""Shared memory: namespaced key/value entries with tags, TTL, history and search.
+
+Theory of operation
+-------------------
+An entry lives under one key of the swarm's ``memory`` KV bucket. KV keys and
+subject tokens cannot hold arbitrary characters, so the key is a *token*:
+``"k" + base64url(namespace NUL key)`` without padding, or ``"h" + sha256`` when
+that would exceed 128 characters (the record itself always carries the real
+namespace and key). The entry's **version** is its KV revision, which makes
+compare-and-set on version a plain ``Nats-Expected-Last-Subject-Sequence``.
+
+Every put and delete is written to KV first and then appended as a
+``MemoryStored`` / ``MemoryDeleted`` event on ``cf.<swarm>.evt.memory.<token>``
+with Msg-Id ``mem-<token>-<revision>``, so a retried append is deduplicated and
+the projection's ``memory`` table and the audit trail see every change. The
+event stream is also where :meth:`MemoryService.history` reads from: it keeps
+every version, while the bucket keeps the last 64.
+
+A TTL is a server-side per-message TTL: the server removes the entry on its own
+clock and leaves an expiry marker. A put with a TTL also rolls up the key's older
+revisions, so an older value without a TTL can never resurface once the marker
+itself is gone.
+
+Search is BM25 (Robertson/Sparck Jones, Lucene's idf) in plain DuckDB SQL over
+key, value and tags (:func:`bm25_search`), with ``k1 = 1.2`` and ``b = 0.75``;
+no ``fts`` extension. The projector runs it on its ``memory`` table; the facade
+runs the same SQL on an in-memory DuckDB loaded from the live KV entries, so
+search works without a projector.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from cflow import events as ev
+from cflow.errors import ConflictError, InvalidInput, NotFound
+from cflow.streams import names
+from cflow.streams.client import (
+    EXPECTED_LAST_SUBJECT_SEQ,
+    TTL,
+    KvEntry,
+    Outgoing,
+    StoredEvent,
+    publish,
+    ttl_header,
+)
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from cflow.swarm import Swarm
+
+ContentType = Literal["text", "json"]
+
+MAX_VALUE_BYTES = 512 * 1024
+K1 = 1.2
+B = 0.75
+_EPOCH = datetime(1970, 1, 1)
+
+
+class MemoryConflict(ConflictError):
+    """A compare-and-set put or delete found another version than expected."""
+
+    def __init__(self, namespace: str, key: str, expected: int, actual: int | None) -> None:
+        found = "no live entry" if not actual else f"version {actual}"
+        want = "no live entry" if expected == 0 else f"version {expected}"
+        super().__init__(f"memory {namespace}/{key}: expected {want}, found {found}",
+                         namespace=namespace, key=key, expected=expected, actual=actual)
+
+
+# --------------------------------------------------------------------- pure parts
+
+
+def key_token(namespace: str, key: str) -> str:
+    """The KV key / entity id of ``(namespace, key)``: token-safe, deterministic."""
+    if not namespace or not key:
+        raise InvalidInput("memory needs a non-empty namespace and key")
+    if "\x00" in namespace:
+        raise InvalidInput("a namespace cannot contain NUL")
+    raw = f"{namespace}\x00{key}".encode()
+    token = "k" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if len(token) <= 128:
+        return token
+    return "h" + hashlib.sha256(raw).hexdigest()
+
+
+def token_parts(token: str) -> tuple[str, str] | None:
+    """Namespace and key back from a ``k`` token (``None`` for hashed tokens)."""
+    if not token.startswith("k"):
+        return None
+    body = token[1:]
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    namespace, _, key = raw.decode().partition("\x00")
+    return namespace, key
+
+
+class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The value stored under a memory key."""
+
+    namespace: str
+    key: str
+    value: str
+    content_type: ContentType = "text"
+    tags: tuple[str, ...] = ()
+    author: str = ""
+    ttl_s: float | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    updated_ms: int = 0
+
+
+_record_encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(MemoryRecord)
+
+
+@dataclass(frozen=True)
+class MemoryEntry:
+    namespace: str
+    key: str
+    value: str
+    content_type: ContentType
+    tags: tuple[str, ...]
+    version: int
+    author: str
+    updated_ms: int
+    ttl_s: float | None = None
+    expires_ms: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def json_value(self) -> Any:
+        """The value parsed, for ``content_type == "json"``."""
+        return json.loads(self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace, "key": self.key, "value": self.value,
+            "content_type": self.content_type, "tags": list(self.tags),
+            "version": self.version, "author": self.author, "updated_ms": self.updated_ms,
+            "ttl_s": self.ttl_s, "expires_ms": self.expires_ms, "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One change of an entry, from the event stream."""
+
+    seq: int
+    operation: Literal["put", "delete"]
+    version: int
+    value: str | None
+    tags: tuple[str, ...]
+    actor: str
+    hlc: str
+    ttl_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "operation": self.operation, "version": self.version,
+                "value": self.value, "tags": list(self.tags), "actor": self.actor,
+                "hlc": self.hlc, "ttl_s": self.ttl_s}
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    namespace: str
+    key: str
+    score: float
+    snippet: str
+    tags: tuple[str, ...]
+    version: int
+    value: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "key": self.key, "score": round(self.score, 6),
+                "snippet": self.snippet, "tags": list(self.tags), "version": self.version,
+                "value": self.value}
+
+
+def normalize_value(value: Any, content_type: ContentType | None) -> tuple[str, ContentType]:
+    """Text stays text; anything else (or ``content_type="json"``) is stored as JSON."""
+    if content_type is None:
+        content_type = "text" if isinstance(value, str) else "json"
+    if content_type == "json":
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError:
+                raise InvalidInput("value is not valid JSON") from None
+            text = value
+        else:
+            try:
+                text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"value is not JSON-serialisable: {exc}") from None
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise InvalidInput("a text value must be a string")
+    if len(text.encode()) > MAX_VALUE_BYTES:
+        raise InvalidInput(f"memory value larger than {MAX_VALUE_BYTES} bytes")
+    return text, content_type
+
+
+def build_memory_put(bucket: str, token: str, record: MemoryRecord, *,
+                     expected_revision: int | None) -> Outgoing:
+    """Subject, headers and payload of one memory put (pure)."""
+    headers: dict[str, str] = {}
+    if expected_revision is not None:
+        headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_revision)
+    if record.ttl_s is not None:
+        headers[TTL] = ttl_header(record.ttl_s)
+        # Roll older revisions up: once the expiry marker itself is gone, nothing
+        # older may come back as the "current" value.
+        headers["Nats-Rollup"] = "sub"
+    return Outgoing(names.kv_subject(bucket, token), headers, _record_encoder.encode(record))
+
+
+def build_memory_delete(bucket: str, token: str, *, expected_revision: int | None) -> Outgoing:
+    headers = {"KV-Operation": "DEL"}
+    if expected_revision is not None:
+        headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_revision)
+    return Outgoing(names.kv_subject(bucket, token), headers, b"")
+
+
+def entry_from_kv(kv: KvEntry) -> MemoryEntry | None:
+    """A live entry from a raw KV message, or ``None`` (deleted, expired, undecodable)."""
+    if not kv.live:
+        return None
+    try:
+        rec = _record_decoder.decode(kv.value)
+    except msgspec.DecodeError:
+        return None
+    expires = rec.updated_ms + int(rec.ttl_s * 1000) if rec.ttl_s and rec.updated_ms else None
+    return MemoryEntry(
+        namespace=rec.namespace, key=rec.key, value=rec.value, content_type=rec.content_type,
+        tags=rec.tags, version=kv.revision, author=rec.author, updated_ms=rec.updated_ms,
+        ttl_s=rec.ttl_s, expires_ms=expires, metadata=dict(rec.metadata),
+    )
+
+
+_TERM_SPLIT = re.compile(r"[^\w]+", re.UNICODE)
+
+
+def query_terms(text: str) -> list[str]:
+    """The terms of a query as the SQL tokenizer sees them (lowercase, letters/digits)."""
+    return [t for t in _TERM_SPLIT.split(text.lower().replace("_", " ")) if t]
+
+
+def snippet(text: str, terms: Sequence[str], width: int = 120) -> str:
+    """About ``width`` characters around the first query term, terms in ``[...]``."""
+    flat = " ".join(text.split())
+    lower = flat.lower()
+    positions = [m.start() for t in terms
+                 for m in [re.search(rf"(?<![^\W_]){re.escape(t)}(?![^\W_])", lower)] if m]
+    start = max(0, min(positions) - width // 3) if positions else 0
+    end = min(len(flat), start + width)
+    piece = flat[start:end]
+    for term in sorted(set(terms), key=len, reverse=True):
+        piece = re.sub(rf"(?<![^\W_])({re.escape(term)})(?![^\W_])", r"[\1]", piece,
+                       flags=re.IGNORECASE)
+    return ("…" if start > 0 else "") + piece + ("…" if end < len(flat) else "")
+
+
+# ----------------------------------------------------------------- BM25 in SQL
+
+# Tokens: maximal runs of letters and digits of lower(key, value, tags). One
+# document per live entry; idf is Lucene's ln(1 + (N - df + .5) / (df + .5)),
+# which stays positive for terms in more than half of the documents.
+BM25_SQL = r"""
+WITH docs AS (
+    SELECT namespace, key, value, tags, version,
+           lower(key || ' ' || coalesce(value, '') || ' '
+                 || coalesce(array_to_string(tags, ' '), '')) AS body
+    FROM {table}
+    WHERE NOT coalesce(deleted, false)
+      AND (expires_at IS NULL OR expires_at > $now)
+      AND ($namespace IS NULL OR namespace = $namespace)
+      AND ($tag IS NULL OR list_contains(tags, $tag))
+),
+doc_terms AS (
+    SELECT d.namespace, d.key, t.term
+    FROM docs d,
+         unnest(regexp_split_to_array(d.body, '[^\p{L}\p{N}]+')) AS t(term)
+    WHERE t.term <> ''
+),
+doc_len AS (
+    SELECT d.namespace, d.key, count(t.term) AS dl
+    FROM docs d LEFT JOIN doc_terms t ON t.namespace = d.namespace AND t.key = d.key
+    GROUP BY d.namespace, d.key
+),
+corpus AS (
+    SELECT count(*) AS n, coalesce(avg(dl), 0) AS avgdl FROM doc_len
+),
+q AS (
+    SELECT DISTINCT term
+    FROM unnest(regexp_split_to_array(lower($query), '[^\p{L}\p{N}]+')) AS t(term)
+    WHERE term <> ''
+),
+tf AS (
+    SELECT t.namespace, t.key, t.term, count(*) AS tf
+    FROM doc_terms t JOIN q ON q.term = t.term
+    GROUP BY t.namespace, t.key, t.term
+),
+df AS (
+    SELECT term, count(*) AS df FROM tf GROUP BY term
+),
+scored AS (
+    SELECT tf.namespace, tf.key,
+           sum(ln(1 + (c.n - df.df + 0.5) / (df.df + 0.5))
+               * tf.tf * ($k1 + 1)
+               / (tf.tf + $k1 * (1 - $b + $b * l.dl / greatest(c.avgdl, 1e-9)))) AS score
+    FROM tf
+    JOIN df ON df.term = tf.term
+    JOIN doc_len l ON l.namespace = tf.namespace AND l.key = tf.key
+    CROSS JOIN corpus c
+    GROUP BY tf.namespace, tf.key
+)
+SELECT s.namespace, s.key, s.score, d.value, d.tags, d.version
+FROM scored s JOIN docs d ON d.namespace = s.namespace AND d.key = s.key
+ORDER BY s.score DESC, s.namespace, s.key
+LIMIT $limit
+"""
+
+
+def bm25_search(
+    conn: duckdb.DuckDBPyConnection,
+    query: str,
+    *,
+    namespace: str | None = None,
+    tag: str | None = None,
+    limit: int = 10,
+    now: datetime | None = None,
+    table: str = "memory",
+) -> list[SearchHit]:
+    """Rank the live rows of ``table`` (the projection's ``memory`` shape) by BM25.
+
+    ``table`` needs columns namespace, key, value, tags (VARCHAR[]), version,
+    deleted, expires_at (naive UTC). Blocking: call it from a worker thread.
+
+    Raises:
+        InvalidInput: ``limit`` < 1 or a table name that is not an identifier.
+    """
+    if limit < 1:
+        raise InvalidInput("search limit must be at least 1")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", table):
+        raise InvalidInput(f"not a table name: {table!r}")
+    terms = query_terms(query)
+    if not terms:
+        return []
+    params = {
+        "query": query, "namespace": namespace, "tag": tag, "limit": limit,
+        "now": now or (_EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)),
+        "k1": K1, "b": B,
+    }
+    rows = conn.execute(BM25_SQL.replace("{table}", table), params).fetchall()
+    return [SearchHit(namespace=ns, key=key, score=float(score),
+                      snippet=snippet(f"{value or ''}", terms), tags=tuple(tags or ()),
+                      version=int(version or 0), value=value or "")
+            for ns, key, score, value, tags, version in rows]
+
+
+def search_entries(entries: Iterable[MemoryEntry], query: str, *, namespace: str | None = None,
+                   tag: str | None = None, limit: int = 10) -> list[SearchHit]:
+    """Load entries into an in-memory DuckDB and run :func:`bm25_search` (blocking)."""
+    import duckdb
+
+    conn = duckdb.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE memory (namespace VARCHAR, key VARCHAR, value VARCHAR, "
+                     "tags VARCHAR[], version BIGINT, deleted BOOLEAN, expires_at TIMESTAMP)")
+        rows = [(e.namespace, e.key, e.value, list(e.tags), e.version, False,
+                 _EPOCH + timedelta(milliseconds=e.expires_ms) if e.expires_ms else None)
+                for e in entries]
+        if rows:
+            conn.executemany("INSERT INTO memory VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return bm25_search(conn, query, namespace=namespace, tag=tag, limit=limit)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------- adapter
+
+
+class MemoryService:
+    """``swarm.memory``: put/get/delete/list/history/search for one swarm."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.log = swarm.log
+        self.bucket = swarm.log.bucket(names.MEMORY)
+        self._limiter: Any = None
+
+    async def _last(self, token: str) -> KvEntry | None:
+        return await self.log.kv_last(self.bucket, token)
+
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        *,
+        tags: Iterable[str] = (),
+        ttl_s: float | None = None,
+        expected_version: int | None = None,
+        content_type: ContentType | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> MemoryEntry:
+        """Store a value; returns the entry with its new version.
+
+        Args:
+            expected_version: compare-and-set. ``0``: only if no live entry
+                exists; ``n``: only if the live entry is at version ``n``.
+
+        Raises:
+            InvalidInput: empty namespace/key, bad JSON, TTL <= 0, value too large.
+            MemoryConflict: ``expected_version`` did not match.
+        """
+        token = key_token(namespace, key)
+        text, ctype = normalize_value(value, content_type)
+        if ttl_s is not None and ttl_s <= 0:
+            raise InvalidInput("memory TTL must be > 0 seconds")
+        clean_tags = tuple(dict.fromkeys(t.strip() for t in tags if t.strip()))
+        record = MemoryRecord(namespace=namespace, key=key, value=text, content_type=ctype,
+                              tags=clean_tags, author=self.swarm.agent, ttl_s=ttl_s,
+                              metadata=dict(metadata or {}),
+                              updated_ms=time.time_ns() // 1_000_000)
+        expected_rev = await self._expected_revision(namespace, key, token, expected_version)
+        out = build_memory_put(self.bucket, token, record, expected_revision=expected_rev)
+        try:
+            revision, _ = await publish(self.log.js, out, expected=expected_rev)
+        except ConflictError:
+            last = await self._last(token)
+            raise MemoryConflict(namespace, key, expected_version or 0,
+                                 last.revision if last and last.live else None) from None
+        await self.log.append(
+            ev.MemoryStored(namespace=namespace, key=key, value=text, content_type=ctype,
+                            tags=clean_tags, version=revision, ttl_s=ttl_s,
+                            metadata=dict(metadata or {})),
+            token, msg_id=f"mem-{token}-{revision}")
+        entry = entry_from_kv(KvEntry(token, revision, out.payload, "PUT", {}))
+        assert entry is not None
+        return entry
+
+    async def _expected_revision(self, namespace: str, key: str, token: str,
+                                 expected_version: int | None) -> int | None:
+        if expected_version is None:
+            return None
+        last = await self._last(token)
+        live = last is not None and last.live
+        if expected_version == 0:
+            if live:
+                assert last is not None
+                raise MemoryConflict(namespace, key, 0, last.revision)
+            # A tombstone or expiry marker is the subject's last message: expect it.
+            return last.revision if last is not None else 0
+        if not live or last is None or last.revision != expected_version:
+            raise MemoryConflict(namespace, key, expected_version,
+                                 last.revision if last and live else None)
+        return expected_version
+
+    async def get(self, namespace: str, key: str) -> MemoryEntry:
+        """The live entry.
+
+        Raises:
+            NotFound: no such entry, or it was deleted or expired.
+        """
+        last = await self._last(key_token(namespace, key))
+        entry = entry_from_kv(last) if last is not None else None
+        if entry is None:
+            raise NotFound("memory entry", f"{namespace}/{key}")
+        return entry
+
+    async def delete(self, namespace: str, key: str, *,
+                     expected_version: int | None = None) -> int:
+        """Delete an entry; returns the tombstone's revision.
+
+        Raises:
+            NotFound: no live entry.
+            MemoryConflict: ``expected_version`` did not match.
+        """
+        token = key_token(namespace, key)
+        last = await self._last(token)
+        if last is None or not last.live:
+            raise NotFound("memory entry", f"{namespace}/{key}")
+        expected = last.revision if expected_version is None else expected_version
+        if expected != last.revision:
+            raise MemoryConflict(namespace, key, expected, last.revision)
+        out = build_memory_delete(self.bucket, token, expected_revision=expected)
+        try:
+            revision, _ = await publish(self.log.js, out, expected=expected)
+        except ConflictError:
+            now = await self._last(token)
+            if now is None or not now.live:
+                raise NotFound("memory entry", f"{namespace}/{key}") from None
+            raise MemoryConflict(namespace, key, expected, now.revision) from None
+        await self.log.append(ev.MemoryDeleted(namespace=namespace, key=key, version=revision),
+                              token, msg_id=f"mem-{token}-{revision}")
+        return revision
+
+    async def list(self, namespace: str | None = None, tag: str | None = None
+                   ) -> list[MemoryEntry]:
+        """Every live entry, optionally of one namespace and/or carrying one tag."""
+        out = []
+        for kv in await self.log.kv_keys(self.bucket):
+            entry = entry_from_kv(kv)
+            if entry is None:
+                continue
+            if namespace is not None and entry.namespace != namespace:
+                continue
+            if tag is not None and tag not in entry.tags:
+                continue
+            out.append(entry)
+        out.sort(key=lambda e: (e.namespace, e.key))
+        return out
+
+    async def history(self, namespace: str, key: str) -> builtins.list[HistoryItem]:
+        """Every put and delete of an entry, oldest first (from the event stream).
+
+        Raises:
+            NotFound: the entry never existed.
+        """
+        token = key_token(namespace, key)
+        items = await self.log.entity_events("memory", token)
+        out = [item for stored in items if (item := _history_item(stored)) is not None
+               and _same_entry(stored, namespace, key)]
+        if not out:
+            raise NotFound("memory entry", f"{namespace}/{key}")
+        return out
+
+    async def search(self, query: str, *, namespace: str | None = None, tag: str | None = None,
+                     limit: int = 10) -> builtins.list[SearchHit]:
+        """BM25-ranked entries matching ``query`` over key, value and tags, with snippets.
+
+        Runs the projection's SQL on an in-memory DuckDB built from the live
+        entries, in a dedicated worker thread.
+
+        Raises:
+            InvalidInput: ``limit`` < 1.
+        """
+        if limit < 1:
+            raise InvalidInput("search limit must be at least 1")
+        import anyio
+
+        entries = await self.list(namespace=namespace, tag=tag)
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+
+        def run() -> builtins.list[SearchHit]:
+            return search_entries(entries, query, namespace=namespace, tag=tag, limit=limit)
+
+        hits: builtins.list[SearchHit] = await anyio.to_thread.run_sync(
+            run, limiter=self._limiter)
+        return hits
+
+
+def _same_entry(stored: StoredEvent, namespace: str, key: str) -> bool:
+    data = stored.event.data
+    return getattr(data, "namespace", None) == namespace and getattr(data, "key", None) == key
+
+
+def _history_item(stored: StoredEvent) -> HistoryItem | None:
+    event = stored.event
+    match event.data:
+        case ev.MemoryStored() as d:
+            return HistoryItem(seq=stored.seq, operation="put", version=d.version, value=d.value,
+                               tags=d.tags, actor=event.actor, hlc=event.hlc, ttl_s=d.ttl_s)
+        case ev.MemoryDeleted() as d:
+            return HistoryItem(seq=stored.seq, operation="delete", version=d.version, value=None,
+                               tags=(), actor=event.actor, hlc=event.hlc)
+    return None
+
+
+__all__ = [
+    "BM25_SQL",
+    "HistoryItem",
+    "MemoryConflict",
+    "MemoryEntry",
+    "MemoryRecord",
+    "MemoryService",
+    "SearchHit",
+    "bm25_search",
+    "build_memory_delete",
+    "build_memory_put",
+    "entry_from_kv",
+    "key_token",
+    "query_terms",
+    "search_entries",
+    "snippet",
+    "token_parts",
+]
