@@ -23,7 +23,7 @@ async def machine(ctx: Ctx) -> None:
 
 
 async def raw(ctx: Ctx) -> None:
-    reps = ctx.reps(3, 5)
+    reps = ctx.reps(2, 5)
     n = int(ctx.pick(300, 2000))
     n_async = int(ctx.pick(2000, 10000))
     url_default = ctx.servers.url("default")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 import uuid
 from collections import Counter
@@ -25,6 +26,10 @@ from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
 
 SYNCS = ("always", "default")
+
+
+def progress(text: str) -> None:
+    print(f"[bench]   {text}", file=sys.stderr, flush=True)
 
 
 def swarm_name(prefix: str) -> str:
@@ -95,7 +100,7 @@ async def reset_agents(ctx: Ctx) -> None:
 async def pickup(ctx: Ctx) -> None:
     rec = ctx.rec
     reps = ctx.reps(2, 5)
-    sq_each = int(ctx.pick(3, 8))
+    sq_each = int(ctx.pick(2, 8))
     for _ in range(reps):
         lat = await asyncio.to_thread(sqlite_baseline.pickup_run, ctx.tmp, "strict", 4, sq_each)
         s = latency_summary(lat)
@@ -104,7 +109,7 @@ async def pickup(ctx: Ctx) -> None:
                     unit="ms", section="1 pickup", durability=SQLITE_DURABILITY["strict"],
                     is_baseline=True,
                     note=f"4 idle pollers x {sq_each} tasks per run, random phase")
-    n = int(ctx.pick(20, 60))
+    n = int(ctx.pick(15, 60))
     [agent] = await agents(ctx, 1)
     for sync in SYNCS:
         url = ctx.servers.url(sync)
@@ -126,7 +131,8 @@ async def pickup(ctx: Ctx) -> None:
                 for q in ("p50", "p99"):
                     rec.add(
                         f"pickup.cflow.{sync}.{q}", s[q],
-                        label=f"pickup {q}, cflow push, sync {sync}", unit="ms", section="1 pickup", baseline=f"pickup.sqlite.{q}",
+                        label=f"pickup {q}, cflow push, sync {sync}", unit="ms",
+                        section="1 pickup", baseline=f"pickup.sqlite.{q}",
                         durability=DURABILITY[sync],
                         goals=[Goal("value", "<=", 5.0, "<= 5 ms"),
                                Goal("ratio", "<=", 0.01, ">= 100x faster")] if q == "p50"
@@ -166,13 +172,13 @@ def _claim_figures(ctx: Ctx, prefix: str, label: str, n: int, res: dict[str, Any
 
 async def claims(ctx: Ctx) -> None:
     levels = [1, 4, 16] if ctx.quick else [1, 4, 16, 32]
-    duration = ctx.pick(2.0, 5.0)
+    duration = ctx.pick(1.0, 5.0)
     reps = ctx.reps(1, 3)
     for mode in ("strict", "default"):
         for n in levels:
             for _ in range(reps):
                 res = await asyncio.to_thread(sqlite_baseline.claims_run, ctx.tmp, mode, n,
-                                              duration, int(ctx.pick(60_000, 200_000)))
+                                              duration, int(ctx.pick(20_000, 200_000)))
                 _claim_figures(ctx, f"claims.sqlite.{mode}", f"SQLite {mode}", n, res,
                                SQLITE_DURABILITY[mode], None,
                                "UPDATE affected 0 rows, retried")
@@ -187,11 +193,14 @@ async def claims(ctx: Ctx) -> None:
         name = swarm_name("claims")
         async with Swarm.connect(url, swarm=name, agent="creator") as sw:
             left = 0
-            target = int(ctx.pick(400, 1500))
+            target = int(ctx.pick(250, 1500))
             for n in levels:
                 for _ in range(reps):
                     if left < target:
+                        t_pool = time.perf_counter()
                         await create_pool(sw, target - left)
+                        progress(f"created {target - left} tasks in "
+                                 f"{time.perf_counter() - t_pool:.1f} s")
                         left = target
                     active = workers[:n]
                     for i, w in enumerate(active):
@@ -211,6 +220,7 @@ async def claims(ctx: Ctx) -> None:
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}
+                    progress(f"cflow {sync} n={n}: {rate:.0f} claims/s")
                     _claim_figures(ctx, f"claims.cflow.{sync}", f"cflow {sync}", n, res,
                                    DURABILITY[sync], "claims.sqlite.strict",
                                    "expected-last-sequence refusals of TaskClaimed, "
@@ -281,7 +291,7 @@ async def reclaim(ctx: Ctx) -> None:
 
 
 async def append(ctx: Ctx) -> None:
-    reps = ctx.reps(3, 5)
+    reps = ctx.reps(2, 5)
     n = int(ctx.pick(300, 2000))
     n_async = int(ctx.pick(2000, 10000))
     for sync in SYNCS:

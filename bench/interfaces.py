@@ -39,7 +39,7 @@ def has_command(help_text: str, name: str) -> bool:
 
 
 async def coldstart(ctx: Ctx) -> None:
-    n = ctx.reps(5, 15)
+    n = ctx.reps(3, 15)
     url = ctx.servers.url("default")
     env = dict(os.environ)
     env.update({"CFLOW_URL": url, "CFLOW_SWARM": f"cold{uuid.uuid4().hex[:8]}",

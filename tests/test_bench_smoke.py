@@ -1,0 +1,108 @@
+"""`bench --quick` runs end to end, so the benchmarks never rot. No thresholds:
+only that every headline figure is in the JSON as a number (or says why not)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CFCTL = str(Path(sys.executable).parent / "cfctl")
+
+SYNCS = ("always", "default")
+LEVELS = (1, 4, 16)
+
+HEADLINE = [
+    "machine.fsync.rate",
+    "machine.loopback.rtt_p50",
+    "raw.core_publish.rate",
+    "raw.request_reply.p50",
+    *(f"raw.{s}.{k}" for s in SYNCS for k in (
+        "js_publish.rate", "js_publish.p50", "js_publish_async.rate", "kv_create.rate",
+        "kv_update.rate")),
+    "pickup.sqlite.p50",
+    "pickup.sqlite.p99",
+    *(f"pickup.cflow.{s}.{q}" for s in SYNCS for q in ("p50", "p99")),
+    *(f"claims.sqlite.{m}.n{n}.{k}" for m in ("strict", "default") for n in LEVELS
+      for k in ("rate", "p50", "p99", "max", "double_claims", "conflicts", "locked")),
+    *(f"claims.cflow.{s}.n{n}.{k}" for s in SYNCS for n in LEVELS
+      for k in ("rate", "p50", "p99", "max", "double_claims", "conflicts")),
+    *(f"claims.cflow.{s}.log_double_claims" for s in SYNCS),
+    "reclaim.cflow.ratio_ttl",
+    "reclaim.cflow.seconds",
+    *(f"append.{w}.{s}.{k}" for s in SYNCS for w, k in (
+        ("raw", "publish.rate"), ("cflow", "append.rate"), ("raw", "publish_async.rate"),
+        ("cflow", "append_many.rate"))),
+    "projection.ingest_events_per_s",
+    "scale.idle.default.p99",
+    "scale.load.default.p99",
+    "coldstart.python.ms",
+    "coldstart.help.ms",
+    "coldstart.task_add.ms",
+    "coldstart.hook.ms",
+    "cluster.r1.append.rate",
+    "cluster.r3.append.rate",
+    "cluster.r1.claim_complete.p50",
+    "cluster.r3.claim_complete.p50",
+    "mcp.tools_list.tokens",
+]
+
+# Figures that depend on parts other people build: "n/a" with a reason is allowed.
+MAY_BE_NA = {"projection.ingest_events_per_s", "coldstart.hook.ms", "mcp.tools_list.tokens"}
+
+
+def is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.mark.integration
+def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    md = tmp_path / "quick.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--markdown", str(md)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.exists(), proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == {}, result["errors"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    machine = result["machine"]
+    assert is_number(machine["cpu_count"])
+    for field in ("python", "nats_server", "duckdb", "sqlite"):
+        assert machine[field]
+    figures = result["figures"]
+    missing = [k for k in HEADLINE if k not in figures]
+    assert missing == []
+    for key in HEADLINE:
+        fig = figures[key]
+        if fig["na"] is not None:
+            assert key in MAY_BE_NA, f"{key}: n/a ({fig['na']})"
+            continue
+        assert is_number(fig["median"]), key
+        assert is_number(fig["min"]) and is_number(fig["max"]), key
+        assert fig["runs"], key
+        if fig["baseline"]:
+            assert is_number(fig["baseline_median"]), key
+            assert is_number(fig["ratio"]), key
+    for key in HEADLINE:  # every write figure says how durable it was
+        if key.startswith(("claims.", "append.", "pickup.cflow", "raw.always", "raw.default")):
+            assert figures[key]["durability"] not in ("", "n/a"), key
+    assert "| figure |" in md.read_text()
+
+
+@pytest.mark.integration
+def test_cfctl_bench_runs_one_section(tmp_path: Path) -> None:
+    out = tmp_path / "machine.json"
+    proc = subprocess.run(
+        [CFCTL, "bench", "--quick", "--only", "machine", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert is_number(figures["machine.fsync.rate"]["median"])
