@@ -11,6 +11,9 @@ _COMMAND_MODULES = (
     "server_cmds",
     "task_cmds",
     "projection_cmds",
+    "bench_cmds",
+    "agent_cmds",
+    "worker_cmds",
 )
 
 
