@@ -1,0 +1,249 @@
+"""The projector against a real nats-server and real DuckDB files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cflow import events as ev
+from cflow.errors import InvalidState, Unavailable
+from cflow.projections import schema
+from cflow.projections.projector import Projector, rebuild
+from cflow.projections.query import QueryClient
+from cflow.projections.store import ProjectionStore, connect, table_rows
+from cflow.streams import EventLog
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def projector(log: EventLog, tmp_path: Path) -> AsyncIterator[Projector]:
+    p = Projector(log, tmp_path / "live.duckdb", batch_max=500)
+    task = asyncio.create_task(p.run())
+    try:
+        yield p
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await p.close()
+
+
+async def fetch(p: Projector, sql: str) -> list[tuple[Any, ...]]:
+    store = await p.open()
+    return await p.db(store.fetch, sql)
+
+
+async def test_follows_live_events(log: EventLog, projector: Projector) -> None:
+    created = await log.append(ev.TaskCreated(title="first", capabilities=("py",)), "t1",
+                               expected=0)
+    claim = await log.append(ev.TaskClaimed(owner="w1", attempt=1, lease_ttl_s=30), "t1",
+                             expected=created.seq)
+    done = await log.append(ev.TaskCompleted(epoch=claim.seq, result="ok"), "t1",
+                            expected=claim.seq)
+    assert await projector.wait_for(done.seq, 10.0)
+    assert await fetch(projector, "SELECT status, owner, epoch, result FROM tasks") == [
+        ("completed", "w1", claim.seq, "ok")]
+    assert await fetch(projector, "SELECT last_seq FROM checkpoint") == [(done.seq,)]
+
+
+async def test_bad_messages_are_quarantined_and_the_projector_goes_on(
+        log: EventLog, projector: Projector) -> None:
+    good = log.event(ev.TaskCreated(title="ok"), "t-ok")
+    unknown = ev.encode(good).replace(b'"type":"TaskCreated"', b'"type":"TaskExploded"')
+    huge = log.event(ev.TaskNoted(task_id="t-ok", text="x" * 300_000), "n-big")
+    subject = f"cf.{log.swarm}.evt.task.junk"
+    for payload in (b"\x00\xffgarbage", ev.encode(good)[:40], unknown):
+        await log.js.publish(subject, payload)
+    await log.append_event(huge)
+    last = await log.append(ev.TaskCreated(title="after"), "t-after", expected=0)
+    assert await projector.wait_for(last.seq, 10.0)
+    rows = await fetch(projector, "SELECT seq, subject, error, octet_length(raw) FROM quarantine "
+                                  "ORDER BY seq")
+    assert len(rows) == 4
+    garbage, truncated, unknown_row, oversized = rows
+    assert garbage[1] == subject and "malformed" in garbage[2]
+    assert truncated[3] == 40
+    assert "unknown event type 'TaskExploded'" in unknown_row[2]
+    assert "exceeds the 262144-byte projection limit" in oversized[2]
+    assert await fetch(projector, "SELECT task_id FROM tasks") == [("t-after",)]
+    assert projector.quarantined == 4
+
+
+async def test_rebuild_equals_incremental_and_swaps_atomically(
+        log: EventLog, tmp_path: Path) -> None:
+    for i in range(50):
+        await log.append(ev.TaskCreated(title=f"t{i}", labels={"i": str(i)}), f"t{i}", expected=0)
+    path = tmp_path / "p.duckdb"
+    p = Projector(log, path, batch_max=7)
+    await p.run(until_seq=50)
+    await p.close()
+    before = os.stat(path).st_ino
+    seen: list[tuple[int, int]] = []
+    result = await rebuild(log, path, progress=lambda s, t: seen.append((s, t)), batch_max=13)
+    assert result["last_seq"] == 50 and result["events"] == 50
+    assert seen[0] == (0, 50) and seen[-1] == (50, 50)
+    assert os.stat(path).st_ino != before
+    assert not list(tmp_path.glob("*.rebuild-*"))
+    con = connect(path)
+    try:
+        assert con.execute("SELECT count(*) FROM tasks").fetchone() == (50,)
+    finally:
+        con.close()
+
+
+async def test_rebuild_refuses_a_file_in_use(log: EventLog, tmp_path: Path) -> None:
+    path = tmp_path / "busy.duckdb"
+    code = ("import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); "
+            "print('open', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
+        with pytest.raises(InvalidState, match="open elsewhere"):
+            await rebuild(log, path)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+# ----------------------------------------------------------------------- chaos
+
+
+def history(base_seq: int, n_events: int, seed: int) -> list[ev.EventData | tuple[Any, ...]]:
+    """(data, entity_id) pairs of task lifecycles; epochs assume seqs base_seq+1, ..."""
+    rng = random.Random(seed)
+    out: list[tuple[ev.EventData, str]] = []
+    open_claims: dict[str, int] = {}
+    pending: list[str] = []
+    n = 0
+
+    def seq_of_next() -> int:
+        return base_seq + len(out) + 1
+
+    while len(out) < n_events:
+        roll = rng.random()
+        if roll < 0.3 or (not pending and not open_claims):
+            n += 1
+            tid = f"c{n}"
+            out.append((ev.TaskCreated(title=f"task {n}", capabilities=(rng.choice("ab"),),
+                                       labels={"k": rng.choice("xyz")}), tid))
+            pending.append(tid)
+        elif roll < 0.6 and pending:
+            tid = pending.pop(rng.randrange(len(pending)))
+            open_claims[tid] = seq_of_next()
+            out.append((ev.TaskClaimed(owner=f"w{rng.randrange(5)}", attempt=1,
+                                       lease_ttl_s=30), tid))
+        elif open_claims:
+            tid = rng.choice(sorted(open_claims))
+            epoch = open_claims.pop(tid)
+            r = rng.random()
+            if r < 0.7:
+                out.append((ev.TaskCompleted(epoch=epoch, result="ok", cost_usd=0.01), tid))
+            elif r < 0.85:
+                out.append((ev.TaskFailed(epoch=epoch, error=rng.choice(["e1", "e2"]),
+                                          final=True), tid))
+            else:
+                out.append((ev.TaskReleased(epoch=epoch), tid))
+                pending.append(tid)
+        else:
+            out.append((ev.MemoryStored(namespace="ns", key=f"k{rng.randrange(50)}",
+                                        value="v"), "mem"))
+    return out  # type: ignore[return-value]
+
+
+def checkpoint_of(db: Path) -> int:
+    if not db.exists():
+        return 0
+    store = ProjectionStore(db)  # replays the WAL a kill -9 left behind
+    try:
+        return store.read_checkpoint()
+    finally:
+        store.close()
+
+
+@pytest.mark.chaos
+async def test_kill_9_never_skips_or_repeats(
+        log: EventLog, nats_url: str, tmp_path: Path) -> None:
+    total, chunk, kills = 20_000, 500, 10
+    db = tmp_path / "chaos.duckdb"
+    env = {**os.environ, "CFLOW_URL": nats_url, "CFLOW_SWARM": log.swarm}
+    cmd = [sys.executable, "-m", "cflow.projections", "--db", str(db), "--batch", "400"]
+    base = await log.stream_last_seq()
+    items = history(base, total, seed=5)
+    rng = random.Random(11)
+    started = time.monotonic()
+
+    async def produce() -> None:
+        for i in range(0, total, chunk):
+            await log.append_many([(log.event(d, e), None) for d, e in items[i:i + chunk]])
+            await asyncio.sleep(0.35)
+
+    producer = asyncio.create_task(produce())
+    procs: list[subprocess.Popen[bytes]] = []
+    checkpoints: list[int] = []
+    try:
+        for _ in range(kills):
+            proc = subprocess.Popen([*cmd, "--no-query"], env=env, stderr=subprocess.PIPE)
+            procs.append(proc)
+            assert proc.stderr is not None
+            line = await asyncio.to_thread(proc.stderr.readline)
+            assert line.startswith(b"projector ready"), line
+            await asyncio.sleep(rng.uniform(0.3, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+            checkpoints.append(await asyncio.to_thread(checkpoint_of, db))
+        await producer
+        print("checkpoints after each kill -9:", checkpoints)
+        # The kills landed while the projector was applying, not only at start-up.
+        assert checkpoints == sorted(checkpoints)
+        assert len(set(checkpoints) - {0}) >= 3, checkpoints
+        last = await log.stream_last_seq()
+        assert last == base + total
+        final = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+        procs.append(final)
+        client = QueryClient(log.nc, log.swarm)
+        for _ in range(100):  # the service answers once the final projector is up
+            try:
+                result = await client.query("SELECT last_seq FROM checkpoint", limit=1,
+                                            wait_for_seq=last, timeout_s=20)
+                break
+            except Unavailable:  # until the final projector subscribed
+                await asyncio.sleep(0.1)
+        assert result.rows == [[last]]
+        final.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(final.wait, 20) == 0
+    finally:
+        producer.cancel()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+    fresh = tmp_path / "fresh.duckdb"
+    await rebuild(log, fresh)
+    a, b = ProjectionStore(db), ProjectionStore(fresh)
+    try:
+        assert a.fetch("SELECT count(*), min(seq), max(seq) FROM events") == [
+            (total, base + 1, base + total)]
+        assert a.read_checkpoint() == b.read_checkpoint() == base + total
+        for table in schema.TABLES:
+            assert table_rows(a.con, table) == table_rows(b.con, table), table
+        assert a.fetch("SELECT count(*) FROM quarantine") == [(0,)]
+        assert a.fetch("SELECT count(*) FROM tasks WHERE status = 'completed'")[0][0] > 1000
+    finally:
+        a.close()
+        b.close()
+    assert time.monotonic() - started < 60
