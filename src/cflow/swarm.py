@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 
     from cflow.agents import AgentService
     from cflow.leases import TaskService
+    from cflow.memory import MemoryService
+    from cflow.messages import MessageService
     from cflow.projections.query import QueryResult
+    from cflow.reservations import ReservationService
 
 
 def default_agent() -> str:
@@ -39,6 +42,9 @@ class Swarm:
         self.log = EventLog(nc, swarm, actor=agent, node=f"{agent}@{socket.gethostname()}")
         self._tasks: TaskService | None = None
         self._agents: AgentService | None = None
+        self._memory: MemoryService | None = None
+        self._messages: MessageService | None = None
+        self._reservations: ReservationService | None = None
 
     @classmethod
     @asynccontextmanager
@@ -88,6 +94,30 @@ class Swarm:
             self._agents = AgentService(self)
         return self._agents
 
+    @property
+    def memory(self) -> MemoryService:
+        if self._memory is None:
+            from cflow.memory import MemoryService
+
+            self._memory = MemoryService(self)
+        return self._memory
+
+    @property
+    def messages(self) -> MessageService:
+        if self._messages is None:
+            from cflow.messages import MessageService
+
+            self._messages = MessageService(self)
+        return self._messages
+
+    @property
+    def reservations(self) -> ReservationService:
+        if self._reservations is None:
+            from cflow.reservations import ReservationService
+
+            self._reservations = ReservationService(self)
+        return self._reservations
+
     async def query(self, sql: str, *, limit: int = 1000, wait_for_seq: int | None = None,
                     timeout_s: float = 10.0) -> QueryResult:
         """Read-only SQL on the swarm's DuckDB projection, through the query service.
@@ -104,3 +134,5 @@ class Swarm:
     async def aclose(self) -> None:
         if self._tasks is not None:
             await self._tasks.aclose()
+        if self._messages is not None:
+            await self._messages.aclose()

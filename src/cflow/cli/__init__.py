@@ -14,6 +14,10 @@ _COMMAND_MODULES = (
     "bench_cmds",
     "agent_cmds",
     "worker_cmds",
+    "memory_cmds",
+    "msg_cmds",
+    "reserve_cmds",
+    "import_cmds",
 )
 
 

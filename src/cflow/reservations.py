@@ -1,0 +1,490 @@
+"""Path reservations: an agent reserves paths or globs before editing them.
+
+Theory of operation
+-------------------
+A reservation is one key ``res-<id>`` in the swarm's ``reservations`` bucket,
+with a server-side TTL (liveness, renewed like a task lease: compare-and-set on
+the key's revision, which is the reservation's fencing token). Which
+reservations are *of record* is decided by one ``index`` key, always written
+with compare-and-set on its revision. Reserving is:
+
+1. write my key (TTL, expected revision 0);
+2. read the index; keep the entries whose key is still live (the server removes
+   an expired key on its own clock); if one of another owner conflicts with
+   mine, delete my key and refuse with who holds it until when;
+3. compare-and-set the index to "live entries + mine"; if someone else moved
+   the index meanwhile, go back to 2.
+
+Two agents racing for overlapping paths both reach step 3 with the same index
+revision; exactly one compare-and-set succeeds and the other, re-reading, sees
+the winner's entry (whose key was written in step 1, before the index) and is
+refused. A key that is not in the index yet is never counted, so a racer that
+is about to lose never blocks anyone.
+
+Patterns are repository-relative paths or ``fnmatch`` globs where ``*`` also
+crosses ``/``; ``dir/`` means ``dir/*`` (the whole tree). Whether two patterns
+overlap is decided conservatively (:func:`patterns_overlap`): a literal path
+against a glob is exact (``fnmatch``); two globs overlap unless their literal
+prefixes (before the first wildcard) or literal suffixes (after the last one)
+rule it out. So an overlap may be reported where no real path matches both,
+never the reverse.
+
+Shared reservations conflict only with another owner's exclusive ones;
+exclusive ones with any of another owner's. One owner never conflicts with
+itself.
+
+Release on task completion: a reservation may carry the ``task_id`` it was
+taken for; whoever completes the task (the worker runtime, the MCP adapter)
+calls ``swarm.reservations.release(owner, task_id=...)``. Otherwise the TTL
+frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from cflow import events as ev
+from cflow.errors import CflowError, ConcurrencyConflict, ConflictError, InvalidInput, NotFound
+from cflow.streams import KvEntry, names
+
+if TYPE_CHECKING:
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.reservations")
+
+INDEX_KEY = "index"
+DEFAULT_TTL_S = 300.0
+MAX_RACE_ROUNDS = 200
+_WILDCARDS = re.compile(r"[*?\[]")
+
+
+# ------------------------------------------------------------------------ errors
+
+
+class ReservationConflict(ConflictError):
+    """Another owner holds an overlapping reservation that this one cannot share."""
+
+    code = "RESERVED"
+
+    def __init__(self, *, holder: str, reservation_id: str, pattern: str, held_pattern: str,
+                 exclusive: bool, expires_ms: int, task_id: str | None = None) -> None:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_ms / 1000))
+        kind = "exclusively" if exclusive else "shared"
+        super().__init__(
+            f"{pattern} overlaps {held_pattern}, reserved {kind} by {holder} until {until}"
+            + (f" (task {task_id})" if task_id else ""),
+            holder=holder, reservation_id=reservation_id, pattern=pattern,
+            held_pattern=held_pattern, exclusive=exclusive, expires_ms=expires_ms,
+            task_id=task_id,
+        )
+
+
+class ReservationLost(ConflictError):
+    """The reservation expired or was released; its holder must reserve again."""
+
+    code = "RESERVATION_LOST"
+
+    def __init__(self, reservation_id: str, reason: str) -> None:
+        super().__init__(f"reservation {reservation_id} lost: {reason}",
+                         reservation_id=reservation_id, reason=reason)
+
+
+# ------------------------------------------------------------------ pure: paths
+
+
+def normalize_pattern(pattern: str) -> str:
+    """Repository-relative, ``/``-separated; ``dir/`` becomes ``dir/*``.
+
+    Raises:
+        InvalidInput: empty, absolute, or with a ``..`` component.
+    """
+    p = pattern.strip().replace("\\", "/")
+    if not p:
+        raise InvalidInput("empty path pattern")
+    if p.startswith("/"):
+        raise InvalidInput(f"path pattern {pattern!r} must be relative to the repository")
+    directory = p.endswith("/")
+    parts = [part for part in p.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise InvalidInput(f"path pattern {pattern!r} may not contain '..'")
+    if not parts:
+        return "*"
+    out = "/".join(parts)
+    return f"{out}/*" if directory else out
+
+
+def is_glob(pattern: str) -> bool:
+    return _WILDCARDS.search(pattern) is not None
+
+
+def literal_prefix(pattern: str) -> str:
+    m = _WILDCARDS.search(pattern)
+    return pattern if m is None else pattern[: m.start()]
+
+
+def literal_suffix(pattern: str) -> str:
+    last = max(pattern.rfind("*"), pattern.rfind("?"), pattern.rfind("]"))
+    return pattern[last + 1:]
+
+
+def path_covered(path: str, pattern: str) -> bool:
+    """Does ``pattern`` cover the concrete ``path`` (or a directory above it)?"""
+    if path == pattern or fnmatchcase(path, pattern):
+        return True
+    return not is_glob(pattern) and path.startswith(pattern + "/")
+
+
+def patterns_overlap(a: str, b: str) -> bool:
+    """Could one path match both patterns? Conservative: never a false "no"."""
+    glob_a, glob_b = is_glob(a), is_glob(b)
+    if not glob_a and not glob_b:
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+    if not glob_a:
+        return path_covered(a, b) or literal_prefix(b).startswith(a + "/")
+    if not glob_b:
+        return path_covered(b, a) or literal_prefix(a).startswith(b + "/")
+    if fnmatchcase(a, b) or fnmatchcase(b, a):
+        return True
+    pa, pb = literal_prefix(a), literal_prefix(b)
+    sa, sb = literal_suffix(a), literal_suffix(b)
+    return (pa.startswith(pb) or pb.startswith(pa)) and (sa.endswith(sb) or sb.endswith(sa))
+
+
+# --------------------------------------------------------------- pure: records
+
+
+class ReservationRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Value of a ``res-<id>`` key and of an index entry."""
+
+    id: str
+    owner: str
+    patterns: tuple[str, ...]
+    exclusive: bool = True
+    task_id: str | None = None
+    ttl_s: float = DEFAULT_TTL_S
+    reserved_ms: int = 0
+    renewed_ms: int = 0
+
+
+class ReservationIndex(msgspec.Struct, frozen=True, kw_only=True):
+    entries: tuple[ReservationRecord, ...] = ()
+
+
+_encoder = msgspec.json.Encoder()
+_record_decoder = msgspec.json.Decoder(ReservationRecord)
+_index_decoder = msgspec.json.Decoder(ReservationIndex)
+
+
+def reservation_key(reservation_id: str) -> str:
+    return f"res-{reservation_id}"
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """One of my patterns against one pattern of a reservation held by someone else."""
+
+    pattern: str
+    held_pattern: str
+    held: ReservationRecord
+
+
+def conflicts(mine: ReservationRecord, held: Iterable[ReservationRecord]) -> list[Overlap]:
+    """Every overlap of ``mine`` with reservations of other owners it cannot share."""
+    out = []
+    for other in held:
+        if other.owner == mine.owner or other.id == mine.id:
+            continue
+        if not (mine.exclusive or other.exclusive):
+            continue
+        for p in mine.patterns:
+            for q in other.patterns:
+                if patterns_overlap(p, q):
+                    out.append(Overlap(p, q, other))
+    return out
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A live reservation; ``revision`` is its fencing token."""
+
+    id: str
+    owner: str
+    patterns: tuple[str, ...]
+    exclusive: bool
+    task_id: str | None
+    ttl_s: float
+    reserved_ms: int
+    expires_ms: int
+    revision: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "owner": self.owner, "patterns": list(self.patterns),
+                "exclusive": self.exclusive, "task_id": self.task_id, "ttl_s": self.ttl_s,
+                "reserved_ms": self.reserved_ms, "expires_ms": self.expires_ms,
+                "revision": self.revision}
+
+
+def _reservation(rec: ReservationRecord, revision: int) -> Reservation:
+    base = rec.renewed_ms or rec.reserved_ms
+    return Reservation(id=rec.id, owner=rec.owner, patterns=rec.patterns,
+                       exclusive=rec.exclusive, task_id=rec.task_id, ttl_s=rec.ttl_s,
+                       reserved_ms=rec.reserved_ms, expires_ms=base + int(rec.ttl_s * 1000),
+                       revision=revision)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------------- adapter
+
+
+class ReservationService:
+    """``swarm.reservations``: reserve, renew, release, list, check paths."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.log = swarm.log
+        self.bucket = swarm.log.bucket(names.RESERVATIONS)
+
+    async def _live_record(self, reservation_id: str) -> tuple[ReservationRecord, KvEntry] | None:
+        kv = await self.log.kv_last(self.bucket, reservation_key(reservation_id))
+        if kv is None or not kv.live:
+            return None
+        try:
+            rec = _record_decoder.decode(kv.value)
+        except msgspec.DecodeError:
+            return None
+        return (rec, kv) if rec.id == reservation_id else None
+
+    async def _index(self) -> tuple[list[ReservationRecord], int]:
+        kv = await self.log.kv_last(self.bucket, INDEX_KEY)
+        if kv is None:
+            return [], 0
+        if not kv.live:
+            return [], kv.revision
+        try:
+            return list(_index_decoder.decode(kv.value).entries), kv.revision
+        except msgspec.DecodeError:
+            return [], kv.revision
+
+    async def _live_entries(self, entries: Iterable[ReservationRecord]
+                            ) -> list[tuple[ReservationRecord, KvEntry]]:
+        found = await asyncio.gather(*(self._live_record(e.id) for e in entries))
+        return [f for f in found if f is not None]
+
+    async def reserve(
+        self,
+        patterns: Sequence[str],
+        *,
+        owner: str | None = None,
+        exclusive: bool = True,
+        ttl_s: float = DEFAULT_TTL_S,
+        task_id: str | None = None,
+    ) -> Reservation:
+        """Reserve paths or globs for ``owner`` (default: this agent).
+
+        Raises:
+            InvalidInput: no patterns, a bad pattern, TTL < 1 s.
+            ReservationConflict: another owner holds an overlapping reservation
+                (its holder, patterns and expiry are in the error's attributes).
+        """
+        pats = tuple(dict.fromkeys(normalize_pattern(p) for p in patterns))
+        if not pats:
+            raise InvalidInput("reserve needs at least one path or glob")
+        if ttl_s < 1:
+            raise InvalidInput("reservation TTL must be at least 1 s")
+        now = _wall_ms()
+        mine = ReservationRecord(id=ev.new_id(), owner=owner or self.swarm.agent,
+                                 patterns=pats, exclusive=exclusive, task_id=task_id,
+                                 ttl_s=ttl_s, reserved_ms=now, renewed_ms=now)
+        key = reservation_key(mine.id)
+        revision = await self.log.kv_put(self.bucket, key, _encoder.encode(mine),
+                                         expected_revision=0, ttl_s=ttl_s)
+        try:
+            await self._enter_index(mine)
+        except BaseException:
+            with contextlib.suppress(CflowError):
+                await self.log.kv_delete(self.bucket, key)
+            raise
+        await self.log.append(
+            ev.PathsReserved(owner=mine.owner, paths=pats, exclusive=exclusive, ttl_s=ttl_s,
+                             epoch=revision, task_id=task_id),
+            mine.id, msg_id=f"reserve-{mine.id}", actor=mine.owner)
+        return _reservation(mine, revision)
+
+    async def _enter_index(self, mine: ReservationRecord) -> None:
+        for round_ in range(MAX_RACE_ROUNDS):
+            entries, index_rev = await self._index()
+            live = await self._live_entries(e for e in entries if e.id != mine.id)
+            found = conflicts(mine, (rec for rec, _ in live))
+            if found:
+                first = found[0]
+                held = first.held
+                kv = next(kv for rec, kv in live if rec.id == held.id)
+                raise ReservationConflict(
+                    holder=held.owner, reservation_id=held.id, pattern=first.pattern,
+                    held_pattern=first.held_pattern, exclusive=held.exclusive,
+                    expires_ms=_reservation(held, kv.revision).expires_ms, task_id=held.task_id)
+            index = ReservationIndex(entries=(*(rec for rec, _ in live), mine))
+            try:
+                await self.log.kv_put(self.bucket, INDEX_KEY, _encoder.encode(index),
+                                      expected_revision=index_rev)
+                return
+            except ConcurrencyConflict:
+                # Someone else moved the index: re-read and decide again. A little
+                # jitter keeps a crowd of racers from colliding in lockstep.
+                await asyncio.sleep(random.uniform(0, 0.002 * min(round_ + 1, 10)))  # noqa: S311
+        raise ConflictError("reservation index kept changing; try again")
+
+    async def renew(self, reservation_id: str, revision: int,
+                    ttl_s: float | None = None) -> Reservation:
+        """Extend a reservation's TTL; ``revision`` is the fencing token it was given.
+
+        Raises:
+            ReservationLost: it expired, was released, or the token is stale.
+        """
+        found = await self._live_record(reservation_id)
+        if found is None:
+            raise ReservationLost(reservation_id, "expired or released")
+        rec, kv = found
+        if kv.revision != revision:
+            raise ReservationLost(reservation_id, f"stale revision {revision} (now {kv.revision})")
+        renewed = msgspec.structs.replace(rec, renewed_ms=_wall_ms(),
+                                          ttl_s=ttl_s if ttl_s is not None else rec.ttl_s)
+        try:
+            new_rev = await self.log.kv_put(self.bucket, reservation_key(reservation_id),
+                                            _encoder.encode(renewed), expected_revision=revision,
+                                            ttl_s=renewed.ttl_s)
+        except ConcurrencyConflict:
+            raise ReservationLost(reservation_id, "expired or taken over while renewing") from None
+        return _reservation(renewed, new_rev)
+
+    @contextlib.asynccontextmanager
+    async def keep_alive(self, reservation: Reservation, interval_s: float | None = None,
+                         on_lost: Callable[[Reservation], None] | None = None
+                         ) -> AsyncIterator[Reservation]:
+        """Renew every TTL/3 while the block runs; ``on_lost`` is called if it is lost."""
+        period = interval_s or max(0.2, reservation.ttl_s / 3)
+        current = reservation
+
+        async def beat() -> None:
+            nonlocal current
+            while True:
+                await asyncio.sleep(period)  # renewal is a timer by nature
+                try:
+                    current = await self.renew(current.id, current.revision)
+                except ReservationLost:
+                    if on_lost is not None:
+                        on_lost(current)
+                    return
+                except CflowError as exc:
+                    log.warning("renewing reservation %s failed: %s", current.id, exc)
+
+        task = asyncio.create_task(beat(), name=f"reservation-{reservation.id}")
+        try:
+            yield reservation
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def list(self, owner: str | None = None) -> builtins.list[Reservation]:
+        """Live reservations of record, oldest first."""
+        entries, _ = await self._index()
+        live = await self._live_entries(entries)
+        out = [_reservation(rec, kv.revision) for rec, kv in live
+               if owner is None or rec.owner == owner]
+        return sorted(out, key=lambda r: (r.reserved_ms, r.id))
+
+    async def release(
+        self,
+        owner: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_id: str | None = None,
+        reason: str = "released",
+    ) -> builtins.list[str]:
+        """Release the owner's reservations (all, one, or those of one task).
+
+        Returns the released ids.
+
+        Raises:
+            NotFound: ``reservation_id`` is not a live reservation of the owner.
+        """
+        who = owner or self.swarm.agent
+        held = [r for r in await self.list(owner=who)
+                if (reservation_id is None or r.id == reservation_id)
+                and (task_id is None or r.task_id == task_id)]
+        if reservation_id is not None and not held:
+            raise NotFound("reservation", reservation_id)
+        released = []
+        for r in held:
+            with contextlib.suppress(ConcurrencyConflict):
+                await self.log.kv_delete(self.bucket, reservation_key(r.id),
+                                         expected_revision=r.revision)
+                released.append(r.id)
+        if released:
+            await self._drop_from_index(set(released))
+        for rid in released:
+            await self.log.append(ev.PathsReleased(owner=who, reason=reason), rid,
+                                  msg_id=f"release-{rid}", actor=who)
+        return released
+
+    async def _drop_from_index(self, ids: set[str]) -> None:
+        # Pruning is also done by every reserve; this only keeps the index small.
+        for _ in range(20):
+            entries, rev = await self._index()
+            keep = tuple(e for e in entries if e.id not in ids)
+            if len(keep) == len(entries):
+                return
+            try:
+                await self.log.kv_put(self.bucket, INDEX_KEY,
+                                      _encoder.encode(ReservationIndex(entries=keep)),
+                                      expected_revision=rev)
+                return
+            except ConcurrencyConflict:
+                continue
+
+    async def check(self, paths: Iterable[str], *, owner: str | None = None
+                    ) -> builtins.list[tuple[str, Reservation]]:
+        """Concrete paths that another owner holds exclusively: (path, reservation)."""
+        who = owner or self.swarm.agent
+        held = [r for r in await self.list() if r.exclusive and r.owner != who]
+        out = []
+        for raw in paths:
+            path = normalize_pattern(raw)
+            for r in held:
+                if any(path_covered(path, p) for p in r.patterns):
+                    out.append((path, r))
+                    break
+        return out
+
+
+__all__ = [
+    "Overlap",
+    "Reservation",
+    "ReservationConflict",
+    "ReservationLost",
+    "ReservationRecord",
+    "ReservationService",
+    "conflicts",
+    "is_glob",
+    "literal_prefix",
+    "literal_suffix",
+    "normalize_pattern",
+    "path_covered",
+    "patterns_overlap",
+]

@@ -1,0 +1,214 @@
+"""Path reservations: overlap rules (pure), races, expiry, release, the git guard."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cflow.errors import InvalidInput, NotFound
+from cflow.reservations import (
+    Reservation,
+    ReservationConflict,
+    ReservationLost,
+    normalize_pattern,
+    path_covered,
+    patterns_overlap,
+)
+from cflow.streams import names
+from cflow.swarm import Swarm
+
+# ------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [("src/a.py", "src/a.py"), ("./src//a.py", "src/a.py"), ("src/", "src/*"), (".", "*"),
+     ("src\\win.py", "src/win.py")],
+)
+def test_normalize(raw: str, norm: str) -> None:
+    assert normalize_pattern(raw) == norm
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "/etc/passwd", "src/../secret"])
+def test_normalize_refuses(bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        normalize_pattern(bad)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("src/a.py", "src/a.py", True),
+        ("src/a.py", "src/b.py", False),
+        ("src", "src/a.py", True),  # a literal also covers what is below it
+        ("src/*", "src/deep/x.py", True),  # '*' crosses '/'
+        ("src/*.py", "src/a.py", True),
+        ("src/*.py", "src/a.md", False),
+        ("src/*.py", "src/*.md", False),  # suffixes rule it out
+        ("src/*.py", "src/api/*", True),
+        ("src/*", "docs/*", False),  # prefixes rule it out
+        ("*", "anything/at/all", True),
+        ("src/a*", "src/ab/c.py", True),
+        ("tests/test_*.py", "tests/test_x.py", True),
+        ("src", "src/*.py", True),
+    ],
+)
+def test_overlap_table(a: str, b: str, overlap: bool) -> None:
+    assert patterns_overlap(a, b) is overlap
+    assert patterns_overlap(b, a) is overlap
+
+
+_seg = st.sampled_from(["src", "a", "b.py", "c.md", "x"])
+_path = st.lists(_seg, min_size=1, max_size=4).map("/".join)
+_glob = st.lists(st.sampled_from(["src", "a", "*", "*.py", "b*", "?.md", "x"]),
+                 min_size=1, max_size=4).map("/".join)
+
+
+@given(_glob, _glob, _path)
+def test_overlap_is_conservative(a: str, b: str, path: str) -> None:
+    """If one concrete path is covered by both patterns, they must be said to overlap."""
+    if path_covered(path, a) and path_covered(path, b):
+        assert patterns_overlap(a, b)
+
+
+# ------------------------------------------------------------------ integration
+
+
+@pytest.fixture
+async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="alice") as s:
+        yield s
+
+
+@pytest.mark.integration
+async def test_reserve_conflict_names_holder_and_expiry(swarm: Swarm) -> None:
+    res = swarm.reservations
+    mine = await res.reserve(["src/*.py"], ttl_s=60, task_id="t1")
+    assert mine.owner == "alice"
+    with pytest.raises(ReservationConflict) as info:
+        await res.reserve(["src/api.py"], owner="bob")
+    err = info.value
+    assert (err.holder, err.reservation_id, err.held_pattern) == ("alice", mine.id, "src/*.py")
+    assert err.expires_ms == mine.expires_ms
+    assert "alice" in str(err) and "until" in str(err)
+    # Disjoint paths and one's own paths are fine.
+    await res.reserve(["docs/*"], owner="bob")
+    await res.reserve(["src/api.py"], owner="alice")
+    assert {r.owner for r in await res.list()} == {"alice", "bob"}
+    # Shared vs shared is fine, shared vs exclusive is not.
+    await res.reserve(["lib/x.py"], owner="carol", exclusive=False)
+    await res.reserve(["lib/*"], owner="dave", exclusive=False)
+    with pytest.raises(ReservationConflict):
+        await res.reserve(["lib/x.py"], owner="erin")
+    # check(): concrete paths held exclusively by someone else.
+    blocked = await res.check(["src/api.py", "README.md", "docs/a.md"], owner="carol")
+    assert [(p, r.owner) for p, r in blocked] == [("src/api.py", "alice"), ("docs/a.md", "bob")]
+    # Release by task, then bob may take it.
+    assert await res.release("alice", task_id="t1") == [mine.id]
+    with pytest.raises(ReservationConflict):
+        await res.reserve(["src/api.py"], owner="bob")  # alice still holds src/api.py itself
+    await res.release("alice")
+    await res.reserve(["src/api.py"], owner="bob")
+    with pytest.raises(NotFound):
+        await res.release("alice", reservation_id=mine.id)
+    types = [s.event.type for s in await swarm.log.entity_events("reservation", mine.id)]
+    assert types == ["PathsReserved", "PathsReleased"]
+
+
+@pytest.mark.integration
+async def test_two_agents_race_for_overlapping_globs_exactly_one_wins(
+        nats_url: str, swarm_name: str) -> None:
+    for round_ in range(5):
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="a") as a, \
+                Swarm.connect(nats_url, swarm=swarm_name, agent="b") as b:
+            results = await asyncio.gather(
+                a.reservations.reserve([f"r{round_}/src/*"], ttl_s=30),
+                b.reservations.reserve([f"r{round_}/src/core/*.py"], ttl_s=30),
+                return_exceptions=True)
+            wins = [r for r in results if isinstance(r, Reservation)]
+            losses = [r for r in results if isinstance(r, ReservationConflict)]
+            assert len(wins) == 1 and len(losses) == 1, results
+            assert losses[0].holder == wins[0].owner
+            assert len(await a.reservations.list()) == round_ + 1
+
+
+@pytest.mark.integration
+async def test_many_racers_one_winner(nats_url: str, swarm_name: str) -> None:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="x") as s:
+        results = await asyncio.gather(
+            *(s.reservations.reserve(["hot/file.py"], owner=f"agent{i}", ttl_s=30)
+              for i in range(12)), return_exceptions=True)
+        wins = [r for r in results if isinstance(r, Reservation)]
+        assert len(wins) == 1
+        assert all(isinstance(r, ReservationConflict) for r in results if r not in wins)
+        assert [r.owner for r in await s.reservations.list()] == [wins[0].owner]
+
+
+@pytest.mark.integration
+async def test_expiry_frees_and_fences_renewal(swarm: Swarm) -> None:
+    res = swarm.reservations
+    held = await res.reserve(["pkg/*"], owner="a", ttl_s=1)
+    renewed = await res.renew(held.id, held.revision)
+    assert renewed.revision > held.revision
+    with pytest.raises(ReservationLost):
+        await res.renew(held.id, held.revision)  # stale fencing token
+    with pytest.raises(ReservationConflict):
+        await res.reserve(["pkg/x.py"], owner="b", ttl_s=5)
+    # Await the server's expiry marker for a's key.
+    bucket = swarm.log.bucket(names.RESERVATIONS)
+    gone = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: object) -> None:
+        if "Nats-Marker-Reason" in (getattr(msg, "headers", None) or {}) and not gone.done():
+            gone.set_result(True)
+
+    sub = await swarm.log.js.subscribe(names.kv_subject(bucket, f"res-{held.id}"), cb=on_msg,
+                                       stream=names.kv_stream(bucket), ordered_consumer=True)
+    try:
+        await asyncio.wait_for(gone, 10)
+    finally:
+        await sub.unsubscribe()
+    won = await res.reserve(["pkg/x.py"], owner="b", ttl_s=5)
+    assert [r.id for r in await res.list()] == [won.id]
+    with pytest.raises(ReservationLost):
+        await res.renew(held.id, renewed.revision)
+
+
+@pytest.mark.integration
+def test_git_guard_refuses_commit_of_reserved_path(cli_env: dict[str, str], tmp_path: Path,
+                                                   nats_url: str, swarm_name: str) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**cli_env, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@x"}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + ":" + env.get("PATH", "")
+
+    def run(*args: str, agent: str = "bob", cwd: Path = repo) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(args), cwd=cwd, env={**env, "CFLOW_AGENT": agent},
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    assert run("git", "init", "-q").returncode == 0
+    out = run("cfctl", "setup", "git-guard")
+    assert out.returncode == 0, out.stderr
+    assert (repo / ".git" / "hooks" / "pre-commit").exists()
+    assert run("cfctl", "reserve", "src/", "--ttl", "60", agent="alice").returncode == 0
+    (repo / "src").mkdir()
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    (repo / "notes.md").write_text("hi\n")
+    run("git", "add", "notes.md")
+    ok = run("git", "commit", "-q", "-m", "notes")
+    assert ok.returncode == 0, ok.stderr
+    run("git", "add", "src/a.py")
+    refused = run("git", "commit", "-q", "-m", "src")
+    assert refused.returncode != 0
+    assert "src/a.py" in refused.stderr and "alice" in refused.stderr
+    # alice herself may commit it
+    assert run("git", "commit", "-q", "-m", "src", agent="alice").returncode == 0
