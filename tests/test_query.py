@@ -1,0 +1,202 @@
+"""The read-only query service: the guard, limits, read-your-writes, the queue group."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cflow import events as ev
+from cflow.errors import InvalidInput, LimitExceeded, QueryRejected, Unavailable
+from cflow.projections.projector import Projector
+from cflow.projections.query import QueryClient, QueryService, check_read_only
+from cflow.streams import EventLog
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1",
+    "select * from tasks where status = 'ready'",
+    "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
+    "FROM tasks",
+    "SELECT 1;",
+    "VALUES (1), (2)",
+])
+def test_guard_allows_reads(sql: str) -> None:
+    assert check_read_only(sql)
+
+
+@pytest.mark.parametrize(("sql", "why"), [
+    ("INSERT INTO tasks (task_id) VALUES ('x')", "INSERT"),
+    ("UPDATE tasks SET status = 'ready'", "UPDATE"),
+    ("DELETE FROM tasks", "DELETE"),
+    ("CREATE TABLE t (a INT)", "CREATE"),
+    ("DROP TABLE tasks", "DROP"),
+    ("ATTACH '/tmp/x.db' AS x", "ATTACH"),
+    ("COPY tasks TO '/tmp/x.csv'", "COPY"),
+    ("PRAGMA database_list", "PRAGMA"),
+    ("SET threads = 1", "SET"),
+    ("INSTALL httpfs", "LOAD"),
+    ("LOAD httpfs", "LOAD"),
+    ("EXPORT DATABASE '/tmp/x'", "EXPORT"),
+    ("CALL pragma_version()", "CALL"),
+    ("SELECT 1; DROP TABLE tasks", "exactly one statement"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "read_csv"),
+    ("SELECT * FROM read_parquet('x.parquet')", "read_parquet"),
+    ("SELECT * FROM read_json_auto('x.json')", "read_json_auto"),
+    ("SELECT * FROM glob('/etc/*')", "glob"),
+    ("SELECT * FROM read_text('/etc/hostname')", "read_text"),
+    ("SELECT getenv('HOME')", "getenv"),
+    ("", "empty"),
+    ("SELEC 1", "cannot parse"),
+])
+def test_guard_refuses_everything_but_reads(sql: str, why: str) -> None:
+    with pytest.raises(QueryRejected, match=why):
+        check_read_only(sql)
+
+
+@pytest.fixture
+async def served(log: EventLog, tmp_path: Path) -> AsyncIterator[Projector]:
+    projector = Projector(log, tmp_path / "q.duckdb")
+    service = QueryService(log.nc, log.swarm, projector, server_id="p1")
+    await service.start()
+    task = asyncio.create_task(projector.run())
+    try:
+        yield projector
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await service.stop()
+        await projector.close()
+
+
+@pytest.mark.integration
+async def test_read_your_writes_and_row_cap(log: EventLog, served: Projector) -> None:
+    client = QueryClient(log.nc, log.swarm)
+    last = 0
+    for i in range(30):
+        last = (await log.append(ev.TaskCreated(title=f"t{i}", priority=i), f"t{i}")).seq
+    result = await client.query("SELECT task_id, priority, created_at FROM tasks "
+                                "ORDER BY priority DESC", limit=5, wait_for_seq=last)
+    assert result.checkpoint >= last
+    assert result.truncated
+    assert [r[:2] for r in result.rows] == [["t29", 29], ["t28", 28], ["t27", 27],
+                                            ["t26", 26], ["t25", 25]]
+    assert result.columns == ["task_id", "priority", "created_at"]
+    assert result.types[1] == "INTEGER"
+    assert isinstance(result.rows[0][2], str)  # timestamps travel as ISO text
+    full = await client.query("SELECT count(*) AS n FROM tasks", wait_for_seq=last)
+    assert full.dicts() == [{"n": 30}] and not full.truncated
+
+
+@pytest.mark.integration
+async def test_service_refuses_writes_and_file_access(log: EventLog, served: Projector,
+                                                      tmp_path: Path) -> None:
+    client = QueryClient(log.nc, log.swarm)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a,b\n1,2\n")
+    with pytest.raises(QueryRejected, match="DELETE"):
+        await client.query("DELETE FROM tasks")
+    with pytest.raises(QueryRejected, match="read_csv"):
+        await client.query(f"SELECT * FROM read_csv('{secret}')")
+    # A file path as a table name slips past the function check; the database refuses it.
+    with pytest.raises(QueryRejected, match="disabled by configuration"):
+        await client.query(f"SELECT * FROM '{secret}'")
+    with pytest.raises(InvalidInput, match="no_such_table"):
+        await client.query("SELECT * FROM no_such_table")
+    # The service is still there and the data untouched.
+    assert (await client.query("SELECT count(*) FROM checkpoint")).rows == [[1]]
+
+
+@pytest.mark.integration
+async def test_long_query_is_cut_at_its_time_limit(log: EventLog, served: Projector) -> None:
+    client = QueryClient(log.nc, log.swarm)
+    slow = ("SELECT count(*) FROM range(100000000) a, range(100000000) b "
+            "WHERE a.range * 7 + b.range = 3")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(LimitExceeded, match=r"time limit of 0\.5 s"):
+        await client.query(slow, timeout_s=0.5)
+    assert loop.time() - started < 5
+    assert (await client.query("SELECT 42")).rows == [[42]]
+
+
+@pytest.mark.integration
+async def test_wait_for_a_sequence_never_reached(log: EventLog, served: Projector) -> None:
+    with pytest.raises(LimitExceeded, match="did not reach 999999"):
+        await QueryClient(log.nc, log.swarm).query("SELECT 1", wait_for_seq=999_999,
+                                                   timeout_s=0.3)
+
+
+@pytest.mark.integration
+async def test_no_projector_is_unavailable(log: EventLog) -> None:
+    with pytest.raises(Unavailable, match="no projector"):
+        await QueryClient(log.nc, log.swarm).query("SELECT 1", timeout_s=0.5)
+
+
+@pytest.mark.integration
+async def test_two_projectors_in_one_queue_group_both_serve(log: EventLog,
+                                                           tmp_path: Path) -> None:
+    runs = []
+    services = []
+    try:
+        for name in ("p1", "p2"):
+            projector = Projector(log, tmp_path / f"{name}.duckdb")
+            service = QueryService(log.nc, log.swarm, projector, server_id=name)
+            await service.start()
+            services.append((projector, service))
+            runs.append(asyncio.create_task(projector.run()))
+        seq = (await log.append(ev.TaskCreated(title="x"), "x")).seq
+        client = QueryClient(log.nc, log.swarm)
+        results = await asyncio.gather(*[
+            client.query("SELECT count(*) FROM tasks", wait_for_seq=seq) for _ in range(40)])
+        assert {r.server for r in results} == {"p1", "p2"}
+        assert {r.rows[0][0] for r in results} == {1}
+        assert all(s.served > 0 for _, s in services)
+    finally:
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        for projector, service in services:
+            await service.stop()
+            await projector.close()
+
+
+@pytest.mark.e2e
+def test_cfctl_query_report_and_export(cli_env: dict[str, str], tmp_path: Path) -> None:
+    db = tmp_path / "cli.duckdb"
+    proc = subprocess.Popen([sys.executable, "-m", "cflow.projections", "--db", str(db)],
+                            env=cli_env, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith(b"projector ready")
+        cfctl = [sys.executable, "-c", "from cflow.cli import main; main()"]
+        out = subprocess.run([*cfctl, "query", "SELECT 1 AS one, 'x' AS s", "--csv"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["one,s", "1,x"]
+        out = subprocess.run([*cfctl, "query", "SELECT 2 AS two", "--json"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == '[{"two": 2}]'
+        out = subprocess.run([*cfctl, "query", "DROP TABLE tasks"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert out.stderr.startswith("error: only reads are allowed")
+        out = subprocess.run([*cfctl, "report", "failures"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "top errors" in out.stdout
+        out = subprocess.run([*cfctl, "export", "--parquet", str(tmp_path / "pq")],
+                             env={**cli_env, "XDG_DATA_HOME": str(tmp_path / "none")},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "pq" / "tasks.parquet").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stderr is not None:
+            proc.stderr.close()
