@@ -16,8 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cflow.errors import CflowError, InvalidInput, Unavailable
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
 
 READY_LINE = "Server is ready"
 
@@ -72,6 +76,46 @@ class ServerOptions:
     route_user: str | None = None
     route_password: str | None = None
     max_store: str | None = None
+    jetstream: bool = True  # a leaf node uses the hub's JetStream instead of its own
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_name)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def security_problem(opts: ServerOptions) -> str | None:
+    """Why these options would start an open server reachable by others (None: fine).
+
+    The embedded default binds loopback only. Anything that lets other machines
+    in (a non-loopback listener, cluster routes, a leaf listener) needs auth.
+    """
+    if opts.auth_include:
+        return None
+    exposed = []
+    if opts.host not in LOOPBACK:
+        exposed.append(f"listening on {opts.host}")
+    if opts.clustered:
+        exposed.append("clustering")
+    if opts.leaf_port is not None:
+        exposed.append("accepting leaf nodes")
+    if not exposed:
+        return None
+    return (
+        f"refusing to start an open server ({', '.join(exposed)} needs auth): "
+        "create credentials with `cfctl creds create AGENT --swarm S` "
+        "and pass `--auth <data-dir>/auth/auth.conf`"
+    )
+
+
+def _route_url(route: str, user: str | None, password: str | None) -> str:
+    if not (user and password) or "@" in route:
+        return route
+    from cflow.creds import with_userinfo
+
+    return with_userinfo(route, user, password)
 
 
 def _q(value: str) -> str:
@@ -88,14 +132,14 @@ def render_config(opts: ServerOptions) -> str:
         f"server_name: {_q(opts.server_name or f'cflow-{socket.gethostname()}-{opts.port}')}",
         f"host: {_q(opts.host)}",
         f"port: {opts.port}",
-        "jetstream {",
-        f"  store_dir: {_q(str(store))}",
     ]
-    if opts.sync == "always":
-        lines.append("  sync_interval: always")
-    if opts.max_store:
-        lines.append(f"  max_file_store: {opts.max_store}")
-    lines.append("}")
+    if opts.jetstream:
+        lines += ["jetstream {", f"  store_dir: {_q(str(store))}"]
+        if opts.sync == "always":
+            lines.append("  sync_interval: always")
+        if opts.max_store:
+            lines.append(f"  max_file_store: {opts.max_store}")
+        lines.append("}")
     if opts.http_port is not None:
         lines.append(f"http: {_q(f'127.0.0.1:{opts.http_port}')}")
     if opts.cluster_name:
@@ -113,17 +157,26 @@ def render_config(opts: ServerOptions) -> str:
             ]
         if opts.routes:
             lines.append("  routes: [")
-            lines += [f"    {_q(r)}" for r in opts.routes]
+            lines += [
+                f"    {_q(_route_url(r, opts.route_user, opts.route_password))}"
+                for r in opts.routes
+            ]
             lines.append("  ]")
         lines.append("}")
-    if opts.leaf_port is not None:
-        lines += ["leafnodes {", f"  listen: {_q(f'{opts.host}:{opts.leaf_port}')}", "}"]
-    if opts.leaf_remotes:
-        lines += ["leafnodes {", "  remotes: ["]
-        lines += [f"    {{ url: {_q(r)} }}" for r in opts.leaf_remotes]
-        lines += ["  ]", "}"]
+    if opts.leaf_port is not None or opts.leaf_remotes:
+        lines.append("leafnodes {")
+        if opts.leaf_port is not None:
+            lines.append(f"  listen: {_q(f'{opts.host}:{opts.leaf_port}')}")
+        if opts.leaf_remotes:
+            lines.append("  remotes: [")
+            lines += [f"    {{ url: {_q(r)} }}" for r in opts.leaf_remotes]
+            lines.append("  ]")
+        lines.append("}")
     if opts.auth_include:
-        lines.append(f"include {_q(opts.auth_include)}")
+        # nats-server resolves includes relative to the config file (in data_dir),
+        # even absolute ones.
+        rel = os.path.relpath(Path(opts.auth_include).resolve(), opts.data_dir.resolve())
+        lines.append(f"include {_q(rel)}")
     return "\n".join(lines) + "\n"
 
 
@@ -224,3 +277,117 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
     except ProcessLookupError:
         return True
     raise Unavailable(f"nats-server pid {pid} did not stop")
+
+
+def recorded_servers(data_dir: Path) -> list[tuple[int, int]]:
+    """(port, pid) of every server ``cfctl up`` recorded in ``data_dir``."""
+    found = []
+    for path in sorted(data_dir.glob("nats-*.pid")):
+        try:
+            port = int(path.stem.removeprefix("nats-"))
+            pid = int(path.read_text().strip())
+        except ValueError:
+            continue
+        found.append((port, pid))
+    return found
+
+
+def is_nats_server(pid: int) -> bool:
+    """Whether ``pid`` is alive and (where /proc tells) a nats-server, not a recycled pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"nats-server" in cmdline.read_bytes()
+        except OSError:
+            return False
+    return True
+
+
+def stop_recorded(data_dir: Path, port: int | None = None) -> list[tuple[int, int]]:
+    """Stop the server(s) ``cfctl up`` recorded in ``data_dir`` (one port, or all).
+
+    Returns the (port, pid) pairs stopped. A stale pid file (process gone, or the
+    pid now belongs to something else) is removed and not signalled.
+
+    Raises:
+        NotFound: nothing recorded for that port / in that directory.
+    """
+    from cflow.errors import NotFound
+
+    recorded = [r for r in recorded_servers(data_dir) if port is None or r[0] == port]
+    if not recorded:
+        where = f"port {port} in {data_dir}" if port is not None else str(data_dir)
+        raise NotFound("cflow nats-server", where)
+    stopped = []
+    for p, pid in recorded:
+        if is_nats_server(pid) and stop_pid(pid):
+            stopped.append((p, pid))
+        (data_dir / f"nats-{p}.pid").unlink(missing_ok=True)
+    if not stopped:
+        raise NotFound("running cflow nats-server", f"{data_dir} (removed stale pid files)")
+    return stopped
+
+
+def reload_recorded(data_dir: Path) -> list[int]:
+    """SIGHUP every live recorded server so it re-reads its config (e.g. new users)."""
+    reloaded = []
+    for _, pid in recorded_servers(data_dir):
+        if is_nats_server(pid):
+            os.kill(pid, signal.SIGHUP)
+            reloaded.append(pid)
+    return reloaded
+
+
+async def wait_jetstream(nc: NATS, within_s: float = 30.0) -> None:
+    """Wait until JetStream answers API calls (in a cluster: a meta leader exists).
+
+    "Server is ready" is logged before a cluster has elected its JetStream meta
+    leader; stream creation sent earlier would time out. A stream-names request
+    is only answered once there is one.
+
+    Raises:
+        Unavailable: JetStream did not answer within ``within_s``.
+    """
+    import asyncio
+    import json
+
+    import nats.errors
+
+    deadline = time.monotonic() + within_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = await nc.request("$JS.API.STREAM.NAMES", b"", timeout=0.5)
+            body = json.loads(reply.data)
+            if "error" not in body:
+                return
+            last = str(body["error"].get("description"))
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
+            last = type(exc).__name__
+        await asyncio.sleep(0.1)  # JetStream publishes no "leader elected" event to clients
+    raise Unavailable(f"JetStream not available after {within_s:.0f} s ({last})")
+
+
+# ------------------------------------------------------------ foreground services
+
+# Work that a foreground `cfctl up` runs while its server runs (e.g. a projector,
+# a lease reaper). Entries are (name, "module:function"), imported only when
+# `cfctl up` starts so the CLI stays fast; the function is
+# `async def fn(running: RunningServer) -> None` and should run until cancelled.
+FOREGROUND_SERVICES: list[tuple[str, str]] = []
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """What a foreground service gets: where to connect, and for which swarm."""
+
+    url: str  # client URL, credentials included when auth is on
+    swarm: str
+    replicas: int
+    data_dir: Path

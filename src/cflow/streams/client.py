@@ -74,24 +74,54 @@ async def connect(
         Unavailable: no server answered within ``connect_timeout``.
     """
     servers = split_urls(url)
+    shown = ",".join(redact_url(s) for s in servers)
+    user_error_cb = options.pop("error_cb", _quiet)
+    connecting: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        if not connected:
+            connecting.append(exc)
+        await user_error_cb(exc)
+
+    connected = False
     try:
-        return await nats.connect(
+        # nats-py retries the *first* connect forever when max_reconnect_attempts
+        # is -1; give up after two tries per server, then reconnect forever.
+        nc = await nats.connect(
             servers=servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
-            max_reconnect_attempts=-1,
+            max_reconnect_attempts=1,
             reconnect_time_wait=0.25,
             ping_interval=5,
             max_outstanding_pings=3,
             dont_randomize=False,
-            **{"error_cb": _quiet, "disconnected_cb": _quiet_noargs, **options},
+            **{"error_cb": on_error, "disconnected_cb": _quiet_noargs, **options},
         )
     except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error):
+        if any(isinstance(e, nats.errors.AuthorizationError) for e in connecting):
+            raise Unavailable(
+                f"NATS at {shown} refused the credentials (authorization violation)",
+                url=shown,
+            ) from None
         raise Unavailable(
-            f"no NATS server reachable at {','.join(servers)} (start one with `cfctl up`)",
-            url=",".join(servers),
+            f"no NATS server reachable at {shown} (start one with `cfctl up`)",
+            url=shown,
         ) from None
+    connected = True
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+def redact_url(url: str) -> str:
+    """``nats://user:secret@host`` -> ``nats://user:***@host`` for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
 
 
 async def _quiet(exc: Exception) -> None:
@@ -131,6 +161,11 @@ async def ensure_stream(nc: NATS, spec: StreamSpec) -> dict[str, Any]:
         exists = isinstance(cause, nats.js.errors.APIError) and cause.err_code == STREAM_NAME_IN_USE
         if not exists and "already in use" not in str(exc):
             raise
+    # A client connecting with the default replicas=1 must never shrink a
+    # stream that `cfctl init --replicas 3` spread over the cluster.
+    current = await api_request(nc, f"$JS.API.STREAM.INFO.{spec.name}")
+    have = int(current.get("config", {}).get("num_replicas", 1))
+    config["num_replicas"] = max(have, spec.replicas)
     return await api_request(nc, f"$JS.API.STREAM.UPDATE.{spec.name}", config)
 
 

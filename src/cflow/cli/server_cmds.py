@@ -1,0 +1,486 @@
+"""`cfctl up / join / down / init / status` and `cfctl creds`: the server and the cluster."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from cflow.cli.app import EXIT_USAGE, app, emit, fail, run, state
+
+if TYPE_CHECKING:
+    from cflow.creds import Registry, User
+    from cflow.server import EmbeddedServer, RunningServer, ServerOptions
+
+DEFAULT_CLUSTER = "cflow"
+
+creds_app = typer.Typer(help="Per-agent credentials (users with subject permissions).",
+                        no_args_is_help=True)
+app.add_typer(creds_app, name="creds")
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    from cflow.server import default_data_dir
+
+    return (data_dir or default_data_dir()).expanduser().resolve()
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _options(
+    *, port: int, data_dir: Path | None, sync: str, listen: str, http_port: int | None,
+    cluster: str | None, cluster_port: int, routes: str | None, server_name: str | None,
+    leaf: str | None, leaf_port: int | None, auth: Path | None,
+) -> tuple[ServerOptions, Registry | None]:
+    from cflow.creds import registry_for_conf
+    from cflow.server import ServerOptions, security_problem
+
+    reg = None
+    if auth is not None:
+        auth = auth.expanduser().resolve()
+        if not auth.is_file():
+            fail(f"auth file {auth} not found (create it with `cfctl creds create`)", EXIT_USAGE)
+        reg = registry_for_conf(auth)
+    route_list = _split(routes)
+    if route_list and not cluster:
+        cluster = DEFAULT_CLUSTER
+    opts = ServerOptions(
+        port=port,
+        host=listen,
+        data_dir=_data_dir(data_dir),
+        sync=sync,
+        server_name=server_name,
+        http_port=http_port,
+        cluster_name=cluster,
+        cluster_port=cluster_port if cluster else None,
+        routes=route_list,
+        leaf_remotes=_split(leaf),
+        leaf_port=leaf_port,
+        auth_include=str(auth) if auth else None,
+        route_user=reg.route_user if reg else None,
+        route_password=reg.route_password if reg else None,
+        jetstream=not leaf,
+    )
+    if cluster and auth is not None and reg is None:
+        fail(f"no users.json next to {auth}: cluster routes need the route credentials "
+             "that `cfctl creds` keeps there", EXIT_USAGE)
+    problem = security_problem(opts)
+    if problem:
+        fail(problem, EXIT_USAGE)
+    return opts, reg
+
+
+def _client_url(server: EmbeddedServer, reg: Registry | None, swarm: str) -> str | None:
+    """The URL `up` uses to create the swarm's streams (None: no admin credentials)."""
+    if reg is None:
+        return server.url if server.opts.auth_include is None else None
+    admin = reg.admin_for(swarm)
+    if admin is None:
+        return None
+    from cflow.creds import client_url
+
+    return client_url(admin, server.url)
+
+
+async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[str]:
+    from cflow.server import wait_jetstream
+    from cflow.streams import connect, ensure_swarm
+
+    nc = await connect(url, name="cfctl-up")
+    try:
+        await wait_jetstream(nc, 60.0 if clustered else 20.0)
+        return await ensure_swarm(nc, swarm, replicas)
+    finally:
+        await nc.close()
+
+
+def _start(
+    ctx: typer.Context, opts: ServerOptions, reg: Registry | None, *, detach: bool,
+    replicas: int, init: bool,
+) -> None:
+    from cflow.errors import CflowError
+    from cflow.server import EmbeddedServer, RunningServer
+
+    c = state(ctx)
+    server = EmbeddedServer(opts)
+    try:
+        pid = server.start(detach=detach)
+    except CflowError as err:
+        fail(str(err))
+    url = _client_url(server, reg, c.swarm)
+    notes: list[str] = []
+    streams: list[str] = []
+    try:
+        if not init:
+            pass
+        elif url is None:
+            notes.append(f"no admin user for swarm {c.swarm} in the auth file: streams not "
+                         f"created (`cfctl creds create admin --swarm {c.swarm} --admin`)")
+        elif opts.leaf_remotes:
+            notes.append("leaf node: the hub's JetStream holds the streams (run `cfctl init` "
+                         "against the hub)")
+        else:
+            # A lone cluster seed cannot place 3 replicas yet: `cfctl init --replicas 3`
+            # once three servers are up. Failing here would leave a server running
+            # that the user did not get a handle on, so report and go on.
+            try:
+                streams = run(ctx, lambda: _ensure(url, c.swarm, replicas, opts.clustered))
+            except typer.Exit:
+                if not opts.clustered:
+                    raise
+                notes.append("streams not created yet; run `cfctl init` once the cluster formed")
+    except BaseException:
+        server.stop()
+        raise
+    info = {
+        "url": server.url,
+        "pid": pid,
+        "port": opts.port,
+        "data_dir": str(opts.data_dir),
+        "config": str(server.config_path),
+        "log": str(server.log_path),
+        "sync": opts.sync,
+        "cluster": opts.cluster_name,
+        "server_name": _server_name(server),
+        "swarm": c.swarm,
+        "streams": streams,
+        "detached": detach,
+        "notes": notes,
+    }
+
+    def human(d: dict[str, Any]) -> None:
+        typer.echo(f"nats-server ready at {d['url']} (pid {d['pid']}, data {d['data_dir']}, "
+                   f"sync {d['sync']})")
+        if d["cluster"]:
+            typer.echo(f"cluster {d['cluster']} as {d['server_name']}")
+        if d["streams"]:
+            typer.echo(f"swarm {d['swarm']}: {len(d['streams'])} streams and buckets ready")
+        for note in d["notes"]:
+            typer.echo(f"note: {note}")
+        if d["detached"]:
+            typer.echo(f"stop it with: cfctl down --port {d['port']} --data-dir {d['data_dir']}")
+        else:
+            typer.echo("running in the foreground; Ctrl-C stops it")
+
+    emit(ctx, info, human)
+    sys.stdout.flush()
+    if detach:
+        server.proc = None  # the server outlives us; `cfctl down` stops it by its pid file
+        return
+    running = RunningServer(url=url or server.url, swarm=c.swarm, replicas=replicas,
+                            data_dir=opts.data_dir)
+    try:
+        run(ctx, lambda: _foreground(server, running))
+    finally:
+        server.stop()
+        server.pid_path.unlink(missing_ok=True)
+
+
+def _server_name(server: EmbeddedServer) -> str:
+    import socket
+
+    return server.opts.server_name or f"cflow-{socket.gethostname()}-{server.opts.port}"
+
+
+async def _foreground(server: EmbeddedServer, running: RunningServer) -> None:
+    """Run the foreground services until the server exits or we get SIGINT/SIGTERM."""
+    import importlib
+    import signal
+
+    import anyio
+
+    from cflow.server import FOREGROUND_SERVICES
+
+    proc = server.proc
+    assert proc is not None
+
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    await anyio.to_thread.run_sync(server.stop)
+                    return
+
+        tg.start_soon(on_signal)
+        for _name, target in FOREGROUND_SERVICES:
+            module, _, attr = target.partition(":")
+            tg.start_soon(getattr(importlib.import_module(module), attr), running)
+        await anyio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        tg.cancel_scope.cancel()
+
+
+_PORT = typer.Option(4222, "--port", help="Client port.")
+_DATA = typer.Option(None, "--data-dir", help="Store, config, log and pid file (default: "
+                     "$XDG_DATA_HOME/cflow).")
+_SYNC = typer.Option("always", "--sync", help="always: fsync every write before the ack "
+                     "(safe on one node); default: the server's 2-minute interval (faster; "
+                     "a 3-replica cluster tolerates a node loss).")
+_LISTEN = typer.Option("127.0.0.1", "--listen", help="Client (and cluster) listen address; "
+                       "anything but loopback needs --auth.")
+_HTTP = typer.Option(None, "--http-port", help="Monitoring endpoint port (on 127.0.0.1).")
+_CPORT = typer.Option(6222, "--cluster-port", help="Cluster route port.")
+_NAME = typer.Option(None, "--server-name", help="Unique server name (default: host + port).")
+_AUTH = typer.Option(None, "--auth", help="auth.conf written by `cfctl creds create` "
+                     "(required off loopback and for clusters).")
+_REPL = typer.Option(1, "--replicas", help="Replicas of the swarm's streams (1 or 3).")
+_DETACH = typer.Option(False, "--detach", help="Return once ready; stop with `cfctl down`.")
+_INIT = typer.Option(True, "--init/--no-init", help="Create the swarm's streams once ready.")
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    port: int = _PORT,
+    data_dir: Path | None = _DATA,
+    sync: str = _SYNC,
+    detach: bool = _DETACH,
+    http_port: int | None = _HTTP,
+    listen: str = _LISTEN,
+    cluster: str | None = typer.Option(None, "--cluster", help="Cluster name (join a cluster)."),
+    cluster_port: int = _CPORT,
+    routes: str | None = typer.Option(None, "--routes", help="Seed routes, comma-separated "
+                                      "(nats://host:6222,...)."),
+    server_name: str | None = _NAME,
+    leaf: str | None = typer.Option(None, "--leaf", help="Hub URL(s) to join as a leaf node "
+                                    "(nats://user:pass@hub:7422); uses the hub's JetStream."),
+    leaf_port: int | None = typer.Option(None, "--leaf-port", help="Accept leaf nodes on this "
+                                         "port (a hub)."),
+    auth: Path | None = _AUTH,
+    replicas: int = _REPL,
+    init: bool = _INIT,
+) -> None:
+    """Start the embedded nats-server (JetStream on, 127.0.0.1 by default)."""
+    opts, reg = _options(
+        port=port, data_dir=data_dir, sync=sync, listen=listen, http_port=http_port,
+        cluster=cluster, cluster_port=cluster_port, routes=routes, server_name=server_name,
+        leaf=leaf, leaf_port=leaf_port, auth=auth,
+    )
+    _start(ctx, opts, reg, detach=detach, replicas=replicas, init=init)
+
+
+@app.command()
+def join(
+    ctx: typer.Context,
+    seeds: str = typer.Argument(..., help="Route URL(s) of cluster members, comma-separated "
+                                "(nats://seed:6222)."),
+    port: int = _PORT,
+    data_dir: Path | None = _DATA,
+    sync: str = _SYNC,
+    detach: bool = _DETACH,
+    listen: str = _LISTEN,
+    cluster: str = typer.Option(DEFAULT_CLUSTER, "--cluster", help="Cluster name of the seed."),
+    cluster_port: int = _CPORT,
+    server_name: str | None = _NAME,
+    http_port: int | None = _HTTP,
+    auth: Path | None = _AUTH,
+) -> None:
+    """Start a server that joins the cluster at SEEDS (short form of `up --cluster --routes`)."""
+    opts, reg = _options(
+        port=port, data_dir=data_dir, sync=sync, listen=listen, http_port=http_port,
+        cluster=cluster, cluster_port=cluster_port, routes=seeds, server_name=server_name,
+        leaf=None, leaf_port=None, auth=auth,
+    )
+    # A joining server never creates streams: it would race the seed, and only
+    # `cfctl init --replicas 3` decides to spread them.
+    _start(ctx, opts, reg, detach=detach, replicas=1, init=False)
+
+
+@app.command()
+def down(
+    ctx: typer.Context,
+    port: int | None = typer.Option(None, "--port", help="Stop only this port's server."),
+    data_dir: Path | None = _DATA,
+) -> None:
+    """Stop the server(s) `cfctl up --detach` started with this data dir."""
+    from cflow.errors import CflowError
+    from cflow.server import stop_recorded
+
+    try:
+        stopped = stop_recorded(_data_dir(data_dir), port)
+    except CflowError as err:
+        from cflow.cli.app import exit_code_for
+
+        fail(str(err), exit_code_for(err))
+    emit(ctx, [{"port": p, "pid": pid} for p, pid in stopped],
+         "\n".join(f"stopped nats-server pid {pid} (port {p})" for p, pid in stopped))
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    replicas: int = _REPL,
+) -> None:
+    """Create or update the swarm's streams and buckets (idempotent)."""
+    from cflow.server import wait_jetstream
+    from cflow.streams import connect, ensure_swarm
+    from cflow.streams.definitions import swarm_resources
+
+    c = state(ctx)
+    swarm_resources(c.swarm, replicas)  # refuses replicas other than 1 or 3, before connecting
+
+    async def body() -> list[str]:
+        nc = await connect(c.url, name="cfctl-init")
+        try:
+            await wait_jetstream(nc, 30.0)
+            return await ensure_swarm(nc, c.swarm, replicas)
+        finally:
+            await nc.close()
+
+    made = run(ctx, body)
+    emit(ctx, {"swarm": c.swarm, "replicas": replicas, "streams": made},
+         f"swarm {c.swarm}: {len(made)} streams and buckets ready (replicas {replicas})")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    monitor: str | None = typer.Option(None, "--monitor", envvar="CFLOW_MONITOR",
+                                       help="Monitoring endpoint (http://127.0.0.1:8222)."),
+) -> None:
+    """Servers, JetStream usage, and the swarm's streams with replica health."""
+    from cflow.status import collect_status
+    from cflow.swarm import Swarm
+
+    c = state(ctx)
+    c.json = c.json or as_json
+
+    async def body() -> dict[str, Any]:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-status",
+                                 ensure=False) as swarm:
+            return await collect_status(swarm, monitor_url=monitor)
+
+    emit(ctx, run(ctx, body), _render_status)
+
+
+def _render_status(d: dict[str, Any]) -> None:
+    s = d["server"]
+    typer.echo(f"server   {s['name']} {s['version']} at {s['connected_url']}"
+               + (f", cluster {s['cluster']}" if s["cluster"] else ""))
+    if len(d["servers"]) > 1:
+        typer.echo(f"servers  {', '.join(d['servers'])}")
+    if "monitor" in d:
+        m = d["monitor"]
+        typer.echo(f"monitor  {m.get('error') or m}")
+    js = d["jetstream"]
+    if not js["enabled"]:
+        typer.echo(f"jetstream  off: {js['error']}")
+    else:
+        typer.echo(f"jetstream  {js['streams']} streams, {js['consumers']} consumers, "
+                   f"{js['storage']} bytes stored")
+    typer.echo(f"swarm    {d['swarm']}")
+    for st in d["streams"]:
+        if not st["exists"]:
+            typer.echo(f"  {st['name']:<32} missing (run `cfctl init`)")
+            continue
+        typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  R{st['num_replicas']} "
+                   f"{st['health']}" + (f", leader {st['leader']}" if st["leader"] else ""))
+    for key, value in d.items():
+        if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams"):
+            typer.echo(f"{key:<8} {value}")
+
+
+# ------------------------------------------------------------------ creds
+
+
+def _creds_dir(directory: Path | None, data_dir: Path | None) -> Path:
+    return (directory or _data_dir(data_dir) / "auth").expanduser().resolve()
+
+
+def _user_info(user: User, directory: Path, url: str) -> dict[str, Any]:
+    from cflow.creds import AUTH_CONF, client_url
+
+    return {
+        "user": user.name,
+        "password": user.password,
+        "swarm": user.swarm,
+        "agent": user.agent,
+        "admin": user.admin,
+        "capabilities": user.capabilities,
+        "url": client_url(user, url),
+        "auth_conf": str(directory / AUTH_CONF),
+    }
+
+
+_CAPS = typer.Option([], "--capability", help="Capability (repeatable).")
+_CREDS_DIR = typer.Option(None, "--dir", help="Credentials directory (default: <data-dir>/auth).")
+
+
+@creds_app.command("create")
+def creds_create(
+    ctx: typer.Context,
+    agent: str = typer.Argument(..., help="Agent name (the user is <swarm>.<agent>)."),
+    swarm: str | None = typer.Option(None, "--swarm", help="Swarm (default: the global --swarm)."),
+    capability: list[str] = _CAPS,
+    admin: bool = typer.Option(False, "--admin", help="Whole-account user (may delete streams)."),
+    rotate: bool = typer.Option(False, "--rotate", help="Issue a new password."),
+    directory: Path | None = _CREDS_DIR,
+    data_dir: Path | None = _DATA,
+) -> None:
+    """Issue credentials for AGENT in a swarm and rewrite auth.conf (running servers reload)."""
+    from cflow import creds
+    from cflow.errors import CflowError
+    from cflow.server import reload_recorded
+
+    c = state(ctx)
+    where = _creds_dir(directory, data_dir)
+    try:
+        user = creds.create(where, agent, swarm or c.swarm, capabilities=capability,
+                            admin=admin, rotate=rotate)
+    except CflowError as err:
+        fail(str(err), EXIT_USAGE)
+    reloaded = reload_recorded(_data_dir(data_dir))
+    info = {**_user_info(user, where, c.url), "reloaded_pids": reloaded}
+
+    def human(d: dict[str, Any]) -> None:
+        typer.echo(f"user {d['user']} ({'admin' if d['admin'] else 'agent'} of swarm "
+                   f"{d['swarm']}) in {d['auth_conf']}")
+        typer.echo(f"export CFLOW_URL='{d['url']}'")
+        if d["capabilities"]:
+            typer.echo(f"capabilities: {', '.join(d['capabilities'])}")
+        if not reloaded:
+            typer.echo(f"start the server with: cfctl up --auth {d['auth_conf']}")
+
+    emit(ctx, info, human)
+
+
+@creds_app.command("list")
+def creds_list(
+    ctx: typer.Context,
+    directory: Path | None = _CREDS_DIR,
+    data_dir: Path | None = _DATA,
+) -> None:
+    """Users in the credentials directory (passwords not shown)."""
+    from cflow import creds
+
+    reg = creds.load(_creds_dir(directory, data_dir))
+    rows = [{"user": u.name, "swarm": u.swarm, "admin": u.admin,
+             "capabilities": u.capabilities} for u in reg.users]
+    emit(ctx, rows, "\n".join(f"{r['user']:<40} {'admin' if r['admin'] else 'agent'}"
+                              for r in rows) or "no users")
+
+
+@creds_app.command("revoke")
+def creds_revoke(
+    ctx: typer.Context,
+    user: str = typer.Argument(..., help="User name <swarm>.<agent>."),
+    directory: Path | None = _CREDS_DIR,
+    data_dir: Path | None = _DATA,
+) -> None:
+    """Remove a user and rewrite auth.conf (running servers reload)."""
+    from cflow import creds
+    from cflow.cli.app import exit_code_for
+    from cflow.errors import CflowError
+    from cflow.server import reload_recorded
+
+    try:
+        creds.revoke(_creds_dir(directory, data_dir), user)
+    except CflowError as err:
+        fail(str(err), exit_code_for(err))
+    reloaded = reload_recorded(_data_dir(data_dir))
+    emit(ctx, {"revoked": user, "reloaded_pids": reloaded}, f"revoked {user}")

@@ -1,0 +1,162 @@
+"""What `cfctl status` shows: servers, JetStream usage, the swarm's streams.
+
+``collect_status(swarm)`` returns a plain dict (JSON-ready) that the CLI renders.
+Other parts add sections without touching this module's callers: append
+``(name, "module:function")`` to ``STATUS_SECTIONS``; the function is
+``async def fn(swarm: Swarm) -> Any`` and its result lands under ``name``. A
+section that fails shows ``{"error": "..."}`` instead of failing the status.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from cflow.errors import CflowError, NotFound
+from cflow.streams.client import api_request
+from cflow.streams.definitions import swarm_resources
+
+if TYPE_CHECKING:
+    from cflow.swarm import Swarm
+
+STATUS_SECTIONS: list[tuple[str, str]] = []
+
+
+def _server_info(nc: Any) -> dict[str, Any]:
+    info: dict[str, Any] = dict(getattr(nc, "_server_info", None) or {})
+    url = getattr(nc, "connected_url", None)
+    return {
+        "name": info.get("server_name"),
+        "id": info.get("server_id"),
+        "version": info.get("version"),
+        "cluster": info.get("cluster"),
+        "jetstream": bool(info.get("jetstream")),
+        "connected_url": f"{url.scheme}://{url.hostname}:{url.port}" if url else None,
+        "peers_client_urls": list(info.get("connect_urls") or []),
+        "auth_required": bool(info.get("auth_required")),
+    }
+
+
+def replica_health(cluster: dict[str, Any] | None, want: int) -> dict[str, Any]:
+    """Leader, replicas and a one-word health from a STREAM.INFO ``cluster`` block (pure).
+
+    ``ok``: a leader and every replica current; ``degraded``: a leader but a
+    replica offline or lagging; ``no-leader``: writes are refused until one is
+    elected.
+    """
+    if not cluster:
+        return {"leader": None, "replicas": [], "health": "ok" if want == 1 else "no-leader"}
+    leader = cluster.get("leader")
+    replicas = [
+        {
+            "name": r.get("name"),
+            "current": bool(r.get("current")),
+            "offline": bool(r.get("offline")),
+            "lag": int(r.get("lag", 0)),
+        }
+        for r in cluster.get("replicas") or []
+    ]
+    if not leader:
+        health = "no-leader"
+    elif len(replicas) + 1 < want or any(not r["current"] or r["offline"] for r in replicas):
+        health = "degraded"
+    else:
+        health = "ok"
+    return {"leader": leader, "replicas": replicas, "health": health}
+
+
+async def stream_status(nc: Any, name: str) -> dict[str, Any]:
+    try:
+        info = await api_request(nc, f"$JS.API.STREAM.INFO.{name}")
+    except NotFound:
+        return {"name": name, "exists": False}
+    state = info.get("state", {})
+    want = int(info.get("config", {}).get("num_replicas", 1))
+    return {
+        "name": name,
+        "exists": True,
+        "messages": int(state.get("messages", 0)),
+        "bytes": int(state.get("bytes", 0)),
+        "first_seq": int(state.get("first_seq", 0)),
+        "last_seq": int(state.get("last_seq", 0)),
+        "consumers": int(state.get("consumer_count", 0)),
+        "num_replicas": want,
+        **replica_health(info.get("cluster"), want),
+    }
+
+
+def monitor(url: str) -> dict[str, Any]:
+    """Server and route facts from a nats-server monitoring endpoint (``/varz``, ``/routez``)."""
+    out: dict[str, Any] = {}
+    for page in ("varz", "routez"):
+        with urllib.request.urlopen(f"{url.rstrip('/')}/{page}", timeout=2) as resp:  # noqa: S310
+            out[page] = json.loads(resp.read())
+    varz, routez = out["varz"], out["routez"]
+    return {
+        "name": varz.get("server_name"),
+        "version": varz.get("version"),
+        "uptime": varz.get("uptime"),
+        "connections": varz.get("connections"),
+        "cluster": (varz.get("cluster") or {}).get("name"),
+        "routes": [
+            {"remote": r.get("remote_name") or r.get("remote_id"), "ip": r.get("ip"),
+             "port": r.get("port")}
+            for r in routez.get("routes") or []
+        ],
+    }
+
+
+async def collect_status(swarm: Swarm, *, monitor_url: str | None = None) -> dict[str, Any]:
+    """Everything `cfctl status` shows for one swarm, as a JSON-ready dict.
+
+    Raises:
+        Unavailable: NATS stopped answering.
+    """
+    nc = swarm.nc
+    server = _server_info(nc)
+    result: dict[str, Any] = {"swarm": swarm.name, "server": server}
+    if monitor_url:
+        try:
+            result["monitor"] = monitor(monitor_url)
+        except (OSError, ValueError) as exc:
+            result["monitor"] = {"error": f"{monitor_url}: {exc}"}
+    try:
+        account = await api_request(nc, "$JS.API.INFO")
+        result["jetstream"] = {
+            "enabled": True,
+            "memory": account.get("memory"),
+            "storage": account.get("storage"),
+            "streams": account.get("streams"),
+            "consumers": account.get("consumers"),
+            "limits": account.get("limits"),
+            "api": account.get("api"),
+            "domain": account.get("domain"),
+        }
+    except CflowError as exc:
+        result["jetstream"] = {"enabled": False, "error": str(exc)}
+    streams = []
+    if result["jetstream"]["enabled"]:
+        for spec in swarm_resources(swarm.name):
+            streams.append(await stream_status(nc, spec.name))
+    result["streams"] = streams
+    servers = {server["name"]} if server["name"] else set()
+    for s in streams:
+        if s.get("leader"):
+            servers.add(s["leader"])
+        servers.update(r["name"] for r in s.get("replicas", []) if r["name"])
+    result["servers"] = sorted(servers)
+    for name, target in STATUS_SECTIONS:
+        try:
+            result[name] = await _section(target)(swarm)
+        except CflowError as exc:
+            result[name] = {"error": str(exc)}
+    return result
+
+
+def _section(target: str) -> Callable[[Swarm], Awaitable[Any]]:
+    module, _, attr = target.partition(":")
+    fn: Callable[[Swarm], Awaitable[Any]] = getattr(importlib.import_module(module), attr)
+    return fn
