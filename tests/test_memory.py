@@ -298,3 +298,30 @@ async def test_sixteen_writer_processes(nats_url: str, swarm_name: str) -> None:
         assert len({h.version for h in history}) == len(history)
         stored = await s.log.read(names.events_filter(swarm_name, "memory"))
         assert len(stored) == writers * per + writers * (per // 10)
+
+
+@pytest.mark.integration
+def test_cli_memory_commands(cli_env: dict[str, str]) -> None:
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "cfctl")
+
+    def cf(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], env=cli_env, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    assert cf("memory", "set", "api url", "https://x.test/v1", "-t", "config").returncode == 0
+    assert cf("memory", "set", "notes", "the api is flaky on mondays").returncode == 0
+    assert cf("memory", "get", "api url").stdout.strip() == "https://x.test/v1"
+    assert cf("memory", "set", "api url", "https://x.test/v2", "--if-version", "0"
+              ).returncode == 1  # exists: compare-and-set refused
+    hits = json.loads(cf("--json", "memory", "search", "api", "--limit", "5").stdout)
+    assert {h["key"] for h in hits} == {"api url", "notes"}
+    listed = json.loads(cf("--json", "memory", "list", "--tag", "config").stdout)
+    assert [e["key"] for e in listed] == ["api url"]
+    assert cf("memory", "delete", "api url").returncode == 0
+    missing = cf("memory", "get", "api url")
+    assert missing.returncode == 5
+    assert missing.stderr.startswith("error: memory entry not found")
+    history = json.loads(cf("--json", "memory", "history", "api url").stdout)
+    assert [h["operation"] for h in history] == ["put", "delete"]
