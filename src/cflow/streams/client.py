@@ -100,7 +100,7 @@ async def connect(
             **{"error_cb": on_error, "disconnected_cb": _quiet_noargs, **options},
         )
     except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error):
-        if any(isinstance(e, nats.errors.AuthorizationError) for e in connecting):
+        if any(_is_auth_failure(e) for e in connecting):
             raise Unavailable(
                 f"NATS at {shown} refused the credentials (authorization violation)",
                 url=shown,
@@ -112,6 +112,15 @@ async def connect(
     connected = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    # The protocol's -ERR carries no code; this is the text nats-py itself matches.
+    from nats.protocol.parser import AUTHORIZATION_VIOLATION
+
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        isinstance(exc, nats.errors.Error) and AUTHORIZATION_VIOLATION in str(exc).lower()
+    )
 
 
 def redact_url(url: str) -> str:
