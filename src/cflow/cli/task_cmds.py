@@ -1,0 +1,313 @@
+"""`cfctl task ...`: the claim path from the shell. Plain output is the essential value."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from cflow.cli.app import EXIT_NOTHING, app, emit, fail, run, state
+
+if TYPE_CHECKING:
+    from cflow.tasks import TaskState
+
+task_app = typer.Typer(help="Create, claim and finish tasks.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+
+
+def _swarm(ctx: typer.Context, agent: str | None = None) -> Any:
+    from cflow.swarm import Swarm
+
+    c = state(ctx)
+    return Swarm.connect(c.url, swarm=c.swarm, agent=agent or c.agent or "cfctl")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--label wants KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _row(s: TaskState) -> dict[str, Any]:
+    return s.to_dict()
+
+
+@task_app.command("add")
+def add(
+    ctx: typer.Context,
+    title: str,
+    body: str = typer.Option("", "--body", "-b", help="Task description (the prompt)."),
+    priority: int = typer.Option(0, "--priority", "-p", help="Higher runs first."),
+    needs: list[str] = typer.Option([], "--needs", help="Required capability (repeatable)."),
+    after: list[str] = typer.Option([], "--after", help="Depends on TASK_ID (repeatable)."),
+    parent: str | None = typer.Option(None, "--parent", help="Parent task id."),
+    lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Lease TTL in seconds (>= 1)."),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Attempts before 'failed'."),
+    backoff: float = typer.Option(1.0, "--backoff", help="Initial retry backoff, seconds."),
+    backoff_multiplier: float = typer.Option(2.0, "--backoff-multiplier"),
+    backoff_max: float = typer.Option(60.0, "--backoff-max", help="Backoff cap, seconds."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Start-to-close timeout, s."),
+    key: str | None = typer.Option(None, "--key", help="Idempotency key: same key, same task."),
+    label: list[str] = typer.Option([], "--label", help="KEY=VALUE label (repeatable)."),
+    gate: bool = typer.Option(False, "--gate", help="A human gate: approved, never claimed."),
+) -> None:
+    """Create a task; prints its id."""
+    labels = _labels(label)
+
+    async def body_() -> TaskState:
+        async with _swarm(ctx) as swarm:
+            created: TaskState = await swarm.tasks.create(
+                title, body=body, priority=priority, capabilities=needs, depends_on=after,
+                parent_id=parent, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+                backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
+                backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
+                labels=labels, kind="gate" if gate else "task",
+            )
+            return created
+
+    created = run(ctx, body_)
+    emit(ctx, _row(created), created.task_id)
+
+
+@task_app.command("import")
+def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Lines file.")) -> None:
+    """Create many tasks from JSON Lines (same fields as `task add`; `id` names a line,
+    and `after` may name earlier lines' ids). Idempotent: re-importing creates nothing new."""
+    try:
+        lines = file.read_text().splitlines()
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}")
+    specs: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            spec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            fail(f"{file}:{number}: not JSON ({exc.msg})")
+        if not isinstance(spec, dict) or not isinstance(spec.get("title"), str):
+            fail(f"{file}:{number}: each line must be an object with a string 'title'")
+        specs.append((number, spec))
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+    async def body_() -> list[str]:
+        from rich.progress import Progress
+
+        from cflow.errors import CflowError, InvalidInput
+
+        refs: dict[str, str] = {}
+        ids: list[str] = []
+        async with _swarm(ctx) as swarm:
+            with Progress(transient=True, disable=state(ctx).json) as progress:
+                bar = progress.add_task("importing", total=len(specs))
+                for number, spec in specs:
+                    deps = [refs.get(str(d), str(d)) for d in spec.get("after", [])]
+                    try:
+                        made = await swarm.tasks.create(
+                            spec["title"], body=str(spec.get("body", "")),
+                            priority=int(spec.get("priority", 0)),
+                            capabilities=list(spec.get("needs", spec.get("capabilities", []))),
+                            depends_on=deps, parent_id=spec.get("parent"),
+                            lease_ttl_s=float(spec.get("lease_ttl", 30.0)),
+                            max_attempts=int(spec.get("max_attempts", 3)),
+                            start_to_close_s=spec.get("timeout"),
+                            idempotency_key=spec.get("key") or f"import-{digest}-{number}",
+                            labels={str(k): str(v) for k, v in spec.get("labels", {}).items()},
+                        )
+                    except (CflowError, TypeError, ValueError) as exc:
+                        raise InvalidInput(f"{file}:{number}: {exc}") from exc
+                    if "id" in spec:
+                        refs[str(spec["id"])] = made.task_id
+                    ids.append(made.task_id)
+                    progress.advance(bar)
+        return ids
+
+    ids = run(ctx, body_)
+    emit(ctx, {"created": ids}, "\n".join(ids))
+
+
+@task_app.command("list")
+def list_(
+    ctx: typer.Context,
+    status: str | None = typer.Option(None, "--status", "-s", help="Only this status."),
+    limit: int = typer.Option(50, "--limit", "-n"),
+) -> None:
+    """List tasks (oldest first)."""
+
+    async def body_() -> list[TaskState]:
+        async with _swarm(ctx) as swarm:
+            found: list[TaskState] = await swarm.tasks.list(status=status, limit=limit)
+            return found
+
+    tasks = run(ctx, body_)
+
+    def human(_: Any) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("id", "status", "pri", "title", "owner", "attempt", box=None)
+        for s in tasks:
+            table.add_row(s.task_id, s.status, str(s.priority), s.title, s.owner or "",
+                          f"{s.attempt}/{s.max_attempts}")
+        Console().print(table)
+
+    emit(ctx, [_row(s) for s in tasks], human)
+
+
+@task_app.command("show")
+def show(ctx: typer.Context, task_id: str) -> None:
+    """A task's fields and the timeline of its events."""
+
+    async def body_() -> tuple[TaskState, list[dict[str, Any]]]:
+        from cflow.hlc import Timestamp
+
+        async with _swarm(ctx) as swarm:
+            task = await swarm.tasks.get(task_id)
+            timeline = [
+                {"seq": item.seq, "type": item.event.type, "actor": item.event.actor,
+                 "hlc": item.event.hlc, "at": Timestamp.parse(item.event.hlc).readable()}
+                for item in await swarm.tasks.history(task_id)
+            ]
+            return task, timeline
+
+    task, timeline = run(ctx, body_)
+
+    def human(_: Any) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        fields = Table(box=None, show_header=False)
+        for name in ("task_id", "title", "status", "priority", "capabilities", "depends_on",
+                     "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s", "result",
+                     "error", "reason"):
+            fields.add_row(name, str(getattr(task, name)))
+        console.print(fields)
+        events = Table("seq", "event", "actor", "at", box=None)
+        for row in timeline:
+            events.add_row(str(row["seq"]), row["type"], row["actor"], row["at"])
+        console.print(events)
+
+    emit(ctx, {**_row(task), "timeline": timeline}, human)
+
+
+@task_app.command("claim")
+def claim(
+    ctx: typer.Context,
+    task_id: str | None = typer.Argument(None, help="Claim this task; else the best ready one."),
+    agent: str | None = typer.Option(None, "--agent", envvar="CFLOW_AGENT", help="Claim as."),
+    capability: list[str] = typer.Option([], "--capability", "-c", help="What I can do."),
+    wait: float = typer.Option(0.0, "--wait", help="Wait up to S seconds for work."),
+) -> None:
+    """Claim a task; prints `TASK_ID EPOCH`, exit code 3 when nothing was claimed."""
+
+    async def body_() -> dict[str, Any] | None:
+        async with _swarm(ctx, agent) as swarm:
+            lease = await swarm.tasks.claim(task_id, agent=agent or swarm.agent,
+                                            capabilities=capability, wait=wait)
+            if lease is None:
+                return None
+            return {**_row(lease.task), "epoch": lease.epoch, "attempt": lease.attempt}
+
+    got = run(ctx, body_)
+    if got is None:
+        emit(ctx, {"claimed": None}, "")
+        raise typer.Exit(EXIT_NOTHING)
+    emit(ctx, got, f"{got['task_id']} {got['epoch']}")
+
+
+@task_app.command("heartbeat")
+def heartbeat(ctx: typer.Context, task_id: str,
+              epoch: int = typer.Option(..., "--epoch", "-e", help="Epoch from claim.")) -> None:
+    """Renew a lease; prints ok or cancelled (exit 4 when the lease is lost)."""
+
+    async def body_() -> str:
+        async with _swarm(ctx) as swarm:
+            status: str = await swarm.tasks.heartbeat(task_id, epoch)
+            return status
+
+    status = run(ctx, body_)
+    emit(ctx, {"task_id": task_id, "epoch": epoch, "status": status}, status)
+
+
+@task_app.command("complete")
+def complete(ctx: typer.Context, task_id: str,
+             epoch: int = typer.Option(..., "--epoch", "-e"),
+             result: str | None = typer.Option(None, "--result", "-r")) -> None:
+    """Complete a claimed task (fenced by epoch; exit 4 if the lease was lost)."""
+
+    async def body_() -> TaskState:
+        async with _swarm(ctx) as swarm:
+            done: TaskState = await swarm.tasks.complete(task_id, epoch, result)
+            return done
+
+    done = run(ctx, body_)
+    emit(ctx, _row(done), done.status)
+
+
+@task_app.command("fail")
+def fail_(ctx: typer.Context, task_id: str,
+          epoch: int = typer.Option(..., "--epoch", "-e"),
+          error: str = typer.Option("failed", "--error"),
+          no_retry: bool = typer.Option(False, "--no-retry", help="Fail for good.")) -> None:
+    """Fail the attempt: retried after backoff unless --no-retry or attempts are used up."""
+
+    async def body_() -> TaskState:
+        async with _swarm(ctx) as swarm:
+            out: TaskState = await swarm.tasks.fail(task_id, epoch, error, retry=not no_retry)
+            return out
+
+    out = run(ctx, body_)
+    emit(ctx, _row(out), out.status)
+
+
+@task_app.command("release")
+def release(ctx: typer.Context, task_id: str,
+            epoch: int = typer.Option(..., "--epoch", "-e"),
+            reason: str = typer.Option("", "--reason")) -> None:
+    """Give a claimed task back (the attempt is not counted)."""
+
+    async def body_() -> TaskState:
+        async with _swarm(ctx) as swarm:
+            out: TaskState = await swarm.tasks.release(task_id, epoch, reason)
+            return out
+
+    out = run(ctx, body_)
+    emit(ctx, _row(out), out.status)
+
+
+@task_app.command("cancel")
+def cancel(ctx: typer.Context, task_id: str,
+           reason: str = typer.Option("", "--reason")) -> None:
+    """Cancel a task; its holder learns it at the next heartbeat."""
+
+    async def body_() -> TaskState:
+        async with _swarm(ctx) as swarm:
+            out: TaskState = await swarm.tasks.cancel(task_id, reason)
+            return out
+
+    out = run(ctx, body_)
+    emit(ctx, _row(out), out.status)
+
+
+@task_app.command("note")
+def note(ctx: typer.Context, task_id: str, text: str,
+         path: list[str] = typer.Option([], "--path", help="A touched path (repeatable).")) -> None:
+    """Attach a progress note to a task (not on its ownership subject)."""
+
+    async def body_() -> int:
+        async with _swarm(ctx) as swarm:
+            seq: int = await swarm.tasks.note(task_id, text, paths=path)
+            return seq
+
+    seq = run(ctx, body_)
+    emit(ctx, {"task_id": task_id, "seq": seq}, str(seq))
+
+

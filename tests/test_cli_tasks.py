@@ -1,0 +1,79 @@
+"""`cfctl task ...` as a user runs it: real subprocesses against the test server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
+
+
+def cfctl(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CFCTL, *args], env=env, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cfctl {args} -> {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def test_task_lifecycle_from_the_shell(cli_env: dict[str, str]) -> None:
+    first = cfctl(cli_env, "task", "add", "first", "--priority", "2", "--label", "area=docs"
+                  ).stdout.strip()
+    second = cfctl(cli_env, "task", "add", "second", "--after", first).stdout.strip()
+    assert first != second
+    claimed = cfctl(cli_env, "task", "claim", "--agent", "me").stdout.split()
+    assert claimed[0] == first and int(claimed[1]) > 0
+    epoch = claimed[1]
+    assert cfctl(cli_env, "task", "heartbeat", first, "--epoch", epoch).stdout.strip() == "ok"
+    stale = cfctl(cli_env, "task", "complete", first, "--epoch", "999", check=False)
+    assert stale.returncode == 4
+    assert stale.stderr.count("\n") == 1 and stale.stderr.startswith("error: lease lost")
+    assert cfctl(cli_env, "task", "complete", first, "--epoch", epoch, "--result", "ok"
+                 ).stdout.strip() == "completed"
+    shown = json.loads(cfctl(cli_env, "--json", "task", "show", second).stdout)
+    assert shown["status"] == "ready"
+    assert [row["type"] for row in shown["timeline"]] == ["TaskCreated", "TaskReady"]
+    listed = json.loads(cfctl(cli_env, "--json", "task", "list", "--status", "completed").stdout)
+    assert [t["task_id"] for t in listed] == [first]
+    assert listed[0]["labels"] == {"area": "docs"}
+
+
+def test_claim_exit_codes_and_one_line_errors(cli_env: dict[str, str]) -> None:
+    nothing = cfctl(cli_env, "task", "claim", check=False)
+    assert nothing.returncode == 3 and nothing.stdout.strip() == ""
+    missing = cfctl(cli_env, "task", "show", "no-such-task", check=False)
+    assert missing.returncode == 5 and missing.stderr == "error: task not found: no-such-task\n"
+    bad = cfctl(cli_env, "task", "add", "x", "--lease-ttl", "0.1", check=False)
+    assert bad.returncode == 1 and "lease TTL must be at least 1 s" in bad.stderr
+    cycle = cfctl(cli_env, "task", "add", "x", "--after", "ghost", check=False)
+    assert cycle.returncode == 1 and "unknown dependency: ghost" in cycle.stderr
+    down = cfctl({**cli_env, "CFLOW_URL": "nats://127.0.0.1:1"}, "task", "list", check=False)
+    assert down.returncode == 6 and "cfctl up" in down.stderr and down.stderr.count("\n") == 1
+
+
+def test_cancel_fail_release_and_import(cli_env: dict[str, str], tmp_path: Path) -> None:
+    jsonl = tmp_path / "tasks.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "a", "title": "build", "priority": 5},
+        {"id": "b", "title": "test", "after": ["a"], "needs": ["py"]},
+        {"title": "docs", "labels": {"kind": "docs"}},
+    ]) + "\n")
+    ids = cfctl(cli_env, "task", "import", str(jsonl)).stdout.split()
+    again = cfctl(cli_env, "task", "import", str(jsonl)).stdout.split()
+    assert len(ids) == 3 and ids == again
+    build = cfctl(cli_env, "task", "claim").stdout.split()
+    assert build[0] == ids[0]
+    assert cfctl(cli_env, "task", "release", ids[0], "--epoch", build[1]).stdout.strip() == "ready"
+    build = cfctl(cli_env, "task", "claim", ids[0]).stdout.split()
+    assert cfctl(cli_env, "task", "fail", ids[0], "--epoch", build[1], "--no-retry",
+                 "--error", "compiler exploded").stdout.strip() == "failed"
+    assert cfctl(cli_env, "task", "cancel", ids[2]).stdout.strip() == "cancelled"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"title": "ok"}\nnot json\n')
+    out = cfctl(cli_env, "task", "import", str(broken), check=False)
+    assert out.returncode == 1 and out.stderr.startswith(f"error: {broken}:2: not JSON")
