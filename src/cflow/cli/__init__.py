@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 
-from cflow.cli.app import app
+# Typer's rich help formatter imports half of rich and pygments (~1 s on a busy
+# 2-core machine); plain help keeps `cfctl --help` fast. Tables still use rich.
+os.environ.setdefault("TYPER_USE_RICH", "0")
+
+from cflow.cli.app import app  # noqa: E402
 
 # Each module registers its commands on `app` when imported.
 _COMMAND_MODULES = (
