@@ -166,6 +166,8 @@ def _start(
         else:
             typer.echo("running in the foreground; Ctrl-C stops it")
 
+    if not detach:
+        _stop_server_on_signals(server)
     emit(ctx, info, human)
     sys.stdout.flush()
     if detach:
@@ -173,11 +175,36 @@ def _start(
         return
     running = RunningServer(url=url or server.url, swarm=c.swarm, replicas=replicas,
                             data_dir=opts.data_dir)
+    import anyio
+
+    from cflow.cli.app import exit_code_for
+
     try:
-        run(ctx, lambda: _foreground(server, running))
+        anyio.run(_foreground, server, running)
+    except CflowError as err:
+        fail(str(err), exit_code_for(err))
     finally:
         server.stop()
         server.pid_path.unlink(missing_ok=True)
+    if not c.json:
+        typer.echo("nats-server stopped")
+
+
+def _stop_server_on_signals(server: EmbeddedServer) -> None:
+    """Ctrl-C / SIGTERM stop the server; the foreground loop then ends with it.
+
+    Installed before readiness is printed, so a signal that arrives at any
+    point after that is a clean stop, never a KeyboardInterrupt mid-startup.
+    """
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        proc = server.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _server_name(server: EmbeddedServer) -> str:
@@ -189,7 +216,6 @@ def _server_name(server: EmbeddedServer) -> str:
 async def _foreground(server: EmbeddedServer, running: RunningServer) -> None:
     """Run the foreground services until the server exits or we get SIGINT/SIGTERM."""
     import importlib
-    import signal
 
     import anyio
 
@@ -199,14 +225,6 @@ async def _foreground(server: EmbeddedServer, running: RunningServer) -> None:
     assert proc is not None
 
     async with anyio.create_task_group() as tg:
-
-        async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    await anyio.to_thread.run_sync(server.stop)
-                    return
-
-        tg.start_soon(on_signal)
         for _name, target in FOREGROUND_SERVICES:
             module, _, attr = target.partition(":")
             tg.start_soon(getattr(importlib.import_module(module), attr), running)

@@ -1,0 +1,249 @@
+"""Embedded server: config rendering, `cfctl up/down/status/init`, foreground run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cflow.errors import InvalidInput, NotFound
+from cflow.server import (
+    EmbeddedServer,
+    RunningServer,
+    ServerOptions,
+    ServerStartError,
+    binary,
+    free_port,
+    port_in_use,
+    render_config,
+    stop_recorded,
+)
+from cflow.status import replica_health
+
+CFCTL = str(Path(sys.executable).parent / "cfctl")
+
+
+def cfctl(*args: str, env: dict[str, str] | None = None, timeout: float = 60
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CFCTL, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def config_ok(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([binary(), "--config", str(path), "-t"], capture_output=True,
+                          text=True, timeout=30)
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_default_config_is_loopback_jetstream_and_fsync(tmp_path: Path) -> None:
+    text = render_config(ServerOptions(port=4333, data_dir=tmp_path))
+    assert 'host: "127.0.0.1"' in text
+    assert "port: 4333" in text
+    assert "sync_interval: always" in text
+    assert f'store_dir: "{tmp_path / "jetstream"}"' in text
+    assert "cluster" not in text
+    relaxed = render_config(ServerOptions(data_dir=tmp_path, sync="default"))
+    assert "sync_interval" not in relaxed
+    with pytest.raises(InvalidInput):
+        render_config(ServerOptions(data_dir=tmp_path, sync="sometimes"))
+
+
+def test_cluster_routes_carry_route_credentials(tmp_path: Path) -> None:
+    text = render_config(ServerOptions(
+        data_dir=tmp_path, cluster_name="cf", cluster_port=6333,
+        routes=("nats://seed:6222", "nats://u:p@other:6222"),
+        route_user="ru", route_password="rp/x",
+    ))
+    assert 'name: "cf"' in text
+    assert '"nats://ru:rp%2Fx@seed:6222"' in text
+    assert '"nats://u:p@other:6222"' in text  # explicit userinfo kept
+    assert 'user: "ru"' in text
+
+
+def test_leaf_node_has_no_local_jetstream(tmp_path: Path) -> None:
+    text = render_config(ServerOptions(data_dir=tmp_path, leaf_remotes=("nats://hub:7422",),
+                                       jetstream=False))
+    assert "jetstream" not in text
+    assert '{ url: "nats://hub:7422" }' in text
+
+
+def test_rendered_configs_pass_the_server_config_test(tmp_path: Path) -> None:
+    from cflow import creds
+
+    auth = tmp_path / "auth"
+    creds.create(auth, "admin", "alpha", admin=True)
+    creds.create(auth, "w1", "alpha", capabilities=["py"])
+    reg = creds.load(auth)
+    variants = {
+        "single": ServerOptions(data_dir=tmp_path / "single"),
+        "cluster": ServerOptions(data_dir=tmp_path / "cluster", host="0.0.0.0",
+                                 cluster_name="cf", cluster_port=free_port(),
+                                 routes=("nats://127.0.0.1:6999",),
+                                 route_user=reg.route_user, route_password=reg.route_password,
+                                 auth_include=str(auth / creds.AUTH_CONF), http_port=8999),
+        "hub": ServerOptions(data_dir=tmp_path / "hub", leaf_port=free_port(),
+                             auth_include=str(auth / creds.AUTH_CONF)),
+        "leaf": ServerOptions(data_dir=tmp_path / "leaf", jetstream=False,
+                              leaf_remotes=("nats://alpha.w1:pw@127.0.0.1:7422",)),
+    }
+    for name, opts in variants.items():
+        path = EmbeddedServer(opts).write_config()
+        result = config_ok(path)
+        assert result.returncode == 0, (name, result.stderr, path.read_text())
+
+
+def test_replica_health() -> None:
+    assert replica_health(None, 1)["health"] == "ok"
+    ok = {"leader": "n1", "replicas": [{"name": "n2", "current": True},
+                                       {"name": "n3", "current": True}]}
+    assert replica_health(ok, 3) == {
+        "leader": "n1",
+        "replicas": [{"name": "n2", "current": True, "offline": False, "lag": 0},
+                     {"name": "n3", "current": True, "offline": False, "lag": 0}],
+        "health": "ok",
+    }
+    lagging = {"leader": "n1", "replicas": [{"name": "n2", "current": True},
+                                            {"name": "n3", "current": False, "offline": True}]}
+    assert replica_health(lagging, 3)["health"] == "degraded"
+    assert replica_health({"replicas": []}, 3)["health"] == "no-leader"
+
+
+# ------------------------------------------------------------ processes
+
+
+@pytest.mark.integration
+def test_up_detach_status_down(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg"), "CFLOW_SWARM": "s1"}
+    try:
+        up = cfctl("up", "--detach", "--port", str(port), "--data-dir", str(data), env=env)
+        assert up.returncode == 0, up.stderr
+        assert f"nats://127.0.0.1:{port}" in up.stdout
+        pid = int((data / f"nats-{port}.pid").read_text())
+        st = cfctl("--url", f"nats://127.0.0.1:{port}", "status", "--json", env=env)
+        assert st.returncode == 0, st.stderr
+        body = json.loads(st.stdout)
+        assert body["jetstream"]["enabled"] is True
+        assert body["server"]["jetstream"] is True
+        names = {s["name"] for s in body["streams"] if s["exists"]}
+        assert {"CF_s1_EVENTS", "CF_s1_MSGS", "KV_cf_s1_leases"} <= names
+        assert all(s["health"] == "ok" for s in body["streams"])
+        human = cfctl("--url", f"nats://127.0.0.1:{port}", "status", env=env)
+        assert "CF_s1_EVENTS" in human.stdout
+        # init is idempotent and reports what it made
+        init = cfctl("--url", f"nats://127.0.0.1:{port}", "--json", "init", env=env)
+        assert json.loads(init.stdout)["streams"][0] == "CF_s1_EVENTS"
+        # the same port again: one-line error, non-zero exit, no second pid file
+        again = cfctl("up", "--detach", "--port", str(port), "--data-dir",
+                      str(tmp_path / "other"), env=env)
+        assert again.returncode != 0
+        assert len(again.stderr.strip().splitlines()) == 1
+        assert "already in use" in again.stderr
+        down = cfctl("down", "--port", str(port), "--data-dir", str(data), env=env)
+        assert down.returncode == 0, down.stderr
+        assert str(pid) in down.stdout
+        assert not port_in_use("127.0.0.1", port)
+        assert not (data / f"nats-{port}.pid").exists()
+        nothing = cfctl("down", "--data-dir", str(data), env=env)
+        assert nothing.returncode != 0
+        assert len(nothing.stderr.strip().splitlines()) == 1
+    finally:
+        with contextlib.suppress(NotFound):
+            stop_recorded(data)
+
+
+@pytest.mark.integration
+def test_unreachable_server_is_one_line_suggesting_up(tmp_path: Path) -> None:
+    port = free_port()
+    for args in (["status"], ["init"], ["status", "--json"]):
+        res = cfctl("--url", f"nats://127.0.0.1:{port}", *args, timeout=20)
+        assert res.returncode != 0
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert "cfctl up" in lines[0]
+
+
+@pytest.mark.integration
+def test_start_refuses_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        server = EmbeddedServer(ServerOptions(port=port, data_dir=tmp_path))
+        with pytest.raises(ServerStartError, match="already in use"):
+            server.start()
+
+
+@pytest.mark.integration
+def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [CFCTL, "up", "--port", str(port), "--data-dir", str(data), "--sync", "default"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CFLOW_SWARM": "fg"},
+    )
+    with proc:
+        try:
+            assert proc.stdout is not None
+            seen = []
+            for line in proc.stdout:  # blocks until the next line: readiness is printed
+                seen.append(line)
+                if "Ctrl-C" in line:
+                    break
+            assert any("ready at" in ln for ln in seen), seen
+            assert port_in_use("127.0.0.1", port)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert not port_in_use("127.0.0.1", port)
+            assert not (data / f"nats-{port}.pid").exists()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+            with contextlib.suppress(NotFound):
+                stop_recorded(data)
+
+
+@pytest.mark.integration
+async def test_foreground_runs_registered_services(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook others use to run a projector / reaper under a foreground `cfctl up`."""
+    from cflow import server as server_mod
+    from cflow.cli import server_cmds
+
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path, sync="default"))
+    started = asyncio.Event()
+    got: list[RunningServer] = []
+
+    async def service(running: RunningServer) -> None:
+        got.append(running)
+        started.set()
+        await asyncio.sleep(3600)  # runs until cancelled
+
+    module = type(sys)("cflow_test_service")
+    module.service = service  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cflow_test_service", module)
+    monkeypatch.setattr(server_mod, "FOREGROUND_SERVICES", [("t", "cflow_test_service:service")])
+    server.start()
+    try:
+        running = RunningServer(url=server.url, swarm="x", replicas=1, data_dir=tmp_path)
+        fg = asyncio.create_task(server_cmds._foreground(server, running))
+        await asyncio.wait_for(started.wait(), 10)
+        assert got == [running]
+        await asyncio.to_thread(server.stop)  # server exits -> services are cancelled
+        await asyncio.wait_for(fg, 10)
+    finally:
+        server.stop()
