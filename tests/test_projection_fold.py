@@ -7,10 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cflow import events as ev
+from cflow import tasks
+from cflow.errors import InvalidState
 from cflow.hlc import HybridClock
-from cflow.projections import schema
+from cflow.projections import fold, schema
 from cflow.projections.store import ProjectionStore, table_rows
 from cflow.streams.client import BadMessage, StoredEvent
 
@@ -209,3 +213,60 @@ def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
         assert again.fetch("SELECT count(*) FROM events") == [(23,)]
     finally:
         again.close()
+
+
+# ------------------------------------------- the fold matches cflow.tasks.apply
+
+TASK_EVENTS = st.sampled_from([
+    "ready", "blocked", "claim", "complete", "fail", "fail_final", "release", "expire",
+    "requeue", "cancel", "create"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(TASK_EVENTS, st.booleans(), st.integers(0, 3)), max_size=12),
+       deps=st.booleans(), gate=st.booleans(),
+       gaps=st.lists(st.integers(0, 5000), min_size=12, max_size=12))
+def test_task_rows_match_the_state_machine(steps: list[tuple[str, bool, int]], deps: bool,
+                                           gate: bool, gaps: list[int]) -> None:
+    """Every history, valid or not, folds to the row of ``tasks.apply``'s state."""
+    clock = HybridClock("oracle")
+    now = BASE_MS
+    state: tasks.TaskState | None = None
+    row: dict[str, Any] | None = None
+    reclaims = failures = 0
+    script = [("create", True, 0), *steps]
+    for i, (step, right_epoch, n) in enumerate(script):
+        seq = i + 1
+        now += gaps[i % len(gaps)]
+        epoch = (state.epoch if state else 0) if right_epoch else 7 + n
+        data: ev.EventData = {
+            "create": ev.TaskCreated(title="t", capabilities=("b", "a", "a"),
+                                     depends_on=("d",) if deps else (), labels={"k": "v"},
+                                     kind="gate" if gate else "task"),
+            "ready": ev.TaskReady(),
+            "blocked": ev.TaskBlocked(reason="r"),
+            "claim": ev.TaskClaimed(owner=f"w{n}", attempt=n + 1, lease_ttl_s=5,
+                                    deadline_ms=now + 1000 if n else None),
+            "complete": ev.TaskCompleted(epoch=epoch, result="ok", cost_usd=0.25 * n or None),
+            "fail": ev.TaskFailed(epoch=epoch, error=f"e{n}", final=False,
+                                  not_before_ms=now + 100 * n, cost_usd=0.5),
+            "fail_final": ev.TaskFailed(epoch=epoch, error="fatal", final=True),
+            "release": ev.TaskReleased(epoch=epoch, reason="r" if n else ""),
+            "expire": ev.TaskLeaseExpired(epoch=epoch, owner="w"),
+            "requeue": ev.TaskRequeued(attempt=n, not_before_ms=now + n if n else 0),
+            "cancel": ev.TaskCancelled(reason="stop"),
+        }[step]
+        event = ev.make_event(data, swarm="o", entity_id="T", hlc=str(clock.now(now)),
+                              actor="a")
+        try:
+            expected = tasks.apply(state, event, seq)
+        except InvalidState:
+            with pytest.raises(InvalidState):
+                fold._task_step(row, event, seq, fold.at(now))
+            continue
+        row = fold._task_step(row, event, seq, fold.at(now))
+        state = expected
+        reclaims += isinstance(data, ev.TaskLeaseExpired)
+        failures += isinstance(data, ev.TaskFailed)
+        assert fold._tuple("tasks", row) == fold.task_row(
+            fold.TaskRecord(state, reclaims, failures))

@@ -11,9 +11,14 @@ holds whole rows in table column order: plain appends (``events``,
 every touched keyed row. The adapter writes them and the checkpoint in one
 transaction.
 
-Task state is :func:`cflow.tasks.apply`, the authoritative state machine; this
-module adds what only a projection wants (attempt rows, per-agent counters,
-reclaim and failure counts).
+Task state follows :mod:`cflow.tasks`, the authoritative state machine: the
+transition table is :data:`cflow.tasks.TRANSITIONS` itself, and the field
+updates mirror :func:`cflow.tasks.apply` on a mutable row instead of a frozen
+dataclass (``dataclasses.replace`` of a 38-field state cost more than the rest
+of the projector together). ``tests/test_projection_fold.py`` folds random
+histories through both and requires identical rows, so the two cannot drift.
+This module also keeps what only a projection wants (attempt rows, per-agent
+counters, reclaim and failure counts).
 
 Each event is applied all or nothing: a handler computes every row it will
 change and only then are they stored, so an event whose fold is refused
@@ -31,12 +36,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cflow import events as ev
 from cflow import tasks
+from cflow.errors import InvalidState
 from cflow.projections import schema
 
 if TYPE_CHECKING:
@@ -80,10 +87,12 @@ class TaskRecord:
 
 
 def task_row(rec: TaskRecord) -> tuple[Any, ...]:
+    """The ``tasks`` row of a :class:`cflow.tasks.TaskState` (the reference the fold matches)."""
     s = rec.state
     return (
         s.task_id, s.title, s.body, s.status, s.kind, s.priority, list(s.capabilities),
-        dict(s.labels), s.parent_id, list(s.depends_on), s.owner, s.epoch, s.attempt,
+        _json.encode(s.labels).decode(), s.parent_id, list(s.depends_on), s.owner, s.epoch,
+        s.attempt,
         s.max_attempts, s.lease_ttl_s, s.retry.initial_s, s.retry.multiplier, s.retry.max_s,
         s.start_to_close_s, s.idempotency_key, s.depth, s.created_by, s.created_seq,
         at(s.created_ms), at(s.ready_ms), at(s.claimed_ms), at(s.deadline_ms),
@@ -93,35 +102,17 @@ def task_row(rec: TaskRecord) -> tuple[Any, ...]:
     )
 
 
-def task_record(row: Mapping[str, Any]) -> TaskRecord:
-    """The inverse of :func:`task_row`, from a row read back by column name."""
-    state = tasks.TaskState(
-        task_id=row["task_id"], title=row["title"], status=row["status"],
-        seq=row["last_seq"], created_seq=row["created_seq"],
-        created_ms=ms_of(row["created_at"]) or 0, body=row["body"], priority=row["priority"],
-        capabilities=tuple(row["capabilities"] or ()), depends_on=tuple(row["depends_on"] or ()),
-        parent_id=row["parent_id"], kind=row["kind"], labels=dict(row["labels"] or {}),
-        lease_ttl_s=row["lease_ttl_s"], max_attempts=row["max_attempts"],
-        retry=tasks.RetryPolicy(row["backoff_initial_s"], row["backoff_multiplier"],
-                                row["backoff_max_s"]),
-        start_to_close_s=row["start_to_close_s"], idempotency_key=row["idempotency_key"],
-        depth=row["depth"], created_by=row["created_by"], attempt=row["attempt"],
-        epoch=row["epoch"], owner=row["owner"], ready_ms=ms_of(row["ready_at"]),
-        claimed_ms=ms_of(row["claimed_at"]), deadline_ms=ms_of(row["deadline_at"]),
-        finished_ms=ms_of(row["finished_at"]), not_before_ms=ms_of(row["not_before"]) or 0,
-        result=row["result"], error=row["error"], reason=row["reason"],
-        cost_usd=row["cost_usd"], events=row["events"],
-    )
-    return TaskRecord(state, row["reclaims"], row["failures"])
+_ROW_GETTERS = {table: itemgetter(*cols) for table, cols in schema.COLUMNS.items()}
 
 
 def _tuple(table: str, row: Row) -> tuple[Any, ...]:
-    return tuple(row[c] for c in schema.columns(table))
+    values: tuple[Any, ...] = _ROW_GETTERS[table](row)
+    return values
 
 
 def _new_agent(agent_id: str, when: datetime) -> Row:
     return {
-        "agent_id": agent_id, "name": agent_id, "capabilities": [], "labels": {}, "host": "",
+        "agent_id": agent_id, "name": agent_id, "capabilities": [], "labels": "{}", "host": "",
         "pid": None, "runtime": "", "status": "unknown", "registered": False,
         "first_seen": when, "last_seen": when, "current_task": None, "tasks_claimed": 0,
         "tasks_completed": 0, "tasks_failed": 0, "cost_usd": 0.0,
@@ -155,7 +146,7 @@ class Keys:
 class Snapshot:
     """Current rows of the touched keys, as read from the database before the batch."""
 
-    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    tasks: dict[str, Row] = field(default_factory=dict)
     attempts: dict[tuple[str, int], Row] = field(default_factory=dict)  # running ones
     agents: dict[str, Row] = field(default_factory=dict)
     memory: dict[tuple[str, str], Row] = field(default_factory=dict)
@@ -191,9 +182,9 @@ def keys_of(items: Iterable[Item]) -> Keys:
     return keys
 
 
-def agents_of(loaded: Mapping[str, TaskRecord]) -> set[str]:
+def agents_of(loaded: Mapping[str, Row]) -> set[str]:
     """Agents a batch may credit: the current holders of the touched tasks."""
-    return {rec.state.owner for rec in loaded.values() if rec.state.owner}
+    return {row["owner"] for row in loaded.values() if row["owner"]}
 
 
 def _control_scope(data: ev.EventData) -> str:
@@ -287,7 +278,7 @@ class BatchFold:
 
     def changes(self) -> Changes:
         out = self.out
-        out.upserts["tasks"] = [task_row(self.tasks[k]) for k in sorted(self.dirty["tasks"])]
+        out.upserts["tasks"] = [_tuple("tasks", self.tasks[k]) for k in sorted(self.dirty["tasks"])]
         out.upserts["task_attempts"] = [
             _tuple("task_attempts", self.attempts[k]) for k in sorted(self.dirty["task_attempts"])
         ]
@@ -369,53 +360,48 @@ class BatchFold:
 
     def _task(self, seq: int, event: ev.Event, when: datetime) -> list[Put]:
         task_id = event.entity_id
-        rec = self.tasks.get(task_id)
-        before = rec.state if rec else None
-        state = tasks.apply(before, event, seq)
-        reclaims = rec.reclaims if rec else 0
-        failures = rec.failures if rec else 0
+        before = self.tasks.get(task_id)
+        row = _task_step(before, event, seq, when)
         puts: list[Put] = []
         data = event.data
-        if isinstance(data, ev.TaskCreated):
+        if before is None:
+            assert isinstance(data, ev.TaskCreated)
             puts += [("task_deps", None, (task_id, dep)) for dep in data.depends_on]
-        elif isinstance(data, ev.TaskClaimed) and before is not None:
-            ready_ms = max(before.ready_ms or 0, before.not_before_ms) or None
+        elif isinstance(data, ev.TaskClaimed):
+            waits = [t for t in (before["ready_at"], before["not_before"]) if t is not None]
             puts.append(("task_attempts", (task_id, seq), {
                 "task_id": task_id, "epoch": seq, "attempt": data.attempt, "owner": data.owner,
-                "ready_at": at(ready_ms), "claimed_at": when, "ended_at": None,
-                "outcome": "running", "error": None, "cost_usd": None}))
+                "ready_at": max(waits) if waits else None, "claimed_at": when,
+                "ended_at": None, "outcome": "running", "error": None, "cost_usd": None}))
             agent = self._agent_row(data.owner, when)
-            agent.update(tasks_claimed=agent["tasks_claimed"] + 1, current_task=task_id,
-                         last_seen=max(agent["last_seen"], when))
+            agent["tasks_claimed"] += 1
+            agent["current_task"] = task_id
+            if when > agent["last_seen"]:
+                agent["last_seen"] = when
             puts.append(("agents", data.owner, agent))
-        elif before is not None and before.status == "claimed":
-            outcome = _ENDINGS.get(type(data))
-            running = self.attempts.get((task_id, before.epoch))
-            if outcome is not None and running is not None:
+        elif before["status"] == "claimed" and (outcome := _ENDINGS.get(type(data))):
+            running = self.attempts.get((task_id, before["epoch"]))
+            cost = getattr(data, "cost_usd", None)
+            if running is not None:
                 error = getattr(data, "error", None) or (
                     getattr(data, "reason", None) if outcome == "expired" else None)
-                cost = getattr(data, "cost_usd", None)
                 ended = dict(running)
                 ended.update(ended_at=when, outcome=outcome, error=error, cost_usd=cost)
-                puts.append(("task_attempts", (task_id, before.epoch), ended))
-            if before.owner and outcome is not None:
-                agent = self._agent_row(before.owner, when)
-                agent["last_seen"] = max(agent["last_seen"], when)
+                puts.append(("task_attempts", (task_id, before["epoch"]), ended))
+            if before["owner"]:
+                agent = self._agent_row(before["owner"], when)
+                if when > agent["last_seen"]:
+                    agent["last_seen"] = when
                 if agent["current_task"] == task_id:
                     agent["current_task"] = None
                 if outcome == "completed":
                     agent["tasks_completed"] += 1
                 elif outcome == "failed":
                     agent["tasks_failed"] += 1
-                cost = getattr(data, "cost_usd", None)
                 if cost:
                     agent["cost_usd"] = (agent["cost_usd"] or 0.0) + cost
-                puts.append(("agents", before.owner, agent))
-        if isinstance(data, ev.TaskLeaseExpired):
-            reclaims += 1
-        elif isinstance(data, ev.TaskFailed):
-            failures += 1
-        puts.append(("tasks", task_id, TaskRecord(state, reclaims, failures)))
+                puts.append(("agents", before["owner"], agent))
+        puts.append(("tasks", task_id, row))
         return puts
 
     def _agent_row(self, agent_id: str, when: datetime) -> Row:
@@ -428,7 +414,8 @@ class BatchFold:
         match event.data:
             case ev.AgentRegistered() as d:
                 agent.update(name=d.name, capabilities=list(d.capabilities),
-                             labels=dict(d.labels), host=d.host, pid=d.pid, runtime=d.runtime,
+                             labels=_json.encode(d.labels).decode(), host=d.host, pid=d.pid,
+                             runtime=d.runtime,
                              status="online", registered=True)
             case ev.AgentStatusChanged() as d:
                 agent.update(status=d.status, current_task=d.task_id)
@@ -464,6 +451,90 @@ class BatchFold:
         return [("control", scope, row)]
 
 
+def _refused(task_id: str, status: str | None, event: ev.Event, detail: str = "") -> InvalidState:
+    state = status or "absent"
+    text = f"task {task_id}: {event.type} not allowed when {state}"
+    return InvalidState(text + (f" ({detail})" if detail else ""), task_id=task_id,
+                        status=state, event_type=event.type)
+
+
+def _add_cost(total: float | None, more: float | None) -> float | None:
+    return total if more is None else (total or 0.0) + more
+
+
+def _task_step(before: Row | None, event: ev.Event, seq: int, when: datetime) -> Row:
+    """One event on a task row: :func:`cflow.tasks.apply` on the ``tasks`` columns."""
+    status = before["status"] if before is not None else None
+    if (status, event.type) not in tasks.TRANSITIONS:
+        raise _refused(event.entity_id, status, event)
+    data = event.data
+    if before is None:
+        assert isinstance(data, ev.TaskCreated)
+        ready = not data.depends_on
+        return {
+            "task_id": event.entity_id, "title": data.title, "body": data.body,
+            "status": "ready" if ready else "pending", "kind": data.kind,
+            "priority": data.priority, "capabilities": sorted(set(data.capabilities)),
+            "labels": _json.encode(data.labels).decode(), "parent_id": data.parent_id,
+            "depends_on": list(data.depends_on), "owner": None, "epoch": 0, "attempt": 0,
+            "max_attempts": data.max_attempts, "lease_ttl_s": data.lease_ttl_s,
+            "backoff_initial_s": data.backoff_initial_s,
+            "backoff_multiplier": data.backoff_multiplier, "backoff_max_s": data.backoff_max_s,
+            "start_to_close_s": data.start_to_close_s, "idempotency_key": data.idempotency_key,
+            "depth": data.depth, "created_by": event.actor, "created_seq": seq,
+            "created_at": when, "ready_at": when if ready else None, "claimed_at": None,
+            "deadline_at": None, "completed_at": None, "finished_at": None, "not_before": None,
+            "result": None, "error": None, "reason": None, "cost_usd": None, "reclaims": 0,
+            "failures": 0, "events": 1, "last_seq": seq,
+        }
+    if status == "ready" and before["kind"] != "gate" and isinstance(
+            data, ev.TaskCompleted | ev.TaskFailed):
+        raise _refused(event.entity_id, status, event)  # only a gate, by a human
+    if isinstance(data, ev.TaskCompleted | ev.TaskFailed | ev.TaskReleased
+                  | ev.TaskLeaseExpired):
+        expected = before["epoch"] if status in ("claimed", "expired") else 0
+        if data.epoch != expected:
+            raise InvalidState(f"task {event.entity_id}: {event.type} for epoch {data.epoch}, "
+                               f"current is {expected}", task_id=event.entity_id,
+                               epoch=data.epoch)
+    row = dict(before)
+    row["last_seq"] = seq
+    row["events"] += 1
+    match data:
+        case ev.TaskReady():
+            row.update(status="ready", ready_at=when, reason=None)
+        case ev.TaskBlocked():
+            row.update(status="blocked", reason=data.reason)
+        case ev.TaskClaimed():
+            row.update(status="claimed", owner=data.owner, attempt=data.attempt, epoch=seq,
+                       claimed_at=when, deadline_at=at(data.deadline_ms), not_before=None)
+        case ev.TaskCompleted():
+            row.update(status="completed", result=data.result, finished_at=when,
+                       completed_at=when, cost_usd=_add_cost(row["cost_usd"], data.cost_usd))
+        case ev.TaskFailed():
+            row["failures"] += 1
+            row.update(error=data.error, cost_usd=_add_cost(row["cost_usd"], data.cost_usd))
+            if data.final:
+                row.update(status="failed", finished_at=when)
+            else:
+                row.update(status="ready", owner=None, ready_at=when,
+                           not_before=at(data.not_before_ms) if data.not_before_ms else None)
+        case ev.TaskReleased():
+            row.update(status="ready", owner=None, attempt=max(0, row["attempt"] - 1),
+                       ready_at=when, reason=data.reason or None)
+        case ev.TaskLeaseExpired():
+            row["reclaims"] += 1
+            row.update(status="expired", reason=data.reason)
+        case ev.TaskRequeued():
+            row.update(status="ready", owner=None, ready_at=when, reason=data.reason or None,
+                       not_before=at(data.not_before_ms) if data.not_before_ms else None)
+        case ev.TaskCancelled():
+            row.update(status="cancelled", reason=data.reason, finished_at=when)
+        case _:
+            raise _refused(event.entity_id, status, event)
+    return row
+
+
 _ENDINGS: dict[type[ev.EventData], str] = {
     ev.TaskCompleted: "completed",
     ev.TaskFailed: "failed",
@@ -495,6 +566,5 @@ __all__ = [
     "hlc_wall_ms",
     "keys_of",
     "ms_of",
-    "task_record",
     "task_row",
 ]

@@ -49,7 +49,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kind", "VARCHAR"),
         ("priority", "INTEGER"),
         ("capabilities", "VARCHAR[]"),
-        ("labels", "MAP(VARCHAR, VARCHAR)"),
+        ("labels", "JSON"),  # {"key": "value"}; labels->>'key'
         ("parent_id", "VARCHAR"),
         ("depends_on", "VARCHAR[]"),
         ("owner", "VARCHAR"),
@@ -111,7 +111,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("agent_id", "VARCHAR PRIMARY KEY"),
         ("name", "VARCHAR"),
         ("capabilities", "VARCHAR[]"),
-        ("labels", "MAP(VARCHAR, VARCHAR)"),
+        ("labels", "JSON"),  # {"key": "value"}; labels->>'key'
         ("host", "VARCHAR"),
         ("pid", "BIGINT"),
         ("runtime", "VARCHAR"),
@@ -208,8 +208,13 @@ UPSERTED = ("tasks", "task_attempts", "agents", "memory", "messages", "reservati
 WALL_CLOCK_COLUMNS = {"quarantine": ("seen_at",), "checkpoint": ("updated_at",)}
 
 
+COLUMNS: dict[str, tuple[str, ...]] = {
+    table: tuple(name for name, _ in cols) for table, cols in TABLES.items()
+}
+
+
 def columns(table: str) -> tuple[str, ...]:
-    return tuple(name for name, _ in TABLES[table])
+    return COLUMNS[table]
 
 
 def _quote(name: str) -> str:
@@ -273,8 +278,8 @@ VIEWS: dict[str, str] = {
         UNION ALL
         SELECT task_id, 'capability', unnest(capabilities) FROM tasks
         UNION ALL
-        SELECT task_id, 'label', e.key || '=' || e.value
-        FROM (SELECT task_id, unnest(map_entries(labels)) AS e FROM tasks)
+        SELECT task_id, 'label', k || '=' || (labels->>k)
+        FROM (SELECT task_id, labels, unnest(json_keys(labels)) AS k FROM tasks)
     """,
     "latency_samples": """
         SELECT task_id, 'cycle' AS metric,
@@ -414,6 +419,7 @@ def ddl() -> list[str]:
 
 __all__ = [
     "APPEND_ONLY",
+    "COLUMNS",
     "COMPOSITE_KEYS",
     "PROJECTION",
     "TABLES",

@@ -117,7 +117,7 @@ class ProjectionStore:
         keys = fold.keys_of(items)
         snap = fold.Snapshot()
         for row in self._load("tasks", keys.tasks):
-            snap.tasks[row["task_id"]] = fold.task_record(row)
+            snap.tasks[row["task_id"]] = row
         if snap.tasks:
             cols = schema.columns("task_attempts")
             for values in self.con.execute(
