@@ -20,6 +20,7 @@ import contextlib
 import heapq
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,10 +36,19 @@ from cflow.errors import (
     InvalidState,
     LeaseLost,
     NotFound,
+    Paused,
 )
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import wall_ms
-from cflow.tasks import Action, TaskBoard, TaskState, failure_outcome, fold, validate_create
+from cflow.tasks import (
+    Action,
+    TaskBoard,
+    TaskState,
+    apply,
+    failure_outcome,
+    fold,
+    validate_create,
+)
 
 if TYPE_CHECKING:
     from cflow.swarm import Swarm
@@ -108,15 +118,15 @@ class Lease:
     async def complete(self, result: str | None = None, *, cost_usd: float | None = None,
                        output_ref: str | None = None) -> TaskState:
         return await self.service.complete(self.task_id, self.epoch, result, cost_usd=cost_usd,
-                                           output_ref=output_ref)
+                                           output_ref=output_ref, known=self.task)
 
     async def fail(self, error: str, *, retry: bool = True,
                    cost_usd: float | None = None) -> TaskState:
         return await self.service.fail(self.task_id, self.epoch, error, retry=retry,
-                                       cost_usd=cost_usd)
+                                       cost_usd=cost_usd, known=self.task)
 
     async def release(self, reason: str = "") -> TaskState:
-        return await self.service.release(self.task_id, self.epoch, reason)
+        return await self.service.release(self.task_id, self.epoch, reason, known=self.task)
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,
@@ -171,6 +181,8 @@ class TaskService:
         self._timer_wake = asyncio.Event()
         self._actions: asyncio.Queue[str] = asyncio.Queue()
         self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = []
+        # Per-task refusals (paused scope, open breaker); the control module adds them.
+        self.claim_filters: list[Callable[[TaskState], Paused | None]] = []
         self.reaped = 0
 
     # ------------------------------------------------------------------ the board
@@ -376,8 +388,8 @@ class TaskService:
         while True:
             seen = self._version
             now = wall_ms()
-            for state in board.candidates(caps, now):
-                if tried.get(state.task_id) == state.seq:
+            for state in _spread(board.candidates(caps, now), owner):
+                if tried.get(state.task_id) == state.seq or self._refused(state):
                     continue  # lost a race on this version; wait for the board to move
                 lease = await self._claim_one(state, owner, strict=False)
                 if lease is not None:
@@ -404,7 +416,11 @@ class TaskService:
                                        f"{state.not_before_ms} (wall ms)")
                 raise AlreadyClaimed(state.task_id, state.status, state.owner)
             return None
-        prior = await self.log.kv_last(self.leases_bucket, state.task_id)
+        refusal = self._refused(state)
+        if refusal is not None:
+            if strict:
+                raise refusal
+            return None
         attempt = state.attempt + 1
         deadline = (wall_ms() + int(state.start_to_close_s * 1000)
                     if state.start_to_close_s else None)
@@ -421,10 +437,24 @@ class TaskService:
         epoch = appended.seq
         record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=epoch, attempt=attempt,
                              ttl_s=state.lease_ttl_s)
+        prior = await self.log.kv_last(self.leases_bucket, state.task_id)
         revision = await self._put_lease(record, prior.revision if prior else 0)
         claimed = replace(state, status="claimed", seq=epoch, epoch=epoch, owner=owner,
                           attempt=attempt, deadline_ms=deadline, claimed_ms=wall_ms())
         return Lease(self, claimed, revision)
+
+    def _refused(self, state: TaskState) -> Paused | None:
+        for check in self.claim_filters:
+            refusal = check(state)
+            if refusal is not None:
+                return refusal
+        return None
+
+    async def poke(self) -> None:
+        """Wake claimers waiting for work: control state changed (resume, breaker closed)."""
+        self._version += 1
+        async with self._changed:
+            self._changed.notify_all()
 
     async def _put_lease(self, record: LeaseRecord, expected: int) -> int:
         value = _lease_encoder.encode(record)
@@ -501,52 +531,61 @@ class TaskService:
 
     # ----------------------------------------------------- complete / fail / release
 
-    async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str) -> TaskState:
+    async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str,
+                      known: TaskState | None = None) -> TaskState:
         try:
-            await self.log.append(data, task_id, expected=epoch, msg_id=f"{kind}-{task_id}-{epoch}")
+            appended = await self.log.append(data, task_id, expected=epoch,
+                                             msg_id=f"{kind}-{task_id}-{epoch}")
         except ConcurrencyConflict:
             raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch)) from None
         await self._drop_lease(task_id, epoch)
-        state = await self.get(task_id)
+        if known is not None and known.seq == epoch and not appended.duplicate:
+            state = apply(known, appended.event, appended.seq)
+        else:
+            state = await self.get(task_id)
         if state.terminal:
             await self._evaluate_dependents(task_id)
         return state
 
     async def complete(self, task_id: str, epoch: int, result: str | None = None, *,
-                       cost_usd: float | None = None, output_ref: str | None = None
-                       ) -> TaskState:
+                       cost_usd: float | None = None, output_ref: str | None = None,
+                       known: TaskState | None = None) -> TaskState:
         """Record the holder's result, fenced by ``epoch``.
+
+        ``known`` is the holder's state at claim time; with it the new state is
+        folded locally instead of read back.
 
         Raises:
             LeaseLost: the holder was fenced off; its result is not recorded.
         """
         data = ev.TaskCompleted(epoch=epoch, result=result, cost_usd=cost_usd,
                                 output_ref=output_ref)
-        return await self._finish(task_id, epoch, data, "complete")
+        return await self._finish(task_id, epoch, data, "complete", known)
 
     async def fail(self, task_id: str, epoch: int, error: str, *, retry: bool = True,
-                   cost_usd: float | None = None) -> TaskState:
+                   cost_usd: float | None = None, known: TaskState | None = None) -> TaskState:
         """Fail the attempt; retried after backoff until max attempts unless ``retry=False``.
 
         Raises:
             LeaseLost: the holder was fenced off.
         """
-        state = await self.get(task_id)
+        state = known if known is not None and known.epoch == epoch else await self.get(task_id)
         if state.status != "claimed" or state.epoch != epoch:
             raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch))
         final, not_before = failure_outcome(state, wall_ms(), retry=retry)
         data = ev.TaskFailed(epoch=epoch, error=error, final=final, not_before_ms=not_before,
                              cost_usd=cost_usd)
-        return await self._finish(task_id, epoch, data, "fail")
+        return await self._finish(task_id, epoch, data, "fail", known)
 
-    async def release(self, task_id: str, epoch: int, reason: str = "") -> TaskState:
+    async def release(self, task_id: str, epoch: int, reason: str = "",
+                      known: TaskState | None = None) -> TaskState:
         """Give the task back (the attempt is not counted).
 
         Raises:
             LeaseLost: the holder was fenced off.
         """
         return await self._finish(task_id, epoch, ev.TaskReleased(epoch=epoch, reason=reason),
-                                  "release")
+                                  "release", known)
 
     async def _drop_lease(self, task_id: str, epoch: int) -> None:
         last = await self.log.kv_last(self.leases_bucket, task_id)
@@ -681,6 +720,8 @@ class TaskService:
             asyncio.create_task(self._marker_loop(), name="lease-markers"),
             asyncio.create_task(self._timer_loop(), name="lease-timers"),
             asyncio.create_task(self._action_loop(), name="task-actions"),
+            *(asyncio.create_task(hook(), name="maintenance-hook")
+              for hook in getattr(self.swarm, "maintenance_hooks", ())),
         ]
         try:
             await asyncio.gather(*tasks)
@@ -763,6 +804,23 @@ class TaskService:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._board_task = None
+
+
+def _spread(candidates: Iterable[TaskState], owner: str, width: int = 8) -> list[TaskState]:
+    """Best-first candidates, with the head of equal top priority rotated per claimer.
+
+    Claimers that all reach for the single oldest task collide on one
+    compare-and-set and all but one pay a wasted round trip; starting each at a
+    different place among the oldest few of the top priority keeps strict
+    priority order and spreads the herd.
+    """
+    ordered = list(candidates)
+    if len(ordered) < 2:
+        return ordered
+    top = ordered[0].priority
+    head = [s for s in ordered[:width] if s.priority == top]
+    start = zlib.crc32(owner.encode()) % len(head)
+    return head[start:] + head[:start] + ordered[len(head):]
 
 
 def _decode_lease(entry: Any) -> LeaseRecord | None:
