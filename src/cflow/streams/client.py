@@ -404,21 +404,66 @@ class EventLog:
             return int(raw.seq)
         return None
 
-    async def append_many(self, items: Sequence[tuple[ev.Event, int | None]]) -> list[int]:
-        """Bulk append with ``publish_async`` (one ack wait for the whole batch)."""
-        futures = []
+    async def append_many(self, items: Sequence[tuple[ev.Event, int | None]],
+                          *, ack_wait_s: float = 10.0) -> list[int]:
+        """Bulk append: publish every message in order, then wait for all acks at once.
+
+        This is what ``js.publish_async`` does, on a reply subscription of our
+        own: nats-py 2.16's ``publish_async`` never resolves a future whose ack
+        is an error (its reply callback raises), so one conflict would hang the
+        batch forever. Each message keeps its Msg-Id, so a batch can be retried.
+
+        Raises:
+            ConcurrencyConflict: the first item whose expectation failed (items
+                before and after it may have been stored).
+            Unavailable: no ack for the whole batch within ``ack_wait_s``.
+        """
+        if not items:
+            return []
+        outs = [build_append(event, expected_last_seq=expected) for event, expected in items]
+        prefix = f"{self.nc.new_inbox()}."
+        loop = asyncio.get_running_loop()
+        acks: list[asyncio.Future[Msg]] = [loop.create_future() for _ in outs]
+
+        async def on_ack(msg: Msg) -> None:
+            index = msg.subject[len(prefix):]
+            if index.isdigit() and int(index) < len(acks) and not acks[int(index)].done():
+                acks[int(index)].set_result(msg)
+
         with nats_errors(self.stream):
-            for event, expected in items:
-                out = build_append(event, expected_last_seq=expected)
-                futures.append(await self.js.publish_async(
-                    out.subject, out.payload, headers=dict(out.headers)))
-            acks = await asyncio.gather(*futures, return_exceptions=True)
+            sub = await self.nc.subscribe(f"{prefix}*", cb=on_ack)
+            try:
+                for index, out in enumerate(outs):
+                    await self.nc.publish(out.subject, out.payload, reply=f"{prefix}{index}",
+                                          headers=dict(out.headers))
+                await self.nc.flush()
+                async with asyncio.timeout(ack_wait_s):
+                    replies = await asyncio.gather(*acks)
+            finally:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await sub.unsubscribe()
         seqs = []
-        for (event, expected), ack in zip(items, acks, strict=True):
-            if isinstance(ack, BaseException):
-                raise translate(ack, subject=event.entity_id, expected=expected)
-            seqs.append(int(ack.seq))
+        for (_, expected), out, reply in zip(items, outs, replies, strict=True):
+            seqs.append(await self._ack_seq(reply, out.subject, expected))
         return seqs
+
+    async def _ack_seq(self, reply: Msg, subject: str, expected: int | None) -> int:
+        """The stream sequence in a publish ack, or the ack's error translated."""
+        if (reply.headers or {}).get("Status") == "503":
+            raise translate(nats.errors.NoRespondersError(), subject=subject)
+        body: dict[str, Any] = json.loads(reply.data)
+        err = body.get("error")
+        if err is None:
+            return int(body["seq"])
+        failure = translate(
+            nats.js.errors.APIError(code=err.get("code"), err_code=err.get("err_code"),
+                                    description=err.get("description")),
+            subject=subject, expected=expected,
+        )
+        if isinstance(failure, ConcurrencyConflict):
+            actual = await self.last_seq_subject(subject)
+            raise ConcurrencyConflict(subject, expected, actual)
+        raise failure
 
     # -- read
 
@@ -511,9 +556,11 @@ class EventLog:
                 if seq <= last:
                     continue
                 last = seq
-                yield self._decode(seq, msg.subject, msg.data)
+                item = self._decode(seq, msg.subject, msg.data)
+                # Set before yielding, so the consumer sees it with the last stored item.
                 if caught_up is not None and not caught_up.is_set() and meta.num_pending == 0:
                     caught_up.set()
+                yield item
         finally:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
@@ -525,11 +572,17 @@ class EventLog:
         out: list[StoredEvent | BadMessage] = []
         if end < start_seq:
             return out
+        # Nothing matches: following would wait for a first message forever.
+        subject = filter_subject or names.events_filter(self.swarm)
+        try:
+            with nats_errors(subject):
+                await self.js.get_msg(self.stream, seq=start_seq, subject=subject, next=True,
+                                      direct=True)
+        except NotFound:
+            return out
         done = asyncio.Event()
         agen = self.follow(filter_subject, start_seq=start_seq, caught_up=done)
         try:
-            if done.is_set():
-                return out
             async for item in agen:
                 out.append(item)
                 if done.is_set() or item.seq >= end:
