@@ -18,6 +18,8 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from cflow.errors import CflowError, ConcurrencyConflict
+from cflow.streams import names
+from cflow.streams.client import api_request
 from cflow.swarm import Swarm
 
 
@@ -144,59 +146,52 @@ class Agent:
                 await maint
 
     async def load(self, cmd: dict[str, Any]) -> None:
-        """``agents`` simulated agents: presence key + one claimed task each, both
-        renewed every ``period`` seconds, until a "stop" line arrives."""
+        """``agents`` simulated agents, each present (``swarm.agents``, presence key
+        renewed every ``period``) and holding one claimed task whose lease it renews
+        every ``period`` (``lease.keep_alive``), until a "stop" line arrives."""
         url, name = cmd["url"], cmd["swarm"]
         n = int(cmd["agents"])
         period = float(cmd.get("period", 1.0))
         sw = await self.swarm(url, name, "load")
-        log = sw.log
-        presence = log.bucket("presence")
         setup_t0 = time.perf_counter()
         sem = asyncio.Semaphore(64)
+        async with AsyncExitStack() as held:
 
-        async def one(i: int) -> Any:
-            async with sem:
-                state = await sw.tasks.create(f"sim {i}", lease_ttl_s=30.0, priority=-1000)
-                return await sw.tasks.claim(state.task_id, agent=f"sim-{i}")
+            async def one(i: int) -> Any:
+                async with sem:
+                    agent = await sw.agents.register(f"sim-{i}", runtime="bench")
+                    await held.enter_async_context(
+                        agent.present(ttl_s=3 * period, renew_s=period))
+                    state = await sw.tasks.create(f"sim {i}", lease_ttl_s=3 * period,
+                                                  priority=-1000)
+                    lease = await sw.tasks.claim(state.task_id, agent=f"sim-{i}")
+                    assert lease is not None
+                    await held.enter_async_context(lease.keep_alive(interval_s=period))
+                    return agent, lease
 
-        leases = await asyncio.gather(*(one(i) for i in range(n)))
-        setup_s = time.perf_counter() - setup_t0
-        emit({"ready": True, "setup_s": setup_s})
-        stop = asyncio.create_task(read_line())
-        ticks = 0
-        late = 0
-        failures = 0
-        busy: list[float] = []
-        try:
-            next_tick = time.perf_counter()
-            while not stop.done():
-                t0 = time.perf_counter()
+            pairs = await asyncio.gather(*(one(i) for i in range(n)))
+            setup_s = time.perf_counter() - setup_t0
+            streams = [names.kv_stream(sw.log.bucket(b)) for b in (names.LEASES,
+                                                                    names.PRESENCE)]
 
-                async def beat(i: int) -> None:
-                    nonlocal failures
-                    async with sem:
-                        try:
-                            await log.kv_put(presence, f"sim-{i}", b'{"status":"busy"}',
-                                             ttl_s=3 * period)
-                            await leases[i].heartbeat()
-                        except CflowError:
-                            failures += 1
+            async def writes() -> int:
+                total = 0
+                for stream in streams:
+                    info = await api_request(sw.nc, f"$JS.API.STREAM.INFO.{stream}")
+                    total += int(info["state"]["last_seq"])
+                return total
 
-                await asyncio.gather(*(beat(i) for i in range(n)))
-                took = time.perf_counter() - t0
-                busy.append(took)
-                ticks += 1
-                next_tick += period
-                if took > period:
-                    late += 1
-                    next_tick = time.perf_counter()
-                await asyncio.wait({stop}, timeout=max(0.0, next_tick - time.perf_counter()))
-        finally:
-            if not stop.done():
-                stop.cancel()
-        emit({"ticks": ticks, "late": late, "failures": failures, "setup_s": setup_s,
-              "tick_s": busy})
+            w0, t0 = await writes(), time.perf_counter()
+            emit({"ready": True, "setup_s": setup_s})
+            await read_line()  # "stop"
+            w1, t1 = await writes(), time.perf_counter()
+            lost = sum(1 for _, lease in pairs if lease.lost.is_set())
+            lapses = sum(agent.lapses for agent, _ in pairs)
+            emit({"setup_s": setup_s, "writes_per_s": (w1 - w0) / (t1 - t0),
+                  "leases_lost": lost, "presence_lapses": lapses})
+            t_down = time.perf_counter()
+        print(f"load teardown took {time.perf_counter() - t_down:.1f} s", file=sys.stderr,
+              flush=True)
 
     async def serve(self) -> None:
         handlers = {"claims": self.claims, "pickup": self.pickup, "hold": self.hold,
