@@ -9,7 +9,15 @@ import os
 # 2-core machine); plain help keeps `cfctl --help` fast. Tables still use rich.
 os.environ.setdefault("TYPER_USE_RICH", "0")
 
-from cflow.cli.app import app  # noqa: E402
+
+def __getattr__(name: str) -> object:
+    # `app` (Typer) loads on first use, so `cfctl hook` never imports Typer.
+    if name == "app":
+        from cflow.cli.app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Each module registers its commands on `app` when imported.
 _COMMAND_MODULES = (
@@ -23,6 +31,7 @@ _COMMAND_MODULES = (
     "msg_cmds",
     "reserve_cmds",
     "import_cmds",
+    "mcp_cmds",
 )
 
 
@@ -32,6 +41,14 @@ def _register() -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["hook"]:  # Claude Code waits on every hook: skip Typer entirely
+        from cflow.hooks import main as hook_main
+
+        raise SystemExit(hook_main(sys.argv[2:]))
+    from cflow.cli.app import app
+
     _register()
     app()
 

@@ -1,0 +1,108 @@
+"""`cfctl mcp`, `cfctl setup claude`, `cfctl hook EVENT`: the Claude Code integration.
+
+``cfctl hook`` normally never reaches this module: ``cflow.cli.main()`` sends it
+to ``cflow.hooks.main`` before Typer loads (cold start). The command is
+registered here too so it shows in ``--help`` and works behind global options.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from cflow.cli.app import EXIT_USAGE, app, exit_code_for, fail, state
+from cflow.errors import CflowError
+
+setup_app = typer.Typer(help="Wire cflow into agent tools (Claude Code).", no_args_is_help=True)
+app.add_typer(setup_app, name="setup")
+
+
+@app.command("mcp")
+def mcp_serve(
+    ctx: typer.Context,
+    agent: str | None = typer.Option(
+        None, "--agent", help="Agent name (default: $CFLOW_AGENT, else derived from "
+                              "$CLAUDE_CODE_SESSION_ID and the project directory)."),
+    capability: list[str] = typer.Option(
+        [], "--capability", "-c", help="A capability (repeat or comma-separate; "
+                                       "default: $CFLOW_CAPABILITIES)."),
+    http: str | None = typer.Option(
+        None, "--http", help="Serve streamable HTTP on HOST:PORT (loopback) instead of stdio."),
+) -> None:
+    """Serve the swarm over MCP (stdio, for Claude Code). This process is the agent."""
+    from cflow.mcp import runtime
+
+    c = state(ctx)
+    try:
+        opts = runtime.Options(
+            url=c.url, swarm=c.swarm, agent=runtime.resolve_agent(agent),
+            capabilities=runtime.resolve_capabilities(capability),
+            http=runtime.parse_http(http) if http else None)
+        runtime.run(opts)
+    except CflowError as err:
+        if c.debug:
+            raise
+        fail(str(err), exit_code_for(err))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@setup_app.command("claude")
+def setup_claude(
+    ctx: typer.Context,
+    project: Path = typer.Option(Path("."), "--project", help="The project directory."),
+    agent: str | None = typer.Option(
+        None, "--agent", help="Pin the agent name (all sessions of this project share it)."),
+    capability: list[str] = typer.Option(
+        [], "--capability", "-c", help="Capabilities of the project's agents (repeatable)."),
+    print_only: bool = typer.Option(False, "--print", help="Show the entries, write nothing."),
+) -> None:
+    """Add the cflow MCP server to .mcp.json and cflow hooks to .claude/settings.json."""
+    from cflow.mcp import claude
+
+    c = state(ctx)
+    root = project.resolve()
+    if not root.is_dir():
+        fail(f"--project {project} is not a directory", EXIT_USAGE)
+    env = {"CFLOW_URL": c.url, "CFLOW_SWARM": c.swarm}
+    if agent:
+        env["CFLOW_AGENT"] = agent
+    caps = sorted({x.strip() for item in capability for x in item.split(",") if x.strip()})
+    if caps:
+        env["CFLOW_CAPABILITIES"] = ",".join(caps)
+    try:
+        planned = claude.plan(root, env)
+        written = [] if print_only else claude.apply(planned)
+    except CflowError as err:
+        fail(str(err), exit_code_for(err))
+    if c.json:
+        out = {"written": written, "print": print_only, **planned}
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    if print_only:
+        for path, item in planned["files"].items():
+            sys.stdout.write(f"# {path}\n{json.dumps(item['content'], indent=2)}\n\n")
+        sys.stdout.write(f"# or, for the server alone:\n{planned['claude_mcp_add']}\n")
+        return
+    for path, item in planned["files"].items():
+        sys.stdout.write(f"{'wrote' if path in written else 'unchanged'} {path}"
+                         f"{'' if item['changed'] or path in written else ' (already set up)'}\n")
+    sys.stdout.write("Restart Claude Code in the project to load the cflow server and hooks.\n")
+
+
+@app.command("hook", context_settings={"ignore_unknown_options": True})
+def hook(
+    ctx: typer.Context,
+    event: str = typer.Argument(..., help="The Claude Code hook event name."),
+) -> None:
+    """Record a Claude Code hook event read from stdin (always exits 0)."""
+    import os
+
+    from cflow.hooks import main as hook_main
+
+    c = state(ctx)
+    os.environ["CFLOW_URL"], os.environ["CFLOW_SWARM"] = c.url, c.swarm
+    raise typer.Exit(hook_main([event]))

@@ -1,0 +1,181 @@
+"""The adapter process as an agent: identity, held leases, background liveness.
+
+One ``Adapter`` per ``cfctl mcp`` process. It *is* the agent: every claim it
+makes is in its name, and while the process lives it
+
+* keeps each claimed lease alive (``lease.keep_alive()`` per lease),
+* keeps its presence alive (the agent registry's ``present()``, when that
+  service exists in this build),
+* runs ``swarm.tasks.maintain()``: every long-lived process is a reaper.
+
+When the process goes away (stdin closed, parent gone, kill -9) nothing is
+released on purpose: the heartbeats stop and the leases expire server-side, so
+another agent can reclaim the work after one TTL. A clean ``release`` is the
+model's decision (``task_update action=release``), never a side effect of exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from cflow.errors import CflowError
+
+if TYPE_CHECKING:
+    from cflow.leases import Lease
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.mcp")
+
+IDEMPOTENCY_CACHE = 1024  # remembered (tool, key) results per process
+
+
+class Adapter:
+    """State shared by the tools of one MCP server: the swarm, the agent, its leases."""
+
+    def __init__(self, swarm: Swarm, *, capabilities: Sequence[str] = (),
+                 labels: dict[str, str] | None = None) -> None:
+        self.swarm = swarm
+        self.agent = swarm.agent
+        self.capabilities = sorted(set(capabilities))
+        self.labels = dict(labels or {})
+        self.leases: dict[str, Lease] = {}
+        self._keepers: dict[str, asyncio.Task[None]] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._done: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.registered = False
+
+    # ------------------------------------------------------------ idempotency
+
+    def remembered(self, tool: str, key: str | None) -> Any:
+        """The result of an earlier call of ``tool`` with idempotency ``key`` in this process."""
+        if not key:
+            return None
+        return self._done.get((tool, key))
+
+    def remember(self, tool: str, key: str | None, result: Any) -> Any:
+        if key:
+            self._done[(tool, key)] = result
+            while len(self._done) > IDEMPOTENCY_CACHE:
+                self._done.popitem(last=False)
+        return result
+
+    # ----------------------------------------------------------------- leases
+
+    def hold(self, lease: Lease) -> None:
+        """Keep ``lease`` alive in the background until it is finished, lost, or we exit."""
+        self.drop(lease.task_id)
+        self.leases[lease.task_id] = lease
+
+        def lost(held: Lease) -> None:
+            if held.lost.is_set():
+                log.warning("lease on %s (epoch %s) lost: %s", held.task_id, held.epoch,
+                            held.lost_reason)
+
+        async def keep() -> None:
+            async with lease.keep_alive(on_lost=lost):
+                await lease.lost.wait()
+
+        self._keepers[lease.task_id] = asyncio.create_task(keep(), name=f"keep-{lease.task_id}")
+
+    def drop(self, task_id: str) -> None:
+        """Stop heartbeating ``task_id`` (finished, released or cancelled by us)."""
+        self.leases.pop(task_id, None)
+        keeper = self._keepers.pop(task_id, None)
+        if keeper is not None:
+            keeper.cancel()
+
+    def held(self, task_id: str) -> Lease | None:
+        """Our lease on ``task_id`` (possibly lost: the caller then learns it)."""
+        return self.leases.get(task_id)
+
+    # ------------------------------------------------------------- background
+
+    async def register(self) -> None:
+        """Register the agent, if this build has the agent registry.
+
+        Raises:
+            CflowError: the registry refused or is unreachable.
+        """
+        agents = getattr(self.swarm, "agents", None)
+        if agents is None:
+            log.info("agent registry not available; running unregistered as %s", self.agent)
+            return
+        self._agent_handle = await agents.register(self.agent, self.capabilities, self.labels,
+                                                   runtime="mcp")
+        self.registered = True
+
+    async def _presence(self) -> None:
+        handle = getattr(self, "_agent_handle", None)
+        present = getattr(handle, "present", None)
+        if present is None:
+            return
+        async with present():
+            await asyncio.Event().wait()  # until the adapter stops
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self.swarm.tasks.maintain()
+                return
+            except CflowError as exc:
+                log.warning("maintenance loop stopped (%s); restarting", exc)
+            await asyncio.sleep(1.0)  # back off before restarting the reaper
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except CflowError as exc:
+                log.warning("%s stopped: %s", name, exc)
+
+        self._background.append(asyncio.create_task(guarded(), name=name))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Adapter]:
+        """Register, then run presence, maintenance and lease keepers until the block exits.
+
+        Leaving the block stops the heartbeats without releasing anything.
+        """
+        await self.register()
+        self._spawn(self._presence, "presence")
+        self._spawn(self._maintain, "maintain")
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        tasks = [*self._background, *self._keepers.values()]
+        self._background.clear()
+        self._keepers.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def default_labels(project_dir: str | None = None) -> dict[str, str]:
+    """Labels an MCP agent carries: host, pid, parent pid, project and Claude session."""
+    labels = {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "ppid": str(os.getppid()),
+        "project": project_dir or os.environ.get("CLAUDE_PROJECT_DIR") or os.getcwd(),
+    }
+    sid = os.environ.get("CLAUDE_CODE_SESSION_ID")
+    if sid:
+        labels["claude_session"] = sid
+    return labels
+
+
+__all__ = ["Adapter", "default_labels"]

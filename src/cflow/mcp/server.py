@@ -1,0 +1,528 @@
+"""The MCP server: nine tools, one resource, one prompt, over the ``Swarm`` facade.
+
+Tools are thin: validate, call the facade through the :class:`Adapter`, shape a
+compact result. Results are structured content (plus the same JSON, compact, as
+text), with ``truncated`` and a ``next_cursor`` where lists are long. Failures
+raise ``ToolError("CODE: message. Hint: ...")`` (see ``faults.py``), which the
+SDK returns with ``isError`` set.
+
+The whole ``tools/list`` answer is kept under 2,000 tokens (characters / 4):
+short descriptions, and input schemas stripped of pydantic's titles and
+``anyOf [T, null]`` noise by :func:`compact_schema`; no output schemas.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, Tool
+from pydantic import Field
+
+from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
+from cflow.mcp.faults import describe, describe_error
+
+if TYPE_CHECKING:
+    from cflow.mcp.adapter import Adapter
+    from cflow.tasks import TaskState
+
+P = ParamSpec("P")
+
+FIND_LIMIT = 100
+QUERY_ROW_CAP = 200
+QUERY_TEXT_CAP = 16_000  # characters of rows returned to the model
+BODY_CAP = 2_000
+RESULT_CAP = 300
+CLAIM_WAIT_MAX_S = 60.0
+NOTES_IN_CONTEXT = 5
+
+INSTRUCTIONS = (
+    "cflow coordinates a swarm of agents: tasks with leases, shared memory, SQL views. "
+    "You are one agent. Loop: task_claim -> work -> task_update (note with paths while "
+    "working; complete/fail/release at the end, passing the epoch you got). "
+    "If a call says LEASE_LOST, stop that task. Errors read 'CODE: message. Hint: ...'."
+)
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def result(data: dict[str, Any]) -> CallToolResult:
+    """Structured content plus the same JSON, compact, as the text block."""
+    text = json.dumps(data, separators=(",", ":"), default=str, ensure_ascii=False)
+    return CallToolResult(content=[TextContent(type="text", text=text)],
+                          structured_content=data)
+
+
+def refuse(code: str, message: str, hint: str | None = None) -> ToolError:
+    return ToolError(describe(code, message, hint))
+
+
+def mapped(fn: Callable[P, Awaitable[CallToolResult]]) -> Callable[P, Awaitable[CallToolResult]]:
+    """Turn our errors into ``ToolError("CODE: ...")`` (a crash stays a crash)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> CallToolResult:
+        try:
+            return await fn(*args, **kwargs)
+        except CflowError as err:
+            raise ToolError(describe_error(err)) from None
+
+    return wrapper
+
+
+def compact_schema(schema: Any) -> Any:
+    """Drop ``title`` keys and collapse ``anyOf: [T, {"type": "null"}]`` to ``T`` (pure)."""
+    if isinstance(schema, list):
+        return [compact_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key == "properties" and isinstance(value, dict):
+            out[key] = {name: compact_schema(prop) for name, prop in value.items()}
+            continue
+        out[key] = compact_schema(value)
+    any_of = out.get("anyOf")
+    if isinstance(any_of, list):
+        rest = [s for s in any_of if s != {"type": "null"}]
+        if len(rest) == 1 and len(rest) < len(any_of):
+            del out["anyOf"]
+            out = {**rest[0], **out}
+    if out.get("default", 0) is None:
+        del out["default"]
+    return out
+
+
+def clip(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def concise(state: TaskState) -> dict[str, Any]:
+    """A task in one short row: only the fields that are set."""
+    row: dict[str, Any] = {"id": state.task_id, "title": state.title, "status": state.status}
+    if state.priority:
+        row["priority"] = state.priority
+    if state.owner and state.status == "claimed":
+        row["owner"] = state.owner
+    if state.capabilities:
+        row["caps"] = list(state.capabilities)
+    if state.kind != "task":
+        row["kind"] = state.kind
+    return row
+
+
+def detailed(state: TaskState) -> dict[str, Any]:
+    row = concise(state)
+    row.update({
+        "body": clip(state.body, BODY_CAP) or "",
+        "labels": dict(state.labels),
+        "attempt": state.attempt,
+        "max_attempts": state.max_attempts,
+        "lease_ttl_s": state.lease_ttl_s,
+    })
+    for name in ("parent_id", "result", "error", "reason", "owner"):
+        value = getattr(state, name)
+        if value:
+            row[name] = clip(str(value), RESULT_CAP)
+    if state.depends_on:
+        row["depends_on"] = list(state.depends_on)
+    if state.epoch:
+        row["epoch"] = state.epoch
+    return row
+
+
+def parse_label(label: str) -> tuple[str, str | None]:
+    key, sep, value = label.partition("=")
+    return key.strip(), (value.strip() if sep else None)
+
+
+def matches(state: TaskState, *, status: str | None, capability: str | None,
+            label: str | None, text: str | None) -> bool:
+    if status and state.status != status:
+        return False
+    if capability and capability not in state.capabilities:
+        return False
+    if label:
+        key, value = parse_label(label)
+        if key not in state.labels or (value is not None and state.labels[key] != value):
+            return False
+    if text:
+        needle = text.lower()
+        if needle not in state.title.lower() and needle not in state.body.lower():
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ the server
+
+
+class CflowMCP(MCPServer):
+    """``MCPServer`` whose ``tools/list`` carries compacted input schemas."""
+
+    async def list_tools(self) -> list[Tool]:
+        tools = await super().list_tools()
+        return [t.model_copy(update={"input_schema": compact_schema(t.input_schema)})
+                for t in tools]
+
+
+def build_server(adapter: Adapter) -> CflowMCP:
+    """The MCP server for one adapter (one agent)."""
+    srv = CflowMCP("cflow", instructions=INSTRUCTIONS, version="0.1.0")
+    tasks_of = _Tools(adapter)
+    for name in ("task_create", "task_find", "task_claim", "task_update", "task_cancel",
+                 "memory_store", "memory_search", "query", "swarm_status"):
+        fn = getattr(tasks_of, name)
+        srv.add_tool(mapped(fn), name=name, description=(fn.__doc__ or "").strip(),
+                     structured_output=False)
+
+    @srv.resource("cflow://schema", name="schema", mime_type="text/markdown",
+                  description="Tables and views of the swarm's SQL projection (for `query`).")
+    def schema() -> str:
+        return schema_markdown()
+
+    @srv.prompt(name="work_next", description="Claim the next ready task and work it to the end.")
+    def work_next(capability: str | None = None) -> str:
+        return work_next_text(adapter.agent, capability)
+
+    return srv
+
+
+class _Tools:
+    """The tool bodies. Each docstring is the tool's description (keep them short)."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.a = adapter
+
+    @property
+    def swarm(self) -> Any:
+        return self.a.swarm
+
+    async def task_create(
+        self,
+        title: str,
+        body: str = "",
+        priority: int = 0,
+        capabilities: list[str] | None = None,
+        depends_on: Annotated[list[str] | None, Field(description="task ids")] = None,
+        parent_id: str | None = None,
+        labels: dict[str, str] | None = None,
+        lease_ttl_s: float = 60.0,
+        max_attempts: int = 3,
+        idempotency_key: Annotated[str | None, Field(description="same key, same task")] = None,
+    ) -> CallToolResult:
+        """Create a task. Higher priority is claimed first; capabilities are required skills."""
+        state = await self.swarm.tasks.create(
+            title, body=body, priority=priority, capabilities=capabilities or (),
+            depends_on=depends_on or (), parent_id=parent_id, labels=labels,
+            lease_ttl_s=lease_ttl_s, max_attempts=max_attempts,
+            idempotency_key=idempotency_key)
+        return result({"task": concise(state)})
+
+    async def task_find(
+        self,
+        task_id: Annotated[str | None, Field(description="get this one task in full")] = None,
+        status: Literal["pending", "ready", "claimed", "expired", "completed", "failed",
+                        "blocked", "cancelled"] | None = None,
+        capability: str | None = None,
+        label: Annotated[str | None, Field(description="key or key=value")] = None,
+        text: Annotated[str | None, Field(description="substring of title/body")] = None,
+        limit: int = 20,
+        cursor: str | None = None,
+        verbose: bool = False,
+    ) -> CallToolResult:
+        """Find tasks (oldest first, paged by cursor), or get one by task_id with its notes."""
+        svc = self.swarm.tasks
+        if task_id:
+            state = await svc.get(task_id)
+            return result({"task": detailed(state), "notes": await self._notes(task_id)})
+        if not 1 <= limit <= FIND_LIMIT:
+            raise InvalidInput(f"limit must be 1..{FIND_LIMIT}")
+        after = 0
+        if cursor:
+            try:
+                after = int(cursor)
+            except ValueError:
+                raise InvalidInput(f"cursor {cursor!r} is not one this tool returned") from None
+        board = await svc.ensure_board()
+        found = [s for s in sorted(board.tasks.values(), key=lambda s: s.created_seq)
+                 if s.created_seq > after and matches(s, status=status, capability=capability,
+                                                       label=label, text=text)]
+        page = found[:limit]
+        shape = detailed if verbose else concise
+        out: dict[str, Any] = {"tasks": [shape(s) for s in page],
+                               "truncated": len(found) > limit}
+        if out["truncated"]:
+            out["next_cursor"] = str(page[-1].created_seq)
+        return result(out)
+
+    async def _notes(self, task_id: str) -> list[dict[str, Any]]:
+        from cflow import events as ev
+
+        notes: list[dict[str, Any]] = []
+        for item in await self.swarm.tasks.history(task_id):
+            data = item.event.data
+            if isinstance(data, ev.TaskNoted):
+                note: dict[str, Any] = {"by": item.event.actor}
+                if data.text:
+                    note["text"] = clip(data.text, RESULT_CAP)
+                if data.paths:
+                    note["paths"] = list(data.paths)
+                notes.append(note)
+        return notes[-NOTES_IN_CONTEXT:]
+
+    async def task_claim(
+        self,
+        task_id: Annotated[str | None, Field(description="omit: best ready task for me")] = None,
+        wait_s: Annotated[float, Field(description="wait up to this for work (max 60)")] = 0.0,
+        idempotency_key: str | None = None,
+    ) -> CallToolResult:
+        """Claim a task; returns it with the epoch to pass to task_update, and short context."""
+        earlier = self.a.remembered("task_claim", idempotency_key)
+        if earlier is not None and self.a.held(earlier["task"]["id"]) is not None:
+            return result(earlier)
+        if task_id and (mine := self.a.held(task_id)) is not None and not mine.lost.is_set():
+            return result(await self._claimed(mine))  # we hold it already: same answer
+        if not 0 <= wait_s <= CLAIM_WAIT_MAX_S:
+            raise InvalidInput(f"wait_s must be 0..{CLAIM_WAIT_MAX_S:g}")
+        lease = await self.swarm.tasks.claim(task_id, capabilities=self.a.capabilities,
+                                             wait=wait_s)
+        if lease is None:
+            board = await self.swarm.tasks.ensure_board()
+            return result({"claimed": False, "ready": board.ready_count(),
+                           "hint": f"nothing ready for capabilities {self.a.capabilities}; "
+                                   "pass wait_s to wait for work"})
+        self.a.hold(lease)
+        answer = await self._claimed(lease)
+        return result(self.a.remember("task_claim", idempotency_key, answer))
+
+    async def _claimed(self, lease: Any) -> dict[str, Any]:
+        state: TaskState = lease.task
+        context: dict[str, Any] = {}
+        svc = self.swarm.tasks
+        if state.parent_id:
+            try:
+                parent = await svc.get(state.parent_id)
+                context["parent"] = {"id": parent.task_id, "title": parent.title}
+            except NotFound:
+                pass
+        deps = []
+        for dep_id in state.depends_on:
+            try:
+                dep = await svc.get(dep_id)
+            except NotFound:
+                continue
+            deps.append({"id": dep.task_id, "title": dep.title,
+                         "result": clip(dep.result, RESULT_CAP)})
+        if deps:
+            context["dependencies"] = deps
+        notes = await self._notes(state.task_id)
+        if notes:
+            context["notes"] = notes
+        if state.error:
+            context["previous_error"] = clip(state.error, RESULT_CAP)
+        return {"claimed": True, "task": detailed(state), "epoch": lease.epoch,
+                "attempt": lease.attempt, "lease_ttl_s": lease.ttl_s, "context": context}
+
+    async def task_update(
+        self,
+        task_id: str,
+        action: Literal["complete", "fail", "release", "note"],
+        epoch: Annotated[int | None, Field(
+            description="from task_claim; default: my lease")] = None,
+        text: Annotated[str | None, Field(description="result, error, reason or note")] = None,
+        paths: Annotated[list[str] | None, Field(description="files touched (note)")] = None,
+        retry: Annotated[bool, Field(description="fail: retry later")] = True,
+        cost_usd: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallToolResult:
+        """Finish (complete/fail/release) or note progress on a task I hold, fenced by epoch."""
+        earlier = self.a.remembered("task_update", idempotency_key)
+        if earlier is not None:
+            return result(earlier)
+        mine = self.a.held(task_id)
+        if epoch is None:
+            if mine is None:
+                if action != "note":
+                    raise InvalidInput(f"no epoch given and this agent holds no lease on "
+                                       f"{task_id}; pass the epoch task_claim returned")
+            else:
+                epoch = mine.epoch
+        svc = self.swarm.tasks
+        out: dict[str, Any]
+        if action == "note":
+            seq = await svc.note(task_id, text or "", epoch=epoch, paths=paths or ())
+            out = {"task_id": task_id, "noted": True, "seq": seq}
+        else:
+            assert epoch is not None
+            try:
+                if action == "complete":
+                    state = await svc.complete(task_id, epoch, text, cost_usd=cost_usd)
+                elif action == "fail":
+                    state = await svc.fail(task_id, epoch, text or "failed", retry=retry,
+                                           cost_usd=cost_usd)
+                else:
+                    state = await svc.release(task_id, epoch, text or "")
+            finally:
+                if mine is not None and mine.epoch == epoch:
+                    self.a.drop(task_id)
+            out = {"task_id": task_id, "status": state.status}
+            if action == "fail" and state.status == "ready":
+                out["retry"] = f"attempt {state.attempt}/{state.max_attempts} will be retried"
+        return result(self.a.remember("task_update", idempotency_key, out))
+
+    async def task_cancel(self, task_id: str, reason: str = "",
+                          idempotency_key: str | None = None) -> CallToolResult:
+        """Cancel a task (its holder is told at its next heartbeat)."""
+        earlier = self.a.remembered("task_cancel", idempotency_key)
+        if earlier is not None:
+            return result(earlier)
+        state = await self.swarm.tasks.cancel(task_id, reason)
+        self.a.drop(task_id)
+        out = {"task_id": task_id, "status": state.status}
+        return result(self.a.remember("task_cancel", idempotency_key, out))
+
+    def _memory(self) -> Any:
+        try:
+            return self.swarm.memory
+        except ImportError:
+            raise Unavailable("shared memory is not available in this build") from None
+
+    async def memory_store(
+        self,
+        key: str,
+        value: str,
+        namespace: str = "default",
+        tags: list[str] | None = None,
+        ttl_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallToolResult:
+        """Store a value in shared memory (overwrites the key; returns its version)."""
+        earlier = self.a.remembered("memory_store", idempotency_key)
+        if earlier is not None:
+            return result(earlier)
+        entry = await self._memory().put(namespace, key, value, tags=tags or (), ttl_s=ttl_s)
+        out = {"namespace": entry.namespace, "key": entry.key, "version": entry.version}
+        return result(self.a.remember("memory_store", idempotency_key, out))
+
+    async def memory_search(
+        self,
+        query: Annotated[str | None, Field(description="words to search")] = None,
+        key: Annotated[str | None, Field(description="get this exact key")] = None,
+        namespace: str | None = None,
+        limit: int = 10,
+    ) -> CallToolResult:
+        """Search shared memory (ranked, with snippets), or get one entry by key."""
+        memory = self._memory()
+        if key:
+            entry = await memory.get(namespace or "default", key)
+            return result({"entry": {"namespace": entry.namespace, "key": entry.key,
+                                     "value": entry.value, "tags": list(entry.tags),
+                                     "version": entry.version, "author": entry.author}})
+        if not query:
+            raise InvalidInput("pass query (words to search) or key (an exact key)")
+        if not 1 <= limit <= 50:
+            raise InvalidInput("limit must be 1..50")
+        hits = await memory.search(query, namespace=namespace, limit=limit)
+        return result({"hits": [{"namespace": h.namespace, "key": h.key,
+                                 "snippet": h.snippet, "score": round(h.score, 3),
+                                 "tags": list(h.tags)} for h in hits]})
+
+    async def query(
+        self,
+        sql: Annotated[str, Field(description="one SELECT; tables in cflow://schema")],
+        limit: int = 50,
+    ) -> CallToolResult:
+        """Read-only SQL over the swarm's projection (tasks, agents, memory, events...)."""
+        if not 1 <= limit <= QUERY_ROW_CAP:
+            raise InvalidInput(f"limit must be 1..{QUERY_ROW_CAP}")
+        res = await self.swarm.query(sql, limit=limit, timeout_s=10.0)
+        rows, truncated = list(res.rows), bool(res.truncated)
+        while rows and len(json.dumps(rows, default=str)) > QUERY_TEXT_CAP:
+            rows, truncated = rows[: len(rows) // 2], True
+        return result({"columns": res.columns, "rows": rows, "truncated": truncated})
+
+    async def swarm_status(self) -> CallToolResult:
+        """My leases, queue counts, agents and gates waiting for a human, in one call."""
+        svc = self.swarm.tasks
+        board = await svc.ensure_board()
+        counts: dict[str, int] = {}
+        gates = []
+        for state in board.tasks.values():
+            counts[state.status] = counts.get(state.status, 0) + 1
+            if state.kind == "gate" and state.status == "ready":
+                gates.append({"id": state.task_id, "title": state.title})
+        mine = []
+        for task_id, lease in list(self.a.leases.items()):
+            row: dict[str, Any] = {"task_id": task_id, "title": lease.task.title,
+                                   "epoch": lease.epoch}
+            if lease.lost.is_set():
+                row["lost"] = lease.lost_reason or "lost"
+            mine.append(row)
+        out: dict[str, Any] = {
+            "agent": self.a.agent, "capabilities": self.a.capabilities,
+            "my_leases": mine, "queue": counts,
+            "ready_for_me": sum(1 for _ in board.candidates(self.a.capabilities,
+                                                            _now_ms())),
+            "gates": gates[:10],
+        }
+        try:
+            agents = await self.swarm.agents.list()
+        except (CflowError, ImportError):
+            agents = None
+        if agents is not None:
+            live = [a for a in agents if a.status != "offline"]
+            out["agents"] = [{"name": a.name, "status": a.status} for a in live[:20]]
+            out["agents_online"] = len(live)
+        return result(out)
+
+
+def _now_ms() -> int:
+    from cflow.streams.client import wall_ms
+
+    return wall_ms()
+
+
+# ------------------------------------------------------------ resource, prompt
+
+
+def schema_markdown() -> str:
+    """The ``cflow://schema`` resource: every table with its columns, and the views."""
+    from cflow.projections import schema
+
+    lines = ["# cflow projection (DuckDB, read with the `query` tool)", ""]
+    for table, cols in schema.TABLES.items():
+        lines.append(f"- **{table}**(" + ", ".join(f"{c} {t.split()[0]}" for c, t in cols) + ")")
+    views = getattr(schema, "VIEWS", {})
+    if views:
+        lines += ["", "Views: " + ", ".join(sorted(views)) + "."]
+    lines += ["", "Times are UTC TIMESTAMPs from event clocks. One SELECT per call; "
+                  "results are row-capped (`truncated` says so)."]
+    return "\n".join(lines)
+
+
+def work_next_text(agent: str, capability: str | None = None) -> str:
+    scope = f" needing capability '{capability}'" if capability else ""
+    return (
+        f"You are cflow agent '{agent}'. Get the next piece of work{scope} and finish it:\n"
+        "1. Call swarm_status; if you already hold a lease, continue that task.\n"
+        "2. Otherwise call task_claim (wait_s=30 to wait for work). Keep the returned epoch.\n"
+        "3. Read the task body and its context (dependency results, notes). Search shared "
+        "memory (memory_search) for relevant knowledge.\n"
+        "4. Do the work. Record progress with task_update action=note (paths you touched).\n"
+        "5. Finish with task_update action=complete (text = a short result), or action=fail "
+        "(text = the error) or action=release if you cannot do it.\n"
+        "6. Store reusable findings with memory_store. If any call returns LEASE_LOST, stop "
+        "working on that task."
+    )
+
+
+__all__ = ["CflowMCP", "build_server", "compact_schema", "result", "schema_markdown"]
