@@ -325,3 +325,40 @@ def test_cli_memory_commands(cli_env: dict[str, str]) -> None:
     assert missing.stderr.startswith("error: memory entry not found")
     history = json.loads(cf("--json", "memory", "history", "api url").stdout)
     assert [h["operation"] for h in history] == ["put", "delete"]
+
+
+@pytest.mark.integration
+async def test_search_through_the_projection_matches_local(swarm: Swarm, tmp_path: object
+                                                           ) -> None:
+    from pathlib import Path
+
+    from cflow.errors import Unavailable
+    from cflow.projections.projector import Projector
+    from cflow.projections.query import QueryService
+
+    for e in CORPUS:
+        await swarm.memory.put(e.namespace, e.key, e.value, tags=e.tags)
+    await swarm.memory.put("notes", "tmp", "oauth oauth oauth tokens", ttl_s=60)
+    await swarm.memory.delete("notes", "tmp")
+    with pytest.raises(Unavailable):
+        await swarm.memory.search("oauth", source="projection")
+    projector = Projector(swarm.log, Path(str(tmp_path)) / "p.duckdb")
+    service = QueryService(swarm.nc, swarm.name, projector, server_id="p1")
+    await service.start()
+    task = asyncio.create_task(projector.run())
+    try:
+        remote = await swarm.memory.search("oauth tokens", source="projection")
+        local = await swarm.memory.search("oauth tokens", source="kv")
+        assert [(h.namespace, h.key) for h in remote] == [
+            ("docs", "auth"), ("notes", "auth-bug"), ("docs", "deploy")]
+        assert [(h.key, round(h.score, 9), h.snippet, h.tags) for h in remote] == [
+            (h.key, round(h.score, 9), h.snippet, h.tags) for h in local]
+        # read-your-writes through the projection
+        await swarm.memory.put("docs", "sso", "oauth tokens oauth tokens via sso")
+        assert (await swarm.memory.search("oauth tokens", limit=1))[0].key == "sso"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await service.stop()
+        await projector.close()

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cflow import events as ev
-from cflow.errors import ConflictError, InvalidInput, NotFound
+from cflow.errors import ConflictError, InvalidInput, NotFound, Unavailable
 from cflow.streams import names
 from cflow.streams.client import (
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -62,9 +62,11 @@ if TYPE_CHECKING:
     from cflow.swarm import Swarm
 
 ContentType = Literal["text", "json"]
+SearchSource = Literal["auto", "projection", "kv"]
 
 MAX_VALUE_BYTES = 512 * 1024
 K1 = 1.2
+PROJECTION_WAIT_S = 2.0
 B = 0.75
 _EPOCH = datetime(1970, 1, 1)
 
@@ -332,6 +334,44 @@ LIMIT $limit
 """
 
 
+def _literal(value: str | None) -> str:
+    """A DuckDB string literal (standard SQL: quotes doubled, no backslash escapes)."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def render_bm25(query: str, *, namespace: str | None = None, tag: str | None = None,
+                limit: int = 10, now: datetime | None = None, table: str = "memory") -> str:
+    """The BM25 query with its values inlined as literals (pure).
+
+    Literals rather than parameters, so the same text runs locally and through
+    the projector's query service (which takes no parameters).
+
+    Raises:
+        InvalidInput: ``limit`` < 1 or a table name that is not an identifier.
+    """
+    if limit < 1:
+        raise InvalidInput("search limit must be at least 1")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", table):
+        raise InvalidInput(f"not a table name: {table!r}")
+    when = now or (_EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000))
+    values = {
+        "{table}": table, "$query": _literal(query), "$namespace": _literal(namespace),
+        "$tag": _literal(tag), "$limit": str(int(limit)), "$k1": repr(K1), "$b": repr(B),
+        "$now": f"TIMESTAMP '{when.isoformat(sep=' ')}'",
+    }
+    return re.sub(r"\{table\}|\$(?:query|namespace|tag|limit|k1|b|now)\b",
+                  lambda m: values[m.group(0)], BM25_SQL)
+
+
+def hits_from_rows(rows: Iterable[Sequence[Any]], query: str) -> list[SearchHit]:
+    """Search hits from ``(namespace, key, score, value, tags, version)`` rows."""
+    terms = query_terms(query)
+    return [SearchHit(namespace=ns, key=key, score=float(score),
+                      snippet=snippet(f"{value or ''}", terms), tags=tuple(tags or ()),
+                      version=int(version or 0), value=value or "")
+            for ns, key, score, value, tags, version in rows]
+
+
 def bm25_search(
     conn: duckdb.DuckDBPyConnection,
     query: str,
@@ -350,23 +390,10 @@ def bm25_search(
     Raises:
         InvalidInput: ``limit`` < 1 or a table name that is not an identifier.
     """
-    if limit < 1:
-        raise InvalidInput("search limit must be at least 1")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", table):
-        raise InvalidInput(f"not a table name: {table!r}")
-    terms = query_terms(query)
-    if not terms:
+    sql = render_bm25(query, namespace=namespace, tag=tag, limit=limit, now=now, table=table)
+    if not query_terms(query):
         return []
-    params = {
-        "query": query, "namespace": namespace, "tag": tag, "limit": limit,
-        "now": now or (_EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000)),
-        "k1": K1, "b": B,
-    }
-    rows = conn.execute(BM25_SQL.replace("{table}", table), params).fetchall()
-    return [SearchHit(namespace=ns, key=key, score=float(score),
-                      snippet=snippet(f"{value or ''}", terms), tags=tuple(tags or ()),
-                      version=int(version or 0), value=value or "")
-            for ns, key, score, value, tags, version in rows]
+    return hits_from_rows(conn.execute(sql).fetchall(), query)
 
 
 def search_entries(entries: Iterable[MemoryEntry], query: str, *, namespace: str | None = None,
@@ -538,17 +565,33 @@ class MemoryService:
         return out
 
     async def search(self, query: str, *, namespace: str | None = None, tag: str | None = None,
-                     limit: int = 10) -> builtins.list[SearchHit]:
+                     limit: int = 10, source: SearchSource = "auto"
+                     ) -> builtins.list[SearchHit]:
         """BM25-ranked entries matching ``query`` over key, value and tags, with snippets.
 
-        Runs the projection's SQL on an in-memory DuckDB built from the live
-        entries, in a dedicated worker thread.
+        Args:
+            source: ``"projection"`` asks the swarm's projector (read-your-writes:
+                it waits until the projection reached the stream's current end);
+                ``"kv"`` runs the same SQL on an in-memory DuckDB loaded from the
+                live entries, in a dedicated worker thread; ``"auto"`` tries the
+                projection and falls back to ``"kv"`` when no projector answers.
 
         Raises:
             InvalidInput: ``limit`` < 1.
+            Unavailable: ``source="projection"`` and no projector answered.
         """
-        if limit < 1:
-            raise InvalidInput("search limit must be at least 1")
+        sql = render_bm25(query, namespace=namespace, tag=tag, limit=limit)
+        if not query_terms(query):
+            return []
+        if source in ("auto", "projection"):
+            try:
+                seq = await self.log.stream_last_seq()
+                result = await self.swarm.query(sql, limit=limit, wait_for_seq=seq,
+                                                timeout_s=PROJECTION_WAIT_S)
+                return hits_from_rows(result.rows, query)
+            except Unavailable:
+                if source == "projection":
+                    raise
         import anyio
 
         entries = await self.list(namespace=namespace, tag=tag)
@@ -592,8 +635,10 @@ __all__ = [
     "build_memory_delete",
     "build_memory_put",
     "entry_from_kv",
+    "hits_from_rows",
     "key_token",
     "query_terms",
+    "render_bm25",
     "search_entries",
     "snippet",
     "token_parts",

@@ -112,6 +112,20 @@ def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | Non
         human(data)
 
 
+def group(name: str, help: str) -> typer.Typer:
+    """The sub-app ``cfctl <name>``, created by whichever command module asks first.
+
+    Lets several modules add commands to one group (``cfctl setup claude`` and
+    ``cfctl setup git-guard``) whatever their import order.
+    """
+    for registered in app.registered_groups:
+        if registered.name == name and registered.typer_instance is not None:
+            return registered.typer_instance
+    sub = typer.Typer(help=help, no_args_is_help=True)
+    app.add_typer(sub, name=name)
+    return sub
+
+
 def agent_name(explicit: str | None = None) -> str:
     import socket
 

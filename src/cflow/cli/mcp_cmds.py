@@ -13,11 +13,10 @@ from pathlib import Path
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, exit_code_for, fail, state
+from cflow.cli.app import EXIT_USAGE, app, exit_code_for, fail, group, state
 from cflow.errors import CflowError
 
-setup_app = typer.Typer(help="Wire cflow into agent tools (Claude Code).", no_args_is_help=True)
-app.add_typer(setup_app, name="setup")
+setup_app = group("setup", "Wire cflow into agent tools (Claude Code, git).")
 
 
 @app.command("mcp")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_ERROR, EXIT_UNAVAILABLE, app, emit, fail, run, state
+from cflow.cli.app import EXIT_ERROR, EXIT_UNAVAILABLE, app, emit, fail, group, run, state
 
 if TYPE_CHECKING:
     from cflow.reservations import Reservation
@@ -22,17 +22,7 @@ if TYPE_CHECKING:
 HOOK_MARKER = "# installed by `cfctl setup git-guard`"
 
 
-def _setup_app() -> typer.Typer:
-    """The `setup` group: shared with other modules that install integrations."""
-    for group in app.registered_groups:
-        if group.name == "setup" and group.typer_instance is not None:
-            return group.typer_instance
-    setup = typer.Typer(help="Install integrations (git hooks, ...).", no_args_is_help=True)
-    app.add_typer(setup, name="setup")
-    return setup
-
-
-setup_app = _setup_app()
+setup_app = group("setup", "Wire cflow into agent tools (Claude Code, git).")
 
 
 def owner_name(explicit: str | None) -> str:
