@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
     from cflow.agents import AgentService
+    from cflow.control import ControlService
     from cflow.leases import TaskService
     from cflow.memory import MemoryService
     from cflow.messages import MessageService
@@ -42,6 +43,10 @@ class Swarm:
         self.log = EventLog(nc, swarm, actor=agent, node=f"{agent}@{socket.gethostname()}")
         self._tasks: TaskService | None = None
         self._agents: AgentService | None = None
+        self._control: ControlService | None = None
+        # Budgets refuse creations; maintenance hooks run inside `tasks.maintain()`.
+        self.create_guards: list[Callable[..., Awaitable[None]]] = []
+        self.maintenance_hooks: list[Callable[[], Awaitable[None]]] = []
         self._memory: MemoryService | None = None
         self._messages: MessageService | None = None
         self._reservations: ReservationService | None = None
@@ -84,7 +89,16 @@ class Swarm:
             from cflow.leases import TaskService
 
             self._tasks = TaskService(self)
+            self.control.install()  # pause, budgets and breakers guard every claim and create
         return self._tasks
+
+    @property
+    def control(self) -> ControlService:
+        if self._control is None:
+            from cflow.control import ControlService
+
+            self._control = ControlService(self)
+        return self._control
 
     @property
     def agents(self) -> AgentService:
@@ -132,6 +146,8 @@ class Swarm:
             sql, limit=limit, wait_for_seq=wait_for_seq, timeout_s=timeout_s)
 
     async def aclose(self) -> None:
+        if self._control is not None:
+            await self._control.aclose()
         if self._tasks is not None:
             await self._tasks.aclose()
         if self._messages is not None:

@@ -1,0 +1,966 @@
+"""Operating a swarm: pause / resume / stop, budgets, circuit breakers, human gates.
+
+Theory of operation
+-------------------
+Control state lives in the swarm's ``control`` KV bucket, one key per fact:
+
+- ``swarm``: the swarm's mode (running / paused / stopped), who set it and why;
+- ``scope.<task>``: a paused subtree (a parent task and everything under it);
+- ``budget.<scope>``: limits for the swarm (``budget.swarm``) or one parent task;
+- ``breaker.<capability>``: an open circuit breaker and when it closes.
+
+Every change is also an event on the control entity (``SwarmPaused``,
+``BudgetExceeded``, ``BreakerOpened``, ...) with the actor and the reason, so
+the log says who stopped what and why.
+
+Every process keeps a :class:`ControlView` (pure) folded from an ordered
+consumer on the bucket, so the guards the claim path calls are dictionary
+look-ups, not KV reads:
+
+- the claim guard (``swarm.tasks.claim_guards``) refuses every claim while the
+  swarm is paused or stopped;
+- the claim filter (``swarm.tasks.claim_filters``) skips tasks under a paused
+  scope or needing a capability whose breaker is open;
+- the create guard (``swarm.create_guards``) enforces the children and depth
+  budgets before a ``TaskCreated`` is written.
+
+Budgets that depend on history (attempts per window, spend) and breakers
+(consecutive failures of one capability) are evaluated by :meth:`ControlService.maintain`,
+which every long-lived process runs next to the task maintenance loop. Several of
+them may decide the same thing at once: the compare-and-set on the KV key lets
+one win, and only the winner appends the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from cflow import events as ev
+from cflow.errors import (
+    CflowError,
+    ConcurrencyConflict,
+    InvalidInput,
+    InvalidState,
+    LimitExceeded,
+    NotFound,
+    Paused,
+)
+from cflow.streams import StoredEvent, names
+from cflow.streams.client import wall_ms
+from cflow.tasks import TaskState, event_ms
+
+if TYPE_CHECKING:
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.control")
+
+SWARM = "swarm"  # the scope name of the whole swarm
+Mode = Literal["running", "paused", "stopped"]
+
+# Budget names a `budget.<scope>` record may hold (all optional).
+LIMITS: dict[str, str] = {
+    "max_children": "tasks created under one parent",
+    "max_depth": "depth of sub-task creation below the scope",
+    "max_attempts": "claims (attempts) in total per window",
+    "window_s": "the window of max_attempts, seconds",
+    "max_spend_usd": "reported cost of completed/failed tasks, USD",
+    "breaker_failures": "consecutive failures of one capability that open its breaker",
+    "breaker_window_s": "failures further apart than this do not add up, seconds",
+    "breaker_cooldown_s": "how long an open breaker refuses work, seconds",
+}
+DEFAULT_WINDOW_S = 3600.0
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_WINDOW_S = 600.0
+DEFAULT_BREAKER_COOLDOWN_S = 60.0
+
+_TOKEN_RE = re.compile(ev.TOKEN_PATTERN)
+
+
+# --------------------------------------------------------------------- records
+
+
+class ScopeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """Value of ``swarm`` and ``scope.<task>``: the mode of a scope."""
+
+    scope: str
+    mode: Mode
+    reason: str = ""
+    actor: str = ""
+    at_ms: int = 0
+    budget: str | None = None  # the budget whose excess paused it
+
+
+class BudgetRecord(msgspec.Struct, frozen=True, kw_only=True):
+    scope: str
+    limits: dict[str, float] = msgspec.field(default_factory=dict)
+    actor: str = ""
+    at_ms: int = 0
+
+
+class BreakerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    capability: str
+    state: Literal["open", "closed"]
+    failures: int = 0
+    opened_ms: int = 0
+    until_ms: int = 0
+    reason: str = ""
+
+    def open_at(self, now_ms: int) -> bool:
+        return self.state == "open" and now_ms < self.until_ms
+
+
+_enc = msgspec.json.Encoder()
+_scope_dec = msgspec.json.Decoder(ScopeRecord)
+_budget_dec = msgspec.json.Decoder(BudgetRecord)
+_breaker_dec = msgspec.json.Decoder(BreakerRecord)
+
+
+def key_token(value: str) -> str:
+    """A KV key / entity id token for a free-form name (capability names may be anything)."""
+    if _TOKEN_RE.match(value) and len(value) <= 100:
+        return value
+    return "h" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def scope_key(scope: str) -> str:
+    return SWARM if scope == SWARM else f"scope.{key_token(scope)}"
+
+
+def budget_key(scope: str) -> str:
+    return f"budget.{key_token(scope)}"
+
+
+def breaker_key(capability: str) -> str:
+    return f"breaker.{key_token(capability)}"
+
+
+def check_limits(limits: Mapping[str, float]) -> dict[str, float]:
+    """Refuse unknown budget names and negative values (pure)."""
+    out: dict[str, float] = {}
+    for name, value in limits.items():
+        if name not in LIMITS:
+            raise InvalidInput(f"unknown budget {name!r}; known: {', '.join(LIMITS)}")
+        if value < 0:
+            raise InvalidInput(f"budget {name} must be >= 0, got {value:g}")
+        out[name] = float(value)
+    return out
+
+
+# ------------------------------------------------------------------ the view
+
+
+@dataclass
+class ControlView:
+    """Everything the control bucket says, folded from its entries (pure)."""
+
+    swarm: ScopeRecord = field(default_factory=lambda: ScopeRecord(scope=SWARM, mode="running"))
+    scopes: dict[str, ScopeRecord] = field(default_factory=dict)
+    budgets: dict[str, BudgetRecord] = field(default_factory=dict)
+    breakers: dict[str, BreakerRecord] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, key: str, revision: int, value: bytes | None) -> None:
+        """Fold one KV entry; ``value`` None is a delete. Undecodable values are ignored."""
+        self.revisions[key] = revision
+        try:
+            if key == SWARM:
+                self.swarm = (_scope_dec.decode(value) if value
+                              else ScopeRecord(scope=SWARM, mode="running"))
+            elif key.startswith("scope."):
+                self._put(self.scopes, key, value and _scope_dec.decode(value))
+            elif key.startswith("budget."):
+                self._put(self.budgets, key, value and _budget_dec.decode(value))
+            elif key.startswith("breaker."):
+                self._put(self.breakers, key, value and _breaker_dec.decode(value))
+        except msgspec.DecodeError:
+            log.warning("ignoring undecodable control entry %s", key)
+
+    @staticmethod
+    def _put(table: dict[str, Any], key: str, record: Any) -> None:
+        if record:
+            table[key] = record
+        else:
+            table.pop(key, None)
+
+    @property
+    def mode(self) -> Mode:
+        return self.swarm.mode
+
+    def scope(self, scope: str) -> ScopeRecord:
+        if scope == SWARM:
+            return self.swarm
+        return self.scopes.get(scope_key(scope)) or ScopeRecord(scope=scope, mode="running")
+
+    def paused_scopes(self) -> list[ScopeRecord]:
+        return [r for r in self.scopes.values() if r.mode != "running"]
+
+    def budget(self, scope: str) -> dict[str, float]:
+        record = self.budgets.get(budget_key(scope))
+        return dict(record.limits) if record else {}
+
+    def breaker(self, capability: str) -> BreakerRecord | None:
+        return self.breakers.get(breaker_key(capability))
+
+    def open_breakers(self, now_ms: int) -> list[BreakerRecord]:
+        return [b for b in self.breakers.values() if b.open_at(now_ms)]
+
+    def breaker_settings(self, defaults: BreakerSettings) -> BreakerSettings:
+        limits = self.budget(SWARM)
+        return BreakerSettings(
+            failures=int(limits.get("breaker_failures", defaults.failures)),
+            window_s=limits.get("breaker_window_s", defaults.window_s),
+            cooldown_s=limits.get("breaker_cooldown_s", defaults.cooldown_s),
+        )
+
+    # -- decisions (pure)
+
+    def claim_refusal(self) -> Paused | None:
+        """Why no claim at all may happen now (the swarm is paused or stopped)."""
+        if self.swarm.mode == "running":
+            return None
+        who = f" by {self.swarm.actor}" if self.swarm.actor else ""
+        reason = self.swarm.reason or "no reason given"
+        return Paused(SWARM, f"{self.swarm.mode}{who}: {reason}")
+
+    def task_refusal(self, task: TaskState, ancestry: Iterable[str], now_ms: int
+                     ) -> Paused | None:
+        """Why this task may not be claimed now: a paused scope or an open breaker."""
+        for cap in task.capabilities:
+            breaker = self.breaker(cap)
+            if breaker is not None and breaker.open_at(now_ms):
+                left = (breaker.until_ms - now_ms) / 1000
+                return Paused(f"capability {cap}",
+                              f"circuit breaker open for {left:.1f} s more "
+                              f"({breaker.failures} consecutive failures)")
+        if self.scopes:
+            for scope in (task.task_id, *ancestry):
+                record = self.scopes.get(scope_key(scope))
+                if record is not None and record.mode != "running":
+                    return Paused(f"scope {scope}", record.reason or record.mode)
+        return None
+
+    def to_dict(self, now_ms: int) -> dict[str, Any]:
+        return {
+            "mode": self.swarm.mode,
+            "reason": self.swarm.reason,
+            "actor": self.swarm.actor,
+            "since_ms": self.swarm.at_ms or None,
+            "paused_scopes": [msgspec.to_builtins(r) for r in self.paused_scopes()],
+            "budgets": {r.scope: dict(r.limits) for r in self.budgets.values()},
+            "open_breakers": [msgspec.to_builtins(b) for b in self.open_breakers(now_ms)],
+        }
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failures: int = DEFAULT_BREAKER_FAILURES
+    window_s: float = DEFAULT_BREAKER_WINDOW_S
+    cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S
+
+
+# ------------------------------------------------------------ budget checks
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A budget a step would exceed, and the scope to pause for it."""
+
+    scope: str  # where the budget is set
+    pause: str  # the scope to pause (the budget's scope, or the tree for swarm budgets)
+    budget: str
+    limit: float
+    value: float
+
+    def message(self) -> str:
+        what = LIMITS.get(self.budget, self.budget)
+        where = "the swarm" if self.scope == SWARM else f"scope {self.scope}"
+        return (f"budget {self.budget} of {where} exceeded: {self.value:g} > {self.limit:g} "
+                f"({what}); scope {self.pause} paused")
+
+
+def check_create(view: ControlView, data: ev.TaskCreated, ancestry: list[tuple[str, int]],
+                 children: int) -> Violation | None:
+    """Children and depth budgets for a new task (pure).
+
+    ``ancestry`` is ``[(task_id, depth)]`` from the new task's parent up to its
+    root; ``children`` the number of tasks already under the parent.
+    """
+    if data.parent_id is None:
+        return None
+    root = ancestry[-1][0] if ancestry else data.parent_id
+    scopes: list[tuple[str, int, str]] = [(SWARM, -1, root)]
+    scopes += [(tid, depth, tid) for tid, depth in ancestry]
+    for scope, scope_depth, pause in scopes:
+        limits = view.budget(scope)
+        if not limits:
+            continue
+        max_children = limits.get("max_children")
+        if max_children is not None and children + 1 > max_children:
+            return Violation(scope, pause, "max_children", max_children, children + 1)
+        max_depth = limits.get("max_depth")
+        depth = data.depth if scope == SWARM else data.depth - scope_depth
+        if max_depth is not None and depth > max_depth:
+            return Violation(scope, pause, "max_depth", max_depth, depth)
+    return None
+
+
+class BreakerTracker:
+    """Consecutive failures per capability (pure): which breakers to open."""
+
+    def __init__(self) -> None:
+        self.streaks: dict[str, tuple[int, int]] = {}  # capability -> (count, last failure ms)
+
+    def failed(self, capabilities: Iterable[str], at_ms: int, settings: BreakerSettings
+               ) -> list[tuple[str, int]]:
+        """Record a failure; returns ``[(capability, failures)]`` whose threshold is reached."""
+        tripped = []
+        for cap in capabilities:
+            count, last = self.streaks.get(cap, (0, 0))
+            if count and at_ms - last > settings.window_s * 1000:
+                count = 0
+            count += 1
+            self.streaks[cap] = (count, at_ms)
+            if settings.failures > 0 and count >= settings.failures:
+                tripped.append((cap, count))
+                self.streaks[cap] = (0, at_ms)
+        return tripped
+
+    def succeeded(self, capabilities: Iterable[str]) -> None:
+        for cap in capabilities:
+            self.streaks.pop(cap, None)
+
+
+@dataclass
+class _Usage:
+    """Attempts in the window and total spend of one scope."""
+
+    claims: deque[int] = field(default_factory=deque)
+    spend: float = 0.0
+
+
+# ------------------------------------------------------------------ service
+
+
+class ControlService:
+    """Pause, budgets, breakers and gates of one swarm (``swarm.control``)."""
+
+    def __init__(self, swarm: Swarm, *, breaker: BreakerSettings | None = None) -> None:
+        self.swarm = swarm
+        self.log = swarm.log
+        self.bucket = swarm.log.bucket(names.CONTROL)
+        self.view = ControlView()
+        self.defaults = breaker or BreakerSettings()
+        self.stopped = asyncio.Event()  # set while the swarm is stopped
+        self.paused = asyncio.Event()  # set while the swarm is paused or stopped
+        self._caught_up = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self._version = 0
+        self._installed = False
+        self._created: dict[str, set[str]] = {}  # parent -> children this process created
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # maintenance state (folded from task events)
+        self._parents: dict[str, str | None] = {}
+        self._caps: dict[str, tuple[str, ...]] = {}
+        self._breakers = BreakerTracker()
+        self._usage: dict[str, _Usage] = {}
+
+    def install(self) -> None:
+        """Register the guards on the claim and create paths (idempotent)."""
+        if self._installed:
+            return
+        self._installed = True
+        tasks = self.swarm.tasks
+        tasks.claim_guards.append(self._claim_guard)
+        tasks.claim_filters.append(self._claim_filter)
+        self.swarm.create_guards.append(self._create_guard)
+        self.swarm.maintenance_hooks.append(self.maintain)
+
+    # ------------------------------------------------------------ the cache
+
+    async def ensure(self) -> ControlView:
+        """Start watching the control bucket (once) and wait until the cache is current."""
+        if self._watch_task is None:
+            self._watch_task = asyncio.create_task(self._watch(), name="control-watch")
+        if not self._caught_up.is_set():
+            waiter = asyncio.create_task(self._caught_up.wait())
+            done, _ = await asyncio.wait({waiter, self._watch_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self._watch_task in done and not self._caught_up.is_set():
+                waiter.cancel()
+                self._watch_task.result()
+        return self.view
+
+    async def _watch(self) -> None:
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        from cflow.streams.errors import nats_errors
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            await queue.put(msg)
+
+        subject = f"$KV.{self.bucket}.>"
+        with nats_errors(subject):
+            sub = await self.log.js.subscribe(
+                subject, cb=on_msg, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+                stream=names.kv_stream(self.bucket))
+        try:
+            with nats_errors(subject):
+                info = await sub.consumer_info()
+            if info.num_pending == 0 and queue.empty():
+                await self._mark_changed()
+                self._caught_up.set()
+            while True:
+                msg = await queue.get()
+                key = msg.subject[len(f"$KV.{self.bucket}."):]
+                op = (msg.headers or {}).get("KV-Operation", "PUT")
+                value = bytes(msg.data) if op == "PUT" else None
+                self.view.apply(key, int(msg.metadata.sequence.stream), value)
+                if msg.metadata.num_pending == 0 or self._caught_up.is_set():
+                    await self._mark_changed()
+                    self._caught_up.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _mark_changed(self) -> None:
+        """The cache moved: update the events, arm breaker timers, wake claimers."""
+        view = self.view
+        if view.mode == "stopped":
+            self.stopped.set()
+        else:
+            self.stopped.clear()
+        if view.mode == "running":
+            self.paused.clear()
+        else:
+            self.paused.set()
+        now = wall_ms()
+        loop = asyncio.get_running_loop()
+        for key, breaker in view.breakers.items():
+            if breaker.open_at(now) and key not in self._timers:
+                self._timers[key] = loop.call_later(
+                    (breaker.until_ms - now) / 1000 + 0.01, self._breaker_elapsed, key)
+        self._version += 1
+        async with self._changed:
+            self._changed.notify_all()
+        if self.swarm._tasks is not None:
+            await self.swarm._tasks.poke()
+
+    def _breaker_elapsed(self, key: str) -> None:
+        self._timers.pop(key, None)
+        asyncio.get_running_loop().create_task(self._mark_changed())
+
+    def _moved_since(self, seen: int) -> Callable[[], bool]:
+        return lambda: self._version != seen
+
+    async def state(self) -> dict[str, Any]:
+        """The control state as a JSON-ready dict (mode, paused scopes, budgets, breakers)."""
+        view = await self.ensure()
+        return view.to_dict(wall_ms())
+
+    async def watch(self) -> AsyncIterator[ControlView]:
+        """Yield the view now and after every change (pause, stop, breaker...) until cancelled."""
+        view = await self.ensure()
+        seen = -1
+        while True:
+            if self._version != seen:
+                seen = self._version
+                yield view
+            async with self._changed:
+                await self._changed.wait_for(self._moved_since(seen))
+
+    async def wait_mode(self, *modes: Mode, timeout_s: float = 10.0) -> bool:
+        """Wait until this process's cache shows the swarm in one of ``modes``."""
+        await self.ensure()
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.view.mode in modes), timeout_s)
+            except TimeoutError:
+                return False
+        return True
+
+    # ------------------------------------------------------------- guards
+
+    async def _claim_guard(self, owner: str, capabilities: Any) -> None:
+        view = await self.ensure()
+        refusal = view.claim_refusal()
+        if refusal is not None:
+            raise refusal
+
+    def _ancestry(self, task_id: str | None) -> list[str]:
+        """Parent chain from the board (cheap dictionary look-ups)."""
+        out: list[str] = []
+        board = self.swarm.tasks.board
+        while task_id is not None and len(out) < 1000:
+            state = board.get(task_id)
+            parent = state.parent_id if state else self._parents.get(task_id)
+            if parent is None or parent in out:
+                break
+            out.append(parent)
+            task_id = parent
+        return out
+
+    def _claim_filter(self, state: TaskState) -> Paused | None:
+        view = self.view
+        if not view.scopes and not view.breakers:
+            return None
+        ancestry = self._ancestry(state.task_id) if view.scopes else []
+        return view.task_refusal(state, ancestry, wall_ms())
+
+    async def _create_guard(self, data: ev.TaskCreated, task_id: str) -> None:
+        if data.parent_id is None:
+            return
+        view = await self.ensure()
+        if not view.budgets:
+            return
+        tasks = self.swarm.tasks
+        board = await tasks.ensure_board()
+        ancestry: list[tuple[str, int]] = []
+        current: str | None = data.parent_id
+        while current is not None and len(ancestry) < 1000:
+            state = board.get(current) or await tasks.get(current)
+            ancestry.append((state.task_id, state.depth))
+            current = state.parent_id
+        children = {s.task_id for s in board.tasks.values() if s.parent_id == data.parent_id}
+        children |= self._created.get(data.parent_id, set())
+        children.discard(task_id)
+        violation = check_create(view, data, ancestry, len(children))
+        if violation is not None:
+            await self._exceeded(violation)
+            raise LimitExceeded(violation.message(), scope=violation.scope,
+                                budget=violation.budget, limit=violation.limit,
+                                value=violation.value, paused=violation.pause)
+        self._created.setdefault(data.parent_id, set()).add(task_id)
+
+    # ------------------------------------------------------------ commands
+
+    def _actor(self, actor: str | None) -> str:
+        return actor or self.swarm.agent
+
+    async def _set_scope(self, record: ScopeRecord, *, expected: int | None = None) -> int:
+        return await self.log.kv_put(self.bucket, scope_key(record.scope), _enc.encode(record),
+                                     expected_revision=expected)
+
+    async def pause(self, scope: str = SWARM, reason: str = "", *, actor: str | None = None
+                    ) -> dict[str, Any]:
+        """Stop all claiming in the swarm (or under one parent task).
+
+        Raises:
+            NotFound: ``scope`` is neither "swarm" nor a task.
+        """
+        return await self._set_mode(scope, "paused", reason, actor)
+
+    async def resume(self, scope: str = SWARM, reason: str = "", *, actor: str | None = None
+                     ) -> dict[str, Any]:
+        """Let claiming start again (after a pause, a stop or an exceeded budget)."""
+        return await self._set_mode(scope, "running", reason, actor)
+
+    async def _set_mode(self, scope: str, mode: Mode, reason: str, actor: str | None
+                        ) -> dict[str, Any]:
+        if scope != SWARM:
+            await self.swarm.tasks.get(scope)  # NotFound for an unknown scope
+        who = self._actor(actor)
+        record = ScopeRecord(scope=scope, mode=mode, reason=reason, actor=who, at_ms=wall_ms())
+        await self._set_scope(record)
+        data: ev.EventData = (ev.SwarmPaused(scope=scope, reason=reason) if mode == "paused"
+                              else ev.SwarmResumed(scope=scope, reason=reason))
+        appended = await self.log.append(data, key_token(scope), actor=who)
+        return {"scope": scope, "mode": mode, "reason": reason, "actor": who,
+                "seq": appended.seq}
+
+    async def stop(self, reason: str = "", *, now: bool = False, actor: str | None = None
+                   ) -> dict[str, Any]:
+        """Stop the swarm: no more claims, workers exit; ``now`` also cancels every claim.
+
+        Holders of cancelled tasks learn it at their next heartbeat.
+        """
+        who = self._actor(actor)
+        record = ScopeRecord(scope=SWARM, mode="stopped", reason=reason, actor=who,
+                             at_ms=wall_ms())
+        await self._set_scope(record)
+        appended = await self.log.append(ev.SwarmStopped(reason=reason), SWARM, actor=who)
+        cancelled: list[str] = []
+        if now:
+            board = await self.swarm.tasks.ensure_board()
+            for state in list(board.claimed()):
+                with contextlib.suppress(InvalidState, NotFound):
+                    await self._cancel(state.task_id, f"swarm stopped by {who}: {reason}"
+                                       if reason else f"swarm stopped by {who}", who)
+                    cancelled.append(state.task_id)
+        return {"scope": SWARM, "mode": "stopped", "reason": reason, "actor": who,
+                "seq": appended.seq, "cancelled": cancelled}
+
+    async def _cancel(self, task_id: str, reason: str, actor: str) -> None:
+        tasks = self.swarm.tasks
+        if actor == self.swarm.agent:
+            await tasks.cancel(task_id, reason)
+            return
+        # Record the human as the canceller: the same steps as TaskService.cancel.
+        for _ in range(10):
+            state = await tasks.get(task_id)
+            if state.terminal:
+                raise InvalidState(f"task {task_id} is already {state.status}")
+            epoch = state.epoch if state.status in ("claimed", "expired") else None
+            try:
+                await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch), task_id,
+                                      expected=state.seq, actor=actor)
+            except ConcurrencyConflict:
+                continue
+            if epoch is not None:
+                await tasks._drop_lease(task_id, epoch)
+            await tasks._evaluate_dependents(task_id)
+            return
+
+    async def set_budget(self, scope: str, limits: Mapping[str, float], *,
+                         replace_all: bool = False, actor: str | None = None) -> dict[str, Any]:
+        """Set (merge) budget limits of the swarm or one parent task.
+
+        Raises:
+            InvalidInput: unknown budget name or negative value.
+            NotFound: ``scope`` is neither "swarm" nor a task.
+        """
+        checked = check_limits(limits)
+        if scope != SWARM:
+            await self.swarm.tasks.get(scope)
+        view = await self.ensure()
+        merged = checked if replace_all else {**view.budget(scope), **checked}
+        who = self._actor(actor)
+        record = BudgetRecord(scope=scope, limits=merged, actor=who, at_ms=wall_ms())
+        await self.log.kv_put(self.bucket, budget_key(scope), _enc.encode(record))
+        await self.log.append(ev.BudgetSet(scope=scope, limits=merged), key_token(scope),
+                              actor=who)
+        await self._wait_revision(budget_key(scope))
+        return {"scope": scope, "limits": merged, "actor": who}
+
+    async def _wait_revision(self, key: str) -> None:
+        """Let our own cache see our own write (best effort, short)."""
+        last = await self.log.kv_last(self.bucket, key)
+        if last is None:
+            return
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self.view.revisions.get(key, 0) >= last.revision), 5.0)
+
+    async def budgets(self) -> dict[str, dict[str, float]]:
+        view = await self.ensure()
+        return {r.scope: dict(r.limits) for r in view.budgets.values()}
+
+    async def _exceeded(self, v: Violation) -> bool:
+        """Pause the violated scope (once, across processes) and record why."""
+        view = await self.ensure()
+        key = scope_key(v.pause)
+        if view.scope(v.pause).mode != "running":
+            return False
+        actor = f"budget:{self.swarm.agent}"
+        record = ScopeRecord(scope=v.pause, mode="paused", reason=v.message(), actor=actor,
+                             at_ms=wall_ms(), budget=v.budget)
+        last = await self.log.kv_last(self.bucket, key)
+        if last is not None and last.live:
+            try:
+                if _scope_dec.decode(last.value).mode != "running":
+                    return False
+            except msgspec.DecodeError:
+                pass
+        try:
+            await self._set_scope(record, expected=last.revision if last else 0)
+        except ConcurrencyConflict:
+            return False  # another process paused it first
+        entity = key_token(v.pause)
+        await self.log.append(ev.BudgetExceeded(scope=v.pause, budget=v.budget, limit=v.limit,
+                                                value=v.value), entity, actor=actor)
+        await self.log.append(ev.SwarmPaused(scope=v.pause, reason=v.message()), entity,
+                              actor=actor)
+        log.warning("%s", v.message())
+        return True
+
+    # ------------------------------------------------------------ breakers
+
+    async def open_breaker(self, capability: str, failures: int, *, at_ms: int | None = None,
+                           cooldown_s: float | None = None) -> bool:
+        """Open a capability's breaker (once across processes). True if this call did."""
+        view = await self.ensure()
+        settings = view.breaker_settings(self.defaults)
+        cool = settings.cooldown_s if cooldown_s is None else cooldown_s
+        start = at_ms if at_ms is not None else wall_ms()
+        until = start + int(cool * 1000)
+        if until <= wall_ms():
+            return False
+        key = breaker_key(capability)
+        last = await self.log.kv_last(self.bucket, key)
+        if last is not None and last.live:
+            with contextlib.suppress(msgspec.DecodeError):
+                if _breaker_dec.decode(last.value).open_at(wall_ms()):
+                    return False
+        record = BreakerRecord(capability=capability, state="open", failures=failures,
+                               opened_ms=start, until_ms=until,
+                               reason=f"{failures} consecutive failures")
+        try:
+            await self.log.kv_put(self.bucket, key, _enc.encode(record),
+                                  expected_revision=last.revision if last else 0)
+        except ConcurrencyConflict:
+            return False
+        await self.log.append(ev.BreakerOpened(scope=capability, failures=failures,
+                                               cool_down_s=cool),
+                              "breaker-" + key_token(capability), actor="breaker")
+        log.warning("breaker for capability %s opened after %d failures", capability, failures)
+        return True
+
+    async def close_breaker(self, capability: str, *, actor: str = "breaker") -> bool:
+        """Close an open breaker (cool-down elapsed, or a human). True if this call did."""
+        key = breaker_key(capability)
+        last = await self.log.kv_last(self.bucket, key)
+        if last is None or not last.live:
+            return False
+        try:
+            record = _breaker_dec.decode(last.value)
+        except msgspec.DecodeError:
+            return False
+        if record.state != "open":
+            return False
+        closed = replace_record(record, state="closed")
+        try:
+            await self.log.kv_put(self.bucket, key, _enc.encode(closed),
+                                  expected_revision=last.revision)
+        except ConcurrencyConflict:
+            return False
+        await self.log.append(ev.BreakerClosed(scope=capability),
+                              "breaker-" + key_token(capability), actor=actor)
+        return True
+
+    # --------------------------------------------------------- maintenance
+
+    async def maintain(self) -> None:
+        """Evaluate breakers, attempts and spend budgets from task events, until cancelled.
+
+        Runs in every long-lived process (started by ``swarm.tasks.maintain()``);
+        decisions are compare-and-set on the control keys, so running it in many
+        processes opens a breaker or pauses a scope once.
+        """
+        await self.ensure()
+        closer = asyncio.create_task(self._close_elapsed_breakers(), name="breaker-closer")
+        caught = asyncio.Event()
+        try:
+            async for item in self.log.follow(names.events_filter(self.swarm.name, "task"),
+                                              caught_up=caught):
+                if isinstance(item, StoredEvent):
+                    try:
+                        await self._observe(item.event, live=caught.is_set())
+                    except CflowError as exc:
+                        log.warning("control maintenance step failed: %s", exc)
+        finally:
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await closer
+
+    def _scopes_of(self, task_id: str) -> list[str]:
+        chain = [task_id]
+        current: str | None = task_id
+        while current is not None and len(chain) < 1000:
+            current = self._parents.get(current)
+            if current is not None:
+                chain.append(current)
+        return [SWARM, *chain]
+
+    async def _observe(self, event: ev.Event, *, live: bool) -> None:
+        data = event.data
+        task_id = event.entity_id
+        at = event_ms(event)
+        now = wall_ms()
+        match data:
+            case ev.TaskCreated():
+                self._parents[task_id] = data.parent_id
+                self._caps[task_id] = tuple(data.capabilities)
+            case ev.TaskClaimed():
+                for scope in self._scopes_of(task_id):
+                    limits = self.view.budget(scope)
+                    if "max_attempts" not in limits:
+                        continue
+                    window = limits.get("window_s", DEFAULT_WINDOW_S) * 1000
+                    usage = self._usage.setdefault(scope, _Usage())
+                    usage.claims.append(at)
+                    while usage.claims and usage.claims[0] < at - window:
+                        usage.claims.popleft()
+                    if (len(usage.claims) > limits["max_attempts"]
+                            and (live or at >= now - window)):
+                        await self._exceeded(Violation(scope, scope, "max_attempts",
+                                                       limits["max_attempts"],
+                                                       len(usage.claims)))
+            case ev.TaskCompleted() | ev.TaskFailed():
+                caps = self._caps.get(task_id, ())
+                if isinstance(data, ev.TaskCompleted):
+                    self._breakers.succeeded(caps)
+                elif data.epoch != 0:  # a rejected gate is not a failing capability
+                    settings = self.view.breaker_settings(self.defaults)
+                    for cap, count in self._breakers.failed(caps, at, settings):
+                        if live or at + settings.cooldown_s * 1000 > now:
+                            await self.open_breaker(cap, count, at_ms=max(at, now) if live
+                                                    else at)
+                if data.cost_usd:
+                    await self._spend(task_id, data.cost_usd, live=live)
+            case _:
+                pass
+
+    async def _spend(self, task_id: str, cost: float, *, live: bool) -> None:
+        for scope in self._scopes_of(task_id):
+            usage = self._usage.setdefault(scope, _Usage())
+            usage.spend += cost
+            limit = self.view.budget(scope).get("max_spend_usd")
+            if limit is not None and usage.spend > limit and live:
+                await self._exceeded(Violation(scope, scope, "max_spend_usd", limit,
+                                               round(usage.spend, 6)))
+
+    async def _close_elapsed_breakers(self) -> None:
+        while True:
+            now = wall_ms()
+            due = [b for b in self.view.breakers.values()
+                   if b.state == "open" and b.until_ms <= now]
+            for breaker in due:
+                try:
+                    await self.close_breaker(breaker.capability)
+                except CflowError as exc:
+                    log.warning("closing breaker %s failed: %s", breaker.capability, exc)
+            pending = [b.until_ms for b in self.view.breakers.values() if b.state == "open"
+                       and b.until_ms > now]
+            delay = (min(pending) - now) / 1000 + 0.01 if pending else 3600.0
+            seen = self._version
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait_for(self._moved_since(seen)),
+                        min(delay, 3600.0))
+            if due:
+                # our own close is in flight; let the cache see it before looking again
+                await asyncio.sleep(0)
+
+    # --------------------------------------------------------------- gates
+
+    async def pending_gates(self) -> list[dict[str, Any]]:
+        """Gates waiting for a human (ready), and gates still waiting for dependencies."""
+        board = await self.swarm.tasks.ensure_board()
+        out = []
+        for state in sorted(board.tasks.values(), key=lambda s: s.created_seq):
+            if state.kind == "gate" and state.status in ("ready", "pending"):
+                out.append({"task_id": state.task_id, "title": state.title,
+                            "status": state.status, "waiting_for_deps": state.status == "pending",
+                            "parent_id": state.parent_id, "created_ms": state.created_ms,
+                            "depends_on": list(state.depends_on)})
+        return out
+
+    async def approve(self, task_id: str, note: str = "", *, actor: str | None = None
+                      ) -> TaskState:
+        """Approve a gate: ``TaskCompleted(epoch=0)`` by the human; its dependents get ready.
+
+        Raises:
+            NotFound: no such task. InvalidState: not a gate, or not waiting for a decision.
+        """
+        return await self._decide(task_id, ev.TaskCompleted(epoch=0, result=note or None),
+                                  actor)
+
+    async def reject(self, task_id: str, note: str = "", *, actor: str | None = None
+                     ) -> TaskState:
+        """Reject a gate: ``TaskFailed(final)``; its dependents are blocked with the reason.
+
+        Raises:
+            NotFound: no such task. InvalidState: not a gate, or not waiting for a decision.
+        """
+        error = f"rejected: {note}" if note else "rejected"
+        return await self._decide(task_id, ev.TaskFailed(epoch=0, error=error, final=True),
+                                  actor)
+
+    async def _decide(self, task_id: str, data: ev.TaskCompleted | ev.TaskFailed,
+                      actor: str | None) -> TaskState:
+        tasks = self.swarm.tasks
+        who = self._actor(actor)
+        state = await tasks.get(task_id)
+        if state.kind != "gate":
+            raise InvalidState(f"task {task_id} is not a gate (kind {state.kind})",
+                               task_id=task_id)
+        if state.status == "pending":
+            raise InvalidState(f"gate {task_id} still waits for its dependencies",
+                               task_id=task_id, status=state.status)
+        if state.status != "ready":
+            raise InvalidState(f"gate {task_id} is already {state.status}", task_id=task_id,
+                               status=state.status)
+        try:
+            await self.log.append(data, task_id, expected=state.seq, actor=who,
+                                  msg_id=f"gate-{task_id}")
+        except ConcurrencyConflict:
+            now = await tasks.get(task_id)
+            raise InvalidState(f"gate {task_id} is already {now.status}", task_id=task_id,
+                               status=now.status) from None
+        if isinstance(data, ev.TaskFailed):
+            await self._block_dependents(task_id, data.error, who)
+        await tasks._evaluate_dependents(task_id)
+        return await tasks.get(task_id)
+
+    async def _block_dependents(self, gate_id: str, error: str, actor: str) -> None:
+        """Block a rejected gate's dependents with the human's reason (same Msg-Id as the
+        readiness evaluator, so whichever comes first is the one recorded)."""
+        board = await self.swarm.tasks.ensure_board()
+        for dep_id in sorted(board.dependents.get(gate_id, ())):
+            dep = board.get(dep_id)
+            if dep is None or dep.status != "pending":
+                continue
+            with contextlib.suppress(ConcurrencyConflict, InvalidInput):
+                await self.log.append(
+                    ev.TaskBlocked(reason=f"gate {gate_id} {error}", blocked_by=gate_id),
+                    dep_id, expected=dep.seq, msg_id=f"blocked-{dep_id}", actor=actor)
+
+    # --------------------------------------------------------------- status
+
+    async def status(self) -> dict[str, Any]:
+        """Control state plus pending gates: the ``control`` section of ``cfctl status``."""
+        out = await self.state()
+        out["pending_gates"] = await self.pending_gates()
+        return out
+
+    async def aclose(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+            self._watch_task = None
+
+
+def replace_record(record: BreakerRecord, **changes: Any) -> BreakerRecord:
+    return msgspec.structs.replace(record, **changes)
+
+
+async def status_section(swarm: Swarm) -> dict[str, Any]:
+    """``STATUS_SECTIONS`` entry: the control state and pending gates."""
+    return await swarm.control.status()
+
+
+__all__ = [
+    "LIMITS",
+    "SWARM",
+    "BreakerRecord",
+    "BreakerSettings",
+    "BreakerTracker",
+    "BudgetRecord",
+    "ControlService",
+    "ControlView",
+    "ScopeRecord",
+    "Violation",
+    "check_create",
+    "check_limits",
+    "status_section",
+]
