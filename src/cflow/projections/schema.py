@@ -42,7 +42,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("data", "JSON"),
     ),
     "tasks": (
-        ("task_id", "VARCHAR PRIMARY KEY"),
+        ("task_id", "VARCHAR"),
         ("title", "VARCHAR"),
         ("body", "VARCHAR"),
         ("status", "VARCHAR"),
@@ -108,7 +108,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("artifact", "VARCHAR"),
     ),
     "agents": (
-        ("agent_id", "VARCHAR PRIMARY KEY"),
+        ("agent_id", "VARCHAR"),
         ("name", "VARCHAR"),
         ("capabilities", "VARCHAR[]"),
         ("labels", "JSON"),  # {"key": "value"}; labels->>'key'
@@ -140,7 +140,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("last_seq", "BIGINT"),
     ),
     "messages": (
-        ("id", "VARCHAR PRIMARY KEY"),
+        ("id", "VARCHAR"),
         ("sender", "VARCHAR"),
         ("to", "VARCHAR"),
         ("topic", "VARCHAR"),
@@ -154,7 +154,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("acked_by", "VARCHAR"),
     ),
     "reservations": (
-        ("reservation_id", "VARCHAR PRIMARY KEY"),
+        ("reservation_id", "VARCHAR"),
         ("owner", "VARCHAR"),
         ("paths", "VARCHAR[]"),
         ("exclusive", "BOOLEAN"),
@@ -166,7 +166,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("status", "VARCHAR"),  # held, released
     ),
     "control": (
-        ("scope", "VARCHAR PRIMARY KEY"),
+        ("scope", "VARCHAR"),
         ("paused", "BOOLEAN"),
         ("stopped", "BOOLEAN"),
         ("reason", "VARCHAR"),
@@ -192,10 +192,19 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     ),
 }
 
-# Composite primary keys (DuckDB's upsert needs a key).
-COMPOSITE_KEYS: dict[str, tuple[str, ...]] = {
+# The key of every table the projector rewrites row by row. These tables have no
+# PRIMARY KEY constraint on purpose: DuckDB's upsert costs several milliseconds
+# per statement, so a batch deletes the keys it touches and appends their new
+# rows (both set-at-a-time) instead. ``events`` and ``quarantine`` keep theirs:
+# a sequence applied twice fails the batch instead of silently doubling.
+KEYS: dict[str, tuple[str, ...]] = {
+    "tasks": ("task_id",),
     "task_attempts": ("task_id", "epoch"),
+    "agents": ("agent_id",),
     "memory": ("namespace", "key"),
+    "messages": ("id",),
+    "reservations": ("reservation_id",),
+    "control": ("scope",),
 }
 
 # Tables that only ever grow (plain appends) vs. tables written by upsert.
@@ -223,8 +232,6 @@ def _quote(name: str) -> str:
 
 def create_table(table: str) -> str:
     cols = [f"{_quote(name)} {kind}" for name, kind in TABLES[table]]
-    if table in COMPOSITE_KEYS:
-        cols.append(f"PRIMARY KEY ({', '.join(COMPOSITE_KEYS[table])})")
     return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)})"
 
 
@@ -420,7 +427,7 @@ def ddl() -> list[str]:
 __all__ = [
     "APPEND_ONLY",
     "COLUMNS",
-    "COMPOSITE_KEYS",
+    "KEYS",
     "PROJECTION",
     "TABLES",
     "UPSERTED",

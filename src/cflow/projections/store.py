@@ -6,8 +6,9 @@ Every method is blocking and must run on the projector's one DuckDB thread
 service, because a DuckDB cursor is its own connection.
 
 A batch and the checkpoint commit in one transaction: the rows go in through
-DuckDB appenders (plain appends, and upserts on the primary key), never row by
-row, and ``checkpoint.last_seq`` moves in the same commit. A kill -9 leaves
+DuckDB appenders, never row by row; a keyed table first loses the rows of the
+keys the batch rewrites (one set-at-a-time ``DELETE ... USING``), and
+``checkpoint.last_seq`` moves in the same commit. A kill -9 leaves
 either the whole batch and its checkpoint or neither.
 
 The database is opened with ``enable_external_access = false``: nothing that
@@ -40,6 +41,20 @@ _KEY_COLUMN = {
     "reservations": "reservation_id",
     "control": "scope",
 }
+
+
+_KEY_POSITIONS = {table: [schema.COLUMNS[table].index(c) for c in key]
+                  for table, key in schema.KEYS.items()}
+
+
+def _delete_keys(table: str) -> str:
+    """Delete the rows whose keys are given as parallel lists ($1, $2, ...)."""
+    types = dict(schema.TABLES[table])
+    key = schema.KEYS[table]
+    given = ", ".join(f"unnest(${i + 1}::{types[c].split()[0]}[]) AS k{i}"
+                      for i, c in enumerate(key))
+    match = " AND ".join(f'{table}."{c}" = g.k{i}' for i, c in enumerate(key))
+    return f"DELETE FROM {table} USING (SELECT {given}) g WHERE {match}"
 
 
 def translate(exc: duckdb.Error, path: str) -> CflowError:
@@ -83,7 +98,8 @@ class ProjectionStore:
                 "(SELECT 1 FROM checkpoint WHERE projection = ?)", [projection, projection])
             self.con.execute("COMMIT")
             self._appenders = {t: self.con.appender(t) for t in schema.APPEND_ONLY}
-            self._upserters = {t: self.con.appender(t, action="upsert") for t in schema.UPSERTED}
+            self._upserters = {t: self.con.appender(t) for t in schema.UPSERTED}
+            self._deletes = {t: _delete_keys(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
         except duckdb.Error as exc:
             self.con.close()
@@ -198,11 +214,18 @@ class ProjectionStore:
                 appender.flush()
         for table, rows in changes.upserts.items():
             if rows:
+                key_columns = [list(col) for col in zip(*self._key_values(table, rows),
+                                                        strict=True)]
+                self.con.execute(self._deletes[table], key_columns)
                 upserter = self._upserters[table]
                 upserter.append_rows(rows)
                 upserter.flush()
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
                          [changes.last_seq, seen_at, self.projection])
+
+    @staticmethod
+    def _key_values(table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return [tuple(row[i] for i in _KEY_POSITIONS[table]) for row in rows]
 
     def _abort(self) -> None:
         for appender in (*self._appenders.values(), *self._upserters.values()):
