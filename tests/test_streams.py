@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -513,10 +512,6 @@ async def test_kv_put_get_cas_delete(log: EventLog) -> None:
     keys = await log.kv_keys(bucket)
     assert [(k.key, k.operation) for k in keys] == [("paused", "DEL")]
     assert await log.kv_keys(log.bucket(names.PRESENCE)) == []
-
-
-async def next_message(sub: Any, timeout: float) -> Any:
-    return await sub.next_msg(timeout=timeout)
 
 
 @integration
