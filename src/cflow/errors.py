@@ -6,7 +6,10 @@
     ├── ConflictError                      someone else changed the thing first
     │   ├── ConcurrencyConflict            expected last subject sequence did not match
     │   ├── LeaseLost                      the caller's lease/epoch is no longer the claim of record
-    │   └── AlreadyClaimed                 a specific task is held by someone else
+    │   ├── AlreadyClaimed                 a specific task is held by someone else
+    │   ├── MemoryConflict                 a memory compare-and-set found another version
+    │   ├── ReservationConflict            overlapping paths are reserved by another agent
+    │   └── ReservationLost                a path reservation expired or was released
     ├── NotFound                           no such task / agent / key / entry
     ├── InvalidInput (also ValueError)     the request itself is wrong
     │   ├── MalformedEvent                 bytes that are not a cflow event
@@ -26,6 +29,7 @@ NATS), by error code, never by message text.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -90,6 +94,44 @@ class AlreadyClaimed(ConflictError):
             status=status,
             owner=owner,
         )
+
+
+class MemoryConflict(ConflictError):
+    """A compare-and-set put or delete of a memory entry found another version."""
+
+    def __init__(self, namespace: str, key: str, expected: int, actual: int | None) -> None:
+        found = "no live entry" if not actual else f"version {actual}"
+        want = "no live entry" if expected == 0 else f"version {expected}"
+        super().__init__(f"memory {namespace}/{key}: expected {want}, found {found}",
+                         namespace=namespace, key=key, expected=expected, actual=actual)
+
+
+class ReservationConflict(ConflictError):
+    """Another owner holds an overlapping reservation that this one cannot share."""
+
+    code = "RESERVED"
+
+    def __init__(self, *, holder: str, reservation_id: str, pattern: str, held_pattern: str,
+                 exclusive: bool, expires_ms: int, task_id: str | None = None) -> None:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_ms / 1000))
+        kind = "exclusively" if exclusive else "shared"
+        super().__init__(
+            f"{pattern} overlaps {held_pattern}, reserved {kind} by {holder} until {until}"
+            + (f" (task {task_id})" if task_id else ""),
+            holder=holder, reservation_id=reservation_id, pattern=pattern,
+            held_pattern=held_pattern, exclusive=exclusive, expires_ms=expires_ms,
+            task_id=task_id,
+        )
+
+
+class ReservationLost(ConflictError):
+    """The reservation expired or was released; its holder must reserve again."""
+
+    code = "RESERVATION_LOST"
+
+    def __init__(self, reservation_id: str, reason: str) -> None:
+        super().__init__(f"reservation {reservation_id} lost: {reason}",
+                         reservation_id=reservation_id, reason=reason)
 
 
 class NotFound(CflowError):
@@ -159,8 +201,11 @@ __all__ = [
     "LeaseLost",
     "LimitExceeded",
     "MalformedEvent",
+    "MemoryConflict",
     "NotFound",
     "Paused",
     "QueryRejected",
+    "ReservationConflict",
+    "ReservationLost",
     "Unavailable",
 ]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cflow import events as ev
-from cflow.errors import ConflictError, InvalidInput, NotFound, Unavailable
+from cflow.errors import ConflictError, InvalidInput, MemoryConflict, NotFound, Unavailable
 from cflow.streams import names
 from cflow.streams.client import (
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -69,16 +69,6 @@ K1 = 1.2
 PROJECTION_WAIT_S = 2.0
 B = 0.75
 _EPOCH = datetime(1970, 1, 1)
-
-
-class MemoryConflict(ConflictError):
-    """A compare-and-set put or delete found another version than expected."""
-
-    def __init__(self, namespace: str, key: str, expected: int, actual: int | None) -> None:
-        found = "no live entry" if not actual else f"version {actual}"
-        want = "no live entry" if expected == 0 else f"version {expected}"
-        super().__init__(f"memory {namespace}/{key}: expected {want}, found {found}",
-                         namespace=namespace, key=key, expected=expected, actual=actual)
 
 
 # --------------------------------------------------------------------- pure parts

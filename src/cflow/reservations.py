@@ -56,7 +56,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from cflow import events as ev
-from cflow.errors import CflowError, ConcurrencyConflict, ConflictError, InvalidInput, NotFound
+from cflow.errors import (
+    CflowError,
+    ConcurrencyConflict,
+    ConflictError,
+    InvalidInput,
+    NotFound,
+    ReservationConflict,
+    ReservationLost,
+)
 from cflow.streams import KvEntry, names
 
 if TYPE_CHECKING:
@@ -68,37 +76,6 @@ INDEX_KEY = "index"
 DEFAULT_TTL_S = 300.0
 MAX_RACE_ROUNDS = 200
 _WILDCARDS = re.compile(r"[*?\[]")
-
-
-# ------------------------------------------------------------------------ errors
-
-
-class ReservationConflict(ConflictError):
-    """Another owner holds an overlapping reservation that this one cannot share."""
-
-    code = "RESERVED"
-
-    def __init__(self, *, holder: str, reservation_id: str, pattern: str, held_pattern: str,
-                 exclusive: bool, expires_ms: int, task_id: str | None = None) -> None:
-        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_ms / 1000))
-        kind = "exclusively" if exclusive else "shared"
-        super().__init__(
-            f"{pattern} overlaps {held_pattern}, reserved {kind} by {holder} until {until}"
-            + (f" (task {task_id})" if task_id else ""),
-            holder=holder, reservation_id=reservation_id, pattern=pattern,
-            held_pattern=held_pattern, exclusive=exclusive, expires_ms=expires_ms,
-            task_id=task_id,
-        )
-
-
-class ReservationLost(ConflictError):
-    """The reservation expired or was released; its holder must reserve again."""
-
-    code = "RESERVATION_LOST"
-
-    def __init__(self, reservation_id: str, reason: str) -> None:
-        super().__init__(f"reservation {reservation_id} lost: {reason}",
-                         reservation_id=reservation_id, reason=reason)
 
 
 # ------------------------------------------------------------------ pure: paths
