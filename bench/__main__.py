@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -65,6 +66,10 @@ async def run(ns: argparse.Namespace) -> dict[str, object]:
     timings: dict[str, float] = {}
     try:
         desc = machine(tmp)
+        desc["loadavg_start"] = os.getloadavg()
+        if desc["loadavg_start"][0] > (os.cpu_count() or 1):
+            print(f"[bench] warning: load average {desc['loadavg_start'][0]:.1f} exceeds "
+                  f"the {os.cpu_count()} CPUs; figures will be noisy", file=sys.stderr)
         for name in names:
             s0 = time.perf_counter()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -79,6 +84,7 @@ async def run(ns: argparse.Namespace) -> dict[str, object]:
         await children.close()
         servers.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    desc["loadavg_end"] = os.getloadavg()
     meta: dict[str, object] = {
         "command": "uv run python -m bench" + (" --quick" if ns.quick else "")
                    + "".join(f" --only {n}" for n in ns.only or []),

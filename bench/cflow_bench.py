@@ -217,6 +217,12 @@ async def claims(ctx: Ctx) -> None:
                     rate = len(lat) / elapsed if elapsed > 0 else 0.0
                     left -= len(lat)
                     target = max(target, int(rate * duration * 1.5) + 50)
+                    done = [x for r in results for x in r["complete"]]
+                    ctx.rec.add(f"claims.cflow.{sync}.n{n}.complete_p50",
+                                percentile(done, 50) * 1000,
+                                label=f"complete p50, cflow {sync}, {n} procs", unit="ms",
+                                section="2 claims", durability=DURABILITY[sync],
+                                note="lease.complete(): fenced append, lease delete, re-read")
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}

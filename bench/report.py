@@ -83,6 +83,45 @@ def print_table(rec: Record, title: str) -> None:
         console.print(f"[red]section {key} failed:[/red] {err}")
 
 
+HEADLINE_PATTERNS = (
+    "pickup.cflow.*.p50", "pickup.cflow.*.p99",
+    "claims.cflow.*.n*.rate", "claims.cflow.*.n16.p99", "claims.cflow.*.n16.conflicts",
+    "claims.cflow.*.log_double_claims",
+    "reclaim.cflow.ratio_ttl",
+    "append.cflow.*.append.rate", "append.cflow.*.append_many.rate",
+    "projection.ingest_events_per_s", "projection.lag_p99_ms", "projection.rebuild_s",
+    "projection.rebuild_events",
+    "scale.load.*.p99", "scale.load.*.writes_per_s",
+    "coldstart.*.ms",
+    "cluster.r3.*",
+    "mcp.*",
+)
+
+
+def _table(rec: Record, keys: set[str] | None) -> list[str]:
+    lines = [
+        "| figure | value | spread | baseline | ratio | durability | goal |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    section = None
+    for row in rows(rec):
+        if keys is not None and row["key"] not in keys:
+            continue
+        if row["section"] != section:
+            section = row["section"]
+            lines.append(f"| **{section}** | | | | | | |")
+        cells = [row[c].replace("|", "\\|") for c in
+                 ("figure", "value", "spread", "baseline", "ratio", "durability", "goal")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def headline_keys(rec: Record) -> set[str]:
+    from fnmatch import fnmatchcase
+
+    return {k for k in rec.figures if any(fnmatchcase(k, p) for p in HEADLINE_PATTERNS)}
+
+
 def markdown(rec: Record, meta: dict[str, Any]) -> str:
     m = meta["machine"]
     lines = [
@@ -92,22 +131,23 @@ def markdown(rec: Record, meta: dict[str, Any]) -> str:
         f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, "
         f"{m['platform']}, filesystem {m['filesystem']}; Python {m['python']}, "
         f"{m['nats_server']}, nats-py {m['nats_py']}, DuckDB {m['duckdb']}, "
-        f"SQLite {m['sqlite']}.",
+        f"SQLite {m['sqlite']}. Load average (1 min) at start "
+        f"{m.get('loadavg_start', [float('nan')])[0]:.1f}, at end "
+        f"{m.get('loadavg_end', [float('nan')])[0]:.1f}.",
         "",
         "Each value is the median over repeated runs (spread = min–max); the ratio is "
         "value / baseline, both measured in the same run.",
         "",
-        "| figure | value | spread | baseline | ratio | durability | goal |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Headline figures:",
+        "",
+        *_table(rec, headline_keys(rec)),
+        "",
+        "<details><summary>Every figure of the run</summary>",
+        "",
+        *_table(rec, None),
+        "",
+        "</details>",
     ]
-    section = None
-    for row in rows(rec):
-        if row["section"] != section:
-            section = row["section"]
-            lines.append(f"| **{section}** | | | | | | |")
-        cells = [row[c].replace("|", "\\|") for c in
-                 ("figure", "value", "spread", "baseline", "ratio", "durability", "goal")]
-        lines.append("| " + " | ".join(cells) + " |")
     for key, err in rec.errors.items():
         lines.append(f"\nSection `{key}` failed: {err}")
     return "\n".join(lines) + "\n"
