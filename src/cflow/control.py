@@ -905,8 +905,24 @@ class ControlService:
                                status=now.status) from None
         if isinstance(data, ev.TaskFailed):
             await self._block_dependents(task_id, data.error, who)
-        await tasks._evaluate_dependents(task_id)
+        await self._cascade(task_id)
         return await tasks.get(task_id)
+
+    async def _cascade(self, task_id: str) -> None:
+        """Readiness of the gate's dependents, and of theirs when they got blocked (so a
+        rejection reaches the whole DAG even when no maintenance process runs)."""
+        tasks = self.swarm.tasks
+        todo, seen = [task_id], set()
+        while todo and len(seen) < 10_000:
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            await tasks._evaluate_dependents(current)
+            for dep_id in tasks.board.dependents.get(current, ()):
+                state = await tasks.get(dep_id)
+                if state.status == "blocked":
+                    todo.append(dep_id)
 
     async def _block_dependents(self, gate_id: str, error: str, actor: str) -> None:
         """Block a rejected gate's dependents with the human's reason (same Msg-Id as the
