@@ -193,6 +193,12 @@ async def test_compare_and_set_on_version(swarm: Swarm) -> None:
     # After a delete, "create only" works again.
     third = await mem.put("n", "k", "v3", expected_version=0)
     assert (await mem.get("n", "k")).version == third.version
+    # compare-and-set and a TTL (which rolls older revisions up) together
+    fourth = await mem.put("n", "k", "v4", ttl_s=60, expected_version=third.version)
+    with pytest.raises(MemoryConflict):
+        await mem.put("n", "k", "v5", ttl_s=60, expected_version=third.version)
+    assert (await mem.get("n", "k")).value == "v4"
+    assert (await mem.get("n", "k")).expires_ms == fourth.updated_ms + 60_000
 
 
 @pytest.mark.integration

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +20,9 @@ AGENT_OPTION = typer.Option(None, "--agent", help="Who I am (default: $CFLOW_AGE
 
 
 def me(explicit: str | None) -> str:
-    """Message identities are subject tokens: --agent, $CFLOW_AGENT, or user-host."""
-    import getpass
+    from cflow.cli.reserve_cmds import owner_name
 
-    name = explicit or os.environ.get("CFLOW_AGENT")
-    if name:
-        return name
-    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{getpass.getuser()}-{socket.gethostname()}")[:128]
+    return owner_name(explicit)
 
 
 def _swarm(ctx: typer.Context, agent: str) -> Any:

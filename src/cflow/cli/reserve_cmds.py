@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -26,9 +27,21 @@ setup_app = group("setup", "Wire cflow into agent tools (Claude Code, git).")
 
 
 def owner_name(explicit: str | None) -> str:
-    """A stable identity for the shell: --agent, $CFLOW_AGENT, or user@host."""
-    fallback = f"{getpass.getuser()}@{socket.gethostname()}"
-    return explicit or os.environ.get("CFLOW_AGENT") or fallback
+    """A stable identity for the shell, a subject token.
+
+    ``--agent``, else ``$CFLOW_AGENT``, else inside a Claude Code session the
+    same name its MCP adapter uses (so ``git commit`` from the session's shell is
+    the agent that holds the reservations), else ``<user>-<host>``.
+    """
+    name = explicit or os.environ.get("CFLOW_AGENT")
+    if name:
+        return name
+    if os.environ.get("CLAUDE_CODE_SESSION_ID"):
+        from cflow.hooks import claude_agent_name
+
+        return claude_agent_name()
+    fallback = f"{getpass.getuser()}-{socket.gethostname()}"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", fallback).strip("-")[:128] or "cfctl"
 
 
 def _swarm(ctx: typer.Context, agent: str) -> Any:
