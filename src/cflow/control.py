@@ -912,7 +912,7 @@ class ControlService:
         """Readiness of the gate's dependents, and of theirs when they got blocked (so a
         rejection reaches the whole DAG even when no maintenance process runs)."""
         tasks = self.swarm.tasks
-        todo, seen = [task_id], set()
+        todo, seen = [task_id], set[str]()
         while todo and len(seen) < 10_000:
             current = todo.pop()
             if current in seen:
