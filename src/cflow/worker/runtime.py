@@ -1,0 +1,363 @@
+"""The worker runtime: register, stay present, claim, run, heartbeat, report.
+
+Theory of operation
+-------------------
+A :class:`Worker` registers its agent and keeps its presence key alive, runs
+the swarm's maintenance loops in the background (every worker is a lease reaper
+and a presence observer), and runs ``concurrency`` *slots*. A slot claims the
+best ready task it can do (``claim(wait=...)``, woken by the task-event
+subscription, never a poll), runs it through the executor inside
+``lease.keep_alive()``, and records the outcome fenced by the lease's epoch:
+``complete(result)`` or ``fail(error)``. When the lease is lost or the task is
+cancelled, the heartbeat loop cancels the executor, which kills the process
+group or stops the container; nothing is recorded (the holder was fenced off).
+
+Output: a result is capped at ``RESULT_CAP_BYTES`` (16 KiB). When the output is
+longer, the full output is kept and the completion's ``output_ref`` says where:
+``note:<seq>`` is a ``TaskNoted`` event (artifact ``"output"``) on the task's
+note subject, readable from any machine (outputs up to ``NOTE_OUTPUT_MAX``);
+``file:<path>`` is a file under the worker's data dir for larger ones.
+
+Stopping: :meth:`Worker.drain` (SIGTERM, first SIGINT) stops claiming and lets
+running tasks finish for ``drain_grace_s``; then they are stopped and their
+leases released. :meth:`Worker.abort` (second SIGINT) stops and releases at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cflow.errors import CflowError, LeaseLost
+from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
+
+if TYPE_CHECKING:
+    from cflow.agents import Agent
+    from cflow.leases import Lease
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.worker")
+
+NOTE_OUTPUT_MAX = 512 * 1024
+DEFAULT_CLAIM_WAIT_S = 30.0
+DEFAULT_DRAIN_GRACE_S = 30.0
+CLAIM_SETTLE_S = 0.5
+
+
+@dataclass
+class WorkerOptions:
+    name: str
+    capabilities: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+    url: str = ""
+    lease_ttl_s: float | None = None  # caps the heartbeat period at a third of this
+    claim_wait_s: float = DEFAULT_CLAIM_WAIT_S
+    drain_grace_s: float = DEFAULT_DRAIN_GRACE_S
+    max_tasks: int | None = None  # stop (drain) after this many claims
+    output_dir: Path | None = None
+    runtime: str = "worker"
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    lost: int = 0
+    released: int = 0
+    cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Running:
+    lease: Lease
+    work: asyncio.Task[Outcome]
+    stop_reason: str | None = None  # set when we stop it ourselves (drain/abort)
+
+
+class Worker:
+    """One worker process acting as agent ``options.name``."""
+
+    def __init__(self, swarm: Swarm, executor: Executor, options: WorkerOptions,
+                 *, on_event: Callable[[str, str], None] | None = None) -> None:
+        self.swarm = swarm
+        self.executor = executor
+        self.opts = options
+        self.stats = WorkerStats()
+        self.agent: Agent | None = None
+        self.running: dict[str, _Running] = {}
+        self.draining = asyncio.Event()
+        self.aborting = asyncio.Event()
+        self.started = asyncio.Event()  # registered, present, slots claiming
+        self._on_event = on_event
+        self._claims = 0
+        self._interrupts = 0
+
+    # ----------------------------------------------------------------- control
+
+    def drain(self) -> None:
+        """Stop claiming; running tasks get ``drain_grace_s`` to finish."""
+        if not self.draining.is_set():
+            self._emit("drain", f"draining; {len(self.running)} task(s) running")
+            self.draining.set()
+
+    def abort(self) -> None:
+        """Stop claiming, stop running tasks now and release them."""
+        self.draining.set()
+        if not self.aborting.is_set():
+            self._emit("abort", "stopping now")
+            self.aborting.set()
+        for item in self.running.values():
+            self._stop(item, "worker stopped")
+
+    def interrupt(self) -> None:
+        """SIGINT: first drains, second aborts."""
+        self._interrupts += 1
+        if self._interrupts == 1:
+            self.drain()
+        else:
+            self.abort()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.drain)
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+
+    def _emit(self, kind: str, text: str) -> None:
+        log.info("%s: %s", kind, text)
+        if self._on_event is not None:
+            self._on_event(kind, text)
+
+    @staticmethod
+    def _stop(item: _Running, reason: str) -> None:
+        if item.stop_reason is None:
+            item.stop_reason = reason
+        item.work.cancel()
+
+    # --------------------------------------------------------------------- run
+
+    async def run(self) -> WorkerStats:
+        """Run until drained or aborted; returns what this worker did.
+
+        Raises:
+            CflowError: the executor's start check failed, or NATS is unreachable.
+        """
+        await self.executor.check()
+        labels = {"executor": self.executor.name, **self.opts.labels}
+        self.agent = await self.swarm.agents.register(
+            self.opts.name, self.opts.capabilities, labels, runtime=self.opts.runtime)
+        async with self.agent.present(reason="worker stopped"):
+            background = [
+                asyncio.create_task(self.swarm.tasks.maintain(), name="task-maintenance"),
+                asyncio.create_task(self.swarm.agents.maintain(), name="presence-observer"),
+                asyncio.create_task(self._exit_on_swarm_stop(), name="swarm-stop"),
+            ]
+            try:
+                await self.swarm.tasks.ensure_board()
+                await self.agent.set_status("idle", reason="ready")
+                slots = [asyncio.create_task(self._slot(i), name=f"slot-{i}")
+                         for i in range(max(1, self.opts.concurrency))]
+                self.started.set()
+                self._emit("start", f"{self.opts.name} claiming with {len(slots)} slot(s)")
+                await self.draining.wait()
+                grace = asyncio.create_task(self._grace_period())
+                try:
+                    await asyncio.gather(*slots)
+                finally:
+                    grace.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await grace
+            finally:
+                for task in background:
+                    task.cancel()
+                for task in background:
+                    with contextlib.suppress(asyncio.CancelledError, CflowError):
+                        await task
+        return self.stats
+
+    async def _exit_on_swarm_stop(self) -> None:
+        # `cfctl swarm stop`: workers exit (drain). With --now the tasks are also
+        # cancelled, so their heartbeats stop the executors at once.
+        await self.swarm.control.ensure()
+        await self.swarm.control.stopped.wait()
+        self._emit("stop", f"swarm stopped ({self.swarm.control.view.swarm.reason}); draining")
+        self.drain()
+
+    async def _grace_period(self) -> None:
+        if self.aborting.is_set() or not self.running:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.opts.drain_grace_s):
+                await self.aborting.wait()
+        for item in list(self.running.values()):
+            self._stop(item, "drain grace period over")
+
+    async def _slot(self, index: int) -> None:
+        while not self.draining.is_set():
+            if self.opts.max_tasks is not None and self._claims >= self.opts.max_tasks:
+                self.drain()
+                break
+            lease = await self._claim()
+            if lease is None:
+                continue
+            self._claims += 1
+            await self._run_one(lease)
+
+    async def _claim(self) -> Lease | None:
+        claim = asyncio.create_task(self.swarm.tasks.claim(
+            agent=self.opts.name, capabilities=self.opts.capabilities,
+            wait=self.opts.claim_wait_s))
+        stop = asyncio.create_task(self.draining.wait())
+        try:
+            await asyncio.wait({claim, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not claim.done():
+            # Draining. A claim in its write step finishes within milliseconds (we
+            # then release what it got); one still waiting for work is cancelled.
+            await asyncio.wait({claim}, timeout=CLAIM_SETTLE_S)
+        if not claim.done():
+            claim.cancel()
+            # Should the cancel still hit the write step, the claim has no lease
+            # and the reapers expire it after its TTL plus a margin.
+            with contextlib.suppress(asyncio.CancelledError, CflowError):
+                await claim
+            return None
+        try:
+            lease = claim.result()
+        except CflowError as exc:  # paused, NATS unreachable, ...
+            self._emit("claim-error", str(exc))
+            await self._pause_after_error()
+            return None
+        if lease is not None and self.draining.is_set():
+            with contextlib.suppress(CflowError):
+                await lease.release("worker draining")
+            return None
+        return lease
+
+    async def _pause_after_error(self) -> None:
+        # Back off after a refused claim instead of spinning; drain ends it early.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.draining.wait()
+
+    def _context(self, lease: Lease) -> TaskContext:
+        task = lease.task
+        return TaskContext(
+            task_id=lease.task_id, title=task.title, body=task.body, attempt=lease.attempt,
+            epoch=lease.epoch, url=self.opts.url, swarm=self.swarm.name, agent=self.opts.name,
+            capabilities=task.capabilities, labels=dict(task.labels),
+            timeout_s=task.start_to_close_s)
+
+    async def _set_status(self, busy: bool, task_id: str | None) -> None:
+        if self.agent is None:
+            return
+        try:
+            if busy:
+                await self.agent.set_status("busy", task_id)
+            elif not self.running:
+                await self.agent.set_status("idle")
+        except CflowError as exc:
+            log.warning("status update failed: %s", exc)
+
+    async def _run_one(self, lease: Lease) -> None:
+        self.stats.claimed += 1
+        self._emit("claimed", f"{lease.task_id} attempt {lease.attempt} ({lease.task.title})")
+        work = asyncio.create_task(self.executor.run(self._context(lease)),
+                                   name=f"run-{lease.task_id}")
+        item = _Running(lease, work)
+        self.running[lease.task_id] = item
+        await self._set_status(True, lease.task_id)
+
+        def lost(_: Lease) -> None:
+            if not work.done():
+                self._stop(item, "lease lost" if not lease.cancelled else "task cancelled")
+
+        period = None
+        if self.opts.lease_ttl_s:
+            period = max(0.2, min(lease.ttl_s, self.opts.lease_ttl_s) / 3)
+        if self.aborting.is_set():
+            self._stop(item, "worker stopped")
+        outcome: Outcome | None = None
+        try:
+            async with lease.keep_alive(interval_s=period, on_lost=lost):
+                try:
+                    outcome = await work
+                except asyncio.CancelledError:
+                    if item.stop_reason is None:
+                        raise  # we are being cancelled ourselves
+            await self._record(item, outcome)
+        finally:
+            self.running.pop(lease.task_id, None)
+            await self._set_status(False, None)
+
+    async def _record(self, item: _Running, outcome: Outcome | None) -> None:
+        lease = item.lease
+        try:
+            if outcome is None:
+                if lease.lost.is_set():
+                    self.stats.lost += 1
+                    self._emit("lost", f"{lease.task_id}: {lease.lost_reason}; work stopped")
+                    return
+                await lease.release(item.stop_reason or "worker stopped")
+                self.stats.released += 1
+                self._emit("released", f"{lease.task_id}: {item.stop_reason}")
+                return
+            if outcome.cost_usd:
+                self.stats.cost_usd += outcome.cost_usd
+            if outcome.ok:
+                ref = await self._keep_output(lease, outcome)
+                await lease.complete(outcome.result, cost_usd=outcome.cost_usd, output_ref=ref)
+                self.stats.completed += 1
+                self._emit("completed", lease.task_id)
+            else:
+                state = await lease.fail(outcome.error or "failed", retry=outcome.retry,
+                                         cost_usd=outcome.cost_usd)
+                self.stats.failed += 1
+                final = "final" if state.status == "failed" else "will retry"
+                self._emit("failed", f"{lease.task_id} ({final}): {outcome.error}")
+        except LeaseLost as exc:
+            self.stats.lost += 1
+            self._emit("lost", f"{lease.task_id}: result refused ({exc.reason})")
+
+    async def _keep_output(self, lease: Lease, outcome: Outcome) -> str | None:
+        """Keep the full output when the result had to be capped; returns output_ref."""
+        if not outcome.truncated:
+            return None
+        text = outcome.output.decode(errors="replace")
+        if len(outcome.output) <= NOTE_OUTPUT_MAX:
+            seq = await self.swarm.tasks.note(lease.task_id, text, epoch=lease.epoch,
+                                              artifact="output")
+            return f"note:{seq}"
+        base = self.opts.output_dir or default_output_dir(self.swarm.name)
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / f"{lease.task_id}-{lease.epoch}.out"
+        path.write_bytes(outcome.output)
+        return f"file:{path}"
+
+
+def default_output_dir(swarm: str) -> Path:
+    from cflow.server import default_data_dir
+
+    return default_data_dir() / "outputs" / swarm
+
+
+__all__ = [
+    "DEFAULT_CLAIM_WAIT_S",
+    "DEFAULT_DRAIN_GRACE_S",
+    "NOTE_OUTPUT_MAX",
+    "RESULT_CAP_BYTES",
+    "Worker",
+    "WorkerOptions",
+    "WorkerStats",
+]
