@@ -212,3 +212,37 @@ def test_git_guard_refuses_commit_of_reserved_path(cli_env: dict[str, str], tmp_
     assert "src/a.py" in refused.stderr and "alice" in refused.stderr
     # alice herself may commit it
     assert run("git", "commit", "-q", "-m", "src", agent="alice").returncode == 0
+
+
+async def _released(swarm: Swarm, reservation_id: str) -> str:
+    """Await the PathsReleased event of one reservation (pushed, no polling)."""
+    subject = names.event_subject(swarm.name, "reservation", reservation_id)
+    async for item in swarm.log.follow(subject):
+        if getattr(item, "event", None) is not None and item.event.type == "PathsReleased":
+            return str(item.event.data.reason)
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.integration
+async def test_maintenance_releases_when_the_task_finishes(swarm: Swarm) -> None:
+    res = swarm.reservations
+    done_before = await swarm.tasks.create("already done")
+    lease0 = await swarm.tasks.claim(done_before.task_id, agent="w0")
+    assert lease0 is not None
+    stale = await res.reserve(["old/*"], owner="w0", task_id=done_before.task_id)
+    await lease0.complete("ok")
+    task = await swarm.tasks.create("edit the parser")
+    lease = await swarm.tasks.claim(task.task_id, agent="w1")
+    assert lease is not None
+    held = await res.reserve(["src/parser/*"], owner="w1", task_id=task.task_id)
+    other = await res.reserve(["docs/*"], owner="w1")
+    maintainer = asyncio.create_task(res.maintain())
+    try:
+        assert await asyncio.wait_for(_released(swarm, stale.id), 10) == "task finished"
+        await lease.complete("parsed")
+        assert await asyncio.wait_for(_released(swarm, held.id), 10) == "task completed"
+        assert [r.id for r in await res.list()] == [other.id]
+    finally:
+        maintainer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await maintainer

@@ -34,9 +34,11 @@ exclusive ones with any of another owner's. One owner never conflicts with
 itself.
 
 Release on task completion: a reservation may carry the ``task_id`` it was
-taken for; whoever completes the task (the worker runtime, the MCP adapter)
-calls ``swarm.reservations.release(owner, task_id=...)``. Otherwise the TTL
-frees it.
+taken for. Whoever finishes the task may call
+``swarm.reservations.release(owner, task_id=...)``, and
+:meth:`ReservationService.maintain` (a background loop for long-lived
+processes) releases the reservations of every task that completes, fails for
+good or is cancelled. Otherwise the TTL frees them.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from cflow.errors import (
     ReservationConflict,
     ReservationLost,
 )
-from cflow.streams import KvEntry, names
+from cflow.streams import KvEntry, StoredEvent, names
 
 if TYPE_CHECKING:
     from cflow.swarm import Swarm
@@ -407,18 +409,63 @@ class ReservationService:
                 and (task_id is None or r.task_id == task_id)]
         if reservation_id is not None and not held:
             raise NotFound("reservation", reservation_id)
+        return await self._release(held, reason)
+
+    async def release_task(self, task_id: str, reason: str = "task finished"
+                           ) -> builtins.list[str]:
+        """Release every reservation taken for ``task_id``, whoever holds it."""
+        return await self._release([r for r in await self.list() if r.task_id == task_id],
+                                   reason)
+
+    async def _release(self, held: Iterable[Reservation], reason: str) -> builtins.list[str]:
         released = []
         for r in held:
+            # The delete is fenced by the revision: of several releasers (the
+            # holder, maintenance in other processes) exactly one records it.
             with contextlib.suppress(ConcurrencyConflict):
                 await self.log.kv_delete(self.bucket, reservation_key(r.id),
                                          expected_revision=r.revision)
-                released.append(r.id)
+                released.append(r)
         if released:
-            await self._drop_from_index(set(released))
-        for rid in released:
-            await self.log.append(ev.PathsReleased(owner=who, reason=reason), rid,
-                                  msg_id=f"release-{rid}", actor=who)
-        return released
+            await self._drop_from_index({r.id for r in released})
+        for r in released:
+            await self.log.append(ev.PathsReleased(owner=r.owner, reason=reason), r.id,
+                                  msg_id=f"release-{r.id}")
+        return [r.id for r in released]
+
+    async def maintain(self) -> None:
+        """Release the reservations of tasks that finished, until cancelled.
+
+        Sweeps once (reservations whose task already finished), then follows the
+        task events: ``TaskCompleted``, a final ``TaskFailed`` and
+        ``TaskCancelled`` release the task's reservations. Safe to run in every
+        long-lived process (see :meth:`_release`).
+        """
+        start = await self.log.stream_last_seq() + 1
+        for r in await self.list():
+            if r.task_id is not None and await self._task_finished(r.task_id):
+                await self.release_task(r.task_id)
+        async for item in self.log.follow(names.events_filter(self.swarm.name, "task"),
+                                          start_seq=start):
+            if not isinstance(item, StoredEvent):
+                continue
+            data = item.event.data
+            ended = isinstance(data, ev.TaskCompleted | ev.TaskCancelled) or (
+                isinstance(data, ev.TaskFailed) and data.final)
+            if ended:
+                try:
+                    await self.release_task(item.event.entity_id,
+                                            f"task {item.event.type[4:].lower()}")
+                except CflowError as exc:
+                    log.warning("releasing reservations of %s failed: %s",
+                                item.event.entity_id, exc)
+
+    async def _task_finished(self, task_id: str) -> bool:
+        try:
+            state = await self.swarm.tasks.get(task_id)
+        except (NotFound, InvalidInput):
+            return False
+        return state.terminal
 
     async def _drop_from_index(self, ids: set[str]) -> None:
         # Pruning is also done by every reserve; this only keeps the index small.
