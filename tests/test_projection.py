@@ -224,6 +224,7 @@ async def test_kill_9_never_skips_or_repeats(
         assert result.rows == [[last]]
         final.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(final.wait, 20) == 0
+        assert time.monotonic() - started < 60  # the chaos phase stays bounded
     finally:
         producer.cancel()
         for proc in procs:
@@ -246,4 +247,3 @@ async def test_kill_9_never_skips_or_repeats(
     finally:
         a.close()
         b.close()
-    assert time.monotonic() - started < 60
