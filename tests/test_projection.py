@@ -247,3 +247,38 @@ async def test_kill_9_never_skips_or_repeats(
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.e2e
+async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    env = {**cli_env, "CFLOW_SWARM": log.swarm}
+    cfctl = [sys.executable, "-c", "from cflow.cli import main; main()"]
+    db = tmp_path / "cli.duckdb"
+    last = 0
+    for i in range(5):
+        last = (await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)).seq
+    proc = await asyncio.create_subprocess_exec(*cfctl, "projector", "--db", str(db), env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert line.startswith(b"projector: swarm " + log.swarm.encode()), line
+        result = await QueryClient(log.nc, log.swarm).query(
+            "SELECT count(*) FROM tasks", wait_for_seq=last)
+        assert result.rows == [[5]]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    done = await asyncio.to_thread(
+        subprocess.run, [*cfctl, "--json", "projections", "rebuild", "--db", str(db)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"events": 5' in done.stdout and '"last_seq": 5' in done.stdout
+    out = tmp_path / "parquet"
+    done = await asyncio.to_thread(
+        subprocess.run, [*cfctl, "export", "--parquet", str(out), "--db", str(db)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in out.iterdir()} >= {"events.parquet", "tasks.parquet"}
