@@ -102,6 +102,7 @@ class Worker:
         self._on_event = on_event
         self._claims = 0
         self._interrupts = 0
+        self._last_claim_error: str | None = None
 
     # ----------------------------------------------------------------- control
 
@@ -236,9 +237,12 @@ class Worker:
         try:
             lease = claim.result()
         except CflowError as exc:  # paused, NATS unreachable, ...
-            self._emit("claim-error", str(exc))
+            if str(exc) != self._last_claim_error:
+                self._last_claim_error = str(exc)
+                self._emit("claim-refused", str(exc))
             await self._pause_after_error()
             return None
+        self._last_claim_error = None
         if lease is not None and self.draining.is_set():
             with contextlib.suppress(CflowError):
                 await lease.release("worker draining")
