@@ -181,6 +181,7 @@ class DockerExecutor:
                         self._wait, container.id, abandon_on_cancel=True)
             except TimeoutError:
                 await self._stop(container)
+                await self._remove(container)
                 return Outcome(ok=False, error=f"timed out after {limit:g} s")
             code = int(status.get("StatusCode", -1))
 

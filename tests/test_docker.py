@@ -1,0 +1,181 @@
+"""The Docker executor against a real engine, with an image built locally FROM scratch.
+
+The image is a static busybox (Debian's ``busybox-static``) copied into an empty
+image: nothing is pulled from a registry. Without a reachable engine or without
+``/bin/busybox`` every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cflow.errors import NotFound
+from cflow.swarm import Swarm
+from cflow.worker import TaskContext, Worker, WorkerOptions
+from cflow.worker.docker_exec import DockerExecutor, container_config, parse_memory
+
+IMAGE = "cflow-test-busybox:latest"
+BUSYBOX = Path("/bin/busybox")
+DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+"""
+
+
+def ctx(body: str = "the body", task_id: str = "t1") -> TaskContext:
+    return TaskContext(task_id=task_id, title="title", body=body, attempt=1, epoch=9,
+                       url="nats://x", swarm="s", agent="w")
+
+
+def test_container_config_is_pure_and_locked_down(tmp_path: Path) -> None:
+    cfg = container_config("img", ctx(), command="echo hi", network=False, workspace=tmp_path,
+                           cpus=0.5, memory="64m")
+    assert cfg["command"] == ["/bin/sh", "-c", "echo hi"]
+    assert cfg["network_disabled"] is True and "network_mode" not in cfg
+    assert cfg["nano_cpus"] == 500_000_000 and cfg["mem_limit"] == 64 * 1024**2
+    assert cfg["volumes"] == {str(tmp_path.resolve()): {"bind": "/workspace", "mode": "rw"}}
+    assert cfg["environment"]["CFLOW_TASK_ID"] == "t1"
+    open_cfg = container_config("img", ctx(), command=None, network=True, workspace=None,
+                                cpus=None, memory=None)
+    assert "command" not in open_cfg and open_cfg["network_mode"] is None
+    assert parse_memory("1g") == 1024**3 and parse_memory("512") == 512
+
+
+@pytest.fixture(scope="session")
+def docker_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    try:
+        import docker
+        import docker.errors
+    except ImportError:  # pragma: no cover - docker is a dependency
+        pytest.skip("docker SDK not installed")
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.skip(f"no Docker engine reachable: {type(exc).__name__} "
+                    "(.ci/run installs docker.io and starts dockerd)")
+    if not BUSYBOX.exists():
+        pytest.skip("/bin/busybox missing: apt-get install busybox-static")
+    ctx_dir = tmp_path_factory.mktemp("image")
+    shutil.copy2(BUSYBOX, ctx_dir / "busybox")
+    (ctx_dir / "Dockerfile").write_text(DOCKERFILE)
+    try:
+        client.images.build(path=str(ctx_dir), tag=IMAGE, rm=True, forcerm=True, pull=False)
+    except docker.errors.DockerException as exc:
+        pytest.skip(f"the engine cannot build images here: {exc}")
+    try:
+        yield IMAGE
+    finally:
+        client.close()
+
+
+def container_exists(container_id: str) -> bool:
+    import docker
+    import docker.errors
+
+    client = docker.from_env()
+    try:
+        client.containers.get(container_id)
+        return True
+    except docker.errors.NotFound:
+        return False
+    finally:
+        client.close()
+
+
+async def wait_container(exe: DockerExecutor, within: float = 30.0) -> str:
+    async with asyncio.timeout(within):
+        while not exe.containers:
+            await asyncio.sleep(0.05)  # the container id is our own bookkeeping, no event
+    return next(iter(exe.containers))
+
+
+pytestmark = pytest.mark.docker
+
+
+async def test_run_env_workspace_and_no_network(docker_image: str, tmp_path: Path) -> None:
+    (tmp_path / "hello.txt").write_text("from the host")
+    exe = DockerExecutor(docker_image, workspace=tmp_path, command=(
+        'echo "$CFLOW_TASK_ID $CFLOW_EPOCH $CFLOW_TASK_BODY"; cat hello.txt; echo; '
+        'ls /sys/class/net; echo out > result.txt'))
+    await exe.check()
+    out = await exe.run(ctx())
+    assert out.ok, out.error
+    assert out.result == "t1 9 the body\nfrom the host\nlo\n"
+    assert (tmp_path / "result.txt").read_text() == "out\n"
+    assert not exe.containers
+
+
+async def test_failure_reports_stderr_and_removes_container(docker_image: str) -> None:
+    exe = DockerExecutor(docker_image, command="echo partial; echo oops >&2; exit 4")
+    out = await exe.run(ctx())
+    assert not out.ok and out.exit_code == 4
+    assert out.error == "container exit code 4: oops"
+
+
+async def test_cancel_stops_and_removes_the_container(docker_image: str) -> None:
+    exe = DockerExecutor(docker_image, command="sleep 60", kill_grace_s=1)
+    run = asyncio.create_task(exe.run(ctx()))
+    cid = await wait_container(exe)
+    assert await asyncio.to_thread(container_exists, cid)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert not await asyncio.to_thread(container_exists, cid)
+
+
+async def test_timeout_stops_the_container(docker_image: str) -> None:
+    exe = DockerExecutor(docker_image, command="sleep 60", timeout_s=1.0, kill_grace_s=1)
+    out = await exe.run(ctx())
+    assert not out.ok and out.error == "timed out after 1 s"
+    assert not exe.containers
+
+
+async def test_limits_are_applied(docker_image: str) -> None:
+    # cgroup v2 files first, then v1.
+    exe = DockerExecutor(docker_image, cpus=0.5, memory="64m", command=(
+        "cat /sys/fs/cgroup/memory.max 2>/dev/null "
+        "|| cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+        "cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+    out = await exe.run(ctx())
+    assert out.ok, out.error
+    memory, cpu = out.result.split("\n")[:2]
+    assert int(memory) == 64 * 1024**2
+    assert cpu.split()[0] == "50000"  # 0.5 CPU of a 100 ms period
+
+
+async def test_missing_image_fails_at_check(docker_image: str) -> None:
+    exe = DockerExecutor("cflow-no-such-image:never")
+    with pytest.raises(NotFound, match="docker image not found"):
+        await exe.check()
+
+
+@pytest.mark.integration
+async def test_worker_runs_tasks_in_containers(docker_image: str, nats_url: str,
+                                               swarm_name: str) -> None:
+    exe = DockerExecutor(docker_image, command='echo "container did $CFLOW_TASK_TITLE"')
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="dw") as s:
+        w = Worker(s, exe, WorkerOptions(name="dw", url=nats_url))
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.wait_for(w.started.wait(), 15)
+            t = await s.tasks.create("a container task")
+            board = await s.tasks.ensure_board()
+
+            def done() -> bool:
+                st = board.get(t.task_id)
+                return st is not None and st.status == "completed"
+
+            async with s.tasks._changed:
+                await asyncio.wait_for(s.tasks._changed.wait_for(done), 60)
+            state: Any = board.get(t.task_id)
+            assert state.result == "container did a container task\n"
+        finally:
+            w.drain()
+            await asyncio.wait_for(run, 30)
