@@ -285,6 +285,12 @@ async def reclaim(ctx: Ctx) -> None:
                         note=f"TTL {ttl:g} s, kill at a random point of the heartbeat cycle, "
                              "retry backoff 0; the expected value is about TTL minus half a "
                              "heartbeat period")
+            ctx.rec.add("reclaim.cflow.after_last_renewal", (float(got["t"]) - held["t"]) / ttl,
+                        label="reclaim after the last lease write / lease TTL", unit="x TTL",
+                        section="3 reclaim", durability=DURABILITY[sync],
+                        note="the kill lands before the first heartbeat, so the claim's lease "
+                             "write is the last renewal: this is server-side TTL precision "
+                             "plus the reaper and the new claim")
             ctx.rec.add("reclaim.cflow.seconds", float(got["t"]) - t_kill,
                         label="reclaim after kill -9", unit="s", section="3 reclaim",
                         durability=DURABILITY[sync], baseline="reclaim.ttl")

@@ -106,3 +106,55 @@ def test_cfctl_bench_runs_one_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(out.read_text())["figures"]
     assert is_number(figures["machine.fsync.rate"]["median"])
+
+
+# ----------------------------------------------------------- pure parts of the runner
+
+
+def _bench_modules() -> tuple[object, object]:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import cflow_bench, stats
+    finally:
+        sys.path.remove(str(ROOT))
+    return cflow_bench, stats
+
+
+def test_percentile_and_goals() -> None:
+    _, stats = _bench_modules()
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5  # type: ignore[attr-defined]
+    assert stats.percentile([5.0], 99) == 5.0  # type: ignore[attr-defined]
+    assert math.isnan(stats.percentile([], 50))  # type: ignore[attr-defined]
+    goal = stats.Goal("ratio", ">=", 2.0, ">= 2x")  # type: ignore[attr-defined]
+    assert goal.met(10.0, 2.5) is True
+    assert goal.met(10.0, 1.5) is False
+    assert goal.met(10.0, None) is None
+    rec = stats.Record()  # type: ignore[attr-defined]
+    rec.add("base", 100.0, label="b", unit="ms", section="s", is_baseline=True)
+    rec.add("x", 10.0, label="x", unit="ms", section="s", baseline="base")
+    rec.add("x", 30.0, label="x", unit="ms", section="s", baseline="base")
+    out = rec.to_json()
+    assert out["x"]["median"] == 20.0
+    assert (out["x"]["min"], out["x"]["max"]) == (10.0, 30.0)
+    assert out["x"]["ratio"] == 0.2
+
+
+def test_holder_violations_finds_a_double_claim() -> None:
+    from cflow import events as ev
+    from cflow.streams import StoredEvent
+
+    cflow_bench, _ = _bench_modules()
+
+    def stored(seq: int, data: ev.EventData, task: str = "t1") -> StoredEvent:
+        event = ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 32, actor="a")
+        return StoredEvent(seq, f"cf.s.evt.task.{task}", event)
+
+    created = ev.TaskCreated(title="x")
+    claim = ev.TaskClaimed(owner="a", attempt=1, lease_ttl_s=30.0)
+    fine = [stored(1, created), stored(2, claim), stored(3, ev.TaskCompleted(epoch=2))]
+    assert cflow_bench.holder_violations(fine) == {  # type: ignore[attr-defined]
+        "double_claims": 0, "double_completions": 0}
+    bad = [stored(1, created), stored(2, claim), stored(3, claim),
+           stored(4, ev.TaskCompleted(epoch=3)), stored(5, ev.TaskCompleted(epoch=3))]
+    assert cflow_bench.holder_violations(bad) == {  # type: ignore[attr-defined]
+        "double_claims": 1, "double_completions": 1}
