@@ -754,18 +754,25 @@ class TaskService:
                 state = self.board.get(task_id)
                 if state is None or state.status != "claimed" or state.epoch != epoch:
                     continue
-                if kind == "deadline":
-                    await self._guarded(self.reap(task_id, epoch, "start-to-close timeout"))
-                    continue
-                last = await self.log.kv_last(self.leases_bucket, task_id)
-                record = _decode_lease(last)
-                if last is not None and last.live and record is not None and record.epoch == epoch:
-                    # Alive: look again one TTL after its last renewal could lapse.
-                    heapq.heappush(self._timers, (now + int(state.lease_ttl_s * 1000), task_id,
-                                                  "lease", epoch))
-                    continue
-                reason = "lease expired" if last is not None else "claimed but never leased"
-                await self._guarded(self.reap(task_id, epoch, reason))
+                try:
+                    if kind == "deadline":
+                        await self.reap(task_id, epoch, "start-to-close timeout")
+                        continue
+                    last = await self.log.kv_last(self.leases_bucket, task_id)
+                    record = _decode_lease(last)
+                    if (last is not None and last.live and record is not None
+                            and record.epoch == epoch):
+                        # Alive: look again one TTL after its last renewal could lapse.
+                        heapq.heappush(self._timers, (now + int(state.lease_ttl_s * 1000),
+                                                      task_id, "lease", epoch))
+                        continue
+                    reason = "lease expired" if last is not None else "claimed but never leased"
+                    await self.reap(task_id, epoch, reason)
+                except CflowError as exc:
+                    # e.g. a stream leader election after a node loss: the check is
+                    # not done, so it must not be dropped; look again shortly.
+                    log.warning("lease check of %s failed, retrying: %s", task_id, exc)
+                    heapq.heappush(self._timers, (now + 1000, task_id, kind, epoch))
             delay = (self._timers[0][0] - wall_ms()) / 1000 if self._timers else 3600.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), max(0.0, delay))

@@ -374,6 +374,38 @@ async def wait_jetstream(nc: NATS, within_s: float = 30.0) -> None:
     raise Unavailable(f"JetStream not available after {within_s:.0f} s ({last})")
 
 
+NO_SUITABLE_PEERS = 10005  # JetStream: not enough servers (yet) to place the replicas
+
+
+async def ensure_swarm_when_placeable(nc: NATS, swarm: str, replicas: int,
+                                      within_s: float = 30.0) -> list[str]:
+    """``ensure_swarm`` once JetStream answers and (R3) the cluster can place replicas.
+
+    A freshly started cluster elects its meta leader before every peer has
+    registered, so an R3 create can be refused with "no suitable peers" for a
+    few seconds; that refusal is retried until ``within_s``, any other is not.
+
+    Raises:
+        Unavailable: JetStream did not answer in time.
+        CflowError: the streams could not be created (e.g. fewer than 3 servers).
+    """
+    import asyncio
+
+    from cflow.errors import CflowError
+    from cflow.streams import ensure_swarm
+
+    deadline = time.monotonic() + within_s
+    await wait_jetstream(nc, within_s)
+    while True:
+        try:
+            return await ensure_swarm(nc, swarm, replicas)
+        except CflowError as exc:
+            placeable_later = getattr(exc, "err_code", None) == NO_SUITABLE_PEERS
+            if not placeable_later or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.25)  # peers register with the meta leader without telling clients
+
+
 # ------------------------------------------------------------ foreground services
 
 # Work that a foreground `cfctl up` runs while its server runs (e.g. a projector,

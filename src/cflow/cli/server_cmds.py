@@ -48,6 +48,11 @@ def _options(
     route_list = _split(routes)
     if route_list and not cluster:
         cluster = DEFAULT_CLUSTER
+    if cluster and not route_list:
+        # A JetStream cluster needs configured routes; a lone seed routes to
+        # itself (the server recognises and drops the self-route).
+        own = "127.0.0.1" if listen in ("0.0.0.0", "::") else listen  # noqa: S104
+        route_list = (f"nats://{own}:{cluster_port}",)
     opts = ServerOptions(
         port=port,
         host=listen,
@@ -87,13 +92,13 @@ def _client_url(server: EmbeddedServer, reg: Registry | None, swarm: str) -> str
 
 
 async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[str]:
-    from cflow.server import wait_jetstream
-    from cflow.streams import connect, ensure_swarm
+    from cflow.server import ensure_swarm_when_placeable
+    from cflow.streams import connect
 
     nc = await connect(url, name="cfctl-up")
     try:
-        await wait_jetstream(nc, 60.0 if clustered else 20.0)
-        return await ensure_swarm(nc, swarm, replicas)
+        return await ensure_swarm_when_placeable(nc, swarm, replicas,
+                                                 60.0 if clustered else 20.0)
     finally:
         await nc.close()
 
@@ -120,19 +125,16 @@ def _start(
         elif url is None:
             notes.append(f"no admin user for swarm {c.swarm} in the auth file: streams not "
                          f"created (`cfctl creds create admin --swarm {c.swarm} --admin`)")
+        elif opts.clustered:
+            # A cluster member cannot create streams before its peers are there
+            # (no JetStream meta leader yet), and only `cfctl init` decides replicas.
+            notes.append("cluster member: once the servers are up, run `cfctl init "
+                         "--replicas 3` (or 1) against any of them")
         elif opts.leaf_remotes:
             notes.append("leaf node: the hub's JetStream holds the streams (run `cfctl init` "
                          "against the hub)")
         else:
-            # A lone cluster seed cannot place 3 replicas yet: `cfctl init --replicas 3`
-            # once three servers are up. Failing here would leave a server running
-            # that the user did not get a handle on, so report and go on.
-            try:
-                streams = run(ctx, lambda: _ensure(url, c.swarm, replicas, opts.clustered))
-            except typer.Exit:
-                if not opts.clustered:
-                    raise
-                notes.append("streams not created yet; run `cfctl init` once the cluster formed")
+            streams = run(ctx, lambda: _ensure(url, c.swarm, replicas, opts.clustered))
     except BaseException:
         server.stop()
         raise
@@ -334,8 +336,8 @@ def init(
     replicas: int = _REPL,
 ) -> None:
     """Create or update the swarm's streams and buckets (idempotent)."""
-    from cflow.server import wait_jetstream
-    from cflow.streams import connect, ensure_swarm
+    from cflow.server import ensure_swarm_when_placeable
+    from cflow.streams import connect
     from cflow.streams.definitions import swarm_resources
 
     c = state(ctx)
@@ -344,8 +346,7 @@ def init(
     async def body() -> list[str]:
         nc = await connect(c.url, name="cfctl-init")
         try:
-            await wait_jetstream(nc, 30.0)
-            return await ensure_swarm(nc, c.swarm, replicas)
+            return await ensure_swarm_when_placeable(nc, c.swarm, replicas, 30.0)
         finally:
             await nc.close()
 

@@ -37,7 +37,8 @@ def translate(exc: BaseException, *, subject: str = "", expected: int | None = N
             return InvalidInput(f"JetStream refused the write: {exc.description}")
         if isinstance(exc, nats.js.errors.ServiceUnavailableError):
             return Unavailable("JetStream is not available (is the server up with -js?)")
-        return CflowError(f"JetStream error {exc.err_code or exc.code}: {exc.description}")
+        return CflowError(f"JetStream error {exc.err_code or exc.code}: {exc.description}",
+                          err_code=exc.err_code)
     if isinstance(exc, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
         return Unavailable(
             "no JetStream stream answered (run `cfctl init`, or is JetStream enabled?)"
