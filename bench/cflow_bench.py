@@ -81,15 +81,14 @@ async def log_violations(url: str | list[str], swarm: str) -> dict[str, int]:
 
 async def agents(ctx: Ctx, n: int) -> list[Child]:
     """``n`` long-lived agent processes, started once and reused across figures."""
-    have: list[Child] = getattr(ctx, "_agents", [])
-    while len(have) < n:
-        have.append(await ctx.children.start("bench.cflow_worker", f"agent{len(have)}"))
-    ctx._agents = have  # type: ignore[attr-defined]
-    return have[:n]
+    while len(ctx.agents) < n:
+        ctx.agents.append(
+            await ctx.children.start("bench.cflow_worker", f"agent{len(ctx.agents)}"))
+    return ctx.agents[:n]
 
 
 async def reset_agents(ctx: Ctx) -> None:
-    for child in getattr(ctx, "_agents", []):
+    for child in ctx.agents:
         await child.send({"op": "reset"})
         await child.recv()
 

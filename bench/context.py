@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import Children
+from bench.procs import Child, Children
 from bench.servers import Servers
 from bench.stats import Record
 
@@ -17,6 +17,7 @@ class Ctx:
     servers: Servers
     children: Children
     rec: Record
+    agents: list[Child] = field(default_factory=list)  # reused agent processes
 
     def reps(self, quick: int, full: int) -> int:
         return quick if self.quick else full

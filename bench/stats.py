@@ -112,9 +112,11 @@ class Record:
         if fig.baseline is None:
             return None
         base = self.figures.get(fig.baseline)
-        if base is None or base.median in (None, 0.0) or fig.median is None:
+        value = fig.median
+        base_value = base.median if base is not None else None
+        if value is None or base_value is None or base_value == 0.0:
             return None
-        return fig.median / base.median  # type: ignore[operator]
+        return value / base_value
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
