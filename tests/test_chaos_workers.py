@@ -20,11 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_worker import CFCTL, SubprocessExecutor, running_worker, until, until_claimed
 
 from cflow import events as ev
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
+from test_worker import CFCTL, SubprocessExecutor, running_worker, until, until_claimed
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
