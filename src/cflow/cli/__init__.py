@@ -32,6 +32,7 @@ _COMMAND_MODULES = (
     "reserve_cmds",
     "import_cmds",
     "mcp_cmds",
+    "ops_cmds",
 )
 
 

@@ -361,6 +361,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     monitor: str | None = typer.Option(None, "--monitor", envvar="CFLOW_MONITOR",
                                        help="Monitoring endpoint (http://127.0.0.1:8222)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Live view, refreshing in place "
+                               "(same as `cfctl top`)."),
 ) -> None:
     """Servers, JetStream usage, and the swarm's streams with replica health."""
     from cflow.status import collect_status
@@ -368,6 +370,11 @@ def status(
 
     c = state(ctx)
     c.json = c.json or as_json
+    if watch:
+        from cflow.cli.ops_cmds import watch_status
+
+        watch_status(ctx, monitor)
+        return
 
     async def body() -> dict[str, Any]:
         async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-status",
@@ -399,8 +406,13 @@ def _render_status(d: dict[str, Any]) -> None:
             continue
         typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  R{st['num_replicas']} "
                    f"{st['health']}" + (f", leader {st['leader']}" if st["leader"] else ""))
+    if "control" in d:
+        from cflow.cli.ops_cmds import control_lines
+
+        typer.echo("\n".join(control_lines(d["control"])))
     for key, value in d.items():
-        if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams"):
+        if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
+                       "control"):
             typer.echo(f"{key:<8} {value}")
 
 
