@@ -382,8 +382,11 @@ async def test_worker_killed_9_is_reclaimed_after_ttl(
         child = int(await wait_file(pidfile))
         proc.kill()
         proc.wait(10)
-        # The executor's process group outlives a kill -9 of the worker; the
-        # lease still expires because nothing renews it.
+        # The task's shell dies with its worker (parent-death signal)...
+        async with asyncio.timeout(5):
+            while alive(child):
+                await asyncio.sleep(0.02)  # another process's death: nothing to await
+        # ...its background children do not; clean them up.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child, signal.SIGKILL)
         async with running_worker(nats_url, swarm_name, SubprocessExecutor("echo rescued"),

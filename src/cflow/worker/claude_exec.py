@@ -20,7 +20,7 @@ from typing import Any
 
 from cflow.errors import CflowError, InvalidInput
 from cflow.worker.executor import Outcome, TaskContext, tail_text
-from cflow.worker.subprocess_exec import SubprocessExecutor
+from cflow.worker.subprocess_exec import SubprocessExecutor, _parent_death_signal
 
 
 class ClaudeNotInstalled(CflowError):
@@ -95,6 +95,7 @@ class ClaudeExecutor(SubprocessExecutor):
             env=env,
             cwd=self.cwd or os.getcwd(),
             start_new_session=True,
+            preexec_fn=_parent_death_signal(),
         )
 
     def stdin_for(self, ctx: TaskContext) -> bytes | None:

@@ -6,19 +6,52 @@ with stdout as the result; any other exit fails the attempt with the tail of
 stderr. When the attempt is cancelled (task cancelled, lease lost, worker
 stopping) or times out, the whole process group gets SIGTERM, then SIGKILL after
 ``kill_grace_s``: nothing the command started outlives the attempt.
+
+When the worker itself dies without a chance to clean up (kill -9), Linux sends
+the command's shell SIGKILL (``PR_SET_PDEATHSIG``), so a task whose lease is
+about to expire does not keep working unseen. Its own children, if it started
+any in the background, are not covered by this; the lease fencing still refuses
+anything they report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
+from collections.abc import Callable
 
 from cflow.errors import InvalidInput
 from cflow.worker.executor import Outcome, TaskContext, tail_text
 
 KILL_GRACE_S = 2.0
+PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child die with the worker (Linux only).
+
+    Everything it needs is looked up here, before any fork: between fork and
+    exec the child may only make the one system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    kill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, kill)
+        if os.getppid() != parent:  # the worker died before the call took effect
+            os._exit(1)
+
+    return preexec
 
 
 class SubprocessExecutor:
@@ -48,6 +81,7 @@ class SubprocessExecutor:
             env=env,
             cwd=self.cwd,
             start_new_session=True,  # its own process group, killed as a whole
+            preexec_fn=_parent_death_signal(),
         )
 
     def stdin_for(self, ctx: TaskContext) -> bytes | None:
