@@ -270,3 +270,25 @@ def test_task_rows_match_the_state_machine(steps: list[tuple[str, bool, int]], d
         failures += isinstance(data, ev.TaskFailed)
         assert fold._tuple("tasks", row) == fold.task_row(
             fold.TaskRecord(state, reclaims, failures))
+
+
+def test_a_small_row_cache_gives_the_same_tables(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the cache limit the store reads misses from DuckDB; the result is the same."""
+    from cflow.projections import store as store_mod
+
+    items = build_history().items
+    reference = apply_in_batches(tmp_path / "ref.duckdb", items, 4)
+    monkeypatch.setattr(store_mod, "CACHE_MAX_ROWS", 2)
+    small = apply_in_batches(tmp_path / "small.duckdb", items[:12], 4)
+    small.close()
+    small = ProjectionStore(tmp_path / "small.duckdb")  # reopened: too many rows to cache
+    try:
+        assert not small._complete["tasks"]
+        for i in range(12, len(items), 3):
+            small.apply(items[i:i + 3], SEEN)
+        for table in schema.TABLES:
+            assert table_rows(small.con, table) == table_rows(reference.con, table), table
+    finally:
+        reference.close()
+        small.close()

@@ -205,6 +205,9 @@ class Changes:
         default_factory=lambda: {t: [] for t in schema.APPEND_ONLY})
     upserts: dict[str, list[tuple[Any, ...]]] = field(
         default_factory=lambda: {t: [] for t in schema.UPSERTED})
+    # The same upserted rows by key, as dicts (the store's row cache keeps them).
+    rows: dict[str, dict[Any, Row]] = field(
+        default_factory=lambda: {t: {} for t in schema.UPSERTED})
     quarantined: int = 0
 
 
@@ -278,12 +281,12 @@ class BatchFold:
 
     def changes(self) -> Changes:
         out = self.out
-        out.upserts["tasks"] = [_tuple("tasks", self.tasks[k]) for k in sorted(self.dirty["tasks"])]
-        out.upserts["task_attempts"] = [
-            _tuple("task_attempts", self.attempts[k]) for k in sorted(self.dirty["task_attempts"])
-        ]
-        for table, rows in self.rows.items():
-            out.upserts[table] = [_tuple(table, rows[k]) for k in sorted(self.dirty[table])]
+        working: dict[str, dict[Any, Row]] = {
+            "tasks": self.tasks, "task_attempts": self.attempts, **self.rows}
+        for table, rows in working.items():
+            final = {k: rows[k] for k in sorted(self.dirty[table])}
+            out.rows[table] = final
+            out.upserts[table] = [_tuple(table, row) for row in final.values()]
         return out
 
     def _quarantine(self, seq: int, subject: str, raw: bytes, error: str) -> None:

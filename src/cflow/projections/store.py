@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,27 +34,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_KEY_COLUMN = {
-    "tasks": "task_id",
-    "agents": "agent_id",
-    "messages": "id",
-    "reservations": "reservation_id",
-    "control": "scope",
-}
 
 
-_KEY_POSITIONS = {table: [schema.COLUMNS[table].index(c) for c in key]
-                  for table, key in schema.KEYS.items()}
+CACHE_MAX_ROWS = 200_000  # per table; beyond it the cache is dropped and misses are read
+
+# Snapshot attribute holding each keyed table's rows.
+_SNAPSHOT_FIELD = {"tasks": "tasks", "task_attempts": "attempts", "agents": "agents",
+                   "memory": "memory", "messages": "messages",
+                   "reservations": "reservations", "control": "control"}
+
+
+def _key_of(table: str) -> Any:
+    key = schema.KEYS[table]
+    if len(key) == 1:
+        return lambda row: row[key[0]]
+    return lambda row: tuple(row[c] for c in key)
+
+
+def _given_keys(table: str) -> str:
+    types = dict(schema.TABLES[table])
+    return ", ".join(f"unnest(${i + 1}::{types[c].split()[0]}[]) AS k{i}"
+                     for i, c in enumerate(schema.KEYS[table]))
+
+
+def _key_lists(table: str, keys: Iterable[Any]) -> list[list[Any]]:
+    """Keys as parallel lists, one per key column (the parameters of the statements)."""
+    if len(schema.KEYS[table]) == 1:
+        return [list(keys)]
+    return [list(col) for col in zip(*keys, strict=True)] or [[] for _ in schema.KEYS[table]]
+
+
+def _select_keys(table: str) -> str:
+    cols = ", ".join(f't."{c}"' for c in schema.COLUMNS[table])
+    match = " AND ".join(f't."{c}" = g.k{i}' for i, c in enumerate(schema.KEYS[table]))
+    return f"SELECT {cols} FROM {table} t JOIN (SELECT {_given_keys(table)}) g ON {match}"
 
 
 def _delete_keys(table: str) -> str:
     """Delete the rows whose keys are given as parallel lists ($1, $2, ...)."""
-    types = dict(schema.TABLES[table])
-    key = schema.KEYS[table]
-    given = ", ".join(f"unnest(${i + 1}::{types[c].split()[0]}[]) AS k{i}"
-                      for i, c in enumerate(key))
-    match = " AND ".join(f'{table}."{c}" = g.k{i}' for i, c in enumerate(key))
-    return f"DELETE FROM {table} USING (SELECT {given}) g WHERE {match}"
+    match = " AND ".join(f'{table}."{c}" = g.k{i}' for i, c in enumerate(schema.KEYS[table]))
+    return f"DELETE FROM {table} USING (SELECT {_given_keys(table)}) g WHERE {match}"
 
 
 def translate(exc: duckdb.Error, path: str) -> CflowError:
@@ -100,7 +119,10 @@ class ProjectionStore:
             self._appenders = {t: self.con.appender(t) for t in schema.APPEND_ONLY}
             self._upserters = {t: self.con.appender(t) for t in schema.UPSERTED}
             self._deletes = {t: _delete_keys(t) for t in schema.UPSERTED}
+            self._selects = {t: _select_keys(t) for t in schema.UPSERTED}
+            self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
+            self._warm_cache()
         except duckdb.Error as exc:
             self.con.close()
             raise translate(exc, self.path) from exc
@@ -117,49 +139,81 @@ class ProjectionStore:
         """A separate connection to the same database, for readers on other threads."""
         return self.con.cursor()
 
-    # -- loading the rows a batch touches
+    # -- the rows a batch touches: a write-through cache over the keyed tables
+    #
+    # This process is the only writer, so a row cached after a commit stays true.
+    # A table whose every row is cached is "complete": a key missing from it does
+    # not exist, and no query is needed. Running attempts are always complete.
 
-    def _load(self, table: str, keys: set[str]) -> list[dict[str, Any]]:
-        if not keys:
-            return []
-        cols = schema.columns(table)
-        rows = self.con.execute(
-            f"SELECT {schema.select_list(table)} FROM {table} "
-            f"WHERE {_KEY_COLUMN[table]} IN (SELECT unnest($1::VARCHAR[]))", [sorted(keys)]
-        ).fetchall()
-        return [dict(zip(cols, row, strict=True)) for row in rows]
+    def _warm_cache(self) -> None:
+        self._cache: dict[str, dict[Any, dict[str, Any]]] = {}
+        self._complete: dict[str, bool] = {}
+        for table in schema.UPSERTED:
+            where = " WHERE ended_at IS NULL" if table == "task_attempts" else ""
+            found = self.con.execute(f"SELECT count(*) FROM {table}{where}").fetchone()
+            if found is not None and found[0] > CACHE_MAX_ROWS:
+                self._cache[table], self._complete[table] = {}, False
+                continue
+            rows = self.con.execute(
+                f"SELECT {schema.select_list(table)} FROM {table}{where}").fetchall()
+            self._cache[table] = self._as_dicts(table, rows)
+            self._complete[table] = True
+
+    def _as_dicts(self, table: str, rows: list[tuple[Any, ...]]) -> dict[Any, dict[str, Any]]:
+        cols, key = schema.COLUMNS[table], self._keys[table]
+        out = {}
+        for values in rows:
+            row = dict(zip(cols, values, strict=True))
+            out[key(row)] = row
+        return out
+
+    def _rows(self, table: str, keys: Iterable[Any]) -> dict[Any, dict[str, Any]]:
+        cache = self._cache[table]
+        hits, misses = {}, []
+        for k in keys:
+            row = cache.get(k)
+            if row is not None:
+                hits[k] = row
+            elif not self._complete[table]:
+                misses.append(k)
+        if misses:
+            found = self._as_dicts(table, self.con.execute(
+                self._selects[table], _key_lists(table, sorted(misses))).fetchall())
+            cache.update(found)
+            hits.update(found)
+        return hits
 
     def snapshot(self, items: Sequence[Item]) -> fold.Snapshot:
         keys = fold.keys_of(items)
         snap = fold.Snapshot()
-        for row in self._load("tasks", keys.tasks):
-            snap.tasks[row["task_id"]] = row
-        if snap.tasks:
-            cols = schema.columns("task_attempts")
-            for values in self.con.execute(
-                f"SELECT {schema.select_list('task_attempts')} FROM task_attempts "
-                "WHERE ended_at IS NULL AND task_id IN (SELECT unnest($1::VARCHAR[]))",
-                [sorted(snap.tasks)],
-            ).fetchall():
-                row = dict(zip(cols, values, strict=True))
-                snap.attempts[(row["task_id"], row["epoch"])] = row
-        agents = keys.agents | fold.agents_of(snap.tasks)
-        snap.agents = {r["agent_id"]: r for r in self._load("agents", agents)}
-        snap.messages = {r["id"]: r for r in self._load("messages", keys.messages)}
-        snap.reservations = {r["reservation_id"]: r
-                             for r in self._load("reservations", keys.reservations)}
-        snap.control = {r["scope"]: r for r in self._load("control", keys.control)}
-        if keys.memory:
-            cols = schema.columns("memory")
-            spaces, names = zip(*sorted(keys.memory), strict=True)
-            for values in self.con.execute(
-                f"SELECT {', '.join('m.' + c for c in cols)} FROM memory m JOIN "
-                "(SELECT unnest($1::VARCHAR[]) AS ns, unnest($2::VARCHAR[]) AS k) q "
-                "ON m.namespace = q.ns AND m.key = q.k", [list(spaces), list(names)],
-            ).fetchall():
-                row = dict(zip(cols, values, strict=True))
-                snap.memory[(row["namespace"], row["key"])] = row
+        snap.tasks = self._rows("tasks", keys.tasks)
+        running = self._cache["task_attempts"]
+        for task_id, row in snap.tasks.items():
+            attempt = running.get((task_id, row["epoch"]))
+            if attempt is not None:
+                snap.attempts[(task_id, row["epoch"])] = attempt
+        snap.agents = self._rows("agents", keys.agents | fold.agents_of(snap.tasks))
+        snap.memory = self._rows("memory", keys.memory)
+        snap.messages = self._rows("messages", keys.messages)
+        snap.reservations = self._rows("reservations", keys.reservations)
+        snap.control = self._rows("control", keys.control)
         return snap
+
+    def _remember(self, changes: fold.Changes) -> None:
+        """After a commit: the rows written are the rows in the database."""
+        for table, rows in changes.rows.items():
+            cache = self._cache[table]
+            if table == "task_attempts":
+                for k, row in rows.items():
+                    if row["outcome"] == "running":
+                        cache[k] = row
+                    else:
+                        cache.pop(k, None)
+                continue
+            cache.update(rows)
+            if len(cache) > CACHE_MAX_ROWS:
+                cache.clear()
+                self._complete[table] = False
 
     # -- applying
 
@@ -196,17 +250,20 @@ class ProjectionStore:
         con = self.con
         con.execute("BEGIN")
         try:
-            changes = fold.fold_batch(items, self.snapshot(items), seen_at=seen_at,
+            snap = self.snapshot(items)
+            changes = fold.fold_batch(items, snap, seen_at=seen_at,
                                       max_event_bytes=self.max_event_bytes)
-            self._write(changes, seen_at)
+            self._write(changes, seen_at, snap)
             con.execute("COMMIT")
         except BaseException:
             self._abort()
             raise
         self.last_seq = changes.last_seq
+        self._remember(changes)
         return changes
 
-    def _write(self, changes: fold.Changes, seen_at: datetime) -> None:
+    def _write(self, changes: fold.Changes, seen_at: datetime,
+               snap: fold.Snapshot | None = None) -> None:
         for table, rows in changes.appends.items():
             if rows:
                 appender = self._appenders[table]
@@ -214,18 +271,21 @@ class ProjectionStore:
                 appender.flush()
         for table, rows in changes.upserts.items():
             if rows:
-                key_columns = [list(col) for col in zip(*self._key_values(table, rows),
-                                                        strict=True)]
-                self.con.execute(self._deletes[table], key_columns)
+                # Only keys that exist need deleting: with a complete cache, those
+                # the snapshot found; otherwise every key written, to be safe.
+                written = changes.rows[table]
+                if snap is not None and self._complete[table]:
+                    existing = getattr(snap, _SNAPSHOT_FIELD[table])
+                    stale = [k for k in written if k in existing]
+                else:
+                    stale = list(written)
+                if stale:
+                    self.con.execute(self._deletes[table], _key_lists(table, stale))
                 upserter = self._upserters[table]
                 upserter.append_rows(rows)
                 upserter.flush()
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
                          [changes.last_seq, seen_at, self.projection])
-
-    @staticmethod
-    def _key_values(table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return [tuple(row[i] for i in _KEY_POSITIONS[table]) for row in rows]
 
     def _abort(self) -> None:
         for appender in (*self._appenders.values(), *self._upserters.values()):
