@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -155,3 +158,38 @@ async def test_sweep_marks_agents_without_presence(swarm: Swarm) -> None:
     assert await swarm.agents.sweep() == 1
     assert (await swarm.agents.get("never-present")).status == "offline"
     assert await swarm.agents.sweep() == 0
+
+
+CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
+
+
+def cfctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CFCTL, *args], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+@pytest.mark.integration
+async def test_cli_agent_register_list_show(swarm: Swarm, cli_env: dict[str, str]) -> None:
+    reg = await asyncio.to_thread(cfctl, cli_env, "agent", "register", "cli-agent",
+                                  "-c", "py,go", "--label", "team=core")
+    assert reg.returncode == 0, reg.stderr
+    assert reg.stdout.strip() == "registered cli-agent (capabilities: go, py)"
+    t = await swarm.tasks.create("held")
+    lease = await swarm.tasks.claim(agent="cli-agent")
+    assert lease is not None
+    listed = await asyncio.to_thread(cfctl, cli_env, "--json", "agent", "list")
+    rows = json.loads(listed.stdout)
+    assert [(r["name"], r["capabilities"], r["labels"]) for r in rows] == [
+        ("cli-agent", ["go", "py"], {"team": "core"})]
+    human = await asyncio.to_thread(cfctl, cli_env, "agent", "list")
+    assert "cli-agent" in human.stdout and "go,py" in human.stdout
+    shown = json.loads((await asyncio.to_thread(cfctl, cli_env, "--json", "agent", "show",
+                                                "cli-agent")).stdout)
+    assert shown["leases"] == [{"task_id": t.task_id, "title": "held", "epoch": lease.epoch,
+                                "attempt": 1}]
+    assert shown["history"][0]["type"] == "AgentRegistered"
+    await lease.complete("ok")
+    text = (await asyncio.to_thread(cfctl, cli_env, "agent", "show", "cli-agent")).stdout
+    assert "completed 1, failed 0" in text and "AgentRegistered" in text
+    missing = await asyncio.to_thread(cfctl, cli_env, "agent", "show", "ghost")
+    assert missing.returncode == 5 and missing.stderr.strip() == "error: agent not found: ghost"
