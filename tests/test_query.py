@@ -91,6 +91,9 @@ async def test_read_your_writes_and_row_cap(log: EventLog, served: Projector) ->
     assert isinstance(result.rows[0][2], str)  # timestamps travel as ISO text
     full = await client.query("SELECT count(*) AS n FROM tasks", wait_for_seq=last)
     assert full.dicts() == [{"n": 30}] and not full.truncated
+    picked = await client.query("SELECT task_id FROM tasks WHERE priority = ? OR title = $2",
+                                params=[3, "t4"])
+    assert sorted(r[0] for r in picked.rows) == ["t3", "t4"]
 
 
 @pytest.mark.integration

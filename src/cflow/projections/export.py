@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from cflow.errors import Unavailable
+from cflow.errors import LimitExceeded, Unavailable
 from cflow.projections import schema
 from cflow.projections.store import translate
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-PAGE = 20_000
+PAGE = 5_000
 
 
 def _copy_all(con: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
@@ -63,6 +63,7 @@ async def export_via_service(nc: NATS, swarm: str, out_dir: Path) -> dict[str, i
 
     Raises:
         Unavailable: no projector answers.
+        LimitExceeded: a single row is larger than a NATS message.
     """
     import anyio.to_thread
 
@@ -77,12 +78,18 @@ async def export_via_service(nc: NATS, swarm: str, out_dir: Path) -> dict[str, i
             converters = [(i, conv) for i, (_, kind) in enumerate(schema.TABLES[table])
                           if (conv := _converter(kind.split()[0])) is not None]
             appender = local.appender(table)
-            offset = 0
+            offset, page = 0, PAGE
             while True:
-                result = await client.query(
-                    f"SELECT {schema.select_list(table)} FROM {table} ORDER BY ALL "
-                    f"LIMIT {PAGE} OFFSET {offset}", limit=PAGE, wait_for_seq=checkpoint,
-                    timeout_s=60.0)
+                try:
+                    result = await client.query(
+                        f"SELECT {schema.select_list(table)} FROM {table} ORDER BY ALL "
+                        f"LIMIT {page} OFFSET {offset}", limit=page, wait_for_seq=checkpoint,
+                        timeout_s=60.0)
+                except LimitExceeded:
+                    if page == 1:
+                        raise
+                    page = max(1, page // 4)  # the reply was larger than NATS allows
+                    continue
                 if checkpoint is None:
                     checkpoint = result.checkpoint
                 rows = []
@@ -94,7 +101,7 @@ async def export_via_service(nc: NATS, swarm: str, out_dir: Path) -> dict[str, i
                     appender.append_rows(rows)
                     appender.flush()
                 offset += len(rows)
-                if len(rows) < PAGE:
+                if len(rows) < page:
                     break
         return await anyio.to_thread.run_sync(_copy_all, local, out_dir)
     except duckdb.Error as exc:

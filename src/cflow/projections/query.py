@@ -16,7 +16,7 @@ front so the error says why. The result is capped at ``limit`` rows
 (``LimitExceeded``). ``wait_for_seq`` makes the service wait until the
 projection has applied that stream sequence first (read-your-writes).
 
-Wire format (JSON): request ``{"sql", "limit", "timeout_s", "wait_for_seq"}``;
+Wire format (JSON): request ``{"sql", "limit", "timeout_s", "wait_for_seq", "params"}``;
 reply ``{"ok": true, "columns", "types", "rows", "truncated", "checkpoint",
 "server", "elapsed_ms"}`` or ``{"ok": false, "code", "error"}``.
 """
@@ -73,6 +73,7 @@ class QueryRequest(msgspec.Struct, frozen=True, kw_only=True):
     limit: int = DEFAULT_LIMIT
     timeout_s: float = DEFAULT_TIMEOUT_S
     wait_for_seq: int | None = None
+    params: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ _reply_encoder = msgspec.json.Encoder(enc_hook=_json_value)
 
 
 def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
-              timeout_s: float) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
+              timeout_s: float, params: Sequence[Any] = ()
+              ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
     """Run one checked read on ``cursor`` (blocking). Returns columns, types, rows, truncated.
 
     Raises:
@@ -160,7 +162,7 @@ def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         timer.start()
-        cursor.execute(statement)
+        cursor.execute(statement, list(params) if params else None)
         description = cursor.description or []
         rows = cursor.fetchmany(limit + 1)
     except duckdb.InterruptException:
@@ -273,7 +275,8 @@ class QueryService:
         try:
             checkpoint = self.projector.applied_seq
             cols, types, rows, truncated = await anyio.to_thread.run_sync(
-                lambda: run_query(cursor, request.sql, limit=limit, timeout_s=timeout_s),
+                lambda: run_query(cursor, request.sql, limit=limit, timeout_s=timeout_s,
+                                  params=request.params),
                 limiter=self.limiter)
         finally:
             self._cursors.put_nowait(cursor)
@@ -323,6 +326,7 @@ class QueryClient:
             limit: at most this many rows come back (``truncated`` says if more existed).
             wait_for_seq: first wait until the projection applied this stream sequence.
             timeout_s: the query's time limit (and how long to wait for ``wait_for_seq``).
+            params: values for ``?`` / ``$1`` placeholders (JSON types).
 
         Raises:
             QueryRejected: not a pure read, or reaches a file.
@@ -332,10 +336,8 @@ class QueryClient:
         """
         import nats.errors
 
-        if params:
-            raise InvalidInput("query parameters are not supported; inline literals")
         body = msgspec.json.encode(QueryRequest(sql=sql, limit=limit, timeout_s=timeout_s,
-                                                wait_for_seq=wait_for_seq))
+                                                wait_for_seq=wait_for_seq, params=list(params)))
         wait = timeout_s * (2 if wait_for_seq is not None else 1) + 5.0
         try:
             msg = await self.nc.request(self.subject, body, timeout=wait)
