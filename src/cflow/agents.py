@@ -342,23 +342,36 @@ class AgentService:
         return marked
 
     async def maintain(self, *, sweep: bool = True) -> None:
-        """Observe presence expiry until cancelled; run next to ``swarm.tasks.maintain()``.
+        """Observe presence expiry until cancelled; runs inside ``swarm.tasks.maintain()``.
 
         Every server TTL marker in the presence bucket makes this observer record
         the agent offline (once across all observers). With ``sweep``, agents left
         online by a process that died while nobody watched are marked at start.
+        NATS trouble is logged and the observer starts over; it never raises.
         """
+        while True:
+            try:
+                await self._observe(sweep)
+            except CflowError as exc:
+                log.warning("presence observer restarting: %s", exc)
+                await asyncio.sleep(1.0)  # NATS is away; nothing to wait on but time
+
+    async def _observe(self, sweep: bool) -> None:
         from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        from cflow.streams.errors import nats_errors
 
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def on_msg(msg: Any) -> None:
             await queue.put(msg)
 
-        sub = await self.log.js.subscribe(
-            f"$KV.{self.bucket}.>", cb=on_msg, ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-            stream=names.kv_stream(self.bucket))
+        subject = f"$KV.{self.bucket}.>"
+        with nats_errors(subject):
+            sub = await self.log.js.subscribe(
+                subject, cb=on_msg, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+                stream=names.kv_stream(self.bucket))
         try:
             if sweep:
                 try:

@@ -482,7 +482,6 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
             demo.started = time.monotonic()
             demo.start_workers(work)
             background = [asyncio.create_task(swarm.tasks.maintain()),
-                          asyncio.create_task(swarm.agents.maintain()),
                           asyncio.create_task(demo.follow_events())]
             try:
                 demo.live = opts.live and out.is_terminal

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A :class:`Worker` registers its agent and keeps its presence key alive, runs
-the swarm's maintenance loops in the background (every worker is a lease reaper
-and a presence observer), and runs ``concurrency`` *slots*. A slot claims the
+the swarm's maintenance loop in the background (``swarm.tasks.maintain()``:
+every worker is a lease reaper and, through its hooks, a presence observer),
+and runs ``concurrency`` *slots*. A slot claims the
 best ready task it can do (``claim(wait=...)``, woken by the task-event
 subscription, never a poll), runs it through the executor inside
 ``lease.keep_alive()``, and records the outcome fenced by the lease's epoch:
@@ -160,7 +161,6 @@ class Worker:
         async with self.agent.present(reason="worker stopped"):
             background = [
                 asyncio.create_task(self.swarm.tasks.maintain(), name="task-maintenance"),
-                asyncio.create_task(self.swarm.agents.maintain(), name="presence-observer"),
                 asyncio.create_task(self._exit_on_swarm_stop(), name="swarm-stop"),
             ]
             try:
