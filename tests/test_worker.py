@@ -407,3 +407,23 @@ async def test_claude_worker_fails_fast_without_claude(cli_env: dict[str, str]) 
     err = proc.stderr.decode().strip()
     assert proc.returncode != 0
     assert len(err.splitlines()) == 1 and "`claude` not found on PATH" in err
+
+
+class BrokenExecutor:
+    name = "broken"
+
+    async def check(self) -> None:
+        return None
+
+    async def run(self, ctx: TaskContext) -> object:
+        raise OSError("cannot start anything")
+
+
+@pytest.mark.integration
+async def test_executor_error_fails_the_attempt_and_the_worker_goes_on(
+        swarm: Swarm, nats_url: str, swarm_name: str) -> None:
+    async with running_worker(nats_url, swarm_name, BrokenExecutor()) as w:
+        t = await swarm.tasks.create("doomed", max_attempts=1)
+        done = await until(swarm, t.task_id, lambda s: s.status == "failed")
+        assert not w.draining.is_set()
+    assert done.error == "broken executor: cannot start anything"

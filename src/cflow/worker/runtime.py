@@ -300,6 +300,8 @@ class Worker:
                 except asyncio.CancelledError:
                     if item.stop_reason is None:
                         raise  # we are being cancelled ourselves
+                except (CflowError, OSError) as exc:  # the executor could not run it at all
+                    outcome = Outcome(ok=False, error=f"{self.executor.name} executor: {exc}")
             await self._record(item, outcome)
         finally:
             self.running.pop(lease.task_id, None)
@@ -333,6 +335,11 @@ class Worker:
         except LeaseLost as exc:
             self.stats.lost += 1
             self._emit("lost", f"{lease.task_id}: result refused ({exc.reason})")
+        except CflowError as exc:
+            # NATS unreachable even after the log's retries: the lease will expire
+            # and the task be retried elsewhere; this worker goes on.
+            self.stats.lost += 1
+            self._emit("record-error", f"{lease.task_id}: outcome not recorded ({exc})")
 
     async def _keep_output(self, lease: Lease, outcome: Outcome) -> str | None:
         """Keep the full output when the result had to be capped; returns output_ref."""
