@@ -15,7 +15,7 @@ from cflow import tasks
 from cflow.errors import InvalidState
 from cflow.hlc import HybridClock
 from cflow.projections import fold, schema
-from cflow.projections.store import ProjectionStore, table_rows
+from cflow.projections.store import ProjectionStore, connect, table_rows
 from cflow.streams.client import BadMessage, StoredEvent
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the start of an hour
@@ -292,3 +292,14 @@ def test_a_small_row_cache_gives_the_same_tables(tmp_path: Path,
     finally:
         reference.close()
         small.close()
+
+
+def test_a_file_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    ProjectionStore(path).close()
+    con = connect(path)
+    con.execute("UPDATE projection_meta SET value = '0'")
+    con.close()
+    with pytest.raises(InvalidState, match=r"schema version 0.*projections rebuild"):
+        ProjectionStore(path)
+    ProjectionStore(tmp_path / "fresh.duckdb").close()  # a new file is fine

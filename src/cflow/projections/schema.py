@@ -23,6 +23,10 @@ Tables:
 from __future__ import annotations
 
 PROJECTION = "main"
+# Bumped whenever a table changes shape; a file of another version is refused
+# (``cfctl projections rebuild`` makes a fresh one: projections are disposable).
+SCHEMA_VERSION = 1
+META_DDL = "CREATE TABLE IF NOT EXISTS projection_meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
 
 # Column order of each table is the order of the tuples the projector appends.
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -428,7 +432,9 @@ __all__ = [
     "APPEND_ONLY",
     "COLUMNS",
     "KEYS",
+    "META_DDL",
     "PROJECTION",
+    "SCHEMA_VERSION",
     "TABLES",
     "UPSERTED",
     "VIEWS",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from cflow.errors import CflowError, Unavailable
+from cflow.errors import CflowError, InvalidState, Unavailable
 from cflow.projections import fold, schema
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class ProjectionStore:
         self.con = connect(path)
         try:
             self.con.execute("BEGIN")
+            self._check_version()
             for statement in schema.ddl():
                 self.con.execute(statement)
             self.con.execute(
@@ -123,9 +124,31 @@ class ProjectionStore:
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
             self._warm_cache()
+        except CflowError:
+            self.con.close()
+            raise
         except duckdb.Error as exc:
             self.con.close()
             raise translate(exc, self.path) from exc
+
+    def _check_version(self) -> None:
+        fresh = self.con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND table_name = 'checkpoint'").fetchone() == (0,)
+        self.con.execute(schema.META_DDL)
+        if fresh:
+            self.con.execute("INSERT INTO projection_meta VALUES ('schema_version', ?)",
+                             [str(schema.SCHEMA_VERSION)])
+            return
+        found = self.con.execute(
+            "SELECT value FROM projection_meta WHERE key = 'schema_version'").fetchone()
+        version = found[0] if found else "none"
+        if version != str(schema.SCHEMA_VERSION):
+            self.con.execute("ROLLBACK")
+            raise InvalidState(
+                f"projection database {self.path} has schema version {version}, this cflow "
+                f"writes {schema.SCHEMA_VERSION}: run `cfctl projections rebuild`",
+                path=self.path, version=version)
 
     def read_checkpoint(self) -> int:
         row = self.con.execute("SELECT last_seq FROM checkpoint WHERE projection = ?",
