@@ -44,9 +44,9 @@ async def nc(nats_url: str) -> AsyncIterator[object]:
 
 
 @pytest.fixture
-async def log(nc: object, swarm_name: str) -> AsyncIterator[EventLog]:
+async def log(nc: object, swarm_name: str) -> EventLog:
     await ensure_swarm(nc, swarm_name)  # type: ignore[arg-type]
-    yield EventLog(nc, swarm_name, actor="test")  # type: ignore[arg-type]
+    return EventLog(nc, swarm_name, actor="test")  # type: ignore[arg-type]
 
 
 @pytest.fixture
