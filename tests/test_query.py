@@ -24,6 +24,7 @@ from cflow.streams import EventLog
     "FROM tasks",
     "SELECT 1;",
     "VALUES (1), (2)",
+    "SELECT 'read_csv(' AS text, 'it''s glob(x)' AS other",
 ])
 def test_guard_allows_reads(sql: str) -> None:
     assert check_read_only(sql)
@@ -48,6 +49,8 @@ def test_guard_allows_reads(sql: str) -> None:
     ("SELECT * FROM read_parquet('x.parquet')", "read_parquet"),
     ("SELECT * FROM read_json_auto('x.json')", "read_json_auto"),
     ("SELECT * FROM glob('/etc/*')", "glob"),
+    ("SELECT * FROM \"read_csv\"('/etc/passwd')", "read_csv"),
+    ("SELECT 'x', * FROM read_csv('/etc/passwd')", "read_csv"),
     ("SELECT * FROM read_text('/etc/hostname')", "read_text"),
     ("SELECT getenv('HOME')", "getenv"),
     ("", "empty"),
