@@ -474,6 +474,10 @@ class _Tools:
                                                             _now_ms())),
             "gates": gates[:10],
         }
+        try:  # paused / stopped, open breakers: why claims are refused
+            out["control"] = await self.swarm.control.state()
+        except CflowError as exc:
+            out["control"] = {"error": str(exc)}
         try:
             agents = await self.swarm.agents.list()
         except (CflowError, ImportError):
