@@ -546,7 +546,11 @@ class EventLog:
             if caught_up is not None:
                 with nats_errors(subject):
                     info = await sub.consumer_info()
-                if info.num_pending == 0 and queue.empty():
+                # Only "nothing pending and nothing delivered yet" means empty: with
+                # everything already delivered but not yet queued, num_pending is 0
+                # too; then the last message's own num_pending == 0 sets it below.
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if info.num_pending == 0 and not delivered and queue.empty():
                     caught_up.set()
             last = start_seq - 1
             while True:
