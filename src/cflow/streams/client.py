@@ -639,8 +639,9 @@ class EventLog:
         try:
             with nats_errors(subject):
                 info_c = await sub.consumer_info()
-            if info_c.num_pending == 0 and queue.empty():
-                return out
+            delivered = info_c.delivered.consumer_seq if info_c.delivered else 0
+            if info_c.num_pending == 0 and not delivered and queue.empty():
+                return out  # delivered-but-not-queued also shows num_pending 0: see follow()
             while True:
                 msg = await asyncio.wait_for(queue.get(), timeout=5.0)
                 headers = dict(msg.headers or {})
