@@ -25,6 +25,7 @@ from cflow.server import (
     ensure_swarm_when_placeable,
     free_port,
     stop_recorded,
+    wait_jetstream,
 )
 from cflow.streams import EventLog, StoredEvent, connect, ensure_swarm, names
 from cflow.streams.client import api_request
@@ -328,3 +329,65 @@ def test_cfctl_join_forms_a_cluster(tmp_path: Path) -> None:
         for d in dirs:
             with contextlib.suppress(NotFound):
                 stop_recorded(d)
+
+
+# ------------------------------------------------------------------ leaf node
+
+
+@pytest.mark.integration
+async def test_leaf_node_uses_the_hubs_jetstream_with_the_users_permissions(
+    tmp_path: Path,
+) -> None:
+    """`cfctl up --leaf`: a laptop's local server forwards to the hub, one swarm only."""
+    from cflow.swarm import Swarm
+
+    auth = tmp_path / "auth"
+    admin = creds.create(auth, "admin", "alpha", admin=True)
+    creds.create(auth, "admin", "beta", admin=True)
+    laptop = creds.create(auth, "laptop", "alpha")
+    leaf_port = free_port()
+    hub = EmbeddedServer(ServerOptions(
+        port=free_port(), data_dir=tmp_path / "hub", sync="default", leaf_port=leaf_port,
+        js_domain="cflow", auth_include=str(auth / creds.AUTH_CONF)))
+    port = free_port()
+    data = tmp_path / "laptop"
+    hub.start()
+    try:
+        nc = await connect(creds.client_url(admin, hub.url))
+        try:
+            await ensure_swarm(nc, "alpha")
+        finally:
+            await nc.close()
+        up = await asyncio.to_thread(subprocess.run, [
+            CFCTL, "up", "--detach", "--port", str(port), "--data-dir", str(data),
+            "--leaf", creds.client_url(laptop, f"nats://127.0.0.1:{leaf_port}")],
+            capture_output=True, text=True, timeout=60)
+        assert up.returncode == 0, up.stderr
+        local = f"nats://127.0.0.1:{port}"  # no credentials on the laptop's loopback
+        probe = await connect(local)
+        try:
+            await wait_jetstream(probe, 15)  # the leaf connection is up
+        finally:
+            await probe.close()
+        async with Swarm.connect(local, swarm="alpha", agent="laptop") as s:
+            task = await s.tasks.create("from the laptop")
+            lease = await s.tasks.claim(task.task_id)
+            assert lease is not None
+            await lease.complete("done")
+        hub_nc = await connect(creds.client_url(admin, hub.url))
+        try:
+            stored = await read_all(EventLog(hub_nc, "alpha"))
+            assert any(isinstance(i.event.data, ev.TaskCompleted) for i in stored.values())
+        finally:
+            await hub_nc.close()
+        # The leaf carries the laptop user's permissions: nothing of swarm beta.
+        other = await connect(local)
+        try:
+            with pytest.raises(CflowError):
+                await api_request(other, "$JS.API.STREAM.INFO.CF_beta_EVENTS", timeout=1.0)
+        finally:
+            await other.close()
+    finally:
+        with contextlib.suppress(NotFound):
+            stop_recorded(data)
+        hub.stop()

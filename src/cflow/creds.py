@@ -32,6 +32,7 @@ from cflow.events import check_token
 from cflow.streams.definitions import swarm_resources
 
 REGISTRY = "users.json"
+HUB_DOMAIN = "cflow"  # the JetStream domain cflow hubs use (cflow.server.HUB_DOMAIN)
 AUTH_CONF = "auth.conf"
 
 # Destructive JetStream calls no agent may make (the admin user of a swarm may).
@@ -119,8 +120,21 @@ def agent_permissions(swarm: str) -> dict[str, Any]:
             f"$JS.ACK.{n}.>",
             f"$JS.FC.{n}.>",
         ]
+    # A leaf node maps `$JS.API.>` onto the hub's domain: the same calls arrive
+    # as `$JS.<domain>.API.>` and get the same allow/deny.
+    # KV writes through a leaf likewise arrive as `$JS.<domain>.API.$KV.<bucket>.>`.
+    def in_domain(subjects: list[str]) -> list[str]:
+        out = []
+        for s in subjects:
+            if s.startswith("$JS.API."):
+                out.append(s.replace("$JS.API.", f"$JS.{HUB_DOMAIN}.API.", 1))
+            elif s.startswith("$KV."):
+                out.append(f"$JS.{HUB_DOMAIN}.API.{s}")
+        return out
+
+    deny = list(DENIED_API)
     return {
-        "publish": {"allow": publish, "deny": list(DENIED_API)},
+        "publish": {"allow": publish + in_domain(publish), "deny": deny + in_domain(deny)},
         "subscribe": {"allow": subscribe},
     }
 

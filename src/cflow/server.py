@@ -77,6 +77,12 @@ class ServerOptions:
     route_password: str | None = None
     max_store: str | None = None
     jetstream: bool = True  # a leaf node uses the hub's JetStream instead of its own
+    # JetStream domain of a hub (cluster members, servers accepting leaf nodes):
+    # JetStream API traffic only crosses a leaf connection under a domain name.
+    js_domain: str | None = None
+    # On a leaf node: the hub's domain; local `$JS.API.>` is mapped onto it, so
+    # clients on the laptop use the hub's JetStream unchanged.
+    leaf_hub_domain: str | None = None
 
     @property
     def clustered(self) -> bool:
@@ -84,6 +90,7 @@ class ServerOptions:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HUB_DOMAIN = "cflow"  # JetStream domain of cflow clusters and hubs
 
 
 def security_problem(opts: ServerOptions) -> str | None:
@@ -135,6 +142,8 @@ def render_config(opts: ServerOptions) -> str:
     ]
     if opts.jetstream:
         lines += ["jetstream {", f"  store_dir: {_q(str(store))}"]
+        if opts.js_domain:
+            lines.append(f"  domain: {_q(opts.js_domain)}")
         if opts.sync == "always":
             lines.append("  sync_interval: always")
         if opts.max_store:
@@ -172,6 +181,12 @@ def render_config(opts: ServerOptions) -> str:
             lines += [f"    {{ url: {_q(r)} }}" for r in opts.leaf_remotes]
             lines.append("  ]")
         lines.append("}")
+    if opts.leaf_remotes and opts.leaf_hub_domain:
+        # KV writes cross a domain as `$JS.<domain>.API.$KV.>` (what nats clients
+        # with a JetStream domain send); the hub maps them back onto `$KV.>`.
+        lines += ["mappings: {",
+                  f'  "$JS.API.>": {_q(f"$JS.{opts.leaf_hub_domain}.API.>")}',
+                  f'  "$KV.>": {_q(f"$JS.{opts.leaf_hub_domain}.API.$KV.>")}', "}"]
     if opts.auth_include:
         # nats-server resolves includes relative to the config file (in data_dir),
         # even absolute ones.

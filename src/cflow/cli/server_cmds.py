@@ -34,10 +34,10 @@ def _split(value: str | None) -> tuple[str, ...]:
 def _options(
     *, port: int, data_dir: Path | None, sync: str, listen: str, http_port: int | None,
     cluster: str | None, cluster_port: int, routes: str | None, server_name: str | None,
-    leaf: str | None, leaf_port: int | None, auth: Path | None,
+    leaf: str | None, leaf_port: int | None, auth: Path | None, hub_domain: str = "cflow",
 ) -> tuple[ServerOptions, Registry | None]:
     from cflow.creds import registry_for_conf
-    from cflow.server import ServerOptions, security_problem
+    from cflow.server import HUB_DOMAIN, ServerOptions, security_problem
 
     reg = None
     if auth is not None:
@@ -69,6 +69,8 @@ def _options(
         route_user=reg.route_user if reg else None,
         route_password=reg.route_password if reg else None,
         jetstream=not leaf,
+        js_domain=HUB_DOMAIN if (cluster or leaf_port is not None) and not leaf else None,
+        leaf_hub_domain=hub_domain if leaf else None,
     )
     if cluster and auth is not None and reg is None:
         fail(f"no users.json next to {auth}: cluster routes need the route credentials "
@@ -270,6 +272,8 @@ def up(
                                     "(nats://user:pass@hub:7422); uses the hub's JetStream."),
     leaf_port: int | None = typer.Option(None, "--leaf-port", help="Accept leaf nodes on this "
                                          "port (a hub)."),
+    hub_domain: str = typer.Option("cflow", "--hub-domain", help="JetStream domain of the "
+                                   "hub a leaf node uses (cflow clusters and hubs use 'cflow')."),
     auth: Path | None = _AUTH,
     replicas: int = _REPL,
     init: bool = _INIT,
@@ -278,7 +282,7 @@ def up(
     opts, reg = _options(
         port=port, data_dir=data_dir, sync=sync, listen=listen, http_port=http_port,
         cluster=cluster, cluster_port=cluster_port, routes=routes, server_name=server_name,
-        leaf=leaf, leaf_port=leaf_port, auth=auth,
+        leaf=leaf, leaf_port=leaf_port, auth=auth, hub_domain=hub_domain,
     )
     _start(ctx, opts, reg, detach=detach, replicas=replicas, init=init)
 
