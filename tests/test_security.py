@@ -256,3 +256,30 @@ def test_cfctl_creds_and_auth_up(tmp_path: Path) -> None:
         assert "authorization violation" in anon.stderr
     finally:
         subprocess.run([CFCTL, "down", *env_args], capture_output=True, timeout=30)
+
+
+@pytest.mark.integration
+async def test_agent_permissions_cover_every_service(
+    auth_server: tuple[EmbeddedServer, Path],
+) -> None:
+    """Tasks, memory, messages and the registry work for a plain agent user."""
+    from cflow.swarm import Swarm
+
+    server, auth = auth_server
+    violations = Violations()
+    url = _url(server, auth, "alpha.w1")
+    async with Swarm.connect(url, swarm="alpha", agent="w1") as s:
+        s.nc._error_cb = violations  # type: ignore[attr-defined]  # watch for refusals
+        task = await s.tasks.create("permitted work")
+        lease = await s.tasks.claim(task.task_id)
+        assert lease is not None
+        await lease.heartbeat()
+        done = await lease.complete("ok")
+        assert done.status == "completed"
+        await s.memory.put("notes", "k1", "v1")
+        assert (await s.memory.get("notes", "k1")).value == "v1"
+        await s.agents.register("w1", ["python"])
+        mid = await s.messages.send("w2", "hello")
+        await s.messages.ensure_inbox("w2")
+        assert (await s.messages.get(mid)) is not None
+    assert violations.seen == []
