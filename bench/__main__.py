@@ -100,7 +100,8 @@ async def run(ns: argparse.Namespace) -> dict[str, object]:
             "sqlite default": "journal_mode=WAL, synchronous=NORMAL, autocommit, timeout 5 s",
         },
     }
-    return {**meta, "figures": rec.to_json(), "errors": rec.errors, "_record": rec}
+    return {**meta, "figures": rec.to_json(), "errors": rec.errors, "notes": rec.notes,
+            "_record": rec}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,8 @@ def print_table(rec: Record, title: str) -> None:
     console.print(table)
     for key, err in rec.errors.items():
         console.print(f"[red]section {key} failed:[/red] {err}")
+    for note in rec.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
 
 HEADLINE_PATTERNS = (
@@ -150,4 +152,6 @@ def markdown(rec: Record, meta: dict[str, Any]) -> str:
     ]
     for key, err in rec.errors.items():
         lines.append(f"\nSection `{key}` failed: {err}")
+    for note in rec.notes:
+        lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"
