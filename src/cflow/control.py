@@ -340,14 +340,6 @@ class BreakerTracker:
             self.streaks.pop(cap, None)
 
 
-@dataclass
-class _Usage:
-    """Attempts in the window and total spend of one scope."""
-
-    claims: deque[int] = field(default_factory=deque)
-    spend: float = 0.0
-
-
 # ------------------------------------------------------------------ service
 
 
@@ -373,7 +365,8 @@ class ControlService:
         self._parents: dict[str, str | None] = {}
         self._caps: dict[str, tuple[str, ...]] = {}
         self._breakers = BreakerTracker()
-        self._usage: dict[str, _Usage] = {}
+        self._claims: dict[str, deque[int]] = {}  # claim times in the window, per scope
+        self._spent: dict[str, float] = {}  # reported cost, per scope
 
     def install(self) -> None:
         """Register the guards on the claim and create paths (idempotent)."""
@@ -768,13 +761,15 @@ class ControlService:
                 await closer
 
     def _scopes_of(self, task_id: str) -> list[str]:
-        chain = [task_id]
-        current: str | None = task_id
+        """The swarm and every ancestor (the task itself only if it has a budget): usage is
+        kept per scope that can have descendants, not per task."""
+        chain: list[str] = []
+        current = self._parents.get(task_id)
         while current is not None and len(chain) < 1000:
+            chain.append(current)
             current = self._parents.get(current)
-            if current is not None:
-                chain.append(current)
-        return [SWARM, *chain]
+        own = [task_id] if budget_key(task_id) in self.view.budgets else []
+        return [SWARM, *own, *chain]
 
     async def _observe(self, event: ev.Event, *, live: bool) -> None:
         data = event.data
@@ -783,23 +778,23 @@ class ControlService:
         now = wall_ms()
         match data:
             case ev.TaskCreated():
-                self._parents[task_id] = data.parent_id
-                self._caps[task_id] = tuple(data.capabilities)
+                if data.parent_id is not None:
+                    self._parents[task_id] = data.parent_id
+                if data.capabilities:
+                    self._caps[task_id] = tuple(data.capabilities)
             case ev.TaskClaimed():
                 for scope in self._scopes_of(task_id):
                     limits = self.view.budget(scope)
                     if "max_attempts" not in limits:
                         continue
                     window = limits.get("window_s", DEFAULT_WINDOW_S) * 1000
-                    usage = self._usage.setdefault(scope, _Usage())
-                    usage.claims.append(at)
-                    while usage.claims and usage.claims[0] < at - window:
-                        usage.claims.popleft()
-                    if (len(usage.claims) > limits["max_attempts"]
-                            and (live or at >= now - window)):
+                    claims = self._claims.setdefault(scope, deque())
+                    claims.append(at)
+                    while claims and claims[0] < at - window:
+                        claims.popleft()
+                    if len(claims) > limits["max_attempts"] and (live or at >= now - window):
                         await self._exceeded(Violation(scope, scope, "max_attempts",
-                                                       limits["max_attempts"],
-                                                       len(usage.claims)))
+                                                       limits["max_attempts"], len(claims)))
             case ev.TaskCompleted() | ev.TaskFailed():
                 caps = self._caps.get(task_id, ())
                 if isinstance(data, ev.TaskCompleted):
@@ -817,12 +812,11 @@ class ControlService:
 
     async def _spend(self, task_id: str, cost: float, *, live: bool) -> None:
         for scope in self._scopes_of(task_id):
-            usage = self._usage.setdefault(scope, _Usage())
-            usage.spend += cost
+            spent = self._spent[scope] = self._spent.get(scope, 0.0) + cost
             limit = self.view.budget(scope).get("max_spend_usd")
-            if limit is not None and usage.spend > limit and live:
+            if limit is not None and spent > limit and live:
                 await self._exceeded(Violation(scope, scope, "max_spend_usd", limit,
-                                               round(usage.spend, 6)))
+                                               round(spent, 6)))
 
     async def _close_elapsed_breakers(self) -> None:
         while True:
