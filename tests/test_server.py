@@ -127,7 +127,9 @@ def test_up_detach_status_down(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "xdg"), "CFLOW_SWARM": "s1"}
     try:
-        up = cfctl("up", "--detach", "--port", str(port), "--data-dir", str(data), env=env)
+        http = free_port()
+        up = cfctl("up", "--detach", "--port", str(port), "--data-dir", str(data),
+                   "--http-port", str(http), env=env)
         assert up.returncode == 0, up.stderr
         assert f"nats://127.0.0.1:{port}" in up.stdout
         pid = int((data / f"nats-{port}.pid").read_text())
@@ -141,6 +143,11 @@ def test_up_detach_status_down(tmp_path: Path) -> None:
         assert all(s["health"] == "ok" for s in body["streams"])
         human = cfctl("--url", f"nats://127.0.0.1:{port}", "status", env=env)
         assert "CF_s1_EVENTS" in human.stdout
+        mon = cfctl("--url", f"nats://127.0.0.1:{port}", "status", "--json", "--monitor",
+                    f"http://127.0.0.1:{http}", env=env)
+        monitor = json.loads(mon.stdout)["monitor"]
+        assert monitor["name"] == body["server"]["name"]
+        assert monitor["routes"] == []
         # init is idempotent and reports what it made
         init = cfctl("--url", f"nats://127.0.0.1:{port}", "--json", "init", env=env)
         assert json.loads(init.stdout)["streams"][0] == "CF_s1_EVENTS"

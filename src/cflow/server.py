@@ -3,6 +3,16 @@
 ``render_config`` builds the server configuration (pure); ``EmbeddedServer``
 starts the process, detects readiness from the server's own log line ("Server is
 ready"), and stops it. The data directory defaults to the user's data dir.
+
+The same options describe every shape ``cfctl`` runs: a loopback single node
+(the default), a cluster member (routes carry the route user's credentials; a
+lone seed routes to itself), a hub accepting leaf nodes (JetStream domain
+``cflow``), and a leaf node (no local JetStream; ``$JS.API.>`` and ``$KV.>`` are
+mapped onto the hub's domain so clients work unchanged). ``security_problem``
+refuses anything reachable from other machines without auth (``cflow.creds``).
+Readiness of the process is not readiness of JetStream in a cluster:
+``wait_jetstream`` / ``ensure_swarm_when_placeable`` wait for a meta leader and
+for enough peers to place replicas.
 """
 
 from __future__ import annotations
