@@ -72,9 +72,13 @@ def test_cluster_routes_carry_route_credentials(tmp_path: Path) -> None:
 
 def test_leaf_node_has_no_local_jetstream(tmp_path: Path) -> None:
     text = render_config(ServerOptions(data_dir=tmp_path, leaf_remotes=("nats://hub:7422",),
-                                       jetstream=False))
-    assert "jetstream" not in text
+                                       jetstream=False, leaf_hub_domain="cflow"))
+    assert "jetstream {" not in text
     assert '{ url: "nats://hub:7422" }' in text
+    assert '"$JS.API.>": "$JS.cflow.API.>"' in text
+    assert '"$KV.>": "$JS.cflow.API.$KV.>"' in text
+    hub = render_config(ServerOptions(data_dir=tmp_path, leaf_port=7422, js_domain="cflow"))
+    assert 'domain: "cflow"' in hub
 
 
 def test_rendered_configs_pass_the_server_config_test(tmp_path: Path) -> None:
@@ -92,8 +96,9 @@ def test_rendered_configs_pass_the_server_config_test(tmp_path: Path) -> None:
                                  route_user=reg.route_user, route_password=reg.route_password,
                                  auth_include=str(auth / creds.AUTH_CONF), http_port=8999),
         "hub": ServerOptions(data_dir=tmp_path / "hub", leaf_port=free_port(),
-                             auth_include=str(auth / creds.AUTH_CONF)),
+                             js_domain="cflow", auth_include=str(auth / creds.AUTH_CONF)),
         "leaf": ServerOptions(data_dir=tmp_path / "leaf", jetstream=False,
+                              leaf_hub_domain="cflow",
                               leaf_remotes=("nats://alpha.w1:pw@127.0.0.1:7422",)),
     }
     for name, opts in variants.items():
