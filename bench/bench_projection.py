@@ -218,11 +218,11 @@ async def run(url: str | None = None, quick: bool = False,
         url = server.url
     out: dict[str, float] = {}
     try:
-        n_ingest = 30_000 if quick else 200_000
+        n_ingest = 20_000 if quick else 200_000
         events = decoded(workload(n_ingest))
         out["fold_events_per_s"] = fold_only(events)
         out["ingest_events_per_s"] = ingest(events, tmp, runs=1 if quick else 3)
-        appended, many = events_table(events, tmp, n_many=1000 if quick else 5000)
+        appended, many = events_table(events, tmp, n_many=500 if quick else 5000)
         out["events_appender_rows_per_s"] = appended
         out["executemany_events_per_s"] = many
         del events
@@ -244,7 +244,7 @@ async def run(url: str | None = None, quick: bool = False,
             lag_swarm = f"benchlag{os.getpid()}"
             await ensure_swarm(nc, lag_swarm)
             lags = await lag(EventLog(nc, lag_swarm, actor="bench"), tmp,
-                             seconds=3.0 if quick else 10.0)
+                             seconds=2.0 if quick else 10.0)
             out["lag_p50_ms"] = statistics.median(lags) if lags else float("nan")
             out["lag_p99_ms"] = pct(lags, 0.99)
             out["lag_max_ms"] = max(lags) if lags else float("nan")
