@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -79,3 +80,45 @@ def test_cli_pause_gate_budget_metrics_and_top(cli_env: dict[str, str]) -> None:
     assert value_of(samples, "cflow_completions_total") == 1
     assert value_of(samples, "cflow_swarm_paused", mode="stopped") == 1
     assert value_of(samples, "cflow_events_total", type="SwarmPaused") == 1
+
+
+@pytest.mark.integration
+def test_projector_serves_metrics_on_its_port(cli_env: dict[str, str], tmp_path: Path) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    from cflow.server import free_port
+
+    cfctl(cli_env, "task", "add", "one")
+    port = free_port()
+    errors = (tmp_path / "projector.err").open("w")
+    proc = subprocess.Popen([*CFCTL, "projector", "--db", str(tmp_path / "p.duckdb"),
+                             "--metrics-port", str(port)], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=errors)
+    try:
+        deadline = time.monotonic() + 30
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=2) as resp:
+                    body = resp.read().decode()
+                samples = parse_text(body)
+                if value_of(samples, "cflow_projection_lag") == 0:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.2)  # a subprocess binding its port is not an event we can await
+        samples = parse_text(body)
+        assert body, (tmp_path / "projector.err").read_text()
+        assert value_of(samples, "cflow_tasks_created_total") == 1
+        assert value_of(samples, "cflow_projection_lag") == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        errors.close()

@@ -475,6 +475,20 @@ async def run_metrics_server(swarm: Swarm, port: int, *, host: str = "127.0.0.1"
         await collector.aclose()
 
 
+async def serve_swarm_metrics(url: str, swarm: str, port: int, *, host: str = "127.0.0.1",
+                              projected_seq: Callable[[], int | None] | None = None,
+                              ready: Callable[[int], None] | None = None) -> None:
+    """Connect to ``swarm`` and serve its metrics until cancelled (for ``--metrics-port``).
+
+    Raises:
+        InvalidInput: the port cannot be bound. Unavailable: NATS is unreachable.
+    """
+    from cflow.swarm import Swarm
+
+    async with Swarm.connect(url, swarm=swarm, agent="cflow-metrics", ensure=False) as s:
+        await run_metrics_server(s, port, host=host, projected_seq=projected_seq, ready=ready)
+
+
 __all__ = [
     "CONTENT_TYPE",
     "Histogram",
@@ -484,5 +498,6 @@ __all__ = [
     "parse_text",
     "run_metrics_server",
     "serve_metrics",
+    "serve_swarm_metrics",
     "value_of",
 ]

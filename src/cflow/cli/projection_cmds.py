@@ -35,9 +35,12 @@ def projector_cmd(
     db: Path | None = DB_OPTION,
     batch: int = typer.Option(5000, "--batch", min=1, help="Largest batch per transaction."),
     no_query: bool = typer.Option(False, "--no-query", help="Do not serve the query service."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port",
+                                            help="Serve Prometheus metrics on 127.0.0.1:PORT."),
 ) -> None:
     """Fold the swarm's events into DuckDB and serve read-only queries until stopped."""
     import asyncio
+    import contextlib
     import signal
 
     from cflow.projections.projector import Projector, run_projector
@@ -45,7 +48,10 @@ def projector_cmd(
     c = state(ctx)
     path = _db_path(c.swarm, db)
 
+    running: list[Projector] = []
+
     def ready(projector: Projector) -> None:
+        running.append(projector)
         typer.echo(f"projector: swarm {c.swarm}, {path}, from sequence "
                    f"{projector.applied_seq + 1}", err=True)
 
@@ -54,8 +60,21 @@ def projector_cmd(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_projector(c.url, c.swarm, path, stop, serve_queries=not no_query,
-                            batch_max=batch, ready=ready)
+        metrics = None
+        if metrics_port is not None:
+            from cflow.metrics import serve_swarm_metrics
+
+            metrics = asyncio.create_task(serve_swarm_metrics(
+                c.url, c.swarm, metrics_port,
+                projected_seq=lambda: running[0].applied_seq if running else None))
+        try:
+            await run_projector(c.url, c.swarm, path, stop, serve_queries=not no_query,
+                                batch_max=batch, ready=ready)
+        finally:
+            if metrics is not None:
+                metrics.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await metrics
 
     run(ctx, body)
 
