@@ -168,6 +168,8 @@ def test_timeline_of_a_task(store: ProjectionStore) -> None:
     assert rows == [("TaskCreated", "cli"), ("TaskClaimed", "w2"), ("TaskFailed", "w2"),
                     ("TaskClaimed", "w1"), ("TaskNoted", "w1"), ("TaskCompleted", "w1")]
     assert store.fetch("SELECT text FROM task_notes") == [("halfway",)]
+    assert store.fetch("SELECT seq, type, refused FROM task_timeline WHERE task_id = 'E'") == [
+        (5, "TaskCreated", False), (21, "TaskCompleted", True)]
 
 
 def test_memory_and_control(store: ProjectionStore) -> None:

@@ -196,6 +196,13 @@ def test_cfctl_query_report_and_export(cli_env: dict[str, str], tmp_path: Path) 
                              env=cli_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert "top errors" in out.stdout
+        out = subprocess.run([*cfctl, "report", "timeline", "no-such-task"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "timeline of no-such-task" in out.stdout
+        out = subprocess.run([*cfctl, "report", "timeline", "x' OR 1=1 --"],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "task id" in out.stderr
         out = subprocess.run([*cfctl, "export", "--parquet", str(tmp_path / "pq")],
                              env={**cli_env, "XDG_DATA_HOME": str(tmp_path / "none")},
                              capture_output=True, text=True, timeout=60)

@@ -210,7 +210,7 @@ def report_cmd(
             fail("report timeline needs a TASK_ID", 2)
         check_token(task_id, "task id")
         queries = [(f"timeline of {task_id}",
-                    "SELECT seq, ts, type, actor, hlc, data FROM task_timeline "
+                    "SELECT seq, ts, type, actor, hlc, refused, data FROM task_timeline "
                     f"WHERE task_id = '{task_id}' ORDER BY seq")]  # a checked token
     elif kind == "failures":
         queries = [REPORTS["failures"], ("top errors", "SELECT * FROM top_errors")]

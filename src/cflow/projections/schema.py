@@ -408,7 +408,8 @@ VIEWS: dict[str, str] = {
     "task_timeline": """
         SELECT CASE WHEN entity_kind = 'task' THEN entity_id
                     ELSE data->>'task_id' END AS task_id,
-               seq, ts, hlc, type, actor, data
+               seq, ts, hlc, type, actor, data,
+               seq IN (SELECT seq FROM quarantine) AS refused  -- by the task state machine
         FROM events
         WHERE entity_kind = 'task' OR type = 'TaskNoted'
            OR (type = 'AgentStatusChanged' AND data->>'task_id' IS NOT NULL)
