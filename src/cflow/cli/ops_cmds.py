@@ -426,8 +426,9 @@ def render_live(snap: dict[str, Any]) -> Any:
 
 async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
                     duration_s: float | None = None, as_json: bool = False,
-                    out: Any = None) -> None:
-    """Follow the swarm's events and control state and redraw in place until stopped."""
+                    out: Any = None, stop: Any = None) -> None:
+    """Follow the swarm's events and control state and redraw in place until ``stop``
+    (an ``asyncio.Event``) is set or ``duration_s`` passed."""
     import asyncio
     import contextlib
     import json
@@ -478,16 +479,22 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
     workers = [asyncio.create_task(f()) for f in (follow_events, follow_control, slow_facts)]
     loop = asyncio.get_running_loop()
     end = loop.time() + duration_s if duration_s is not None else None
+    stopped = stop or asyncio.Event()
+
+    def going() -> bool:
+        return not stopped.is_set() and (end is None or loop.time() < end)
+
     try:
         await asyncio.wait_for(caught_up.wait(), 30)
         if as_json:
-            while end is None or loop.time() < end:
+            while going():
                 await _wait_dirty(dirty, end, loop)
-                console.print_json(json.dumps(live.snapshot(), default=str))
+                sys.stdout.write(json.dumps(live.snapshot(), default=str) + "\n")
+                sys.stdout.flush()
             return
         with Live(render_live(live.snapshot()), console=console, refresh_per_second=4,
                   screen=False) as screen:
-            while end is None or loop.time() < end:
+            while going():
                 await _wait_dirty(dirty, end, loop)
                 screen.update(render_live(live.snapshot()))
     finally:
@@ -532,16 +539,19 @@ def watch_status(ctx: typer.Context, monitor_url: str | None = None,
     c = state(ctx)
 
     async def body() -> None:
+        import asyncio
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C is how one leaves a live view
+            loop.add_signal_handler(sig, stop.set)
         async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-watch",
                                  ensure=False) as swarm:
             await live_view(swarm, monitor_url=monitor_url, duration_s=duration_s,
-                            as_json=c.json)
+                            as_json=c.json, stop=stop)
 
-    try:
-        run(ctx, body)
-    except typer.Exit as done:
-        if done.exit_code != 130:  # Ctrl-C is how one leaves a live view
-            raise
+    run(ctx, body)
 
 
 @app.command("top")
