@@ -130,6 +130,27 @@ async def test_cancel_stops_and_removes_the_container(docker_image: str) -> None
     assert not await asyncio.to_thread(container_exists, cid)
 
 
+def containers_of(task_id: str) -> list[Any]:
+    import docker
+
+    client = docker.from_env()
+    try:
+        return list(client.containers.list(all=True, filters={"label": f"io.cflow.task={task_id}"}))
+    finally:
+        client.close()
+
+
+async def test_cancel_during_creation_leaves_no_container(docker_image: str) -> None:
+    exe = DockerExecutor(docker_image, command="sleep 60", kill_grace_s=1)
+    await exe.check()  # the client exists: the cancel lands in the create step
+    run = asyncio.create_task(exe.run(ctx(task_id="early-cancel")))
+    await asyncio.sleep(0)  # let it start creating, then cancel at once
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert await asyncio.to_thread(containers_of, "early-cancel") == []
+
+
 async def test_timeout_stops_the_container(docker_image: str) -> None:
     exe = DockerExecutor(docker_image, command="sleep 60", timeout_s=1.0, kill_grace_s=1)
     out = await exe.run(ctx())

@@ -17,6 +17,7 @@ gets its own thread and client; a stop is then never queued behind a wait.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
@@ -171,7 +172,17 @@ class DockerExecutor:
                 container.start()
                 return container
 
-        container = await self._call(create)
+        # Cancelled during creation, the thread still finishes and starts the
+        # container: let it, then stop and remove what it made.
+        creating = asyncio.ensure_future(self._call(create))
+        try:
+            container = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(CflowError):
+                made = await creating
+                await self._stop(made)
+                await self._remove(made)
+            raise
         self.containers.add(container.id)
         limit = min(t for t in (self.timeout_s, ctx.timeout_s, float("inf")) if t is not None)
         try:

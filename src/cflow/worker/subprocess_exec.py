@@ -89,7 +89,16 @@ class SubprocessExecutor:
 
     async def run(self, ctx: TaskContext) -> Outcome:
         env = {**os.environ, **self.extra_env, **ctx.env()}
-        proc = await self.spawn(ctx, env)
+        # Cancelled while asyncio is still connecting the pipes, asyncio would kill
+        # only the shell and then wait for its children to close the pipes. Let the
+        # spawn finish, then kill the whole group.
+        spawning = asyncio.ensure_future(self.spawn(ctx, env))
+        try:
+            proc = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                await self._kill(await spawning)
+            raise
         self.pids.add(proc.pid)
         limit = min(t for t in (self.timeout_s, ctx.timeout_s, float("inf")) if t is not None)
         try:
