@@ -305,3 +305,37 @@ def test_a_file_of_another_schema_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidState, match=r"schema version 0.*projections rebuild"):
         ProjectionStore(path)
     ProjectionStore(tmp_path / "fresh.duckdb").close()  # a new file is fine
+
+
+def test_an_event_duckdb_refuses_is_quarantined_alone(tmp_path: Path) -> None:
+    h = History()
+    h.add(0, ev.TaskCreated(title="fine"), "ok1")
+    h.add(1, ev.TaskCreated(title="too big", priority=2**40), "big")  # INTEGER column
+    h.add(2, ev.TaskCreated(title="fine too", labels={"k": "v"}), "ok2")
+    h.add(3, ev.MemoryStored(namespace="n", key="k", value="v", version=2**70), "mem")
+    store = ProjectionStore(tmp_path / "p.duckdb")
+    try:
+        changes = store.apply(h.items, SEEN)
+        assert changes.last_seq == 4 and changes.quarantined == 2
+        assert store.fetch("SELECT task_id FROM tasks ORDER BY ALL") == [("ok1",), ("ok2",)]
+        rows = store.fetch("SELECT seq, error FROM quarantine ORDER BY seq")
+        assert [r[0] for r in rows] == [2, 4]
+        assert all("DuckDB refused it" in r[1] for r in rows)
+        assert store.read_checkpoint() == 4
+    finally:
+        store.close()
+
+
+def test_odd_strings_round_trip(tmp_path: Path) -> None:
+    h = History()
+    h.add(0, ev.TaskCreated(title="nul \x00 inside, emoji \U0001f600, quote ' \""), "odd")
+    store = ProjectionStore(tmp_path / "p.duckdb")
+    try:
+        store.apply(h.items, SEEN)
+        rows = store.fetch("SELECT title FROM tasks") + store.fetch(
+            "SELECT seq FROM quarantine")
+        assert rows in ([("nul \x00 inside, emoji \U0001f600, quote ' \"",)],
+                        [(1,)])  # stored, or quarantined: never a crash
+        assert store.read_checkpoint() == 1
+    finally:
+        store.close()

@@ -76,6 +76,11 @@ def _delete_keys(table: str) -> str:
     return f"DELETE FROM {table} USING (SELECT {_given_keys(table)}) g WHERE {match}"
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def translate(exc: duckdb.Error, path: str) -> CflowError:
     """DuckDB errors are mapped by their class, never by their message."""
     if isinstance(exc, duckdb.IOException):
@@ -253,17 +258,21 @@ class ProjectionStore:
         fresh = [item for item in items if item.seq > self.last_seq]
         if not fresh:
             return fold.Changes(last_seq=self.last_seq)
+        # Whatever a batch raised (DuckDB refusing a value, a conversion the
+        # appender cannot make, a bug), the events are retried one by one and only
+        # the ones that fail alone are quarantined: the projector does not stop.
         try:
             return self._apply(fresh, seen_at)
-        except duckdb.Error as exc:
-            log.warning("batch %d..%d refused by DuckDB (%s); applying one by one",
-                        fresh[0].seq, fresh[-1].seq, str(exc).splitlines()[0])
+        except Exception as exc:
+            log.warning("batch %d..%d refused (%s); applying one by one",
+                        fresh[0].seq, fresh[-1].seq, _first_line(exc))
         total = fold.Changes(last_seq=self.last_seq)
         for item in fresh:
             try:
                 done = self._apply([item], seen_at)
-            except duckdb.Error as exc:
-                done = self._quarantine_only(item, seen_at, f"DuckDB refused it: {exc}")
+            except Exception as exc:
+                done = self._quarantine_only(
+                    item, seen_at, f"DuckDB refused it: {type(exc).__name__}: {_first_line(exc)}")
             total.last_seq = done.last_seq
             total.count += done.count
             total.quarantined += done.quarantined
