@@ -89,7 +89,9 @@ class AgentInfo:
 
 
 def _event_ms(event: ev.Event) -> int:
-    return int(event.hlc[:12], 16)
+    from cflow.hlc import Timestamp
+
+    return Timestamp.parse(event.hlc).wall_ms
 
 
 def fold_agent(state: AgentInfo | None, seq: int, event: ev.Event) -> AgentInfo:
