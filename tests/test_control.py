@@ -275,3 +275,21 @@ def ev_now() -> int:
     from cflow.streams.client import wall_ms
 
     return wall_ms()
+
+
+async def test_a_claim_racing_stop_now_is_cancelled_by_maintenance(
+        nats_url: str, swarm_name: str, admin: Swarm) -> None:
+    task = await admin.tasks.create("raced", lease_ttl_s=3)
+    async with maintainer(nats_url, swarm_name) as m, \
+            Swarm.connect(nats_url, swarm=swarm_name, agent="late") as late:
+        await late.tasks.ensure_board()
+        late.tasks.claim_guards.clear()  # as if its cache had not seen the stop yet
+        await admin.control.stop(now=True, reason="halt")
+        await view_until(m, lambda v: v.mode == "stopped")
+        lease = await late.tasks.claim()
+        assert lease is not None and lease.task_id == task.task_id
+        async with lease.keep_alive(interval_s=0.3):
+            await asyncio.wait_for(lease.lost.wait(), 10)
+        assert lease.cancelled
+    state = await admin.tasks.get(task.task_id)
+    assert state.status == "cancelled" and state.reason == "swarm stopped by alice: halt"

@@ -98,6 +98,7 @@ class ScopeRecord(msgspec.Struct, frozen=True, kw_only=True):
     actor: str = ""
     at_ms: int = 0
     budget: str | None = None  # the budget whose excess paused it
+    cancel_claims: bool = False  # stop --now: a claim that raced the stop is cancelled too
 
 
 class BudgetRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -583,7 +584,7 @@ class ControlService:
         """
         who = self._actor(actor)
         record = ScopeRecord(scope=SWARM, mode="stopped", reason=reason, actor=who,
-                             at_ms=wall_ms())
+                             at_ms=wall_ms(), cancel_claims=now)
         await self._set_scope(record)
         appended = await self.log.append(ev.SwarmStopped(reason=reason), SWARM, actor=who)
         cancelled: list[str] = []
@@ -783,6 +784,12 @@ class ControlService:
                 if data.capabilities:
                     self._caps[task_id] = tuple(data.capabilities)
             case ev.TaskClaimed():
+                stop = self.view.swarm
+                if live and stop.mode == "stopped" and stop.cancel_claims:
+                    # A claimer that had not seen the stop yet: cancel it like the rest.
+                    with contextlib.suppress(InvalidState, NotFound):
+                        await self.swarm.tasks.cancel(
+                            task_id, f"swarm stopped by {stop.actor}: {stop.reason}")
                 for scope in self._scopes_of(task_id):
                     limits = self.view.budget(scope)
                     if "max_attempts" not in limits:
