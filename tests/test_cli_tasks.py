@@ -77,3 +77,35 @@ def test_cancel_fail_release_and_import(cli_env: dict[str, str], tmp_path: Path)
     broken.write_text('{"title": "ok"}\nnot json\n')
     out = cfctl(cli_env, "task", "import", str(broken), check=False)
     assert out.returncode == 1 and out.stderr.startswith(f"error: {broken}:2: not JSON")
+
+
+async def test_task_list_reads_the_projection_when_a_projector_serves(
+    cli_env: dict[str, str], nats_url: str, swarm_name: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from cflow.projections.projector import run_projector
+
+    stop = asyncio.Event()
+    projector = asyncio.create_task(
+        run_projector(nats_url, swarm_name, tmp_path / "p.duckdb", stop))
+
+    async def acfctl(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *CFCTL, *args, env=cli_env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return out.decode()
+
+    try:
+        task_id = (await acfctl("task", "add", "projected", "--label", "k=v")).strip()
+        rows = json.loads(await acfctl("--json", "task", "list"))
+        # `last_seq` and `reclaims` exist only in the projection's table: the rows came
+        # from DuckDB, and read-your-writes made the fresh task visible at once.
+        assert [(r["task_id"], r["status"], r["labels"]) for r in rows] == [
+            (task_id, "ready", {"k": "v"})]
+        assert rows[0]["last_seq"] >= 1 and rows[0]["reclaims"] == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(projector, 30)

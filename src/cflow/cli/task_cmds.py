@@ -139,26 +139,50 @@ def list_(
     status: str | None = typer.Option(None, "--status", "-s", help="Only this status."),
     limit: int = typer.Option(50, "--limit", "-n"),
 ) -> None:
-    """List tasks (oldest first)."""
+    """List tasks (oldest first): from the DuckDB projection when a projector serves the
+    swarm (read-your-writes), else folded from the event log."""
 
-    async def body_() -> list[TaskState]:
+    async def body_() -> list[dict[str, Any]]:
+        from cflow.errors import Unavailable
+
         async with _swarm(ctx) as swarm:
-            found: list[TaskState] = await swarm.tasks.list(status=status, limit=limit)
-            return found
+            try:
+                return await _list_from_projection(swarm, status, limit)
+            except Unavailable:
+                found: list[TaskState] = await swarm.tasks.list(status=status, limit=limit)
+                return [_row(s) for s in found]
 
-    tasks = run(ctx, body_)
+    rows = run(ctx, body_)
 
     def human(_: Any) -> None:
         from rich.console import Console
         from rich.table import Table
 
         table = Table("id", "status", "pri", "title", "owner", "attempt", box=None)
-        for s in tasks:
-            table.add_row(s.task_id, s.status, str(s.priority), s.title, s.owner or "",
-                          f"{s.attempt}/{s.max_attempts}")
+        for r in rows:
+            table.add_row(r["task_id"], r["status"], str(r["priority"]), r["title"],
+                          r["owner"] or "", f"{r['attempt']}/{r['max_attempts']}")
         Console().print(table)
 
-    emit(ctx, [_row(s) for s in tasks], human)
+    emit(ctx, rows, human)
+
+
+async def _list_from_projection(swarm: Any, status: str | None, limit: int
+                                ) -> list[dict[str, Any]]:
+    """Tasks from the projection, once it has applied everything stored now."""
+    where = "WHERE status = ?" if status else ""
+    params = [status] if status else []
+    from cflow.projections.query import QueryClient
+
+    result = await QueryClient(swarm.nc, swarm.name).query(
+        f"SELECT * FROM tasks {where} ORDER BY created_seq LIMIT {int(limit)}",
+        limit=limit, wait_for_seq=await swarm.log.stream_last_seq(), timeout_s=5.0,
+        params=params)
+    rows: list[dict[str, Any]] = result.dicts()
+    for row in rows:
+        if isinstance(row.get("labels"), str):
+            row["labels"] = json.loads(row["labels"])
+    return rows
 
 
 @task_app.command("show")
