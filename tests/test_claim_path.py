@@ -237,3 +237,26 @@ async def test_claimed_but_never_leased_is_recovered(nats_url: str, swarm_name: 
     history = await swarm.tasks.history(t.task_id)
     reasons = [x.event.data.reason for x in history if x.event.type == "TaskLeaseExpired"]  # type: ignore[union-attr]
     assert reasons == ["claimed but never leased"] and state is not None
+
+
+async def test_the_projector_is_a_reaper_too(nats_url: str, swarm_name: str, swarm: Swarm,
+                                             tmp_path: object) -> None:
+    from pathlib import Path
+
+    from cflow.projections.projector import run_projector
+
+    t = await swarm.tasks.create("abandoned", lease_ttl_s=1, backoff_initial_s=0)
+    assert await swarm.tasks.claim(agent="gone") is not None
+    stop = asyncio.Event()
+    projector = asyncio.create_task(
+        run_projector(nats_url, swarm_name, Path(str(tmp_path)) / "p.duckdb", stop,
+                      serve_queries=False))
+    try:
+        state = await until(swarm, t.task_id, lambda s: s.status == "ready" and s.attempt == 1)
+        assert state is not None
+        history = await swarm.tasks.history(t.task_id)
+        reapers = {x.event.actor for x in history if x.event.type == "TaskLeaseExpired"}
+        assert len(reapers) == 1 and next(iter(reapers)).startswith("projector-")
+    finally:
+        stop.set()
+        await asyncio.wait_for(projector, 30)

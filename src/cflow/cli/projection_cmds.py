@@ -35,6 +35,8 @@ def projector_cmd(
     db: Path | None = DB_OPTION,
     batch: int = typer.Option(5000, "--batch", min=1, help="Largest batch per transaction."),
     no_query: bool = typer.Option(False, "--no-query", help="Do not serve the query service."),
+    no_reap: bool = typer.Option(False, "--no-reap", help="Do not act as a lease reaper and "
+                                 "readiness evaluator (every long-lived process is one)."),
     metrics_port: int | None = typer.Option(None, "--metrics-port",
                                             help="Serve Prometheus metrics on 127.0.0.1:PORT."),
 ) -> None:
@@ -69,7 +71,7 @@ def projector_cmd(
                 projected_seq=lambda: running[0].applied_seq if running else None))
         try:
             await run_projector(c.url, c.swarm, path, stop, serve_queries=not no_query,
-                                batch_max=batch, ready=ready)
+                                batch_max=batch, ready=ready, reap=not no_reap)
         finally:
             if metrics is not None:
                 metrics.cancel()

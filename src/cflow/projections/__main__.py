@@ -26,7 +26,7 @@ async def _main(args: argparse.Namespace) -> None:
               flush=True)
 
     await run_projector(args.url, args.swarm, args.db, stop, batch_max=args.batch,
-                        serve_queries=not args.no_query, ready=ready)
+                        serve_queries=not args.no_query, ready=ready, reap=not args.no_reap)
 
 
 def main() -> None:
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--db", default=None)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--no-query", action="store_true")
+    parser.add_argument("--no-reap", action="store_true",
+                        help="do not act as a lease reaper / readiness evaluator")
     args = parser.parse_args()
     try:
         asyncio.run(_main(args))

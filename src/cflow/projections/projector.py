@@ -155,10 +155,13 @@ class _Done(Exception):
 async def run_projector(url: str, swarm: str, db_path: str | Path | None,
                         stop_event: asyncio.Event, *, serve_queries: bool = True,
                         batch_max: int = DEFAULT_BATCH_MAX,
-                        ready: Callable[[Projector], None] | None = None) -> None:
+                        ready: Callable[[Projector], None] | None = None,
+                        reap: bool = True) -> None:
     """Run a projector and its query service until ``stop_event`` is set.
 
     This is what ``cfctl projector`` runs, and ``cfctl up`` next to the server.
+    With ``reap`` (the default) it is also a lease reaper and readiness
+    evaluator, like every long-lived cflow process.
 
     Raises:
         Unavailable: NATS is unreachable, or the database file is in use.
@@ -182,9 +185,14 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
                 ready(projector)
             runner = asyncio.create_task(projector.run())
             stopper = asyncio.create_task(stop_event.wait())
+            reaper = asyncio.create_task(_maintain(nc, swarm, ident)) if reap else None
             done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (runner, stopper):
-                task.cancel()
+            for task in (runner, stopper, reaper):
+                if task is not None:
+                    task.cancel()
+            if reaper is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reaper
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
             if runner in done and runner.exception() is not None:
@@ -195,6 +203,17 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
             await projector.close()
     finally:
         await nc.close()
+
+
+async def _maintain(nc: Any, swarm: str, ident: str) -> None:
+    """The lease reaper + readiness evaluator, on the projector's connection."""
+    from cflow.swarm import Swarm
+
+    facade = Swarm(nc, swarm, agent=ident)
+    try:
+        await facade.tasks.maintain()
+    finally:
+        await facade.aclose()
 
 
 def _wal(path: Path) -> Path:

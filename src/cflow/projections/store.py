@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +113,9 @@ class ProjectionStore:
         self.path = str(path)
         self.projection = projection
         self.max_event_bytes = max_event_bytes
+        # A cancelled caller may leave a batch running on the DuckDB thread; close()
+        # must wait for it rather than hit DuckDB's "connection is busy".
+        self._busy = threading.Lock()
         self.con = connect(path)
         try:
             self.con.execute("BEGIN")
@@ -161,7 +165,8 @@ class ProjectionStore:
         return int(row[0]) if row else 0
 
     def close(self) -> None:
-        self.con.close()
+        with self._busy:
+            self.con.close()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A separate connection to the same database, for readers on other threads."""
@@ -246,6 +251,10 @@ class ProjectionStore:
     # -- applying
 
     def apply(self, items: Sequence[Item], seen_at: datetime) -> fold.Changes:
+        with self._busy:
+            return self._apply_batch(items, seen_at)
+
+    def _apply_batch(self, items: Sequence[Item], seen_at: datetime) -> fold.Changes:
         """Apply one batch (stream order) and move the checkpoint, in one transaction.
 
         Items at or below the checkpoint are skipped, so a batch is never applied
