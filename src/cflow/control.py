@@ -383,7 +383,18 @@ class ControlService:
     # ------------------------------------------------------------ the cache
 
     async def ensure(self) -> ControlView:
-        """Start watching the control bucket (once) and wait until the cache is current."""
+        """Start watching the control bucket (once) and wait until the cache is current.
+
+        Raises:
+            Unavailable: NATS unreachable. NotFound: the swarm has no control bucket.
+        """
+        if self._watch_task is not None and self._watch_task.done():
+            # The watch died (connection lost for good, ...): start over rather than
+            # guard claims with a stale cache.
+            if not self._watch_task.cancelled() and self._watch_task.exception() is not None:
+                log.warning("control watch stopped: %s", self._watch_task.exception())
+            self._watch_task = None
+            self._caught_up.clear()
         if self._watch_task is None:
             self._watch_task = asyncio.create_task(self._watch(), name="control-watch")
         if not self._caught_up.is_set():
