@@ -258,18 +258,12 @@ async def held_tasks(swarm: Swarm, agent: str, *, titles: bool = True) -> list[H
 
 
 async def _register(swarm: Swarm, agent: str, hook: HookInput) -> None:
-    agents = getattr(swarm, "agents", None)
-    if agents is None:
-        return  # the agent registry is not available in this build
     labels = {"claude_session": hook.session_id, "project": hook.cwd, "via": "hook"}
-    await agents.register(agent, capabilities_from_env(), labels, runtime="claude")
+    await swarm.agents.register(agent, capabilities_from_env(), labels, runtime="claude")
 
 
 async def _set_offline(swarm: Swarm, agent: str, reason: str) -> None:
-    agents = getattr(swarm, "agents", None)
-    if agents is None:
-        return
-    await agents.set_status(agent, "offline", reason=reason or "session ended")
+    await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
 
 
 async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:

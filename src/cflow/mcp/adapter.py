@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from cflow.errors import CflowError
 
 if TYPE_CHECKING:
+    from cflow.agents import Agent
     from cflow.leases import Lease
     from cflow.swarm import Swarm
 
@@ -50,6 +51,7 @@ class Adapter:
         self._background: list[asyncio.Task[None]] = []
         self._done: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.registered = False
+        self._agent_handle: Agent | None = None
 
     # ------------------------------------------------------------ idempotency
 
@@ -103,8 +105,9 @@ class Adapter:
         Raises:
             CflowError: the registry refused or is unreachable.
         """
-        agents = getattr(self.swarm, "agents", None)
-        if agents is None:
+        try:
+            agents = self.swarm.agents
+        except ImportError:
             log.info("agent registry not available; running unregistered as %s", self.agent)
             return
         self._agent_handle = await agents.register(self.agent, self.capabilities, self.labels,
@@ -112,21 +115,17 @@ class Adapter:
         self.registered = True
 
     async def _presence(self) -> None:
-        handle = getattr(self, "_agent_handle", None)
-        present = getattr(handle, "present", None)
-        if present is None:
+        if self._agent_handle is None:
             return
-        async with present():
+        async with self._agent_handle.present():
             await asyncio.Event().wait()  # until the adapter stops
 
     async def _maintain(self) -> None:
-        while True:
-            try:
-                await self.swarm.tasks.maintain()
-                return
-            except CflowError as exc:
-                log.warning("maintenance loop stopped (%s); restarting", exc)
-            await asyncio.sleep(1.0)  # back off before restarting the reaper
+        await _restarting("task maintenance", self.swarm.tasks.maintain)
+
+    async def _observe_agents(self) -> None:
+        if self.registered:
+            await _restarting("agent presence observer", self.swarm.agents.maintain)
 
     def _spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
         async def guarded() -> None:
@@ -148,6 +147,7 @@ class Adapter:
         await self.register()
         self._spawn(self._presence, "presence")
         self._spawn(self._maintain, "maintain")
+        self._spawn(self._observe_agents, "agents-maintain")
         try:
             yield self
         finally:
@@ -157,11 +157,39 @@ class Adapter:
         tasks = [*self._background, *self._keepers.values()]
         self._background.clear()
         self._keepers.clear()
-        for task in tasks:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks: Sequence[asyncio.Task[Any]], rounds: int = 10) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again those that swallowed it.
+
+    A cancellation that lands inside a NATS request can be absorbed by the client
+    library; the task then carries on (e.g. into a wait that never ends), so one
+    ``cancel()`` is not enough.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            break
+        for task in pending:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in pending:
+        log.warning("task %s did not stop", task.get_name())
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure was already logged by its guard
+
+
+async def _restarting(what: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a long-lived loop; if it stops on one of our errors, log and start it again."""
+    while True:
+        try:
+            await loop()
+            return
+        except CflowError as exc:
+            log.warning("%s stopped (%s); restarting", what, exc)
+        await asyncio.sleep(1.0)  # back off before restarting
 
 
 def default_labels(project_dir: str | None = None) -> dict[str, str]:
