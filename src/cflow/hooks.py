@@ -33,8 +33,6 @@ name), so both use :func:`claude_agent_name`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import re
@@ -46,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    import contextlib
+
     from cflow.swarm import Swarm
 
 EVENTS = (
@@ -222,6 +222,8 @@ async def open_swarm(stack: contextlib.AsyncExitStack, url: str, swarm: str, age
     Raises:
         Unavailable: no server answered (or the swarm could not be set up) in time.
     """
+    import asyncio
+
     from cflow.errors import Unavailable
     from cflow.swarm import Swarm
 
@@ -268,6 +270,8 @@ async def _set_offline(swarm: Swarm, agent: str, reason: str) -> None:
 
 async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
     """Do what ``hook`` asks against the backend. Raises our errors; the caller absorbs them."""
+    import contextlib
+
     agent = claude_agent_name(env=env, session_id=hook.session_id or None,
                               project_dir=hook.cwd or None)
     url = env.get("CFLOW_URL") or DEFAULT_URL
@@ -327,6 +331,8 @@ def handle(event: str, raw: str, env: Mapping[str, str] | None = None) -> HookRe
         timeout = float(env.get("CFLOW_HOOK_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     except ValueError:
         timeout = DEFAULT_TIMEOUT_S
+
+    import asyncio  # only events that reach the backend pay for it
 
     async def bounded() -> HookResult:
         return await asyncio.wait_for(handle_async(hook, env), timeout)
