@@ -442,9 +442,12 @@ class ReservationService:
         long-lived process (see :meth:`_release`).
         """
         start = await self.log.stream_last_seq() + 1
-        for r in await self.list():
-            if r.task_id is not None and await self._task_finished(r.task_id):
-                await self.release_task(r.task_id)
+        try:
+            for r in await self.list():
+                if r.task_id is not None and await self._task_finished(r.task_id):
+                    await self.release_task(r.task_id)
+        except CflowError as exc:  # the TTL still frees them; do not stop the maintainer
+            log.warning("reservation sweep failed: %s", exc)
         async for item in self.log.follow(names.events_filter(self.swarm.name, "task"),
                                           start_seq=start):
             if not isinstance(item, StoredEvent):

@@ -90,6 +90,8 @@ class Swarm:
 
             self._tasks = TaskService(self)
             self.control.install()  # pause, budgets and breakers guard every claim and create
+            # a finished task's path reservations are released by every maintainer
+            self.maintenance_hooks.append(self.reservations.maintain)
             # every maintainer also records agents whose presence expired (once)
             self.maintenance_hooks.append(self.agents.maintain)
         return self._tasks
