@@ -200,3 +200,39 @@ async def test_kill_9_lets_the_lease_expire_and_another_agent_reclaims(
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+
+
+async def test_streamable_http_on_loopback(cli_env: dict[str, str]) -> None:
+    from cflow.server import free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        cfctl(), "mcp", "--http", f"127.0.0.1:{port}", env=agent_env(cli_env, "http-1"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while b"serving swarm" not in (line := await asyncio.wait_for(
+                proc.stderr.readline(), START_S)):
+            assert line, "cfctl mcp --http exited before serving"
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            assert len((await client.list_tools()).tools) == 9
+            status = await client.call_tool("swarm_status", {})
+            assert status.structured_content is not None
+            assert status.structured_content["agent"] == "http-1"
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert proc.stdout is not None
+        assert await proc.stdout.read() == b""  # logs never go to stdout
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_http_refuses_non_loopback(cli_env: dict[str, str]) -> None:
+    import subprocess
+
+    out = subprocess.run([cfctl(), "mcp", "--http", "0.0.0.0:8765"], env=cli_env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and "loopback only" in out.stderr and out.stdout == ""

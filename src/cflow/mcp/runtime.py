@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cflow.errors import InvalidInput
 
@@ -82,8 +83,24 @@ async def _watch_parent(original_ppid: int) -> None:
     log.info("parent process %s went away; exiting without releasing leases", original_ppid)
 
 
-async def serve(opts: Options) -> None:
-    """Run the adapter until the client goes away.
+async def _serve_http(srv: Any, host: str, port: int, stop: asyncio.Event) -> None:
+    """Streamable HTTP at ``http://host:port/mcp`` until ``stop``; logs to stderr only."""
+    import uvicorn
+
+    app = srv.streamable_http_app()
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            log_config=None)
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(), name="mcp-http")
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True  # graceful: finish requests, run the app's shutdown
+    stopping.cancel()
+    await serving
+
+
+async def serve(opts: Options, stop: asyncio.Event | None = None) -> None:
+    """Run the adapter until the client goes away (or ``stop`` is set).
 
     Raises:
         Unavailable: NATS not reachable within the connect timeout.
@@ -96,6 +113,7 @@ async def serve(opts: Options) -> None:
 
     check_token(opts.agent, "agent name")
     ppid = os.getppid()
+    stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         swarm = await open_swarm(stack, opts.url, opts.swarm, opts.agent,
                                  timeout_s=opts.connect_timeout_s)
@@ -105,26 +123,39 @@ async def serve(opts: Options) -> None:
         log.info("agent %s serving swarm %s (%s)", opts.agent, opts.swarm,
                  f"http://{opts.http[0]}:{opts.http[1]}/mcp" if opts.http else "stdio")
         if opts.http:
-            host, port = opts.http
-            await srv.run_streamable_http_async(host=host, port=port)
+            await _serve_http(srv, *opts.http, stop)
             return
         serving = asyncio.create_task(srv.run_stdio_async(), name="mcp-stdio")
         watcher = asyncio.create_task(_watch_parent(ppid), name="parent-watch")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await asyncio.wait({serving, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({serving, watcher, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (serving, watcher):
+            for task in (serving, watcher, stopping):
                 task.cancel()
-            for task in (serving, watcher):
+            for task in (serving, watcher, stopping):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         log.info("client went away; leases (%d held) will expire", len(adapter.leases))
 
 
+async def _until_signalled(opts: Options) -> None:
+    """``serve`` that ends quietly on SIGTERM/SIGINT (leases are left to expire)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(opts, stop)
+    if stop.is_set():
+        log.info("terminated by a signal; held leases will expire")
+
+
 def run(opts: Options) -> None:
     """Blocking entry point for the CLI."""
     setup_logging()
-    asyncio.run(serve(opts))
+    asyncio.run(_until_signalled(opts))
 
 
 def resolve_agent(explicit: str | None, env: dict[str, str] | None = None) -> str:
