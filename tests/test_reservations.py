@@ -226,16 +226,17 @@ async def _released(swarm: Swarm, reservation_id: str) -> str:
 @pytest.mark.integration
 async def test_maintenance_releases_when_the_task_finishes(swarm: Swarm) -> None:
     res = swarm.reservations
-    done_before = await swarm.tasks.create("already done")
-    lease0 = await swarm.tasks.claim(done_before.task_id, agent="w0")
-    assert lease0 is not None
-    stale = await res.reserve(["old/*"], owner="w0", task_id=done_before.task_id)
-    await lease0.complete("ok")
     task = await swarm.tasks.create("edit the parser")
     lease = await swarm.tasks.claim(task.task_id, agent="w1")
     assert lease is not None
     held = await res.reserve(["src/parser/*"], owner="w1", task_id=task.task_id)
     other = await res.reserve(["docs/*"], owner="w1")
+    # Reserved last, so the start-up sweep has looked at the others once it frees this.
+    done_before = await swarm.tasks.create("already done")
+    lease0 = await swarm.tasks.claim(done_before.task_id, agent="w0")
+    assert lease0 is not None
+    stale = await res.reserve(["old/*"], owner="w0", task_id=done_before.task_id)
+    await lease0.complete("ok")
     maintainer = asyncio.create_task(res.maintain())
     try:
         assert await asyncio.wait_for(_released(swarm, stale.id), 10) == "task finished"

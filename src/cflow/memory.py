@@ -35,7 +35,6 @@ import builtins
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,6 +53,7 @@ from cflow.streams.client import (
     StoredEvent,
     publish,
     ttl_header,
+    wall_ms,
 )
 
 if TYPE_CHECKING:
@@ -343,7 +343,7 @@ def render_bm25(query: str, *, namespace: str | None = None, tag: str | None = N
         raise InvalidInput("search limit must be at least 1")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", table):
         raise InvalidInput(f"not a table name: {table!r}")
-    when = now or (_EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000))
+    when = now or (_EPOCH + timedelta(milliseconds=wall_ms()))
     values = {
         "{table}": table, "$query": _literal(query), "$namespace": _literal(namespace),
         "$tag": _literal(tag), "$limit": str(int(limit)), "$k1": repr(K1), "$b": repr(B),
@@ -450,7 +450,7 @@ class MemoryService:
         record = MemoryRecord(namespace=namespace, key=key, value=text, content_type=ctype,
                               tags=clean_tags, author=self.swarm.agent, ttl_s=ttl_s,
                               metadata=dict(metadata or {}),
-                              updated_ms=time.time_ns() // 1_000_000)
+                              updated_ms=wall_ms())
         expected_rev = await self._expected_revision(namespace, key, token, expected_version)
         out = build_memory_put(self.bucket, token, record, expected_revision=expected_rev)
         try:

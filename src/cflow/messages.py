@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast, get_args
@@ -43,7 +42,7 @@ import msgspec
 from cflow import events as ev
 from cflow.errors import InvalidInput, NotFound
 from cflow.streams import StoredEvent, names
-from cflow.streams.client import MSG_ID, Outgoing, api_request, publish
+from cflow.streams.client import MSG_ID, Outgoing, api_request, publish, wall_ms
 from cflow.streams.errors import nats_errors, translate
 
 if TYPE_CHECKING:
@@ -202,10 +201,6 @@ def overdue_messages(
     return sorted(out, key=lambda m: (m.sent_ms, m.id))
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # ---------------------------------------------------------------------- adapter
 
 
@@ -258,7 +253,7 @@ class MessageService:
         rec = MessageRecord(id=mid, sender=sender or self.swarm.agent, text=text, to=to,
                             topic=topic, thread_id=thread_id, reply_to=reply_to,
                             importance=level, ack_required=ack_required,
-                            sent_ms=_wall_ms())
+                            sent_ms=wall_ms())
         await publish(self.log.js, build_message(self.swarm.name, rec))
         await self.log.append(
             ev.MessageSent(to=to, topic=topic, text=text, thread_id=thread_id,
@@ -418,7 +413,7 @@ class MessageService:
         items = [(s.event, Timestamp.parse(s.event.hlc).wall_ms)
                  for s in await self.log.read(names.events_filter(self.swarm.name, "message"))
                  if isinstance(s, StoredEvent)]
-        return overdue_messages(items, now_ms=_wall_ms(), older_than_s=older_than_s, to=to,
+        return overdue_messages(items, now_ms=wall_ms(), older_than_s=older_than_s, to=to,
                                 sender=sender)
 
     async def aclose(self) -> None:

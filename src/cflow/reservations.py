@@ -49,7 +49,6 @@ import contextlib
 import logging
 import random
 import re
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -68,6 +67,7 @@ from cflow.errors import (
     ReservationLost,
 )
 from cflow.streams import KvEntry, StoredEvent, names
+from cflow.streams.client import wall_ms
 
 if TYPE_CHECKING:
     from cflow.swarm import Swarm
@@ -223,10 +223,6 @@ def _reservation(rec: ReservationRecord, revision: int) -> Reservation:
                        revision=revision)
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 # ---------------------------------------------------------------------- adapter
 
 
@@ -285,7 +281,7 @@ class ReservationService:
             raise InvalidInput("reserve needs at least one path or glob")
         if ttl_s < 1:
             raise InvalidInput("reservation TTL must be at least 1 s")
-        now = _wall_ms()
+        now = wall_ms()
         mine = ReservationRecord(id=ev.new_id(), owner=owner or self.swarm.agent,
                                  patterns=pats, exclusive=exclusive, task_id=task_id,
                                  ttl_s=ttl_s, reserved_ms=now, renewed_ms=now)
@@ -341,7 +337,7 @@ class ReservationService:
         rec, kv = found
         if kv.revision != revision:
             raise ReservationLost(reservation_id, f"stale revision {revision} (now {kv.revision})")
-        renewed = msgspec.structs.replace(rec, renewed_ms=_wall_ms(),
+        renewed = msgspec.structs.replace(rec, renewed_ms=wall_ms(),
                                           ttl_s=ttl_s if ttl_s is not None else rec.ttl_s)
         try:
             new_rev = await self.log.kv_put(self.bucket, reservation_key(reservation_id),
