@@ -43,7 +43,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cflow import events as ev
-from cflow.errors import ConflictError, InvalidInput, MemoryConflict, NotFound, Unavailable
+from cflow.errors import (
+    ConflictError,
+    InvalidInput,
+    LimitExceeded,
+    MemoryConflict,
+    NotFound,
+    Unavailable,
+)
 from cflow.streams import names
 from cflow.streams.client import (
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -569,6 +576,7 @@ class MemoryService:
         Raises:
             InvalidInput: ``limit`` < 1.
             Unavailable: ``source="projection"`` and no projector answered.
+            LimitExceeded: ``source="projection"`` and the projection lags too far.
         """
         sql = render_bm25(query, namespace=namespace, tag=tag, limit=limit)
         if not query_terms(query):
@@ -579,7 +587,7 @@ class MemoryService:
                 result = await self.swarm.query(sql, limit=limit, wait_for_seq=seq,
                                                 timeout_s=PROJECTION_WAIT_S)
                 return hits_from_rows(result.rows, query)
-            except Unavailable:
+            except (Unavailable, LimitExceeded):  # no projector, or it lags behind
                 if source == "projection":
                     raise
         import anyio
