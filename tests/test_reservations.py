@@ -247,3 +247,19 @@ async def test_maintenance_releases_when_the_task_finishes(swarm: Swarm) -> None
         maintainer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await maintainer
+
+
+@pytest.mark.integration
+async def test_keep_alive_renews_past_the_ttl_and_reports_loss(swarm: Swarm) -> None:
+    res = swarm.reservations
+    held = await res.reserve(["lib/*"], owner="a", ttl_s=1)
+    lost: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+    async with res.keep_alive(held, interval_s=0.3,
+                              on_lost=lambda r: lost.done() or lost.set_result(r)):
+        await asyncio.sleep(2.5)  # time passing is the point: 2.5 TTLs
+        (current,) = await res.list()
+        assert current.id == held.id and current.revision > held.revision
+        with pytest.raises(ReservationConflict):
+            await res.reserve(["lib/x.py"], owner="b")
+        assert await res.release("a") == [held.id]
+        assert (await asyncio.wait_for(lost, 5)).id == held.id

@@ -416,11 +416,7 @@ class ReservationService:
     async def _release(self, held: Iterable[Reservation], reason: str) -> builtins.list[str]:
         released = []
         for r in held:
-            # The delete is fenced by the revision: of several releasers (the
-            # holder, maintenance in other processes) exactly one records it.
-            with contextlib.suppress(ConcurrencyConflict):
-                await self.log.kv_delete(self.bucket, reservation_key(r.id),
-                                         expected_revision=r.revision)
+            if await self._delete(r.id, r.revision):
                 released.append(r)
         if released:
             await self._drop_from_index({r.id for r in released})
@@ -428,6 +424,25 @@ class ReservationService:
             await self.log.append(ev.PathsReleased(owner=r.owner, reason=reason), r.id,
                                   msg_id=f"release-{r.id}")
         return [r.id for r in released]
+
+    async def _delete(self, reservation_id: str, revision: int) -> bool:
+        """Delete a live reservation key; True for the one caller whose delete landed.
+
+        The delete is fenced by the revision, so of several releasers (the holder,
+        maintainers in other processes) exactly one records the release; a
+        renewal in between only moves the revision on.
+        """
+        for _ in range(10):
+            try:
+                await self.log.kv_delete(self.bucket, reservation_key(reservation_id),
+                                         expected_revision=revision)
+                return True
+            except ConcurrencyConflict:
+                found = await self._live_record(reservation_id)
+                if found is None:
+                    return False  # expired, or another releaser won
+                revision = found[1].revision
+        return False
 
     async def maintain(self) -> None:
         """Release the reservations of tasks that finished, until cancelled.
