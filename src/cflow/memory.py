@@ -272,33 +272,26 @@ def snippet(text: str, terms: Sequence[str], width: int = 120) -> str:
 
 # ----------------------------------------------------------------- BM25 in SQL
 
-# Tokens: maximal runs of letters and digits of lower(key, value, tags). One
-# document per live entry; idf is Lucene's ln(1 + (N - df + .5) / (df + .5)),
-# which stays positive for terms in more than half of the documents.
+# Tokens: maximal runs of letters and digits of lower(key, value, tags), kept
+# as one list per document (no row per token: only the query's few terms are
+# counted). One document per live entry; idf is Lucene's
+# ln(1 + (N - df + .5) / (df + .5)), which stays positive for terms in more
+# than half of the documents.
 BM25_SQL = r"""
 WITH docs AS (
     SELECT namespace, key, value, tags, version,
-           lower(key || ' ' || coalesce(value, '') || ' '
-                 || coalesce(array_to_string(tags, ' '), '')) AS body
+           list_filter(regexp_split_to_array(
+               lower(key || ' ' || coalesce(value, '') || ' '
+                     || coalesce(array_to_string(tags, ' '), '')),
+               '[^\p{L}\p{N}]+'), lambda x: x <> '') AS toks
     FROM {table}
     WHERE NOT coalesce(deleted, false)
       AND (expires_at IS NULL OR expires_at > $now)
       AND ($namespace IS NULL OR namespace = $namespace)
       AND ($tag IS NULL OR list_contains(tags, $tag))
 ),
-doc_terms AS (
-    SELECT d.namespace, d.key, t.term
-    FROM docs d,
-         unnest(regexp_split_to_array(d.body, '[^\p{L}\p{N}]+')) AS t(term)
-    WHERE t.term <> ''
-),
-doc_len AS (
-    SELECT d.namespace, d.key, count(t.term) AS dl
-    FROM docs d LEFT JOIN doc_terms t ON t.namespace = d.namespace AND t.key = d.key
-    GROUP BY d.namespace, d.key
-),
 corpus AS (
-    SELECT count(*) AS n, coalesce(avg(dl), 0) AS avgdl FROM doc_len
+    SELECT count(*) AS n, coalesce(avg(len(toks)), 0) AS avgdl FROM docs
 ),
 q AS (
     SELECT DISTINCT term
@@ -306,9 +299,10 @@ q AS (
     WHERE term <> ''
 ),
 tf AS (
-    SELECT t.namespace, t.key, t.term, count(*) AS tf
-    FROM doc_terms t JOIN q ON q.term = t.term
-    GROUP BY t.namespace, t.key, t.term
+    SELECT d.namespace, d.key, q.term, len(d.toks) AS dl,
+           len(list_filter(d.toks, lambda x: x = q.term)) AS tf
+    FROM docs d CROSS JOIN q
+    WHERE list_contains(d.toks, q.term)
 ),
 df AS (
     SELECT term, count(*) AS df FROM tf GROUP BY term
@@ -317,10 +311,9 @@ scored AS (
     SELECT tf.namespace, tf.key,
            sum(ln(1 + (c.n - df.df + 0.5) / (df.df + 0.5))
                * tf.tf * ($k1 + 1)
-               / (tf.tf + $k1 * (1 - $b + $b * l.dl / greatest(c.avgdl, 1e-9)))) AS score
+               / (tf.tf + $k1 * (1 - $b + $b * tf.dl / greatest(c.avgdl, 1e-9)))) AS score
     FROM tf
     JOIN df ON df.term = tf.term
-    JOIN doc_len l ON l.namespace = tf.namespace AND l.key = tf.key
     CROSS JOIN corpus c
     GROUP BY tf.namespace, tf.key
 )
@@ -402,11 +395,17 @@ def search_entries(entries: Iterable[MemoryEntry], query: str, *, namespace: str
     try:
         conn.execute("CREATE TABLE memory (namespace VARCHAR, key VARCHAR, value VARCHAR, "
                      "tags VARCHAR[], version BIGINT, deleted BOOLEAN, expires_at TIMESTAMP)")
-        rows = [(e.namespace, e.key, e.value, list(e.tags), e.version, False,
-                 _EPOCH + timedelta(milliseconds=e.expires_ms) if e.expires_ms else None)
-                for e in entries]
-        if rows:
-            conn.executemany("INSERT INTO memory VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        items = list(entries)
+        if items:
+            # One statement with list parameters: executemany is ~1000x slower.
+            conn.execute(
+                "INSERT INTO memory SELECT unnest($ns), unnest($k), unnest($v), unnest($t), "
+                "unnest($ver), false, unnest($exp)",
+                {"ns": [e.namespace for e in items], "k": [e.key for e in items],
+                 "v": [e.value for e in items], "t": [list(e.tags) for e in items],
+                 "ver": [e.version for e in items],
+                 "exp": [_EPOCH + timedelta(milliseconds=e.expires_ms) if e.expires_ms
+                         else None for e in items]})
         return bm25_search(conn, query, namespace=namespace, tag=tag, limit=limit)
     finally:
         conn.close()
