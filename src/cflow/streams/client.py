@@ -524,8 +524,9 @@ class EventLog:
     ) -> AsyncGenerator[StoredEvent | BadMessage, None]:
         """Read from ``start_seq`` and keep following new events (ordered push consumer).
 
-        ``caught_up`` is set once everything stored when the consumer was created
-        has been yielded. The ordered consumer recreates itself after gaps or
+        ``caught_up`` is set together with the last item stored when the consumer
+        was created: just before that item is yielded (at once if there is none).
+        The ordered consumer recreates itself after gaps or
         reconnects, so the sequence seen here never skips or repeats.
         """
         subject = filter_subject or names.events_filter(self.swarm)
