@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cflow.errors import InvalidInput, NotFound
@@ -29,7 +29,7 @@ from cflow.swarm import Swarm
 
 @pytest.mark.parametrize(
     ("raw", "norm"),
-    [("src/a.py", "src/a.py"), ("./src//a.py", "src/a.py"), ("src/", "src/*"), (".", "*"),
+    [("src/a.py", "src/a.py"), ("./src//a.py", "src/a.py"), ("src/", "src/**"), (".", "**"),
      ("src\\win.py", "src/win.py")],
 )
 def test_normalize(raw: str, norm: str) -> None:
@@ -48,16 +48,27 @@ def test_normalize_refuses(bad: str) -> None:
         ("src/a.py", "src/a.py", True),
         ("src/a.py", "src/b.py", False),
         ("src", "src/a.py", True),  # a literal also covers what is below it
-        ("src/*", "src/deep/x.py", True),  # '*' crosses '/'
+        ("src/**", "src/deep/x.py", True),  # '**' crosses '/'
+        ("src/*", "src/deep/x.py", False),  # '*' does not
+        ("src/**/x.py", "src/x.py", True),  # '**/' may be empty
         ("src/*.py", "src/a.py", True),
         ("src/*.py", "src/a.md", False),
         ("src/*.py", "src/*.md", False),  # suffixes rule it out
         ("src/*.py", "src/api/*", True),
         ("src/*", "docs/*", False),  # prefixes rule it out
-        ("*", "anything/at/all", True),
-        ("src/a*", "src/ab/c.py", True),
+        ("**", "anything/at/all", True),
+        ("src/a**", "src/ab/c.py", True),
         ("tests/test_*.py", "tests/test_x.py", True),
         ("src", "src/*.py", True),
+        ("x", "*/src", True),  # x/src
+        ("src/x.py", "src/*.md", False),  # a file against another extension
+        ("src/x.py", "src/**/*.md", True),  # src/x.py could be a directory
+        ("src/x.py", "src/*", True),
+        ("docs", "s*/x", False),
+        ("src", "s*/x", True),  # src/x
+        ("src", "[rs]rc/*", True),
+        ("src", "[!s]rc/*", False),
+        ("src/**/*.py", "src/*/test_*.py", True),
     ],
 )
 def test_overlap_table(a: str, b: str, overlap: bool) -> None:
@@ -67,10 +78,12 @@ def test_overlap_table(a: str, b: str, overlap: bool) -> None:
 
 _seg = st.sampled_from(["src", "a", "b.py", "c.md", "x"])
 _path = st.lists(_seg, min_size=1, max_size=4).map("/".join)
-_glob = st.lists(st.sampled_from(["src", "a", "*", "*.py", "b*", "?.md", "x"]),
+_glob = st.lists(st.sampled_from(["src", "a", "*", "**", "*.py", "b*", "?.md", "x", "[ab]*",
+                                  "s?c"]),
                  min_size=1, max_size=4).map("/".join)
 
 
+@settings(max_examples=500)
 @given(_glob, _glob, _path)
 def test_overlap_is_conservative(a: str, b: str, path: str) -> None:
     """If one concrete path is covered by both patterns, they must be said to overlap."""
@@ -129,7 +142,7 @@ async def test_two_agents_race_for_overlapping_globs_exactly_one_wins(
         async with Swarm.connect(nats_url, swarm=swarm_name, agent="a") as a, \
                 Swarm.connect(nats_url, swarm=swarm_name, agent="b") as b:
             results = await asyncio.gather(
-                a.reservations.reserve([f"r{round_}/src/*"], ttl_s=30),
+                a.reservations.reserve([f"r{round_}/src/**"], ttl_s=30),
                 b.reservations.reserve([f"r{round_}/src/core/*.py"], ttl_s=30),
                 return_exceptions=True)
             wins = [r for r in results if isinstance(r, Reservation)]

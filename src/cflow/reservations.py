@@ -21,13 +21,16 @@ the winner's entry (whose key was written in step 1, before the index) and is
 refused. A key that is not in the index yet is never counted, so a racer that
 is about to lose never blocks anyone.
 
-Patterns are repository-relative paths or ``fnmatch`` globs where ``*`` also
-crosses ``/``; ``dir/`` means ``dir/*`` (the whole tree). Whether two patterns
-overlap is decided conservatively (:func:`patterns_overlap`): a literal path
-against a glob is exact (``fnmatch``); two globs overlap unless their literal
-prefixes (before the first wildcard) or literal suffixes (after the last one)
-rule it out. So an overlap may be reported where no real path matches both,
-never the reverse.
+Patterns are repository-relative paths or globs as in ``.gitignore``: ``*``
+and ``?`` stay within one path component, ``**`` crosses ``/``, ``[set]`` as in
+``fnmatch``. A literal path also covers everything below it (a glob only the
+paths it matches: ``build*/**`` for whole trees), and ``dir/`` means
+``dir/**``. Whether two patterns overlap is decided conservatively
+(:func:`patterns_overlap`): two literals by equality or containment; a literal
+against a glob exactly (the glob matches the literal, or can match something
+below it); two globs overlap unless their literal prefixes (before the first
+wildcard) or literal suffixes (after the last one) rule it out. So an overlap
+may be reported where no real path matches both, never the reverse.
 
 Shared reservations conflict only with another owner's exclusive ones;
 exclusive ones with any of another owner's. One owner never conflicts with
@@ -46,12 +49,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import fnmatch
+import functools
 import logging
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -84,7 +88,7 @@ _WILDCARDS = re.compile(r"[*?\[]")
 
 
 def normalize_pattern(pattern: str) -> str:
-    """Repository-relative, ``/``-separated; ``dir/`` becomes ``dir/*``.
+    """Repository-relative, ``/``-separated; ``dir/`` becomes ``dir/**``.
 
     Raises:
         InvalidInput: empty, absolute, or with a ``..`` component.
@@ -99,9 +103,9 @@ def normalize_pattern(pattern: str) -> str:
     if ".." in parts:
         raise InvalidInput(f"path pattern {pattern!r} may not contain '..'")
     if not parts:
-        return "*"
+        return "**"
     out = "/".join(parts)
-    return f"{out}/*" if directory else out
+    return f"{out}/**" if directory else out
 
 
 def is_glob(pattern: str) -> bool:
@@ -118,23 +122,116 @@ def literal_suffix(pattern: str) -> str:
     return pattern[last + 1:]
 
 
+def glob_match(path: str, pattern: str) -> bool:
+    """Does the glob match ``path`` (``*``, ``?`` within a component, ``**`` across)?"""
+    return _regex(pattern).fullmatch(path) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    tokens = _glob_tokens(pattern)
+    for i, tok in enumerate(tokens):
+        if tok == "/" and i > 0 and tokens[i - 1] == "**":
+            continue  # emitted with the "**" before it
+        if tok == "**":
+            # "a/**/b" also matches "a/b", as in .gitignore
+            parts.append("(?:.*/)?" if tokens[i + 1:i + 2] == ["/"] else ".*")
+        elif tok == "*":
+            parts.append("[^/]*")
+        elif tok == "?":
+            parts.append("[^/]")
+        elif len(tok) > 1:  # [set], translated by fnmatch's rules
+            parts.append(fnmatch.translate(tok)[4:-3])
+        else:
+            parts.append(re.escape(tok))
+    return re.compile("".join(parts), re.DOTALL)
+
+
 def path_covered(path: str, pattern: str) -> bool:
-    """Does ``pattern`` cover the concrete ``path`` (or a directory above it)?"""
-    if path == pattern or fnmatchcase(path, pattern):
-        return True
-    return not is_glob(pattern) and path.startswith(pattern + "/")
+    """Does ``pattern`` cover the concrete ``path`` (a literal: also what is below it)?"""
+    if is_glob(pattern):
+        return glob_match(path, pattern)
+    return path == pattern or path.startswith(pattern + "/")
+
+
+def _glob_tokens(pattern: str) -> list[str]:
+    """``**``, ``*``, ``?``, ``[set]`` or one literal character per token."""
+    tokens, i, n = [], 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            tokens.append("**")
+            i += 2
+            while i < n and pattern[i] == "*":
+                i += 1
+            continue
+        if ch == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j < n:
+                tokens.append(pattern[i:j + 1])
+                i = j + 1
+                continue
+        tokens.append(ch)
+        i += 1
+    return tokens
+
+
+def glob_matches_below(pattern: str, directory: str) -> bool:
+    """Can ``pattern`` match some path strictly below the literal ``directory``?
+
+    Runs the glob as an automaton over ``directory + "/"``; if it is still alive
+    with pattern left to match, some continuation matches.
+    """
+    tokens = _glob_tokens(pattern)
+
+    def closure(states: set[int]) -> set[int]:
+        out, todo = set(states), list(states)
+        while todo:
+            i = todo.pop()
+            if i < len(tokens) and tokens[i] in ("*", "**") and i + 1 not in out:
+                out.add(i + 1)
+                todo.append(i + 1)
+            if (i < len(tokens) and tokens[i] == "**" and tokens[i + 1:i + 2] == ["/"]
+                    and i + 2 not in out):
+                out.add(i + 2)  # "**/" may match nothing at all
+                todo.append(i + 2)
+        return out
+
+    states = closure({0})
+    for ch in directory + "/":
+        nxt = set()
+        for i in states:
+            if i >= len(tokens):
+                continue
+            tok = tokens[i]
+            if tok == "**" or (tok == "*" and ch != "/"):
+                nxt.add(i)
+            elif (tok == "?" and ch != "/") or (len(tok) > 1 and _regex(tok).fullmatch(ch)) \
+                    or tok == ch:
+                nxt.add(i + 1)
+        states = closure(nxt)
+        if not states:
+            return False
+    return any(i < len(tokens) for i in states)
 
 
 def patterns_overlap(a: str, b: str) -> bool:
-    """Could one path match both patterns? Conservative: never a false "no"."""
+    """Could one path be covered by both patterns? Conservative: never a false "no"."""
     glob_a, glob_b = is_glob(a), is_glob(b)
     if not glob_a and not glob_b:
         return a == b or a.startswith(b + "/") or b.startswith(a + "/")
     if not glob_a:
-        return path_covered(a, b) or literal_prefix(b).startswith(a + "/")
+        return glob_match(a, b) or glob_matches_below(b, a)
     if not glob_b:
-        return path_covered(b, a) or literal_prefix(a).startswith(b + "/")
-    if fnmatchcase(a, b) or fnmatchcase(b, a):
+        return glob_match(b, a) or glob_matches_below(a, b)
+    if glob_match(a, b) or glob_match(b, a):
         return True
     pa, pb = literal_prefix(a), literal_prefix(b)
     sa, sb = literal_suffix(a), literal_suffix(b)
@@ -519,6 +616,8 @@ __all__ = [
     "ReservationRecord",
     "ReservationService",
     "conflicts",
+    "glob_match",
+    "glob_matches_below",
     "is_glob",
     "literal_prefix",
     "literal_suffix",
