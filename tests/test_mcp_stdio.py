@@ -236,3 +236,39 @@ def test_http_refuses_non_loopback(cli_env: dict[str, str]) -> None:
     out = subprocess.run([cfctl(), "mcp", "--http", "0.0.0.0:8765"], env=cli_env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode != 0 and "loopback only" in out.stderr and out.stdout == ""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # exited, waiting for a reaper
+
+
+async def test_exits_when_its_parent_dies(cli_env: dict[str, str]) -> None:
+    """Claude Code killed: the adapter is re-parented and exits, though stdin stays open."""
+    shell = await asyncio.create_subprocess_exec(
+        "sh", "-c", f"{cfctl()} mcp 0<&0 & echo $!; wait", env=agent_env(cli_env, "orphan"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    pid = 0
+    try:
+        assert shell.stdout is not None and shell.stderr is not None
+        pid = int(await asyncio.wait_for(shell.stdout.readline(), START_S))
+        while b"serving swarm" not in (line := await asyncio.wait_for(
+                shell.stderr.readline(), START_S)):
+            assert line, "cfctl mcp exited before serving"
+        shell.kill()
+        await shell.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not _gone(pid):  # not our child any more: nothing to await but its exit
+            assert loop.time() < deadline, "adapter outlived its parent"
+            await asyncio.sleep(0.1)
+    finally:
+        if shell.returncode is None:
+            shell.kill()
+            await shell.wait()
+        if pid and not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
