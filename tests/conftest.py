@@ -55,3 +55,30 @@ def cli_env(nats_url: str, swarm_name: str, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"CFLOW_URL": nats_url, "CFLOW_SWARM": swarm_name, "XDG_DATA_HOME": str(tmp_path)})
     return env
+
+
+WATCHDOG_S = float(os.environ.get("CFLOW_TEST_WATCHDOG_S", "240"))
+
+
+@pytest.fixture(autouse=True)
+async def _watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A hung async test fails (with every task's stack on stderr) instead of hanging CI."""
+    import asyncio
+    import sys
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def fire() -> None:
+        sys.stderr.write(f"\n=== watchdog: {request.node.nodeid} ran {WATCHDOG_S:g} s; tasks:\n")
+        for task in asyncio.all_tasks(loop):
+            task.print_stack(file=sys.stderr)
+        for task in asyncio.all_tasks(loop):
+            if task is not main:
+                task.cancel()
+
+    handle = loop.call_later(WATCHDOG_S, fire)
+    try:
+        yield
+    finally:
+        handle.cancel()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cflow import events as ev
+from cflow.background import stop_tasks
 from cflow.errors import AlreadyClaimed, DependencyError, InvalidState, LeaseLost, NotFound
 from cflow.swarm import Swarm
 
@@ -30,9 +31,7 @@ async def reaper(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
             await s.tasks.ensure_board()
             yield s
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks([task])
 
 
 async def until(swarm: Swarm, task_id: str, predicate: object, within: float = 15.0) -> object:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cflow import events as ev
+from cflow.background import stop_tasks
 from cflow.errors import (
     AlreadyClaimed,
     CflowError,
@@ -37,6 +38,7 @@ from cflow.errors import (
     LeaseLost,
     NotFound,
     Paused,
+    Unavailable,
 )
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import wall_ms
@@ -55,7 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cflow.leases")
 
-NO_LEASE_MARGIN_S = 2.0  # grace before "claimed but never leased" is reaped
+NO_LEASE_MARGIN_S = 2.0
+BOARD_CATCH_UP_S = 60.0  # grace before "claimed but never leased" is reaped
 _ID_NAMESPACE = uuid.UUID("6d1c5f8e-8a4e-4b7e-9a53-1c0f7d1e2a77")
 
 
@@ -158,9 +161,7 @@ class Lease:
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_tasks([task])
 
 
 class TaskService:
@@ -193,11 +194,14 @@ class TaskService:
             self._board_task = asyncio.create_task(self._follow(), name="task-board")
         if not self._caught_up.is_set():
             waiter = asyncio.create_task(self._caught_up.wait())
-            done, _ = await asyncio.wait({waiter, self._board_task},
+            done, _ = await asyncio.wait({waiter, self._board_task}, timeout=BOARD_CATCH_UP_S,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if self._board_task in done and not self._caught_up.is_set():
+            if not self._caught_up.is_set():
                 waiter.cancel()
-                self._board_task.result()  # re-raise why following stopped
+                if self._board_task in done:
+                    self._board_task.result()  # re-raise why following stopped
+                raise Unavailable(f"task events of swarm {self.swarm.name} not caught up "
+                                  f"within {BOARD_CATCH_UP_S:g} s")
         return self.board
 
     async def _follow(self) -> None:
@@ -726,11 +730,7 @@ class TaskService:
         try:
             await asyncio.gather(*tasks)
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await stop_tasks(tasks)
             self._maint_task = None
 
     async def _guarded(self, coro: Any) -> None:
@@ -805,11 +805,7 @@ class TaskService:
                 await sub.unsubscribe()
 
     async def aclose(self) -> None:
-        for task in (self._board_task,):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks([self._board_task])
         self._board_task = None
 
 

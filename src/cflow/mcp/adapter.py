@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cflow.background import stop_tasks as cancel_all
 from cflow.errors import CflowError
 
 if TYPE_CHECKING:
@@ -158,27 +159,6 @@ class Adapter:
         self._background.clear()
         self._keepers.clear()
         await cancel_all(tasks)
-
-
-async def cancel_all(tasks: Sequence[asyncio.Task[Any]], rounds: int = 10) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again those that swallowed it.
-
-    A cancellation that lands inside a NATS request can be absorbed by the client
-    library; the task then carries on (e.g. into a wait that never ends), so one
-    ``cancel()`` is not enough.
-    """
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(rounds):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-    for task in pending:
-        log.warning("task %s did not stop", task.get_name())
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: a failure was already logged by its guard
 
 
 async def _restarting(what: str, loop: Callable[[], Awaitable[None]]) -> None:

@@ -559,6 +559,8 @@ class EventLog:
                 meta = msg.metadata
                 seq = int(meta.sequence.stream)
                 if seq <= last:
+                    if caught_up is not None and meta.num_pending == 0:
+                        caught_up.set()  # a redelivered tail still means "caught up"
                     continue
                 last = seq
                 item = self._decode(seq, msg.subject, msg.data)
