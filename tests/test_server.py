@@ -216,6 +216,18 @@ def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                     break
             assert any("ready at" in ln for ln in seen), seen
             assert port_in_use("127.0.0.1", port)
+            # The foreground server runs a projector (and its query service) too.
+            url = f"nats://127.0.0.1:{port}"
+            answered = None
+            for _ in range(40):  # the projector subscribes moments after the server is ready
+                answered = subprocess.run(
+                    [CFCTL, "--url", url, "--swarm", "fg", "--json", "query",
+                     "select count(*) as n from tasks"],
+                    capture_output=True, text=True, timeout=60)
+                if answered.returncode == 0:
+                    break
+            assert answered is not None and answered.returncode == 0, answered
+            assert '"n": 0' in answered.stdout or '"n":0' in answered.stdout, answered.stdout
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err

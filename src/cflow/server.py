@@ -437,7 +437,10 @@ async def ensure_swarm_when_placeable(nc: NATS, swarm: str, replicas: int,
 # a lease reaper). Entries are (name, "module:function"), imported only when
 # `cfctl up` starts so the CLI stays fast; the function is
 # `async def fn(running: RunningServer) -> None` and should run until cancelled.
-FOREGROUND_SERVICES: list[tuple[str, str]] = []
+FOREGROUND_SERVICES: list[tuple[str, str]] = [
+    # DuckDB projection + query service + lease reaper/readiness evaluator.
+    ("projector", "cflow.projections.projector:serve_for_up"),
+]
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,23 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
         await nc.close()
 
 
+async def serve_for_up(running: Any) -> None:
+    """The projector a foreground ``cfctl up`` runs next to its server (until cancelled).
+
+    Its database lives in the server's data dir; a cluster member that has no
+    streams yet (``cfctl init --replicas 3`` comes later) just waits for them.
+    """
+    db = Path(running.data_dir) / f"{running.swarm}.duckdb"
+    stop = asyncio.Event()
+    while True:
+        try:
+            await run_projector(running.url, running.swarm, db, stop)
+            return
+        except CflowError as exc:
+            log.warning("projector next to the server stopped: %s; retrying in 5 s", exc)
+            await asyncio.sleep(5)  # nothing to await: the cause is outside this process
+
+
 async def _maintain(nc: Any, swarm: str, ident: str) -> None:
     """The lease reaper + readiness evaluator, on the projector's connection."""
     from cflow.swarm import Swarm
