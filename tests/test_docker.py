@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,22 @@ def test_container_config_is_pure_and_locked_down(tmp_path: Path) -> None:
     assert parse_memory("1g") == 1024**3 and parse_memory("512") == 512
 
 
+@pytest.fixture(autouse=True)
+async def _close_executors(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Every DockerExecutor a test makes gets its client closed (no leaked sockets)."""
+    made: list[DockerExecutor] = []
+    original = DockerExecutor.__init__
+
+    def init(self: DockerExecutor, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DockerExecutor, "__init__", init)
+    yield
+    for exe in made:
+        await exe.aclose()
+
+
 @pytest.fixture(scope="session")
 def docker_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
@@ -54,13 +70,23 @@ def docker_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         import docker.errors
     except ImportError:  # pragma: no cover - docker is a dependency
         pytest.skip("docker SDK not installed")
+    client = None
+    refused = None
     try:
         client = docker.from_env(timeout=30)
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.skip(f"no Docker engine reachable: {type(exc).__name__} "
+        refused = type(exc).__name__
+        if client is not None:
+            client.close()
+    if refused is not None or client is None:
+        # The SDK leaks the socket of a refused connection; collect it outside the
+        # except block (its traceback holds it) with ResourceWarning silenced.
+        _collect_quietly()
+        pytest.skip(f"no Docker engine reachable: {refused} "
                     "(.ci/run installs docker.io and starts dockerd)")
     if not BUSYBOX.exists():
+        client.close()
         pytest.skip("/bin/busybox missing: apt-get install busybox-static")
     ctx_dir = tmp_path_factory.mktemp("image")
     shutil.copy2(BUSYBOX, ctx_dir / "busybox")
@@ -68,11 +94,21 @@ def docker_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         client.images.build(path=str(ctx_dir), tag=IMAGE, rm=True, forcerm=True, pull=False)
     except docker.errors.DockerException as exc:
+        client.close()
         pytest.skip(f"the engine cannot build images here: {exc}")
     try:
         yield IMAGE
     finally:
         client.close()
+
+
+def _collect_quietly() -> None:
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def container_exists(container_id: str) -> bool:

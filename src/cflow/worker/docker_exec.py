@@ -142,6 +142,12 @@ class DockerExecutor:
             self._client = await self._call(self._make_client)
         return self._client
 
+    async def aclose(self) -> None:
+        """Close the shared Docker client (its unix socket)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await self._call(client.close)
+
     async def check(self) -> None:
         """Fail fast when no engine answers or the image is not available locally.
 

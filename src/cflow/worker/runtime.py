@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cflow.background import stop_tasks
 from cflow.errors import CflowError, LeaseLost
 from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
 
@@ -179,11 +180,10 @@ class Worker:
                     with contextlib.suppress(asyncio.CancelledError):
                         await grace
             finally:
-                for task in background:
-                    task.cancel()
-                for task in background:
-                    with contextlib.suppress(asyncio.CancelledError, CflowError):
-                        await task
+                await stop_tasks(background)
+                closer = getattr(self.executor, "aclose", None)
+                if closer is not None:
+                    await closer()
         return self.stats
 
     async def _exit_on_swarm_stop(self) -> None:
