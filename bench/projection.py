@@ -22,6 +22,18 @@ KNOWN: dict[str, dict[str, Any]] = {
     "rebuild_s": {"label": "rebuild time", "unit": "s"},
     "rebuild_events": {"label": "events replayed by the rebuild", "unit": "events",
                            "better": "higher"},
+    "fold_events_per_s": {"label": "pure fold alone (no DuckDB)", "unit": "events/s",
+                          "better": "higher"},
+    "events_appender_rows_per_s": {"label": "events table rows via DuckDB appender",
+                                   "unit": "rows/s", "better": "higher",
+                                   "baseline": "projection.executemany_events_per_s"},
+    "ingest_e2e_events_per_s": {"label": "rebuild from NATS, end to end", "unit": "events/s",
+                                "better": "higher"},
+    "append_events_per_s": {"label": "filling the stream for the rebuild", "unit": "events/s",
+                            "better": "higher"},
+    "lag_p50_ms": {"label": "projection lag p50 at 1k events/s", "unit": "ms"},
+    "lag_max_ms": {"label": "projection lag max at 1k events/s", "unit": "ms"},
+    "lag_events": {"label": "events measured for lag", "unit": "events", "better": "higher"},
 }
 
 
