@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from cflow import events as ev
 from cflow.errors import DependencyError, InvalidInput, InvalidState
 from cflow.hlc import HybridClock
-from cflow.tasks import TRANSITIONS, RetryPolicy, TaskBoard, apply, check_acyclic, fold, validate_create
+from cflow.tasks import (
+    TRANSITIONS,
+    RetryPolicy,
+    TaskBoard,
+    apply,
+    check_acyclic,
+    fold,
+    validate_create,
+)
 
 CLOCK = HybridClock("test")
 _wall = itertools.count(1_700_000_000_000, 10)
@@ -38,7 +46,8 @@ SAMPLES: dict[str, ev.EventData] = {
 
 def state_in(status: str) -> object:
     """A task in ``status``, built through the machine itself (epoch 2 when claimed)."""
-    created = ev.TaskCreated(title="x", depends_on=("d",) if status in ("pending", "blocked") else ())
+    deps = ("d",) if status in ("pending", "blocked") else ()
+    created = ev.TaskCreated(title="x", depends_on=deps)
     s = apply(None, e(created), 1)
     path = {
         "pending": [],
