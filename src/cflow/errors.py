@@ -56,6 +56,10 @@ class ConflictError(CflowError):
 class ConcurrencyConflict(ConflictError):
     """An append expected the entity at one sequence and found it at another."""
 
+    subject: str
+    expected: int | None
+    actual: int | None
+
     def __init__(
         self, subject: str, expected: int | None, actual: int | None = None, detail: str = ""
     ) -> None:

@@ -318,6 +318,16 @@ class TaskService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait_for(seen), within_s)
 
+    async def _board_at_least(self, seq: int, within_s: float) -> None:
+        """Wait until the board has folded task events up to stream sequence ``seq``."""
+
+        def reached() -> bool:
+            return self.board.last_seq >= seq
+
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(reached), within_s)
+
     async def _board_moves(self, seen: int, within_s: float) -> None:
         """Wait until the board changes after version ``seen`` (a push), or time out."""
 
@@ -392,13 +402,27 @@ class TaskService:
         while True:
             seen = self._version
             now = wall_ms()
+            lost_race = False
             for state in _spread(board.candidates(caps, now), owner):
                 if tried.get(state.task_id) == state.seq or self._refused(state):
                     continue  # lost a race on this version; wait for the board to move
-                lease = await self._claim_one(state, owner, strict=False)
+                try:
+                    lease = await self._claim_one(state, owner, strict=False)
+                except ConcurrencyConflict as lost:
+                    tried[state.task_id] = state.seq
+                    # Our view is behind the winner's write. Racing down a stale list
+                    # costs a round trip per task someone already holds; let the push
+                    # bring the board up to the winner first, then look again.
+                    await self._board_at_least(
+                        lost.actual or state.seq + 1,
+                        min(1.0, max(0.05, deadline - loop.time())))
+                    lost_race = True
+                    break
                 if lease is not None:
                     return lease
                 tried[state.task_id] = state.seq
+            if lost_race:
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -437,7 +461,7 @@ class TaskService:
             if strict:
                 now = await self.get(state.task_id)
                 raise AlreadyClaimed(now.task_id, now.status, now.owner) from None
-            return None
+            raise  # the best-ready loop decides what losing means
         epoch = appended.seq
         record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=epoch, attempt=attempt,
                              ttl_s=state.lease_ttl_s)

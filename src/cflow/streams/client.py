@@ -387,10 +387,13 @@ class EventLog:
                 await asyncio.sleep(0.2 * (attempt + 1))
             except ConcurrencyConflict as conflict:
                 # A first try that timed out may have landed; the retry then
-                # reports a wrong last sequence although the write is ours.
-                found = await self._read_back(out.subject, mid)
-                if found is not None:
-                    return Appended(found, True, event)
+                # reports a wrong last sequence although the write is ours; so may a
+                # caller's retry under a deterministic Msg-Id. A fresh event on its
+                # first try cannot be there yet: skip the read-back round trip.
+                if attempt > 0 or msg_id is not None:
+                    found = await self._read_back(out.subject, mid)
+                    if found is not None:
+                        return Appended(found, True, event)
                 actual = await self.last_seq_subject(out.subject)
                 raise ConcurrencyConflict(out.subject, expected, actual) from conflict
         raise AssertionError("unreachable")
