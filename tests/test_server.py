@@ -200,9 +200,11 @@ def test_start_refuses_a_taken_port(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     port = free_port()
+    metrics_port = free_port()
     data = tmp_path / "data"
     proc = subprocess.Popen(
-        [CFCTL, "up", "--port", str(port), "--data-dir", str(data), "--sync", "default"],
+        [CFCTL, "up", "--port", str(port), "--data-dir", str(data), "--sync", "default",
+         "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CFLOW_SWARM": "fg"},
     )
@@ -228,6 +230,22 @@ def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                     break
             assert answered is not None and answered.returncode == 0, answered
             assert '"n": 0' in answered.stdout or '"n":0' in answered.stdout, answered.stdout
+            # ... and serves Prometheus metrics on the loopback port it was given.
+            import time
+            import urllib.error
+            import urllib.request
+
+            text = ""
+            for _ in range(100):  # another process binds the port; nothing to await here
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                                timeout=30) as resp:
+                        text = resp.read().decode()
+                    break
+                except urllib.error.URLError:
+                    time.sleep(0.1)
+            assert "# TYPE cflow_claims_total counter" in text, text[:500]
+            assert 'cflow_claims_total{swarm="fg"} 0' in text, text[:2000]
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err

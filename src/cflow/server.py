@@ -451,3 +451,4 @@ class RunningServer:
     swarm: str
     replicas: int
     data_dir: Path
+    metrics_port: int | None = None  # Prometheus text on 127.0.0.1, served by the projector

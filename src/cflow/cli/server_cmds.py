@@ -107,7 +107,7 @@ async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[
 
 def _start(
     ctx: typer.Context, opts: ServerOptions, reg: Registry | None, *, detach: bool,
-    replicas: int, init: bool,
+    replicas: int, init: bool, metrics_port: int | None = None,
 ) -> None:
     from cflow.errors import CflowError
     from cflow.server import EmbeddedServer, RunningServer
@@ -178,7 +178,7 @@ def _start(
         server.proc = None  # the server outlives us; `cfctl down` stops it by its pid file
         return
     running = RunningServer(url=url or server.url, swarm=c.swarm, replicas=replicas,
-                            data_dir=opts.data_dir)
+                            data_dir=opts.data_dir, metrics_port=metrics_port)
     import anyio
 
     from cflow.cli.app import exit_code_for
@@ -277,6 +277,8 @@ def up(
     auth: Path | None = _AUTH,
     replicas: int = _REPL,
     init: bool = _INIT,
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (foreground)."),
 ) -> None:
     """Start the embedded nats-server (JetStream on, 127.0.0.1 by default)."""
     opts, reg = _options(
@@ -284,7 +286,8 @@ def up(
         cluster=cluster, cluster_port=cluster_port, routes=routes, server_name=server_name,
         leaf=leaf, leaf_port=leaf_port, auth=auth, hub_domain=hub_domain,
     )
-    _start(ctx, opts, reg, detach=detach, replicas=replicas, init=init)
+    _start(ctx, opts, reg, detach=detach, replicas=replicas, init=init,
+           metrics_port=metrics_port)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from cflow.background import stop_tasks
 from cflow.errors import CflowError, InvalidState
 from cflow.projections import fold
 from cflow.projections.store import ProjectionStore
@@ -213,9 +214,27 @@ async def serve_for_up(running: Any) -> None:
     """
     db = Path(running.data_dir) / f"{running.swarm}.duckdb"
     stop = asyncio.Event()
+    current: list[Projector] = []
+    metrics = None
+    if running.metrics_port is not None:
+        from cflow.metrics import serve_swarm_metrics
+
+        metrics = asyncio.create_task(serve_swarm_metrics(
+            running.url, running.swarm, running.metrics_port,
+            projected_seq=lambda: current[0].applied_seq if current else None))
+    try:
+        await _serve_until_done(running, db, stop, current)
+    finally:
+        if metrics is not None:
+            await stop_tasks([metrics])
+
+
+async def _serve_until_done(running: Any, db: Path, stop: asyncio.Event,
+                            current: list[Projector]) -> None:
     while True:
         try:
-            await run_projector(running.url, running.swarm, db, stop)
+            current.clear()
+            await run_projector(running.url, running.swarm, db, stop, ready=current.append)
             return
         except CflowError as exc:
             log.warning("projector next to the server stopped: %s; retrying in 5 s", exc)
