@@ -359,22 +359,8 @@ class AgentService:
                 await asyncio.sleep(1.0)  # NATS is away; nothing to wait on but time
 
     async def _observe(self, sweep: bool) -> None:
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
-        from cflow.streams.errors import nats_errors
-
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def on_msg(msg: Any) -> None:
-            await queue.put(msg)
-
-        subject = f"$KV.{self.bucket}.>"
-        with nats_errors(subject):
-            sub = await self.log.js.subscribe(
-                subject, cb=on_msg, ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-                stream=names.kv_stream(self.bucket))
-        try:
+        # Subscribe before the sweep, so no expiry falls between the two.
+        async with self.log.kv_subscription(self.bucket) as (queue, _):
             if sweep:
                 try:
                     await self.sweep()
@@ -389,9 +375,6 @@ class AgentService:
                     await self.mark_offline(name)
                 except CflowError as exc:
                     log.warning("marking %s offline failed: %s", name, exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
 
 def capabilities_of(values: Sequence[str]) -> tuple[str, ...]:

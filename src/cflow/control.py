@@ -407,23 +407,10 @@ class ControlService:
         return self.view
 
     async def _watch(self) -> None:
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
         from cflow.streams.errors import nats_errors
 
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def on_msg(msg: Any) -> None:
-            await queue.put(msg)
-
-        subject = f"$KV.{self.bucket}.>"
-        with nats_errors(subject):
-            sub = await self.log.js.subscribe(
-                subject, cb=on_msg, ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
-                stream=names.kv_stream(self.bucket))
-        try:
-            with nats_errors(subject):
+        async with self.log.kv_subscription(self.bucket, last_per_subject=True) as (queue, sub):
+            with nats_errors(self.bucket):
                 info = await sub.consumer_info()
             if info.num_pending == 0 and queue.empty():
                 await self._mark_changed()
@@ -437,9 +424,6 @@ class ControlService:
                 if msg.metadata.num_pending == 0 or self._caught_up.is_set():
                     await self._mark_changed()
                     self._caught_up.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def _mark_changed(self) -> None:
         """The cache moved: update the events, arm breaker timers, wake claimers."""

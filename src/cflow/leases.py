@@ -803,19 +803,7 @@ class TaskService:
 
     async def _marker_loop(self) -> None:
         """React to the server removing a lease (TTL marker) at once."""
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def on_msg(msg: Any) -> None:
-            await queue.put(msg)
-
-        subject = f"$KV.{self.leases_bucket}.>"
-        sub = await self.log.js.subscribe(
-            subject, cb=on_msg, ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-            stream=names.kv_stream(self.leases_bucket))
-        try:
+        async with self.log.kv_subscription(self.leases_bucket) as (queue, _):
             while True:
                 msg = await queue.get()
                 if "Nats-Marker-Reason" not in (msg.headers or {}):
@@ -824,9 +812,6 @@ class TaskService:
                 state = self.board.get(task_id)
                 if state is not None and state.status == "claimed":
                     await self._guarded(self.reap(task_id, state.epoch, "lease expired"))
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
 
     async def aclose(self) -> None:
         await stop_tasks([self._board_task])

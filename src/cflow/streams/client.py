@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -625,42 +625,59 @@ class EventLog:
         seq, _ = await publish(self.js, out, expected=expected_revision)
         return seq
 
-    async def kv_keys(self, bucket: str) -> list[KvEntry]:
-        """Last entry of every key in a bucket (live or not)."""
-        stream = names.kv_stream(bucket)
-        subject = f"$KV.{bucket}.>"
-        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{stream}")
-        if int(info["state"]["messages"]) == 0:
-            return []
+    @contextlib.asynccontextmanager
+    async def kv_subscription(
+        self, bucket: str, *, last_per_subject: bool = False
+    ) -> AsyncIterator[tuple[asyncio.Queue[Msg], Any]]:
+        """An ordered push consumer on a KV bucket, feeding a queue; unsubscribed on exit.
+
+        Delivers new messages only, or with ``last_per_subject`` the current entry of
+        every key first. A key removed by its TTL arrives as a message with a
+        ``Nats-Marker-Reason`` header (the server's marker).
+        """
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
             await queue.put(msg)
 
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+        subject = f"$KV.{bucket}.>"
+        policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.NEW
         with nats_errors(subject):
             sub = await self.js.subscribe(subject, cb=on_msg, ordered_consumer=True,
-                                          config=config, stream=stream)
-        out: list[KvEntry] = []
+                                          config=ConsumerConfig(deliver_policy=policy),
+                                          stream=names.kv_stream(bucket))
         try:
-            with nats_errors(subject):
+            yield queue, sub
+        finally:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+
+    async def kv_keys(self, bucket: str) -> list[KvEntry]:
+        """Last entry of every key in a bucket (live or not)."""
+        stream = names.kv_stream(bucket)
+        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{stream}")
+        if int(info["state"]["messages"]) == 0:
+            return []
+        out: list[KvEntry] = []
+        async with self.kv_subscription(bucket, last_per_subject=True) as (queue, sub):
+            with nats_errors(bucket):
                 info_c = await sub.consumer_info()
             delivered = info_c.delivered.consumer_seq if info_c.delivered else 0
             if info_c.num_pending == 0 and not delivered and queue.empty():
                 return out  # delivered-but-not-queued also shows num_pending 0: see follow()
-            while True:
-                msg = await asyncio.wait_for(queue.get(), timeout=5.0)
-                headers = dict(msg.headers or {})
-                op = "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION, "PUT")
-                out.append(KvEntry(msg.subject[len(f"$KV.{bucket}."):],
-                                   int(msg.metadata.sequence.stream), bytes(msg.data), op,
-                                   headers))
-                if msg.metadata.num_pending == 0:
-                    return out
-        except TimeoutError:
-            raise Unavailable(f"timed out listing bucket {bucket}") from None
-        finally:
-            await sub.unsubscribe()
+            try:
+                while True:
+                    msg = await asyncio.wait_for(queue.get(), timeout=5.0)
+                    headers = dict(msg.headers or {})
+                    op = "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION,
+                                                                                 "PUT")
+                    out.append(KvEntry(msg.subject[len(f"$KV.{bucket}."):],
+                                       int(msg.metadata.sequence.stream), bytes(msg.data), op,
+                                       headers))
+                    if msg.metadata.num_pending == 0:
+                        return out
+            except TimeoutError:
+                raise Unavailable(f"timed out listing bucket {bucket}") from None
 
 
 def require_positive(value: float, what: str) -> float:
