@@ -50,6 +50,17 @@ async def log(nc: object, swarm_name: str) -> EventLog:
 
 
 @pytest.fixture
+async def swarm(request: pytest.FixtureRequest, nats_url: str, swarm_name: str
+                ) -> AsyncIterator[object]:
+    """The facade on this test's swarm, as the module's ``SWARM_AGENT`` (else "tester")."""
+    from cflow.swarm import Swarm
+
+    agent = getattr(request.module, "SWARM_AGENT", "tester")
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent=agent) as s:
+        yield s
+
+
+@pytest.fixture
 def cli_env(nats_url: str, swarm_name: str, tmp_path: Path) -> dict[str, str]:
     """Environment for running `cfctl` as a subprocess against the test server."""
     env = dict(os.environ)

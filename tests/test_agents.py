@@ -38,10 +38,7 @@ def test_capabilities_of() -> None:
     assert capabilities_of(["py,go", "py", " rust "]) == ("go", "py", "rust")
 
 
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="observer") as s:
-        yield s
+SWARM_AGENT = "observer"  # the conftest `swarm` fixture acts as this agent
 
 
 @contextlib.asynccontextmanager

@@ -4,48 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
 from cflow import events as ev
-from cflow.background import stop_tasks
 from cflow.errors import AlreadyClaimed, DependencyError, InvalidState, LeaseLost, NotFound
 from cflow.swarm import Swarm
+from support import maintained, until
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
-        yield s
-
-
-@contextlib.asynccontextmanager
-async def reaper(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
+def reaper(nats_url: str, swarm_name: str) -> contextlib.AbstractAsyncContextManager[Swarm]:
     """Another process-like participant running maintenance (reaper + readiness)."""
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="reaper") as s:
-        task = asyncio.create_task(s.tasks.maintain())
-        try:
-            await s.tasks.ensure_board()
-            yield s
-        finally:
-            await stop_tasks([task])
-
-
-async def until(swarm: Swarm, task_id: str, predicate: object, within: float = 15.0) -> object:
-    """Await a task state via the board's push updates (no polling)."""
-    svc = swarm.tasks
-    await svc.ensure_board()
-
-    def ok() -> bool:
-        state = svc.board.get(task_id)
-        return state is not None and predicate(state)  # type: ignore[operator]
-
-    async with svc._changed:
-        await asyncio.wait_for(svc._changed.wait_for(ok), within)
-    return svc.board.get(task_id)
+    return maintained(nats_url, swarm_name, "reaper")
 
 
 async def test_create_get_and_idempotency_key(swarm: Swarm) -> None:

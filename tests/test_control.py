@@ -13,6 +13,7 @@ from cflow.control import ControlView
 from cflow.errors import LimitExceeded, Paused
 from cflow.leases import Lease
 from cflow.swarm import Swarm
+from support import maintained
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +27,9 @@ async def admin(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
 @contextlib.asynccontextmanager
 async def maintainer(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
     """A long-lived process: task maintenance, which runs the control maintenance too."""
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="maintainer") as s:
-        task = asyncio.create_task(s.tasks.maintain())
-        try:
-            await s.tasks.ensure_board()
-            await s.control.ensure()
-            yield s
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with maintained(nats_url, swarm_name, "maintainer") as s:
+        await s.control.ensure()
+        yield s
 
 
 async def view_until(swarm: Swarm, ok: Callable[[ControlView], bool],

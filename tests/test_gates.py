@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,10 +13,7 @@ from cflow.tasks import TaskState
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="agent-1") as s:
-        yield s
+SWARM_AGENT = "agent-1"  # the conftest `swarm` fixture acts as this agent
 
 
 async def settled(swarm: Swarm, task_id: str, status: str, within: float = 10.0) -> TaskState:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import duckdb
 import pytest
@@ -143,10 +142,7 @@ def test_bm25_on_projection_shaped_table_skips_deleted_and_expired() -> None:
 # ------------------------------------------------------------------ integration
 
 
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="alice") as s:
-        yield s
+SWARM_AGENT = "alice"  # the conftest `swarm` fixture acts as this agent
 
 
 @pytest.mark.integration

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -94,10 +93,7 @@ def test_overlap_is_conservative(a: str, b: str, path: str) -> None:
 # ------------------------------------------------------------------ integration
 
 
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="alice") as s:
-        yield s
+SWARM_AGENT = "alice"  # the conftest `swarm` fixture acts as this agent
 
 
 @pytest.mark.integration

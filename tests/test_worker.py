@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from cflow.worker.claude_exec import (
     final_result,
 )
 from cflow.worker.subprocess_exec import SubprocessExecutor
+from support import until
 
 CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
 
@@ -170,29 +171,6 @@ async def test_claude_executor_with_a_fake_claude(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------- the runtime
-
-
-@pytest.fixture
-async def swarm(nats_url: str, swarm_name: str) -> AsyncIterator[Swarm]:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
-        yield s
-
-
-async def until(swarm: Swarm, task_id: str, predicate: Callable[[TaskState], bool],
-                within: float = 20.0) -> TaskState:
-    """Await a task state through the board's push updates (no polling)."""
-    svc = swarm.tasks
-    await svc.ensure_board()
-
-    def ok() -> bool:
-        state = svc.board.get(task_id)
-        return state is not None and predicate(state)
-
-    async with svc._changed:
-        await asyncio.wait_for(svc._changed.wait_for(ok), within)
-    state = svc.board.get(task_id)
-    assert state is not None
-    return state
 
 
 async def task_events(swarm: Swarm, task_id: str) -> list[ev.Event]:
