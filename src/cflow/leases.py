@@ -242,8 +242,13 @@ class TaskService:
         labels: dict[str, str] | None = None,
         kind: Literal["task", "gate"] = "task",
         task_id: str | None = None,
+        request_id: str | None = None,
     ) -> TaskState:
         """Create a task (idempotent by ``idempotency_key``) and return its state.
+
+        ``request_id`` names the caller's intent: a retry with the same request id
+        (after a timeout that may or may not have stored the write) returns the
+        task the first try created instead of making a second one.
 
         Raises:
             InvalidInput: bad options.
@@ -262,11 +267,13 @@ class TaskService:
             idempotency_key=idempotency_key, labels=dict(labels or {}), kind=kind, depth=depth,
         )
         validate_create(data)
+        if task_id is None and request_id is not None:
+            task_id = task_id_for_key(self.swarm.name, f"request\x00{request_id}")
         if task_id is None:
             task_id = (task_id_for_key(self.swarm.name, idempotency_key) if idempotency_key
                        else ev.new_id())
         ev.check_token(task_id, "task id")
-        if idempotency_key is not None:
+        if idempotency_key is not None or request_id is not None:
             with contextlib.suppress(NotFound):
                 return await self.get(task_id)
         if data.depends_on:
