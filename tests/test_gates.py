@@ -81,3 +81,45 @@ async def test_only_gates_are_approved(swarm: Swarm) -> None:
     task = await swarm.tasks.create("ordinary")
     with pytest.raises(InvalidState, match="not a gate"):
         await swarm.control.approve(task.task_id)
+
+
+async def test_approve_racing_reject_stores_one_decision_and_only_it_acts(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    """Approve and reject of one gate from two processes at once: exactly one decision is
+    stored, its dependent follows that decision, and the loser is told which one won."""
+    from support import until
+
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="alice") as alice, \
+            Swarm.connect(nats_url, swarm=swarm_name, agent="bob") as bob:
+        for s in (alice, bob):
+            await s.tasks.ensure_board()
+        pairs = []
+        for i in range(20):
+            gate = await swarm.tasks.create(f"gate {i}", kind="gate")
+            dep = await swarm.tasks.create(f"after gate {i}", depends_on=[gate.task_id])
+            pairs.append((gate.task_id, dep.task_id))
+        for gate_id, dep_id in pairs:
+            outcomes = await asyncio.gather(
+                alice.control.approve(gate_id, "ship it"),
+                bob.control.reject(gate_id, "not yet"),
+                return_exceptions=True)
+            won = [o for o in outcomes if isinstance(o, TaskState)]
+            lost = [o for o in outcomes if not isinstance(o, TaskState)]
+            assert len(won) == 1 and len(lost) == 1, outcomes
+            assert isinstance(lost[0], InvalidState), lost[0]
+            history = [s.event for s in await swarm.tasks.history(gate_id)]
+            decisions = [e for e in history if e.type in ("TaskCompleted", "TaskFailed")]
+            assert len(decisions) == 1, [e.type for e in history]
+            decision = decisions[0]
+            if decision.type == "TaskCompleted":
+                assert won[0].status == "completed" and decision.actor == "alice"
+                assert "approved by alice" in str(lost[0])
+                await until(swarm, dep_id, lambda s: s.status == "ready")
+            else:
+                assert won[0].status == "failed" and decision.actor == "bob"
+                assert "rejected by bob" in str(lost[0])
+                await until(swarm, dep_id, lambda s: s.status == "blocked")
+            dep = await swarm.tasks.get(dep_id)
+            assert dep.status == ("ready" if decision.type == "TaskCompleted" else "blocked")
+            dep_events = [s.event.type for s in await swarm.tasks.history(dep_id)]
+            assert dep_events.count("TaskReady") + dep_events.count("TaskBlocked") == 1

@@ -880,8 +880,17 @@ class ControlService:
 
     async def _decide(self, task_id: str, data: ev.TaskCompleted | ev.TaskFailed,
                       actor: str | None) -> TaskState:
+        """Store one decision on a ready gate; only the stored decision acts.
+
+        Each decision has its own Msg-Id (``gate-approve-<task>`` / ``gate-reject-<task>``)
+        and expects the gate's last sequence, so an approve racing a reject stores one of
+        them: the other gets a conflict (never a duplicate ack of the winner's Msg-Id) and
+        changes nothing. A retry of the same decision is deduplicated and acts again,
+        idempotently.
+        """
         tasks = self.swarm.tasks
         who = self._actor(actor)
+        verb = "approve" if isinstance(data, ev.TaskCompleted) else "reject"
         state = await tasks.get(task_id)
         if state.kind != "gate":
             raise InvalidState(f"task {task_id} is not a gate (kind {state.kind})",
@@ -890,19 +899,32 @@ class ControlService:
             raise InvalidState(f"gate {task_id} still waits for its dependencies",
                                task_id=task_id, status=state.status)
         if state.status != "ready":
-            raise InvalidState(f"gate {task_id} is already {state.status}", task_id=task_id,
-                               status=state.status)
+            raise await self._already_decided(task_id, verb)
         try:
             await self.log.append(data, task_id, expected=state.seq, actor=who,
-                                  msg_id=f"gate-{task_id}")
+                                  msg_id=f"gate-{verb}-{task_id}")
         except ConcurrencyConflict:
-            now = await tasks.get(task_id)
-            raise InvalidState(f"gate {task_id} is already {now.status}", task_id=task_id,
-                               status=now.status) from None
+            raise await self._already_decided(task_id, verb) from None
         if isinstance(data, ev.TaskFailed):
             await self._block_dependents(task_id, data.error, who)
         await self._cascade(task_id)
         return await tasks.get(task_id)
+
+    async def _already_decided(self, task_id: str, verb: str) -> InvalidState:
+        """The error for a decision that lost: it names the one that is stored."""
+        history = await self.swarm.tasks.history(task_id)
+        state = await self.swarm.tasks.get(task_id)
+        decision = ""
+        for item in reversed(history):
+            event = item.event
+            if isinstance(event.data, ev.TaskCompleted | ev.TaskFailed | ev.TaskCancelled):
+                how = {"TaskCompleted": "approved", "TaskFailed": "rejected",
+                       "TaskCancelled": "cancelled"}[event.type]
+                decision = f" ({how} by {event.actor})"
+                break
+        return InvalidState(f"gate {task_id} is already {state.status}{decision}; "
+                            f"not {verb}d", task_id=task_id, status=state.status,
+                            decided_by=decision.strip(" ()") or None)
 
     async def _cascade(self, task_id: str) -> None:
         """Readiness of the gate's dependents, and of theirs when they got blocked (so a
