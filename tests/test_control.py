@@ -217,16 +217,26 @@ async def test_spend_budget_pauses_the_swarm(nats_url: str, swarm_name: str,
 
 async def test_attempts_budget_per_window(nats_url: str, swarm_name: str,
                                           admin: Swarm) -> None:
+    """The attempts counter is shared: once the window holds max_attempts claims, the
+    next claim is refused before it is written (and the swarm paused)."""
     await admin.control.set_budget("swarm", {"max_attempts": 2, "window_s": 60})
     async with maintainer(nats_url, swarm_name):
         for i in range(3):
             await admin.tasks.create(f"t{i}")
-        for _ in range(3):
+        for n in (1, 2):
             lease = await admin.tasks.claim()
             assert lease is not None
             await lease.release("again")
+            await view_until(admin, lambda v, n=n: len(v.attempts("swarm").claims) == n)
+        with pytest.raises(Paused, match="max_attempts of the swarm exceeded: 3 > 2"):
+            await admin.tasks.claim()
         view = await view_until(admin, lambda v: v.mode == "paused")
     assert "max_attempts" in view.swarm.reason
+    from cflow.streams import StoredEvent, names
+
+    items = await admin.log.read(names.events_filter(admin.name, "task"))
+    claims = [i for i in items if isinstance(i, StoredEvent) and i.event.type == "TaskClaimed"]
+    assert len(claims) == 2  # the refused claim wrote nothing
     with pytest.raises(Paused, match="max_attempts"):
         await admin.tasks.claim()
 

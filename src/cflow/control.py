@@ -7,7 +7,9 @@ Control state lives in the swarm's ``control`` KV bucket, one key per fact:
 - ``swarm``: the swarm's mode (running / paused / stopped), who set it and why;
 - ``scope.<task>``: a paused subtree (a parent task and everything under it);
 - ``budget.<scope>``: limits for the swarm (``budget.swarm``) or one parent task;
-- ``breaker.<capability>``: an open circuit breaker and when it closes.
+- ``breaker.<capability>``: an open circuit breaker and when it closes;
+- ``usage.children.<parent>``, ``usage.attempts.<scope>``, ``usage.spend.<scope>``:
+  the counters budgets are checked against (compare-and-set, shared by every process).
 
 Every change is also an event on the control entity (``SwarmPaused``,
 ``BudgetExceeded``, ``BreakerOpened``, ...) with the actor and the reason, so
@@ -22,13 +24,21 @@ look-ups, not KV reads:
 - the claim filter (``swarm.tasks.claim_filters``) skips tasks under a paused
   scope or needing a capability whose breaker is open;
 - the create guard (``swarm.create_guards``) enforces the children and depth
-  budgets before a ``TaskCreated`` is written.
+  budgets before a ``TaskCreated`` is written: a child takes a slot on its parent's
+  counter by compare-and-set first (idempotent per task id), so concurrent creators
+  in many processes never overshoot ``max_children``;
+- the claim guard and filter also refuse a claim that one more attempt would push
+  over ``max_attempts``, or under a scope whose spend reached ``max_spend_usd``,
+  from the counters in the cache: before the claim is written, in every process.
 
-Budgets that depend on history (attempts per window, spend) and breakers
-(consecutive failures of one capability) are evaluated by :meth:`ControlService.maintain`,
-which every long-lived process runs next to the task maintenance loop. Several of
-them may decide the same thing at once: the compare-and-set on the KV key lets
-one win, and only the winner appends the events.
+The attempts and spend counters are kept by :meth:`ControlService.maintain`, which
+every long-lived process runs next to the task maintenance loop: it counts each
+observed claim (idempotent per claim id, so a claim whose claimer reserved it with
+:meth:`ControlService.reserve_attempt` is not counted twice) and publishes each
+scope's spend up to a stream sequence. It also opens breakers (consecutive failures
+of one capability) and pauses a scope a budget was exceeded in. Several processes
+may decide the same thing at once: the compare-and-set on the KV key lets one win,
+and only the winner appends the events.
 """
 
 from __future__ import annotations
@@ -38,8 +48,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -120,10 +129,43 @@ class BreakerRecord(msgspec.Struct, frozen=True, kw_only=True):
         return self.state == "open" and now_ms < self.until_ms
 
 
+class ChildrenUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Value of ``usage.children.<parent>``: children counted against ``max_children``.
+
+    ``recent`` holds the last task ids counted, so a retried create of one of them
+    does not count twice.
+    """
+
+    parent: str
+    count: int = 0
+    recent: tuple[str, ...] = ()
+
+
+class AttemptsUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Value of ``usage.attempts.<scope>``: the claims in the window, as
+    ``(claim id, wall ms)`` with claim id ``<task>:<attempt>``."""
+
+    scope: str
+    claims: tuple[tuple[str, int], ...] = ()
+
+
+class SpendUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Value of ``usage.spend.<scope>``: reported cost up to stream sequence ``upto_seq``."""
+
+    scope: str
+    spent: float = 0.0
+    upto_seq: int = 0
+
+
 _enc = msgspec.json.Encoder()
 _scope_dec = msgspec.json.Decoder(ScopeRecord)
 _budget_dec = msgspec.json.Decoder(BudgetRecord)
 _breaker_dec = msgspec.json.Decoder(BreakerRecord)
+_children_dec = msgspec.json.Decoder(ChildrenUsage)
+_attempts_dec = msgspec.json.Decoder(AttemptsUsage)
+_spend_dec = msgspec.json.Decoder(SpendUsage)
+
+RECENT_CHILDREN = 256  # task ids a children counter remembers for idempotent retries
 
 
 def key_token(value: str) -> str:
@@ -143,6 +185,18 @@ def budget_key(scope: str) -> str:
 
 def breaker_key(capability: str) -> str:
     return f"breaker.{key_token(capability)}"
+
+
+def children_key(parent: str) -> str:
+    return f"usage.children.{key_token(parent)}"
+
+
+def attempts_key(scope: str) -> str:
+    return f"usage.attempts.{key_token(scope)}"
+
+
+def spend_key(scope: str) -> str:
+    return f"usage.spend.{key_token(scope)}"
 
 
 def check_limits(limits: Mapping[str, float]) -> dict[str, float]:
@@ -168,6 +222,7 @@ class ControlView:
     scopes: dict[str, ScopeRecord] = field(default_factory=dict)
     budgets: dict[str, BudgetRecord] = field(default_factory=dict)
     breakers: dict[str, BreakerRecord] = field(default_factory=dict)
+    usage: dict[str, ChildrenUsage | AttemptsUsage | SpendUsage] = field(default_factory=dict)
     revisions: dict[str, int] = field(default_factory=dict)
 
     def apply(self, key: str, revision: int, value: bytes | None) -> None:
@@ -183,6 +238,12 @@ class ControlView:
                 self._put(self.budgets, key, value and _budget_dec.decode(value))
             elif key.startswith("breaker."):
                 self._put(self.breakers, key, value and _breaker_dec.decode(value))
+            elif key.startswith("usage.children."):
+                self._put(self.usage, key, value and _children_dec.decode(value))
+            elif key.startswith("usage.attempts."):
+                self._put(self.usage, key, value and _attempts_dec.decode(value))
+            elif key.startswith("usage.spend."):
+                self._put(self.usage, key, value and _spend_dec.decode(value))
         except msgspec.DecodeError:
             log.warning("ignoring undecodable control entry %s", key)
 
@@ -208,6 +269,14 @@ class ControlView:
     def budget(self, scope: str) -> dict[str, float]:
         record = self.budgets.get(budget_key(scope))
         return dict(record.limits) if record else {}
+
+    def attempts(self, scope: str) -> AttemptsUsage:
+        usage = self.usage.get(attempts_key(scope))
+        return usage if isinstance(usage, AttemptsUsage) else AttemptsUsage(scope=scope)
+
+    def spend(self, scope: str) -> SpendUsage:
+        usage = self.usage.get(spend_key(scope))
+        return usage if isinstance(usage, SpendUsage) else SpendUsage(scope=scope)
 
     def breaker(self, capability: str) -> BreakerRecord | None:
         return self.breakers.get(breaker_key(capability))
@@ -250,6 +319,29 @@ class ControlView:
                     return Paused(f"scope {scope}", record.reason or record.mode)
         return None
 
+    def claim_violation(self, scopes: Iterable[str], now_ms: int) -> Violation | None:
+        """A budget one more claim under ``scopes`` would exceed, from the counters (pure).
+
+        ``max_attempts``: the claims already in the scope's window plus this one;
+        ``max_spend_usd``: no new work once the reported spend reached the limit.
+        """
+        for scope in scopes:
+            limits = self.budget(scope)
+            if not limits:
+                continue
+            max_attempts = limits.get("max_attempts")
+            if max_attempts is not None:
+                window_ms = int(limits.get("window_s", DEFAULT_WINDOW_S) * 1000)
+                used = attempts_in_window(self.attempts(scope), now_ms, window_ms)
+                if used + 1 > max_attempts:
+                    return Violation(scope, scope, "max_attempts", max_attempts, used + 1)
+            max_spend = limits.get("max_spend_usd")
+            if max_spend is not None:
+                spent = self.spend(scope).spent
+                if spent >= max_spend:
+                    return Violation(scope, scope, "max_spend_usd", max_spend, round(spent, 6))
+        return None
+
     def to_dict(self, now_ms: int) -> dict[str, Any]:
         return {
             "mode": self.swarm.mode,
@@ -285,8 +377,9 @@ class Violation:
     def message(self) -> str:
         what = LIMITS.get(self.budget, self.budget)
         where = "the swarm" if self.scope == SWARM else f"scope {self.scope}"
-        return (f"budget {self.budget} of {where} exceeded: {self.value:g} > {self.limit:g} "
-                f"({what}); scope {self.pause} paused")
+        how = (f"exceeded: {self.value:g} > {self.limit:g}" if self.value > self.limit
+               else f"reached: {self.value:g} of {self.limit:g}")
+        return f"budget {self.budget} of {where} {how} ({what}); scope {self.pause} paused"
 
 
 def check_create(view: ControlView, data: ev.TaskCreated, ancestry: list[tuple[str, int]],
@@ -313,6 +406,45 @@ def check_create(view: ControlView, data: ev.TaskCreated, ancestry: list[tuple[s
         if max_depth is not None and depth > max_depth:
             return Violation(scope, pause, "max_depth", max_depth, depth)
     return None
+
+
+def children_limited(view: ControlView, ancestry: Iterable[tuple[str, int]]) -> bool:
+    """Whether a ``max_children`` budget applies to a new task under this ancestry (pure)."""
+    return any("max_children" in view.budget(scope)
+               for scope in (SWARM, *(tid for tid, _ in ancestry)))
+
+
+def count_child(usage: ChildrenUsage, task_id: str, at_least: int = 0) -> ChildrenUsage:
+    """The counter with ``task_id`` counted (pure); ``at_least`` raises a counter that
+    missed children created while no budget applied."""
+    recent = (*usage.recent, task_id)[-RECENT_CHILDREN:]
+    return msgspec.structs.replace(usage, count=max(usage.count, at_least) + 1, recent=recent)
+
+
+def claim_id(task_id: str, expected: int) -> str:
+    """One claim of a task: the task's sequence the ``TaskClaimed`` was appended on."""
+    return f"{task_id}@{expected}"
+
+
+def attempts_in_window(usage: AttemptsUsage, now_ms: int, window_ms: int) -> int:
+    return sum(1 for _, at in usage.claims if at > now_ms - window_ms)
+
+
+def count_attempt(usage: AttemptsUsage, claim_id: str, at_ms: int, now_ms: int,
+                  window_ms: int) -> AttemptsUsage | None:
+    """The counter with one more claim, pruned to the window; None if the claim is already
+    counted or older than the window (pure)."""
+    if at_ms <= now_ms - window_ms or any(cid == claim_id for cid, _ in usage.claims):
+        return None
+    kept = tuple((cid, at) for cid, at in usage.claims if at > now_ms - window_ms)
+    return msgspec.structs.replace(usage, claims=(*kept, (claim_id, at_ms)))
+
+
+def uncount_attempt(usage: AttemptsUsage, claim_id: str) -> AttemptsUsage | None:
+    """The counter without a claim that never happened (pure); None if it is not there."""
+    kept = tuple((cid, at) for cid, at in usage.claims if cid != claim_id)
+    return None if len(kept) == len(usage.claims) else msgspec.structs.replace(
+        usage, claims=kept)
 
 
 class BreakerTracker:
@@ -360,13 +492,13 @@ class ControlService:
         self._changed = asyncio.Condition()
         self._version = 0
         self._installed = False
-        self._created: dict[str, set[str]] = {}  # parent -> children this process created
+        self._background: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # maintenance state (folded from task events)
         self._parents: dict[str, str | None] = {}
         self._caps: dict[str, tuple[str, ...]] = {}
         self._breakers = BreakerTracker()
-        self._claims: dict[str, deque[int]] = {}  # claim times in the window, per scope
+        self._last_seq: dict[str, int] = {}  # task -> its last event's sequence
         self._spent: dict[str, float] = {}  # reported cost, per scope
 
     def install(self) -> None:
@@ -489,6 +621,11 @@ class ControlService:
         refusal = view.claim_refusal()
         if refusal is not None:
             raise refusal
+        # Swarm-wide attempts and spend: checked before any claim, from the counters.
+        violation = view.claim_violation([SWARM], wall_ms())
+        if violation is not None:
+            await self._exceeded(violation)
+            raise Paused(SWARM, violation.message())
 
     def _ancestry(self, task_id: str | None) -> list[str]:
         """Parent chain from the board (cheap dictionary look-ups)."""
@@ -505,12 +642,63 @@ class ControlService:
 
     def _claim_filter(self, state: TaskState) -> Paused | None:
         view = self.view
-        if not view.scopes and not view.breakers:
+        if not view.scopes and not view.breakers and not view.budgets:
             return None
-        ancestry = self._ancestry(state.task_id) if view.scopes else []
-        return view.task_refusal(state, ancestry, wall_ms())
+        ancestry = self._ancestry(state.task_id) if view.scopes or view.budgets else []
+        refusal = view.task_refusal(state, ancestry, wall_ms())
+        if refusal is not None or not view.budgets:
+            return refusal
+        # Attempts and spend budgets of the task's own scopes (the swarm's is the guard's).
+        violation = view.claim_violation([state.task_id, *ancestry], wall_ms())
+        if violation is None:
+            return None
+        self._in_background(self._exceeded(violation))
+        return Paused(f"scope {violation.scope}", violation.message())
+
+    def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------ counters
+
+    async def _update(self, key: str, decode: Callable[[bytes], Any],
+                      change: Callable[[Any], Any]) -> Any:
+        """Compare-and-set one counter: read it, ``change(current or None)`` returns the new
+        value (or None: leave it), put it expecting the revision read; retry on conflict.
+
+        Raises:
+            ConcurrencyConflict: the key kept changing under 50 tries.
+        """
+        for _ in range(50):
+            last = await self.log.kv_last(self.bucket, key)
+            current = None
+            if last is not None and last.live:
+                with contextlib.suppress(msgspec.DecodeError):
+                    current = decode(last.value)
+            new = change(current)
+            if new is None:
+                return current
+            try:
+                await self.log.kv_put(self.bucket, key, _enc.encode(new),
+                                      expected_revision=last.revision if last else 0)
+            except ConcurrencyConflict:
+                continue
+            return new
+        raise ConcurrencyConflict(names.kv_subject(self.bucket, key), None,
+                                  detail="budget counter kept changing")
 
     async def _create_guard(self, data: ev.TaskCreated, task_id: str) -> None:
+        """Children and depth budgets, before the ``TaskCreated`` is written.
+
+        A ``max_children`` budget is enforced on the parent's counter in the control
+        bucket: the slot is reserved by compare-and-set before the task exists, so
+        concurrent creators in any number of processes never overshoot. The reservation
+        is idempotent per task id (a retried create does not count twice).
+
+        Raises:
+            LimitExceeded: a budget would be exceeded; its scope is paused.
+        """
         if data.parent_id is None:
             return
         view = await self.ensure()
@@ -518,22 +706,100 @@ class ControlService:
             return
         tasks = self.swarm.tasks
         board = await tasks.ensure_board()
+        if task_id in board.tasks:
+            return  # exists already: the append finds it, nothing new is counted
         ancestry: list[tuple[str, int]] = []
         current: str | None = data.parent_id
         while current is not None and len(ancestry) < 1000:
             state = board.get(current) or await tasks.get(current)
             ancestry.append((state.task_id, state.depth))
             current = state.parent_id
-        children = {s.task_id for s in board.tasks.values() if s.parent_id == data.parent_id}
-        children |= self._created.get(data.parent_id, set())
-        children.discard(task_id)
-        violation = check_create(view, data, ancestry, len(children))
+        on_board = sum(1 for s in board.tasks.values() if s.parent_id == data.parent_id)
+        violation: Violation | None = None
+        if not children_limited(view, ancestry):
+            violation = check_create(view, data, ancestry, on_board)
+        else:
+            parent = data.parent_id
+
+            def reserve(usage: ChildrenUsage | None) -> ChildrenUsage | None:
+                nonlocal violation
+                violation = None
+                usage = usage or ChildrenUsage(parent=parent)
+                if task_id in usage.recent:
+                    return None  # a retry of a create that was counted
+                violation = check_create(view, data, ancestry, max(usage.count, on_board))
+                return None if violation else count_child(usage, task_id, on_board)
+
+            await self._update(children_key(parent), _children_dec.decode, reserve)
         if violation is not None:
             await self._exceeded(violation)
             raise LimitExceeded(violation.message(), scope=violation.scope,
                                 budget=violation.budget, limit=violation.limit,
                                 value=violation.value, paused=violation.pause)
-        self._created.setdefault(data.parent_id, set()).add(task_id)
+
+    def _claim_scopes(self, task_id: str) -> list[str]:
+        return [SWARM, task_id, *self._ancestry(task_id)]
+
+    async def reserve_attempt(self, state: TaskState, owner: str = "") -> list[str]:
+        """Count the next claim of ``state`` against every ``max_attempts`` budget above it,
+        before its ``TaskClaimed`` is written; returns the scopes counted.
+
+        One compare-and-set per budgeted scope, idempotent per claim (named by the task
+        sequence the claim's append expects); the maintenance counts an observed claim
+        under the same id, so a claim is counted once whether or not its claimer reserved.
+        A claim that then does not happen (lost race, never leased) gives its slot back
+        with :meth:`refund_attempt`.
+
+        Raises:
+            Paused: one more claim would exceed a budget; its scope is paused.
+        """
+        view = await self.ensure()
+        await self.swarm.tasks.ensure_board()  # the ancestry comes from the board
+        cid = claim_id(state.task_id, state.seq)
+        counted: list[str] = []
+        for scope in self._claim_scopes(state.task_id):
+            limits = view.budget(scope)
+            if "max_attempts" not in limits:
+                continue
+            limit = limits["max_attempts"]
+            window_ms = int(limits.get("window_s", DEFAULT_WINDOW_S) * 1000)
+            violation: Violation | None = None
+
+            def reserve(usage: AttemptsUsage | None, scope: str = scope, limit: float = limit,
+                        window_ms: int = window_ms) -> AttemptsUsage | None:
+                nonlocal violation
+                violation = None
+                usage = usage or AttemptsUsage(scope=scope)
+                now = wall_ms()
+                used = attempts_in_window(usage, now, window_ms)
+                if any(cid_ == cid for cid_, _ in usage.claims):
+                    return None
+                if used + 1 > limit:
+                    violation = Violation(scope, scope, "max_attempts", limit, used + 1)
+                    return None
+                return count_attempt(usage, cid, now, now, window_ms)
+
+            await self._update(attempts_key(scope), _attempts_dec.decode, reserve)
+            if violation is not None:
+                for done in counted:
+                    await self._uncount(done, cid)
+                await self._exceeded(violation)
+                raise Paused(SWARM if scope == SWARM else f"scope {scope}",
+                             violation.message())
+            counted.append(scope)
+        return counted
+
+    async def refund_attempt(self, state: TaskState) -> None:
+        """Give back the slot :meth:`reserve_attempt` took for a claim that did not happen."""
+        await self.swarm.tasks.ensure_board()
+        cid = claim_id(state.task_id, state.seq)
+        for scope in self._claim_scopes(state.task_id):
+            if attempts_key(scope) in self.view.usage:
+                await self._uncount(scope, cid)
+
+    async def _uncount(self, scope: str, cid: str) -> None:
+        await self._update(attempts_key(scope), _attempts_dec.decode,
+                           lambda usage: usage and uncount_attempt(usage, cid))
 
     # ------------------------------------------------------------ commands
 
@@ -748,7 +1014,7 @@ class ControlService:
                                               caught_up=caught):
                 if isinstance(item, StoredEvent):
                     try:
-                        await self._observe(item.event, live=caught.is_set())
+                        await self._observe(item.seq, item.event, live=caught.is_set())
                     except CflowError as exc:
                         log.warning("control maintenance step failed: %s", exc)
         finally:
@@ -767,11 +1033,13 @@ class ControlService:
         own = [task_id] if budget_key(task_id) in self.view.budgets else []
         return [SWARM, *own, *chain]
 
-    async def _observe(self, event: ev.Event, *, live: bool) -> None:
+    async def _observe(self, seq: int, event: ev.Event, *, live: bool) -> None:
         data = event.data
         task_id = event.entity_id
         at = event_ms(event)
         now = wall_ms()
+        prior = self._last_seq.get(task_id, 0)
+        self._last_seq[task_id] = seq
         match data:
             case ev.TaskCreated():
                 if data.parent_id is not None:
@@ -785,18 +1053,7 @@ class ControlService:
                     with contextlib.suppress(InvalidState, NotFound):
                         await self.swarm.tasks.cancel(
                             task_id, f"swarm stopped by {stop.actor}: {stop.reason}")
-                for scope in self._scopes_of(task_id):
-                    limits = self.view.budget(scope)
-                    if "max_attempts" not in limits:
-                        continue
-                    window = limits.get("window_s", DEFAULT_WINDOW_S) * 1000
-                    claims = self._claims.setdefault(scope, deque())
-                    claims.append(at)
-                    while claims and claims[0] < at - window:
-                        claims.popleft()
-                    if len(claims) > limits["max_attempts"] and (live or at >= now - window):
-                        await self._exceeded(Violation(scope, scope, "max_attempts",
-                                                       limits["max_attempts"], len(claims)))
+                await self._count_claim(task_id, claim_id(task_id, prior), at, live=live)
             case ev.TaskCompleted() | ev.TaskFailed():
                 caps = self._caps.get(task_id, ())
                 if isinstance(data, ev.TaskCompleted):
@@ -808,15 +1065,53 @@ class ControlService:
                             await self.open_breaker(cap, count, at_ms=max(at, now) if live
                                                     else at)
                 if data.cost_usd:
-                    await self._spend(task_id, data.cost_usd, live=live)
+                    await self._spend(task_id, data.cost_usd, seq, live=live)
             case _:
                 pass
 
-    async def _spend(self, task_id: str, cost: float, *, live: bool) -> None:
+    async def _count_claim(self, task_id: str, cid: str, at: int, *, live: bool) -> None:
+        """Count an observed claim on the attempts counters (a claim its claimer reserved
+        is there already), and pause a scope it pushed over its budget."""
+        for scope in self._scopes_of(task_id):
+            limits = self.view.budget(scope)
+            if "max_attempts" not in limits:
+                continue
+            limit = limits["max_attempts"]
+            window_ms = int(limits.get("window_s", DEFAULT_WINDOW_S) * 1000)
+            now = wall_ms()
+            cached = self.view.attempts(scope)
+            if at <= now - window_ms or any(c == cid for c, _ in cached.claims):
+                continue  # out of the window, or counted already: no round trip
+            def add(u: AttemptsUsage | None, scope: str = scope,
+                    window_ms: int = window_ms) -> AttemptsUsage | None:
+                return count_attempt(u or AttemptsUsage(scope=scope), cid, at, wall_ms(),
+                                     window_ms)
+
+            usage = await self._update(attempts_key(scope), _attempts_dec.decode, add)
+            used = attempts_in_window(usage, wall_ms(), window_ms) if usage else 0
+            if used > limit and (live or at >= now - window_ms):
+                await self._exceeded(Violation(scope, scope, "max_attempts", limit, used))
+
+    async def _spend(self, task_id: str, cost: float, seq: int, *, live: bool) -> None:
+        """Add a reported cost to every scope above the task; publish the total of each
+        scope with a spend budget on its counter, so every process's claim guard refuses
+        new work there once the budget is reached (not only after a pause)."""
         for scope in self._scopes_of(task_id):
             spent = self._spent[scope] = self._spent.get(scope, 0.0) + cost
             limit = self.view.budget(scope).get("max_spend_usd")
-            if limit is not None and spent > limit and live:
+            if limit is None:
+                continue
+            if self.view.spend(scope).upto_seq < seq:
+                # Every maintainer folds the same history, so its total at ``seq`` is the
+                # same: publishing it is idempotent, and a later sequence always wins.
+                total = SpendUsage(scope=scope, spent=round(spent, 6), upto_seq=seq)
+
+                def publish(u: SpendUsage | None, total: SpendUsage = total
+                            ) -> SpendUsage | None:
+                    return total if u is None or u.upto_seq < total.upto_seq else None
+
+                await self._update(spend_key(scope), _spend_dec.decode, publish)
+            if spent > limit and live:
                 await self._exceeded(Violation(scope, scope, "max_spend_usd", limit,
                                                round(spent, 6)))
 
