@@ -248,11 +248,51 @@ async def test_same_event_id_appended_twice_is_stored_once(log: EventLog) -> Non
 
 
 @integration
-async def test_explicit_msg_id_deduplicates(log: EventLog) -> None:
-    a = await log.append(ev.TaskReady(), "t", msg_id="ready-t-1")
-    b = await log.append(ev.TaskReady(), "t", msg_id="ready-t-1")
+async def test_explicit_msg_id_deduplicates_a_retry_of_the_same_event(log: EventLog) -> None:
+    e = log.event(ev.TaskReady(), "t")
+    a = await log.append_event(e, msg_id="ready-t-1")
+    b = await log.append_event(e, msg_id="ready-t-1")
     assert (b.seq, b.duplicate) == (a.seq, True)
     assert len(await log.entity_events("task", "t")) == 1
+
+
+@integration
+async def test_another_event_under_a_taken_msg_id_is_a_conflict(log: EventLog) -> None:
+    """The server's "duplicate" ack names the holder of the Msg-Id; it must be us."""
+    a = await log.append(ev.TaskReady(), "t", msg_id="ready-t-1")
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append(ev.TaskReady(), "t", msg_id="ready-t-1")
+    assert info.value.actual == a.seq
+    assert info.value.held_by == a.event.id
+    assert info.value.held_seq == a.seq
+    assert "ready-t-1" in str(info.value)
+    # With an expected sequence the server refuses before deduplicating (one
+    # server); the read-back finds another event under the Msg-Id: a conflict too.
+    with pytest.raises(ConcurrencyConflict) as info:
+        await log.append(ev.TaskReady(), "t", msg_id="ready-t-1", expected=0)
+    assert info.value.actual == a.seq
+    assert info.value.held_by == a.event.id
+    # Unless the Msg-Id names an intent that any event under it fulfils.
+    c = await log.append(ev.TaskReady(), "t", msg_id="ready-t-1", dedupe_by_msg_id=True)
+    assert (c.seq, c.duplicate) == (a.seq, True)
+    d = await log.append(ev.TaskReady(), "t", msg_id="ready-t-1", expected=0,
+                         dedupe_by_msg_id=True)
+    assert (d.seq, d.duplicate) == (a.seq, True)
+    assert len(await log.entity_events("task", "t")) == 1
+
+
+@integration
+async def test_a_retried_append_that_landed_is_found_by_its_identity(log: EventLog) -> None:
+    """The retry of a write whose ack was lost: wrong last sequence, but the write is ours."""
+    created = await log.append(ev.TaskCreated(title="x"), "rb", expected=0)
+    claim = log.event(ev.TaskClaimed(owner="a", attempt=1, lease_ttl_s=5), "rb")
+    first = await log.append_event(claim, expected=created.seq, msg_id=f"claim-rb-{created.seq}")
+    # Someone else appends after our (lost-ack) write; the retry still finds ours
+    # right after the expected sequence.
+    await log.append(ev.TaskReady(), "rb", expected=first.seq)
+    again = await log.append_event(claim, expected=created.seq,
+                                   msg_id=f"claim-rb-{created.seq}")
+    assert (again.seq, again.duplicate) == (first.seq, True)
 
 
 @integration
@@ -544,3 +584,150 @@ async def test_kv_ttl_expiry_leaves_a_marker(log: EventLog, nc: NATS) -> None:
 async def test_kv_ttl_on_a_bucket_without_ttl_is_refused(log: EventLog) -> None:
     with pytest.raises(InvalidInput):
         await log.kv_put(log.bucket(names.CONTROL), "k", b"v", ttl_s=5)
+
+
+# ------------------------------------------------------------------ server time
+
+
+@integration
+async def test_stored_events_and_kv_entries_carry_the_server_timestamp(log: EventLog) -> None:
+    appended = await log.append(ev.TaskCreated(title="t"), "ts", expected=0)
+    got = await log.get(appended.seq)
+    assert got.time_ms > 0
+    [stored] = await log.entity_events("task", "ts")
+    assert stored.time_ms == got.time_ms
+    [read] = await log.read()
+    assert read.time_ms == got.time_ms
+    followed = log.follow()
+    try:
+        async with asyncio.timeout(10):
+            item = await anext(followed)
+    finally:
+        await followed.aclose()
+    assert item.time_ms == got.time_ms
+    bucket = log.bucket(names.CONTROL)
+    revision = await log.kv_put(bucket, "k", b"v")
+    entry = await log.kv_last(bucket, "k")
+    assert entry is not None
+    assert entry.revision == revision
+    assert entry.time_ms >= got.time_ms
+    [listed] = await log.kv_keys(bucket)
+    assert listed.time_ms == entry.time_ms
+
+
+@integration
+async def test_kv_entries_are_typed_and_include_markers(log: EventLog) -> None:
+    bucket = log.bucket(names.LEASES)
+    seen = []
+    async with log.kv_entries(bucket) as entries:
+        revision = await log.kv_put(bucket, "task-m", b"{}", ttl_s=1)
+        async with asyncio.timeout(20):
+            async for entry in entries:
+                seen.append(entry)
+                if entry.operation == "MARKER":
+                    break
+    put, marker = seen
+    assert (put.key, put.revision, put.operation, put.live) == ("task-m", revision, "PUT", True)
+    assert (marker.key, marker.operation, marker.live) == ("task-m", "MARKER", False)
+    assert marker.time_ms - put.time_ms >= 900  # removed by the server one TTL later
+
+
+@integration
+async def test_server_time_ignores_a_wrong_local_wall_clock(
+    log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate is the server's clock; this host's wall clock may be minutes off."""
+    import time
+
+    import cflow.streams.client as client
+
+    assert log.server_now_ms() == 0  # nothing seen yet
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() - 600 * 10**9)
+    monkeypatch.setattr(client, "wall_ms", lambda: real() // 10**6 - 600_000)
+    monkeypatch.setattr(time, "time", lambda: real() / 1e9 - 600)
+    now = await log.server_time_ms()  # probes: nothing fresh seen
+    appended = await log.append(ev.TaskCreated(title="t"), "clock", expected=0)
+    stored = await log.get(appended.seq)
+    # A lower bound: never ahead of a timestamp the server stored after it was taken.
+    assert now <= stored.time_ms
+    assert stored.time_ms - now < 1000
+    assert abs(log.server_now_ms() - stored.time_ms) < 1000
+    assert log.server_now_ms() >= stored.time_ms  # the later stamp raised it
+    assert abs(await log.server_time_ms() - real() // 10**6) < 1000
+
+
+def test_server_clock_is_the_largest_lower_bound() -> None:
+    from cflow.streams.server_clock import ServerClock
+
+    mono = [100.0]
+    clock = ServerClock(lambda: mono[0])
+    assert clock.now_ms() == 0
+    assert not clock.fresh(10)
+    clock.observe(5_000)  # an old message: a bound, but not fresh evidence
+    assert not clock.fresh(10)
+    mono[0] += 2
+    assert clock.now_ms() == 7_000
+    clock.observe(6_000)  # older than what we know: ignored
+    assert clock.now_ms() == 7_000
+    clock.observe(9_000, probe=True)
+    assert clock.fresh(10)
+    assert clock.now_ms() == 9_000
+    mono[0] += 11
+    assert not clock.fresh(10)
+    clock.observe(20_500)  # a stamp that beats the estimate after a probe: fresh
+    assert clock.fresh(10)
+    assert clock.now_ms() == 20_500
+
+
+# ------------------------------------------------------------------ HLC order
+
+
+def test_stamp_after_a_far_ahead_stamp_is_later_without_moving_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node 120 s behind must not stamp a claim before the creation it follows."""
+    import cflow.streams.client as client
+
+    log = EventLog.__new__(EventLog)
+    from cflow.hlc import HybridClock
+
+    log.clock = HybridClock("lagging", max_offset_ms=500)
+    now = 1_800_000_000_000
+    monkeypatch.setattr(client, "wall_ms", lambda: now - 120_000)
+    created = Timestamp(now, 7, 99)
+    stamp = Timestamp.parse(log.stamp(after_hlc=str(created)))
+    assert stamp > created
+    assert (stamp.wall_ms, stamp.logical) == (now, 8)
+    assert log.clock.last.wall_ms == now - 120_000  # not adopted into the clock
+    # Within the max offset it is merged (receive rule): later stamps follow it.
+    near = Timestamp(now - 120_000 + 300, 3, 99)
+    merged = Timestamp.parse(log.stamp(after_hlc=str(near)))
+    assert merged > near
+    assert Timestamp.parse(log.stamp()) > merged
+    # Already later: unchanged rule.
+    old = Timestamp(1, 0, 1)
+    assert Timestamp.parse(log.stamp(after_hlc=str(old))) > merged
+
+
+def test_stamp_after_borrows_a_millisecond_at_the_logical_limit() -> None:
+    from cflow.hlc import LOGICAL_MAX
+    from cflow.streams.client import stamp_after
+
+    after = Timestamp(10, LOGICAL_MAX, 5)
+    assert stamp_after(Timestamp(3, 0, 1), after) == Timestamp(11, 0, 1)
+    assert stamp_after(Timestamp(12, 0, 1), after) == Timestamp(12, 0, 1)
+
+
+@integration
+async def test_append_after_hlc_orders_the_entity(log: EventLog,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import cflow.streams.client as client
+
+    created = await log.append(ev.TaskCreated(title="x"), "hlc", expected=0)
+    real = client.wall_ms
+    monkeypatch.setattr(client, "wall_ms", lambda: real() - 120_000)
+    fresh = EventLog(log.nc, log.swarm, node="behind")
+    claimed = await fresh.append(ev.TaskClaimed(owner="a", attempt=1, lease_ttl_s=5), "hlc",
+                                 expected=created.seq, after_hlc=created.event.hlc)
+    assert claimed.event.hlc > created.event.hlc

@@ -8,6 +8,7 @@ translated by :mod:`cflow.streams.errors`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import math
@@ -16,6 +17,7 @@ import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
@@ -29,16 +31,18 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from cflow import events as ev
 from cflow.errors import (
     CflowError,
+    ClockOffsetError,
     ConcurrencyConflict,
     InvalidInput,
     MalformedEvent,
     NotFound,
     Unavailable,
 )
-from cflow.hlc import HybridClock, Timestamp
+from cflow.hlc import LOGICAL_MAX, HybridClock, Timestamp
 from cflow.streams import names
 from cflow.streams.definitions import StreamSpec, swarm_resources
 from cflow.streams.errors import STREAM_NAME_IN_USE, nats_errors, translate
+from cflow.streams.server_clock import ServerClock
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 MSG_ID = "Nats-Msg-Id"
@@ -245,6 +249,99 @@ def build_kv_delete(bucket: str, key: str, *, expected_revision: int | None = No
     return Outgoing(names.kv_subject(bucket, key), headers, b"")
 
 
+# ------------------------------------------------------------- raw stored messages
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """One stored message as a get returns it (direct or from the stream leader)."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    time_ms: int  # the server's storage timestamp, ms since the epoch
+
+
+def iso_ms(text: str) -> int:
+    """``2026-12-02T06:05:09.261928948Z`` (the server's RFC 3339, ns) -> ms since the epoch."""
+    text = text.strip()
+    if text.endswith("Z"):
+        text = text[:-1]
+        offset = ""
+    else:
+        cut = max(text.rfind("+"), text.rfind("-"))
+        offset = text[cut:] if cut > 10 else ""
+        text = text[: len(text) - len(offset)]
+    whole, _, frac = text.partition(".")
+    seconds = datetime.fromisoformat(whole + (offset or "+00:00")).timestamp()
+    return int(seconds) * 1000 + int((frac[:3] or "0").ljust(3, "0"))
+
+
+def datetime_ms(at: datetime | None) -> int:
+    """An aware datetime (nats-py's message metadata) -> ms since the epoch, exactly."""
+    if at is None:
+        return 0
+    return (at - EPOCH) // timedelta(milliseconds=1)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def msg_time_ms(msg: Msg) -> int:
+    """Storage timestamp of a message delivered by a push consumer (0 if it has none)."""
+    try:
+        return datetime_ms(msg.metadata.timestamp)
+    except (nats.errors.Error, ValueError, IndexError):
+        return 0
+
+
+def parse_headers(block: bytes) -> dict[str, str]:
+    """``NATS/1.0\\r\\nKey: value\\r\\n\\r\\n`` -> {key: value} (the last value of a key wins)."""
+    out: dict[str, str] = {}
+    for line in block.decode(errors="replace").split("\r\n")[1:]:
+        key, sep, value = line.partition(":")
+        if sep and key:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def raw_from_direct(reply: Msg) -> RawMessage | None:
+    """A direct-get reply as a message; None for 404 (no such message).
+
+    Raises:
+        CflowError: any other status the server answered with.
+    """
+    headers = dict(reply.headers or {})
+    status = headers.get("Status")
+    if status and not reply.data:
+        if status == "404":
+            return None
+        raise translate(nats.js.errors.APIError(code=int(status) if status.isdigit() else None,
+                                                description=headers.get("Description")))
+    stamp = headers.get("Nats-Time-Stamp")
+    return RawMessage(
+        seq=int(headers.get("Nats-Sequence", 0)),
+        subject=headers.get("Nats-Subject", ""),
+        data=bytes(reply.data or b""),
+        headers=headers,
+        time_ms=iso_ms(stamp) if stamp else 0,
+    )
+
+
+def raw_from_leader(body: dict[str, Any]) -> RawMessage:
+    """A ``STREAM.MSG.GET`` reply's ``message`` object as a message (base64 decoded)."""
+    hdrs = body.get("hdrs")
+    data = body.get("data")
+    return RawMessage(
+        seq=int(body.get("seq", 0)),
+        subject=str(body.get("subject", "")),
+        data=base64.b64decode(data) if data else b"",
+        headers=parse_headers(base64.b64decode(hdrs)) if hdrs else {},
+        time_ms=iso_ms(body["time"]) if body.get("time") else 0,
+    )
+
+
 # ---------------------------------------------------------------------- results
 
 
@@ -260,6 +357,7 @@ class StoredEvent:
     seq: int
     subject: str
     event: ev.Event
+    time_ms: int = 0  # the server's storage timestamp (ms since the epoch); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -270,6 +368,7 @@ class BadMessage:
     subject: str
     raw: bytes
     error: str
+    time_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -279,6 +378,7 @@ class KvEntry:
     value: bytes
     operation: str  # PUT, DEL, PURGE, or MARKER (server removed it after its TTL)
     headers: dict[str, str]
+    time_ms: int = 0  # the server's storage timestamp (ms since the epoch); 0: unknown
 
     @property
     def live(self) -> bool:
@@ -294,19 +394,46 @@ async def publish(js: JetStreamContext, out: Outgoing, *, timeout: float = 5.0, 
     return int(ack.seq), bool(ack.duplicate)
 
 
-def _entry_from_raw(bucket: str, raw: Any) -> KvEntry:
-    headers: dict[str, str] = dict(raw.headers or {})
-    prefix = f"$KV.{bucket}."
-    key = str(raw.subject)[len(prefix):]
-    op = "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION, "PUT")
-    return KvEntry(key, int(raw.seq), bytes(raw.data or b""), op, headers)
+def _kv_operation(headers: dict[str, str]) -> str:
+    return "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION, "PUT")
+
+
+def _entry_from_raw(bucket: str, raw: RawMessage) -> KvEntry:
+    key = raw.subject[len(f"$KV.{bucket}."):]
+    return KvEntry(key, raw.seq, raw.data, _kv_operation(raw.headers), raw.headers, raw.time_ms)
+
+
+def kv_entry_from_msg(bucket: str, msg: Msg) -> KvEntry:
+    """A KV message delivered by a push consumer (``kv_subscription``) as an entry.
+
+    A key the server removed after its TTL arrives as a ``MARKER`` entry.
+    """
+    headers = dict(msg.headers or {})
+    return KvEntry(msg.subject[len(f"$KV.{bucket}."):], int(msg.metadata.sequence.stream),
+                   bytes(msg.data or b""), _kv_operation(headers), headers, msg_time_ms(msg))
+
+
+PROBE_AFTER_S = 10.0  # server_time_ms() probes when it saw nothing fresher for this long
+CLOCK_KEY = "_clock"  # the leases bucket key of the fallback clock probe (readers skip "_")
+
+
+def stamp_after(stamp: Timestamp, after: Timestamp) -> Timestamp:
+    """``stamp`` if it is already later than ``after``, else the least stamp after it (pure)."""
+    if stamp > after:
+        return stamp
+    wall, logical = after.wall_ms, after.logical + 1
+    if logical > LOGICAL_MAX:
+        wall, logical = wall + 1, 0
+    return Timestamp(wall, logical, stamp.node)
 
 
 class EventLog:
     """Append, read and follow one swarm's events; raw KV for its buckets.
 
     One instance per process and swarm. It owns the process's HLC: every append
-    is stamped by it, every event read is merged into it (receive rule).
+    is stamped by it, every event read is merged into it (receive rule). It also
+    keeps an estimate of the server's clock (``server_now_ms``) from every
+    server timestamp it sees, so deadlines never depend on this host's wall clock.
     """
 
     def __init__(self, nc: NATS, swarm: str, *, node: str | None = None,
@@ -320,11 +447,29 @@ class EventLog:
         self.clock = HybridClock(node or f"{socket.gethostname()}-{os.getpid()}",
                                  max_offset_ms=max_offset_ms)
         self.clock_refusals = 0
+        self.server_clock = ServerClock()
+        self.request_timeout_s = 5.0
 
     # -- clock
 
-    def stamp(self) -> str:
-        return str(self.clock.now(wall_ms()))
+    def stamp(self, after_hlc: str | None = None) -> str:
+        """A fresh HLC stamp; with ``after_hlc``, one strictly later than it.
+
+        ``after_hlc`` is the stamp of the entity's previous event: the new event
+        must sort after it even when this host's clock lags far behind. A stamp
+        within the max offset is merged into the clock (receive rule); one beyond
+        it only pushes this one stamp past it, the clock itself is not dragged.
+        """
+        if after_hlc is None:
+            return str(self.clock.now(wall_ms()))
+        after = Timestamp.parse(after_hlc)
+        stamp = self.clock.now(wall_ms())
+        if stamp > after:
+            return str(stamp)
+        try:
+            return str(self.clock.observe(after, wall_ms()))
+        except ClockOffsetError:
+            return str(stamp_after(stamp, after))
 
     def observe(self, hlc: str) -> None:
         """Receive rule. A stamp too far ahead is counted and ignored, never adopted."""
@@ -333,13 +478,50 @@ class EventLog:
         except CflowError:
             self.clock_refusals += 1
 
+    def server_now_ms(self) -> int:
+        """The server's current time as far as seen: a lower bound, 0 before anything was seen.
+
+        Fed by every server timestamp this log receives (events followed or
+        read, KV reads, probes), advanced by this process's monotonic clock; the
+        local wall clock never enters it.
+        """
+        return self.server_clock.now_ms()
+
+    async def server_time_ms(self) -> int:
+        """The server's current time (lower bound), probing it when nothing fresh was seen.
+
+        A probe is one ``STREAM.INFO`` request (its reply carries the server's
+        time) when no fresh server timestamp arrived in the last 10 s.
+
+        Raises:
+            Unavailable: the probe was needed and NATS did not answer.
+        """
+        if not self.server_clock.fresh(PROBE_AFTER_S):
+            await self._probe_clock()
+        return self.server_clock.now_ms()
+
+    async def _probe_clock(self) -> None:
+        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}",
+                                 timeout=self.request_timeout_s)
+        if info.get("ts"):
+            self.server_clock.observe(iso_ms(str(info["ts"])), probe=True)
+            return
+        # A server without the reply timestamp: store a tiny message, read its stamp back.
+        bucket = self.bucket(names.LEASES)
+        await self.kv_put(bucket, CLOCK_KEY, b"", ttl_s=1)
+        raw = await self._fetch(names.kv_stream(bucket),
+                                last_by_subj=names.kv_subject(bucket, CLOCK_KEY))
+        if raw is not None:
+            self.server_clock.observe(raw.time_ms, probe=True)
+
     # -- append
 
     def event(self, data: ev.EventData, entity_id: str, *, actor: str | None = None,
               event_id: str | None = None, causation_id: str | None = None,
-              correlation_id: str | None = None) -> ev.Event:
+              correlation_id: str | None = None, after_hlc: str | None = None) -> ev.Event:
+        """A new event of this swarm, stamped now (and after ``after_hlc`` when given)."""
         return ev.make_event(
-            data, swarm=self.swarm, entity_id=entity_id, hlc=self.stamp(),
+            data, swarm=self.swarm, entity_id=entity_id, hlc=self.stamp(after_hlc),
             actor=actor or self.actor, event_id=event_id, causation_id=causation_id,
             correlation_id=correlation_id,
         )
@@ -355,57 +537,119 @@ class EventLog:
         event_id: str | None = None,
         causation_id: str | None = None,
         correlation_id: str | None = None,
+        after_hlc: str | None = None,
+        dedupe_by_msg_id: bool = False,
     ) -> Appended:
         """Append one event on its entity's subject.
 
         With ``expected``, the append succeeds only if the entity's last sequence
-        is exactly that (0: the entity has no events yet). A publish that times out
-        is retried once with the same Msg-Id, then read back before deciding.
+        is exactly that (0: the entity has no events yet). With ``after_hlc`` (the
+        HLC of the entity's previous event) the new event's stamp sorts after it.
+        A publish that times out is retried with the same Msg-Id, then read back
+        before deciding. A Msg-Id held by another event is a conflict, unless
+        ``dedupe_by_msg_id`` says the Msg-Id names an intent that any event under it
+        fulfils (e.g. "bob acked message m"): then that is a duplicate.
 
         Raises:
-            ConcurrencyConflict: the entity moved on since ``expected``.
+            ConcurrencyConflict: the entity moved on since ``expected``, or another
+                event already holds this Msg-Id.
             Unavailable: NATS did not answer and the read-back found nothing.
         """
         event = self.event(data, entity_id, actor=actor, event_id=event_id,
-                           causation_id=causation_id, correlation_id=correlation_id)
-        return await self.append_event(event, expected=expected, msg_id=msg_id)
+                           causation_id=causation_id, correlation_id=correlation_id,
+                           after_hlc=after_hlc)
+        return await self.append_event(event, expected=expected, msg_id=msg_id,
+                                       dedupe_by_msg_id=dedupe_by_msg_id)
 
     async def append_event(self, event: ev.Event, *, expected: int | None = None,
-                           msg_id: str | None = None) -> Appended:
+                           msg_id: str | None = None, dedupe_by_msg_id: bool = False
+                           ) -> Appended:
+        """Append a built event (see :meth:`append`); a duplicate is confirmed to be it.
+
+        Raises:
+            ConcurrencyConflict: the entity moved on since ``expected``, or another
+                event already holds this Msg-Id.
+            Unavailable: NATS did not answer and the read-back found nothing.
+        """
         out = build_append(event, expected_last_seq=expected, msg_id=msg_id)
         mid = out.headers[MSG_ID]
         for attempt in range(3):
             try:
                 seq, dup = await publish(self.js, out, expected=expected)
-                return Appended(seq, dup, event)
             except Unavailable:
                 if attempt == 2:
-                    found = await self._read_back(out.subject, mid)
+                    found = await self._read_back(out.subject, mid, event, expected,
+                                                     by_msg_id=dedupe_by_msg_id)
                     if found is not None:
                         return Appended(found, True, event)
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
+                continue
             except ConcurrencyConflict as conflict:
                 # A first try that timed out may have landed; the retry then
                 # reports a wrong last sequence although the write is ours; so may a
                 # caller's retry under a deterministic Msg-Id. A fresh event on its
                 # first try cannot be there yet: skip the read-back round trip.
                 if attempt > 0 or msg_id is not None:
-                    found = await self._read_back(out.subject, mid)
+                    found = await self._read_back(out.subject, mid, event, expected,
+                                                     by_msg_id=dedupe_by_msg_id)
                     if found is not None:
                         return Appended(found, True, event)
                 actual = await self.last_seq_subject(out.subject)
                 raise ConcurrencyConflict(out.subject, expected, actual) from conflict
+            if dup and not dedupe_by_msg_id:
+                await self._confirm_duplicate(out.subject, seq, mid, event, expected)
+            return Appended(seq, dup, event)
         raise AssertionError("unreachable")
 
-    async def _read_back(self, subject: str, msg_id: str) -> int | None:
+    async def _confirm_duplicate(self, subject: str, seq: int, msg_id: str, event: ev.Event,
+                                 expected: int | None) -> None:
+        """A "duplicate" ack names the message holding the Msg-Id: it must be this event."""
+        raw = await self._fetch(self.stream, seq=seq)
+        if raw is not None and _event_id(raw) == event.id:
+            return
+        raise await self._held_by_another(subject, expected, msg_id, raw, seq)
+
+    async def _read_back(self, subject: str, msg_id: str, event: ev.Event,
+                         expected: int | None, *, by_msg_id: bool = False) -> int | None:
+        """Where an append whose outcome is unknown was stored, if it was.
+
+        With ``expected``, the write can only sit right after that sequence on
+        its subject; without, only a last message can be checked. The stored
+        message must be this event (same event id), not merely carry its Msg-Id.
+
+        Raises:
+            ConcurrencyConflict: another event holds this Msg-Id.
+        """
         try:
-            raw = await self._direct_last(self.stream, subject)
+            if expected is None:
+                raw = await self._fetch(self.stream, last_by_subj=subject)
+            else:
+                raw = await self._fetch(self.stream, seq=expected + 1, next_by_subj=subject)
         except (NotFound, Unavailable):
             return None
-        if raw is not None and (raw.headers or {}).get(MSG_ID) == msg_id:
-            return int(raw.seq)
+        if raw is None:
+            return None
+        if _event_id(raw) == event.id:
+            return raw.seq
+        if raw.headers.get(MSG_ID) == msg_id:
+            if by_msg_id:
+                return raw.seq
+            raise await self._held_by_another(subject, expected, msg_id, raw, raw.seq)
         return None
+
+    async def _held_by_another(self, subject: str, expected: int | None, msg_id: str,
+                               raw: RawMessage | None, seq: int) -> ConcurrencyConflict:
+        """The conflict "another event holds this Msg-Id", naming it (``held_by``, ``held_seq``)."""
+        actual = await self.last_seq_subject(subject)
+        held_by = None if raw is None else _event_id(raw)
+        what = f"event {held_by}" if raw is not None else "a message that is gone"
+        conflict = ConcurrencyConflict(subject, expected, actual,
+                                       detail=f"Msg-Id {msg_id} is held by {what} at seq {seq}")
+        for name, value in (("held_by", held_by), ("held_seq", seq)):
+            setattr(conflict, name, value)  # facts, as CflowError keeps them
+            conflict.facts[name] = value
+        return conflict
 
     async def append_many(self, items: Sequence[tuple[ev.Event, int | None]],
                           *, ack_wait_s: float = 10.0) -> list[int]:
@@ -470,49 +714,86 @@ class EventLog:
 
     # -- read
 
-    async def _direct_last(self, stream: str, subject: str) -> Any:
-        try:
-            with nats_errors(subject):
-                return await self.js.get_msg(stream, subject=subject, direct=True)
-        except NotFound:
-            return None
+    async def _fetch(self, stream: str, *, seq: int | None = None,
+                     last_by_subj: str | None = None,
+                     next_by_subj: str | None = None) -> RawMessage | None:
+        """One stored message: by sequence, last on a subject, or next on a subject from ``seq``.
+
+        Returns None when there is no such message. Every timestamp read feeds
+        the server clock.
+
+        Raises:
+            NotFound: the stream does not exist.
+            Unavailable: NATS did not answer.
+        """
+        req: dict[str, Any] = {}
+        if last_by_subj is not None:
+            req["last_by_subj"] = last_by_subj
+        else:
+            req["seq"] = seq or 0
+            if next_by_subj is not None:
+                req["next_by_subj"] = next_by_subj
+        raw = await self._direct_get(stream, req)
+        if raw is not None:
+            self.server_clock.observe(raw.time_ms)
+        return raw
+
+    async def _direct_get(self, stream: str, req: dict[str, Any]) -> RawMessage | None:
+        subject = f"$JS.API.DIRECT.GET.{stream}"
+        if set(req) == {"last_by_subj"}:
+            subject, payload = f"{subject}.{req['last_by_subj']}", b""
+        else:
+            payload = json.dumps(req).encode()
+        with nats_errors(subject):
+            reply = await self.nc.request(subject, payload, timeout=self.request_timeout_s)
+        return raw_from_direct(reply)
+
+    async def last_message(self, stream: str, subject: str) -> RawMessage | None:
+        """The last stored message on ``subject`` (read-your-writes), or None."""
+        return await self._fetch(stream, last_by_subj=subject)
+
+    _direct_last = last_message  # the old private name, still used outside this module
 
     async def last_seq_subject(self, subject: str) -> int:
-        raw = await self._direct_last(self.stream, subject)
-        return 0 if raw is None else int(raw.seq)
+        raw = await self._fetch(self.stream, last_by_subj=subject)
+        return 0 if raw is None else raw.seq
 
     async def last_seq(self, kind: str, entity_id: str) -> int:
         return await self.last_seq_subject(names.event_subject(self.swarm, kind, entity_id))
 
     async def get(self, seq: int) -> StoredEvent | BadMessage:
-        with nats_errors(self.stream):
-            raw = await self.js.get_msg(self.stream, seq=seq, direct=True)
-        return self._decode(int(raw.seq or 0), str(raw.subject), bytes(raw.data or b""))
+        """The message at ``seq`` of the events stream, decoded.
 
-    def _decode(self, seq: int, subject: str, data: bytes) -> StoredEvent | BadMessage:
+        Raises:
+            NotFound: no message at ``seq`` (or no events stream).
+        """
+        raw = await self._fetch(self.stream, seq=seq)
+        if raw is None:
+            raise NotFound("message", f"{self.stream} seq {seq}")
+        return self._decode(raw.seq, raw.subject, raw.data, raw.time_ms)
+
+    def _decode(self, seq: int, subject: str, data: bytes, time_ms: int = 0
+                ) -> StoredEvent | BadMessage:
         try:
             event = ev.decode(data, subject)
         except MalformedEvent as exc:
-            return BadMessage(seq, subject, data, str(exc))
+            return BadMessage(seq, subject, data, str(exc), time_ms)
         self.observe(event.hlc)
-        return StoredEvent(seq, subject, event)
+        return StoredEvent(seq, subject, event, time_ms)
 
     async def entity_events(self, kind: str, entity_id: str) -> list[StoredEvent]:
-        """Every event of one entity in order (direct gets, next-by-subject)."""
+        """Every event of one entity in order (gets, next-by-subject)."""
         subject = names.event_subject(self.swarm, kind, entity_id)
         out: list[StoredEvent] = []
         seq = 1
         while True:
-            try:
-                with nats_errors(subject):
-                    raw = await self.js.get_msg(self.stream, seq=seq, subject=subject,
-                                                next=True, direct=True)
-            except NotFound:
+            raw = await self._fetch(self.stream, seq=seq, next_by_subj=subject)
+            if raw is None:
                 return out
-            item = self._decode(int(raw.seq or 0), str(raw.subject), bytes(raw.data or b""))
+            item = self._decode(raw.seq, raw.subject, raw.data, raw.time_ms)
             if isinstance(item, StoredEvent):
                 out.append(item)
-            seq = int(raw.seq or 0) + 1
+            seq = raw.seq + 1
 
     async def stream_last_seq(self) -> int:
         info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}")
@@ -566,7 +847,9 @@ class EventLog:
                         caught_up.set()  # a redelivered tail still means "caught up"
                     continue
                 last = seq
-                item = self._decode(seq, msg.subject, msg.data)
+                time_ms = msg_time_ms(msg)
+                self.server_clock.observe(time_ms)
+                item = self._decode(seq, msg.subject, msg.data, time_ms)
                 # Set before yielding, so the consumer sees it with the last stored item.
                 if caught_up is not None and not caught_up.is_set() and meta.num_pending == 0:
                     caught_up.set()
@@ -585,10 +868,10 @@ class EventLog:
         # Nothing matches: following would wait for a first message forever.
         subject = filter_subject or names.events_filter(self.swarm)
         try:
-            with nats_errors(subject):
-                await self.js.get_msg(self.stream, seq=start_seq, subject=subject, next=True,
-                                      direct=True)
+            first = await self._fetch(self.stream, seq=start_seq, next_by_subj=subject)
         except NotFound:
+            return out
+        if first is None:
             return out
         done = asyncio.Event()
         agen = self.follow(filter_subject, start_seq=start_seq, caught_up=done)
@@ -608,8 +891,14 @@ class EventLog:
 
     async def kv_last(self, bucket: str, key: str) -> KvEntry | None:
         """The raw last message of a key, marker and tombstone included."""
-        raw = await self._direct_last(names.kv_stream(bucket), names.kv_subject(bucket, key))
+        raw = await self._fetch(names.kv_stream(bucket), last_by_subj=names.kv_subject(bucket, key))
         return None if raw is None else _entry_from_raw(bucket, raw)
+
+    def kv_entry(self, bucket: str, msg: Msg) -> KvEntry:
+        """A message from :meth:`kv_subscription` as an entry; its timestamp feeds the clock."""
+        entry = kv_entry_from_msg(bucket, msg)
+        self.server_clock.observe(entry.time_ms)
+        return entry
 
     async def kv_put(self, bucket: str, key: str, value: bytes, *,
                      expected_revision: int | None = None, ttl_s: float | None = None,
@@ -652,6 +941,22 @@ class EventLog:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
 
+    @contextlib.asynccontextmanager
+    async def kv_entries(
+        self, bucket: str, *, last_per_subject: bool = False
+    ) -> AsyncIterator[AsyncIterator[KvEntry]]:
+        """Like :meth:`kv_subscription`, as typed entries (markers: operation ``MARKER``).
+
+        ``async with log.kv_entries(bucket) as entries: async for entry in entries: ...``
+        """
+        async with self.kv_subscription(bucket, last_per_subject=last_per_subject) as (queue, _):
+
+            async def entries() -> AsyncIterator[KvEntry]:
+                while True:
+                    yield self.kv_entry(bucket, await queue.get())
+
+            yield entries()
+
     async def kv_keys(self, bucket: str) -> list[KvEntry]:
         """Last entry of every key in a bucket (live or not)."""
         stream = names.kv_stream(bucket)
@@ -668,12 +973,7 @@ class EventLog:
             try:
                 while True:
                     msg = await asyncio.wait_for(queue.get(), timeout=5.0)
-                    headers = dict(msg.headers or {})
-                    op = "MARKER" if MARKER_REASON in headers else headers.get(KV_OPERATION,
-                                                                                 "PUT")
-                    out.append(KvEntry(msg.subject[len(f"$KV.{bucket}."):],
-                                       int(msg.metadata.sequence.stream), bytes(msg.data), op,
-                                       headers))
+                    out.append(self.kv_entry(bucket, msg))
                     if msg.metadata.num_pending == 0:
                         return out
             except TimeoutError:
@@ -684,3 +984,11 @@ def require_positive(value: float, what: str) -> float:
     if value <= 0:
         raise InvalidInput(f"{what} must be > 0")
     return value
+
+
+def _event_id(raw: RawMessage) -> str | None:
+    """The id of the event stored in ``raw``, or None if it is not a cflow event."""
+    try:
+        return ev.decode(raw.data, raw.subject).id
+    except MalformedEvent:
+        return None
