@@ -150,6 +150,7 @@ def test_skew_needs_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faults, "FAKETIME_LIBS", ())
     monkeypatch.delenv("CFLOW_FAKETIME_LIB", raising=False)
     monkeypatch.setenv("CI", "false")
+    monkeypatch.delenv("CFLOW_CI_DOCKER", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install faketime"):
         require_faketime()
 
