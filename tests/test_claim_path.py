@@ -204,7 +204,8 @@ async def test_claimed_but_never_leased_is_recovered(nats_url: str, swarm_name: 
     await swarm.log.append(ev.TaskClaimed(owner="ghost", attempt=1, lease_ttl_s=1),
                            t.task_id, expected=t.seq)
     async with reaper(nats_url, swarm_name) as r:
-        state = await until(r, t.task_id, lambda s: s.status == "ready" and s.attempt == 1)
+        # The claim never ran: its attempt is given back (issue 14 #10).
+        state = await until(r, t.task_id, lambda s: s.status == "ready" and s.attempt == 0)
     history = await swarm.tasks.history(t.task_id)
     reasons = [x.event.data.reason for x in history if x.event.type == "TaskLeaseExpired"]  # type: ignore[union-attr]
     assert reasons == ["claimed but never leased"] and state is not None

@@ -156,12 +156,12 @@ def test_board_readiness_and_blocking() -> None:
     board.apply(1, e(ev.TaskCreated(title="a"), "a"))
     board.apply(2, e(ev.TaskCreated(title="b"), "b"))
     board.apply(3, e(ev.TaskCreated(title="c", depends_on=("a", "b")), "c"))
-    assert board.actions_for("c", 0) == []
+    assert board.actions_for("c") == []
     board.apply(4, e(ev.TaskClaimed(owner="w", attempt=1, lease_ttl_s=3), "a"))
     board.apply(5, e(ev.TaskCompleted(epoch=4), "a"))
-    assert board.actions_for("a", 0) == []  # b still open
+    assert board.actions_for("a") == []  # b still open
     board.apply(6, e(ev.TaskCancelled(reason="no"), "b"))
-    [action] = board.actions_for("b", 0)
+    [action] = board.actions_for("b")
     assert (action.kind, action.task_id, action.expected, action.blocked_by) == (
         "blocked", "c", 3, "b")
     with pytest.raises(DependencyError, match="unknown"):
@@ -175,10 +175,12 @@ def test_board_expiry_requeues_then_fails_when_attempts_exhausted() -> None:
     board.apply(1, e(ev.TaskCreated(title="a", max_attempts=2), "a"))
     board.apply(2, e(ev.TaskClaimed(owner="w", attempt=1, lease_ttl_s=3), "a"))
     board.apply(3, e(ev.TaskLeaseExpired(epoch=2, owner="w"), "a"))
-    [action] = board.actions_for("a", 0)
-    assert (action.kind, action.msg_id, action.expected) == ("requeue", "requeue-a-2", 3)
+    [action] = board.actions_for("a")
+    assert (action.kind, action.msg_id, action.expected) == ("requeue", "reaped-requeue-a-2", 3)
     board.apply(4, e(ev.TaskRequeued(attempt=1), "a"))
     board.apply(5, e(ev.TaskClaimed(owner="w", attempt=2, lease_ttl_s=3), "a"))
     board.apply(6, e(ev.TaskLeaseExpired(epoch=5, owner="w"), "a"))
-    [action] = board.actions_for("a", 0)
+    [action] = board.actions_for("a")
     assert action.kind == "fail"
+    # A reaper's write never shares a Msg-Id with the holder's own fail at that epoch.
+    assert action.msg_id == "reaped-fail-a-5" != "fail-a-5"

@@ -6,6 +6,7 @@
     ├── ConflictError                      someone else changed the thing first
     │   ├── ConcurrencyConflict            expected last subject sequence did not match
     │   ├── LeaseLost                      the caller's lease/epoch is no longer the claim of record
+    │   │   └── NotHolder                  the epoch is current but held by another agent
     │   ├── AlreadyClaimed                 a specific task is held by someone else
     │   ├── MemoryConflict                 a memory compare-and-set found another version
     │   ├── ReservationConflict            overlapping paths are reserved by another agent
@@ -87,6 +88,20 @@ class LeaseLost(ConflictError):
             epoch=epoch,
             reason=reason,
         )
+
+
+class NotHolder(LeaseLost):
+    """A write fenced by an epoch that is current, from an agent that does not hold it."""
+
+    code = "NOT_HOLDER"
+    holder: str
+    actor: str
+
+    def __init__(self, task_id: str, epoch: int, holder: str, actor: str) -> None:
+        super().__init__(task_id, epoch, f"held by {holder}, not by {actor}")
+        self.holder = holder
+        self.actor = actor
+        self.facts.update(holder=holder, actor=actor)
 
 
 class AlreadyClaimed(ConflictError):
@@ -207,6 +222,7 @@ __all__ = [
     "MalformedEvent",
     "MemoryConflict",
     "NotFound",
+    "NotHolder",
     "Paused",
     "QueryRejected",
     "ReservationConflict",

@@ -114,7 +114,9 @@ class TaskClaimed(EventData, frozen=True, kw_only=True):
     owner: str
     attempt: int
     lease_ttl_s: float
-    deadline_ms: int | None = None  # start-to-close deadline, wall ms
+    # Written by old versions (the claimer's wall clock); readers now derive the
+    # start-to-close deadline from the claim's server timestamp instead.
+    deadline_ms: int | None = None
 
 
 class TaskLeaseExpired(EventData, frozen=True, kw_only=True):
@@ -122,13 +124,15 @@ class TaskLeaseExpired(EventData, frozen=True, kw_only=True):
     epoch: int
     owner: str
     reason: str = "lease expired"
+    refund: bool = False  # the claim never got a lease: its attempt is given back
 
 
 class TaskRequeued(EventData, frozen=True, kw_only=True):
     KIND: ClassVar[str] = "task"
     attempt: int  # attempts used so far
-    not_before_ms: int = 0
+    not_before_ms: int = 0  # old versions: absolute, on the writer's wall clock
     reason: str = ""
+    retry_after_ms: int | None = None  # claimable this long after the event's server time
 
 
 class TaskCompleted(EventData, frozen=True, kw_only=True):
@@ -144,8 +148,9 @@ class TaskFailed(EventData, frozen=True, kw_only=True):
     epoch: int
     error: str
     final: bool  # True: status failed for good; False: back to ready after not_before
-    not_before_ms: int = 0
+    not_before_ms: int = 0  # old versions: absolute, on the writer's wall clock
     cost_usd: float | None = None
+    retry_after_ms: int | None = None  # claimable this long after the event's server time
 
 
 class TaskReleased(EventData, frozen=True, kw_only=True):

@@ -9,8 +9,14 @@ Each ``TaskService`` keeps a ``TaskBoard`` fed by an ordered push consumer on th
 swarm's task events. It is what makes ``claim(wait=...)`` push-woken, and what
 the maintenance loop (reaper + readiness evaluator) works from. Every process
 that runs ``maintain()`` (worker, MCP adapter, projector, ``cfctl up``) acts as a
-reaper; their actions carry deterministic Msg-Ids and expected sequences, so a
-crowd of reapers produces each expiry and requeue once.
+reaper, and so does a claimer that meets a dead claim; their actions carry
+deterministic Msg-Ids (a reaper's never equal a holder's) and expected
+sequences, so a crowd of reapers produces each expiry and requeue once.
+
+Time: deadlines are judged in server time (:meth:`EventLog.server_time_ms`, an
+estimate anchored on server timestamps and moved by the monotonic clock) and
+the holder bounds its own work on its monotonic clock; the rules are the pure
+:mod:`cflow.lease_policy`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -37,11 +44,13 @@ from cflow.errors import (
     InvalidState,
     LeaseLost,
     NotFound,
+    NotHolder,
     Paused,
     Unavailable,
 )
+from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
 from cflow.streams import StoredEvent, names
-from cflow.streams.client import wall_ms
+from cflow.streams.client import MARKER_REASON
 from cflow.tasks import (
     Action,
     TaskBoard,
@@ -57,8 +66,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cflow.leases")
 
-NO_LEASE_MARGIN_S = 2.0
-BOARD_CATCH_UP_S = 60.0  # grace before "claimed but never leased" is reaped
+BOARD_CATCH_UP_S = 60.0
+SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
+ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
+SUPERVISOR_BACKOFF_MIN_S = 0.5
+SUPERVISOR_BACKOFF_MAX_S = 30.0
+SUPERVISOR_HEALTHY_S = 60.0  # a loop that ran this long restarts with the minimum backoff
 _ID_NAMESPACE = uuid.UUID("6d1c5f8e-8a4e-4b7e-9a53-1c0f7d1e2a77")
 
 
@@ -76,6 +89,16 @@ _lease_encoder = msgspec.json.Encoder()
 _lease_decoder = msgspec.json.Decoder(LeaseRecord)
 
 
+def intent_id(swarm: str, msg_id: str) -> str:
+    """The event id of a write named by its intent (its Msg-Id).
+
+    A retry of the same intent (the worker retrying a completion after a
+    timeout) is then the same event, which the log's read-back recognises as
+    stored; a different writer's intent (a reaper's) has another Msg-Id and id.
+    """
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{swarm}\x00intent\x00{msg_id}"))
+
+
 def task_id_for_key(swarm: str, key: str) -> str:
     """Same idempotency key, same task id: creation is then naturally idempotent."""
     return str(uuid.uuid5(_ID_NAMESPACE, f"{swarm}\x00{key}"))
@@ -85,9 +108,18 @@ HeartbeatStatus = Literal["ok", "cancelled"]
 
 
 class Lease:
-    """A claim held by this process. ``async with lease.keep_alive():`` heartbeats it."""
+    """A claim held by this process. ``async with lease.keep_alive():`` renews it.
 
-    def __init__(self, service: TaskService, task: TaskState, revision: int) -> None:
+    The holder enforces its own deadline: every renewal that succeeds moves it to
+    ``sent + TTL - margin`` on the monotonic clock (see :mod:`cflow.lease_policy`).
+    When it passes without a successful renewal, for instance because this
+    process is cut off from NATS, the lease is treated as lost and ``on_lost``
+    tells the holder to stop its work, before the server can expire the lease
+    and another agent claim the task.
+    """
+
+    def __init__(self, service: TaskService, task: TaskState, revision: int,
+                 leased_sent_mono: float) -> None:
         self.service = service
         self.task = task
         self.task_id = task.task_id
@@ -95,7 +127,9 @@ class Lease:
         self.attempt = task.attempt
         self.owner = task.owner or ""
         self.ttl_s = task.lease_ttl_s
+        self.policy = LeasePolicy(task.lease_ttl_s)
         self.revision = revision
+        self.clock = HolderClock.start(self.policy, leased_sent_mono)
         self.lost = asyncio.Event()  # set when the lease is lost or the task cancelled
         self.lost_reason: str | None = None
         self.cancelled = False
@@ -104,14 +138,40 @@ class Lease:
     def __repr__(self) -> str:
         return f"Lease({self.task_id}, epoch={self.epoch}, attempt={self.attempt})"
 
+    @property
+    def deadline(self) -> float:
+        """Monotonic time at which this holder gives the lease up without a renewal."""
+        return self.clock.deadline
+
     async def heartbeat(self) -> HeartbeatStatus:
+        """Renew once. Raises LeaseLost when the lease is gone or the deadline passed."""
         async with self._beat_lock:
-            status, self.revision = await self.service._heartbeat(self.task_id, self.epoch,
-                                                                  self.revision)
+            self._check_deadline()
+            sent = time.monotonic()
+            try:
+                status, self.revision = await self.service._heartbeat(
+                    self.task_id, self.epoch, self.revision, owner=self.owner)
+            except LeaseLost as lost:
+                self.clock = self.clock.after("refused", sent_mono=sent,
+                                              now_mono=time.monotonic(), reason=lost.reason)
+                self._mark_lost(lost.reason)
+                raise
+            except CflowError:
+                self.clock = self.clock.after("failed", sent_mono=sent, now_mono=time.monotonic())
+                self._check_deadline()
+                raise
+            self.clock = self.clock.after("renewed", sent_mono=sent, now_mono=time.monotonic())
         if status == "cancelled":
             self.cancelled = True
             self._mark_lost("cancelled")
         return status
+
+    def _check_deadline(self) -> None:
+        self.clock = self.clock.check(time.monotonic())
+        if self.clock.lost is not None:
+            self._mark_lost(self.clock.lost)
+        if self.lost.is_set() and not self.cancelled:
+            raise LeaseLost(self.task_id, self.epoch, self.lost_reason or "lease lost")
 
     def _mark_lost(self, reason: str) -> None:
         if not self.lost.is_set():
@@ -121,40 +181,58 @@ class Lease:
     async def complete(self, result: str | None = None, *, cost_usd: float | None = None,
                        output_ref: str | None = None) -> TaskState:
         return await self.service.complete(self.task_id, self.epoch, result, cost_usd=cost_usd,
-                                           output_ref=output_ref, known=self.task)
+                                           output_ref=output_ref, known=self.task,
+                                           agent=self.owner)
 
     async def fail(self, error: str, *, retry: bool = True,
                    cost_usd: float | None = None) -> TaskState:
         return await self.service.fail(self.task_id, self.epoch, error, retry=retry,
-                                       cost_usd=cost_usd, known=self.task)
+                                       cost_usd=cost_usd, known=self.task, agent=self.owner)
 
     async def release(self, reason: str = "") -> TaskState:
-        return await self.service.release(self.task_id, self.epoch, reason, known=self.task)
+        return await self.service.release(self.task_id, self.epoch, reason, known=self.task,
+                                          agent=self.owner)
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,
                          on_lost: Callable[[Lease], None] | None = None
                          ) -> AsyncIterator[Lease]:
-        """Heartbeat every TTL/3 in the background while the block runs.
+        """Renew every ``interval_s`` (default TTL/3) in the background while the block runs.
 
-        When the lease is lost or the task cancelled, ``self.lost`` is set and
-        ``on_lost`` is called so the holder can stop its work.
+        A renewal that fails for a transient reason is retried at once with a short
+        backoff; the holder's deadline bounds how long that may go on. When the
+        lease is lost (refused, deadline passed) or the task cancelled,
+        ``self.lost`` is set and ``on_lost`` is called so the holder stops its work.
         """
-        period = interval_s or max(0.2, self.ttl_s / 3)
+        period = interval_s or self.policy.heartbeat_interval_s
 
         async def beat() -> None:
+            next_at = time.monotonic() + period
             while not self.lost.is_set():
-                await asyncio.sleep(period)  # a heartbeat is a timer by nature
+                wake = min(next_at, self.clock.deadline)
+                with contextlib.suppress(TimeoutError):
+                    # Woken early only by a loss noticed elsewhere (a refused write).
+                    await asyncio.wait_for(self.lost.wait(), max(0.0, wake - time.monotonic()))
+                if self.lost.is_set():
+                    break
+                sent = time.monotonic()
                 try:
-                    await self.heartbeat()
-                except LeaseLost as lost:
-                    self._mark_lost(lost.reason)
-                except CflowError as exc:  # NATS unreachable: keep trying until the TTL
-                    log.warning("heartbeat for %s failed: %s", self.task_id, exc)
+                    # A renewal hanging on a dead connection must not outlive the deadline.
+                    async with asyncio.timeout(max(0.05, self.clock.deadline - sent)):
+                        await self.heartbeat()
+                except LeaseLost:
+                    break
+                except (CflowError, TimeoutError) as exc:
+                    if isinstance(exc, TimeoutError):
+                        self.clock = self.clock.after("failed", sent_mono=sent,
+                                                      now_mono=time.monotonic())
+                    with contextlib.suppress(LeaseLost):
+                        self._check_deadline()
+                    log.warning("renewal of %s failed: %s", self.task_id, exc or "timed out")
+                    next_at = self.clock.next_attempt(time.monotonic())
                     continue
-                if self.lost.is_set() and on_lost is not None:
-                    on_lost(self)
-            if on_lost is not None and not self.cancelled:
+                next_at = sent + period
+            if on_lost is not None:
                 on_lost(self)
 
         task = asyncio.create_task(beat(), name=f"heartbeat-{self.task_id}")
@@ -178,9 +256,11 @@ class TaskService:
         self._version = 0
         self._maint_task: asyncio.Task[None] | None = None
         self._marker_task: asyncio.Task[None] | None = None
-        self._timers: list[tuple[int, str, str, int]] = []
+        self._timers: list[tuple[int, str, str, int]] = []  # (server ms, task, kind, epoch)
+        self._scheduled: dict[tuple[str, str, int], int] = {}
         self._timer_wake = asyncio.Event()
-        self._actions: asyncio.Queue[str] = asyncio.Queue()
+        self._actions: asyncio.Queue[tuple[str, int]] = asyncio.Queue()  # (task, failures)
+        self.health = MaintenanceHealth()
         self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = []
         # Per-task refusals (paused scope, open breaker); the control module adds them.
         self.claim_filters: list[Callable[[TaskState], Paused | None]] = []
@@ -208,15 +288,15 @@ class TaskService:
         filt = names.events_filter(self.swarm.name, "task")
         async for item in self.log.follow(filt, caught_up=self._caught_up):
             if isinstance(item, StoredEvent):
-                self._absorb(item.seq, item.event)
+                self._absorb(item.seq, item.event, item.time_ms or None)
             self._version += 1
             async with self._changed:
                 self._changed.notify_all()
 
-    def _absorb(self, seq: int, event: ev.Event) -> TaskState | None:
-        state = self.board.apply(seq, event)
+    def _absorb(self, seq: int, event: ev.Event, at_ms: int | None) -> TaskState | None:
+        state = self.board.apply(seq, event, at_ms)
         if state is not None and self._maint_task is not None:
-            self._actions.put_nowait(state.task_id)
+            self._actions.put_nowait((state.task_id, 0))
             if state.status == "claimed":
                 self._schedule_claim_check(state)
         return state
@@ -283,10 +363,11 @@ class TaskService:
         for guard in self.swarm_create_guards():
             await guard(data, task_id)
         try:
-            await self.log.append(data, task_id, expected=0, msg_id=f"create-{task_id}")
+            appended = await self.log.append(data, task_id, expected=0,
+                                             msg_id=f"create-{task_id}")
         except ConcurrencyConflict:
             return await self.get(task_id)  # created before, by us or a retry
-        state = await self.get(task_id)
+        state = apply(None, appended.event, appended.seq)
         if state.status == "pending":
             await self._evaluate(state)
             state = await self.get(task_id)
@@ -355,7 +436,7 @@ class TaskService:
         """
         ev.check_token(task_id, "task id")
         items = await self.log.entity_events("task", task_id)
-        state = fold((item.seq, item.event) for item in items) if items else None
+        state = fold((item.seq, item.event, item.time_ms) for item in items) if items else None
         if state is None:
             raise NotFound("task", task_id)
         return state
@@ -389,7 +470,8 @@ class TaskService:
 
         With ``wait`` > 0, waits up to that many seconds for work, woken by the
         task-event subscription (never a poll). Returns ``None`` when nothing was
-        claimed.
+        claimed. A named task whose holder's lease is gone (judged by server
+        time) is reaped first, so reclaim needs no long-lived process.
 
         Raises:
             NotFound: ``task_id`` does not exist.
@@ -401,20 +483,21 @@ class TaskService:
         for guard in self.claim_guards:
             await guard(owner, caps)
         if task_id is not None:
-            return await self._claim_one(await self.get(task_id), owner, strict=True)
+            state = await self._reap_if_gone(await self.get(task_id))
+            return await self._claim_one(state, owner, strict=True)
         board = await self.ensure_board()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
         tried: dict[str, int] = {}
         while True:
             seen = self._version
-            now = wall_ms()
+            now = await self.log.server_time_ms()
             lost_race = False
             for state in _spread(board.candidates(caps, now), owner):
                 if tried.get(state.task_id) == state.seq or self._refused(state):
                     continue  # lost a race on this version; wait for the board to move
                 try:
-                    lease = await self._claim_one(state, owner, strict=False)
+                    lease = await self._claim_one(state, owner, strict=False, now_ms=now)
                 except ConcurrencyConflict as lost:
                     tried[state.task_id] = state.seq
                     # Our view is behind the winner's write. Racing down a stale list
@@ -441,14 +524,17 @@ class TaskService:
             for guard in self.claim_guards:
                 await guard(owner, caps)
 
-    async def _claim_one(self, state: TaskState, owner: str, *, strict: bool) -> Lease | None:
-        if not state.claimable_by(state.capabilities, wall_ms()):
+    async def _claim_one(self, state: TaskState, owner: str, *, strict: bool,
+                         now_ms: int | None = None) -> Lease | None:
+        now = now_ms if now_ms is not None else await self.log.server_time_ms()
+        if not state.claimable_by(state.capabilities, now):
             if strict:
                 if state.kind == "gate":
                     raise InvalidState(f"task {state.task_id} is a gate: a human approves it")
                 if state.status == "ready":
-                    raise InvalidState(f"task {state.task_id} is backing off until "
-                                       f"{state.not_before_ms} (wall ms)")
+                    wait_s = (state.not_before_ms - now) / 1000
+                    raise InvalidState(f"task {state.task_id} is backing off for another "
+                                       f"{wait_s:.1f} s (retry policy)", task_id=state.task_id)
                 raise AlreadyClaimed(state.task_id, state.status, state.owner)
             return None
         refusal = self._refused(state)
@@ -456,27 +542,33 @@ class TaskService:
             if strict:
                 raise refusal
             return None
-        attempt = state.attempt + 1
-        deadline = (wall_ms() + int(state.start_to_close_s * 1000)
-                    if state.start_to_close_s else None)
-        data = ev.TaskClaimed(owner=owner, attempt=attempt, lease_ttl_s=state.lease_ttl_s,
-                              deadline_ms=deadline)
+        data = ev.TaskClaimed(owner=owner, attempt=state.attempt + 1,
+                              lease_ttl_s=state.lease_ttl_s)
         try:
             appended = await self.log.append(data, state.task_id, expected=state.seq,
-                                             actor=owner)
+                                             actor=owner, after_hlc=state.hlc)
         except ConcurrencyConflict:
             if strict:
-                now = await self.get(state.task_id)
-                raise AlreadyClaimed(now.task_id, now.status, now.owner) from None
+                now_state = await self.get(state.task_id)
+                raise AlreadyClaimed(now_state.task_id, now_state.status,
+                                     now_state.owner) from None
             raise  # the best-ready loop decides what losing means
-        epoch = appended.seq
-        record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=epoch, attempt=attempt,
-                             ttl_s=state.lease_ttl_s)
-        prior = await self.log.kv_last(self.leases_bucket, state.task_id)
-        revision = await self._put_lease(record, prior.revision if prior else 0)
-        claimed = replace(state, status="claimed", seq=epoch, epoch=epoch, owner=owner,
-                          attempt=attempt, deadline_ms=deadline, claimed_ms=wall_ms())
-        return Lease(self, claimed, revision)
+        claimed = apply(state, appended.event, appended.seq)
+        record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=claimed.epoch,
+                             attempt=claimed.attempt, ttl_s=state.lease_ttl_s)
+        sent = time.monotonic()
+        try:
+            prior = await self.log.kv_last(self.leases_bucket, state.task_id)
+            revision = await self._put_lease(record, prior.revision if prior else 0)
+        except CflowError:
+            # A claim without a lease must not hold the task until a reaper notices:
+            # give it back (the attempt is not counted), best effort.
+            with contextlib.suppress(CflowError):
+                await self._finish(state.task_id, claimed.epoch,
+                                   ev.TaskReleased(epoch=claimed.epoch, reason="lease not written"),
+                                   "release", claimed, owner)
+            raise
+        return Lease(self, claimed, revision, sent)
 
     def _refused(self, state: TaskState) -> Paused | None:
         for check in self.claim_filters:
@@ -506,22 +598,59 @@ class TaskService:
                 expected = last.revision if last else 0
         raise LeaseLost(record.task_id, record.epoch, "could not write the lease")
 
+    # ------------------------------------------------------------ lease verdicts
+
+    async def lease_view(self, task_id: str) -> LeaseView | None:
+        """What the leases bucket holds for a task (the server's marker included)."""
+        last = await self.log.kv_last(self.leases_bucket, task_id)
+        if last is None:
+            return None
+        record = _decode_lease(last)
+        op: LeaseOp = last.operation if last.operation in ("PUT", "DEL", "PURGE",  # type: ignore[assignment]
+                                                            "MARKER") else "DEL"
+        return LeaseView(op=op, stored_ms=last.time_ms,
+                         epoch=record.epoch if record is not None else None)
+
+    async def verdict(self, state: TaskState) -> Verdict:
+        """Whether the claim of record of a claimed task still has a live lease."""
+        view = await self.lease_view(state.task_id)
+        now = await self.log.server_time_ms()
+        return judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
+                     now_ms=now, policy=LeasePolicy(state.lease_ttl_s))
+
+    async def _reap_if_gone(self, state: TaskState) -> TaskState:
+        """Anyone may reap: expire a dead claim (and requeue it) before deciding."""
+        if state.status == "claimed" and (await self.verdict(state)).gone:
+            await self.reap(state.task_id, state.epoch)
+            return await self.get(state.task_id)
+        if state.status == "expired":
+            action = self.board.after_expiry(state)
+            if action is not None:
+                await self._act(action, state)
+            return await self.get(state.task_id)
+        return state
+
     # ----------------------------------------------------------------- heartbeat
 
-    async def heartbeat(self, task_id: str, epoch: int) -> HeartbeatStatus:
+    async def heartbeat(self, task_id: str, epoch: int, *,
+                        agent: str | None = None) -> HeartbeatStatus:
         """Renew the lease of ``(task_id, epoch)`` (CLI form: revision read first).
 
         Raises:
             LeaseLost: the lease expired, was taken over, or the task moved on.
+            NotHolder: the lease is held by another agent.
         """
+        owner = agent or self.swarm.agent
         last = await self.log.kv_last(self.leases_bucket, task_id)
         current = _decode_lease(last)
         if last is None or current is None or current.epoch != epoch:
             raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch))
-        status, _ = await self._heartbeat(task_id, epoch, last.revision)
+        if current.owner != owner:
+            raise NotHolder(task_id, epoch, current.owner, owner)
+        status, _ = await self._heartbeat(task_id, epoch, last.revision, owner=owner)
         return status
 
-    async def _heartbeat(self, task_id: str, epoch: int, revision: int
+    async def _heartbeat(self, task_id: str, epoch: int, revision: int, *, owner: str
                          ) -> tuple[HeartbeatStatus, int]:
         last_task_seq = await self.log.last_seq("task", task_id)
         if last_task_seq != epoch:
@@ -534,6 +663,8 @@ class TaskService:
             record = _decode_lease(last)
             if last is None or record is None or record.epoch != epoch:
                 raise LeaseLost(task_id, epoch, "lease expired")
+            if record.owner != owner:
+                raise NotHolder(task_id, epoch, record.owner, owner)
             # A renewal by another heartbeat of ours moves the revision; the record
             # still names our epoch, so adopting its revision is safe.
             revision = max(revision, last.revision)
@@ -566,61 +697,103 @@ class TaskService:
 
     # ----------------------------------------------------- complete / fail / release
 
-    async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str,
-                      known: TaskState | None = None) -> TaskState:
-        try:
-            appended = await self.log.append(data, task_id, expected=epoch,
-                                             msg_id=f"{kind}-{task_id}-{epoch}")
-        except ConcurrencyConflict:
-            raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch)) from None
-        await self._drop_lease(task_id, epoch)
-        if known is not None and known.seq == epoch and not appended.duplicate:
-            state = apply(known, appended.event, appended.seq)
+    async def _holder_state(self, task_id: str, epoch: int, owner: str,
+                            known: TaskState | None) -> TaskState:
+        """The task as claimed at ``epoch``, checked to be held by ``owner``.
+
+        Raises:
+            LeaseLost: ``epoch`` is not the current claim.
+            NotHolder: it is, but another agent holds it.
+        """
+        if known is not None and known.status == "claimed" and known.epoch == epoch:
+            state = known
         else:
             state = await self.get(task_id)
-        if state.terminal:
-            await self._evaluate_dependents(task_id)
+            if state.status != "claimed" or state.epoch != epoch:
+                raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch))
+        if state.owner != owner:
+            raise NotHolder(task_id, epoch, state.owner or "nobody", owner)
+        return state
+
+    async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str,
+                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
+        owner = agent or self.swarm.agent
+        before = await self._holder_state(task_id, epoch, owner, known)
+        msg_id = f"{kind}-{task_id}-{epoch}"
+        try:
+            appended = await self.log.append(data, task_id, expected=epoch, actor=owner,
+                                             msg_id=msg_id, after_hlc=before.hlc,
+                                             event_id=intent_id(self.swarm.name, msg_id))
+        except ConcurrencyConflict:
+            raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch)) from None
+        if appended.duplicate:
+            # An earlier try of ours is stored: report what was stored, not this retry.
+            with contextlib.suppress(CflowError):
+                return await self.get(task_id)
+        state = apply(before, appended.event, appended.seq)
+        # The result is stored: nothing after this point may report it as failed.
+        # What is left undone here, every maintainer redoes from the event.
+        try:
+            await self._drop_lease(task_id, epoch)
+            if state.terminal:
+                await self._evaluate_dependents(task_id)
+        except CflowError as exc:
+            log.warning("after %s of %s: %s (maintenance will finish it)", kind, task_id, exc)
         return state
 
     async def complete(self, task_id: str, epoch: int, result: str | None = None, *,
                        cost_usd: float | None = None, output_ref: str | None = None,
-                       known: TaskState | None = None) -> TaskState:
-        """Record the holder's result, fenced by ``epoch``.
+                       known: TaskState | None = None, agent: str | None = None) -> TaskState:
+        """Record the holder's result, fenced by ``epoch`` and the holder's identity.
 
-        ``known`` is the holder's state at claim time; with it the new state is
-        folded locally instead of read back.
+        ``known`` is the holder's state at claim time; with it the holder check
+        needs no read. ``agent`` defaults to this swarm connection's agent.
 
         Raises:
             LeaseLost: the holder was fenced off; its result is not recorded.
+            NotHolder: ``agent`` is not the holder of record.
         """
         data = ev.TaskCompleted(epoch=epoch, result=result, cost_usd=cost_usd,
                                 output_ref=output_ref)
-        return await self._finish(task_id, epoch, data, "complete", known)
+        return await self._finish(task_id, epoch, data, "complete", known, agent)
 
     async def fail(self, task_id: str, epoch: int, error: str, *, retry: bool = True,
-                   cost_usd: float | None = None, known: TaskState | None = None) -> TaskState:
+                   cost_usd: float | None = None, known: TaskState | None = None,
+                   agent: str | None = None) -> TaskState:
         """Fail the attempt; retried after backoff until max attempts unless ``retry=False``.
+
+        A fenced holder's error and cost are kept as a note on the task.
 
         Raises:
             LeaseLost: the holder was fenced off.
+            NotHolder: ``agent`` is not the holder of record.
         """
-        state = known if known is not None and known.epoch == epoch else await self.get(task_id)
-        if state.status != "claimed" or state.epoch != epoch:
-            raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch))
-        final, not_before = failure_outcome(state, wall_ms(), retry=retry)
-        data = ev.TaskFailed(epoch=epoch, error=error, final=final, not_before_ms=not_before,
-                             cost_usd=cost_usd)
-        return await self._finish(task_id, epoch, data, "fail", known)
+        owner = agent or self.swarm.agent
+        try:
+            state = await self._holder_state(task_id, epoch, owner, known)
+            final, retry_after = failure_outcome(state, retry=retry)
+            data = ev.TaskFailed(epoch=epoch, error=error, final=final,
+                                 retry_after_ms=None if final else retry_after,
+                                 cost_usd=cost_usd)
+            return await self._finish(task_id, epoch, data, "fail", state, owner)
+        except LeaseLost as lost:
+            if not isinstance(lost, NotHolder):
+                cost = f" (cost {cost_usd:g} USD)" if cost_usd else ""
+                with contextlib.suppress(CflowError):
+                    await self.note(task_id, f"late failure refused ({lost.reason}): "
+                                             f"{error}{cost}", actor=owner)
+            raise
 
     async def release(self, task_id: str, epoch: int, reason: str = "",
-                      known: TaskState | None = None) -> TaskState:
+                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
         """Give the task back (the attempt is not counted).
 
         Raises:
             LeaseLost: the holder was fenced off.
+            NotHolder: ``agent`` is not the holder of record.
         """
         return await self._finish(task_id, epoch, ev.TaskReleased(epoch=epoch, reason=reason),
-                                  "release", known)
+                                  "release", known, agent)
 
     async def _drop_lease(self, task_id: str, epoch: int) -> None:
         last = await self.log.kv_last(self.leases_bucket, task_id)
@@ -631,12 +804,23 @@ class TaskService:
                                          expected_revision=last.revision)
 
     async def note(self, task_id: str, text: str = "", *, epoch: int | None = None,
-                   paths: Sequence[str] = (), artifact: str | None = None) -> int:
-        """A progress note or artifact; never on the task's own subject."""
-        await self.get(task_id)
+                   paths: Sequence[str] = (), artifact: str | None = None,
+                   actor: str | None = None) -> int:
+        """A progress note or artifact; never on the task's own subject.
+
+        A note that names an ``epoch`` speaks for the holder: it is accepted only
+        from the holder of record at that epoch.
+
+        Raises:
+            NotFound: no such task. LeaseLost / NotHolder: a fenced or foreign holder.
+        """
+        owner = actor or self.swarm.agent
+        state = await self.get(task_id)
+        if epoch is not None and epoch != 0:
+            await self._holder_state(task_id, epoch, owner, state)
         appended = await self.log.append(
             ev.TaskNoted(task_id=task_id, epoch=epoch, text=text, paths=tuple(paths),
-                         artifact=artifact), task_id)
+                         artifact=artifact), task_id, actor=owner)
         return appended.seq
 
     # -------------------------------------------------------------------- cancel
@@ -655,14 +839,18 @@ class TaskService:
                                    task_id=task_id, status=state.status)
             epoch = state.epoch if state.status in ("claimed", "expired") else None
             try:
-                await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch), task_id,
-                                      expected=state.seq)
+                appended = await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch),
+                                                 task_id, expected=state.seq,
+                                                 after_hlc=state.hlc)
             except ConcurrencyConflict:
                 continue
-            if epoch is not None:
-                await self._drop_lease(task_id, epoch)
-            await self._evaluate_dependents(task_id)
-            return await self.get(task_id)
+            try:
+                if epoch is not None:
+                    await self._drop_lease(task_id, epoch)
+                await self._evaluate_dependents(task_id)
+            except CflowError as exc:
+                log.warning("after cancel of %s: %s (maintenance will finish it)", task_id, exc)
+            return apply(state, appended.event, appended.seq)
         raise InvalidState(f"task {task_id} keeps changing; cancel not applied")
 
     # ----------------------------------------------------- maintenance (reaper)
@@ -671,11 +859,15 @@ class TaskService:
         board = await self.ensure_board()
         # Let the board see our own write, so the evaluation uses it.
         await self._board_reaches(task_id, await self.log.last_seq("task", task_id))
-        for action in board.actions_for(task_id, wall_ms()):
+        for action in board.actions_for(task_id):
             await self._act(action)
 
     async def _act(self, action: Action, state: TaskState | None = None) -> None:
-        """Carry out one idempotent maintenance action; losing the race is fine."""
+        """Carry out one idempotent maintenance action; losing the race is fine.
+
+        Raises:
+            Unavailable: not stored; the caller retries.
+        """
         state = state or self.board.tasks.get(action.task_id)
         if state is None:
             return
@@ -686,8 +878,7 @@ class TaskService:
             case "blocked":
                 data = ev.TaskBlocked(reason=action.reason, blocked_by=action.blocked_by)
             case "requeue":
-                _, not_before = failure_outcome(state, wall_ms(), retry=True)
-                data = ev.TaskRequeued(attempt=state.attempt, not_before_ms=not_before,
+                data = ev.TaskRequeued(attempt=state.attempt, retry_after_ms=0,
                                        reason=action.reason)
             case "fail":
                 data = ev.TaskFailed(epoch=state.epoch, final=True,
@@ -695,134 +886,249 @@ class TaskService:
                                            f"({state.attempt}/{state.max_attempts})")
         with contextlib.suppress(ConcurrencyConflict, InvalidInput):
             await self.log.append(data, action.task_id, expected=action.expected,
-                                  msg_id=action.msg_id)
+                                  msg_id=action.msg_id, after_hlc=state.hlc,
+                                  event_id=intent_id(self.swarm.name, action.msg_id))
 
-    async def reap(self, task_id: str, epoch: int, reason: str) -> bool:
-        """Expire the claim ``epoch`` of a task if its lease is really gone.
+    async def reap(self, task_id: str, epoch: int, reason: str | Verdict | None = None) -> bool:
+        """Expire the claim ``epoch`` of a task if its lease is really gone, then requeue it.
 
+        Idempotent across processes (the expiry's Msg-Id and expected sequence are
+        the claim's). ``reason`` "start-to-close timeout" expires a live claim.
         Returns True if this call (or an identical earlier one) recorded the expiry.
         """
-        state = self.board.get(task_id) or await self.get(task_id)
+        state = self.board.get(task_id)
+        if state is None or state.seq < epoch:
+            state = await self.get(task_id)
         if state.status != "claimed" or state.epoch != epoch:
             return False
-        if reason != "start-to-close timeout":
-            last = await self.log.kv_last(self.leases_bucket, task_id)
-            record = _decode_lease(last)
-            if last is not None and last.live and record is not None and record.epoch == epoch:
-                return False  # still alive
+        if reason == "start-to-close timeout":
+            verdict_text, refund = "start-to-close timeout", False
+        else:
+            verdict = reason if isinstance(reason, Verdict) else await self.verdict(state)
+            if not verdict.gone:
+                return False  # still alive (or still within the claimer's grace)
+            verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
         try:
-            await self.log.append(
-                ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=reason),
-                task_id, expected=epoch, msg_id=f"expired-{task_id}-{epoch}")
+            appended = await self.log.append(
+                ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,
+                                    refund=refund),
+                task_id, expected=epoch, msg_id=f"expired-{task_id}-{epoch}",
+                after_hlc=state.hlc,
+                event_id=intent_id(self.swarm.name, f"expired-{task_id}-{epoch}"))
         except ConcurrencyConflict:
             return False
         self.reaped += 1
+        expired = apply(state, appended.event, appended.seq)
         if reason == "start-to-close timeout":
             await self._drop_lease(task_id, epoch)
-        expired = await self.get(task_id)
-        action = self.board.after_expiry(expired, wall_ms())
+        action = self.board.after_expiry(expired)
         if action:
             await self._act(action, expired)
         return True
 
-    def _schedule_claim_check(self, state: TaskState) -> None:
-        now = wall_ms()
-        check_at = (state.claimed_ms or now) + int((state.lease_ttl_s + NO_LEASE_MARGIN_S) * 1000)
-        heapq.heappush(self._timers, (check_at, state.task_id, "lease", state.epoch))
-        if state.deadline_ms is not None:
-            heapq.heappush(self._timers, (state.deadline_ms, state.task_id, "deadline",
-                                          state.epoch))
+    def _schedule(self, at_ms: int, task_id: str, kind: str, epoch: int) -> None:
+        key = (task_id, kind, epoch)
+        if self._scheduled.get(key, -1) == at_ms:
+            return
+        self._scheduled[key] = at_ms
+        heapq.heappush(self._timers, (at_ms, task_id, kind, epoch))
         self._timer_wake.set()
 
+    def _schedule_claim_check(self, state: TaskState) -> None:
+        """Look at a claim again when its lease could first be missing, in server time."""
+        claimed = state.claimed_ms or state.created_ms
+        self._schedule(LeasePolicy(state.lease_ttl_s).never_leased_at_ms(claimed),
+                       state.task_id, "lease", state.epoch)
+        if state.deadline_ms is not None:
+            self._schedule(state.deadline_ms, state.task_id, "deadline", state.epoch)
+
     async def maintain(self) -> None:
-        """Run the reaper and readiness evaluator until cancelled.
+        """Run the reaper and readiness evaluator until cancelled (supervised).
 
         Listens for the server's lease-expiry markers, checks every claim once its
-        TTL (plus a margin) has passed without a live lease, enforces
-        start-to-close deadlines, and turns completed/failed dependencies into
-        TaskReady/TaskBlocked. Every action is idempotent across processes.
+        TTL (plus a margin) has passed without a live lease (server time),
+        enforces start-to-close deadlines, turns completed/failed dependencies into
+        TaskReady/TaskBlocked, and re-sweeps the whole board periodically. Every
+        action is idempotent across processes and retried until it is stored;
+        every loop is restarted with backoff when it fails.
         """
         if self._maint_task is not None:
             await asyncio.shield(self._maint_task)
             return
         self._maint_task = asyncio.current_task()
-        board = await self.ensure_board()
-        for state in list(board.claimed()):
-            self._schedule_claim_check(state)
-        for action in board.sweep(wall_ms()):
-            await self._guarded(self._act(action))
-        tasks = [
-            asyncio.create_task(self._marker_loop(), name="lease-markers"),
-            asyncio.create_task(self._timer_loop(), name="lease-timers"),
-            asyncio.create_task(self._action_loop(), name="task-actions"),
-            *(asyncio.create_task(hook(), name="maintenance-hook")
-              for hook in getattr(self.swarm, "maintenance_hooks", ())),
-        ]
+        self.health.running = True
+        loops: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("sweep", self._sweep_loop),
+            ("lease-markers", self._marker_loop),
+            ("lease-timers", self._timer_loop),
+            ("task-actions", self._action_loop),
+            *((getattr(hook, "__qualname__", "hook"), hook) for hook in self._hooks()),
+        )
+        tasks = [asyncio.create_task(self._supervise(name, loop), name=f"maintain-{name}")
+                 for name, loop in loops]
         try:
             await asyncio.gather(*tasks)
         finally:
             await stop_tasks(tasks)
             self._maint_task = None
+            self.health.running = False
 
-    async def _guarded(self, coro: Any) -> None:
-        try:
-            await coro
-        except CflowError as exc:
-            log.warning("maintenance step failed: %s", exc)
+    def _hooks(self) -> tuple[Callable[[], Awaitable[None]], ...]:
+        return tuple(getattr(self.swarm, "maintenance_hooks", ()))
+
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one maintenance loop forever: a failure is logged, counted and restarted."""
+        backoff = SUPERVISOR_BACKOFF_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await loop()
+                return  # a loop that ends on its own is done
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure restarts the loop
+                self.health.failed(name, exc)
+                log.warning("maintenance loop %s failed (restarting in %.1f s): %s",
+                            name, backoff, exc, exc_info=not isinstance(exc, CflowError))
+            if time.monotonic() - started > SUPERVISOR_HEALTHY_S:
+                backoff = SUPERVISOR_BACKOFF_MIN_S
+            await asyncio.sleep(backoff)  # a restart backoff is a timer by nature
+            backoff = min(SUPERVISOR_BACKOFF_MAX_S, backoff * 2)
+
+    async def _sweep_loop(self) -> None:
+        """Catch up, then sweep the whole board now and every SWEEP_INTERVAL_S."""
+        board = await self.ensure_board()
+        while True:
+            for state in list(board.claimed()):
+                self._schedule_claim_check(state)
+            for action in board.sweep():
+                self._retry_action(action.task_id, 0)
+            self.health.swept()
+            await asyncio.sleep(SWEEP_INTERVAL_S)  # the periodic re-sweep is a timer
+
+    def _retry_action(self, task_id: str, failures: int) -> None:
+        if failures == 0:
+            self._actions.put_nowait((task_id, 0))
+            return
+        delay = min(ACTION_RETRY_MAX_S, 0.2 * 2 ** (failures - 1))
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, self._actions.put_nowait, (task_id, failures))
 
     async def _action_loop(self) -> None:
         while True:
-            task_id = await self._actions.get()
-            for action in self.board.actions_for(task_id, wall_ms()):
-                await self._guarded(self._act(action))
+            task_id, failures = await self._actions.get()
+            for action in self.board.actions_for(task_id):
+                try:
+                    await self._act(action)
+                except CflowError as exc:
+                    # Not stored: try again with backoff until it is (or is moot).
+                    self.health.failed("task-actions", exc)
+                    self._retry_action(task_id, failures + 1)
+                    break
 
     async def _timer_loop(self) -> None:
         while True:
             self._timer_wake.clear()
-            now = wall_ms()
+            now = await self.log.server_time_ms()
             while self._timers and self._timers[0][0] <= now:
-                _, task_id, kind, epoch = heapq.heappop(self._timers)
+                at, task_id, kind, epoch = heapq.heappop(self._timers)
+                if self._scheduled.get((task_id, kind, epoch)) == at:
+                    del self._scheduled[(task_id, kind, epoch)]
                 state = self.board.get(task_id)
                 if state is None or state.status != "claimed" or state.epoch != epoch:
                     continue
                 try:
-                    if kind == "deadline":
-                        await self.reap(task_id, epoch, "start-to-close timeout")
-                        continue
-                    last = await self.log.kv_last(self.leases_bucket, task_id)
-                    record = _decode_lease(last)
-                    if (last is not None and last.live and record is not None
-                            and record.epoch == epoch):
-                        # Alive: look again one TTL after its last renewal could lapse.
-                        heapq.heappush(self._timers, (now + int(state.lease_ttl_s * 1000),
-                                                      task_id, "lease", epoch))
-                        continue
-                    reason = "lease expired" if last is not None else "claimed but never leased"
-                    await self.reap(task_id, epoch, reason)
+                    await self._check_claim(state, kind)
                 except CflowError as exc:
                     # e.g. a stream leader election after a node loss: the check is
                     # not done, so it must not be dropped; look again shortly.
+                    self.health.failed("lease-timers", exc)
                     log.warning("lease check of %s failed, retrying: %s", task_id, exc)
-                    heapq.heappush(self._timers, (now + 1000, task_id, kind, epoch))
-            delay = (self._timers[0][0] - wall_ms()) / 1000 if self._timers else 3600.0
+                    self._schedule(now + 1000, task_id, kind, epoch)
+            # Server time runs at the rate of our monotonic clock: sleep the difference.
+            delay = (self._timers[0][0] - self.log.server_now_ms()) / 1000 if self._timers \
+                else 3600.0
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), max(0.0, delay))
+                await asyncio.wait_for(self._timer_wake.wait(), min(3600.0, max(0.0, delay)))
+
+    async def _check_claim(self, state: TaskState, kind: str) -> None:
+        if kind == "deadline":
+            await self.reap(state.task_id, state.epoch, "start-to-close timeout")
+            return
+        view = await self.lease_view(state.task_id)
+        policy = LeasePolicy(state.lease_ttl_s)
+        now = await self.log.server_time_ms()
+        verdict = judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
+                        now_ms=now, policy=policy)
+        if verdict.gone:
+            await self.reap(state.task_id, state.epoch, verdict)
+        elif verdict is Verdict.ALIVE and view is not None:
+            # Look again when this renewal could first have lapsed (the marker
+            # normally wakes us before that).
+            self._schedule(policy.lapsed_at_ms(view.stored_ms), state.task_id, "lease",
+                           state.epoch)
+        elif verdict is Verdict.PENDING:
+            self._schedule(policy.never_leased_at_ms(state.claimed_ms or state.created_ms),
+                           state.task_id, "lease", state.epoch)
 
     async def _marker_loop(self) -> None:
         """React to the server removing a lease (TTL marker) at once."""
         async with self.log.kv_subscription(self.leases_bucket) as (queue, _):
             while True:
                 msg = await queue.get()
-                if "Nats-Marker-Reason" not in (msg.headers or {}):
+                if MARKER_REASON not in (msg.headers or {}):
                     continue
                 task_id = msg.subject.rsplit(".", 1)[-1]
                 state = self.board.get(task_id)
                 if state is not None and state.status == "claimed":
-                    await self._guarded(self.reap(task_id, state.epoch, "lease expired"))
+                    try:
+                        await self.reap(task_id, state.epoch)
+                    except CflowError as exc:
+                        # Not reaped yet: the timer looks again (the claim's check is
+                        # due already, so it runs at the timer loop's next turn).
+                        self.health.failed("lease-markers", exc)
+                        self._schedule_claim_check(state)
 
     async def aclose(self) -> None:
         await stop_tasks([self._board_task])
         self._board_task = None
+
+
+@dataclass
+class MaintenanceHealth:
+    """What `cfctl status` and the metrics show of a process's maintenance loop."""
+
+    running: bool = False
+    failures: int = 0
+    last_error: str | None = None
+    last_error_loop: str | None = None
+    last_error_mono: float | None = None
+    last_sweep_mono: float | None = None
+    sweeps: int = 0
+
+    def failed(self, loop: str, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error_loop = loop
+        self.last_error_mono = time.monotonic()
+
+    def swept(self) -> None:
+        self.sweeps += 1
+        self.last_sweep_mono = time.monotonic()
+
+    def to_dict(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {
+            "running": self.running,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_error_loop": self.last_error_loop,
+            "last_error_age_s": (round(now - self.last_error_mono, 1)
+                                 if self.last_error_mono is not None else None),
+            "sweeps": self.sweeps,
+            "last_sweep_age_s": (round(now - self.last_sweep_mono, 1)
+                                 if self.last_sweep_mono is not None else None),
+        }
 
 
 def _spread(candidates: Iterable[TaskState], owner: str, width: int = 8) -> list[TaskState]:

@@ -52,7 +52,7 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     ("ready", "TaskClaimed"): "claimed",
     ("ready", "TaskCancelled"): "cancelled",
     ("ready", "TaskCompleted"): "completed",  # a gate approved by a human (epoch 0)
-    ("ready", "TaskFailed"): "failed",  # a gate rejected by a human (epoch 0, final)
+    ("ready", "TaskFailed"): "failed|ready",  # a gate rejected by a human (epoch 0)
     ("ready", "TaskBlocked"): "blocked",
     ("claimed", "TaskCompleted"): "completed",
     ("claimed", "TaskFailed"): "failed|ready",
@@ -115,6 +115,7 @@ class TaskState:
     reason: str | None = None
     cost_usd: float | None = None
     events: int = 0
+    hlc: str = ""  # stamp of the last event: a new event on the task is stamped after it
 
     @property
     def terminal(self) -> bool:
@@ -169,20 +170,50 @@ def _refuse(state: TaskState | None, event: ev.Event) -> InvalidState:
                         task_id=ident, status=status, event_type=event.type)
 
 
-def apply(state: TaskState | None, event: ev.Event, seq: int) -> TaskState:
-    """Fold one event (stored at ``seq``) into a task's state. Pure."""
+_HOLDER_EVENTS = (ev.TaskCompleted, ev.TaskFailed, ev.TaskReleased, ev.TaskLeaseExpired)
+
+
+def _target(rule: str, state: TaskState | None, data: ev.EventData) -> Status:
+    """The status a table entry leads to; "a|b" entries are decided by the payload."""
+    match rule, data:
+        case "pending|ready", ev.TaskCreated(depends_on=deps):
+            return "pending" if deps else "ready"
+        case "failed|ready", ev.TaskFailed(final=final):
+            return "failed" if final else "ready"
+    assert rule in STATUSES, rule
+    return rule
+
+
+def _retry_at(at: int, retry_after_ms: int | None, legacy_not_before_ms: int) -> int:
+    """When a failed or requeued task is claimable again, in server time.
+
+    New events carry a duration from their own server timestamp; old ones an
+    absolute time on the writer's wall clock, which is all there is for them.
+    """
+    return at + retry_after_ms if retry_after_ms is not None else legacy_not_before_ms
+
+
+def apply(state: TaskState | None, event: ev.Event, seq: int,
+          at_ms: int | None = None) -> TaskState:
+    """Fold one event (stored at ``seq``, at server time ``at_ms``) into a task's state. Pure.
+
+    :data:`TRANSITIONS` decides whether the step is allowed and which status
+    follows; the event's payload fills in the rest. Without the server's
+    timestamp (a write folded locally before it is read back), the event's HLC
+    stands in for it.
+    """
     rule = TRANSITIONS.get((state.status if state else None, event.type))
     if rule is None:
         raise _refuse(state, event)
-    at = event_ms(event)
+    at = at_ms or event_ms(event)
     data = event.data
+    status = _target(rule, state, data)
     if state is None:
         assert isinstance(data, ev.TaskCreated)
-        ready = not data.depends_on
         return TaskState(
             task_id=event.entity_id,
             title=data.title,
-            status="ready" if ready else "pending",
+            status=status,
             seq=seq,
             created_seq=seq,
             created_ms=at,
@@ -200,49 +231,52 @@ def apply(state: TaskState | None, event: ev.Event, seq: int) -> TaskState:
             idempotency_key=data.idempotency_key,
             depth=data.depth,
             created_by=event.actor,
-            ready_ms=at if ready else None,
+            ready_ms=at if status == "ready" else None,
             events=1,
+            hlc=event.hlc,
         )
     if state.status == "ready" and state.kind != "gate" and isinstance(
             data, ev.TaskCompleted | ev.TaskFailed):
         raise _refuse(state, event)  # only a human decides a gate without claiming it
-    base = replace(state, seq=seq, events=state.events + 1)
-    epoch = getattr(data, "epoch", None)
-    if isinstance(data, ev.TaskCompleted | ev.TaskFailed | ev.TaskReleased | ev.TaskLeaseExpired):
+    if isinstance(data, _HOLDER_EVENTS):
         expected_epoch = state.epoch if state.status in ("claimed", "expired") else 0
-        if epoch != expected_epoch:
+        if data.epoch != expected_epoch:
             raise InvalidState(
-                f"task {state.task_id}: {event.type} for epoch {epoch}, current is "
-                f"{expected_epoch}", task_id=state.task_id, epoch=epoch,
+                f"task {state.task_id}: {event.type} for epoch {data.epoch}, current is "
+                f"{expected_epoch}", task_id=state.task_id, epoch=data.epoch,
             )
+    base = replace(state, status=status, seq=seq, events=state.events + 1, hlc=event.hlc)
     match data:
         case ev.TaskReady():
-            return replace(base, status="ready", ready_ms=at, reason=None)
+            return replace(base, ready_ms=at, reason=None)
         case ev.TaskBlocked(reason=reason):
-            return replace(base, status="blocked", reason=reason)
-        case ev.TaskClaimed(owner=owner, attempt=attempt, deadline_ms=deadline):
-            return replace(base, status="claimed", owner=owner, attempt=attempt, epoch=seq,
-                           claimed_ms=at, deadline_ms=deadline, not_before_ms=0)
+            return replace(base, reason=reason)
+        case ev.TaskClaimed(owner=owner, attempt=attempt):
+            deadline = at + int(state.start_to_close_s * 1000) if state.start_to_close_s else None
+            return replace(base, owner=owner, attempt=attempt, epoch=seq, claimed_ms=at,
+                           deadline_ms=deadline, not_before_ms=0)
         case ev.TaskCompleted(result=result, cost_usd=cost):
-            return replace(base, status="completed", result=result, finished_ms=at,
-                           cost_usd=_add(state.cost_usd, cost), owner=state.owner)
-        case ev.TaskFailed(error=error, final=final, not_before_ms=not_before, cost_usd=cost):
-            if final:
-                return replace(base, status="failed", error=error, finished_ms=at,
-                               cost_usd=_add(state.cost_usd, cost))
-            return replace(base, status="ready", error=error, owner=None, ready_ms=at,
-                           not_before_ms=not_before, cost_usd=_add(state.cost_usd, cost))
+            return replace(base, result=result, finished_ms=at,
+                           cost_usd=_add(state.cost_usd, cost))
+        case ev.TaskFailed(error=error, cost_usd=cost):
+            cost_total = _add(state.cost_usd, cost)
+            if status == "failed":
+                return replace(base, error=error, finished_ms=at, cost_usd=cost_total)
+            return replace(base, error=error, owner=None, ready_ms=at, cost_usd=cost_total,
+                           not_before_ms=_retry_at(at, data.retry_after_ms, data.not_before_ms))
         case ev.TaskReleased(reason=reason):
             # A voluntary release gives the attempt back.
-            return replace(base, status="ready", owner=None, attempt=max(0, state.attempt - 1),
+            return replace(base, owner=None, attempt=max(0, state.attempt - 1),
                            ready_ms=at, reason=reason or None)
-        case ev.TaskLeaseExpired(reason=reason):
-            return replace(base, status="expired", reason=reason)
-        case ev.TaskRequeued(not_before_ms=not_before, reason=reason):
-            return replace(base, status="ready", owner=None, ready_ms=at,
-                           not_before_ms=not_before, reason=reason or None)
+        case ev.TaskLeaseExpired(reason=reason, refund=refund):
+            # A claim that never got a lease never ran: its attempt is given back.
+            attempt = max(0, state.attempt - 1) if refund else state.attempt
+            return replace(base, reason=reason, attempt=attempt)
+        case ev.TaskRequeued(reason=reason):
+            return replace(base, owner=None, ready_ms=at, reason=reason or None,
+                           not_before_ms=_retry_at(at, data.retry_after_ms, data.not_before_ms))
         case ev.TaskCancelled(reason=reason):
-            return replace(base, status="cancelled", reason=reason, finished_ms=at)
+            return replace(base, reason=reason, finished_ms=at)
         case _:
             raise _refuse(state, event)
 
@@ -253,19 +287,23 @@ def _add(total: float | None, more: float | None) -> float | None:
     return (total or 0.0) + more
 
 
-def fold(items: Iterable[tuple[int, ev.Event]]) -> TaskState | None:
+def fold(items: Iterable[tuple[int, ev.Event] | tuple[int, ev.Event, int | None]]
+         ) -> TaskState | None:
+    """Fold ``(seq, event)`` or ``(seq, event, server_ms)`` items in stream order."""
     state: TaskState | None = None
-    for seq, event in items:
-        state = apply(state, event, seq)
+    for seq, event, *at in items:
+        state = apply(state, event, seq, at[0] if at else None)
     return state
 
 
-def failure_outcome(state: TaskState, now_ms: int, *, retry: bool) -> tuple[bool, int]:
-    """(final, not_before_ms) for a failed or expired attempt under the retry policy."""
+def failure_outcome(state: TaskState, *, retry: bool) -> tuple[bool, int]:
+    """(final, retry_after_ms) for a failed attempt under the retry policy.
+
+    The delay is a duration: readers add it to the failure event's server time.
+    """
     if not retry or state.attempt >= state.max_attempts:
         return True, 0
-    delay_ms = int(state.retry.delay_s(state.attempt) * 1000)
-    return False, now_ms + delay_ms
+    return False, int(state.retry.delay_s(state.attempt) * 1000)
 
 
 def check_acyclic(edges: dict[str, tuple[str, ...]]) -> None:
@@ -330,7 +368,7 @@ class TaskBoard:
             if i < len(self._ready) and self._ready[i] == key:
                 del self._ready[i]
 
-    def apply(self, seq: int, event: ev.Event) -> TaskState | None:
+    def apply(self, seq: int, event: ev.Event, at_ms: int | None = None) -> TaskState | None:
         """Fold one task event; an event the machine refuses is counted, not raised."""
         if event.entity_kind != "task":
             return None
@@ -339,7 +377,7 @@ class TaskBoard:
         if before is not None and seq <= before.seq:
             return before  # already applied (replay overlap)
         try:
-            after = apply(before, event, seq)
+            after = apply(before, event, seq, at_ms)
         except InvalidState:
             self.rejected += 1
             return before
@@ -388,22 +426,28 @@ class TaskBoard:
             return Action("ready", state.task_id, state.seq, f"ready-{state.task_id}")
         return None
 
-    def after_expiry(self, state: TaskState, now_ms: int) -> Action | None:
-        """Requeue (or fail, attempts exhausted) a task whose claim expired."""
+    def after_expiry(self, state: TaskState) -> Action | None:
+        """Requeue (or fail, attempts exhausted) a task whose claim expired.
+
+        The requeued task is claimable at once: its lease TTL was the wait. The
+        Msg-Ids are a reaper's own (``reaped-...``): a holder's write on the same
+        epoch never shares one.
+        """
         if state.status != "expired":
             return None
-        final, _ = failure_outcome(state, now_ms, retry=True)
+        final, _ = failure_outcome(state, retry=True)
         kind: Literal["requeue", "fail"] = "fail" if final else "requeue"
-        return Action(kind, state.task_id, state.seq, f"{kind}-{state.task_id}-{state.epoch}",
+        return Action(kind, state.task_id, state.seq,
+                      f"reaped-{kind}-{state.task_id}-{state.epoch}",
                       reason=state.reason or "lease expired")
 
-    def actions_for(self, task_id: str, now_ms: int) -> list[Action]:
+    def actions_for(self, task_id: str) -> list[Action]:
         """Maintenance the change of ``task_id`` calls for: itself and its dependents."""
         out: list[Action] = []
         state = self.tasks.get(task_id)
         if state is None:
             return out
-        for action in (self.readiness(state), self.after_expiry(state, now_ms)):
+        for action in (self.readiness(state), self.after_expiry(state)):
             if action:
                 out.append(action)
         if state.status in ("completed", "failed", "cancelled", "blocked"):
@@ -413,11 +457,11 @@ class TaskBoard:
                     out.append(action)
         return out
 
-    def sweep(self, now_ms: int) -> list[Action]:
+    def sweep(self) -> list[Action]:
         """Every pending maintenance action of the whole board (after a catch-up)."""
         out: list[Action] = []
         for state in self.tasks.values():
-            for action in (self.readiness(state), self.after_expiry(state, now_ms)):
+            for action in (self.readiness(state), self.after_expiry(state)):
                 if action:
                     out.append(action)
         return out

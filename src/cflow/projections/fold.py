@@ -59,6 +59,13 @@ DEFAULT_MAX_EVENT_BYTES = 256 * 1024
 _json = msgspec.json.Encoder()
 
 
+def _retry_at(when: datetime, retry_after_ms: int | None, legacy_ms: int) -> datetime | None:
+    """A retry's not-before: a duration from the event (new), or an absolute time (old)."""
+    if retry_after_ms is not None:
+        return when + timedelta(milliseconds=retry_after_ms) if retry_after_ms else None
+    return at(legacy_ms) if legacy_ms else None
+
+
 def at(ms: int | None) -> datetime | None:
     """Milliseconds since the epoch as a naive UTC datetime (DuckDB ``TIMESTAMP``)."""
     return None if ms is None else EPOCH + ms * MS
@@ -509,8 +516,11 @@ def _task_step(before: Row | None, event: ev.Event, seq: int, when: datetime) ->
         case ev.TaskBlocked():
             row.update(status="blocked", reason=data.reason)
         case ev.TaskClaimed():
+            start_to_close = row.get("start_to_close_s")
+            # Server time of the claim plus the timeout (the writer's clock decides nothing).
+            deadline = when + timedelta(seconds=start_to_close) if start_to_close else None
             row.update(status="claimed", owner=data.owner, attempt=data.attempt, epoch=seq,
-                       claimed_at=when, deadline_at=at(data.deadline_ms), not_before=None)
+                       claimed_at=when, deadline_at=deadline, not_before=None)
         case ev.TaskCompleted():
             row.update(status="completed", result=data.result, finished_at=when,
                        completed_at=when, cost_usd=_add_cost(row["cost_usd"], data.cost_usd))
@@ -521,16 +531,17 @@ def _task_step(before: Row | None, event: ev.Event, seq: int, when: datetime) ->
                 row.update(status="failed", finished_at=when)
             else:
                 row.update(status="ready", owner=None, ready_at=when,
-                           not_before=at(data.not_before_ms) if data.not_before_ms else None)
+                           not_before=_retry_at(when, data.retry_after_ms, data.not_before_ms))
         case ev.TaskReleased():
             row.update(status="ready", owner=None, attempt=max(0, row["attempt"] - 1),
                        ready_at=when, reason=data.reason or None)
         case ev.TaskLeaseExpired():
             row["reclaims"] += 1
-            row.update(status="expired", reason=data.reason)
+            attempt = max(0, row["attempt"] - 1) if data.refund else row["attempt"]
+            row.update(status="expired", reason=data.reason, attempt=attempt)
         case ev.TaskRequeued():
             row.update(status="ready", owner=None, ready_at=when, reason=data.reason or None,
-                       not_before=at(data.not_before_ms) if data.not_before_ms else None)
+                       not_before=_retry_at(when, data.retry_after_ms, data.not_before_ms))
         case ev.TaskCancelled():
             row.update(status="cancelled", reason=data.reason, finished_at=when)
         case _:

@@ -30,13 +30,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from cflow.background import stop_tasks
-from cflow.errors import CflowError, LeaseLost
+from cflow.errors import CflowError, LeaseLost, Unavailable
 from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ NOTE_OUTPUT_MAX = 512 * 1024
 DEFAULT_CLAIM_WAIT_S = 30.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 CLAIM_SETTLE_S = 0.5
+RECORD_RETRY_MAX_S = 5.0
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -322,13 +324,14 @@ class Worker:
             if outcome.cost_usd:
                 self.stats.cost_usd += outcome.cost_usd
             if outcome.ok:
-                ref = await self._keep_output(lease, outcome)
-                await lease.complete(outcome.result, cost_usd=outcome.cost_usd, output_ref=ref)
+                ref = await self._until_stored(lease, lambda: self._keep_output(lease, outcome))
+                await self._until_stored(lease, lambda: lease.complete(
+                    outcome.result, cost_usd=outcome.cost_usd, output_ref=ref))
                 self.stats.completed += 1
                 self._emit("completed", lease.task_id)
             else:
-                state = await lease.fail(outcome.error or "failed", retry=outcome.retry,
-                                         cost_usd=outcome.cost_usd)
+                state = await self._until_stored(lease, lambda: lease.fail(
+                    outcome.error or "failed", retry=outcome.retry, cost_usd=outcome.cost_usd))
                 self.stats.failed += 1
                 final = "final" if state.status == "failed" else "will retry"
                 self._emit("failed", f"{lease.task_id} ({final}): {outcome.error}")
@@ -340,6 +343,29 @@ class Worker:
             # and the task be retried elsewhere; this worker goes on.
             self.stats.lost += 1
             self._emit("record-error", f"{lease.task_id}: outcome not recorded ({exc})")
+
+    async def _until_stored(self, lease: Lease, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Retry a result write through outages and elections until stored or refused.
+
+        The write is idempotent (its Msg-Id names the holder's intent at this
+        epoch), so a retry after a timeout that did store it changes nothing;
+        fencing refuses it once the claim is gone (``LeaseLost``). Only an abort
+        of the worker stops the retries.
+        """
+        delay = 0.2
+        while True:
+            try:
+                return await write()
+            except LeaseLost:
+                raise
+            except Unavailable as exc:
+                if self.aborting.is_set():
+                    raise
+                self._emit("record-retry", f"{lease.task_id}: {exc}; retrying in {delay:.1f} s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.aborting.wait()
+            delay = min(RECORD_RETRY_MAX_S, delay * 2)
 
     async def _keep_output(self, lease: Lease, outcome: Outcome) -> str | None:
         """Keep the full output when the result had to be capped; returns output_ref."""
