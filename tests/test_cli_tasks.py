@@ -29,12 +29,14 @@ def test_task_lifecycle_from_the_shell(cli_env: dict[str, str]) -> None:
     claimed = cfctl(cli_env, "task", "claim", "--agent", "me").stdout.split()
     assert claimed[0] == first and int(claimed[1]) > 0
     epoch = claimed[1]
-    assert cfctl(cli_env, "task", "heartbeat", first, "--epoch", epoch).stdout.strip() == "ok"
-    stale = cfctl(cli_env, "task", "complete", first, "--epoch", "999", check=False)
+    assert cfctl(cli_env, "task", "heartbeat", first, "--epoch", epoch, "--agent", "me"
+                 ).stdout.strip() == "ok"
+    stale = cfctl(cli_env, "task", "complete", first, "--epoch", "999", "--agent", "me",
+                  check=False)
     assert stale.returncode == 4
     assert stale.stderr.count("\n") == 1 and stale.stderr.startswith("error: lease lost")
-    assert cfctl(cli_env, "task", "complete", first, "--epoch", epoch, "--result", "ok"
-                 ).stdout.strip() == "completed"
+    assert cfctl(cli_env, "task", "complete", first, "--epoch", epoch, "--result", "ok",
+                 "--agent", "me").stdout.strip() == "completed"
     shown = json.loads(cfctl(cli_env, "--json", "task", "show", second).stdout)
     assert shown["status"] == "ready"
     assert [row["type"] for row in shown["timeline"]] == ["TaskCreated", "TaskReady"]
@@ -109,3 +111,31 @@ async def test_task_list_reads_the_projection_when_a_projector_serves(
     finally:
         stop.set()
         await asyncio.wait_for(projector, 30)
+
+
+def test_writes_take_a_request_id_and_a_retry_writes_nothing_new(
+        cli_env: dict[str, str]) -> None:
+    first = cfctl(cli_env, "task", "add", "once", "--request-id", "r-1").stdout.strip()
+    again = cfctl(cli_env, "task", "add", "once", "--request-id", "r-1").stdout.strip()
+    assert again == first
+    listed = json.loads(cfctl(cli_env, "--json", "task", "list").stdout)
+    assert [t["task_id"] for t in listed] == [first]
+    v1 = json.loads(cfctl(cli_env, "--json", "memory", "set", "k", "v", "--request-id", "m-1"
+                          ).stdout)["version"]
+    v2 = json.loads(cfctl(cli_env, "--json", "memory", "set", "k", "v", "--request-id", "m-1"
+                          ).stdout)["version"]
+    assert v1 == v2
+    history = json.loads(cfctl(cli_env, "--json", "memory", "history", "k").stdout)
+    assert [h["version"] for h in history] == [v1]
+
+
+def test_an_unanswered_write_names_the_request_id_to_retry_with() -> None:
+    from cflow.cli.task_cmds import maybe_stored
+    from cflow.errors import Unavailable
+
+    with pytest.raises(Unavailable) as err, maybe_stored("task", "cli-123"):
+        raise Unavailable("no answer from NATS within 5 s")
+    assert str(err.value) == (
+        "no answer from NATS within 5 s; the task may have been stored: run the same command "
+        "again with --request-id cli-123 (that retry never writes twice)")
+    assert err.value.request_id == "cli-123"  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ import builtins
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,6 +55,7 @@ from cflow.errors import (
 from cflow.streams import names
 from cflow.streams.client import (
     EXPECTED_LAST_SUBJECT_SEQ,
+    MSG_ID,
     TTL,
     KvEntry,
     Outgoing,
@@ -76,6 +78,7 @@ K1 = 1.2
 PROJECTION_WAIT_S = 2.0
 B = 0.75
 _EPOCH = datetime(1970, 1, 1)
+_EVENT_NAMESPACE = uuid.UUID("0b5e6f64-3f0c-4d9e-8c55-6a1f2b7d9e01")
 
 
 # --------------------------------------------------------------------- pure parts
@@ -116,6 +119,7 @@ class MemoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     ttl_s: float | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     updated_ms: int = 0
+    request_id: str | None = None  # the writer's intent: a retry with it is not a new write
 
 
 _record_encoder = msgspec.json.Encoder()
@@ -210,10 +214,28 @@ def normalize_value(value: Any, content_type: ContentType | None) -> tuple[str, 
     return text, content_type
 
 
+def request_msg_id(token: str, request_id: str) -> str:
+    """The Msg-Id of a memory put made under a client request id (pure)."""
+    digest = hashlib.sha256(request_id.encode()).hexdigest()[:32]
+    return f"memreq-{token}-{digest}"
+
+
+def request_event_id(swarm: str, token: str, request_id: str) -> str:
+    """The id of the ``MemoryStored`` event of that put: the same on every retry (pure)."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{swarm}\x00{token}\x00{request_id}"))
+
+
 def build_memory_put(bucket: str, token: str, record: MemoryRecord, *,
                      expected_revision: int | None) -> Outgoing:
-    """Subject, headers and payload of one memory put (pure)."""
+    """Subject, headers and payload of one memory put (pure).
+
+    A record with a ``request_id`` carries a Msg-Id derived from it, so the server
+    drops a retry (or a first try that was buffered through an outage and lands
+    later) within the duplicate window.
+    """
     headers: dict[str, str] = {}
+    if record.request_id is not None:
+        headers[MSG_ID] = request_msg_id(token, record.request_id)
     if expected_revision is not None:
         headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_revision)
     if record.ttl_s is not None:
@@ -437,42 +459,103 @@ class MemoryService:
         expected_version: int | None = None,
         content_type: ContentType | None = None,
         metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> MemoryEntry:
         """Store a value; returns the entry with its new version.
 
         Args:
             expected_version: compare-and-set. ``0``: only if no live entry
                 exists; ``n``: only if the live entry is at version ``n``.
+            request_id: the caller's intent. A retry with the same request id (after
+                an ``Unavailable`` that may or may not have stored the write) returns
+                the version the first try stored instead of writing again, as long as
+                that version is still the entry's latest or the retry comes within the
+                server's duplicate window (2 minutes).
 
         Raises:
             InvalidInput: empty namespace/key, bad JSON, TTL <= 0, value too large.
             MemoryConflict: ``expected_version`` did not match.
+            Unavailable: NATS did not answer; with a ``request_id`` the error says the
+                write may have been stored and to retry with the same request id.
         """
         token = key_token(namespace, key)
         text, ctype = normalize_value(value, content_type)
         if ttl_s is not None and ttl_s <= 0:
             raise InvalidInput("memory TTL must be > 0 seconds")
+        if request_id is not None and not request_id.strip():
+            raise InvalidInput("a request id cannot be empty")
         clean_tags = tuple(dict.fromkeys(t.strip() for t in tags if t.strip()))
         record = MemoryRecord(namespace=namespace, key=key, value=text, content_type=ctype,
                               tags=clean_tags, author=self.swarm.agent, ttl_s=ttl_s,
                               metadata=dict(metadata or {}),
-                              updated_ms=wall_ms())
+                              updated_ms=wall_ms(), request_id=request_id)
+        try:
+            return await self._put(token, record, expected_version)
+        except Unavailable as err:
+            if request_id is None:
+                raise
+            raise Unavailable(
+                f"{err}; the memory write of {namespace}/{key} may have been stored: "
+                f"retry with the same request id {request_id}",
+                request_id=request_id, maybe_stored=True) from err
+
+    async def _put(self, token: str, record: MemoryRecord,
+                   expected_version: int | None) -> MemoryEntry:
+        namespace, key = record.namespace, record.key
+        if record.request_id is not None:
+            stored = await self._stored_by_request(token, record.request_id)
+            if stored is not None:
+                return stored
         expected_rev = await self._expected_revision(namespace, key, token, expected_version)
         out = build_memory_put(self.bucket, token, record, expected_revision=expected_rev)
         try:
-            revision, _ = await publish(self.log.js, out, expected=expected_rev)
+            revision, duplicate = await publish(self.log.js, out, expected=expected_rev)
         except ConflictError:
+            if record.request_id is not None:
+                stored = await self._stored_by_request(token, record.request_id)
+                if stored is not None:  # our first try landed; the retry lost to it
+                    return stored
             last = await self._last(token)
             raise MemoryConflict(namespace, key, expected_version or 0,
                                  last.revision if last and last.live else None) from None
-        await self.log.append(
-            ev.MemoryStored(namespace=namespace, key=key, value=text, content_type=ctype,
-                            tags=clean_tags, version=revision, ttl_s=ttl_s,
-                            metadata=dict(metadata or {})),
-            token, msg_id=f"mem-{token}-{revision}")
-        entry = entry_from_kv(KvEntry(token, revision, out.payload, "PUT", {}))
+        kv = KvEntry(token, revision, out.payload, "PUT", {})
+        if duplicate:  # the first try's value, not this retry's (its time differs)
+            last = await self._last(token)
+            if last is not None and last.revision == revision:
+                kv = last
+        entry = entry_from_kv(kv)
         assert entry is not None
+        await self._record(token, entry, record.request_id)
         return entry
+
+    async def _stored_by_request(self, token: str, request_id: str) -> MemoryEntry | None:
+        """The entry if its latest version was written under ``request_id``; the event of
+        that write is appended again (deduplicated) in case the first try stopped before
+        it."""
+        last = await self._last(token)
+        if last is None or not last.live:
+            return None
+        try:
+            stored = _record_decoder.decode(last.value)
+        except msgspec.DecodeError:
+            return None
+        entry = entry_from_kv(last)
+        if stored.request_id != request_id or entry is None:
+            return None
+        await self._record(token, entry, request_id)
+        return entry
+
+    async def _record(self, token: str, entry: MemoryEntry, request_id: str | None) -> None:
+        """Append the ``MemoryStored`` event of a stored version (Msg-Id per version)."""
+        event_id = (request_event_id(self.swarm.name, token, request_id)
+                    if request_id is not None else None)
+        await self.log.append(
+            ev.MemoryStored(namespace=entry.namespace, key=entry.key, value=entry.value,
+                            content_type=entry.content_type, tags=entry.tags,
+                            version=entry.version, ttl_s=entry.ttl_s,
+                            metadata=dict(entry.metadata)),
+            token, msg_id=f"mem-{token}-{entry.version}", event_id=event_id,
+            correlation_id=request_id)
 
     async def _expected_revision(self, namespace: str, key: str, token: str,
                                  expected_version: int | None) -> int | None:
@@ -636,6 +719,8 @@ __all__ = [
     "key_token",
     "query_terms",
     "render_bm25",
+    "request_event_id",
+    "request_msg_id",
     "search_entries",
     "snippet",
     "token_parts",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from cflow.cli.app import app, emit, run, state
+from cflow.cli.task_cmds import REQUEST_ID_OPTION, maybe_stored, new_request_id
 
 if TYPE_CHECKING:
     from cflow.memory import HistoryItem, MemoryEntry, SearchHit
@@ -45,14 +46,17 @@ def set_(
     as_json: bool = typer.Option(False, "--json-value", help="VALUE is JSON."),
     version: int | None = typer.Option(
         None, "--if-version", help="Compare-and-set: only if at this version (0: absent)."),
+    request_id: str | None = REQUEST_ID_OPTION,
 ) -> None:
     """Store VALUE under KEY; prints the new version."""
+    rid = request_id or new_request_id()
 
     async def body() -> MemoryEntry:
         async with _swarm(ctx) as swarm:
-            entry: MemoryEntry = await swarm.memory.put(
-                namespace, key, value, tags=tag, ttl_s=ttl, expected_version=version,
-                content_type="json" if as_json else "text")
+            with maybe_stored("memory write", rid):
+                entry: MemoryEntry = await swarm.memory.put(
+                    namespace, key, value, tags=tag, ttl_s=ttl, expected_version=version,
+                    content_type="json" if as_json else "text", request_id=rid)
             return entry
 
     entry = run(ctx, body)

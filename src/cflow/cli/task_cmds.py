@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,38 @@ def _row(s: TaskState) -> dict[str, Any]:
     return s.to_dict()
 
 
+def new_request_id() -> str:
+    import uuid
+
+    return f"cli-{uuid.uuid4().hex}"
+
+
+@contextlib.contextmanager
+def maybe_stored(what: str, request_id: str) -> Iterator[None]:
+    """A write that timed out may still land once NATS is back: say so, with the request
+    id whose retry cannot write twice."""
+    from cflow.errors import Unavailable
+
+    try:
+        yield
+    except Unavailable as err:
+        cause = err.__cause__ if getattr(err, "maybe_stored", False) else None
+        raise Unavailable(
+            f"{cause or err}; the {what} may have been stored: run the same command again "
+            f"with --request-id {request_id} (that retry never writes twice)",
+            request_id=request_id, maybe_stored=True) from err
+
+
+AGENT_OPTION = typer.Option(
+    None, "--agent", envvar="CFLOW_AGENT",
+    help="Act as this agent (the holder: only it may renew or finish its claim).")
+
+REQUEST_ID_OPTION = typer.Option(
+    None, "--request-id",
+    help="Names this write: a retry with the same id never writes twice (default: a new id, "
+         "shown if the backend does not answer).")
+
+
 @task_app.command("add")
 def add(
     ctx: typer.Context,
@@ -57,19 +91,23 @@ def add(
     key: str | None = typer.Option(None, "--key", help="Idempotency key: same key, same task."),
     label: list[str] = typer.Option([], "--label", help="KEY=VALUE label (repeatable)."),
     gate: bool = typer.Option(False, "--gate", help="A human gate: approved, never claimed."),
+    request_id: str | None = REQUEST_ID_OPTION,
 ) -> None:
     """Create a task; prints its id."""
     labels = _labels(label)
+    # An idempotency key names the task already; else the request id does.
+    rid = request_id or (None if key else new_request_id())
 
     async def body_() -> TaskState:
         async with _swarm(ctx) as swarm:
-            created: TaskState = await swarm.tasks.create(
-                title, body=body, priority=priority, capabilities=needs, depends_on=after,
-                parent_id=parent, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
-                backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
-                backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
-                labels=labels, kind="gate" if gate else "task",
-            )
+            with maybe_stored("task", rid) if rid else contextlib.nullcontext():
+                created: TaskState = await swarm.tasks.create(
+                    title, body=body, priority=priority, capabilities=needs, depends_on=after,
+                    parent_id=parent, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+                    backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
+                    backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
+                    labels=labels, kind="gate" if gate else "task", request_id=rid,
+                )
             return created
 
     created = run(ctx, body_)
@@ -226,7 +264,7 @@ def show(ctx: typer.Context, task_id: str) -> None:
 def claim(
     ctx: typer.Context,
     task_id: str | None = typer.Argument(None, help="Claim this task; else the best ready one."),
-    agent: str | None = typer.Option(None, "--agent", envvar="CFLOW_AGENT", help="Claim as."),
+    agent: str | None = AGENT_OPTION,
     capability: list[str] = typer.Option([], "--capability", "-c", help="What I can do."),
     wait: float = typer.Option(0.0, "--wait", help="Wait up to S seconds for work."),
 ) -> None:
@@ -249,11 +287,12 @@ def claim(
 
 @task_app.command("heartbeat")
 def heartbeat(ctx: typer.Context, task_id: str,
-              epoch: int = typer.Option(..., "--epoch", "-e", help="Epoch from claim.")) -> None:
+              epoch: int = typer.Option(..., "--epoch", "-e", help="Epoch from claim."),
+              agent: str | None = AGENT_OPTION) -> None:
     """Renew a lease; prints ok or cancelled (exit 4 when the lease is lost)."""
 
     async def body_() -> str:
-        async with _swarm(ctx) as swarm:
+        async with _swarm(ctx, agent) as swarm:
             status: str = await swarm.tasks.heartbeat(task_id, epoch)
             return status
 
@@ -264,11 +303,12 @@ def heartbeat(ctx: typer.Context, task_id: str,
 @task_app.command("complete")
 def complete(ctx: typer.Context, task_id: str,
              epoch: int = typer.Option(..., "--epoch", "-e"),
-             result: str | None = typer.Option(None, "--result", "-r")) -> None:
+             result: str | None = typer.Option(None, "--result", "-r"),
+             agent: str | None = AGENT_OPTION) -> None:
     """Complete a claimed task (fenced by epoch; exit 4 if the lease was lost)."""
 
     async def body_() -> TaskState:
-        async with _swarm(ctx) as swarm:
+        async with _swarm(ctx, agent) as swarm:
             done: TaskState = await swarm.tasks.complete(task_id, epoch, result)
             return done
 
@@ -280,11 +320,12 @@ def complete(ctx: typer.Context, task_id: str,
 def fail_(ctx: typer.Context, task_id: str,
           epoch: int = typer.Option(..., "--epoch", "-e"),
           error: str = typer.Option("failed", "--error"),
-          no_retry: bool = typer.Option(False, "--no-retry", help="Fail for good.")) -> None:
+          no_retry: bool = typer.Option(False, "--no-retry", help="Fail for good."),
+          agent: str | None = AGENT_OPTION) -> None:
     """Fail the attempt: retried after backoff unless --no-retry or attempts are used up."""
 
     async def body_() -> TaskState:
-        async with _swarm(ctx) as swarm:
+        async with _swarm(ctx, agent) as swarm:
             out: TaskState = await swarm.tasks.fail(task_id, epoch, error, retry=not no_retry)
             return out
 
@@ -295,11 +336,12 @@ def fail_(ctx: typer.Context, task_id: str,
 @task_app.command("release")
 def release(ctx: typer.Context, task_id: str,
             epoch: int = typer.Option(..., "--epoch", "-e"),
-            reason: str = typer.Option("", "--reason")) -> None:
+            reason: str = typer.Option("", "--reason"),
+            agent: str | None = AGENT_OPTION) -> None:
     """Give a claimed task back (the attempt is not counted)."""
 
     async def body_() -> TaskState:
-        async with _swarm(ctx) as swarm:
+        async with _swarm(ctx, agent) as swarm:
             out: TaskState = await swarm.tasks.release(task_id, epoch, reason)
             return out
 
@@ -323,11 +365,12 @@ def cancel(ctx: typer.Context, task_id: str,
 
 @task_app.command("note")
 def note(ctx: typer.Context, task_id: str, text: str,
-         path: list[str] = typer.Option([], "--path", help="A touched path (repeatable).")) -> None:
+         path: list[str] = typer.Option([], "--path", help="A touched path (repeatable)."),
+         agent: str | None = AGENT_OPTION) -> None:
     """Attach a progress note to a task (not on its ownership subject)."""
 
     async def body_() -> int:
-        async with _swarm(ctx) as swarm:
+        async with _swarm(ctx, agent) as swarm:
             seq: int = await swarm.tasks.note(task_id, text, paths=path)
             return seq
 

@@ -13,9 +13,11 @@ short descriptions, and input schemas stripped of pydantic's titles and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
 
 from mcp.server import MCPServer
@@ -73,6 +75,34 @@ def mapped(fn: Callable[P, Awaitable[CallToolResult]]) -> Callable[P, Awaitable[
             raise ToolError(describe_error(err)) from None
 
     return wrapper
+
+
+RETRY_ID = "retry with the id an error gave you; same id, written once"
+
+
+def new_request_id() -> str:
+    return f"mcp-{uuid.uuid4().hex}"
+
+
+@contextlib.contextmanager
+def maybe_stored(tool: str, *, request_id: str | None,
+                 idempotency_key: str | None = None) -> Iterator[None]:
+    """A write that timed out may still land (NATS delivers it after a reconnect): say so,
+    and hand back the id that makes the retry safe."""
+    try:
+        yield
+    except Unavailable as err:
+        arg, value = (("request_id", request_id) if request_id is not None
+                      else ("idempotency_key", idempotency_key))
+        if value is None:
+            raise
+        message = str(err)
+        if "may have been stored" not in message:
+            message += "; the write may have been stored"
+        raise ToolError(describe(
+            "BACKEND_UNAVAILABLE", message,
+            f"call {tool} again with the same arguments and {arg}={json.dumps(value)} once "
+            "the backend is back; that retry never writes twice")) from None
 
 
 def compact_schema(schema: Any) -> Any:
@@ -218,13 +248,18 @@ class _Tools:
         lease_ttl_s: float = 60.0,
         max_attempts: int = 3,
         idempotency_key: Annotated[str | None, Field(description="same key, same task")] = None,
+        request_id: Annotated[str | None, Field(description=RETRY_ID)] = None,
     ) -> CallToolResult:
         """Create a task. Higher priority is claimed first; capabilities are required skills."""
-        state = await self.swarm.tasks.create(
-            title, body=body, priority=priority, capabilities=capabilities or (),
-            depends_on=depends_on or (), parent_id=parent_id, labels=labels,
-            lease_ttl_s=lease_ttl_s, max_attempts=max_attempts,
-            idempotency_key=idempotency_key)
+        # An idempotency key already names the task; otherwise every call gets a request
+        # id, so the retry an outage error asks for cannot make a second task.
+        rid = request_id or (None if idempotency_key else new_request_id())
+        with maybe_stored("task_create", request_id=rid, idempotency_key=idempotency_key):
+            state = await self.swarm.tasks.create(
+                title, body=body, priority=priority, capabilities=capabilities or (),
+                depends_on=depends_on or (), parent_id=parent_id, labels=labels,
+                lease_ttl_s=lease_ttl_s, max_attempts=max_attempts,
+                idempotency_key=idempotency_key, request_id=rid)
         return result({"task": concise(state)})
 
     async def task_find(
@@ -404,12 +439,16 @@ class _Tools:
         tags: list[str] | None = None,
         ttl_s: float | None = None,
         idempotency_key: str | None = None,
+        request_id: Annotated[str | None, Field(description=RETRY_ID)] = None,
     ) -> CallToolResult:
         """Store a value in shared memory (overwrites the key; returns its version)."""
         earlier = self.a.remembered("memory_store", idempotency_key)
         if earlier is not None:
             return result(earlier)
-        entry = await self._memory().put(namespace, key, value, tags=tags or (), ttl_s=ttl_s)
+        rid = request_id or idempotency_key or new_request_id()
+        with maybe_stored("memory_store", request_id=rid):
+            entry = await self._memory().put(namespace, key, value, tags=tags or (),
+                                             ttl_s=ttl_s, request_id=rid)
         out = {"namespace": entry.namespace, "key": entry.key, "version": entry.version}
         return result(self.a.remember("memory_store", idempotency_key, out))
 
