@@ -1262,6 +1262,12 @@ class ControlService:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        pending = list(self._background)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

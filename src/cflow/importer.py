@@ -403,7 +403,10 @@ class Importer:
         try:
             await self.swarm.memory.put(row.namespace, row.key, row.value, tags=row.tags,
                                         ttl_s=ttl, expected_version=0, content_type=ctype,
-                                        metadata=row.metadata)
+                                        metadata=row.metadata,
+                                        # a run that stopped between the value and its event
+                                        # finds its own write and records the event
+                                        request_id=f"claude-flow-import:{token}")
         except MemoryConflict:
             report.skip("memory already present")
             return

@@ -16,6 +16,14 @@ the projection's ``memory`` table and the audit trail see every change. The
 event stream is also where :meth:`MemoryService.history` reads from: it keeps
 every version, while the bucket keeps the last 64.
 
+A write that times out may still land (nats-py sends what it buffered once it
+reconnects). A put made under a client **request id** is safe to retry: the id is
+kept in the record and becomes the put's Msg-Id (the server drops a second copy
+within its duplicate window), and its event gets an id derived from it. A retry
+first looks at the key: if the latest version carries the same request id, that
+version is the answer and its event is appended again (deduplicated), which also
+completes a first try that stopped between the value and its event.
+
 A TTL is a server-side per-message TTL: the server removes the entry on its own
 clock and leaves an expiry marker. A put with a TTL also rolls up the key's older
 revisions, so an older value without a TTL can never resurface once the marker
