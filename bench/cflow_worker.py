@@ -50,10 +50,9 @@ class Agent:
     def _count_conflicts(self, sw: Swarm) -> None:
         original = sw.log.append_event
 
-        async def counted(event: Any, *, expected: int | None = None,
-                          msg_id: str | None = None) -> Any:
+        async def counted(event: Any, **options: Any) -> Any:
             try:
-                return await original(event, expected=expected, msg_id=msg_id)
+                return await original(event, **options)
             except ConcurrencyConflict:
                 self.conflicts += 1
                 raise
