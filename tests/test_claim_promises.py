@@ -19,6 +19,8 @@ import pytest
 from cflow import events as ev
 from cflow.errors import LeaseLost, NotHolder, Unavailable
 from cflow.hlc import Timestamp
+from cflow.leases import maintenance_status
+from cflow.metrics import maintenance_lines
 from cflow.streams import client as streams_client
 from cflow.swarm import Swarm
 from support import maintained, until
@@ -162,6 +164,13 @@ async def test_a_failing_maintenance_hook_is_restarted_and_reaping_goes_on(
             health = m.tasks.health.to_dict()
             assert health["running"] and health["failures"] >= 2
             assert "hook bug" in str(health["last_error"])
+            # Visible from another process: `cfctl status` asks every maintainer.
+            [seen] = [r for r in await maintenance_status(swarm) if r["agent"] == "maint"]
+            assert seen["running"] and seen["failures"] >= 2 and seen["reaped"] == 1
+            assert "hook bug" in seen["last_error"]
+            # ... and in this process's metrics.
+            text = maintenance_lines(swarm_name, m.maintenance_health())
+            assert f'cflow_maintenance_reaped_total{{swarm="{swarm_name}"}} 1' in text
         finally:
             maint.cancel()
             with contextlib.suppress(asyncio.CancelledError):

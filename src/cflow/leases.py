@@ -24,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 import logging
+import os
+import socket
 import time
 import uuid
 import zlib
@@ -962,6 +965,7 @@ class TaskService:
             ("lease-markers", self._marker_loop),
             ("lease-timers", self._timer_loop),
             ("task-actions", self._action_loop),
+            ("health", self._health_loop),
             *((getattr(hook, "__qualname__", "hook"), hook) for hook in self._hooks()),
         )
         tasks = [asyncio.create_task(self._supervise(name, loop), name=f"maintain-{name}")
@@ -1089,9 +1093,49 @@ class TaskService:
                         self.health.failed("lease-markers", exc)
                         self._schedule_claim_check(state)
 
+    async def _health_loop(self) -> None:
+        """Answer `cfctl status`: how this process's maintenance is doing."""
+        async def reply(msg: Any) -> None:
+            body = {"agent": self.swarm.agent, "host": socket.gethostname(),
+                    "pid": os.getpid(), "reaped": self.reaped, **self.health.to_dict()}
+            with contextlib.suppress(Exception):
+                await msg.respond(json.dumps(body).encode())
+
+        sub = await self.swarm.nc.subscribe(health_subject(self.swarm.name), cb=reply)
+        try:
+            await asyncio.Event().wait()  # serve until cancelled
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     async def aclose(self) -> None:
         await stop_tasks([self._board_task])
         self._board_task = None
+
+
+def health_subject(swarm: str) -> str:
+    return f"{names.PREFIX}.{swarm}.maint.health"
+
+
+async def maintenance_status(swarm: Swarm, within_s: float = 0.3) -> list[dict[str, Any]]:
+    """Every maintaining process of the swarm, with its health (scatter-gather)."""
+    nc = swarm.nc
+    inbox = nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        with contextlib.suppress(ValueError):
+            replies.append(json.loads(msg.data))
+
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish(health_subject(swarm.name), b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(within_s)  # replies arrive from an unknown number of processes
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return sorted(replies, key=lambda r: (str(r.get("agent")), int(r.get("pid") or 0)))
 
 
 @dataclass

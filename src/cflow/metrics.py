@@ -397,8 +397,9 @@ class MetricsCollector:
             log.warning("stream info unavailable for metrics: %s", exc)
             last = None
         projected = self.projected_seq() if self.projected_seq else None
-        return self.fold.render(swarm=self.swarm.name, stream_last_seq=last,
+        text = self.fold.render(swarm=self.swarm.name, stream_last_seq=last,
                                 projected_seq=projected, now_ms=wall_ms())
+        return text + maintenance_lines(self.swarm.name, self.swarm.maintenance_health())
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -406,6 +407,32 @@ class MetricsCollector:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+
+
+def maintenance_lines(swarm: str, health: dict[str, Any] | None) -> str:
+    """Gauges and counters of this process's maintenance loop (pure)."""
+    if health is None:
+        return ""
+    labels = _labels({"swarm": swarm})
+    rows = [
+        ("cflow_maintenance_running", "gauge", "1 while the maintenance loop runs",
+         1 if health.get("running") else 0),
+        ("cflow_maintenance_failures_total", "counter",
+         "maintenance steps or loops that failed (retried or restarted)", health["failures"]),
+        ("cflow_maintenance_sweeps_total", "counter", "whole-board sweeps done",
+         health["sweeps"]),
+        ("cflow_maintenance_reaped_total", "counter", "claims this process expired",
+         health["reaped"]),
+    ]
+    age = health.get("last_sweep_age_s")
+    if age is not None:
+        rows.append(("cflow_maintenance_last_sweep_age_seconds", "gauge",
+                     "seconds since the last whole-board sweep", age))
+    out = []
+    for name, kind, help_, value in rows:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}",
+                f"{name}{labels} {_num(float(value))}"]
+    return "\n".join(out) + "\n"
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

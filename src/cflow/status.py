@@ -22,7 +22,8 @@ from cflow.streams.definitions import swarm_resources
 if TYPE_CHECKING:
     from cflow.swarm import Swarm
 
-STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section")]
+STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section"),
+                                          ("maintenance", "cflow.leases:maintenance_status")]
 
 
 def _server_info(nc: Any) -> dict[str, Any]:

@@ -136,6 +136,12 @@ class Swarm:
             self._reservations = ReservationService(self)
         return self._reservations
 
+    def maintenance_health(self) -> dict[str, object] | None:
+        """This process's maintenance loop health, if it runs one (metrics)."""
+        if self._tasks is None:
+            return None
+        return {"reaped": self._tasks.reaped, **self._tasks.health.to_dict()}
+
     async def query(self, sql: str, *, limit: int = 1000, wait_for_seq: int | None = None,
                     timeout_s: float = 10.0) -> QueryResult:
         """Read-only SQL on the swarm's DuckDB projection, through the query service.

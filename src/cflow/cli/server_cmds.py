@@ -417,10 +417,31 @@ def _render_status(d: dict[str, Any]) -> None:
         from cflow.cli.ops_cmds import control_lines
 
         typer.echo("\n".join(control_lines(d["control"])))
+    if "maintenance" in d:
+        typer.echo("\n".join(maintenance_lines(d["maintenance"])))
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
-                       "control"):
+                       "control", "maintenance"):
             typer.echo(f"{key:<8} {value}")
+
+
+def maintenance_lines(section: Any) -> list[str]:
+    """Who maintains the swarm (reaps, sweeps) and how that is going."""
+    if isinstance(section, dict):  # the section itself failed
+        return [f"maint    {section.get('error', section)}"]
+    if not section:
+        return ["maint    no maintaining process answered (start a worker, `cfctl up` or a "
+                "projector; claims still reap dead holders themselves)"]
+    out = [f"maint    {len(section)} process(es)"]
+    for r in section:
+        state = "running" if r.get("running") else "STOPPED"
+        error = (f", last error {r['last_error_age_s']:g} s ago in {r['last_error_loop']}: "
+                 f"{r['last_error']}" if r.get("last_error") else "")
+        sweep = r.get("last_sweep_age_s")
+        out.append(f"  {r.get('agent')} pid {r.get('pid')} on {r.get('host')}: {state}, "
+                   f"{r.get('failures', 0)} failures, {r.get('reaped', 0)} reaped, "
+                   f"last sweep {'never' if sweep is None else f'{sweep:g} s ago'}{error}")
+    return out
 
 
 # ------------------------------------------------------------------ creds
