@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ class Cluster:
             routes = tuple(f"nats://127.0.0.1:{c}" for j, (_, c) in enumerate(ports) if j != i)
             self.servers.append(EmbeddedServer(ServerOptions(
                 port=port, data_dir=base / f"n{i}", sync="default", server_name=f"n{i}",
-                cluster_name="chaos", cluster_port=cport, routes=routes,
+                cluster_name="chaos", cluster_port=cport, routes=routes, http_port=free_port(),
             )))
 
     @property
@@ -56,6 +57,22 @@ class Cluster:
     def start(self) -> None:
         for s in self.servers:
             s.start()
+
+    def jsz(self, server: EmbeddedServer) -> dict[str, Any]:
+        """The server's JetStream monitoring page (``/jsz``): meta leader, peers."""
+        url = f"http://127.0.0.1:{server.opts.http_port}/jsz"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+        return body
+
+    def meta_leader(self) -> str | None:
+        """Name of the JetStream meta leader as a running server sees it (None: no leader)."""
+        for s in self.servers:
+            if s.proc is not None and s.proc.poll() is None:
+                with contextlib.suppress(OSError, ValueError):
+                    leader = (self.jsz(s).get("meta_cluster") or {}).get("leader")
+                    return str(leader) if leader else None
+        return None
 
     def stop(self) -> None:
         for s in self.servers:

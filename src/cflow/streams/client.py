@@ -13,12 +13,13 @@ import contextlib
 import json
 import math
 import os
+import random
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -41,7 +42,13 @@ from cflow.errors import (
 from cflow.hlc import LOGICAL_MAX, HybridClock, Timestamp
 from cflow.streams import names
 from cflow.streams.definitions import StreamSpec, swarm_resources
-from cflow.streams.errors import STREAM_NAME_IN_USE, nats_errors, translate
+from cflow.streams.errors import (
+    NO_MESSAGE_FOUND,
+    STREAM_NAME_IN_USE,
+    nats_errors,
+    retryable,
+    translate,
+)
 from cflow.streams.server_clock import ServerClock
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -50,6 +57,11 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 TTL = "Nats-TTL"
 MARKER_REASON = "Nats-Marker-Reason"
 KV_OPERATION = "KV-Operation"
+DEFAULT_RETRY_S = 12.0  # how long a read or write retries through an election
+EXPLAIN_TIMEOUT_S = 1.5  # the STREAM.INFO that tells why a stream does not answer
+REPLICAS_TTL_S = 30.0  # how long a stream's replica count is trusted (R1 -> R3 upgrades)
+
+T = TypeVar("T")
 
 
 def wall_ms() -> int:
@@ -146,11 +158,26 @@ async def _quiet_noargs() -> None:
 
 
 async def api_request(nc: NATS, subject: str, payload: dict[str, Any] | None = None,
-                      timeout: float = 5.0) -> dict[str, Any]:  # noqa: ASYNC109 - nats-py's own
-    """One JetStream API request; errors in the JSON reply are raised translated."""
+                      timeout: float = 5.0, *,  # noqa: ASYNC109 - nats-py's own
+                      retry_s: float = 0.0) -> dict[str, Any]:
+    """One JetStream API request; errors in the JSON reply are raised translated.
+
+    With ``retry_s`` a retryable failure (no leader, timeout, ...) is retried
+    with backoff for that long before it is raised.
+    """
     data = json.dumps(payload).encode() if payload is not None else b""
-    with nats_errors(subject):
-        reply = await nc.request(subject, data, timeout=timeout)
+    attempts = Attempts(retry_s, timeout)
+    while True:
+        try:
+            with nats_errors(subject):
+                reply = await nc.request(subject, data, timeout=attempts.timeout())
+            return _api_body(reply, subject)
+        except Unavailable as exc:
+            if not retryable(exc) or not await attempts.pause():
+                raise
+
+
+def _api_body(reply: Msg, subject: str) -> dict[str, Any]:
     body: dict[str, Any] = json.loads(reply.data)
     if "error" in body:
         err = body["error"]
@@ -162,6 +189,38 @@ async def api_request(nc: NATS, subject: str, payload: dict[str, Any] | None = N
             subject=subject,
         )
     return body
+
+
+class Attempts:
+    """Bounded retries of one operation through an election: a deadline and backoff.
+
+    ``timeout()`` is the time the next try may take (never past the deadline by
+    much); ``pause()`` sleeps before the next try and is False once the budget
+    is spent. Backoff doubles from 50 ms to 1 s, with jitter, so a herd of
+    clients does not hammer a new leader in step.
+    """
+
+    def __init__(self, budget_s: float, per_try_s: float) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + max(0.0, budget_s)
+        self.per_try_s = per_try_s
+        self.delay = 0.05
+        self.tries = 1
+
+    def timeout(self) -> float:
+        return max(0.25, min(self.per_try_s, self.deadline - time.monotonic()))
+
+    def waited_s(self) -> float:
+        return time.monotonic() - self.started
+
+    async def pause(self) -> bool:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, self.delay * (0.5 + random.random() / 2)))  # noqa: S311
+        self.delay = min(1.0, self.delay * 2)
+        self.tries += 1
+        return True
 
 
 async def ensure_stream(nc: NATS, spec: StreamSpec) -> dict[str, Any]:
@@ -240,12 +299,14 @@ def build_kv_put(
 
 
 def build_kv_delete(bucket: str, key: str, *, expected_revision: int | None = None,
-                    purge: bool = False) -> Outgoing:
+                    purge: bool = False, msg_id: str | None = None) -> Outgoing:
     headers = {KV_OPERATION: "PURGE" if purge else "DEL"}
     if purge:
         headers["Nats-Rollup"] = "sub"
     if expected_revision is not None:
         headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_revision)
+    if msg_id is not None:
+        headers[MSG_ID] = msg_id
     return Outgoing(names.kv_subject(bucket, key), headers, b"")
 
 
@@ -448,7 +509,9 @@ class EventLog:
                                  max_offset_ms=max_offset_ms)
         self.clock_refusals = 0
         self.server_clock = ServerClock()
-        self.request_timeout_s = 5.0
+        self.request_timeout_s = 5.0  # one request
+        self.retry_s = DEFAULT_RETRY_S  # one read or write, through an election
+        self._replicas: dict[str, tuple[int, float]] = {}  # stream -> (replicas, when seen)
 
     # -- clock
 
@@ -501,11 +564,9 @@ class EventLog:
         return self.server_clock.now_ms()
 
     async def _probe_clock(self) -> None:
-        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}",
-                                 timeout=self.request_timeout_s)
+        info = await self.stream_info(self.stream)
         if info.get("ts"):
-            self.server_clock.observe(iso_ms(str(info["ts"])), probe=True)
-            return
+            return  # stream_info fed it
         # A server without the reply timestamp: store a tiny message, read its stamp back.
         bucket = self.bucket(names.LEASES)
         await self.kv_put(bucket, CLOCK_KEY, b"", ttl_s=1)
@@ -566,33 +627,47 @@ class EventLog:
                            ) -> Appended:
         """Append a built event (see :meth:`append`); a duplicate is confirmed to be it.
 
+        Retries through a leader election for up to ``retry_s`` (no leader, no
+        responders, timeouts, "duplicate message id is in process"). Once a try
+        may have been stored (it timed out, or the server is still storing it),
+        the event is read back by identity before anything is decided.
+
         Raises:
             ConcurrencyConflict: the entity moved on since ``expected``, or another
                 event already holds this Msg-Id.
-            Unavailable: NATS did not answer and the read-back found nothing.
+            NotFound: the events stream does not exist.
+            Unavailable: the cluster did not store it within ``retry_s`` and the
+                read-back did not find it; the text says why (e.g. no leader).
         """
         out = build_append(event, expected_last_seq=expected, msg_id=msg_id)
         mid = out.headers[MSG_ID]
-        for attempt in range(3):
+        attempts = Attempts(self.retry_s, self.request_timeout_s)
+        uncertain = False  # a try may have been stored
+        while True:
             try:
-                seq, dup = await publish(self.js, out, expected=expected)
-            except Unavailable:
-                if attempt == 2:
-                    found = await self._read_back(out.subject, mid, event, expected,
-                                                     by_msg_id=dedupe_by_msg_id)
+                seq, dup = await publish(self.js, out, expected=expected,
+                                         timeout=attempts.timeout())
+            except Unavailable as exc:
+                if not retryable(exc):
+                    raise
+                uncertain = uncertain or getattr(exc, "reason", None) != "no-responders"
+                if uncertain:
+                    found = await self._read_back_quietly(out.subject, mid, event, expected,
+                                                          dedupe_by_msg_id)
                     if found is not None:
                         return Appended(found, True, event)
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
+                if not await attempts.pause():
+                    raise await self._explain(self.stream, exc, attempts.waited_s()) from exc
                 continue
             except ConcurrencyConflict as conflict:
-                # A first try that timed out may have landed; the retry then
-                # reports a wrong last sequence although the write is ours; so may a
-                # caller's retry under a deterministic Msg-Id. A fresh event on its
-                # first try cannot be there yet: skip the read-back round trip.
-                if attempt > 0 or msg_id is not None:
+                # A try that timed out may have landed; the retry then reports a
+                # wrong last sequence although the write is ours (one server checks
+                # the sequence before the Msg-Id); so may a caller's retry under a
+                # deterministic Msg-Id. A fresh event on its first try cannot be
+                # there yet: skip the read-back round trip.
+                if uncertain or msg_id is not None:
                     found = await self._read_back(out.subject, mid, event, expected,
-                                                     by_msg_id=dedupe_by_msg_id)
+                                                  by_msg_id=dedupe_by_msg_id)
                     if found is not None:
                         return Appended(found, True, event)
                 actual = await self.last_seq_subject(out.subject)
@@ -600,7 +675,15 @@ class EventLog:
             if dup and not dedupe_by_msg_id:
                 await self._confirm_duplicate(out.subject, seq, mid, event, expected)
             return Appended(seq, dup, event)
-        raise AssertionError("unreachable")
+
+    async def _read_back_quietly(self, subject: str, msg_id: str, event: ev.Event,
+                                 expected: int | None, by_msg_id: bool) -> int | None:
+        """One read-back try between write retries: None when it cannot tell yet."""
+        try:
+            return await self._read_back(subject, msg_id, event, expected, by_msg_id=by_msg_id,
+                                         retry_s=0.0)
+        except Unavailable:
+            return None
 
     async def _confirm_duplicate(self, subject: str, seq: int, msg_id: str, event: ev.Event,
                                  expected: int | None) -> None:
@@ -611,7 +694,8 @@ class EventLog:
         raise await self._held_by_another(subject, expected, msg_id, raw, seq)
 
     async def _read_back(self, subject: str, msg_id: str, event: ev.Event,
-                         expected: int | None, *, by_msg_id: bool = False) -> int | None:
+                         expected: int | None, *, by_msg_id: bool = False,
+                         retry_s: float | None = None) -> int | None:
         """Where an append whose outcome is unknown was stored, if it was.
 
         With ``expected``, the write can only sit right after that sequence on
@@ -620,14 +704,13 @@ class EventLog:
 
         Raises:
             ConcurrencyConflict: another event holds this Msg-Id.
+            Unavailable: the read itself failed (within ``retry_s``).
         """
-        try:
-            if expected is None:
-                raw = await self._fetch(self.stream, last_by_subj=subject)
-            else:
-                raw = await self._fetch(self.stream, seq=expected + 1, next_by_subj=subject)
-        except (NotFound, Unavailable):
-            return None
+        if expected is None:
+            raw = await self._fetch(self.stream, last_by_subj=subject, retry_s=retry_s)
+        else:
+            raw = await self._fetch(self.stream, seq=expected + 1, next_by_subj=subject,
+                                    retry_s=retry_s)
         if raw is None:
             return None
         if _event_id(raw) == event.id:
@@ -715,16 +798,21 @@ class EventLog:
     # -- read
 
     async def _fetch(self, stream: str, *, seq: int | None = None,
-                     last_by_subj: str | None = None,
-                     next_by_subj: str | None = None) -> RawMessage | None:
+                     last_by_subj: str | None = None, next_by_subj: str | None = None,
+                     retry_s: float | None = None) -> RawMessage | None:
         """One stored message: by sequence, last on a subject, or next on a subject from ``seq``.
 
-        Returns None when there is no such message. Every timestamp read feeds
-        the server clock.
+        Read-your-writes: a replicated stream is read from its leader (a direct get
+        may be answered by a follower that has not applied the write the leader
+        just acknowledged, or by a paused one); a single-replica stream by direct
+        get (its one server is the leader). Retried through an election for
+        ``retry_s`` (default: the log's). Every timestamp read feeds the server clock.
+
+        Returns None when there is no such message.
 
         Raises:
             NotFound: the stream does not exist.
-            Unavailable: NATS did not answer.
+            Unavailable: no answer within ``retry_s``; the text says why.
         """
         req: dict[str, Any] = {}
         if last_by_subj is not None:
@@ -733,20 +821,139 @@ class EventLog:
             req["seq"] = seq or 0
             if next_by_subj is not None:
                 req["next_by_subj"] = next_by_subj
-        raw = await self._direct_get(stream, req)
+
+        async def once(timeout: float) -> RawMessage | None:  # noqa: ASYNC109
+            if await self._leader_reads(stream):
+                return await self._leader_get(stream, req, timeout)
+            return await self._direct_get(stream, req, timeout)
+
+        raw = await self._retrying(stream, once, retry_s)
         if raw is not None:
             self.server_clock.observe(raw.time_ms)
         return raw
 
-    async def _direct_get(self, stream: str, req: dict[str, Any]) -> RawMessage | None:
+    async def _retrying(self, stream: str, op: Callable[[float], Awaitable[T]],
+                        retry_s: float | None = None) -> T:
+        """Run ``op(timeout)`` until it answers, retrying what an election explains.
+
+        Raises:
+            NotFound: the stream does not exist (checked at the first "no responders").
+            Unavailable: still failing after ``retry_s``, explained by ``_explain``.
+        """
+        attempts = Attempts(self.retry_s if retry_s is None else retry_s, self.request_timeout_s)
+        checked = False
+        while True:
+            try:
+                return await op(attempts.timeout())
+            except Unavailable as exc:
+                if not retryable(exc):
+                    raise
+                if getattr(exc, "reason", None) == "no-responders" and not checked:
+                    checked = True
+                    await self.stream_info(stream, retry_s=0.0, missing_only=True,
+                                           timeout=EXPLAIN_TIMEOUT_S)
+                if not await attempts.pause():
+                    raise await self._explain(stream, exc, attempts.waited_s()) from exc
+
+    async def _leader_reads(self, stream: str) -> bool:
+        """Whether reads of ``stream`` go to its leader: it has replicas that may lag."""
+        cached = self._replicas.get(stream)
+        if cached is not None and time.monotonic() - cached[1] < REPLICAS_TTL_S:
+            return cached[0] > 1
+        try:
+            await self.stream_info(stream, retry_s=0.0)
+        except Unavailable:
+            return True  # cannot tell now: the leader is never wrong
+        return self._replicas[stream][0] > 1
+
+    async def stream_info(self, stream: str, *, retry_s: float | None = None,
+                          missing_only: bool = False,
+                          timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
+        """``STREAM.INFO`` of one stream; notes its replica count and the server's time.
+
+        ``missing_only``: only a missing stream is an error; any other failure
+        returns ``{}``.
+
+        Raises:
+            NotFound: no such stream (run ``cfctl init``).
+            Unavailable: no answer within ``retry_s`` (default: the log's).
+        """
+        try:
+            info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{stream}",
+                                     timeout=timeout or self.request_timeout_s,
+                                     retry_s=self.retry_s if retry_s is None else retry_s)
+        except NotFound:
+            raise NotFound("stream", f"{stream} (run `cfctl init`)") from None
+        except CflowError:
+            if missing_only:
+                return {}
+            raise
+        replicas = int((info.get("config") or {}).get("num_replicas", 1))
+        self._replicas[stream] = (replicas, time.monotonic())
+        if info.get("ts"):
+            self.server_clock.observe(iso_ms(str(info["ts"])), probe=True)
+        return info
+
+    async def _explain(self, stream: str, exc: CflowError, waited_s: float) -> CflowError:
+        """The one error to report after retrying ``exc`` for ``waited_s``: what is going on."""
+        after = f"retried for {max(1, int(waited_s))} s"
+        try:
+            info = await self.stream_info(stream, retry_s=0.0, timeout=EXPLAIN_TIMEOUT_S)
+        except NotFound as missing:
+            return missing
+        except CflowError as info_exc:
+            return Unavailable(
+                f"stream {stream} has no leader answering ({info_exc.message}; "
+                f"election in progress?); {after}",
+                reason="no-leader", stream=stream,
+                retried_s=waited_s)
+        cluster = info.get("cluster") or {}
+        leader = cluster.get("leader")
+        replicas = int((info.get("config") or {}).get("num_replicas", 1))
+        if not leader and replicas > 1:
+            return Unavailable(f"stream {stream} has no leader (election in progress?); {after}",
+                               reason="no-leader", stream=stream, retried_s=waited_s)
+        peers = cluster.get("replicas") or []
+        reachable = 1 + sum(1 for r in peers if r.get("current") and not r.get("offline"))
+        if replicas > 1 and reachable <= replicas // 2:
+            gone = ", ".join(str(r.get("name")) for r in peers
+                             if not r.get("current") or r.get("offline"))
+            return Unavailable(
+                f"stream {stream} has no quorum: leader {leader}, {gone} not current "
+                f"(election in progress?); {after}",
+                reason="no-leader", stream=stream, retried_s=waited_s)
+        at = f" (leader {leader})" if leader else ""
+        return Unavailable(f"stream {stream}{at} did not answer: {exc.message}; {after}",
+                           reason=getattr(exc, "reason", None), stream=stream,
+                           retried_s=waited_s)
+
+    async def _direct_get(self, stream: str, req: dict[str, Any],
+                          timeout: float) -> RawMessage | None:  # noqa: ASYNC109
         subject = f"$JS.API.DIRECT.GET.{stream}"
         if set(req) == {"last_by_subj"}:
             subject, payload = f"{subject}.{req['last_by_subj']}", b""
         else:
             payload = json.dumps(req).encode()
         with nats_errors(subject):
-            reply = await self.nc.request(subject, payload, timeout=self.request_timeout_s)
+            reply = await self.nc.request(subject, payload, timeout=timeout)
         return raw_from_direct(reply)
+
+    async def _leader_get(self, stream: str, req: dict[str, Any],
+                          timeout: float) -> RawMessage | None:  # noqa: ASYNC109
+        """``STREAM.MSG.GET``: only the stream leader answers it (or a member says "no leader")."""
+        subject = f"$JS.API.STREAM.MSG.GET.{stream}"
+        with nats_errors(subject):
+            reply = await self.nc.request(subject, json.dumps(req).encode(), timeout=timeout)
+        body: dict[str, Any] = json.loads(reply.data)
+        err = body.get("error")
+        if err is not None:
+            if err.get("err_code") == NO_MESSAGE_FOUND:
+                return None
+            raise translate(nats.js.errors.APIError(code=err.get("code"),
+                                                    err_code=err.get("err_code"),
+                                                    description=err.get("description")),
+                            subject=stream)
+        return raw_from_leader(body["message"])
 
     async def last_message(self, stream: str, subject: str) -> RawMessage | None:
         """The last stored message on ``subject`` (read-your-writes), or None."""
@@ -796,7 +1003,7 @@ class EventLog:
             seq = raw.seq + 1
 
     async def stream_last_seq(self) -> int:
-        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}")
+        info = await self.stream_info(self.stream)
         return int(info["state"]["last_seq"])
 
     async def follow(
@@ -903,16 +1110,73 @@ class EventLog:
     async def kv_put(self, bucket: str, key: str, value: bytes, *,
                      expected_revision: int | None = None, ttl_s: float | None = None,
                      msg_id: str | None = None) -> int:
+        """Put a key (compare-and-set with ``expected_revision``; 0: must not exist).
+
+        Every put carries a Msg-Id (a fresh one unless given), so a retry through
+        an election is deduplicated and a put whose ack was lost is recognised
+        when read back.
+
+        Raises:
+            ConcurrencyConflict: the key is not at ``expected_revision``.
+            Unavailable: not stored within ``retry_s``; the text says why.
+        """
         out = build_kv_put(bucket, key, value, expected_revision=expected_revision,
-                           ttl_s=ttl_s, msg_id=msg_id)
-        seq, _ = await publish(self.js, out, expected=expected_revision)
-        return seq
+                           ttl_s=ttl_s, msg_id=msg_id or ev.new_id())
+        return await self._kv_write(bucket, key, out, expected_revision)
 
     async def kv_delete(self, bucket: str, key: str, *, expected_revision: int | None = None,
                         purge: bool = False) -> int:
-        out = build_kv_delete(bucket, key, expected_revision=expected_revision, purge=purge)
-        seq, _ = await publish(self.js, out, expected=expected_revision)
-        return seq
+        """Delete (or purge) a key, compare-and-set with ``expected_revision``.
+
+        Raises:
+            ConcurrencyConflict: the key is not at ``expected_revision``.
+            Unavailable: not stored within ``retry_s``; the text says why.
+        """
+        out = build_kv_delete(bucket, key, expected_revision=expected_revision, purge=purge,
+                              msg_id=ev.new_id())
+        return await self._kv_write(bucket, key, out, expected_revision)
+
+    async def _kv_write(self, bucket: str, key: str, out: Outgoing,
+                        expected: int | None) -> int:
+        stream = names.kv_stream(bucket)
+        mid = out.headers[MSG_ID]
+        attempts = Attempts(self.retry_s, self.request_timeout_s)
+        uncertain = False
+        while True:
+            try:
+                seq, _ = await publish(self.js, out, expected=expected,
+                                       timeout=attempts.timeout())
+                return seq
+            except Unavailable as exc:
+                if not retryable(exc):
+                    raise
+                uncertain = uncertain or getattr(exc, "reason", None) != "no-responders"
+                if uncertain:
+                    with contextlib.suppress(Unavailable):
+                        found = await self._kv_read_back(bucket, key, mid, expected, 0.0)
+                        if found is not None:
+                            return found
+                if not await attempts.pause():
+                    raise await self._explain(stream, exc, attempts.waited_s()) from exc
+            except ConcurrencyConflict:
+                if uncertain:
+                    found = await self._kv_read_back(bucket, key, mid, expected, None)
+                    if found is not None:
+                        return found
+                raise
+
+    async def _kv_read_back(self, bucket: str, key: str, msg_id: str, expected: int | None,
+                            retry_s: float | None) -> int | None:
+        """Revision of the KV write with ``msg_id`` if it was stored where it could be."""
+        stream, subject = names.kv_stream(bucket), names.kv_subject(bucket, key)
+        if expected is None:
+            raw = await self._fetch(stream, last_by_subj=subject, retry_s=retry_s)
+        else:
+            raw = await self._fetch(stream, seq=expected + 1, next_by_subj=subject,
+                                    retry_s=retry_s)
+        if raw is not None and raw.headers.get(MSG_ID) == msg_id:
+            return raw.seq
+        return None
 
     @contextlib.asynccontextmanager
     async def kv_subscription(
@@ -959,8 +1223,7 @@ class EventLog:
 
     async def kv_keys(self, bucket: str) -> list[KvEntry]:
         """Last entry of every key in a bucket (live or not)."""
-        stream = names.kv_stream(bucket)
-        info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{stream}")
+        info = await self.stream_info(names.kv_stream(bucket))
         if int(info["state"]["messages"]) == 0:
             return []
         out: list[KvEntry] = []
