@@ -89,7 +89,7 @@ HEADLINE_PATTERNS = (
     "pickup.cflow.*.p50", "pickup.cflow.*.p99",
     "claims.cflow.*.n*.rate", "claims.cflow.*.n16.p99", "claims.cflow.*.n16.conflicts",
     "claims.cflow.*.log_double_claims",
-    "reclaim.cflow.ratio_ttl",
+    "reclaim.cflow.ratio_ttl.*",
     "append.cflow.*.append.rate", "append.cflow.*.append_many.rate",
     "projection.ingest_events_per_s", "projection.lag_p99_ms", "projection.rebuild_s",
     "projection.rebuild_events",

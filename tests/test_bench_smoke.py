@@ -33,7 +33,8 @@ HEADLINE = [
     *(f"claims.cflow.{s}.n{n}.{k}" for s in SYNCS for n in LEVELS
       for k in ("rate", "p50", "p99", "max", "double_claims", "conflicts")),
     *(f"claims.cflow.{s}.log_double_claims" for s in SYNCS),
-    "reclaim.cflow.ratio_ttl",
+    "reclaim.cflow.ratio_ttl.first",
+    "reclaim.cflow.ratio_ttl.later",
     "reclaim.cflow.seconds",
     *(f"append.{w}.{s}.{k}" for s in SYNCS for w, k in (
         ("raw", "publish.rate"), ("cflow", "append.rate"), ("raw", "publish_async.rate"),
