@@ -204,7 +204,7 @@ async def test_spend_budget_pauses_the_swarm(nats_url: str, swarm_name: str,
     async with maintainer(nats_url, swarm_name):
         for i in range(2):
             await admin.tasks.create(f"costly {i}")
-            lease = await admin.tasks.claim()
+            lease = await admin.tasks.claim(wait=5)
             assert lease is not None
             await lease.complete("done", cost_usd=0.6)
         view = await view_until(admin, lambda v: v.mode == "paused")
@@ -224,7 +224,7 @@ async def test_attempts_budget_per_window(nats_url: str, swarm_name: str,
         for i in range(3):
             await admin.tasks.create(f"t{i}")
         for n in (1, 2):
-            lease = await admin.tasks.claim()
+            lease = await admin.tasks.claim(wait=5)
             assert lease is not None
             await lease.release("again")
             await view_until(admin, lambda v, n=n: len(v.attempts("swarm").claims) == n)
@@ -247,7 +247,8 @@ async def test_breaker_opens_on_repeated_failures_and_closes_after_cool_down(
     async with maintainer(nats_url, swarm_name):
         for i in range(3):
             await admin.tasks.create(f"flaky {i}", capabilities=["gpu"], max_attempts=1)
-            lease = await admin.tasks.claim(capabilities=["gpu"])
+            # wait: the board may fold the fresh task a moment after create returns
+            lease = await admin.tasks.claim(capabilities=["gpu"], wait=5)
             assert lease is not None
             await lease.fail("CUDA out of memory", retry=False)
         await view_until(admin, lambda v: bool(v.open_breakers(ev_now())))
