@@ -10,7 +10,8 @@ owner in ``finally`` (or by using it as a context manager):
   partition (bytes accepted, nothing forwarded, connections stay open; what was
   held is delivered on ``heal()``, as TCP would after a partition shorter than
   its retransmission timeout), ``delay(ms)`` adds latency per direction,
-  ``cut()`` closes every current connection, ``heal()`` undoes it all.
+  ``cut()`` closes every current connection, ``down()`` also refuses new ones
+  (the server seems dead to these clients only), ``heal()`` undoes it all.
 - Clock skew for a whole process with libfaketime (Debian package ``faketime``):
   :func:`skewed_env` shifts the wall clock of a child (``time.time()``) but not
   its monotonic clock, so timers and the execution recorder stay on the
@@ -108,6 +109,7 @@ class Proxy:
         self._delay_s = 0.0
         self._failure: BaseException | None = None
         self._stopping: asyncio.Event | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -166,9 +168,15 @@ class Proxy:
         """Close every current connection (both sides); new ones are accepted."""
         self._call(self._cut())
 
+    def down(self) -> None:
+        """An outage as the client sees a dead server: connections cut, new ones refused
+        (the proxy stops listening until ``heal()``)."""
+        self._call(self._down())
+
     def heal(self) -> None:
-        """No partition, no delay; held bytes are delivered in order."""
+        """No partition, no delay, no outage; held bytes are delivered in order."""
         self._call(self._set(flowing=True, delay_s=0.0))
+        self._call(self._up())
 
     async def wait_connections(self, n: int = 1, within: float = 15.0) -> None:
         """Until at least ``n`` clients are connected (the proxy has no event to await)."""
@@ -193,8 +201,21 @@ class Proxy:
         try:
             await self._stopping.wait()
         finally:
+            await self._down()
+            # Let every handler see its connection closed and return: a handler
+            # cancelled by asyncio.run's cleanup makes Python 3.11 log an error.
+            if self._handlers:
+                await asyncio.wait(set(self._handlers), timeout=6.0)
+
+    async def _down(self) -> None:
+        if self._server is not None:
             self._server.close()
-            await self._cut()
+            self._server = None
+        await self._cut()
+
+    async def _up(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def _set(self, *, flowing: bool | None = None, delay_s: float | None = None) -> None:
         assert self._flowing is not None
@@ -212,21 +233,28 @@ class Proxy:
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter
                       ) -> None:
         self.accepted += 1
+        me = asyncio.current_task()
+        assert me is not None
+        self._handlers.add(me)
         try:
-            ureader, uwriter = await asyncio.wait_for(
-                asyncio.open_connection(*self.upstream), 5.0)
-        except (OSError, TimeoutError):
-            cwriter.transport.abort()  # upstream down: the client sees a refused session
-            return
-        link = _Link(cwriter, uwriter)
-        self._links.add(link)
-        try:
-            await asyncio.gather(self._pump(creader, uwriter, link),
-                                 self._pump(ureader, cwriter, link),
-                                 return_exceptions=True)
+            try:
+                ureader, uwriter = await asyncio.wait_for(
+                    asyncio.open_connection(*self.upstream), 5.0)
+            except (OSError, TimeoutError):
+                return  # upstream down: the client sees its session refused
+            link = _Link(cwriter, uwriter)
+            self._links.add(link)
+            try:
+                await asyncio.gather(self._pump(creader, uwriter, link),
+                                     self._pump(ureader, cwriter, link),
+                                     return_exceptions=True)
+            finally:
+                link.close()
+                self._links.discard(link)
         finally:
-            link.close()
-            self._links.discard(link)
+            if not cwriter.transport.is_closing():
+                cwriter.transport.abort()
+            self._handlers.discard(me)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     link: _Link) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,8 +57,9 @@ async def test_proxy_blackhole_is_silent_and_heal_delivers(nats_url: str) -> Non
         try:
             await rtt(nc)
             assert proxy.connections == 1
-            forwarded = proxy.forwarded
             proxy.blackhole()
+            await asyncio.sleep(0.1)  # a write already under way when the hole opened
+            forwarded = proxy.forwarded
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.request(INFO, b"", timeout=0.5)
             # Silent: nothing forwarded, nothing closed, the client still thinks it is up.
@@ -105,12 +107,50 @@ async def test_proxy_cut_closes_connections_and_clients_come_back(nats_url: str)
             await nc.close()
 
 
+async def refused_at_once(port: int) -> bool:
+    """A new TCP connection is closed by the other side before any byte (no INFO)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        try:
+            data = await asyncio.wait_for(reader.read(1), 2.0)
+        except ConnectionResetError:
+            data = b""
+        return data == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_proxy_down_is_an_outage_until_heal(nats_url: str) -> None:
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    with Proxy(nats_url) as proxy:
+        nc = await connect(proxy.url, reconnected_cb=on_reconnect)
+        try:
+            await rtt(nc)
+            proxy.down()
+            assert proxy.connections == 0
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", proxy.port)
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.ConnectionClosedError)):
+                await nc.request(INFO, b"", timeout=0.5)
+            assert not reconnected.is_set()
+            proxy.heal()
+            await asyncio.wait_for(reconnected.wait(), 10)
+            await rtt(nc)
+        finally:
+            await nc.close()
+
+
 async def test_proxy_without_upstream_refuses(tmp_path: Path) -> None:
     from cflow.server import free_port
 
     with Proxy(f"nats://127.0.0.1:{free_port()}") as proxy:
-        with pytest.raises(Unavailable):
-            await connect(proxy.url, connect_timeout=1.0)
+        assert await refused_at_once(proxy.port)
         assert proxy.connections == 0
 
 
