@@ -754,6 +754,8 @@ class ControlService:
             Paused: one more claim would exceed a budget; its scope is paused.
         """
         view = await self.ensure()
+        if not self.attempts_budgeted():
+            return []  # the common case: no attempts budget anywhere, nothing to count
         await self.swarm.tasks.ensure_board()  # the ancestry comes from the board
         cid = claim_id(state.task_id, state.seq)
         counted: list[str] = []
@@ -789,8 +791,14 @@ class ControlService:
             counted.append(scope)
         return counted
 
+    def attempts_budgeted(self) -> bool:
+        """Whether any scope of the swarm has a ``max_attempts`` budget (cached view)."""
+        return any("max_attempts" in r.limits for r in self.view.budgets.values() if r)
+
     async def refund_attempt(self, state: TaskState) -> None:
         """Give back the slot :meth:`reserve_attempt` took for a claim that did not happen."""
+        if not self.attempts_budgeted():
+            return
         await self.swarm.tasks.ensure_board()
         cid = claim_id(state.task_id, state.seq)
         for scope in self._claim_scopes(state.task_id):

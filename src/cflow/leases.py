@@ -350,11 +350,12 @@ class TaskService:
             idempotency_key=idempotency_key, labels=dict(labels or {}), kind=kind, depth=depth,
         )
         validate_create(data)
+        if task_id is None and idempotency_key is not None:
+            task_id = task_id_for_key(self.swarm.name, idempotency_key)
         if task_id is None and request_id is not None:
             task_id = task_id_for_key(self.swarm.name, f"request\x00{request_id}")
         if task_id is None:
-            task_id = (task_id_for_key(self.swarm.name, idempotency_key) if idempotency_key
-                       else ev.new_id())
+            task_id = ev.new_id()
         ev.check_token(task_id, "task id")
         if idempotency_key is not None or request_id is not None:
             with contextlib.suppress(NotFound):
@@ -370,6 +371,14 @@ class TaskService:
                                              msg_id=f"create-{task_id}")
         except ConcurrencyConflict:
             return await self.get(task_id)  # created before, by us or a retry
+        except Unavailable as exc:
+            if request_id is None and idempotency_key is None:
+                raise
+            again = (f"request_id={request_id!r}" if request_id is not None
+                     else f"idempotency_key={idempotency_key!r}")
+            raise Unavailable(f"{exc}; the task may have been stored: create it again with "
+                              f"{again} to get it without making a second one",
+                              task_id=task_id, request_id=request_id) from exc
         state = apply(None, appended.event, appended.seq)
         if state.status == "pending":
             await self._evaluate(state)
@@ -545,12 +554,16 @@ class TaskService:
             if strict:
                 raise refusal
             return None
+        # Budgets: an attempts budget above the task takes its slot before the claim.
+        await self.swarm.control.reserve_attempt(state, owner)
         data = ev.TaskClaimed(owner=owner, attempt=state.attempt + 1,
                               lease_ttl_s=state.lease_ttl_s)
         try:
             appended = await self.log.append(data, state.task_id, expected=state.seq,
                                              actor=owner, after_hlc=state.hlc)
         except ConcurrencyConflict:
+            with contextlib.suppress(CflowError):
+                await self.swarm.control.refund_attempt(state)
             if strict:
                 now_state = await self.get(state.task_id)
                 raise AlreadyClaimed(now_state.task_id, now_state.status,
@@ -570,6 +583,7 @@ class TaskService:
                 await self._finish(state.task_id, claimed.epoch,
                                    ev.TaskReleased(epoch=claimed.epoch, reason="lease not written"),
                                    "release", claimed, owner)
+                await self.swarm.control.refund_attempt(state)
             raise
         return Lease(self, claimed, revision, sent)
 
