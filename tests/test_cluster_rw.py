@@ -28,6 +28,7 @@ from cflow.streams.definitions import swarm_resources
 from test_cluster import Cluster, all_current, stream_info, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+OP_S = 4.0  # one create-and-read or claim-and-heartbeat; an answer takes milliseconds
 
 
 @pytest.fixture
@@ -125,10 +126,14 @@ async def test_create_then_read_through_a_lagging_replica(cluster: Cluster) -> N
             async with Swarm.connect(url, swarm="rw", agent="w", ensure=False) as s:
                 for i in range(40):
                     try:
-                        task = await s.tasks.create(f"{phase} {i}")
-                        got = await s.tasks.get(task.task_id)
+                        async with asyncio.timeout(OP_S):
+                            task = await s.tasks.create(f"{phase} {i}")
+                            got = await s.tasks.get(task.task_id)
                     except CflowError as exc:
                         failures[f"{phase}: {type(exc).__name__}: {exc.message[:40]}"] += 1
+                        continue
+                    except TimeoutError:
+                        failures[f"{phase}: no answer within {OP_S} s"] += 1
                         continue
                     assert got.task_id == task.task_id
     print(f"\ncreate-then-read with a lagging replica: {dict(failures)}")
@@ -145,15 +150,18 @@ async def test_claim_then_heartbeat_through_a_lagging_replica(cluster: Cluster) 
             async with Swarm.connect(url, swarm="hb", agent="w", ensure=False) as s:
                 for i in range(25):
                     try:
-                        task = await s.tasks.create(f"{phase} {i}", lease_ttl_s=30.0)
-                        lease = await s.tasks.claim(task.task_id)
-                        assert lease is not None
-                        await lease.heartbeat()
-                        await lease.complete("ok")
+                        async with asyncio.timeout(OP_S):
+                            task = await s.tasks.create(f"{phase} {i}", lease_ttl_s=30.0)
+                            lease = await s.tasks.claim(task.task_id)
+                            assert lease is not None
+                            await lease.heartbeat()
+                            await lease.complete("ok")
                     except LeaseLost as exc:
                         failures[f"{phase}: LeaseLost: {exc.reason}"] += 1
                     except CflowError as exc:
                         failures[f"{phase}: {type(exc).__name__}: {exc.message[:40]}"] += 1
+                    except TimeoutError:
+                        failures[f"{phase}: no answer within {OP_S} s"] += 1
     print(f"\nclaim-then-heartbeat with a lagging replica: {dict(failures)}")
     assert not failures
 
@@ -188,6 +196,13 @@ async def test_an_election_is_named_and_waited_out(cluster: Cluster) -> None:
             assert "\n" not in text
             assert info.value.reason == "no-leader"
             assert 2.5 < waited < 10
+        # `cfctl status` says the same.
+        from cflow.status import stream_status
+
+        status = await stream_status(nc, names.events_stream("el"))
+        assert status["exists"]
+        assert status["election"]
+        assert "election in progress" in status["summary"]
     finally:
         await nc.close()
 
@@ -210,3 +225,119 @@ async def test_a_missing_stream_still_says_run_cfctl_init(cluster: Cluster) -> N
         assert names.events_stream("never") in str(info.value)
     finally:
         await nc.close()
+
+
+class CountingExecutor:
+    """Finishes each task at once and remembers every result it produced."""
+
+    name = "counting"
+
+    def __init__(self, produced: list[tuple[str, int]]) -> None:
+        self.produced = produced
+
+    async def check(self) -> None:
+        return None
+
+    async def run(self, ctx: Any) -> Any:
+        from cflow.worker.executor import Outcome
+
+        await asyncio.sleep(0.02)
+        self.produced.append((ctx.task_id, ctx.epoch))
+        return Outcome(ok=True, output=f"{ctx.task_id}@{ctx.epoch}".encode())
+
+
+async def test_a_leader_killed_while_workers_drain_drops_no_result(cluster: Cluster) -> None:
+    """kill -9 the events leader while 4 workers drain 200 tasks: every result is kept.
+
+    Each result an executor produced is stored as the task's completion, or
+    refused by fencing (LeaseLost); none is dropped on a timeout or an
+    in-process duplicate during the election.
+    """
+    from cflow.streams import EventLog
+    from cflow.swarm import Swarm
+    from cflow.worker.runtime import Worker, WorkerOptions
+
+    swarm, n_tasks = "drain", 200
+    admin = await connect(cluster.urls)
+    produced: list[tuple[str, int]] = []
+    notes: Counter[str] = Counter()
+    dropped: list[str] = []
+    completed = asyncio.Event()
+    done_count = [0]
+
+    def on_event(kind: str, text: str) -> None:
+        notes[kind] += 1
+        if kind == "record-error":
+            dropped.append(text)
+        if kind == "completed":
+            done_count[0] += 1
+            if done_count[0] >= 40:
+                completed.set()
+
+    async def work(i: int, stop: asyncio.Event) -> Any:
+        urls = cluster.urls.split(",")
+        url = ",".join(urls[i % 3:] + urls[:i % 3])
+        async with Swarm.connect(url, swarm=swarm, agent=f"w{i}", ensure=False) as s:
+            worker = Worker(s, CountingExecutor(produced),
+                            WorkerOptions(name=f"w{i}", url=url, claim_wait_s=2.0),
+                            on_event=on_event)
+            run = asyncio.create_task(worker.run())
+            await stop.wait()
+            worker.drain()
+            return await run
+
+    stop = asyncio.Event()
+    workers: list[asyncio.Task[Any]] = []
+    try:
+        await ensure_swarm_when_placeable(admin, swarm, 3)
+        await wait_until(lambda: _all_current(admin, swarm), 20, "R3 replicas current")
+        async with Swarm.connect(cluster.urls, swarm=swarm, agent="producer",
+                                 ensure=False) as s:
+            for k in range(n_tasks):
+                await s.tasks.create(f"job {k}", lease_ttl_s=30.0)
+        async with asyncio.timeout(55):
+            workers = [asyncio.create_task(work(i, stop)) for i in range(4)]
+            await completed.wait()
+            info = await wait_until(lambda: stream_info(admin, names.events_stream(swarm)), 10,
+                                    "events stream info")
+            cluster.by_name(info["cluster"]["leader"]).kill()
+            log = EventLog(admin, swarm)
+
+            async def all_completed() -> bool:
+                stored = await completions(log)
+                return len(stored) >= n_tasks
+
+            await wait_until(all_completed, 45, f"{n_tasks} tasks completed")
+            stop.set()
+            stats = await asyncio.gather(*workers)
+        stored = await completions(log)
+    finally:
+        stop.set()
+        for t in workers:
+            t.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await admin.close()
+    refused = sum(st.lost for st in stats)
+    print(f"\nleader killed while draining: {len(produced)} results produced, "
+          f"{sum(len(v) for v in stored.values())} completions stored, {refused} refused, "
+          f"{len(dropped)} dropped; worker notes {dict(notes)}")
+    assert dropped == []
+    assert all(len(v) == 1 for v in stored.values()), "a task completed twice"
+    assert len(stored) == n_tasks
+    kept = {(task, epoch) for task, epochs in stored.items() for epoch in epochs}
+    assert len(produced) - len(kept & set(produced)) == refused
+
+
+async def completions(log: Any) -> dict[str, list[int]]:
+    """Task id -> epochs of its stored completions, from the log itself."""
+    out: dict[str, list[int]] = {}
+    for item in await log.read(names.events_filter(log.swarm, "task")):
+        data = getattr(item, "event", None) and item.event.data
+        if isinstance(data, ev.TaskCompleted):
+            out.setdefault(item.event.entity_id, []).append(data.epoch)
+    return out
+
+
+async def _all_current(nc: Any, swarm: str) -> bool:
+    return all([all_current(await stream_info(nc, spec.name))
+                for spec in swarm_resources(swarm)])

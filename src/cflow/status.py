@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from cflow.errors import CflowError, NotFound
+from cflow.errors import CflowError, NotFound, Unavailable
 from cflow.streams.client import api_request
 from cflow.streams.definitions import swarm_resources
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section"),
                                           ("maintenance", "cflow.leases:maintenance_status")]
+STATUS_TIMEOUT_S = 2.0  # a stream whose leader is being elected must not stall the status
 
 
 def _server_info(nc: Any) -> dict[str, Any]:
@@ -69,13 +70,47 @@ def replica_health(cluster: dict[str, Any] | None, want: int) -> dict[str, Any]:
     return {"leader": leader, "replicas": replicas, "health": health}
 
 
+def replication_summary(health: dict[str, Any], want: int) -> str:
+    """One line on a stream's replication, e.g. ``R3 leader n0; n1 current, n2 lag 12`` (pure).
+
+    Without a leader it says ``election in progress (no leader)``: writes wait
+    (clients retry for a bounded time) until one is elected.
+    """
+    head = f"R{want}"
+    if health["leader"]:
+        head += f" leader {health['leader']}"
+    elif want > 1 or health["health"] == "no-leader":
+        head += " election in progress (no leader)"
+    parts = []
+    for r in health["replicas"]:
+        if r["offline"]:
+            parts.append(f"{r['name']} offline")
+        elif not r["current"] or r["lag"]:
+            parts.append(f"{r['name']} lag {r['lag']}" + ("" if r["current"] else " catching up"))
+        else:
+            parts.append(f"{r['name']} current")
+    return head + (f"; {', '.join(parts)}" if parts else "")
+
+
 async def stream_status(nc: Any, name: str) -> dict[str, Any]:
+    """One stream's state and replication, as ``cfctl status`` shows it.
+
+    A stream whose group has no leader still answers (from a replica), so
+    ``election`` is True then; a stream that does not answer at all within the
+    timeout is reported with ``error`` and ``election`` True too (its leader is
+    gone or being elected), never as missing.
+    """
     try:
-        info = await api_request(nc, f"$JS.API.STREAM.INFO.{name}")
+        info = await api_request(nc, f"$JS.API.STREAM.INFO.{name}", timeout=STATUS_TIMEOUT_S)
     except NotFound:
         return {"name": name, "exists": False}
+    except Unavailable as exc:
+        return {"name": name, "exists": True, "error": str(exc), "election": True,
+                "leader": None, "replicas": [], "health": "no-leader",
+                "summary": f"no answer ({exc}); election in progress?"}
     state = info.get("state", {})
     want = int(info.get("config", {}).get("num_replicas", 1))
+    health = replica_health(info.get("cluster"), want)
     return {
         "name": name,
         "exists": True,
@@ -85,7 +120,9 @@ async def stream_status(nc: Any, name: str) -> dict[str, Any]:
         "last_seq": int(state.get("last_seq", 0)),
         "consumers": int(state.get("consumer_count", 0)),
         "num_replicas": want,
-        **replica_health(info.get("cluster"), want),
+        **health,
+        "election": health["health"] == "no-leader",
+        "summary": replication_summary(health, want),
     }
 
 
