@@ -13,9 +13,9 @@ owner in ``finally`` (or by using it as a context manager):
   ``cut()`` closes every current connection, ``down()`` also refuses new ones
   (the server seems dead to these clients only), ``heal()`` undoes it all.
 - Clock skew for a whole process with libfaketime (Debian package ``faketime``):
-  :func:`skewed_env` shifts the wall clock of a child (``time.time()``) but not
-  its monotonic clock, so timers and the execution recorder stay on the
-  machine's clock. :func:`require_faketime` skips (fails in CI) without it.
+  :func:`skewed_env` shifts the wall clock of a child (``time.time()``);
+  timers keep their real speed. :func:`require_faketime` skips without it
+  (fails as root in CI, where .ci/run installs it).
 - :class:`RestartableServer`: nats-server kill -9 and restart on the same port
   and store directory.
 - :class:`Cluster`: three servers on loopback; :func:`stream_leader`,
@@ -346,15 +346,17 @@ def require_faketime() -> Path:
 def skewed_env(env: dict[str, str], offset_s: float) -> dict[str, str]:
     """``env`` for a child whose wall clock is ``offset_s`` seconds off (+ ahead, - behind).
 
-    Only the wall clock moves: ``FAKETIME_DONT_FAKE_MONOTONIC`` keeps
-    ``time.monotonic()`` (asyncio's timers, the recorder's intervals) on the
-    machine's clock. The offset is fixed from the child's start and inherited by
-    its children (a worker's executions see the same skewed wall clock).
+    The offset is fixed from the child's start and inherited by its children (a
+    worker's executions see the same skewed wall clock). libfaketime 0.9.10
+    moves ``CLOCK_MONOTONIC`` along (by the same constant, at the same rate):
+    with ``FAKETIME_DONT_FAKE_MONOTONIC=1`` it breaks ``time.sleep()``
+    (EINVAL from clock_nanosleep). A process only compares its own monotonic
+    readings, so that is harmless; only the execution recorder compares them
+    across processes, and it re-executes itself without libfaketime.
     """
     lib = require_faketime()
     preload = " ".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
-    return {**env, "LD_PRELOAD": preload, "FAKETIME": f"{offset_s:+.0f}s",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    return {**env, "LD_PRELOAD": preload, "FAKETIME": f"{offset_s:+.0f}s"}
 
 
 # ================================================================ server restart
@@ -504,8 +506,9 @@ argv: LOG SECONDS. The task body may be JSON: {"seconds": S, "fail_attempts": N}
 import json, os, select, signal, sys, time
 
 env = os.environ
-if "faketime" in env.get("LD_PRELOAD", "") and env.get("FAKETIME_DONT_FAKE_MONOTONIC") != "1":
-    # A faked monotonic clock would not compare with other processes: run unfaked.
+if "faketime" in env.get("LD_PRELOAD", ""):
+    # Under libfaketime the monotonic clock is shifted too: it would not compare
+    # with other processes' readings. Same pid, same stdin, real clocks.
     clean = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
     os.execve(sys.executable, [sys.executable, *sys.argv], clean)
 
@@ -598,7 +601,7 @@ class Execution:
     start: float
     end: float | None  # None: still running
     how: str | None  # exit-N, signal-N, dead (gone without a word: SIGKILL), None
-    wall_start: float  # the process's own wall clock (skewed if the worker was)
+    wall_start: float  # the machine's wall clock (the recorder never runs skewed)
 
     def until(self, now: float | None = None) -> float:
         return self.end if self.end is not None else (now or time.monotonic())
