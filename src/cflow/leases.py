@@ -53,7 +53,7 @@ from cflow.errors import (
 )
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
 from cflow.streams import StoredEvent, names
-from cflow.streams.client import MARKER_REASON
+from cflow.streams.client import MARKER_REASON, Appended
 from cflow.tasks import (
     Action,
     TaskBoard,
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cflow.leases")
 
 BOARD_CATCH_UP_S = 60.0
+BOARD_OWN_WRITES_S = 5.0  # how long a claim waits for the board to show our own writes
 SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
 ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
 SUPERVISOR_BACKOFF_MIN_S = 0.5
@@ -264,6 +265,7 @@ class TaskService:
         self._timer_wake = asyncio.Event()
         self._actions: asyncio.Queue[tuple[str, int]] = asyncio.Queue()  # (task, failures)
         self.health = MaintenanceHealth()
+        self._written = 0  # highest sequence of our own task writes (read-your-writes)
         self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = []
         # Per-task refusals (paused scope, open breaker); the control module adds them.
         self.claim_filters: list[Callable[[TaskState], Paused | None]] = []
@@ -303,6 +305,12 @@ class TaskService:
             if state.status == "claimed":
                 self._schedule_claim_check(state)
         return state
+
+    async def _append(self, data: ev.EventData, task_id: str, **options: Any) -> Appended:
+        """Append on a task's subject, remembering how far our own writes went."""
+        appended = await self.log.append(data, task_id, **options)
+        self._written = max(self._written, appended.seq)
+        return appended
 
     # -------------------------------------------------------------------- create
 
@@ -367,7 +375,7 @@ class TaskService:
         for guard in self.swarm_create_guards():
             await guard(data, task_id)
         try:
-            appended = await self.log.append(data, task_id, expected=0,
+            appended = await self._append(data, task_id, expected=0,
                                              msg_id=f"create-{task_id}")
         except ConcurrencyConflict:
             return await self.get(task_id)  # created before, by us or a retry
@@ -498,6 +506,8 @@ class TaskService:
             state = await self._reap_if_gone(await self.get(task_id))
             return await self._claim_one(state, owner, strict=True)
         board = await self.ensure_board()
+        if board.last_seq < self._written:
+            await self._board_at_least(self._written, BOARD_OWN_WRITES_S)  # read our writes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
         tried: dict[str, int] = {}
@@ -559,7 +569,7 @@ class TaskService:
         data = ev.TaskClaimed(owner=owner, attempt=state.attempt + 1,
                               lease_ttl_s=state.lease_ttl_s)
         try:
-            appended = await self.log.append(data, state.task_id, expected=state.seq,
+            appended = await self._append(data, state.task_id, expected=state.seq,
                                              actor=owner, after_hlc=state.hlc)
         except ConcurrencyConflict:
             with contextlib.suppress(CflowError):
@@ -738,7 +748,7 @@ class TaskService:
         before = await self._holder_state(task_id, epoch, owner, known)
         msg_id = f"{kind}-{task_id}-{epoch}"
         try:
-            appended = await self.log.append(data, task_id, expected=epoch, actor=owner,
+            appended = await self._append(data, task_id, expected=epoch, actor=owner,
                                              msg_id=msg_id, after_hlc=before.hlc,
                                              event_id=intent_id(self.swarm.name, msg_id))
         except ConcurrencyConflict:
@@ -856,7 +866,7 @@ class TaskService:
                                    task_id=task_id, status=state.status)
             epoch = state.epoch if state.status in ("claimed", "expired") else None
             try:
-                appended = await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch),
+                appended = await self._append(ev.TaskCancelled(reason=reason, epoch=epoch),
                                                  task_id, expected=state.seq,
                                                  after_hlc=state.hlc)
             except ConcurrencyConflict:
@@ -902,7 +912,7 @@ class TaskService:
                                      error=f"{action.reason}; attempts exhausted "
                                            f"({state.attempt}/{state.max_attempts})")
         with contextlib.suppress(ConcurrencyConflict, InvalidInput):
-            await self.log.append(data, action.task_id, expected=action.expected,
+            await self._append(data, action.task_id, expected=action.expected,
                                   msg_id=action.msg_id, after_hlc=state.hlc,
                                   event_id=intent_id(self.swarm.name, action.msg_id))
 
@@ -926,7 +936,7 @@ class TaskService:
                 return False  # still alive (or still within the claimer's grace)
             verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
         try:
-            appended = await self.log.append(
+            appended = await self._append(
                 ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,
                                     refund=refund),
                 task_id, expected=epoch, msg_id=f"expired-{task_id}-{epoch}",
