@@ -32,6 +32,7 @@ from faults import (
     task_events,
     timeline,
 )
+from support import until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -175,3 +176,47 @@ async def test_server_kill9_and_restart_mid_claim_and_complete(
     assert max(done.values()) == 1, {t: timeline(history[t]) for t, n in done.items() if n > 1}
     assert len(alive) == 3, "a worker died of the outage"
     assert log.max_overlap() <= TTL_S + 1.0, log.overlaps()[:3]
+
+
+@pytest.mark.parametrize("after", ["TaskLeaseExpired", "TaskCompleted"])
+async def test_outage_right_after_a_maintenance_write_is_repaired(
+        after: str, nats_url: str, swarm_name: str, cli_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """A 2 s outage of every maintainer right after an expiry or a completion was stored.
+
+    The follow-up writes (requeue after the expiry, the dependent's readiness
+    after the completion) are then due while nobody can write; once NATS is
+    back they must still happen, without any new event to trigger them.
+    """
+    log = ExecutionLog(tmp_path)
+    seen = {"TaskLeaseExpired": "expired", "TaskCompleted": "completed"}[after]
+    with proxies(nats_url, 2) as ps:
+        workers = [WorkerProcess(f"ow{i}", {**cli_env, "CFLOW_URL": p.url}, log.command(0.3),
+                                 tmp_path, drain_grace=1.0) for i, p in enumerate(ps, start=1)]
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="chaos") as s:
+            retry = {"lease_ttl_s": TTL_S, "backoff_initial_s": 0.1, "backoff_max_s": 0.2}
+            first = await s.tasks.create("first", body=log.body(0.5), **retry)
+            then = await s.tasks.create("then", body=log.body(0.2),
+                                        depends_on=[first.task_id], **retry)
+            if after == "TaskLeaseExpired":
+                # A holder that dies at once: its lease runs out, a maintainer expires it.
+                assert await s.tasks.claim(first.task_id, agent="ghost") is not None
+            with fleet(workers, log):
+                await asyncio.gather(*(w.wait_ready() for w in workers))
+                for p in ps:  # room to cut in right after the write is stored
+                    p.delay(300)
+                await until(s, first.task_id, lambda st: st.status == seen, within=TTL_S + 15)
+                for p in ps:
+                    p.down()
+                await asyncio.sleep(2.0)
+                for p in ps:
+                    p.heal()
+                try:
+                    await wait_completed(s, [first.task_id, then.task_id], within=20)
+                finally:
+                    items = await task_events(s.log)
+                    history = by_task(items)
+                    print(f"\nafter a 2 s outage right after {after}:\n"
+                          + "\n".join(timeline(v) for v in history.values()))
+    done = completions(items)
+    assert done == {first.task_id: 1, then.task_id: 1}
