@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -56,6 +57,20 @@ def uuid7(unix_ms: int, rand: bytes) -> str:
     value |= int.from_bytes(rand[2:], "big") & ((1 << 62) - 1)
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+_INTENT_NAMESPACE = uuid.UUID("3f0c2a3e-5b7d-4c1e-8f26-9d4b0a7c6e15")
+
+
+def intent_id(swarm: str, msg_id: str) -> str:
+    """The event id of a write named by its intent (its Msg-Id).
+
+    A retry of the same intent (a holder retrying its completion after a
+    timeout, an agent acking a message twice) is then the same event, which the
+    log's read-back recognises as stored; another writer's intent (a reaper's)
+    has another Msg-Id, so another id.
+    """
+    return str(uuid.uuid5(_INTENT_NAMESPACE, f"{swarm}\x00{msg_id}"))
 
 
 def new_id() -> str:

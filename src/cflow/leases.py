@@ -93,16 +93,6 @@ _lease_encoder = msgspec.json.Encoder()
 _lease_decoder = msgspec.json.Decoder(LeaseRecord)
 
 
-def intent_id(swarm: str, msg_id: str) -> str:
-    """The event id of a write named by its intent (its Msg-Id).
-
-    A retry of the same intent (the worker retrying a completion after a
-    timeout) is then the same event, which the log's read-back recognises as
-    stored; a different writer's intent (a reaper's) has another Msg-Id and id.
-    """
-    return str(uuid.uuid5(_ID_NAMESPACE, f"{swarm}\x00intent\x00{msg_id}"))
-
-
 def task_id_for_key(swarm: str, key: str) -> str:
     """Same idempotency key, same task id: creation is then naturally idempotent."""
     return str(uuid.uuid5(_ID_NAMESPACE, f"{swarm}\x00{key}"))
@@ -750,7 +740,7 @@ class TaskService:
         try:
             appended = await self._append(data, task_id, expected=epoch, actor=owner,
                                              msg_id=msg_id, after_hlc=before.hlc,
-                                             event_id=intent_id(self.swarm.name, msg_id))
+                                             event_id=ev.intent_id(self.swarm.name, msg_id))
         except ConcurrencyConflict:
             raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch)) from None
         if appended.duplicate:
@@ -914,7 +904,7 @@ class TaskService:
         with contextlib.suppress(ConcurrencyConflict, InvalidInput):
             await self._append(data, action.task_id, expected=action.expected,
                                   msg_id=action.msg_id, after_hlc=state.hlc,
-                                  event_id=intent_id(self.swarm.name, action.msg_id))
+                                  event_id=ev.intent_id(self.swarm.name, action.msg_id))
 
     async def reap(self, task_id: str, epoch: int, reason: str | Verdict | None = None) -> bool:
         """Expire the claim ``epoch`` of a task if its lease is really gone, then requeue it.
@@ -941,7 +931,7 @@ class TaskService:
                                     refund=refund),
                 task_id, expected=epoch, msg_id=f"expired-{task_id}-{epoch}",
                 after_hlc=state.hlc,
-                event_id=intent_id(self.swarm.name, f"expired-{task_id}-{epoch}"))
+                event_id=ev.intent_id(self.swarm.name, f"expired-{task_id}-{epoch}"))
         except ConcurrencyConflict:
             return False
         self.reaped += 1

@@ -258,7 +258,8 @@ class MessageService:
         await self.log.append(
             ev.MessageSent(to=to, topic=topic, text=text, thread_id=thread_id,
                            reply_to=reply_to, importance=level, ack_required=ack_required),
-            mid, msg_id=f"msg-{mid}", actor=rec.sender)
+            mid, msg_id=f"msg-{mid}", actor=rec.sender,
+            event_id=ev.intent_id(self.swarm.name, f"msg-{mid}"))
         return mid
 
     async def get(self, message_id: str) -> MessageSentView:
@@ -402,7 +403,8 @@ class MessageService:
         ev.check_token(agent, "agent")
         appended = await self.log.append(ev.MessageAcked(message_id=message_id, by=agent),
                                          message_id, msg_id=f"ack-{message_id}-{agent}",
-                                         actor=agent)
+                                         actor=agent, event_id=ev.intent_id(
+                                             self.swarm.name, f"ack-{message_id}-{agent}"))
         return appended.seq
 
     async def overdue(self, *, older_than_s: float = 300.0, to: str | None = None,
