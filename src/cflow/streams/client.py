@@ -59,6 +59,7 @@ MARKER_REASON = "Nats-Marker-Reason"
 KV_OPERATION = "KV-Operation"
 DEFAULT_RETRY_S = 12.0  # how long a read or write retries through an election
 EXPLAIN_TIMEOUT_S = 1.5  # the STREAM.INFO that tells why a stream does not answer
+CONSUMER_CREATE_S = 1.5  # one try at creating an ordered consumer (placed on a random replica)
 REPLICAS_TTL_S = 30.0  # how long a stream's replica count is trusted (R1 -> R3 upgrades)
 
 T = TypeVar("T")
@@ -1021,23 +1022,24 @@ class EventLog:
         reconnects, so the sequence seen here never skips or repeats.
         """
         subject = filter_subject or names.events_filter(self.swarm)
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start_seq > 1 else DeliverPolicy.ALL,
-            opt_start_seq=start_seq if start_seq > 1 else None,
-            headers_only=False,
-        )
+
+        def config() -> ConsumerConfig:
+            return ConsumerConfig(
+                deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if start_seq > 1
+                                else DeliverPolicy.ALL),
+                opt_start_seq=start_seq if start_seq > 1 else None,
+                headers_only=False,
+            )
+
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
             await queue.put(msg)
 
-        with nats_errors(subject):
-            sub = await self.js.subscribe(subject, cb=on_msg, ordered_consumer=True,
-                                          config=config, stream=self.stream)
+        sub, info = await self._ordered_subscription(subject, self.stream, on_msg, config,
+                                                     with_info=caught_up is not None)
         try:
-            if caught_up is not None:
-                with nats_errors(subject):
-                    info = await sub.consumer_info()
+            if caught_up is not None and info is not None:
                 # Only "nothing pending and nothing delivered yet" means empty: with
                 # everything already delivered but not yet queued, num_pending is 0
                 # too; then the last message's own num_pending == 0 sets it below.
@@ -1064,6 +1066,40 @@ class EventLog:
         finally:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
+
+    async def _ordered_subscription(
+        self, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]],
+        config: Callable[[], ConsumerConfig], *, with_info: bool = False,
+    ) -> tuple[Any, Any]:
+        """An ordered push consumer (and its info), retried through an election.
+
+        The server places an ordered (R1) consumer on a random replica of the
+        stream; one that is paused or cut off never answers, so a try that times
+        out is abandoned (it expires on its own) and a new consumer placed, each
+        with a fresh config and inbox.
+
+        Raises:
+            NotFound: the stream does not exist.
+            Unavailable: no consumer could be made within ``retry_s``.
+        """
+        attempts = Attempts(self.retry_s, self.request_timeout_s)
+        while True:
+            js = self.nc.jetstream(timeout=min(CONSUMER_CREATE_S, attempts.timeout()))
+            sub = None
+            try:
+                with nats_errors(subject):
+                    sub = await js.subscribe(subject, cb=cb, ordered_consumer=True,
+                                             config=config(), stream=stream)
+                    info = await sub.consumer_info() if with_info else None
+                return sub, info
+            except Unavailable as exc:
+                if sub is not None:
+                    with contextlib.suppress(nats.errors.Error, OSError):
+                        await sub.unsubscribe()
+                if not retryable(exc):
+                    raise
+                if not await attempts.pause():
+                    raise await self._explain(stream, exc, attempts.waited_s()) from exc
 
     async def read(self, filter_subject: str | None = None, *, start_seq: int = 1
                    ) -> list[StoredEvent | BadMessage]:
@@ -1195,10 +1231,8 @@ class EventLog:
 
         subject = f"$KV.{bucket}.>"
         policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.NEW
-        with nats_errors(subject):
-            sub = await self.js.subscribe(subject, cb=on_msg, ordered_consumer=True,
-                                          config=ConsumerConfig(deliver_policy=policy),
-                                          stream=names.kv_stream(bucket))
+        sub, _ = await self._ordered_subscription(subject, names.kv_stream(bucket), on_msg,
+                                                  lambda: ConsumerConfig(deliver_policy=policy))
         try:
             yield queue, sub
         finally:
