@@ -203,12 +203,15 @@ class Attempts:
 
     def __init__(self, budget_s: float, per_try_s: float) -> None:
         self.started = time.monotonic()
-        self.deadline = self.started + max(0.0, budget_s)
+        self.budget_s = max(0.0, budget_s)
+        self.deadline = self.started + self.budget_s
         self.per_try_s = per_try_s
         self.delay = 0.05
         self.tries = 1
 
     def timeout(self) -> float:
+        if not self.budget_s:
+            return self.per_try_s  # one try: it gets its whole time
         return max(0.25, min(self.per_try_s, self.deadline - time.monotonic()))
 
     def waited_s(self) -> float:
@@ -682,7 +685,7 @@ class EventLog:
         """One read-back try between write retries: None when it cannot tell yet."""
         try:
             return await self._read_back(subject, msg_id, event, expected, by_msg_id=by_msg_id,
-                                         retry_s=0.0)
+                                         retry_s=0.0, timeout=EXPLAIN_TIMEOUT_S)
         except Unavailable:
             return None
 
@@ -696,7 +699,8 @@ class EventLog:
 
     async def _read_back(self, subject: str, msg_id: str, event: ev.Event,
                          expected: int | None, *, by_msg_id: bool = False,
-                         retry_s: float | None = None) -> int | None:
+                         retry_s: float | None = None,
+                         timeout: float | None = None) -> int | None:  # noqa: ASYNC109
         """Where an append whose outcome is unknown was stored, if it was.
 
         With ``expected``, the write can only sit right after that sequence on
@@ -708,10 +712,11 @@ class EventLog:
             Unavailable: the read itself failed (within ``retry_s``).
         """
         if expected is None:
-            raw = await self._fetch(self.stream, last_by_subj=subject, retry_s=retry_s)
+            raw = await self._fetch(self.stream, last_by_subj=subject, retry_s=retry_s,
+                                    timeout=timeout)
         else:
             raw = await self._fetch(self.stream, seq=expected + 1, next_by_subj=subject,
-                                    retry_s=retry_s)
+                                    retry_s=retry_s, timeout=timeout)
         if raw is None:
             return None
         if _event_id(raw) == event.id:
@@ -800,7 +805,8 @@ class EventLog:
 
     async def _fetch(self, stream: str, *, seq: int | None = None,
                      last_by_subj: str | None = None, next_by_subj: str | None = None,
-                     retry_s: float | None = None) -> RawMessage | None:
+                     retry_s: float | None = None,
+                     timeout: float | None = None) -> RawMessage | None:  # noqa: ASYNC109
         """One stored message: by sequence, last on a subject, or next on a subject from ``seq``.
 
         Read-your-writes: a replicated stream is read from its leader (a direct get
@@ -828,20 +834,22 @@ class EventLog:
                 return await self._leader_get(stream, req, timeout)
             return await self._direct_get(stream, req, timeout)
 
-        raw = await self._retrying(stream, once, retry_s)
+        raw = await self._retrying(stream, once, retry_s, timeout)
         if raw is not None:
             self.server_clock.observe(raw.time_ms)
         return raw
 
     async def _retrying(self, stream: str, op: Callable[[float], Awaitable[T]],
-                        retry_s: float | None = None) -> T:
+                        retry_s: float | None = None,
+                        timeout: float | None = None) -> T:  # noqa: ASYNC109
         """Run ``op(timeout)`` until it answers, retrying what an election explains.
 
         Raises:
             NotFound: the stream does not exist (checked at the first "no responders").
             Unavailable: still failing after ``retry_s``, explained by ``_explain``.
         """
-        attempts = Attempts(self.retry_s if retry_s is None else retry_s, self.request_timeout_s)
+        attempts = Attempts(self.retry_s if retry_s is None else retry_s,
+                            timeout or self.request_timeout_s)
         checked = False
         while True:
             try:
@@ -860,11 +868,14 @@ class EventLog:
         """Whether reads of ``stream`` go to its leader: it has replicas that may lag."""
         cached = self._replicas.get(stream)
         if cached is not None and time.monotonic() - cached[1] < REPLICAS_TTL_S:
-            return cached[0] > 1
+            return cached[0] != 1  # 0: unknown
         try:
-            await self.stream_info(stream, retry_s=0.0)
+            await self.stream_info(stream, retry_s=0.0, timeout=EXPLAIN_TIMEOUT_S)
         except Unavailable:
-            return True  # cannot tell now: the leader is never wrong
+            # Cannot tell now: the leader is never wrong. Ask again in a few seconds,
+            # not on every read of an election.
+            self._replicas[stream] = (0, time.monotonic() - REPLICAS_TTL_S + 5.0)
+            return True
         return self._replicas[stream][0] > 1
 
     async def stream_info(self, stream: str, *, retry_s: float | None = None,
@@ -1189,7 +1200,8 @@ class EventLog:
                 uncertain = uncertain or getattr(exc, "reason", None) != "no-responders"
                 if uncertain:
                     with contextlib.suppress(Unavailable):
-                        found = await self._kv_read_back(bucket, key, mid, expected, 0.0)
+                        found = await self._kv_read_back(bucket, key, mid, expected, 0.0,
+                                                         EXPLAIN_TIMEOUT_S)
                         if found is not None:
                             return found
                 if not await attempts.pause():
@@ -1202,14 +1214,16 @@ class EventLog:
                 raise
 
     async def _kv_read_back(self, bucket: str, key: str, msg_id: str, expected: int | None,
-                            retry_s: float | None) -> int | None:
+                            retry_s: float | None,
+                            timeout: float | None = None) -> int | None:  # noqa: ASYNC109
         """Revision of the KV write with ``msg_id`` if it was stored where it could be."""
         stream, subject = names.kv_stream(bucket), names.kv_subject(bucket, key)
         if expected is None:
-            raw = await self._fetch(stream, last_by_subj=subject, retry_s=retry_s)
+            raw = await self._fetch(stream, last_by_subj=subject, retry_s=retry_s,
+                                    timeout=timeout)
         else:
             raw = await self._fetch(stream, seq=expected + 1, next_by_subj=subject,
-                                    retry_s=retry_s)
+                                    retry_s=retry_s, timeout=timeout)
         if raw is not None and raw.headers.get(MSG_ID) == msg_id:
             return raw.seq
         return None
