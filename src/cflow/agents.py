@@ -10,8 +10,10 @@ events into an :class:`AgentInfo` (pure).
 
 Liveness is a key in the ``presence`` bucket with a server-side TTL
 (:data:`PRESENCE_TTL_S`), renewed by the agent's process every
-:data:`PRESENCE_RENEW_S` while :meth:`Agent.present` is active. When the process
-dies, the server removes the key and leaves a marker; every observer running
+:data:`PRESENCE_RENEW_S` while :meth:`Agent.present` is active, by the keep-alive
+loop leases and reservations use (:mod:`cflow.keepalive`): a process cut off from
+NATS is told its presence is lost before the server can expire the key. When the
+process dies, the server removes the key and leaves a marker; every observer running
 :meth:`AgentService.maintain` sees the marker and appends
 ``AgentStatusChanged(offline)`` with the agent subject's last sequence as the
 expected sequence and a Msg-Id derived from it, so a crowd of observers records
@@ -28,14 +30,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from cflow import events as ev
+from cflow.background import stop_tasks
 from cflow.errors import CflowError, ConcurrencyConflict, InvalidInput, NotFound
+from cflow.keepalive import Holding, keep_renewing, regain, renewal
+from cflow.lease_policy import LeasePolicy
 from cflow.streams import StoredEvent, names
 
 if TYPE_CHECKING:
@@ -139,6 +144,8 @@ class Agent:
         self.lapses = 0  # times the presence key was found expired on renewal
         self._revision = 0
         self.ttl_s = PRESENCE_TTL_S
+        # The current tenure of the presence key while ``present()`` runs.
+        self.presence: Holding | None = None
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, capabilities={self.capabilities})"
@@ -167,45 +174,64 @@ class Agent:
 
     @contextlib.asynccontextmanager
     async def present(self, *, ttl_s: float = PRESENCE_TTL_S, renew_s: float | None = None,
-                      reason: str = "shutdown") -> AsyncIterator[Agent]:
+                      reason: str = "shutdown", on_lost: Callable[[Agent], None] | None = None
+                      ) -> AsyncIterator[Agent]:
         """Keep the presence key alive while the block runs; deregister on a clean exit.
+
+        Renewed by the shared keep-alive loop (:mod:`cflow.keepalive`): when no
+        renewal succeeded for the TTL minus a margin (cut off from NATS, paused),
+        ``self.presence.lost`` is set and ``on_lost(self)`` is called, before the
+        server can expire the key and observers record the agent offline. The agent
+        then keeps trying to put the key again; once it is back (a new
+        ``self.presence``), it re-announces itself online if the key had lapsed.
 
         Raises:
             Unavailable: NATS cannot be reached when the block starts.
         """
         self.ttl_s = ttl_s
+        policy = LeasePolicy(ttl_s)
         period = renew_s or max(0.2, min(PRESENCE_RENEW_S, ttl_s / 3))
+        sent = time.monotonic()
         await self._put_presence()
+        held = self.presence = Holding(policy, sent)
         seq, last = await self.service._last(self.name)
         if last is None or fold_agent(None, seq, last).status == "offline":
             await self.service.set_status(self.name, "online", reason="present", force=True)
 
         async def renew() -> None:
-            while True:
-                await asyncio.sleep(period)  # renewal is a timer by nature
-                try:
-                    fresh = await self._put_presence()
-                except CflowError as exc:
-                    log.warning("presence renewal of %s failed: %s", self.name, exc)
-                    continue
-                if not fresh:
-                    # Our key expired (we were paused or cut off); observers may have
-                    # recorded us offline: say we are back, compare-and-set.
-                    self.lapses += 1
-                    with contextlib.suppress(CflowError):
-                        await self.service.set_status(self.name, "online",
-                                                      reason="presence restored", force=True)
+            if not await renewal(held, self._put_presence):
+                await self._back()
 
-        renewer = asyncio.create_task(renew(), name=f"presence-{self.name}")
+        async def keep() -> None:
+            nonlocal held
+            name = f"presence of {self.name}"
+            while True:
+                await keep_renewing(held, renew, name=name, interval_s=period)
+                log.warning("%s lost: %s", name, held.lost_reason)
+                if on_lost is not None:
+                    on_lost(self)
+                sent, fresh = await regain(self._put_presence, policy, name=name,
+                                           attempt_s=period)
+                held = self.presence = Holding(policy, sent)
+                if not fresh:
+                    await self._back()
+
+        renewer = asyncio.create_task(keep(), name=f"presence-{self.name}")
         try:
             yield self
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await stop_tasks([renewer])
             with contextlib.suppress(CflowError):
                 await self.service.deregister(self.name, reason=reason)
                 await self.service.log.kv_delete(self.service.bucket, self.name)
+
+    async def _back(self) -> None:
+        """Our key had expired (we were paused or cut off); observers may have recorded
+        us offline: say we are back, compare-and-set."""
+        self.lapses += 1
+        with contextlib.suppress(CflowError):
+            await self.service.set_status(self.name, "online", reason="presence restored",
+                                          force=True)
 
 
 class AgentService:
@@ -360,21 +386,19 @@ class AgentService:
 
     async def _observe(self, sweep: bool) -> None:
         # Subscribe before the sweep, so no expiry falls between the two.
-        async with self.log.kv_subscription(self.bucket) as (queue, _):
+        async with self.log.kv_entries(self.bucket) as entries:
             if sweep:
                 try:
                     await self.sweep()
                 except CflowError as exc:
                     log.warning("presence sweep failed: %s", exc)
-            while True:
-                msg = await queue.get()
-                if "Nats-Marker-Reason" not in (msg.headers or {}):
-                    continue
-                name = msg.subject.rsplit(".", 1)[-1]
+            async for entry in entries:
+                if entry.operation != "MARKER":
+                    continue  # only the server's expiry says an agent went away
                 try:
-                    await self.mark_offline(name)
+                    await self.mark_offline(entry.key)
                 except CflowError as exc:
-                    log.warning("marking %s offline failed: %s", name, exc)
+                    log.warning("marking %s offline failed: %s", entry.key, exc)
 
 
 def capabilities_of(values: Sequence[str]) -> tuple[str, ...]:

@@ -19,11 +19,12 @@ Every process keeps a :class:`ControlView` (pure) folded from an ordered
 consumer on the bucket, so the guards the claim path calls are dictionary
 look-ups, not KV reads:
 
-- the claim guard (``swarm.tasks.claim_guards``) refuses every claim while the
-  swarm is paused or stopped;
-- the claim filter (``swarm.tasks.claim_filters``) skips tasks under a paused
+- the claim guard (:meth:`ControlService.claim_guard`, one of
+  ``swarm.tasks.claim_guards``) refuses every claim while the swarm is paused or
+  stopped;
+- the claim filter (:meth:`ControlService.claim_filter`) skips tasks under a paused
   scope or needing a capability whose breaker is open;
-- the create guard (``swarm.create_guards``) enforces the children and depth
+- the create guard (:meth:`ControlService.create_guard`) enforces the children and depth
   budgets before a ``TaskCreated`` is written: a child takes a slot on its parent's
   counter by compare-and-set first (idempotent per task id), so concurrent creators
   in many processes never overshoot ``max_children``;
@@ -31,8 +32,12 @@ look-ups, not KV reads:
   over ``max_attempts``, or under a scope whose spend reached ``max_spend_usd``,
   from the counters in the cache: before the claim is written, in every process.
 
+:class:`~cflow.swarm.Swarm` (the composition root) hands these to the claim and
+create paths when it builds the task service.
+
 The attempts and spend counters are kept by :meth:`ControlService.maintain`, which
-every long-lived process runs next to the task maintenance loop: it counts each
+every long-lived process runs next to the task maintenance loop, on the process's
+one task feed (:mod:`cflow.feed`): it counts each
 observed claim (idempotent per claim id, so a claim whose claimer reserved it with
 :meth:`ControlService.reserve_attempt` is not counted twice) and publishes each
 scope's spend up to a stream sequence. It also opens breakers (consecutive failures
@@ -48,7 +53,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,11 +69,13 @@ from cflow.errors import (
     NotFound,
     Paused,
 )
-from cflow.streams import StoredEvent, names
+from cflow.streams import names
 from cflow.streams.client import wall_ms
 from cflow.tasks import TaskState, event_ms
 
 if TYPE_CHECKING:
+    from cflow.feed import TaskFeed
+    from cflow.streams import EventLog, KvEntry
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.control")
@@ -479,9 +486,16 @@ class BreakerTracker:
 class ControlService:
     """Pause, budgets, breakers and gates of one swarm (``swarm.control``)."""
 
-    def __init__(self, swarm: Swarm, *, breaker: BreakerSettings | None = None) -> None:
+    def __init__(self, swarm: Swarm, *, feed: TaskFeed,
+                 on_change: Callable[[], Awaitable[None]] | None = None,
+                 breaker: BreakerSettings | None = None) -> None:
+        """Built by :class:`~cflow.swarm.Swarm`, which hands it the process's task feed
+        (for :meth:`maintain`) and ``on_change``, called whenever the cached control
+        state moves (the claim path wakes waiting claimers with it)."""
         self.swarm = swarm
         self.log = swarm.log
+        self.feed = feed
+        self._on_change = on_change
         self.bucket = swarm.log.bucket(names.CONTROL)
         self.view = ControlView()
         self.defaults = breaker or BreakerSettings()
@@ -491,7 +505,6 @@ class ControlService:
         self._watch_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._version = 0
-        self._installed = False
         self._background: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # maintenance state (folded from task events)
@@ -500,17 +513,7 @@ class ControlService:
         self._breakers = BreakerTracker()
         self._last_seq: dict[str, int] = {}  # task -> its last event's sequence
         self._spent: dict[str, float] = {}  # reported cost, per scope
-
-    def install(self) -> None:
-        """Register the guards on the claim and create paths (idempotent)."""
-        if self._installed:
-            return
-        self._installed = True
-        tasks = self.swarm.tasks
-        tasks.claim_guards.append(self._claim_guard)
-        tasks.claim_filters.append(self._claim_filter)
-        self.swarm.create_guards.append(self._create_guard)
-        self.swarm.maintenance_hooks.append(self.maintain)
+        self._folded_seq = 0  # the last task event maintenance folded
 
     # ------------------------------------------------------------ the cache
 
@@ -539,21 +542,15 @@ class ControlService:
         return self.view
 
     async def _watch(self) -> None:
-        from cflow.streams.errors import nats_errors
-
-        async with self.log.kv_subscription(self.bucket, last_per_subject=True) as (queue, sub):
-            with nats_errors(self.bucket):
-                info = await sub.consumer_info()
-            if info.num_pending == 0 and queue.empty():
+        async with _kv_watch(self.log, self.bucket) as (empty, entries):
+            if empty:
                 await self._mark_changed()
                 self._caught_up.set()
-            while True:
-                msg = await queue.get()
-                key = msg.subject[len(f"$KV.{self.bucket}."):]
-                op = (msg.headers or {}).get("KV-Operation", "PUT")
-                value = bytes(msg.data) if op == "PUT" else None
-                self.view.apply(key, int(msg.metadata.sequence.stream), value)
-                if msg.metadata.num_pending == 0 or self._caught_up.is_set():
+            async for entry, pending in entries:
+                # A delete, purge or (for keys with a TTL) the server's expiry marker
+                # all mean the key is gone.
+                self.view.apply(entry.key, entry.revision, entry.value if entry.live else None)
+                if pending == 0 or self._caught_up.is_set():
                     await self._mark_changed()
                     self._caught_up.set()
 
@@ -577,8 +574,8 @@ class ControlService:
         self._version += 1
         async with self._changed:
             self._changed.notify_all()
-        if self.swarm._tasks is not None:
-            await self.swarm._tasks.poke()
+        if self._on_change is not None:
+            await self._on_change()
 
     def _breaker_elapsed(self, key: str) -> None:
         self._timers.pop(key, None)
@@ -616,7 +613,13 @@ class ControlService:
 
     # ------------------------------------------------------------- guards
 
-    async def _claim_guard(self, owner: str, capabilities: Any) -> None:
+    async def claim_guard(self, owner: str, capabilities: Any) -> None:
+        """The claim path's guard: no claim while the swarm is paused or stopped, or when
+        a swarm-wide attempts or spend budget is reached.
+
+        Raises:
+            Paused: why no claim may happen now.
+        """
         view = await self.ensure()
         refusal = view.claim_refusal()
         if refusal is not None:
@@ -640,7 +643,9 @@ class ControlService:
             task_id = parent
         return out
 
-    def _claim_filter(self, state: TaskState) -> Paused | None:
+    def claim_filter(self, state: TaskState) -> Paused | None:
+        """The claim path's per-task filter: why this task may not be claimed now (a
+        paused scope, an open breaker, a budget of its scopes), or None. Cache only."""
         view = self.view
         if not view.scopes and not view.breakers and not view.budgets:
             return None
@@ -688,7 +693,7 @@ class ControlService:
         raise ConcurrencyConflict(names.kv_subject(self.bucket, key), None,
                                   detail="budget counter kept changing")
 
-    async def _create_guard(self, data: ev.TaskCreated, task_id: str) -> None:
+    async def create_guard(self, data: ev.TaskCreated, task_id: str) -> None:
         """Children and depth budgets, before the ``TaskCreated`` is written.
 
         A ``max_children`` budget is enforced on the parent's counter in the control
@@ -1010,21 +1015,24 @@ class ControlService:
     async def maintain(self) -> None:
         """Evaluate breakers, attempts and spend budgets from task events, until cancelled.
 
-        Runs in every long-lived process (started by ``swarm.tasks.maintain()``);
+        Folds the process's task feed (events after the feed caught up are *live*: they
+        may open breakers and pause scopes as news; earlier ones are history). Runs in
+        every long-lived process (started by ``swarm.tasks.maintain()``);
         decisions are compare-and-set on the control keys, so running it in many
         processes opens a breaker or pauses a scope once.
         """
         await self.ensure()
         closer = asyncio.create_task(self._close_elapsed_breakers(), name="breaker-closer")
-        caught = asyncio.Event()
         try:
-            async for item in self.log.follow(names.events_filter(self.swarm.name, "task"),
-                                              caught_up=caught):
-                if isinstance(item, StoredEvent):
+            # After a restart, go on from the last event folded (not fold twice).
+            async with self.feed.subscribe("control",
+                                           start_seq=self._folded_seq + 1) as events:
+                async for item in events:
                     try:
-                        await self._observe(item.seq, item.event, live=caught.is_set())
+                        await self._observe(item.seq, item.event, live=self.feed.live(item.seq))
                     except CflowError as exc:
                         log.warning("control maintenance step failed: %s", exc)
+                    self._folded_seq = item.seq
         finally:
             closer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -1281,6 +1289,33 @@ class ControlService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
             self._watch_task = None
+
+
+@contextlib.asynccontextmanager
+async def _kv_watch(log: EventLog, bucket: str
+                    ) -> AsyncIterator[tuple[bool, AsyncIterator[tuple[KvEntry, int]]]]:
+    """Every key's current entry, then every change: ``(empty, entries)`` where each
+    item is a typed entry (``PUT``, ``DEL``, ``PURGE``, ``MARKER``) and how many of the
+    keys' current entries are still to come (0: the cache is current).
+
+    An adapter over :meth:`EventLog.kv_subscription` because :meth:`EventLog.kv_entries`
+    yields typed entries but not the pending count a cache needs to know it is current.
+    """
+    from cflow.streams.errors import nats_errors
+
+    async with log.kv_subscription(bucket, last_per_subject=True) as (queue, sub):
+        with nats_errors(bucket):
+            info = await sub.consumer_info()
+        # Only "nothing pending and nothing delivered yet" means empty (see EventLog.follow).
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        empty = info.num_pending == 0 and not delivered and queue.empty()
+
+        async def entries() -> AsyncIterator[tuple[KvEntry, int]]:
+            while True:
+                msg = await queue.get()
+                yield log.kv_entry(bucket, msg), int(msg.metadata.num_pending)
+
+        yield empty, entries()
 
 
 def replace_record(record: BreakerRecord, **changes: Any) -> BreakerRecord:

@@ -54,8 +54,9 @@ import functools
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -70,10 +71,14 @@ from cflow.errors import (
     ReservationConflict,
     ReservationLost,
 )
-from cflow.streams import KvEntry, StoredEvent, names
+from cflow.keepalive import Holding, kept_alive, renewal
+from cflow.lease_policy import LeasePolicy
+from cflow.streams import KvEntry, names
 from cflow.streams.client import wall_ms
+from cflow.tasks import ends_task
 
 if TYPE_CHECKING:
+    from cflow.feed import TaskFeed
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.reservations")
@@ -304,6 +309,9 @@ class Reservation:
     reserved_ms: int
     expires_ms: int
     revision: int
+    # When this process sent the write that stored this revision (monotonic clock;
+    # None when read back): the start of the holder's deadline.
+    sent_mono: float | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "owner": self.owner, "patterns": list(self.patterns),
@@ -312,12 +320,13 @@ class Reservation:
                 "revision": self.revision}
 
 
-def _reservation(rec: ReservationRecord, revision: int) -> Reservation:
+def _reservation(rec: ReservationRecord, revision: int,
+                 sent_mono: float | None = None) -> Reservation:
     base = rec.renewed_ms or rec.reserved_ms
     return Reservation(id=rec.id, owner=rec.owner, patterns=rec.patterns,
                        exclusive=rec.exclusive, task_id=rec.task_id, ttl_s=rec.ttl_s,
                        reserved_ms=rec.reserved_ms, expires_ms=base + int(rec.ttl_s * 1000),
-                       revision=revision)
+                       revision=revision, sent_mono=sent_mono)
 
 
 # ---------------------------------------------------------------------- adapter
@@ -326,9 +335,11 @@ def _reservation(rec: ReservationRecord, revision: int) -> Reservation:
 class ReservationService:
     """``swarm.reservations``: reserve, renew, release, list, check paths."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: Swarm, *, feed: TaskFeed) -> None:
+        """Built by :class:`~cflow.swarm.Swarm`, which hands it the process's task feed."""
         self.swarm = swarm
         self.log = swarm.log
+        self.feed = feed
         self.bucket = swarm.log.bucket(names.RESERVATIONS)
 
     async def _live_record(self, reservation_id: str) -> tuple[ReservationRecord, KvEntry] | None:
@@ -383,6 +394,7 @@ class ReservationService:
                                  patterns=pats, exclusive=exclusive, task_id=task_id,
                                  ttl_s=ttl_s, reserved_ms=now, renewed_ms=now)
         key = reservation_key(mine.id)
+        sent = time.monotonic()
         revision = await self.log.kv_put(self.bucket, key, _encoder.encode(mine),
                                          expected_revision=0, ttl_s=ttl_s)
         try:
@@ -395,7 +407,7 @@ class ReservationService:
             ev.PathsReserved(owner=mine.owner, paths=pats, exclusive=exclusive, ttl_s=ttl_s,
                              epoch=revision, task_id=task_id),
             mine.id, msg_id=f"reserve-{mine.id}", actor=mine.owner)
-        return _reservation(mine, revision)
+        return _reservation(mine, revision, sent)
 
     async def _enter_index(self, mine: ReservationRecord) -> None:
         for round_ in range(MAX_RACE_ROUNDS):
@@ -436,42 +448,42 @@ class ReservationService:
             raise ReservationLost(reservation_id, f"stale revision {revision} (now {kv.revision})")
         renewed = msgspec.structs.replace(rec, renewed_ms=wall_ms(),
                                           ttl_s=ttl_s if ttl_s is not None else rec.ttl_s)
+        sent = time.monotonic()
         try:
             new_rev = await self.log.kv_put(self.bucket, reservation_key(reservation_id),
                                             _encoder.encode(renewed), expected_revision=revision,
                                             ttl_s=renewed.ttl_s)
         except ConcurrencyConflict:
             raise ReservationLost(reservation_id, "expired or taken over while renewing") from None
-        return _reservation(renewed, new_rev)
+        return _reservation(renewed, new_rev, sent)
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, reservation: Reservation, interval_s: float | None = None,
                          on_lost: Callable[[Reservation], None] | None = None
                          ) -> AsyncIterator[Reservation]:
-        """Renew every TTL/3 while the block runs; ``on_lost`` is called if it is lost."""
-        period = interval_s or max(0.2, reservation.ttl_s / 3)
+        """Renew every TTL/3 while the block runs; ``on_lost`` is called once if it is lost.
+
+        The shared keep-alive loop (:mod:`cflow.keepalive`): lost when a renewal is
+        refused (expired, released, taken over) or when none succeeded for the TTL
+        minus a margin (cut off from NATS), before the server can expire the key and
+        another owner reserve the paths. ``on_lost`` gets the reservation as last renewed.
+        """
+        policy = LeasePolicy(reservation.ttl_s)
+        held = Holding(policy, reservation.sent_mono or time.monotonic())
         current = reservation
 
-        async def beat() -> None:
+        async def renew() -> None:
             nonlocal current
-            while True:
-                await asyncio.sleep(period)  # renewal is a timer by nature
-                try:
-                    current = await self.renew(current.id, current.revision)
-                except ReservationLost:
-                    if on_lost is not None:
-                        on_lost(current)
-                    return
-                except CflowError as exc:
-                    log.warning("renewing reservation %s failed: %s", current.id, exc)
+            current = await renewal(held, lambda: self.renew(current.id, current.revision),
+                                    refused=(ReservationLost,))
 
-        task = asyncio.create_task(beat(), name=f"reservation-{reservation.id}")
-        try:
+        def lost() -> None:
+            if on_lost is not None:
+                on_lost(current)
+
+        async with kept_alive(held, renew, name=f"reservation {reservation.id}",
+                              interval_s=interval_s, on_lost=lost):
             yield reservation
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def list(self, owner: str | None = None) -> builtins.list[Reservation]:
         """Live reservations of record, oldest first."""
@@ -545,25 +557,23 @@ class ReservationService:
         """Release the reservations of tasks that finished, until cancelled.
 
         Sweeps once (reservations whose task already finished), then follows the
-        task events: ``TaskCompleted``, a final ``TaskFailed`` and
-        ``TaskCancelled`` release the task's reservations. Safe to run in every
-        long-lived process (see :meth:`_release`).
+        process's task feed from where the sweep began: every event that ends a task
+        (:func:`cflow.tasks.ends_task`: completed, failed for good, cancelled)
+        releases the task's reservations. Safe to run in every long-lived process
+        (see :meth:`_release`).
         """
         start = await self.log.stream_last_seq() + 1
-        try:
-            for r in await self.list():
-                if r.task_id is not None and await self._task_finished(r.task_id):
-                    await self.release_task(r.task_id)
-        except CflowError as exc:  # the TTL still frees them; do not stop the maintainer
-            log.warning("reservation sweep failed: %s", exc)
-        async for item in self.log.follow(names.events_filter(self.swarm.name, "task"),
-                                          start_seq=start):
-            if not isinstance(item, StoredEvent):
-                continue
-            data = item.event.data
-            ended = isinstance(data, ev.TaskCompleted | ev.TaskCancelled) or (
-                isinstance(data, ev.TaskFailed) and data.final)
-            if ended:
+        # Subscribed before the sweep, so no ending falls between the two.
+        async with self.feed.subscribe("reservations", start_seq=start) as events:
+            try:
+                for r in await self.list():
+                    if r.task_id is not None and await self._task_finished(r.task_id):
+                        await self.release_task(r.task_id)
+            except CflowError as exc:  # the TTL still frees them; do not stop the maintainer
+                log.warning("reservation sweep failed: %s", exc)
+            async for item in events:
+                if not ends_task(item.event.data):
+                    continue
                 try:
                     await self.release_task(item.event.entity_id,
                                             f"task {item.event.type[4:].lower()}")

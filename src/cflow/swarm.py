@@ -2,7 +2,15 @@
 
 CLI commands, the MCP adapter and the worker runtime all go through this class;
 none of them touches NATS directly. Services hang off it as attributes:
-``swarm.tasks`` (claim path), and the others as their modules land.
+``swarm.tasks`` (claim path), ``swarm.control``, ``swarm.agents``,
+``swarm.reservations``, ``swarm.memory``, ``swarm.messages``.
+
+``Swarm`` is the composition root: it builds each service (lazily, on first use,
+so a ``cfctl`` command or the MCP adapter imports only what it needs) and hands it
+what it needs: the process's one task feed (:mod:`cflow.feed`) to the services that
+follow task events, control's guards to the claim and create paths, control's
+"state changed" to the claimers' wake-up. The maintainers that every long-lived
+process runs inside ``swarm.tasks.maintain()`` are listed once, here.
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from cflow.events import check_token
+from cflow.feed import TaskFeed
 from cflow.streams import EventLog, connect, ensure_swarm
 from cflow.streams.client import DEFAULT_URL
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
+    from cflow import events as ev
     from cflow.agents import AgentService
     from cflow.control import ControlService
     from cflow.leases import TaskService
@@ -41,12 +51,19 @@ class Swarm:
         self.name = swarm
         self.agent = agent
         self.log = EventLog(nc, swarm, actor=agent, node=f"{agent}@{socket.gethostname()}")
+        # One follower of the task events per process, shared by the board, control
+        # and reservations.
+        self.feed = TaskFeed(self.log)
         self._tasks: TaskService | None = None
         self._agents: AgentService | None = None
         self._control: ControlService | None = None
-        # Budgets refuse creations; maintenance hooks run inside `tasks.maintain()`.
-        self.create_guards: list[Callable[..., Awaitable[None]]] = []
-        self.maintenance_hooks: list[Callable[[], Awaitable[None]]] = []
+        # What may refuse a creation (budgets), before the TaskCreated is written.
+        self.create_guards: list[Callable[..., Awaitable[None]]] = [self._budget_create_guard]
+        # Every long-lived process runs these inside `tasks.maintain()` (supervised):
+        # control (breakers, attempts and spend budgets), reservations of finished
+        # tasks, agents whose presence expired. Callers may add their own.
+        self.maintenance_hooks: list[Callable[[], Awaitable[None]]] = [
+            self._maintain_control, self._maintain_reservations, self._maintain_presence]
         self._memory: MemoryService | None = None
         self._messages: MessageService | None = None
         self._reservations: ReservationService | None = None
@@ -88,12 +105,12 @@ class Swarm:
         if self._tasks is None:
             from cflow.leases import TaskService
 
-            self._tasks = TaskService(self)
-            self.control.install()  # pause, budgets and breakers guard every claim and create
-            # a finished task's path reservations are released by every maintainer
-            self.maintenance_hooks.append(self.reservations.maintain)
-            # every maintainer also records agents whose presence expired (once)
-            self.maintenance_hooks.append(self.agents.maintain)
+            control = self.control
+            tasks = TaskService(self)
+            # Pause, budgets and breakers guard every claim.
+            tasks.claim_guards.append(control.claim_guard)
+            tasks.claim_filters.append(control.claim_filter)
+            self._tasks = tasks
         return self._tasks
 
     @property
@@ -101,7 +118,8 @@ class Swarm:
         if self._control is None:
             from cflow.control import ControlService
 
-            self._control = ControlService(self)
+            self._control = ControlService(self, feed=self.feed,
+                                           on_change=self._control_changed)
         return self._control
 
     @property
@@ -133,8 +151,28 @@ class Swarm:
         if self._reservations is None:
             from cflow.reservations import ReservationService
 
-            self._reservations = ReservationService(self)
+            self._reservations = ReservationService(self, feed=self.feed)
         return self._reservations
+
+    # The wiring between services: small named steps, so that neither service reaches
+    # into the other and each is built only when it is first needed.
+
+    async def _budget_create_guard(self, data: ev.TaskCreated, task_id: str) -> None:
+        await self.control.create_guard(data, task_id)
+
+    async def _control_changed(self) -> None:
+        """Control state moved (resume, breaker closed): wake waiting claimers."""
+        if self._tasks is not None:
+            await self._tasks.poke()
+
+    async def _maintain_control(self) -> None:
+        await self.control.maintain()
+
+    async def _maintain_reservations(self) -> None:
+        await self.reservations.maintain()
+
+    async def _maintain_presence(self) -> None:
+        await self.agents.maintain()
 
     def maintenance_health(self) -> dict[str, object] | None:
         """This process's maintenance loop health, if it runs one (metrics)."""
@@ -162,3 +200,4 @@ class Swarm:
             await self._tasks.aclose()
         if self._messages is not None:
             await self._messages.aclose()
+        await self.feed.aclose()

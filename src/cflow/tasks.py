@@ -163,6 +163,17 @@ def event_ms(event: ev.Event) -> int:
     return Timestamp.parse(event.hlc).wall_ms
 
 
+def ends_task(data: ev.EventData) -> bool:
+    """Whether an event ends its task for good: it leads to a :data:`TERMINAL` status.
+
+    ``TaskCompleted``, a final ``TaskFailed`` (no retry left, a reaper's after the
+    last attempt, a rejected gate) and ``TaskCancelled``. The one definition of "task
+    ended" that followers of the task events (reservations, control) share. Pure.
+    """
+    return isinstance(data, ev.TaskCompleted | ev.TaskCancelled) or (
+        isinstance(data, ev.TaskFailed) and data.final)
+
+
 def _refuse(state: TaskState | None, event: ev.Event) -> InvalidState:
     status = state.status if state else "absent"
     ident = state.task_id if state else event.entity_id
@@ -404,6 +415,11 @@ class TaskBoard:
 
     def ready_count(self) -> int:
         return len(self._ready)
+
+    def ready(self) -> Iterator[TaskState]:
+        """Ready tasks, best first (priority, then age), whatever their backoff."""
+        for _, _, task_id in list(self._ready):
+            yield self.tasks[task_id]
 
     def next_not_before(self, now_ms: int) -> int | None:
         """Earliest future ``not_before`` among ready tasks (for a wake-up timer)."""
