@@ -276,6 +276,19 @@ async def test_breaker_opens_on_repeated_failures_and_closes_after_cool_down(
     assert (opened.scope, opened.failures, opened.cool_down_s) == ("gpu", 3, 1)
 
 
+async def test_stop_now_by_a_human_cancels_through_the_task_service(admin: Swarm) -> None:
+    task = await admin.tasks.create("job", lease_ttl_s=3)
+    lease = await admin.tasks.claim(task.task_id, agent="w")
+    assert lease is not None
+    result = await admin.control.stop(now=True, reason="drill", actor="bob")
+    assert result["cancelled"] == [task.task_id]
+    last = (await admin.tasks.history(task.task_id))[-1].event
+    assert (last.type, last.actor) == ("TaskCancelled", "bob")
+    assert last.data.reason == "swarm stopped by bob: drill"  # type: ignore[union-attr]
+    view = await admin.tasks.lease_view(task.task_id)
+    assert view is not None and view.op == "DEL"  # the holder's lease is dropped
+
+
 def ev_now() -> int:
     from cflow.streams.client import wall_ms
 
