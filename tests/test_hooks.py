@@ -167,6 +167,9 @@ async def test_session_lifecycle_with_recorded_payloads(
             assert (quiet.returncode, quiet.stdout) == (0, "")
 
         await lease.complete("fixed")
+        # The lease delete is a core publish nobody waits for; let it leave before
+        # run_hook (a blocking subprocess call) stops this event loop.
+        await swarm.nc.flush()
         assert run_hook("Stop", "Stop", env).stdout == ""  # nothing held: no reminder
 
         end = run_hook("SessionEnd", "SessionEnd", env)

@@ -122,7 +122,7 @@ def test_swarm_resources_declare_every_stream_and_bucket() -> None:
     specs = {s.name: s for s in swarm_resources("sw", replicas=3)}
     assert set(specs) == {
         "CF_sw_EVENTS", "CF_sw_MSGS", "KV_cf_sw_leases", "KV_cf_sw_presence",
-        "KV_cf_sw_memory", "KV_cf_sw_reservations", "KV_cf_sw_control",
+        "KV_cf_sw_memory", "KV_cf_sw_reservations", "KV_cf_sw_control", "CF_sw_OFFERS",
     }
     events_cfg = specs["CF_sw_EVENTS"].config()
     assert events_cfg["subjects"] == ["cf.sw.evt.>"]

@@ -30,7 +30,6 @@ import os
 import socket
 import time
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from cflow import events as ev
+from cflow import offers as offers_mod
 from cflow.background import stop_tasks
 from cflow.errors import (
     AlreadyClaimed,
@@ -53,7 +53,14 @@ from cflow.errors import (
 )
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
 from cflow.streams import StoredEvent, names
-from cflow.streams.client import MARKER_REASON, Appended
+from cflow.streams.client import (
+    MARKER_REASON,
+    Appended,
+    Outgoing,
+    build_kv_delete,
+    publish,
+    ttl_header,
+)
 from cflow.tasks import (
     Action,
     TaskBoard,
@@ -70,7 +77,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cflow.leases")
 
 BOARD_CATCH_UP_S = 60.0
-BOARD_OWN_WRITES_S = 5.0  # how long a claim waits for the board to show our own writes
+OFFER_REFUSED_DELAY_S = 2.0  # an offer under a paused scope comes back after this
+OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by maintainers
+OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
+LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
 SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
 ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
 SUPERVISOR_BACKOFF_MIN_S = 0.5
@@ -93,6 +103,11 @@ _lease_encoder = msgspec.json.Encoder()
 _lease_decoder = msgspec.json.Decoder(LeaseRecord)
 
 
+def lease_key(task_id: str, epoch: int) -> str:
+    """The leases-bucket key of one claim: a fresh key per claim, created once."""
+    return f"{task_id}.{epoch}"
+
+
 def task_id_for_key(swarm: str, key: str) -> str:
     """Same idempotency key, same task id: creation is then naturally idempotent."""
     return str(uuid.uuid5(_ID_NAMESPACE, f"{swarm}\x00{key}"))
@@ -113,8 +128,9 @@ class Lease:
     """
 
     def __init__(self, service: TaskService, task: TaskState, revision: int,
-                 leased_sent_mono: float) -> None:
+                 leased_sent_mono: float, value: bytes) -> None:
         self.service = service
+        self.value = value  # the lease record as stored (renewals write it again)
         self.task = task
         self.task_id = task.task_id
         self.epoch = task.epoch
@@ -144,7 +160,8 @@ class Lease:
             sent = time.monotonic()
             try:
                 status, self.revision = await self.service._heartbeat(
-                    self.task_id, self.epoch, self.revision, owner=self.owner)
+                    self.task_id, self.epoch, self.revision, owner=self.owner,
+                    ttl_s=self.ttl_s, value=self.value)
             except LeaseLost as lost:
                 self.clock = self.clock.after("refused", sent_mono=sent,
                                               now_mono=time.monotonic(), reason=lost.reason)
@@ -176,16 +193,17 @@ class Lease:
                        output_ref: str | None = None) -> TaskState:
         return await self.service.complete(self.task_id, self.epoch, result, cost_usd=cost_usd,
                                            output_ref=output_ref, known=self.task,
-                                           agent=self.owner)
+                                           agent=self.owner, lease_revision=self.revision)
 
     async def fail(self, error: str, *, retry: bool = True,
                    cost_usd: float | None = None) -> TaskState:
         return await self.service.fail(self.task_id, self.epoch, error, retry=retry,
-                                       cost_usd=cost_usd, known=self.task, agent=self.owner)
+                                       cost_usd=cost_usd, known=self.task, agent=self.owner,
+                                       lease_revision=self.revision)
 
     async def release(self, reason: str = "") -> TaskState:
         return await self.service.release(self.task_id, self.epoch, reason, known=self.task,
-                                          agent=self.owner)
+                                          agent=self.owner, lease_revision=self.revision)
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,
@@ -255,7 +273,9 @@ class TaskService:
         self._timer_wake = asyncio.Event()
         self._actions: asyncio.Queue[tuple[str, int]] = asyncio.Queue()  # (task, failures)
         self.health = MaintenanceHealth()
-        self._written = 0  # highest sequence of our own task writes (read-your-writes)
+        self.offers = offers_mod.OfferDesk(swarm.log)
+        self._offer_due = 0.0  # loop time an offer we handed back (backoff) is due again
+        self._offered: dict[str, int] = {}  # task -> sequence of the last offer seen (maintainers)
         self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = []
         # Per-task refusals (paused scope, open breaker); the control module adds them.
         self.claim_filters: list[Callable[[TaskState], Paused | None]] = []
@@ -296,11 +316,14 @@ class TaskService:
                 self._schedule_claim_check(state)
         return state
 
+    def _applied(self, state: TaskState | None, appended: Appended) -> TaskState:
+        """Fold our own write locally, timed by our estimate of server time (the
+        writer's wall clock, which the event's HLC carries, may be minutes off)."""
+        return apply(state, appended.event, appended.seq, self.log.server_now_ms() or None)
+
     async def _append(self, data: ev.EventData, task_id: str, **options: Any) -> Appended:
-        """Append on a task's subject, remembering how far our own writes went."""
-        appended = await self.log.append(data, task_id, **options)
-        self._written = max(self._written, appended.seq)
-        return appended
+        """Append on a task's subject."""
+        return await self.log.append(data, task_id, **options)
 
     # -------------------------------------------------------------------- create
 
@@ -377,10 +400,14 @@ class TaskService:
             raise Unavailable(f"{exc}; the task may have been stored: create it again with "
                               f"{again} to get it without making a second one",
                               task_id=task_id, request_id=request_id) from exc
-        state = apply(None, appended.event, appended.seq)
+        state = self._applied(None, appended)
         if state.status == "pending":
             await self._evaluate(state)
-            state = await self.get(task_id)
+            return await self.get(task_id)
+        try:
+            await self._after_write(state)
+        except CflowError as exc:  # the task is stored; maintainers offer it again
+            log.warning("offering new task %s failed: %s", task_id, exc)
         return state
 
     def swarm_create_guards(self) -> list[Callable[[ev.TaskCreated, str], Any]]:
@@ -415,16 +442,6 @@ class TaskService:
         async with self._changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait_for(seen), within_s)
-
-    async def _board_at_least(self, seq: int, within_s: float) -> None:
-        """Wait until the board has folded task events up to stream sequence ``seq``."""
-
-        def reached() -> bool:
-            return self.board.last_seq >= seq
-
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(reached), within_s)
 
     async def _board_moves(self, seen: int, within_s: float) -> None:
         """Wait until the board changes after version ``seen`` (a push), or time out."""
@@ -495,46 +512,79 @@ class TaskService:
         if task_id is not None:
             state = await self._reap_if_gone(await self.get(task_id))
             return await self._claim_one(state, owner, strict=True)
-        board = await self.ensure_board()
-        if board.last_seq < self._written:
-            await self._board_at_least(self._written, BOARD_OWN_WRITES_S)  # read our writes
+        return await self._claim_offered(owner, caps, wait)
+
+    async def _claim_offered(self, owner: str, caps: tuple[str, ...], wait: float
+                             ) -> Lease | None:
+        """The best offer this agent may take: highest band first, one claimer per offer.
+
+        Push-woken when waiting (an eligible offer published, or a poke); an idle
+        claimer also looks again every few seconds for offers handed back with a
+        delay (retry backoff, paused scope).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
-        tried: dict[str, int] = {}
         while True:
-            seen = self._version
-            now = await self.log.server_time_ms()
-            lost_race = False
-            for state in _spread(board.candidates(caps, now), owner):
-                if tried.get(state.task_id) == state.seq or self._refused(state):
-                    continue  # lost a race on this version; wait for the board to move
-                try:
-                    lease = await self._claim_one(state, owner, strict=False, now_ms=now)
-                except ConcurrencyConflict as lost:
-                    tried[state.task_id] = state.seq
-                    # Our view is behind the winner's write. Racing down a stale list
-                    # costs a round trip per task someone already holds; let the push
-                    # bring the board up to the winner first, then look again.
-                    await self._board_at_least(
-                        lost.actual or state.seq + 1,
-                        min(1.0, max(0.05, deadline - loop.time())))
-                    lost_race = True
-                    break
-                if lease is not None:
-                    return lease
-                tried[state.task_id] = state.seq
-            if lost_race:
-                continue
+            lease = await self._take_an_offer(owner, caps)
+            if lease is not None:
+                return lease
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
-            wake = remaining
-            soonest = board.next_not_before(now)
-            if soonest is not None:
-                wake = min(wake, max(0.0, (soonest - now) / 1000))
-            await self._board_moves(seen, wake)
+            # An offer we handed back for its backoff is due again at a known time.
+            due = self._offer_due - loop.time()
+            look_again = min(remaining, offers_mod.IDLE_RECHECK_S, max(0.01, due))
+            await self.offers.wait(caps, look_again)
             for guard in self.claim_guards:
                 await guard(owner, caps)
+
+    async def _take_an_offer(self, owner: str, caps: tuple[str, ...]) -> Lease | None:
+        for fresh in (False, True):
+            before = self.offers.refreshes
+            subjects = offers_mod.eligible(await self.offers.subjects(fresh=fresh), caps)
+            for subject in subjects:
+                while True:
+                    msg = await self.offers.fetch(subject)
+                    if msg is None:
+                        self.offers.forget(subject)
+                        break
+                    lease = await self._take(msg, owner)
+                    if lease is not None:
+                        return lease
+            if self.offers.refreshes != before:
+                break  # that was a fresh look already
+        return None
+
+    async def _take(self, msg: Any, owner: str) -> Lease | None:
+        """Claim the task of one offer; the offer is settled whatever happens."""
+        state = offers_mod.decode_offer(msg.data)
+        if state is None or state.kind != "task":
+            await offers_mod.settle(msg, "term")  # not an offer we can act on
+            return None
+        now = await self.log.server_time_ms()
+        if state.not_before_ms > now:
+            # Backing off (retry policy): hand it back until then, by server time.
+            delay = (state.not_before_ms - now) / 1000
+            await offers_mod.settle(msg, "nak", delay)
+            loop = asyncio.get_running_loop()
+            if self._offer_due < loop.time():
+                self._offer_due = loop.time() + delay
+            else:
+                self._offer_due = min(self._offer_due, loop.time() + delay)
+            return None
+        if self._refused(state) is not None:
+            await offers_mod.settle(msg, "nak", OFFER_REFUSED_DELAY_S)
+            return None
+        try:
+            lease = await self._claim_one(state, owner, strict=False, now_ms=now)
+        except ConcurrencyConflict:
+            await offers_mod.settle(msg, "term")  # stale: the task moved on since the offer
+            return None
+        except Paused:
+            await offers_mod.settle(msg, "nak", OFFER_REFUSED_DELAY_S)
+            return None
+        await offers_mod.settle(msg, "ack" if lease is not None else "term")
+        return lease
 
     async def _claim_one(self, state: TaskState, owner: str, *, strict: bool,
                          now_ms: int | None = None) -> Lease | None:
@@ -569,13 +619,12 @@ class TaskService:
                 raise AlreadyClaimed(now_state.task_id, now_state.status,
                                      now_state.owner) from None
             raise  # the best-ready loop decides what losing means
-        claimed = apply(state, appended.event, appended.seq)
+        claimed = self._applied(state, appended)
         record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=claimed.epoch,
                              attempt=claimed.attempt, ttl_s=state.lease_ttl_s)
         sent = time.monotonic()
         try:
-            prior = await self.log.kv_last(self.leases_bucket, state.task_id)
-            revision = await self._put_lease(record, prior.revision if prior else 0)
+            revision = await self._create_lease(record)
         except CflowError:
             # A claim without a lease must not hold the task until a reaper notices:
             # give it back (the attempt is not counted), best effort.
@@ -585,7 +634,7 @@ class TaskService:
                                    "release", claimed, owner)
                 await self.swarm.control.refund_attempt(state)
             raise
-        return Lease(self, claimed, revision, sent)
+        return Lease(self, claimed, revision, sent, _lease_encoder.encode(record))
 
     def _refused(self, state: TaskState) -> Paused | None:
         for check in self.claim_filters:
@@ -600,26 +649,34 @@ class TaskService:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _put_lease(self, record: LeaseRecord, expected: int) -> int:
+    async def _create_lease(self, record: LeaseRecord) -> int:
+        """Write the lease of a fresh claim: its own key, created (never overwritten).
+
+        The key is per claim (``<task>.<epoch>``), so creating it needs no read,
+        and a reaper that judged the claim never leased fences a late creation by
+        writing the key first.
+
+        Raises:
+            LeaseLost: the key exists (a reaper fenced this claim off).
+        """
+        key = lease_key(record.task_id, record.epoch)
         value = _lease_encoder.encode(record)
-        for _ in range(5):
-            try:
-                return await self.log.kv_put(self.leases_bucket, record.task_id, value,
-                                             expected_revision=expected, ttl_s=record.ttl_s)
-            except ConcurrencyConflict:
-                last = await self.log.kv_last(self.leases_bucket, record.task_id)
-                current = _decode_lease(last)
-                if current is not None and current.epoch > record.epoch:
-                    raise LeaseLost(record.task_id, record.epoch, "a newer claim holds the lease"
-                                    ) from None
-                expected = last.revision if last else 0
-        raise LeaseLost(record.task_id, record.epoch, "could not write the lease")
+        try:
+            return await self.log.kv_put(self.leases_bucket, key, value, expected_revision=0,
+                                         ttl_s=record.ttl_s,
+                                         msg_id=f"lease-{record.task_id}-{record.epoch}")
+        except ConcurrencyConflict:
+            last = await self.log.kv_last(self.leases_bucket, key)
+            if last is not None and last.live and last.value == value:
+                return last.revision  # our own earlier try (a timeout that did store it)
+            raise LeaseLost(record.task_id, record.epoch,
+                            "claim reaped before its lease was written") from None
 
     # ------------------------------------------------------------ lease verdicts
 
-    async def lease_view(self, task_id: str) -> LeaseView | None:
-        """What the leases bucket holds for a task (the server's marker included)."""
-        last = await self.log.kv_last(self.leases_bucket, task_id)
+    async def lease_view(self, task_id: str, epoch: int) -> LeaseView | None:
+        """What the leases bucket holds for a claim (the server's marker included)."""
+        last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
         if last is None:
             return None
         record = _decode_lease(last)
@@ -630,7 +687,7 @@ class TaskService:
 
     async def verdict(self, state: TaskState) -> Verdict:
         """Whether the claim of record of a claimed task still has a live lease."""
-        view = await self.lease_view(state.task_id)
+        view = await self.lease_view(state.task_id, state.epoch)
         now = await self.log.server_time_ms()
         return judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
                      now_ms=now, policy=LeasePolicy(state.lease_ttl_s))
@@ -658,40 +715,45 @@ class TaskService:
             NotHolder: the lease is held by another agent.
         """
         owner = agent or self.swarm.agent
-        last = await self.log.kv_last(self.leases_bucket, task_id)
+        last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
         current = _decode_lease(last)
         if last is None or current is None or current.epoch != epoch:
-            raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch))
+            reason = await self._why_lost(task_id, epoch)
+            if reason == "cancelled":
+                return "cancelled"
+            raise LeaseLost(task_id, epoch, reason)
         if current.owner != owner:
             raise NotHolder(task_id, epoch, current.owner, owner)
-        status, _ = await self._heartbeat(task_id, epoch, last.revision, owner=owner)
+        status, _ = await self._heartbeat(task_id, epoch, last.revision, owner=owner,
+                                          ttl_s=current.ttl_s, value=last.value)
         return status
 
-    async def _heartbeat(self, task_id: str, epoch: int, revision: int, *, owner: str
-                         ) -> tuple[HeartbeatStatus, int]:
-        last_task_seq = await self.log.last_seq("task", task_id)
-        if last_task_seq != epoch:
+    async def _heartbeat(self, task_id: str, epoch: int, revision: int, *, owner: str,
+                         ttl_s: float, value: bytes) -> tuple[HeartbeatStatus, int]:
+        """One compare-and-set renewal on the lease's revision (one round trip).
+
+        Whatever ends a claim also moves its lease key (expiry leaves a marker,
+        completion, release, cancel and reaping delete it), so a renewal that
+        succeeds proves the claim is still the holder's; a refused one is
+        diagnosed from the task's events.
+        """
+        try:
+            new_rev = await self.log.kv_put(self.leases_bucket, lease_key(task_id, epoch),
+                                            value, expected_revision=revision, ttl_s=ttl_s)
+        except ConcurrencyConflict:
+            last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
+            record = _decode_lease(last)
+            if last is not None and record is not None and record.epoch == epoch:
+                if record.owner != owner:
+                    raise NotHolder(task_id, epoch, record.owner, owner) from None
+                # Renewed by another renewal of ours meanwhile: adopt its revision.
+                return await self._heartbeat(task_id, epoch, last.revision, owner=owner,
+                                             ttl_s=ttl_s, value=value)
             reason = await self._why_lost(task_id, epoch)
             if reason == "cancelled":
                 return "cancelled", revision
-            raise LeaseLost(task_id, epoch, reason)
-        for _ in range(3):
-            last = await self.log.kv_last(self.leases_bucket, task_id)
-            record = _decode_lease(last)
-            if last is None or record is None or record.epoch != epoch:
-                raise LeaseLost(task_id, epoch, "lease expired")
-            if record.owner != owner:
-                raise NotHolder(task_id, epoch, record.owner, owner)
-            # A renewal by another heartbeat of ours moves the revision; the record
-            # still names our epoch, so adopting its revision is safe.
-            revision = max(revision, last.revision)
-            try:
-                new_rev = await self.log.kv_put(self.leases_bucket, task_id, last.value,
-                                                expected_revision=revision, ttl_s=record.ttl_s)
-            except ConcurrencyConflict:
-                continue
-            return "ok", new_rev
-        raise LeaseLost(task_id, epoch, "lease expired or taken over")
+            raise LeaseLost(task_id, epoch, reason) from None
+        return "ok", new_rev
 
     async def _why_lost(self, task_id: str, epoch: int) -> str:
         items = await self.log.entity_events("task", task_id)
@@ -733,7 +795,8 @@ class TaskService:
         return state
 
     async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str,
-                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
+                      known: TaskState | None = None, agent: str | None = None,
+                      lease_revision: int | None = None) -> TaskState:
         owner = agent or self.swarm.agent
         before = await self._holder_state(task_id, epoch, owner, known)
         msg_id = f"{kind}-{task_id}-{epoch}"
@@ -747,20 +810,35 @@ class TaskService:
             # An earlier try of ours is stored: report what was stored, not this retry.
             with contextlib.suppress(CflowError):
                 return await self.get(task_id)
-        state = apply(before, appended.event, appended.seq)
+        state = self._applied(before, appended)
         # The result is stored: nothing after this point may report it as failed.
         # What is left undone here, every maintainer redoes from the event.
         try:
-            await self._drop_lease(task_id, epoch)
-            if state.terminal:
-                await self._evaluate_dependents(task_id)
+            await self._drop_lease(task_id, epoch, lease_revision)
+            await self._after_write(state)
         except CflowError as exc:
             log.warning("after %s of %s: %s (maintenance will finish it)", kind, task_id, exc)
         return state
 
+    async def _after_write(self, state: TaskState) -> None:
+        """What a write that changed a task's status owes the others.
+
+        A task it left ready is offered; a task it finished makes its dependents
+        ready or blocked, evaluated here when this process folds the board (a
+        worker, the MCP adapter, a projector) and by every maintainer otherwise.
+
+        Raises:
+            Unavailable: not done; maintainers redo it from the event.
+        """
+        if state.status == "ready" and state.kind == "task":
+            await self.offers.publish(state)
+        elif state.terminal and (self._board_task is not None or self._maint_task is not None):
+            await self._evaluate_dependents(state.task_id)
+
     async def complete(self, task_id: str, epoch: int, result: str | None = None, *,
                        cost_usd: float | None = None, output_ref: str | None = None,
-                       known: TaskState | None = None, agent: str | None = None) -> TaskState:
+                       known: TaskState | None = None, agent: str | None = None,
+                       lease_revision: int | None = None) -> TaskState:
         """Record the holder's result, fenced by ``epoch`` and the holder's identity.
 
         ``known`` is the holder's state at claim time; with it the holder check
@@ -772,11 +850,12 @@ class TaskService:
         """
         data = ev.TaskCompleted(epoch=epoch, result=result, cost_usd=cost_usd,
                                 output_ref=output_ref)
-        return await self._finish(task_id, epoch, data, "complete", known, agent)
+        return await self._finish(task_id, epoch, data, "complete", known, agent,
+                                  lease_revision)
 
     async def fail(self, task_id: str, epoch: int, error: str, *, retry: bool = True,
                    cost_usd: float | None = None, known: TaskState | None = None,
-                   agent: str | None = None) -> TaskState:
+                   agent: str | None = None, lease_revision: int | None = None) -> TaskState:
         """Fail the attempt; retried after backoff until max attempts unless ``retry=False``.
 
         A fenced holder's error and cost are kept as a note on the task.
@@ -792,7 +871,8 @@ class TaskService:
             data = ev.TaskFailed(epoch=epoch, error=error, final=final,
                                  retry_after_ms=None if final else retry_after,
                                  cost_usd=cost_usd)
-            return await self._finish(task_id, epoch, data, "fail", state, owner)
+            return await self._finish(task_id, epoch, data, "fail", state, owner,
+                                      lease_revision)
         except LeaseLost as lost:
             if not isinstance(lost, NotHolder):
                 cost = f" (cost {cost_usd:g} USD)" if cost_usd else ""
@@ -802,7 +882,8 @@ class TaskService:
             raise
 
     async def release(self, task_id: str, epoch: int, reason: str = "",
-                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
+                      known: TaskState | None = None, agent: str | None = None,
+                      lease_revision: int | None = None) -> TaskState:
         """Give the task back (the attempt is not counted).
 
         Raises:
@@ -810,15 +891,36 @@ class TaskService:
             NotHolder: ``agent`` is not the holder of record.
         """
         return await self._finish(task_id, epoch, ev.TaskReleased(epoch=epoch, reason=reason),
-                                  "release", known, agent)
+                                  "release", known, agent, lease_revision)
 
-    async def _drop_lease(self, task_id: str, epoch: int) -> None:
-        last = await self.log.kv_last(self.leases_bucket, task_id)
-        record = _decode_lease(last)
-        if last is not None and record is not None and record.epoch == epoch:
-            with contextlib.suppress(ConcurrencyConflict):
-                await self.log.kv_delete(self.leases_bucket, task_id,
-                                         expected_revision=last.revision)
+    async def _drop_lease(self, task_id: str, epoch: int, revision: int | None = None) -> None:
+        """Delete a finished claim's lease so its holder learns at once; may be lost.
+
+        The key belongs to this one claim, which is over, so the delete needs no
+        read and no expectation, and nobody waits for it (a lost delete only
+        lets the lease run out its TTL, harmlessly). The tombstone expires too,
+        so finished claims leave no key. ``revision`` is accepted for callers
+        that know it; it is not needed.
+        """
+        del revision
+        out = build_kv_delete(self.leases_bucket, lease_key(task_id, epoch))
+        headers = {**out.headers, "Nats-TTL": ttl_header(LEASE_TOMBSTONE_TTL_S)}
+        # A core publish: JetStream stores it, nobody waits for the ack.
+        with contextlib.suppress(Exception):
+            await self.log.nc.publish(out.subject, out.payload, headers=headers)
+
+    async def _fence_lease(self, task_id: str, epoch: int) -> bool:
+        """Before reaping a claim as never leased, take its lease key: a late lease
+        write of that claim then fails (its holder learns it lost). False if the
+        lease was written after all."""
+        out = build_kv_delete(self.leases_bucket, lease_key(task_id, epoch), expected_revision=0)
+        fence = Outgoing(out.subject, {**out.headers, "Nats-TTL": ttl_header(
+            LEASE_TOMBSTONE_TTL_S)}, out.payload)
+        try:
+            await publish(self.log.js, fence, expected=0)
+        except ConcurrencyConflict:
+            return False
+        return True
 
     async def note(self, task_id: str, text: str = "", *, epoch: int | None = None,
                    paths: Sequence[str] = (), artifact: str | None = None,
@@ -867,7 +969,7 @@ class TaskService:
                 await self._evaluate_dependents(task_id)
             except CflowError as exc:
                 log.warning("after cancel of %s: %s (maintenance will finish it)", task_id, exc)
-            return apply(state, appended.event, appended.seq)
+            return self._applied(state, appended)
         raise InvalidState(f"task {task_id} keeps changing; cancel not applied")
 
     # ----------------------------------------------------- maintenance (reaper)
@@ -901,10 +1003,15 @@ class TaskService:
                 data = ev.TaskFailed(epoch=state.epoch, final=True,
                                      error=f"{action.reason}; attempts exhausted "
                                            f"({state.attempt}/{state.max_attempts})")
-        with contextlib.suppress(ConcurrencyConflict, InvalidInput):
-            await self._append(data, action.task_id, expected=action.expected,
-                                  msg_id=action.msg_id, after_hlc=state.hlc,
-                                  event_id=ev.intent_id(self.swarm.name, action.msg_id))
+        try:
+            appended = await self._append(data, action.task_id, expected=action.expected,
+                                          msg_id=action.msg_id, after_hlc=state.hlc,
+                                          event_id=ev.intent_id(self.swarm.name, action.msg_id))
+        except (ConcurrencyConflict, InvalidInput):
+            return  # another maintainer did it, or the task moved on
+        after = self._applied(state, appended)
+        if after.status == "ready" and after.kind == "task":
+            await self.offers.publish(after)
 
     async def reap(self, task_id: str, epoch: int, reason: str | Verdict | None = None) -> bool:
         """Expire the claim ``epoch`` of a task if its lease is really gone, then requeue it.
@@ -925,6 +1032,8 @@ class TaskService:
             if not verdict.gone:
                 return False  # still alive (or still within the claimer's grace)
             verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
+            if refund and not await self._fence_lease(task_id, epoch):
+                return False  # the lease was written just now: the claim is alive
         try:
             appended = await self._append(
                 ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,
@@ -935,7 +1044,7 @@ class TaskService:
         except ConcurrencyConflict:
             return False
         self.reaped += 1
-        expired = apply(state, appended.event, appended.seq)
+        expired = self._applied(state, appended)
         if reason == "start-to-close timeout":
             await self._drop_lease(task_id, epoch)
         action = self.board.after_expiry(expired)
@@ -980,6 +1089,7 @@ class TaskService:
             ("lease-timers", self._timer_loop),
             ("task-actions", self._action_loop),
             ("health", self._health_loop),
+            ("offers-seen", self._offers_seen_loop),
             *((getattr(hook, "__qualname__", "hook"), hook) for hook in self._hooks()),
         )
         tasks = [asyncio.create_task(self._supervise(name, loop), name=f"maintain-{name}")
@@ -1021,8 +1131,47 @@ class TaskService:
                 self._schedule_claim_check(state)
             for action in board.sweep():
                 self._retry_action(action.task_id, 0)
+            await self._repair_offers(board)
             self.health.swept()
             await asyncio.sleep(SWEEP_INTERVAL_S)  # the periodic re-sweep is a timer
+
+    async def _repair_offers(self, board: TaskBoard) -> None:
+        """Offer ready tasks that nobody offered (a writer died between event and offer).
+
+        A duplicate of an offer still queued is harmless: the second one is stale
+        when fetched and refused by the compare-and-set.
+        """
+        now = await self.log.server_time_ms()
+        budget = OFFER_REPAIR_MAX
+        for state in board.ready():
+            if budget <= 0:
+                break
+            if state.kind != "task" or self._offered.get(state.task_id) == state.seq:
+                continue
+            if now - (state.ready_ms or state.created_ms) < OFFER_REPAIR_S * 1000:
+                continue
+            try:
+                await self.offers.publish(state)
+            except CflowError as exc:
+                self.health.failed("offers", exc)
+                return
+            self._offered[state.task_id] = state.seq
+            budget -= 1
+
+    async def _offers_seen_loop(self) -> None:
+        """Remember which ready tasks were offered (by anyone), for the repair."""
+        async def seen(msg: Any) -> None:
+            mid = (msg.headers or {}).get("Nats-Msg-Id", "")
+            task_id, _, seq = mid.removeprefix("offer-").rpartition("-")
+            if mid.startswith("offer-") and seq.isdigit():
+                self._offered[task_id] = int(seq)
+
+        sub = await self.swarm.nc.subscribe(offers_mod.offers_filter(self.swarm.name), cb=seen)
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def _retry_action(self, task_id: str, failures: int) -> None:
         if failures == 0:
@@ -1035,14 +1184,20 @@ class TaskService:
     async def _action_loop(self) -> None:
         while True:
             task_id, failures = await self._actions.get()
-            for action in self.board.actions_for(task_id):
-                try:
+            try:
+                for action in self.board.actions_for(task_id):
                     await self._act(action)
-                except CflowError as exc:
-                    # Not stored: try again with backoff until it is (or is moot).
-                    self.health.failed("task-actions", exc)
-                    self._retry_action(task_id, failures + 1)
-                    break
+                state = self.board.get(task_id)
+                if state is not None and state.status == "cancelled" and state.epoch:
+                    # A cancelled claim's holder learns it from its lease: make sure
+                    # the lease is gone even if the canceller could not delete it.
+                    await self._drop_lease(task_id, state.epoch)
+                elif state is not None and state.terminal:
+                    self._offered.pop(task_id, None)
+            except CflowError as exc:
+                # Not stored: try again with backoff until it is (or is moot).
+                self.health.failed("task-actions", exc)
+                self._retry_action(task_id, failures + 1)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -1073,7 +1228,7 @@ class TaskService:
         if kind == "deadline":
             await self.reap(state.task_id, state.epoch, "start-to-close timeout")
             return
-        view = await self.lease_view(state.task_id)
+        view = await self.lease_view(state.task_id, state.epoch)
         policy = LeasePolicy(state.lease_ttl_s)
         now = await self.log.server_time_ms()
         verdict = judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
@@ -1090,21 +1245,28 @@ class TaskService:
                            state.task_id, "lease", state.epoch)
 
     async def _marker_loop(self) -> None:
-        """React to the server removing a lease (TTL marker) at once."""
+        """React to the server removing a lease (TTL marker) at once.
+
+        The key names the claim (``<task>.<epoch>``), so this needs no board.
+        """
+        prefix = f"$KV.{self.leases_bucket}."
         async with self.log.kv_subscription(self.leases_bucket) as (queue, _):
             while True:
                 msg = await queue.get()
                 if MARKER_REASON not in (msg.headers or {}):
                     continue
-                task_id = msg.subject.rsplit(".", 1)[-1]
-                state = self.board.get(task_id)
-                if state is not None and state.status == "claimed":
-                    try:
-                        await self.reap(task_id, state.epoch)
-                    except CflowError as exc:
-                        # Not reaped yet: the timer looks again (the claim's check is
-                        # due already, so it runs at the timer loop's next turn).
-                        self.health.failed("lease-markers", exc)
+                task_id, _, epoch_text = msg.subject[len(prefix):].rpartition(".")
+                if not task_id or not epoch_text.isdigit():
+                    continue  # not a lease key (a probe, an old-style key)
+                try:
+                    await self.reap(task_id, int(epoch_text))
+                except NotFound:
+                    continue
+                except CflowError as exc:
+                    # Not reaped yet: the claim's timer looks again.
+                    self.health.failed("lease-markers", exc)
+                    state = self.board.get(task_id)
+                    if state is not None and state.status == "claimed":
                         self._schedule_claim_check(state)
 
     async def _health_loop(self) -> None:
@@ -1187,23 +1349,6 @@ class MaintenanceHealth:
             "last_sweep_age_s": (round(now - self.last_sweep_mono, 1)
                                  if self.last_sweep_mono is not None else None),
         }
-
-
-def _spread(candidates: Iterable[TaskState], owner: str, width: int = 8) -> list[TaskState]:
-    """Best-first candidates, with the head of equal top priority rotated per claimer.
-
-    Claimers that all reach for the single oldest task collide on one
-    compare-and-set and all but one pay a wasted round trip; starting each at a
-    different place among the oldest few of the top priority keeps strict
-    priority order and spreads the herd.
-    """
-    ordered = list(candidates)
-    if len(ordered) < 2:
-        return ordered
-    top = ordered[0].priority
-    head = [s for s in ordered[:width] if s.priority == top]
-    start = zlib.crc32(owner.encode()) % len(head)
-    return head[start:] + head[:start] + ordered[len(head):]
 
 
 def _decode_lease(entry: Any) -> LeaseRecord | None:

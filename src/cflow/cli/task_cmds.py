@@ -309,6 +309,9 @@ def complete(ctx: typer.Context, task_id: str,
 
     async def body_() -> TaskState:
         async with _swarm(ctx, agent) as swarm:
+            # A CLI-only swarm may have no maintainer: fold the board so this process
+            # makes the task's dependents ready itself.
+            await swarm.tasks.ensure_board()
             done: TaskState = await swarm.tasks.complete(task_id, epoch, result)
             return done
 
@@ -326,6 +329,7 @@ def fail_(ctx: typer.Context, task_id: str,
 
     async def body_() -> TaskState:
         async with _swarm(ctx, agent) as swarm:
+            await swarm.tasks.ensure_board()  # a final failure blocks dependents (see complete)
             out: TaskState = await swarm.tasks.fail(task_id, epoch, error, retry=not no_retry)
             return out
 

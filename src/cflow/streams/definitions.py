@@ -94,6 +94,14 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
             description=f"cflow agent messages of swarm {swarm}",
             replicas=replicas,
         ),
+        StreamSpec(
+            name=f"CF_{swarm}_OFFERS",
+            subjects=(f"{names.PREFIX}.{swarm}.offer.>",),
+            description=f"cflow work offers of swarm {swarm}: one ready task to one claimer",
+            replicas=replicas,
+            # A work queue: an offer is gone once a claimer acknowledged it.
+            extra={"retention": "workqueue", "allow_direct": False},
+        ),
         _bucket(swarm, names.LEASES, "task leases: owner, epoch; server-side TTL",
                 history=1, ttl=True, replicas=replicas),
         _bucket(swarm, names.PRESENCE, "agent presence; server-side TTL",

@@ -1,0 +1,299 @@
+"""Work offers: each ready task is offered to one claimer at a time.
+
+Theory of operation
+-------------------
+A claimer must not fold the whole swarm to find work, and sixteen claimers
+must not all race for the same best task. So every write that leaves a task
+ready (creation, readiness, release, a failure that will be retried, a requeue
+after expiry) also publishes an **offer**: the task's state at that sequence,
+on the subject ``cf.<swarm>.offer.<band>.<caps>`` of a work-queue stream, with
+the Msg-Id ``offer-<task>-<seq>``. ``band`` is the priority, ``caps`` the
+capability set the task needs.
+
+Each subject has one durable pull consumer shared by every claimer able to do
+that work; the server hands a message to one fetcher at a time. A claimer asks
+the stream which subjects hold offers, takes the best band among the capability
+sets it covers, fetches one offer and compare-and-sets ``TaskClaimed`` on the
+task's subject with the offer's sequence as the expectation. The offer never
+decides ownership: a stale offer (the task moved on) fails the compare-and-set
+and is dropped; a duplicate is harmless for the same reason. An offer whose
+retry backoff has not passed is handed back with a delay (server time).
+
+What may be lost is an offer, never a task: a writer that dies between its
+event and its offer leaves a ready task unoffered; maintainers (who fold the
+board) re-offer ready tasks they have not seen offered, and a claim by id never
+needs an offer.
+
+The pure part (subjects, bands, eligibility) sits at the top; :class:`OfferDesk`
+is the thin adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+import nats.errors
+
+from cflow.errors import Unavailable
+from cflow.streams import names
+from cflow.streams.client import api_request
+from cflow.streams.errors import nats_errors
+from cflow.tasks import TaskState
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from cflow.streams import EventLog
+
+log = logging.getLogger("cflow.offers")
+
+ACK_WAIT_S = 30.0  # an offer fetched by a claimer that died is offered again after this
+REFRESH_S = 1.0  # how stale a claimer's view of which bands hold offers may get
+IDLE_RECHECK_S = 5.0  # an idle claimer looks again this often (offers handed back with a delay)
+CONSUMER_IDLE_S = 3600.0  # an offer consumer nobody fetched from for this long is removed
+PULL_TIMEOUT_S = 5.0
+_SAFE_CAP = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_PULL_ONE = json.dumps({"batch": 1, "no_wait": True}).encode()
+
+# ------------------------------------------------------------------------ pure
+
+
+def offers_stream(swarm: str) -> str:
+    return f"CF_{swarm}_OFFERS"
+
+
+def offers_filter(swarm: str) -> str:
+    return f"{names.PREFIX}.{swarm}.offer.>"
+
+
+def cap_token(capability: str) -> str:
+    """A capability as a subject token: itself when safe, else a stable hash."""
+    if _SAFE_CAP.fullmatch(capability):
+        return capability
+    return "h" + hashlib.sha1(capability.encode()).hexdigest()[:12]  # noqa: S324 - a name
+
+
+def caps_token(capabilities: Iterable[str]) -> str:
+    tokens = sorted({cap_token(c) for c in capabilities})
+    return "+".join(tokens) if tokens else "any"
+
+
+def band_token(priority: int) -> str:
+    return f"p{priority}" if priority >= 0 else f"m{-priority}"
+
+
+def band_of(token: str) -> int:
+    return int(token[1:]) if token[0] == "p" else -int(token[1:])
+
+
+def offer_subject(swarm: str, state: TaskState) -> str:
+    return (f"{names.PREFIX}.{swarm}.offer.{band_token(state.priority)}."
+            f"{caps_token(state.capabilities)}")
+
+
+def offer_msg_id(task_id: str, seq: int) -> str:
+    return f"offer-{task_id}-{seq}"
+
+
+def eligible(subjects: Iterable[str], capabilities: Iterable[str]) -> list[str]:
+    """The offer subjects an agent with ``capabilities`` may take, best band first."""
+    mine = {cap_token(c) for c in capabilities}
+    out: list[tuple[int, str]] = []
+    for subject in subjects:
+        band, caps = subject.rsplit(".", 2)[-2:]
+        needed = set() if caps == "any" else set(caps.split("+"))
+        if needed <= mine:
+            out.append((band_of(band), subject))
+    return [s for _, s in sorted(out, key=lambda x: (-x[0], x[1]))]
+
+
+def consumer_name(subject: str) -> str:
+    return "offer-" + hashlib.sha1(subject.encode()).hexdigest()[:20]  # noqa: S324 - a name
+
+
+_offer_encoder = msgspec.json.Encoder()
+_offer_decoder = msgspec.json.Decoder(TaskState)
+
+
+def encode_offer(state: TaskState) -> bytes:
+    return _offer_encoder.encode(state)
+
+
+def decode_offer(data: bytes) -> TaskState | None:
+    try:
+        return _offer_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+# --------------------------------------------------------------------- adapter
+
+
+class OfferDesk:
+    """Publish, find and fetch offers of one swarm (one per process)."""
+
+    def __init__(self, log_: EventLog) -> None:
+        self.log = log_
+        self.nc = log_.nc
+        self.swarm = log_.swarm
+        self.stream = offers_stream(self.swarm)
+        self._consumers: set[str] = set()
+        self._subjects: list[str] = []  # subjects holding offers, as last seen
+        self._seen_at = 0.0
+        self.refreshes = 0  # how many times the stream was asked (a fresh look)
+        self.wake = asyncio.Event()  # set by pokes (resume) and by offers seen while idle
+        self._pull_lock = asyncio.Lock()
+        self._pulled: asyncio.Queue[Msg] = asyncio.Queue()
+        self._inbox_subject: str | None = None
+
+    async def publish(self, state: TaskState) -> None:
+        """Offer a ready task (idempotent per task and sequence).
+
+        Raises:
+            Unavailable: not stored; a maintainer's sweep offers it again.
+        """
+        headers = {"Nats-Msg-Id": offer_msg_id(state.task_id, state.seq)}
+        with nats_errors(self.stream):
+            await self.log.js.publish(offer_subject(self.swarm, state), encode_offer(state),
+                                      headers=headers, timeout=5.0)
+
+    async def subjects(self, *, fresh: bool = False) -> list[str]:
+        """Offer subjects that hold messages (cached for ``REFRESH_S``)."""
+        if fresh or time.monotonic() - self._seen_at > REFRESH_S:
+            info = await api_request(self.nc, f"$JS.API.STREAM.INFO.{self.stream}",
+                                     {"subjects_filter": offers_filter(self.swarm)})
+            self._subjects = sorted((info.get("state") or {}).get("subjects") or {})
+            self._seen_at = time.monotonic()
+            self.refreshes += 1
+        return self._subjects
+
+    def forget(self, subject: str) -> None:
+        """A fetch found ``subject`` empty: skip it until the next refresh."""
+        if subject in self._subjects:
+            self._subjects.remove(subject)
+
+    async def _consumer(self, subject: str) -> str:
+        name = consumer_name(subject)
+        if name not in self._consumers:
+            config = {"durable_name": name, "filter_subject": subject,
+                      "ack_policy": "explicit", "deliver_policy": "all",
+                      "ack_wait": int(ACK_WAIT_S * 1e9), "max_ack_pending": -1,
+                      "max_waiting": 4096, "inactive_threshold": int(CONSUMER_IDLE_S * 1e9)}
+            await api_request(self.nc, f"$JS.API.CONSUMER.CREATE.{self.stream}.{name}",
+                              {"stream_name": self.stream, "config": config})
+            self._consumers.add(name)
+        return name
+
+    async def fetch(self, subject: str) -> Msg | None:
+        """One offer from ``subject``'s consumer, or None when it has none to hand out.
+
+        JetStream delivers a pulled message under its own subject, so a reply
+        cannot be matched to its request: this process keeps one inbox and pulls
+        one message at a time through it.
+        """
+        name = await self._consumer(subject)
+        async with self._pull_lock:
+            inbox = await self._inbox()
+            while not self._pulled.empty():  # a late answer to a pull that timed out
+                late = self._pulled.get_nowait()
+                if not (late.headers or {}).get("Status"):
+                    return late  # an offer all the same: ours to settle
+            with nats_errors(subject):
+                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
+                                      _PULL_ONE, reply=inbox)
+            try:
+                async with asyncio.timeout(PULL_TIMEOUT_S):
+                    msg = await self._pulled.get()
+            except TimeoutError:
+                raise Unavailable(f"no answer pulling an offer from {subject} "
+                                  f"within {PULL_TIMEOUT_S:g} s") from None
+        status = (msg.headers or {}).get("Status")
+        if status is None:
+            return msg
+        if status not in ("404", "408"):  # 404/408: nothing to hand out now
+            description = (msg.headers or {}).get("Description", "")
+            if "consumer" in description.lower() and "not found" in description.lower():
+                self._consumers.discard(name)  # removed while idle: create it next time
+            else:
+                log.debug("pull from %s answered %s %s", subject, status, description)
+        return None
+
+    async def _inbox(self) -> str:
+        if self._inbox_subject is None:
+            inbox = self.nc.new_inbox()
+
+            async def pulled(msg: Msg) -> None:
+                self._pulled.put_nowait(msg)
+
+            with nats_errors(inbox):
+                await self.nc.subscribe(inbox, cb=pulled)
+            self._inbox_subject = inbox
+        return self._inbox_subject
+
+    async def wait(self, capabilities: Iterable[str], timeout_s: float) -> None:
+        """Until an offer this agent may take is published, a poke, or the timeout."""
+        caps = tuple(capabilities)
+        woken = asyncio.Event()
+
+        async def seen(msg: Msg) -> None:
+            if eligible([msg.subject], caps):
+                woken.set()
+
+        try:
+            sub = await self.nc.subscribe(offers_filter(self.swarm), cb=seen)
+        except (nats.errors.Error, OSError) as exc:
+            raise Unavailable(f"cannot wait for offers: {exc}") from None
+        try:
+            waiters = [asyncio.ensure_future(woken.wait()), asyncio.ensure_future(self.wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        finally:
+            self.wake.clear()
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+        self._seen_at = 0.0  # look again at what holds offers
+
+
+async def settle(msg: Msg, how: str, delay_s: float | None = None) -> None:
+    """Ack, term or nak an offer; a core publish, nothing is waited for.
+
+    A lost ack only means the offer is handed out again after its ack wait and
+    refused by the compare-and-set as stale.
+    """
+    with contextlib.suppress(nats.errors.Error, OSError):
+        if how == "ack":
+            await msg.ack()
+        elif how == "term":
+            await msg.term()
+        else:
+            await msg.nak(delay=delay_s)
+
+
+__all__ = [
+    "OfferDesk",
+    "band_of",
+    "band_token",
+    "cap_token",
+    "caps_token",
+    "consumer_name",
+    "decode_offer",
+    "eligible",
+    "encode_offer",
+    "offer_msg_id",
+    "offer_subject",
+    "offers_filter",
+    "offers_stream",
+    "settle",
+]
