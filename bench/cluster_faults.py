@@ -35,7 +35,6 @@ from cflow.errors import CflowError, NotFound
 from cflow.server import EmbeddedServer, ensure_swarm_when_placeable
 from cflow.streams import EventLog, connect, names
 from cflow.streams.client import api_request
-from cflow.streams.definitions import swarm_resources
 
 
 class Executor:
@@ -110,13 +109,13 @@ async def run(seconds: float, n_tasks: int, n_workers: int, every: float, base: 
             return await task
 
     async def killer(admin: Any) -> None:
-        specs = [s.name for s in swarm_resources(swarm)]
+        targets = [names.events_stream(swarm), names.kv_stream(names.bucket(swarm, names.LEASES))]
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
             if stop.is_set():
                 return
-            stream = specs[2 if len(kills) % 2 else 0]  # alternate: events, leases
+            stream = targets[len(kills) % 2]  # alternate: the events' leader, the leases'
             try:
                 info = await api_request(admin, f"$JS.API.STREAM.INFO.{stream}", timeout=3)
                 leader = (info.get("cluster") or {}).get("leader")
