@@ -863,35 +863,15 @@ class ControlService:
         appended = await self.log.append(ev.SwarmStopped(reason=reason), SWARM, actor=who)
         cancelled: list[str] = []
         if now:
-            board = await self.swarm.tasks.ensure_board()
-            for state in list(board.claimed()):
+            tasks = self.swarm.tasks
+            why = f"swarm stopped by {who}: {reason}" if reason else f"swarm stopped by {who}"
+            for state in list((await tasks.ensure_board()).claimed()):
                 with contextlib.suppress(InvalidState, NotFound):
-                    await self._cancel(state.task_id, f"swarm stopped by {who}: {reason}"
-                                       if reason else f"swarm stopped by {who}", who)
+                    # The task service's cancel, recording who stopped the swarm.
+                    await tasks.cancel(state.task_id, why, actor=who)
                     cancelled.append(state.task_id)
         return {"scope": SWARM, "mode": "stopped", "reason": reason, "actor": who,
                 "seq": appended.seq, "cancelled": cancelled}
-
-    async def _cancel(self, task_id: str, reason: str, actor: str) -> None:
-        tasks = self.swarm.tasks
-        if actor == self.swarm.agent:
-            await tasks.cancel(task_id, reason)
-            return
-        # Record the human as the canceller: the same steps as TaskService.cancel.
-        for _ in range(10):
-            state = await tasks.get(task_id)
-            if state.terminal:
-                raise InvalidState(f"task {task_id} is already {state.status}")
-            epoch = state.epoch if state.status in ("claimed", "expired") else None
-            try:
-                await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch), task_id,
-                                      expected=state.seq, actor=actor)
-            except ConcurrencyConflict:
-                continue
-            if epoch is not None:
-                await tasks._drop_lease(task_id, epoch)
-            await tasks._evaluate_dependents(task_id)
-            return
 
     async def set_budget(self, scope: str, limits: Mapping[str, float], *,
                          replace_all: bool = False, actor: str | None = None) -> dict[str, Any]:

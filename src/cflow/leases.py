@@ -51,10 +51,10 @@ from cflow.errors import (
     Paused,
     Unavailable,
 )
+from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
-    MARKER_REASON,
     Appended,
     Outgoing,
     build_kv_delete,
@@ -72,6 +72,7 @@ from cflow.tasks import (
 )
 
 if TYPE_CHECKING:
+    from cflow.feed import TaskFeed
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.leases")
@@ -211,55 +212,36 @@ class Lease:
                          ) -> AsyncIterator[Lease]:
         """Renew every ``interval_s`` (default TTL/3) in the background while the block runs.
 
-        A renewal that fails for a transient reason is retried at once with a short
-        backoff; the holder's deadline bounds how long that may go on. When the
-        lease is lost (refused, deadline passed) or the task cancelled,
-        ``self.lost`` is set and ``on_lost`` is called so the holder stops its work.
+        The keep-alive loop shared with presence and reservations
+        (:mod:`cflow.keepalive`): a renewal that fails for a transient reason is
+        retried at once with a short backoff, and one hanging on a dead connection is
+        abandoned at the deadline; the holder's deadline bounds how long that may go
+        on. When the lease is lost (refused, deadline passed) or the task cancelled,
+        ``self.lost`` is set and ``on_lost`` is called (once) so the holder stops its
+        work.
         """
-        period = interval_s or self.policy.heartbeat_interval_s
-
-        async def beat() -> None:
-            next_at = time.monotonic() + period
-            while not self.lost.is_set():
-                wake = min(next_at, self.clock.deadline)
-                with contextlib.suppress(TimeoutError):
-                    # Woken early only by a loss noticed elsewhere (a refused write).
-                    await asyncio.wait_for(self.lost.wait(), max(0.0, wake - time.monotonic()))
-                if self.lost.is_set():
-                    break
-                sent = time.monotonic()
-                try:
-                    # A renewal hanging on a dead connection must not outlive the deadline.
-                    async with asyncio.timeout(max(0.05, self.clock.deadline - sent)):
-                        await self.heartbeat()
-                except LeaseLost:
-                    break
-                except (CflowError, TimeoutError) as exc:
-                    if isinstance(exc, TimeoutError):
-                        self.clock = self.clock.after("failed", sent_mono=sent,
-                                                      now_mono=time.monotonic())
-                    with contextlib.suppress(LeaseLost):
-                        self._check_deadline()
-                    log.warning("renewal of %s failed: %s", self.task_id, exc or "timed out")
-                    next_at = self.clock.next_attempt(time.monotonic())
-                    continue
-                next_at = sent + period
+        def lost() -> None:
             if on_lost is not None:
                 on_lost(self)
 
-        task = asyncio.create_task(beat(), name=f"heartbeat-{self.task_id}")
-        try:
+        # heartbeat() records each renewal on self.clock and marks a refusal lost.
+        async with kept_alive(self, self.heartbeat, name=f"lease on {self.task_id}",
+                              interval_s=interval_s, on_lost=lost):
             yield self
-        finally:
-            await stop_tasks([task])
 
 
 class TaskService:
     """Tasks and leases of one swarm, for one agent identity (``swarm.agent``)."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: Swarm, *, feed: TaskFeed,
+                 claim_guards: Iterable[Callable[[str, Sequence[str]], Any]] = (),
+                 claim_filters: Iterable[Callable[[TaskState], Paused | None]] = ()) -> None:
+        """Built by :class:`~cflow.swarm.Swarm`, which hands it the process's task feed
+        (the board follows it) and what guards claims (control: pause, budgets,
+        breakers)."""
         self.swarm = swarm
         self.log = swarm.log
+        self.feed = feed
         self.leases_bucket = swarm.log.bucket(names.LEASES)
         self.board = TaskBoard()
         self._board_task: asyncio.Task[None] | None = None
@@ -276,15 +258,15 @@ class TaskService:
         self.offers = offers_mod.OfferDesk(swarm.log)
         self._offer_due = 0.0  # loop time an offer we handed back (backoff) is due again
         self._offered: dict[str, int] = {}  # task -> sequence of the last offer seen (maintainers)
-        self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = []
-        # Per-task refusals (paused scope, open breaker); the control module adds them.
-        self.claim_filters: list[Callable[[TaskState], Paused | None]] = []
+        # Refusals of any claim (swarm paused) and per task (paused scope, open breaker).
+        self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = list(claim_guards)
+        self.claim_filters: list[Callable[[TaskState], Paused | None]] = list(claim_filters)
         self.reaped = 0
 
     # ------------------------------------------------------------------ the board
 
     async def ensure_board(self) -> TaskBoard:
-        """Start following task events (once) and wait until the board is caught up."""
+        """Subscribe the board to the task feed (once) and wait until it is caught up."""
         if self._board_task is None:
             self._board_task = asyncio.create_task(self._follow(), name="task-board")
         if not self._caught_up.is_set():
@@ -300,13 +282,13 @@ class TaskService:
         return self.board
 
     async def _follow(self) -> None:
-        filt = names.events_filter(self.swarm.name, "task")
-        async for item in self.log.follow(filt, caught_up=self._caught_up):
-            if isinstance(item, StoredEvent):
+        async with self.feed.subscribe("task-board", start_seq=self.board.last_seq + 1,
+                                       caught_up=self._caught_up) as events:
+            async for item in events:
                 self._absorb(item.seq, item.event, item.time_ms or None)
-            self._version += 1
-            async with self._changed:
-                self._changed.notify_all()
+                self._version += 1
+                async with self._changed:
+                    self._changed.notify_all()
 
     def _absorb(self, seq: int, event: ev.Event, at_ms: int | None) -> TaskState | None:
         state = self.board.apply(seq, event, at_ms)
@@ -944,8 +926,12 @@ class TaskService:
 
     # -------------------------------------------------------------------- cancel
 
-    async def cancel(self, task_id: str, reason: str = "") -> TaskState:
+    async def cancel(self, task_id: str, reason: str = "", *,
+                     actor: str | None = None) -> TaskState:
         """Cancel a task; a holder learns it at its next heartbeat.
+
+        ``actor`` is who cancels (default: this agent), e.g. the human who stopped
+        the swarm with ``--now``.
 
         Raises:
             NotFound: no such task.
@@ -960,7 +946,7 @@ class TaskService:
             try:
                 appended = await self._append(ev.TaskCancelled(reason=reason, epoch=epoch),
                                                  task_id, expected=state.seq,
-                                                 after_hlc=state.hlc)
+                                                 after_hlc=state.hlc, actor=actor)
             except ConcurrencyConflict:
                 continue
             try:
@@ -1249,13 +1235,11 @@ class TaskService:
 
         The key names the claim (``<task>.<epoch>``), so this needs no board.
         """
-        prefix = f"$KV.{self.leases_bucket}."
-        async with self.log.kv_subscription(self.leases_bucket) as (queue, _):
-            while True:
-                msg = await queue.get()
-                if MARKER_REASON not in (msg.headers or {}):
+        async with self.log.kv_entries(self.leases_bucket) as entries:
+            async for entry in entries:
+                if entry.operation != "MARKER":
                     continue
-                task_id, _, epoch_text = msg.subject[len(prefix):].rpartition(".")
+                task_id, _, epoch_text = entry.key.rpartition(".")
                 if not task_id or not epoch_text.isdigit():
                     continue  # not a lease key (a probe, an old-style key)
                 try:

@@ -106,11 +106,9 @@ class Swarm:
             from cflow.leases import TaskService
 
             control = self.control
-            tasks = TaskService(self)
-            # Pause, budgets and breakers guard every claim.
-            tasks.claim_guards.append(control.claim_guard)
-            tasks.claim_filters.append(control.claim_filter)
-            self._tasks = tasks
+            # Pause, budgets and breakers guard every claim; the board follows the feed.
+            self._tasks = TaskService(self, feed=self.feed, claim_guards=[control.claim_guard],
+                                      claim_filters=[control.claim_filter])
         return self._tasks
 
     @property
