@@ -285,8 +285,8 @@ async def test_stop_now_by_a_human_cancels_through_the_task_service(admin: Swarm
     last = (await admin.tasks.history(task.task_id))[-1].event
     assert (last.type, last.actor) == ("TaskCancelled", "bob")
     assert last.data.reason == "swarm stopped by bob: drill"  # type: ignore[union-attr]
-    view = await admin.tasks.lease_view(task.task_id)
-    assert view is not None and view.op == "DEL"  # the holder's lease is dropped
+    assert await lease.heartbeat() == "cancelled"  # the holder learns it at once
+    assert lease.cancelled and lease.lost.is_set()
 
 
 def ev_now() -> int:
