@@ -94,10 +94,10 @@ async def test_partitioned_holder_stops_and_another_worker_takes_over(
                 await asyncio.sleep(max(0.0, victim_run.start + 1.2 - time.monotonic()))
                 by_proxy[victim].blackhole()
                 partitioned_at = time.monotonic()
-                await wait_completed(s, ids, within=RUN_S * 2 + TTL_S + 10)
+                await wait_completed(s, ids, within=RUN_S * 2 + TTL_S + 5)
                 # The victim's own execution has ended by now (stopped, or ran out).
                 await log.wait(lambda runs: all(r.end is not None for r in runs
-                                                if r.agent == victim), RUN_S + 5,
+                                                if r.agent == victim), RUN_S,
                                "the partitioned holder's execution ended")
                 # Heal: whatever the victim still had to say reaches the server now,
                 # and must be refused.
@@ -149,27 +149,41 @@ async def test_server_kill9_and_restart_mid_claim_and_complete(
                 f"root {k}", body=log.body(0.2 if k % 3 else 2.0), **retry)).task_id
                 for k in range(n_roots)]
             dependents = [(await s.tasks.create(
-                f"dependent {k}", body=log.body(0.3), depends_on=[roots[-1 - k]], **retry)
+                f"dependent {k}", body=log.body(1.0), depends_on=[roots[-1 - k]], **retry)
                 ).task_id for k in range(n_dependents)]
             ids = roots + dependents
             kills: list[float] = []
+            restarts: list[float] = []
             with fleet(workers, log):
                 for at_least, outage_s in ((n_roots // 4, 1.0), (n_roots // 2, TTL_S + 1.0)):
                     await log.wait(lambda runs, n=at_least: sum(
-                        1 for r in runs if r.how == "exit-0") >= n, 40,
-                        f"{at_least} executions done")
+                        1 for r in runs if r.how == "exit-0") >= n and any(
+                        r.end is None for r in runs), 20,
+                        f"{at_least} executions done and one running")
+                    if outage_s > TTL_S:
+                        # One execution surely outlives the outage and its lease.
+                        long = (await s.tasks.create("long", body=log.body(TTL_S + 2),
+                                                     priority=10, **retry)).task_id
+                        ids.append(long)
+                        await log.wait(lambda runs, t=long: any(r.task_id == t for r in runs),
+                                       25, "the long task runs")
                     server.kill9()  # mid-claim, mid-heartbeat, mid-complete: whatever runs
                     kills.append(time.monotonic())
                     await asyncio.sleep(outage_s)
                     await asyncio.to_thread(server.restart)
-                await wait_completed(s, ids, within=45)
+                    restarts.append(time.monotonic())
+                await wait_completed(s, ids, within=30)
                 items = await task_events(s.log)
                 alive = [w.name for w in workers if w.alive]
     done = completions(items)
     history = by_task(items)
     expiries = sum(len(of_type(v, ev.TaskLeaseExpired)) for v in history.values())
     running = [sum(1 for r in log.executions() if r.start < at < r.until()) for at in kills]
-    print(f"\nserver killed -9 {server.kills} times with {running} executions running: "
+    assert all(running), f"a kill hit no running execution: {running}"
+    resumed = [min((r.start for r in log.executions() if r.start > at), default=float("nan"))
+               - at for at in restarts]
+    print(f"\nserver killed -9 {server.kills} times with {running} executions running; "
+          f"first execution after each restart: {', '.join(f'{x:.1f} s' for x in resumed)}: "
           f"{len(done)} of {len(ids)} completed, {expiries} expiries, "
           f"{len(log.executions())} executions, max overlap {log.max_overlap():.1f} s")
     assert set(done) == set(ids), "a task was lost"
@@ -178,18 +192,18 @@ async def test_server_kill9_and_restart_mid_claim_and_complete(
     assert log.max_overlap() <= TTL_S + 1.0, log.overlaps()[:3]
 
 
-@pytest.mark.parametrize("after", ["TaskLeaseExpired", "TaskCompleted"])
-async def test_outage_right_after_a_maintenance_write_is_repaired(
-        after: str, nats_url: str, swarm_name: str, cli_env: dict[str, str],
+async def test_outage_right_after_an_expiry_is_repaired(
+        nats_url: str, swarm_name: str, cli_env: dict[str, str],
         tmp_path: Path) -> None:
-    """A 2 s outage of every maintainer right after an expiry or a completion was stored.
+    """A 2 s outage of every maintainer right after an expiry was stored (issue 14 #3).
 
-    The follow-up writes (requeue after the expiry, the dependent's readiness
-    after the completion) are then due while nobody can write; once NATS is
-    back they must still happen, without any new event to trigger them.
+    The follow-up write (the requeue) is then due while no maintainer can write;
+    once NATS is back it must still happen, without a new event to trigger it,
+    and so must the dependent's readiness after the requeued task completes.
+    (Today nats-py buffers the writes over the reconnect and the append retries,
+    so this passes; it guards the supervised maintenance loop.)
     """
     log = ExecutionLog(tmp_path)
-    seen = {"TaskLeaseExpired": "expired", "TaskCompleted": "completed"}[after]
     with proxies(nats_url, 2) as ps:
         workers = [WorkerProcess(f"ow{i}", {**cli_env, "CFLOW_URL": p.url}, log.command(0.3),
                                  tmp_path, drain_grace=1.0) for i, p in enumerate(ps, start=1)]
@@ -198,14 +212,14 @@ async def test_outage_right_after_a_maintenance_write_is_repaired(
             first = await s.tasks.create("first", body=log.body(0.5), **retry)
             then = await s.tasks.create("then", body=log.body(0.2),
                                         depends_on=[first.task_id], **retry)
-            if after == "TaskLeaseExpired":
-                # A holder that dies at once: its lease runs out, a maintainer expires it.
-                assert await s.tasks.claim(first.task_id, agent="ghost") is not None
+            # A holder that dies at once: its lease runs out, a maintainer expires it.
+            assert await s.tasks.claim(first.task_id, agent="ghost") is not None
             with fleet(workers, log):
                 await asyncio.gather(*(w.wait_ready() for w in workers))
                 for p in ps:  # room to cut in right after the write is stored
                     p.delay(300)
-                await until(s, first.task_id, lambda st: st.status == seen, within=TTL_S + 15)
+                await until(s, first.task_id, lambda st: st.status == "expired",
+                            within=TTL_S + 15)
                 for p in ps:
                     p.down()
                 await asyncio.sleep(2.0)
@@ -216,7 +230,34 @@ async def test_outage_right_after_a_maintenance_write_is_repaired(
                 finally:
                     items = await task_events(s.log)
                     history = by_task(items)
-                    print(f"\nafter a 2 s outage right after {after}:\n"
+                    print("\nafter a 2 s outage right after the expiry:\n"
                           + "\n".join(timeline(v) for v in history.values()))
     done = completions(items)
     assert done == {first.task_id: 1, then.task_id: 1}
+
+
+@pytest.mark.xfail(reason="issue 14 (server restart): followers resume only after nats-py's "
+                          "ordered consumer misses its idle heartbeats (~18 s)", strict=False)
+async def test_claims_resume_promptly_after_a_server_restart(
+        swarm_name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """Idle workers, the server killed -9 and back: new work is claimed within seconds."""
+    log = ExecutionLog(tmp_path)
+    with RestartableServer(tmp_path / "nats") as server:
+        env = {**cli_env, "CFLOW_URL": server.url}
+        workers = [WorkerProcess(f"iw{i}", env, log.command(0.1), tmp_path, drain_grace=1.0)
+                   for i in (1, 2)]
+        async with Swarm.connect(server.url, swarm=swarm_name, agent="chaos") as s:
+            with fleet(workers, log):
+                await asyncio.gather(*(w.wait_ready() for w in workers))
+                server.kill9()
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(server.restart)
+                restarted = time.monotonic()
+                task = await s.tasks.create("after the restart", lease_ttl_s=TTL_S)
+                created = time.monotonic()
+                [run] = await log.wait(lambda runs: runs, 30, "the new task runs")
+    print(f"\nafter a restart: task created in {created - restarted:.1f} s, "
+          f"run {run.start - created:.1f} s later")
+    assert run.task_id == task.task_id
+    assert run.start - created <= TTL_S, (
+        f"a ready task waited {run.start - created:.1f} s for one of two idle workers")
