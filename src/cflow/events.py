@@ -129,6 +129,10 @@ class TaskClaimed(EventData, frozen=True, kw_only=True):
     owner: str
     attempt: int
     lease_ttl_s: float
+    # The claim's own key in the leases bucket is "<task>.<lease>" (old versions:
+    # "<task>.<epoch>"): known before the claim is stored, so the claimer writes
+    # the claim and its lease at the same time.
+    lease: str = ""
     # Written by old versions (the claimer's wall clock); readers now derive the
     # start-to-close deadline from the claim's server timestamp instead.
     deadline_ms: int | None = None

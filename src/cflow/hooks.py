@@ -249,13 +249,16 @@ async def held_tasks(swarm: Swarm, agent: str, *, titles: bool = True) -> list[H
         record = _decode_lease(entry)
         if record is None or record.owner != agent:
             continue
-        title = ""
-        if titles:
+        epoch, title = record.epoch, ""
+        if titles or not epoch:  # a lease names its claim by key; the epoch is the claim's
             try:
-                title = (await swarm.tasks.get(record.task_id)).title
+                state = await swarm.tasks.get(record.task_id)
             except NotFound:
                 continue
-        held.append(Held(record.task_id, record.epoch, title))
+            if state.status != "claimed" or state.owner != agent:
+                continue
+            epoch, title = state.epoch, state.title
+        held.append(Held(record.task_id, epoch, title))
     return held
 
 

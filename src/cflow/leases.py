@@ -104,9 +104,9 @@ _lease_encoder = msgspec.json.Encoder()
 _lease_decoder = msgspec.json.Decoder(LeaseRecord)
 
 
-def lease_key(task_id: str, epoch: int) -> str:
-    """The leases-bucket key of one claim: a fresh key per claim, created once."""
-    return f"{task_id}.{epoch}"
+def claim_lease_key(state: TaskState) -> str:
+    """The leases-bucket key of a task's current (or last) claim: one key per claim."""
+    return state.lease_key or f"{state.task_id}.{state.epoch}"
 
 
 def task_id_for_key(swarm: str, key: str) -> str:
@@ -132,6 +132,7 @@ class Lease:
                  leased_sent_mono: float, value: bytes) -> None:
         self.service = service
         self.value = value  # the lease record as stored (renewals write it again)
+        self.key = claim_lease_key(task)  # the claim's own key in the leases bucket
         self.task = task
         self.task_id = task.task_id
         self.epoch = task.epoch
@@ -161,7 +162,7 @@ class Lease:
             sent = time.monotonic()
             try:
                 status, self.revision = await self.service._heartbeat(
-                    self.task_id, self.epoch, self.revision, owner=self.owner,
+                    self.task_id, self.epoch, self.key, self.revision, owner=self.owner,
                     ttl_s=self.ttl_s, value=self.value)
             except LeaseLost as lost:
                 self.clock = self.clock.after("refused", sent_mono=sent,
@@ -588,26 +589,33 @@ class TaskService:
             return None
         # Budgets: an attempts budget above the task takes its slot before the claim.
         await self.swarm.control.reserve_attempt(state, owner)
+        nonce = uuid.uuid4().hex[:16]
         data = ev.TaskClaimed(owner=owner, attempt=state.attempt + 1,
-                              lease_ttl_s=state.lease_ttl_s)
-        try:
-            appended = await self._append(data, state.task_id, expected=state.seq,
-                                             actor=owner, after_hlc=state.hlc)
-        except ConcurrencyConflict:
+                              lease_ttl_s=state.lease_ttl_s, lease=nonce)
+        record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=0,
+                             attempt=state.attempt + 1, ttl_s=state.lease_ttl_s)
+        key = f"{state.task_id}.{nonce}"
+        sent = time.monotonic()
+        # The claim and its lease go out together (one round trip): the lease key
+        # is the claim's own, so a lease whose claim lost the race is just deleted.
+        claim_try, lease_try = await asyncio.gather(
+            self._append(data, state.task_id, expected=state.seq, actor=owner,
+                         after_hlc=state.hlc),
+            self._create_lease(key, record), return_exceptions=True)
+        if isinstance(claim_try, BaseException):
+            if not isinstance(lease_try, BaseException):
+                await self._drop_lease(key)
+            if not isinstance(claim_try, ConcurrencyConflict):
+                raise claim_try
             with contextlib.suppress(CflowError):
                 await self.swarm.control.refund_attempt(state)
             if strict:
                 now_state = await self.get(state.task_id)
                 raise AlreadyClaimed(now_state.task_id, now_state.status,
                                      now_state.owner) from None
-            raise  # the best-ready loop decides what losing means
-        claimed = self._applied(state, appended)
-        record = LeaseRecord(task_id=state.task_id, owner=owner, epoch=claimed.epoch,
-                             attempt=claimed.attempt, ttl_s=state.lease_ttl_s)
-        sent = time.monotonic()
-        try:
-            revision = await self._create_lease(record)
-        except CflowError:
+            raise claim_try  # the best-ready loop decides what losing means
+        claimed = self._applied(state, claim_try)
+        if isinstance(lease_try, BaseException):
             # A claim without a lease must not hold the task until a reaper notices:
             # give it back (the attempt is not counted), best effort.
             with contextlib.suppress(CflowError):
@@ -615,8 +623,10 @@ class TaskService:
                                    ev.TaskReleased(epoch=claimed.epoch, reason="lease not written"),
                                    "release", claimed, owner)
                 await self.swarm.control.refund_attempt(state)
-            raise
-        return Lease(self, claimed, revision, sent, _lease_encoder.encode(record))
+            if isinstance(lease_try, CflowError):
+                raise lease_try
+            raise Unavailable(f"lease of task {state.task_id} not written: {lease_try}")
+        return Lease(self, claimed, lease_try, sent, _lease_encoder.encode(record))
 
     def _refused(self, state: TaskState) -> Paused | None:
         for check in self.claim_filters:
@@ -631,22 +641,20 @@ class TaskService:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _create_lease(self, record: LeaseRecord) -> int:
+    async def _create_lease(self, key: str, record: LeaseRecord) -> int:
         """Write the lease of a fresh claim: its own key, created (never overwritten).
 
-        The key is per claim (``<task>.<epoch>``), so creating it needs no read,
-        and a reaper that judged the claim never leased fences a late creation by
-        writing the key first.
+        The key is per claim (``<task>.<lease>`` of its ``TaskClaimed``), so
+        creating it needs no read, and a reaper that judged the claim never
+        leased fences a late creation by writing the key first.
 
         Raises:
             LeaseLost: the key exists (a reaper fenced this claim off).
         """
-        key = lease_key(record.task_id, record.epoch)
         value = _lease_encoder.encode(record)
         try:
             return await self.log.kv_put(self.leases_bucket, key, value, expected_revision=0,
-                                         ttl_s=record.ttl_s,
-                                         msg_id=f"lease-{record.task_id}-{record.epoch}")
+                                         ttl_s=record.ttl_s, msg_id=f"lease-{key}")
         except ConcurrencyConflict:
             last = await self.log.kv_last(self.leases_bucket, key)
             if last is not None and last.live and last.value == value:
@@ -656,20 +664,21 @@ class TaskService:
 
     # ------------------------------------------------------------ lease verdicts
 
-    async def lease_view(self, task_id: str, epoch: int) -> LeaseView | None:
-        """What the leases bucket holds for a claim (the server's marker included)."""
-        last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
+    async def lease_view(self, state: TaskState) -> LeaseView | None:
+        """What the leases bucket holds for a task's claim (the server's marker included)."""
+        last = await self.log.kv_last(self.leases_bucket, claim_lease_key(state))
         if last is None:
             return None
         record = _decode_lease(last)
         op: LeaseOp = last.operation if last.operation in ("PUT", "DEL", "PURGE",  # type: ignore[assignment]
                                                             "MARKER") else "DEL"
+        # The key is the claim's own; old records also name the epoch.
         return LeaseView(op=op, stored_ms=last.time_ms,
-                         epoch=record.epoch if record is not None else None)
+                         epoch=record.epoch if record is not None and record.epoch else None)
 
     async def verdict(self, state: TaskState) -> Verdict:
         """Whether the claim of record of a claimed task still has a live lease."""
-        view = await self.lease_view(state.task_id, state.epoch)
+        view = await self.lease_view(state)
         now = await self.log.server_time_ms()
         return judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
                      now_ms=now, policy=LeasePolicy(state.lease_ttl_s))
@@ -690,28 +699,32 @@ class TaskService:
 
     async def heartbeat(self, task_id: str, epoch: int, *,
                         agent: str | None = None) -> HeartbeatStatus:
-        """Renew the lease of ``(task_id, epoch)`` (CLI form: revision read first).
+        """Renew the lease of ``(task_id, epoch)`` (CLI form: claim and lease read first).
 
         Raises:
             LeaseLost: the lease expired, was taken over, or the task moved on.
             NotHolder: the lease is held by another agent.
         """
         owner = agent or self.swarm.agent
-        last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
-        current = _decode_lease(last)
-        if last is None or current is None or current.epoch != epoch:
+        state = await self.get(task_id)
+        if state.status != "claimed" or state.epoch != epoch:
             reason = await self._why_lost(task_id, epoch)
             if reason == "cancelled":
                 return "cancelled"
             raise LeaseLost(task_id, epoch, reason)
-        if current.owner != owner:
-            raise NotHolder(task_id, epoch, current.owner, owner)
-        status, _ = await self._heartbeat(task_id, epoch, last.revision, owner=owner,
+        if state.owner != owner:
+            raise NotHolder(task_id, epoch, state.owner or "nobody", owner)
+        key = claim_lease_key(state)
+        last = await self.log.kv_last(self.leases_bucket, key)
+        current = _decode_lease(last)
+        if last is None or current is None:
+            raise LeaseLost(task_id, epoch, "lease expired")
+        status, _ = await self._heartbeat(task_id, epoch, key, last.revision, owner=owner,
                                           ttl_s=current.ttl_s, value=last.value)
         return status
 
-    async def _heartbeat(self, task_id: str, epoch: int, revision: int, *, owner: str,
-                         ttl_s: float, value: bytes) -> tuple[HeartbeatStatus, int]:
+    async def _heartbeat(self, task_id: str, epoch: int, key: str, revision: int, *,
+                         owner: str, ttl_s: float, value: bytes) -> tuple[HeartbeatStatus, int]:
         """One compare-and-set renewal on the lease's revision (one round trip).
 
         Whatever ends a claim also moves its lease key (expiry leaves a marker,
@@ -720,16 +733,16 @@ class TaskService:
         diagnosed from the task's events.
         """
         try:
-            new_rev = await self.log.kv_put(self.leases_bucket, lease_key(task_id, epoch),
-                                            value, expected_revision=revision, ttl_s=ttl_s)
+            new_rev = await self.log.kv_put(self.leases_bucket, key, value,
+                                            expected_revision=revision, ttl_s=ttl_s)
         except ConcurrencyConflict:
-            last = await self.log.kv_last(self.leases_bucket, lease_key(task_id, epoch))
+            last = await self.log.kv_last(self.leases_bucket, key)
             record = _decode_lease(last)
-            if last is not None and record is not None and record.epoch == epoch:
+            if last is not None and record is not None and last.live:
                 if record.owner != owner:
                     raise NotHolder(task_id, epoch, record.owner, owner) from None
                 # Renewed by another renewal of ours meanwhile: adopt its revision.
-                return await self._heartbeat(task_id, epoch, last.revision, owner=owner,
+                return await self._heartbeat(task_id, epoch, key, last.revision, owner=owner,
                                              ttl_s=ttl_s, value=value)
             reason = await self._why_lost(task_id, epoch)
             if reason == "cancelled":
@@ -796,7 +809,7 @@ class TaskService:
         # The result is stored: nothing after this point may report it as failed.
         # What is left undone here, every maintainer redoes from the event.
         try:
-            await self._drop_lease(task_id, epoch, lease_revision)
+            await self._drop_lease(claim_lease_key(before))
             await self._after_write(state)
         except CflowError as exc:
             log.warning("after %s of %s: %s (maintenance will finish it)", kind, task_id, exc)
@@ -875,27 +888,25 @@ class TaskService:
         return await self._finish(task_id, epoch, ev.TaskReleased(epoch=epoch, reason=reason),
                                   "release", known, agent, lease_revision)
 
-    async def _drop_lease(self, task_id: str, epoch: int, revision: int | None = None) -> None:
+    async def _drop_lease(self, key: str) -> None:
         """Delete a finished claim's lease so its holder learns at once; may be lost.
 
         The key belongs to this one claim, which is over, so the delete needs no
         read and no expectation, and nobody waits for it (a lost delete only
         lets the lease run out its TTL, harmlessly). The tombstone expires too,
-        so finished claims leave no key. ``revision`` is accepted for callers
-        that know it; it is not needed.
+        so finished claims leave no key.
         """
-        del revision
-        out = build_kv_delete(self.leases_bucket, lease_key(task_id, epoch))
+        out = build_kv_delete(self.leases_bucket, key)
         headers = {**out.headers, "Nats-TTL": ttl_header(LEASE_TOMBSTONE_TTL_S)}
         # A core publish: JetStream stores it, nobody waits for the ack.
         with contextlib.suppress(Exception):
             await self.log.nc.publish(out.subject, out.payload, headers=headers)
 
-    async def _fence_lease(self, task_id: str, epoch: int) -> bool:
+    async def _fence_lease(self, key: str) -> bool:
         """Before reaping a claim as never leased, take its lease key: a late lease
         write of that claim then fails (its holder learns it lost). False if the
         lease was written after all."""
-        out = build_kv_delete(self.leases_bucket, lease_key(task_id, epoch), expected_revision=0)
+        out = build_kv_delete(self.leases_bucket, key, expected_revision=0)
         fence = Outgoing(out.subject, {**out.headers, "Nats-TTL": ttl_header(
             LEASE_TOMBSTONE_TTL_S)}, out.payload)
         try:
@@ -951,7 +962,7 @@ class TaskService:
                 continue
             try:
                 if epoch is not None:
-                    await self._drop_lease(task_id, epoch)
+                    await self._drop_lease(claim_lease_key(state))
                 await self._evaluate_dependents(task_id)
             except CflowError as exc:
                 log.warning("after cancel of %s: %s (maintenance will finish it)", task_id, exc)
@@ -1018,7 +1029,7 @@ class TaskService:
             if not verdict.gone:
                 return False  # still alive (or still within the claimer's grace)
             verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
-            if refund and not await self._fence_lease(task_id, epoch):
+            if refund and not await self._fence_lease(claim_lease_key(state)):
                 return False  # the lease was written just now: the claim is alive
         try:
             appended = await self._append(
@@ -1032,7 +1043,7 @@ class TaskService:
         self.reaped += 1
         expired = self._applied(state, appended)
         if reason == "start-to-close timeout":
-            await self._drop_lease(task_id, epoch)
+            await self._drop_lease(claim_lease_key(state))
         action = self.board.after_expiry(expired)
         if action:
             await self._act(action, expired)
@@ -1177,7 +1188,7 @@ class TaskService:
                 if state is not None and state.status == "cancelled" and state.epoch:
                     # A cancelled claim's holder learns it from its lease: make sure
                     # the lease is gone even if the canceller could not delete it.
-                    await self._drop_lease(task_id, state.epoch)
+                    await self._drop_lease(claim_lease_key(state))
                 elif state is not None and state.terminal:
                     self._offered.pop(task_id, None)
             except CflowError as exc:
@@ -1214,7 +1225,7 @@ class TaskService:
         if kind == "deadline":
             await self.reap(state.task_id, state.epoch, "start-to-close timeout")
             return
-        view = await self.lease_view(state.task_id, state.epoch)
+        view = await self.lease_view(state)
         policy = LeasePolicy(state.lease_ttl_s)
         now = await self.log.server_time_ms()
         verdict = judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
@@ -1239,12 +1250,17 @@ class TaskService:
             async for entry in entries:
                 if entry.operation != "MARKER":
                     continue
-                task_id, _, epoch_text = entry.key.rpartition(".")
-                if not task_id or not epoch_text.isdigit():
-                    continue  # not a lease key (a probe, an old-style key)
+                task_id, _, suffix = entry.key.rpartition(".")
+                if not task_id or not suffix:
+                    continue  # not a claim's lease key (a probe, an old-style key)
                 try:
-                    await self.reap(task_id, int(epoch_text))
-                except NotFound:
+                    state = self.board.get(task_id)
+                    if state is None or state.status != "claimed":
+                        state = await self.get(task_id)
+                    if state.status != "claimed" or claim_lease_key(state) != entry.key:
+                        continue  # the lease of a claim that is over already
+                    await self.reap(task_id, state.epoch)
+                except (NotFound, InvalidInput):
                     continue
                 except CflowError as exc:
                     # Not reaped yet: the claim's timer looks again.

@@ -116,6 +116,7 @@ class TaskState:
     cost_usd: float | None = None
     events: int = 0
     hlc: str = ""  # stamp of the last event: a new event on the task is stamped after it
+    lease_key: str = ""  # key of the current/last claim's lease in the leases bucket
 
     @property
     def terminal(self) -> bool:
@@ -262,10 +263,11 @@ def apply(state: TaskState | None, event: ev.Event, seq: int,
             return replace(base, ready_ms=at, reason=None)
         case ev.TaskBlocked(reason=reason):
             return replace(base, reason=reason)
-        case ev.TaskClaimed(owner=owner, attempt=attempt):
+        case ev.TaskClaimed(owner=owner, attempt=attempt, lease=lease):
             deadline = at + int(state.start_to_close_s * 1000) if state.start_to_close_s else None
             return replace(base, owner=owner, attempt=attempt, epoch=seq, claimed_ms=at,
-                           deadline_ms=deadline, not_before_ms=0)
+                           deadline_ms=deadline, not_before_ms=0,
+                           lease_key=f"{state.task_id}.{lease or seq}")
         case ev.TaskCompleted(result=result, cost_usd=cost):
             return replace(base, result=result, finished_ms=at,
                            cost_usd=_add(state.cost_usd, cost))
