@@ -630,13 +630,16 @@ class ControlService:
             await self._exceeded(violation)
             raise Paused(SWARM, violation.message())
 
-    def _ancestry(self, task_id: str | None) -> list[str]:
-        """Parent chain from the board (cheap dictionary look-ups)."""
+    def _ancestry(self, task_id: str | None, parent_id: str | None = None) -> list[str]:
+        """Parent chain from the board (cheap dictionary look-ups); ``parent_id``, when the
+        caller knows it, is the first link (a claimer that does not fold the board)."""
         out: list[str] = []
         board = self.swarm.tasks.board
         while task_id is not None and len(out) < 1000:
             state = board.get(task_id)
             parent = state.parent_id if state else self._parents.get(task_id)
+            if not out and parent is None:
+                parent = parent_id
             if parent is None or parent in out:
                 break
             out.append(parent)
@@ -649,7 +652,8 @@ class ControlService:
         view = self.view
         if not view.scopes and not view.breakers and not view.budgets:
             return None
-        ancestry = self._ancestry(state.task_id) if view.scopes or view.budgets else []
+        ancestry = (self._ancestry(state.task_id, state.parent_id)
+                    if view.scopes or view.budgets else [])
         refusal = view.task_refusal(state, ancestry, wall_ms())
         if refusal is not None or not view.budgets:
             return refusal
