@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import baselines, cflow_bench, interfaces, projection
+from bench import baselines, cflow_bench, interfaces, projection, swarm_bench
 from bench.context import Ctx
 from bench.procs import Children
 from bench.report import markdown, print_table
@@ -37,6 +37,8 @@ SECTIONS: dict[str, Callable[[Ctx], Awaitable[None]]] = {
     "append": cflow_bench.append,
     "projection": projection.projection,
     "scale": cflow_bench.scale,
+    "bigswarm": swarm_bench.bigswarm,
+    "mixed": swarm_bench.mixed,
     "coldstart": interfaces.coldstart,
     "cluster": cflow_bench.cluster,
     "mcp": interfaces.mcp,

@@ -12,15 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import resource
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
+import cflow.control
+import cflow.leases  # noqa: F401 - loaded at start, not inside a timed first claim
 from cflow.errors import CflowError, ConcurrencyConflict
-from cflow.streams import names
-from cflow.streams.client import api_request
 from cflow.swarm import Swarm
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    """A process's resident set size now (VmRSS from /proc), in kB; 0 when unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -64,7 +79,7 @@ class Agent:
     async def claims(self, cmd: dict[str, Any]) -> None:
         """Claim + complete in a loop for ``duration`` seconds after "go"."""
         sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
-        await sw.tasks.ensure_board()
+        await sw.tasks.offers.subjects(fresh=True)  # no board: claims take offers
         emit({"ready": True})
         await read_line()  # "go"
         self.conflicts = 0
@@ -97,7 +112,7 @@ class Agent:
     async def pickup(self, cmd: dict[str, Any]) -> None:
         """Idle claimer: ``claim(wait=...)``, report when it got the task, complete it."""
         sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
-        await sw.tasks.ensure_board()
+        await sw.tasks.offers.subjects(fresh=True)
         emit({"ready": True})
         for _ in range(int(cmd["n"])):
             lease = await sw.tasks.claim(agent=cmd["agent"], wait=float(cmd.get("wait", 30)))
@@ -147,54 +162,131 @@ class Agent:
     async def load(self, cmd: dict[str, Any]) -> None:
         """``agents`` simulated agents, each present (``swarm.agents``, presence key
         renewed every ``period``) and holding one claimed task whose lease it renews
-        every ``period`` (``lease.keep_alive``), until a "stop" line arrives."""
+        every ``period`` (``lease.keep_alive``), until a "stop" line arrives.
+
+        ``nice`` lowers this process's CPU priority first (``os.nice``), so that the
+        generator does not compete with what is measured. Each "mark" line is
+        answered with the number of heartbeat writes stored so far (successful
+        ``kv_put`` calls: presence and lease renewals), so the runner can compute
+        the writes/s achieved over exactly its measuring window.
+        """
+        if int(cmd.get("nice", 0)):
+            os.nice(int(cmd["nice"]))
         url, name = cmd["url"], cmd["swarm"]
         n = int(cmd["agents"])
+        prefix = str(cmd.get("prefix", "sim-"))
         period = float(cmd.get("period", 1.0))
-        sw = await self.swarm(url, name, "load")
+        sw = await self.swarm(url, name, f"load-{prefix}")
+        puts = 0
+        kv_put = sw.log.kv_put
+
+        async def counted_put(*args: Any, **kwargs: Any) -> int:
+            nonlocal puts
+            revision = await kv_put(*args, **kwargs)
+            puts += 1
+            return revision
+
+        sw.log.kv_put = counted_put  # type: ignore[method-assign]
         setup_t0 = time.perf_counter()
         sem = asyncio.Semaphore(64)
         async with AsyncExitStack() as held:
 
             async def one(i: int) -> Any:
                 async with sem:
-                    agent = await sw.agents.register(f"sim-{i}", runtime="bench")
+                    agent = await sw.agents.register(f"{prefix}{i}", runtime="bench")
                     await held.enter_async_context(
                         agent.present(ttl_s=3 * period, renew_s=period))
-                    state = await sw.tasks.create(f"sim {i}", lease_ttl_s=3 * period,
+                    state = await sw.tasks.create(f"{prefix}{i}", lease_ttl_s=3 * period,
                                                   priority=-1000)
-                    lease = await sw.tasks.claim(state.task_id, agent=f"sim-{i}")
+                    lease = await sw.tasks.claim(state.task_id, agent=f"{prefix}{i}")
                     assert lease is not None
                     await held.enter_async_context(lease.keep_alive(interval_s=period))
                     return agent, lease
 
             pairs = await asyncio.gather(*(one(i) for i in range(n)))
             setup_s = time.perf_counter() - setup_t0
-            streams = [names.kv_stream(sw.log.bucket(b)) for b in (names.LEASES,
-                                                                    names.PRESENCE)]
-
-            async def writes() -> int:
-                total = 0
-                for stream in streams:
-                    info = await api_request(sw.nc, f"$JS.API.STREAM.INFO.{stream}")
-                    total += int(info["state"]["last_seq"])
-                return total
-
-            w0, t0 = await writes(), time.perf_counter()
             emit({"ready": True, "setup_s": setup_s})
-            await read_line()  # "stop"
-            w1, t1 = await writes(), time.perf_counter()
+            while (await read_line()).strip() == "mark":
+                emit({"puts": puts, "t": time.time()})
             lost = sum(1 for _, lease in pairs if lease.lost.is_set())
             lapses = sum(agent.lapses for agent, _ in pairs)
-            emit({"setup_s": setup_s, "writes_per_s": (w1 - w0) / (t1 - t0),
-                  "leases_lost": lost, "presence_lapses": lapses})
+            emit({"setup_s": setup_s, "puts": puts, "leases_lost": lost,
+                  "presence_lapses": lapses})
             t_down = time.perf_counter()
         print(f"load teardown took {time.perf_counter() - t_down:.1f} s", file=sys.stderr,
               flush=True)
 
+    async def agents(self, cmd: dict[str, Any]) -> None:
+        """Several agents in this process, each its own ``Swarm.connect``, all started
+        by one "go" line.
+
+        ``mode`` "first": after "go" each agent connects, claims one task
+        (``wait`` s at most) and holds it (``keep_alive``) until the next "reset";
+        the answer gives, per agent, the seconds from the start of its connect to
+        its first claim. ``mode`` "drain": agents connect before "go", then claim +
+        complete until no offer came for ``idle`` s; the answer lists per agent the
+        task ids it claimed. Both answers carry this process's RSS.
+        """
+        url, name = cmd["url"], cmd["swarm"]
+        specs: list[dict[str, Any]] = cmd["agents"]
+        mode = cmd["mode"]
+
+        async def connect(spec: dict[str, Any]) -> Swarm:
+            sw = await self.stack.enter_async_context(
+                Swarm.connect(url, swarm=name, agent=spec["name"], ensure=False))
+            return sw
+
+        async def first(spec: dict[str, Any]) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            sw = await connect(spec)
+            t_conn = time.perf_counter()
+            lease = await sw.tasks.claim(agent=spec["name"], capabilities=spec.get("caps", ()),
+                                         wait=float(cmd.get("wait", 30)))
+            t1 = time.perf_counter()
+            if lease is not None:
+                await self.stack.enter_async_context(lease.keep_alive())
+            return {"name": spec["name"], "connect_s": t_conn - t0, "first_claim_s": t1 - t0,
+                    "task_id": lease.task_id if lease else None}
+
+        async def drain(spec: dict[str, Any], sw: Swarm) -> dict[str, Any]:
+            claimed: list[str] = []
+            errors = 0
+            while True:
+                try:
+                    lease = await sw.tasks.claim(agent=spec["name"],
+                                                 capabilities=spec.get("caps", ()),
+                                                 wait=float(cmd.get("idle", 0.5)))
+                except CflowError:
+                    errors += 1
+                    continue
+                if lease is None:
+                    break
+                claimed.append(lease.task_id)
+                try:
+                    await lease.complete("ok")
+                except CflowError:
+                    errors += 1
+            return {"name": spec["name"], "claimed": claimed, "errors": errors}
+
+        results: list[dict[str, Any]]
+        if mode == "first":
+            emit({"ready": True, "rss_kb": rss_kb()})
+            await read_line()  # "go"
+            results = list(await asyncio.gather(*(first(spec) for spec in specs)))
+        else:
+            swarms = [await connect(spec) for spec in specs]
+            for sw in swarms:
+                await sw.tasks.offers.subjects(fresh=True)
+            emit({"ready": True, "rss_kb": rss_kb()})
+            await read_line()  # "go"
+            results = list(await asyncio.gather(
+                *(drain(spec, sw) for spec, sw in zip(specs, swarms, strict=True))))
+        emit({"agents": results, "rss_kb": rss_kb(),
+              "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
+
     async def serve(self) -> None:
         handlers = {"claims": self.claims, "pickup": self.pickup, "hold": self.hold,
-                    "reclaim": self.reclaim, "load": self.load}
+                    "reclaim": self.reclaim, "load": self.load, "agents": self.agents}
         try:
             while True:
                 line = await read_line()

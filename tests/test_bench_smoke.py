@@ -42,6 +42,18 @@ HEADLINE = [
     "projection.ingest_events_per_s",
     "scale.idle.default.p99",
     "scale.load.default.p99",
+    "scale.load.default.setup_s",
+    "scale.load.default.writes_per_s",
+    "scale.load.default.writes_during_claims",
+    "scale.load.default.writes_offered",
+    *(f"bigswarm.{k}.n{n}" for n in ("1k", "10k") for k in (
+        "load_s", "joiner.first_claim", "joiner.rss", "swarm64.first_claim_p50",
+        "swarm64.first_claim_max", "swarm64.rss")),
+    *(f"mixed.{k}" for k in (
+        "claims", "claims_per_s", "capability_violations", "starved_agents", "left_claimable",
+        "double_claims", "inversions.same_set", "inversions.same_set_late",
+        "inversions.covered", "inversions.covered_late")),
+    *(f"mixed.agent.w{w}-{caps}" for w in (0, 1) for caps in ("any", "py", "gpu", "gpu+py")),
     "coldstart.python.ms",
     "coldstart.help.ms",
     "coldstart.task_add.ms",
@@ -121,6 +133,15 @@ def _bench_modules() -> tuple[object, object]:
     return cflow_bench, stats
 
 
+def _swarm_bench() -> object:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import swarm_bench
+    finally:
+        sys.path.remove(str(ROOT))
+    return swarm_bench
+
+
 def test_percentile_and_goals() -> None:
     _, stats = _bench_modules()
     assert stats.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5  # type: ignore[attr-defined]
@@ -159,3 +180,36 @@ def test_holder_violations_finds_a_double_claim() -> None:
            stored(4, ev.TaskCompleted(epoch=3)), stored(5, ev.TaskCompleted(epoch=3))]
     assert cflow_bench.holder_violations(bad) == {  # type: ignore[attr-defined]
         "double_claims": 1, "double_completions": 1}
+
+
+def test_inversions_counts_a_lower_priority_claim_while_higher_work_waits() -> None:
+    from cflow import events as ev
+    from cflow.streams import StoredEvent
+
+    swarm_bench = _swarm_bench()
+
+    def stored(seq: int, data: ev.EventData, task: str, ms: int) -> StoredEvent:
+        event = ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 32, actor="a")
+        return StoredEvent(seq, f"cf.s.evt.task.{task}", event, ms)
+
+    def claim(owner: str) -> ev.TaskClaimed:
+        return ev.TaskClaimed(owner=owner, attempt=1, lease_ttl_s=30.0)
+
+    py, none = frozenset({"py"}), frozenset()
+    tasks = {"lo": (none, 0), "hi": (none, 1), "hipy": (py, 2)}
+    created = [stored(i + 1, ev.TaskCreated(title=t), t, 0) for i, t in enumerate(tasks)]
+    # "lo" first while "hi" (same set) and "hipy" wait: "hi" is taken 10 ms later
+    # (an offer in flight), "hipy" 5 s later (left behind), by "b" who covers it and
+    # took "hi" first: one more inversion, a late one, of a covered set.
+    items = [*created, stored(4, claim("plain"), "lo", 1000), stored(5, claim("b"), "hi", 1010),
+             stored(6, claim("b"), "hipy", 6000)]
+    caps = {"plain": none, "b": py}
+    assert swarm_bench.inversions(items, tasks, caps) == {  # type: ignore[attr-defined]
+        "same_set": 1, "covered": 2, "same_set_late": 0, "covered_late": 1}
+    caps = {"plain": py, "b": py}  # now the first claimer could have taken "hipy" too
+    assert swarm_bench.inversions(items, tasks, caps) == {  # type: ignore[attr-defined]
+        "same_set": 1, "covered": 2, "same_set_late": 0, "covered_late": 2}
+    in_order = [*created, stored(4, claim("b"), "hipy", 10), stored(5, claim("b"), "hi", 20),
+                stored(6, claim("b"), "lo", 30)]
+    assert swarm_bench.inversions(in_order, tasks, caps) == {  # type: ignore[attr-defined]
+        "same_set": 0, "covered": 0, "same_set_late": 0, "covered_late": 0}
