@@ -284,9 +284,19 @@ class Agent:
         emit({"agents": results, "rss_kb": rss_kb(),
               "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})
 
+    async def board(self, cmd: dict[str, Any]) -> None:
+        """Fold the whole board (``ensure_board``: every task event of the swarm), as
+        every claimer did before work offers; a contrast for the RSS figures."""
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        t0 = time.perf_counter()
+        board = await sw.tasks.ensure_board()
+        emit({"fold_s": time.perf_counter() - t0, "tasks": len(board.tasks),
+              "rss_kb": rss_kb()})
+
     async def serve(self) -> None:
         handlers = {"claims": self.claims, "pickup": self.pickup, "hold": self.hold,
-                    "reclaim": self.reclaim, "load": self.load, "agents": self.agents}
+                    "reclaim": self.reclaim, "load": self.load, "agents": self.agents,
+                    "board": self.board}
         try:
             while True:
                 line = await read_line()

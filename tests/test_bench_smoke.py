@@ -48,7 +48,7 @@ HEADLINE = [
     "scale.load.default.writes_offered",
     *(f"bigswarm.{k}.n{n}" for n in ("1k", "10k") for k in (
         "load_s", "joiner.first_claim", "joiner.rss", "swarm64.first_claim_p50",
-        "swarm64.first_claim_max", "swarm64.rss")),
+        "swarm64.first_claim_max", "swarm64.rss", "contrast.board_rss")),
     *(f"mixed.{k}" for k in (
         "claims", "claims_per_s", "capability_violations", "starved_agents", "left_claimable",
         "double_claims", "inversions.same_set", "inversions.same_set_late",
