@@ -65,7 +65,6 @@ async def wait_completed(s: Swarm, ids: list[str], within: float) -> None:
         await asyncio.sleep(0.25)  # several processes write; the log is read, not followed
 
 
-@pytest.mark.xfail(reason="issue 14 #1: waiting for the claim-path fix", strict=False)
 async def test_partitioned_holder_stops_and_another_worker_takes_over(
         nats_url: str, swarm_name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
     """Black-hole one holder's connection mid-task: it must stop within one TTL.
@@ -236,9 +235,6 @@ async def test_outage_right_after_an_expiry_is_repaired(
     assert done == {first.task_id: 1, then.task_id: 1}
 
 
-@pytest.mark.xfail(reason="issue 14 (server restart): task followers resume only when nats-py's "
-                          "ordered consumer has missed two idle heartbeats (5 s each): "
-                          "0.1-19 s measured", strict=False)
 async def test_claims_resume_promptly_after_a_server_restart(
         swarm_name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
     """Idle workers, the server killed -9 and back: new work is claimed within seconds."""

@@ -59,7 +59,6 @@ async def reach(s: Swarm, task_id: str, predicate: Callable[[TaskState], bool], 
         raise AssertionError(f"{what}: not within {within} s\n{history}\n{logs}") from None
 
 
-@pytest.mark.xfail(reason="issue 14 #2: waiting for the claim-path fix", strict=False)
 @pytest.mark.parametrize("skew", [SKEW_S, -SKEW_S], ids=["ahead", "behind"])
 async def test_one_skewed_worker_changes_no_deadline(
         skew: int, nats_url: str, swarm_name: str, cli_env: dict[str, str],

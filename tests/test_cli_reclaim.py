@@ -46,7 +46,6 @@ def timeline(env: dict[str, str], task_id: str) -> list[dict[str, str]]:
     return rows
 
 
-@pytest.mark.xfail(reason="issue 14 #5: waiting for the claim-path fix", strict=False)
 def test_cli_claimer_reaps_an_expired_claim_and_takes_over(cli_env: dict[str, str]) -> None:
     task = ok(cfctl(cli_env, "admin", "task", "add", "job", "--lease-ttl", f"{TTL_S:g}",
                     "--backoff", "0.1", "--backoff-max", "0.2"))
@@ -91,7 +90,6 @@ def test_cli_claimer_reaps_an_expired_claim_and_takes_over(cli_env: dict[str, st
     assert [r["actor"] for r in completed] == ["new"], rows
 
 
-@pytest.mark.xfail(reason="issue 14 #7: waiting for the claim-path fix", strict=False)
 def test_foreign_agent_with_the_right_epoch_is_refused(cli_env: dict[str, str]) -> None:
     task = ok(cfctl(cli_env, "admin", "task", "add", "job", "--lease-ttl", "30"))
     _, epoch = ok(cfctl(cli_env, "alice", "task", "claim", task)).split()

@@ -58,7 +58,8 @@ log = logging.getLogger("cflow.offers")
 
 ACK_WAIT_S = 30.0  # an offer fetched by a claimer that died is offered again after this
 REFRESH_S = 1.0  # how stale a claimer's view of which bands hold offers may get
-IDLE_RECHECK_S = 5.0  # an idle claimer looks again this often (offers handed back with a delay)
+IDLE_RECHECK_S = 2.0  # an idle claimer looks again this often (offers handed back with a delay,
+                      # a subscription that missed offers while the connection was down)
 CONSUMER_IDLE_S = 3600.0  # an offer consumer nobody fetched from for this long is removed
 PULL_TIMEOUT_S = 5.0
 _SAFE_CAP = re.compile(r"[A-Za-z0-9_-]{1,40}")
