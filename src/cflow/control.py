@@ -1231,7 +1231,7 @@ class ControlService:
             if current in seen:
                 continue
             seen.add(current)
-            await tasks._evaluate_dependents(current)
+            await tasks.evaluate_dependents(current)
             for dep_id in tasks.board.dependents.get(current, ()):
                 state = await tasks.get(dep_id)
                 if state.status == "blocked":

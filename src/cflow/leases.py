@@ -971,6 +971,14 @@ class TaskService:
 
     # ----------------------------------------------------- maintenance (reaper)
 
+    async def evaluate_dependents(self, task_id: str) -> None:
+        """Make the dependents of a finished task ready or blocked (idempotent).
+
+        Raises:
+            Unavailable: not done; maintainers redo it from the event.
+        """
+        await self._evaluate_dependents(task_id)
+
     async def _evaluate_dependents(self, task_id: str) -> None:
         board = await self.ensure_board()
         # Let the board see our own write, so the evaluation uses it.

@@ -124,10 +124,6 @@ class Adapter:
     async def _maintain(self) -> None:
         await _restarting("task maintenance", self.swarm.tasks.maintain)
 
-    async def _observe_agents(self) -> None:
-        if self.registered:
-            await _restarting("agent presence observer", self.swarm.agents.maintain)
-
     def _spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
         async def guarded() -> None:
             try:
@@ -147,8 +143,9 @@ class Adapter:
         """
         await self.register()
         self._spawn(self._presence, "presence")
+        # Task maintenance supervises the swarm's maintainers, the presence
+        # observer among them: it is not started a second time here.
         self._spawn(self._maintain, "maintain")
-        self._spawn(self._observe_agents, "agents-maintain")
         try:
             yield self
         finally:
