@@ -251,6 +251,7 @@ class Agent:
         async def drain(spec: dict[str, Any], sw: Swarm) -> dict[str, Any]:
             claimed: list[str] = []
             errors = 0
+            t0 = t_last = time.perf_counter()
             while True:
                 try:
                     lease = await sw.tasks.claim(agent=spec["name"],
@@ -266,7 +267,9 @@ class Agent:
                     await lease.complete("ok")
                 except CflowError:
                     errors += 1
-            return {"name": spec["name"], "claimed": claimed, "errors": errors}
+                t_last = time.perf_counter()
+            return {"name": spec["name"], "claimed": claimed, "errors": errors,
+                    "busy_s": t_last - t0}
 
         results: list[dict[str, Any]]
         if mode == "first":

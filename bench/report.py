@@ -96,7 +96,7 @@ HEADLINE_PATTERNS = (
     "scale.load.*.p99", "scale.load.*.writes_per_s", "scale.load.*.writes_during_claims",
     "bigswarm.joiner.*", "bigswarm.swarm64.*",
     "mixed.capability_violations", "mixed.starved_agents", "mixed.left_claimable",
-    "mixed.double_claims", "mixed.inversions.*",
+    "mixed.double_claims", "mixed.inversions.*", "mixed.arrivals.*",
     "coldstart.*.ms",
     "cluster.r3.*",
     "mcp.*",

@@ -14,10 +14,12 @@ agents that starved, claimable tasks left behind, priority inversions.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from bench.bulk import load_tasks
@@ -183,6 +185,9 @@ TASK_SETS: tuple[tuple[str, ...], ...] = ((), ("py",), ("gpu",), ("gpu", "py"), 
 AGENT_SETS: tuple[tuple[str, ...], ...] = ((), ("py",), ("gpu",), ("gpu", "py"))
 PRIORITIES = (0, 1, 2, 3)
 LATE_MS = 1000  # a higher-priority task still unclaimed this long after: left behind
+ARRIVAL_PRIORITY = 9  # urgent work created while the agents drain the pool
+ARRIVALS_AFTER_S = 0.2
+ARRIVAL_SPACING_S = 0.05
 
 
 def set_name(caps: tuple[str, ...] | list[str]) -> str:
@@ -190,7 +195,8 @@ def set_name(caps: tuple[str, ...] | list[str]) -> str:
 
 
 def inversions(items: list[Any], tasks: dict[str, tuple[frozenset[str], int]],
-               agent_caps: dict[str, frozenset[str]]) -> dict[str, int]:
+               agent_caps: dict[str, frozenset[str]],
+               among: Collection[str] | None = None) -> dict[str, int]:
     """Priority inversions from the task event log, in stream order.
 
     At each ``TaskClaimed`` of a task of priority p, was a task of higher priority
@@ -199,6 +205,8 @@ def inversions(items: list[Any], tasks: dict[str, tuple[frozenset[str], int]],
     (``covered``)? ``*_late`` counts only those whose higher-priority task was
     still unclaimed ``LATE_MS`` (server time) after the lower one's claim: work
     left behind, not an offer that was already in another claimer's hands.
+    Tasks not in ``tasks`` are ignored; with ``among``, only those tasks count as
+    the waiting higher-priority work.
     """
     claims = [item for item in items if isinstance(item, StoredEvent)
               and isinstance(item.event.data, ev.TaskClaimed)]
@@ -221,7 +229,8 @@ def inversions(items: list[Any], tasks: dict[str, tuple[frozenset[str], int]],
             late_at = (item.time_ms or 0) + LATE_MS
             found = {"same_set": False, "covered": False,
                      "same_set_late": False, "covered_late": False}
-            for (other_caps, other_prio), ids in ready.items():
+            for (other_caps, other_prio), waiting in ready.items():
+                ids = waiting if among is None else waiting & set(among)
                 if other_prio <= prio or not ids or not other_caps <= mine:
                     continue
                 late = any((claimed_ms.get(u) or math.inf) > late_at for u in ids)
@@ -234,9 +243,25 @@ def inversions(items: list[Any], tasks: dict[str, tuple[frozenset[str], int]],
     return dict(out)
 
 
+async def _arrive(url: str, name: str, n: int, spacing_s: float
+                  ) -> list[tuple[str, tuple[str, ...]]]:
+    """Urgent tasks created one by one (public ``create``) while the agents are busy."""
+    out = []
+    async with Swarm.connect(url, swarm=name, agent="arrivals", ensure=False) as sw:
+        await asyncio.sleep(ARRIVALS_AFTER_S)
+        for i in range(n):
+            caps = AGENT_SETS[i % len(AGENT_SETS)]
+            state = await sw.tasks.create(f"urgent {i}", priority=ARRIVAL_PRIORITY,
+                                          capabilities=caps)
+            out.append((state.task_id, caps))
+            await asyncio.sleep(spacing_s)
+    return out
+
+
 async def mixed(ctx: Ctx) -> None:
     rec = ctx.rec
-    per_cell = int(ctx.pick(15, 60))  # tasks per (capability set, priority)
+    per_cell = int(ctx.pick(25, 60))  # tasks per (capability set, priority)
+    n_arrivals = int(ctx.pick(8, 24))
     reps = ctx.reps(1, 3)
     procs = 2  # processes, each running one agent of every set in AGENT_SETS
     sync = "default"
@@ -260,31 +285,47 @@ async def mixed(ctx: Ctx) -> None:
                                "idle": 0.5, "agents": group})
         for worker in workers:
             await worker.recv(120)
-        t0 = time.perf_counter()
         for worker in workers:
             await worker.send("go")
-        results = [await worker.recv(300) for worker in workers]
-        elapsed = time.perf_counter() - t0
+        arriving = asyncio.create_task(_arrive(url, name, n_arrivals, ARRIVAL_SPACING_S))
+        try:
+            results = [await worker.recv(300) for worker in workers]
+        finally:
+            arrived = await arriving
+        # until the last completion (not the final idle wait)
+        elapsed = max(a["busy_s"] for res in results for a in res["agents"])
         for worker in workers:  # close the 8 connections
             await worker.send({"op": "reset"})
             await worker.recv()
+        urgent = {tid: (frozenset(caps), ARRIVAL_PRIORITY) for tid, caps in arrived}
+        every = {**tasks, **urgent}
         claimed = {a["name"]: a["claimed"] for res in results for a in res["agents"]}
         errors = sum(a["errors"] for res in results for a in res["agents"])
         violations = sum(1 for agent, ids in claimed.items() for t in ids
-                         if not tasks[t][0] <= agent_caps[agent])
+                         if not every[t][0] <= agent_caps[agent])
         taken = {t for ids in claimed.values() for t in ids}
-        claimable = {t for t, (caps, _) in tasks.items()
+        claimable = {t for t, (caps, _) in every.items()
                      if any(caps <= c for c in agent_caps.values())}
         left = len(claimable - taken)
         starved = [agent for agent, ids in claimed.items() if not ids
-                   and any(caps <= agent_caps[agent] for caps, _ in tasks.values())]
+                   and any(caps <= agent_caps[agent] for caps, _ in every.values())]
         async with Swarm.connect(url, swarm=name, agent="checker", ensure=False) as sw:
             items = await sw.log.read(names.events_filter(name, "task"))
         inv = inversions(items, tasks, agent_caps)
+        bypassed = inversions(items, every, agent_caps, among=set(urgent))["covered"]
+        stamps: dict[str, dict[str, int]] = {}
+        for item in items:
+            if isinstance(item, StoredEvent) and item.event.entity_id in urgent:
+                kind = type(item.event.data).__name__
+                stamps.setdefault(item.event.entity_id, {}).setdefault(kind, item.time_ms)
+        waits = [(st["TaskClaimed"] - st["TaskCreated"]) for st in stamps.values()
+                 if "TaskClaimed" in st and "TaskCreated" in st]
         doubles = holder_violations(items)
         n_claims = sum(len(ids) for ids in claimed.values())
         progress(f"mixed: {n_claims} claims in {elapsed:.1f} s, {violations} capability "
                  f"violations, {len(starved)} starved, {left} left, inversions {inv}, "
+                 f"arrivals waited p50 {percentile(waits, 50):.0f} ms max "
+                 f"{max(waits, default=math.nan):.0f} ms, bypassed by {bypassed} claims, "
                  f"{errors} errors")
         must0 = [Goal("value", "<=", 0, "must be 0")]
         setup = (f"{len(tasks)} tasks: {per_cell} per (capability set, priority) for sets "
@@ -292,13 +333,14 @@ async def mixed(ctx: Ctx) -> None:
                  f"{PRIORITIES[0]}-{PRIORITIES[-1]}, created in random order; "
                  f"{len(agent_caps)} agents ({procs} of each set "
                  f"{', '.join(set_name(c) for c in AGENT_SETS)}; {procs} processes) claim + "
-                 "complete until no offer for 0.5 s; nobody can do 'docker'")
+                 "complete until no offer for 0.5 s; nobody can do 'docker'; "
+                 f"{len(urgent)} urgent tasks arrive meanwhile (below)")
         rec.add("mixed.claims", n_claims, label="claims made", unit="count",
                 section="10 mixed", durability=dur, is_baseline=True, better="higher",
                 note=setup)
         rec.add("mixed.claims_per_s", n_claims / elapsed, label="claims/s, mixed run",
                 unit="claims/s", section="10 mixed", durability=dur, better="higher",
-                note="including the final 0.5 s idle wait")
+                note="from 'go' to the last completion")
         rec.add("mixed.capability_violations", violations,
                 label="claims by an agent lacking the task's capabilities", unit="count",
                 section="10 mixed", durability=dur, goals=must0,
@@ -328,9 +370,31 @@ async def mixed(ctx: Ctx) -> None:
                     baseline="mixed.claims", goals=must0,
                     note=f"as above, counted only when the higher-priority task was still "
                          f"unclaimed {LATE_MS} ms (server time) after the lower one's claim")
+        arrivals_how = (f"{len(urgent)} tasks of priority {ARRIVAL_PRIORITY} (above the whole "
+                        f"pool), one per {ARRIVAL_SPACING_S * 1000:.0f} ms from "
+                        f"{ARRIVALS_AFTER_S:g} s after the start, capability sets in turn "
+                        f"{', '.join(set_name(c) for c in AGENT_SETS)}, created through "
+                        "swarm.tasks.create while the agents drain the pool")
+        rec.add("mixed.cycle_ms", elapsed * len(agent_caps) / max(1, n_claims) * 1000,
+                label="one agent's claim + complete cycle, mean over the run", unit="ms",
+                section="10 mixed", durability=dur, is_baseline=True,
+                note="run time x agents / claims: about how long a new top-priority task "
+                     "should wait for the next agent to be free")
+        for q, value in (("p50", percentile(waits, 50)), ("max", max(waits, default=math.nan))):
+            rec.add(f"mixed.arrivals.wait_{q}", value,
+                    label=f"urgent task arriving while agents are busy: created -> claimed {q}",
+                    unit="ms", section="10 mixed", durability=dur, baseline="mixed.cycle_ms",
+                    note=arrivals_how + "; server timestamps of its TaskCreated and TaskClaimed")
+        rec.add("mixed.arrivals.bypassed", bypassed,
+                label="claims of lower-priority work while an urgent task the claimer "
+                      "could do waited",
+                unit="claims", section="10 mixed", durability=dur, baseline="mixed.claims",
+                note="event log, as the inversions above, with the arrivals as the waiting "
+                     "higher-priority work; a busy claimer sees a band that was empty only "
+                     "when it looks again at which subjects hold offers")
         for agent, ids in sorted(claimed.items()):
-            by_set = Counter(set_name(sorted(tasks[t][0])) for t in ids)
-            by_prio = Counter(tasks[t][1] for t in ids)
+            by_set = Counter(set_name(sorted(every[t][0])) for t in ids)
+            by_prio = Counter(every[t][1] for t in ids)
             rec.add(f"mixed.agent.{agent}", len(ids), label=f"tasks claimed by {agent}",
                     unit="tasks", section="10 mixed", durability=dur, better="higher",
                     note="by task set: " + ", ".join(f"{k} {v}" for k, v in

@@ -52,7 +52,8 @@ HEADLINE = [
     *(f"mixed.{k}" for k in (
         "claims", "claims_per_s", "capability_violations", "starved_agents", "left_claimable",
         "double_claims", "inversions.same_set", "inversions.same_set_late",
-        "inversions.covered", "inversions.covered_late")),
+        "inversions.covered", "inversions.covered_late", "cycle_ms", "arrivals.wait_p50",
+        "arrivals.wait_max", "arrivals.bypassed")),
     *(f"mixed.agent.w{w}-{caps}" for w in (0, 1) for caps in ("any", "py", "gpu", "gpu+py")),
     "coldstart.python.ms",
     "coldstart.help.ms",
