@@ -71,8 +71,10 @@ async def run(seconds: float, n_tasks: int, n_workers: int, every: float, base: 
 
     def on_event(kind: str, text: str) -> None:
         worker_notes[kind] += 1
-        if kind == "lost" and "not a claim" in text:
-            counts["heartbeat not a claim"] += 1
+        if kind == "lost":
+            counts[f"lost: {text.split(':', 1)[-1].strip()[:70]}"] += 1
+            if "not a claim" in text:
+                counts["heartbeat not a claim"] += 1
         if kind == "record-error":
             counts["results dropped (record-error)"] += 1
 

@@ -202,6 +202,7 @@ async def test_an_election_is_named_and_waited_out(cluster: Cluster) -> None:
             lambda: log.append(ev.TaskCreated(title="during"), "t1", expected=0),
             lambda: log.last_seq("task", "t0"),
             lambda: log.kv_put(log.bucket(names.LEASES), "t0", b"{}", expected_revision=0),
+            lambda: log.append_many([(log.event(ev.TaskReady(), "t2"), None)]),
         ):
             started = loop.time()
             with pytest.raises(Unavailable) as info:

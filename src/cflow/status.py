@@ -105,9 +105,11 @@ async def stream_status(nc: Any, name: str) -> dict[str, Any]:
     except NotFound:
         return {"name": name, "exists": False}
     except Unavailable as exc:
-        return {"name": name, "exists": True, "error": str(exc), "election": True,
-                "leader": None, "replicas": [], "health": "no-leader",
-                "summary": f"no answer ({exc}); election in progress?"}
+        # Counts unknown (0) but present, so every renderer of the usual shape still works.
+        return {"name": name, "exists": True, "error": str(exc), "messages": 0, "bytes": 0,
+                "first_seq": 0, "last_seq": 0, "consumers": 0, "num_replicas": 0,
+                "leader": None, "replicas": [], "health": "no-leader", "election": True,
+                "summary": f"no answer ({exc.message}); election in progress?"}
     state = info.get("state", {})
     want = int(info.get("config", {}).get("num_replicas", 1))
     health = replica_health(info.get("cluster"), want)

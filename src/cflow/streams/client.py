@@ -747,16 +747,53 @@ class EventLog:
         This is what ``js.publish_async`` does, on a reply subscription of our
         own: nats-py 2.16's ``publish_async`` never resolves a future whose ack
         is an error (its reply callback raises), so one conflict would hang the
-        batch forever. Each message keeps its Msg-Id, so a batch can be retried.
+        batch forever. Each message's Msg-Id is its event id, so the items not
+        acknowledged (no ack in ``ack_wait_s``, no leader, in process) are
+        published again, through an election, for up to ``retry_s``; an item
+        whose earlier try may have landed is read back before a conflict counts.
 
         Raises:
             ConcurrencyConflict: the first item whose expectation failed (items
                 before and after it may have been stored).
-            Unavailable: no ack for the whole batch within ``ack_wait_s``.
+            Unavailable: items still unacknowledged after ``retry_s``.
         """
         if not items:
             return []
         outs = [build_append(event, expected_last_seq=expected) for event, expected in items]
+        seqs: list[int | None] = [None] * len(outs)
+        uncertain = [False] * len(outs)
+        attempts = Attempts(self.retry_s, ack_wait_s)
+        while True:
+            todo = [i for i, seq in enumerate(seqs) if seq is None]
+            replies = await self._publish_batch([outs[i] for i in todo], attempts.timeout())
+            failure: CflowError | None = None
+            for i, reply in zip(todo, replies, strict=True):
+                (event, expected), out = items[i], outs[i]
+                try:
+                    if reply is None:
+                        raise Unavailable("no publish ack in time", reason="timeout")
+                    seqs[i] = await self._ack_seq(reply, out.subject, expected)
+                except ConcurrencyConflict:
+                    found = None
+                    if uncertain[i]:
+                        found = await self._read_back(out.subject, out.headers[MSG_ID], event,
+                                                      expected)
+                    if found is None:
+                        raise
+                    seqs[i] = found
+                except Unavailable as exc:
+                    if not retryable(exc):
+                        raise
+                    uncertain[i] = uncertain[i] or exc.facts.get("reason") != "no-responders"
+                    failure = exc
+            if failure is None:
+                return [seq for seq in seqs if seq is not None]
+            if not await attempts.pause():
+                raise await self._explain(self.stream, failure, attempts.waited_s())
+
+    async def _publish_batch(self, outs: Sequence[Outgoing],
+                             ack_wait_s: float) -> list[Msg | None]:
+        """Publish in order and collect the acks; None where none came within ``ack_wait_s``."""
         prefix = f"{self.nc.new_inbox()}."
         loop = asyncio.get_running_loop()
         acks: list[asyncio.Future[Msg]] = [loop.create_future() for _ in outs]
@@ -773,15 +810,11 @@ class EventLog:
                     await self.nc.publish(out.subject, out.payload, reply=f"{prefix}{index}",
                                           headers=dict(out.headers))
                 await self.nc.flush()
-                async with asyncio.timeout(ack_wait_s):
-                    replies = await asyncio.gather(*acks)
+                await asyncio.wait(acks, timeout=ack_wait_s)
             finally:
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await sub.unsubscribe()
-        seqs = []
-        for (_, expected), out, reply in zip(items, outs, replies, strict=True):
-            seqs.append(await self._ack_seq(reply, out.subject, expected))
-        return seqs
+        return [ack.result() if ack.done() else None for ack in acks]
 
     async def _ack_seq(self, reply: Msg, subject: str, expected: int | None) -> int:
         """The stream sequence in a publish ack, or the ack's error translated."""
