@@ -476,12 +476,14 @@ async def scale(ctx: Ctx) -> None:
             for p, load in enumerate(loads):
                 await load.send({"op": "load", "url": url, "swarm": name, "agents": per_proc,
                                  "prefix": f"sim{p}-", "period": 1.0, "nice": LOAD_NICE})
-            setup = [float((await load.recv(300))["setup_s"]) for load in loads]
-            ctx.rec.add(f"scale.load.{sync}.setup_s", max(setup),
+            ready = [await load.recv(300) for load in loads]
+            ctx.rec.add(f"scale.load.{sync}.setup_s", max(float(r["setup_s"]) for r in ready),
                         label=f"setup: register + present + create + claim x {n_agents}, "
                               f"sync {sync}",
                         unit="s", section="6 scale", durability=DURABILITY[sync],
-                        note=f"{LOAD_PROCS} niced processes in parallel; the slowest")
+                        note=f"{LOAD_PROCS} processes in parallel (the slowest), niceness "
+                             f"{', '.join(str(r['niceness']) for r in ready)} as they "
+                             "reported it")
             await asyncio.sleep(2.0)  # let the heartbeat load reach its steady state
             puts0, t0 = await _marks(loads)
             for _ in range(reps):

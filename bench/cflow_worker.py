@@ -205,7 +205,7 @@ class Agent:
 
             pairs = await asyncio.gather(*(one(i) for i in range(n)))
             setup_s = time.perf_counter() - setup_t0
-            emit({"ready": True, "setup_s": setup_s})
+            emit({"ready": True, "setup_s": setup_s, "niceness": os.nice(0)})
             while (await read_line()).strip() == "mark":
                 emit({"puts": puts, "t": time.time()})
             lost = sum(1 for _, lease in pairs if lease.lost.is_set())
