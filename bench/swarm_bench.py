@@ -7,9 +7,11 @@ to the first claim, and the RSS of the processes after claiming, against N
 (baseline: the same figure at 1k tasks).
 
 10 mixed: tasks needing different capability sets at different priorities,
-agents with different capability sets draining them; from what each agent
-claimed and from the event log: claims by an agent lacking the capabilities,
-agents that starved, claimable tasks left behind, priority inversions.
+agents with different capability sets draining them, while urgent tasks arrive;
+from what each agent claimed and from the event log: claims by an agent lacking
+the capabilities, agents that starved, claimable tasks left behind, priority
+inversions, and how long an urgent arrival waited while lower-priority work was
+being claimed.
 """
 
 from __future__ import annotations
