@@ -731,3 +731,39 @@ async def test_append_after_hlc_orders_the_entity(log: EventLog,
     claimed = await fresh.append(ev.TaskClaimed(owner="a", attempt=1, lease_ttl_s=5), "hlc",
                                  expected=created.seq, after_hlc=created.event.hlc)
     assert claimed.event.hlc > created.event.hlc
+
+
+@integration
+async def test_send_publishes_a_built_message_with_a_msg_id(log: EventLog) -> None:
+    from cflow.streams.client import Outgoing
+
+    stream = names.messages_stream(log.swarm)
+    subject = names.message_subject(log.swarm, "to.bob", "m1")
+    first = await log.send(Outgoing(subject, {}, b"hello"), stream=stream, expected=0)
+    raw = await log.last_message(stream, subject)
+    assert raw is not None
+    assert raw.seq == first
+    assert raw.headers.get(MSG_ID)  # given one, so a retry is deduplicated
+    with pytest.raises(ConcurrencyConflict):
+        await log.send(Outgoing(subject, {}, b"again"), stream=stream, expected=0)
+    with pytest.raises(NotFound) as info:  # at once, not after retrying
+        async with asyncio.timeout(3):
+            await log.send(Outgoing(names.message_subject("nope", "to.bob", "m"), {}, b"x"),
+                           stream=names.messages_stream("nope"))
+    assert "cfctl init" in str(info.value)
+
+
+@integration
+async def test_kv_writes_carry_a_msg_id_and_a_retry_is_deduplicated(log: EventLog) -> None:
+    bucket = log.bucket(names.CONTROL)
+    r1 = await log.kv_put(bucket, "k", b"v", msg_id="put-k-1")
+    assert await log.kv_put(bucket, "k", b"v", msg_id="put-k-1") == r1
+    entry = await log.kv_last(bucket, "k")
+    assert entry is not None
+    assert entry.headers[MSG_ID] == "put-k-1"
+    r2 = await log.kv_put(bucket, "k", b"w", expected_revision=r1)
+    assert r2 > r1
+    deleted = await log.kv_delete(bucket, "k", expected_revision=r2)
+    gone = await log.kv_last(bucket, "k")
+    assert gone is not None
+    assert (gone.revision, gone.operation) == (deleted, "DEL")

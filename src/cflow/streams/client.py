@@ -208,6 +208,7 @@ class Attempts:
         self.per_try_s = per_try_s
         self.delay = 0.05
         self.tries = 1
+        self.checked = False  # whether the target's existence was checked
 
     def timeout(self) -> float:
         if not self.budget_s:
@@ -655,6 +656,7 @@ class EventLog:
                 if not retryable(exc):
                     raise
                 uncertain = uncertain or getattr(exc, "reason", None) != "no-responders"
+                await self._exists_once(self.stream, exc, attempts)
                 if uncertain:
                     found = await self._read_back_quietly(out.subject, mid, event, expected,
                                                           dedupe_by_msg_id)
@@ -883,19 +885,26 @@ class EventLog:
         """
         attempts = Attempts(self.retry_s if retry_s is None else retry_s,
                             timeout or self.request_timeout_s)
-        checked = False
         while True:
             try:
                 return await op(attempts.timeout())
             except Unavailable as exc:
                 if not retryable(exc):
                     raise
-                if getattr(exc, "reason", None) == "no-responders" and not checked:
-                    checked = True
-                    await self.stream_info(stream, retry_s=0.0, missing_only=True,
-                                           timeout=EXPLAIN_TIMEOUT_S)
+                await self._exists_once(stream, exc, attempts)
                 if not await attempts.pause():
                     raise await self._explain(stream, exc, attempts.waited_s()) from exc
+
+    async def _exists_once(self, stream: str, exc: CflowError, attempts: Attempts) -> None:
+        """At the first "no responders" of an operation, fail at once if the stream is missing.
+
+        Raises:
+            NotFound: ``stream`` does not exist (run ``cfctl init``).
+        """
+        if getattr(exc, "reason", None) == "no-responders" and not attempts.checked:
+            attempts.checked = True
+            await self.stream_info(stream, retry_s=0.0, missing_only=True,
+                                   timeout=EXPLAIN_TIMEOUT_S)
 
     async def _leader_reads(self, stream: str) -> bool:
         """Whether reads of ``stream`` go to its leader: it has replicas that may lag."""
@@ -1218,7 +1227,27 @@ class EventLog:
 
     async def _kv_write(self, bucket: str, key: str, out: Outgoing,
                         expected: int | None) -> int:
-        stream = names.kv_stream(bucket)
+        return await self.send(out, stream=names.kv_stream(bucket), expected=expected)
+
+    async def send(self, out: Outgoing, *, stream: str, expected: int | None = None) -> int:
+        """Publish one built message to ``stream``, through an election; returns its sequence.
+
+        For writes that are not events of this log (messages, KV entries); with
+        ``expected`` the subject must be at that sequence. A
+        message without a Msg-Id gets a fresh one, so a retry is deduplicated and
+        a try whose ack was lost is recognised when read back (by Msg-Id: the
+        message sits right after ``expected`` on its subject, or is its last).
+
+        Raises:
+            ConcurrencyConflict: the subject is not at ``expected``.
+            NotFound: ``stream`` does not exist.
+            Unavailable: not stored within ``retry_s``; the text says why.
+        """
+        extra = {} if MSG_ID in out.headers else {MSG_ID: ev.new_id()}
+        if expected is not None:
+            extra[EXPECTED_LAST_SUBJECT_SEQ] = str(expected)
+        if extra:
+            out = Outgoing(out.subject, {**out.headers, **extra}, out.payload)
         mid = out.headers[MSG_ID]
         attempts = Attempts(self.retry_s, self.request_timeout_s)
         uncertain = False
@@ -1231,26 +1260,26 @@ class EventLog:
                 if not retryable(exc):
                     raise
                 uncertain = uncertain or getattr(exc, "reason", None) != "no-responders"
+                await self._exists_once(stream, exc, attempts)
                 if uncertain:
                     with contextlib.suppress(Unavailable):
-                        found = await self._kv_read_back(bucket, key, mid, expected, 0.0,
-                                                         EXPLAIN_TIMEOUT_S)
+                        found = await self._sent_at(stream, out.subject, mid, expected, 0.0,
+                                                    EXPLAIN_TIMEOUT_S)
                         if found is not None:
                             return found
                 if not await attempts.pause():
                     raise await self._explain(stream, exc, attempts.waited_s()) from exc
             except ConcurrencyConflict:
                 if uncertain:
-                    found = await self._kv_read_back(bucket, key, mid, expected, None)
+                    found = await self._sent_at(stream, out.subject, mid, expected, None)
                     if found is not None:
                         return found
                 raise
 
-    async def _kv_read_back(self, bucket: str, key: str, msg_id: str, expected: int | None,
-                            retry_s: float | None,
-                            timeout: float | None = None) -> int | None:  # noqa: ASYNC109
-        """Revision of the KV write with ``msg_id`` if it was stored where it could be."""
-        stream, subject = names.kv_stream(bucket), names.kv_subject(bucket, key)
+    async def _sent_at(self, stream: str, subject: str, msg_id: str, expected: int | None,
+                       retry_s: float | None,
+                       timeout: float | None = None) -> int | None:  # noqa: ASYNC109
+        """Sequence of the message with ``msg_id`` if it was stored where it could be."""
         if expected is None:
             raw = await self._fetch(stream, last_by_subj=subject, retry_s=retry_s,
                                     timeout=timeout)
