@@ -257,12 +257,13 @@ class AgentService:
         registration = ev.new_id()
         data = ev.AgentRegistered(name=name, capabilities=caps, labels=dict(labels or {}),
                                   host=socket.gethostname(), pid=os.getpid(), runtime=runtime)
-        await self.log.append(data, name, msg_id=f"register-{name}-{registration}", actor=name)
+        await self.log.append(data, name, msg_id=f"register-{name}-{registration}", actor=name,
+                              dedupe_by_msg_id=True)
         return Agent(self, name, registration, caps, dict(labels or {}), runtime)
 
     async def _last(self, name: str) -> tuple[int, ev.Event | None]:
         subject = names.event_subject(self.swarm.name, "agent", name)
-        raw = await self.log._direct_last(self.log.stream, subject)
+        raw = await self.log.last_message(self.log.stream, subject)
         if raw is None:
             return 0, None
         try:
@@ -322,7 +323,7 @@ class AgentService:
         try:
             appended = await self.log.append(
                 ev.AgentStatusChanged(status="offline", reason=reason), name, expected=seq,
-                msg_id=f"offline-{name}-{seq}")
+                msg_id=f"offline-{name}-{seq}", dedupe_by_msg_id=True)
         except ConcurrencyConflict:
             return False
         if not appended.duplicate:

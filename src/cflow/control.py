@@ -1248,7 +1248,8 @@ class ControlService:
             with contextlib.suppress(ConcurrencyConflict, InvalidInput):
                 await self.log.append(
                     ev.TaskBlocked(reason=f"gate {gate_id} {error}", blocked_by=gate_id),
-                    dep_id, expected=dep.seq, msg_id=f"blocked-{dep_id}", actor=actor)
+                    dep_id, expected=dep.seq, msg_id=f"blocked-{dep_id}", actor=actor,
+                    dedupe_by_msg_id=True)
 
     # --------------------------------------------------------------- status
 

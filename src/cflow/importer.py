@@ -429,7 +429,8 @@ class Importer:
             appended = await log.append(
                 ev.AgentRegistered(name=name, capabilities=tuple(sorted(set(row.capabilities))),
                                    labels=labels, runtime="claude-flow-import"),
-                name, expected=0, msg_id=f"import-agent-{name}", actor=IMPORT_ACTOR)
+                name, expected=0, msg_id=f"import-agent-{name}", actor=IMPORT_ACTOR,
+                dedupe_by_msg_id=True)
         except ConcurrencyConflict:
             report.skip("agent already present")
             return
@@ -437,7 +438,7 @@ class Importer:
         with contextlib.suppress(ConcurrencyConflict):
             await log.append(ev.AgentStatusChanged(status="offline", reason="imported"), name,
                              expected=appended.seq, msg_id=f"import-agent-offline-{name}",
-                             actor=IMPORT_ACTOR)
+                             dedupe_by_msg_id=True, actor=IMPORT_ACTOR)
         report.imported["agents"] += 1
 
     async def _task(self, row: TaskRow, deps: tuple[str, ...], statuses: dict[str, str],

@@ -618,7 +618,8 @@ class MemoryService:
                 raise NotFound("memory entry", f"{namespace}/{key}") from None
             raise MemoryConflict(namespace, key, expected, now.revision) from None
         await self.log.append(ev.MemoryDeleted(namespace=namespace, key=key, version=revision),
-                              token, msg_id=f"mem-{token}-{revision}")
+                              token, msg_id=f"mem-{token}-{revision}",
+                              dedupe_by_msg_id=True)
         return revision
 
     async def list(self, namespace: str | None = None, tag: str | None = None

@@ -42,7 +42,7 @@ import msgspec
 from cflow import events as ev
 from cflow.errors import InvalidInput, NotFound
 from cflow.streams import StoredEvent, names
-from cflow.streams.client import MSG_ID, Outgoing, api_request, publish, wall_ms
+from cflow.streams.client import MSG_ID, Outgoing, api_request, wall_ms
 from cflow.streams.errors import nats_errors, translate
 
 if TYPE_CHECKING:
@@ -254,7 +254,8 @@ class MessageService:
                             topic=topic, thread_id=thread_id, reply_to=reply_to,
                             importance=level, ack_required=ack_required,
                             sent_ms=wall_ms())
-        await publish(self.log.js, build_message(self.swarm.name, rec))
+        await self.log.send(build_message(self.swarm.name, rec),
+                            stream=names.messages_stream(self.swarm.name))
         await self.log.append(
             ev.MessageSent(to=to, topic=topic, text=text, thread_id=thread_id,
                            reply_to=reply_to, importance=level, ack_required=ack_required),

@@ -406,7 +406,7 @@ class ReservationService:
         await self.log.append(
             ev.PathsReserved(owner=mine.owner, paths=pats, exclusive=exclusive, ttl_s=ttl_s,
                              epoch=revision, task_id=task_id),
-            mine.id, msg_id=f"reserve-{mine.id}", actor=mine.owner)
+            mine.id, msg_id=f"reserve-{mine.id}", actor=mine.owner, dedupe_by_msg_id=True)
         return _reservation(mine, revision, sent)
 
     async def _enter_index(self, mine: ReservationRecord) -> None:
@@ -531,7 +531,7 @@ class ReservationService:
             await self._drop_from_index({r.id for r in released})
         for r in released:
             await self.log.append(ev.PathsReleased(owner=r.owner, reason=reason), r.id,
-                                  msg_id=f"release-{r.id}")
+                                  msg_id=f"release-{r.id}", dedupe_by_msg_id=True)
         return [r.id for r in released]
 
     async def _delete(self, reservation_id: str, revision: int) -> bool:

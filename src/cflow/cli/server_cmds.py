@@ -411,8 +411,10 @@ def _render_status(d: dict[str, Any]) -> None:
         if not st["exists"]:
             typer.echo(f"  {st['name']:<32} missing (run `cfctl init`)")
             continue
+        summary = st.get("summary") or (f"{st['health']}"
+                                        + (f", leader {st['leader']}" if st["leader"] else ""))
         typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  R{st['num_replicas']} "
-                   f"{st['health']}" + (f", leader {st['leader']}" if st["leader"] else ""))
+                   f"{summary}")
     if "control" in d:
         from cflow.cli.ops_cmds import control_lines
 
