@@ -151,7 +151,8 @@ def test_envelope_shape_on_the_wire() -> None:
     }
     assert wire["type"] == "TaskClaimed"
     assert wire["entity_kind"] == "task"
-    assert wire["data"] == {"owner": "a", "attempt": 1, "lease_ttl_s": 30.0, "deadline_ms": None}
+    assert wire["data"] == {"owner": "a", "attempt": 1, "lease_ttl_s": 30.0, "deadline_ms": None,
+                            "lease": ""}
     assert UUID7_RE.match(wire["id"])
 
 
