@@ -258,6 +258,7 @@ class TaskService:
         self.health = MaintenanceHealth()
         self.offers = offers_mod.OfferDesk(swarm.log)
         self._offer_due = 0.0  # loop time an offer we handed back (backoff) is due again
+        self._last_offer_subject: str | None = None  # where this process last took work
         self._offered: dict[str, int] = {}  # task -> sequence of the last offer seen (maintainers)
         # Refusals of any claim (swarm paused) and per task (paused scope, open breaker).
         self.claim_guards: list[Callable[[str, Sequence[str]], Any]] = list(claim_guards)
@@ -533,6 +534,7 @@ class TaskService:
                         break
                     lease = await self._take(msg, owner)
                     if lease is not None:
+                        self._last_offer_subject = subject
                         return lease
             if self.offers.refreshes != before:
                 break  # that was a fresh look already
@@ -794,6 +796,10 @@ class TaskService:
                       lease_revision: int | None = None) -> TaskState:
         owner = agent or self.swarm.agent
         before = await self._holder_state(task_id, epoch, owner, known)
+        if self._last_offer_subject is not None:
+            # A holder that finishes usually claims again at once: pull its next
+            # offer now, in the same flush as this write.
+            await self.offers.prefetch(self._last_offer_subject)
         msg_id = f"{kind}-{task_id}-{epoch}"
         try:
             appended = await self._append(data, task_id, expected=epoch, actor=owner,

@@ -57,11 +57,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("cflow.offers")
 
 ACK_WAIT_S = 30.0  # an offer fetched by a claimer that died is offered again after this
-REFRESH_S = 1.0  # how stale a claimer's view of which bands hold offers may get
+REFRESH_S = 0.25  # how stale a claimer's view of which bands hold offers may get
 IDLE_RECHECK_S = 2.0  # an idle claimer looks again this often (offers handed back with a delay,
                       # a subscription that missed offers while the connection was down)
 CONSUMER_IDLE_S = 3600.0  # an offer consumer nobody fetched from for this long is removed
 PULL_TIMEOUT_S = 5.0
+PREFETCH_HOLD_S = 0.1  # a prefetched offer not claimed within this goes back to the queue
 _SAFE_CAP = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _PULL_ONE = json.dumps({"batch": 1, "no_wait": True}).encode()
 
@@ -155,6 +156,8 @@ class OfferDesk:
         self._pull_lock = asyncio.Lock()
         self._pulled: asyncio.Queue[Msg] = asyncio.Queue()
         self._inbox_subject: str | None = None
+        self._outstanding = 0  # pulls sent and not answered yet
+        self._handing_back: set[asyncio.Future[None]] = set()
 
     async def publish(self, state: TaskState) -> None:
         """Offer a ready task (idempotent per task and sequence).
@@ -198,35 +201,87 @@ class OfferDesk:
         """One offer from ``subject``'s consumer, or None when it has none to hand out.
 
         JetStream delivers a pulled message under its own subject, so a reply
-        cannot be matched to its request: this process keeps one inbox and pulls
-        one message at a time through it.
+        cannot be matched to its request: this process keeps one inbox, pulls one
+        message at a time through it, and takes whatever answer comes first (an
+        offer from a prefetch is as good as one from this pull).
         """
         name = await self._consumer(subject)
         async with self._pull_lock:
             inbox = await self._inbox()
-            while not self._pulled.empty():  # a late answer to a pull that timed out
-                late = self._pulled.get_nowait()
-                if not (late.headers or {}).get("Status"):
-                    return late  # an offer all the same: ours to settle
-            with nats_errors(subject):
-                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
-                                      _PULL_ONE, reply=inbox)
+            msg = self._take_pulled()
+            if msg is not None:
+                return msg
+            if self._outstanding == 0:
+                await self._request(name, inbox, subject)
             try:
                 async with asyncio.timeout(PULL_TIMEOUT_S):
-                    msg = await self._pulled.get()
+                    while True:
+                        answer = await self._pulled.get()
+                        self._outstanding = max(0, self._outstanding - 1)
+                        if self._settle_status(answer, name, subject):
+                            return answer
+                        if self._outstanding == 0:
+                            return None
             except TimeoutError:
+                self._outstanding = 0  # those answers are lost; late ones are handled
                 raise Unavailable(f"no answer pulling an offer from {subject} "
                                   f"within {PULL_TIMEOUT_S:g} s") from None
+
+    async def prefetch(self, subject: str) -> None:
+        """Pull the next offer of ``subject`` now, while the caller finishes its task.
+
+        A holder that completes a task usually claims the next one at once; the
+        pull then travels with the completion instead of costing its own round
+        trip. An offer nobody takes within ``PREFETCH_HOLD_S`` is handed back.
+        """
+        if self._outstanding or self._pull_lock.locked() or not self._pulled.empty():
+            return
+        name = consumer_name(subject)
+        if name not in self._consumers or self._inbox_subject is None:
+            return
+        try:
+            await self._request(name, self._inbox_subject, subject)
+        except Unavailable:
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(PREFETCH_HOLD_S, self._hand_back_unused)
+
+    async def _request(self, name: str, inbox: str, subject: str) -> None:
+        with nats_errors(subject):
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
+                                  _PULL_ONE, reply=inbox)
+        self._outstanding += 1
+
+    def _take_pulled(self) -> Msg | None:
+        """An offer already received (a prefetch, a late answer), if any."""
+        while not self._pulled.empty():
+            answer = self._pulled.get_nowait()
+            self._outstanding = max(0, self._outstanding - 1)
+            if not (answer.headers or {}).get("Status"):
+                return answer
+        return None
+
+    def _hand_back_unused(self) -> None:
+        if self._pull_lock.locked():
+            return  # a fetch is taking it right now
+        msg = self._take_pulled()
+        if msg is not None:
+            task = asyncio.ensure_future(settle(msg, "nak"))
+            self._handing_back.add(task)
+            task.add_done_callback(self._handing_back.discard)
+
+    def _settle_status(self, msg: Msg, name: str, subject: str) -> bool:
+        """True for an offer; a status answer (nothing to hand out, ...) is noted."""
         status = (msg.headers or {}).get("Status")
         if status is None:
-            return msg
+            return True
         if status not in ("404", "408"):  # 404/408: nothing to hand out now
             description = (msg.headers or {}).get("Description", "")
             if "consumer" in description.lower() and "not found" in description.lower():
                 self._consumers.discard(name)  # removed while idle: create it next time
             else:
                 log.debug("pull from %s answered %s %s", subject, status, description)
-        return None
+        return False
 
     async def _inbox(self) -> str:
         if self._inbox_subject is None:
