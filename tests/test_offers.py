@@ -1,0 +1,102 @@
+"""Work offers: one ready task to one claimer; offers never decide ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cflow import events as ev
+from cflow import leases
+from cflow.offers import band_of, band_token, cap_token, caps_token, eligible
+from cflow.swarm import Swarm
+from support import maintained
+
+
+def test_bands_and_capability_sets_as_subject_tokens() -> None:
+    assert [band_of(band_token(p)) for p in (-5, 0, 7)] == [-5, 0, 7]
+    assert caps_token([]) == "any"
+    assert caps_token(["py", "gpu", "py"]) == "gpu+py"
+    odd = cap_token("needs.a dot")
+    assert odd.startswith("h") and "." not in odd and " " not in odd
+    assert cap_token("needs.a dot") == odd  # stable
+
+
+def test_eligible_subjects_best_band_first_and_only_covered_sets() -> None:
+    subjects = [f"cf.s.offer.{band_token(p)}.{caps}"
+                for p, caps in ((0, "any"), (9, "gpu"), (5, "py"), (5, "gpu+py"), (-1, "any"))]
+    assert eligible(subjects, ["py"]) == ["cf.s.offer.p5.py", "cf.s.offer.p0.any",
+                                          "cf.s.offer.m1.any"]
+    assert eligible(subjects, ["gpu", "py"])[:3] == ["cf.s.offer.p9.gpu", "cf.s.offer.p5.gpu+py",
+                                                     "cf.s.offer.p5.py"]
+    assert eligible(subjects, []) == ["cf.s.offer.p0.any", "cf.s.offer.m1.any"]
+
+
+@pytest.mark.integration
+async def test_priority_then_capabilities_decide_which_offer_a_claimer_gets(swarm: Swarm) -> None:
+    low = await swarm.tasks.create("low", priority=1)
+    gpu = await swarm.tasks.create("gpu only", priority=9, capabilities=["gpu"])
+    high = await swarm.tasks.create("high", priority=5)
+    first = await swarm.tasks.claim(agent="cpu")
+    second = await swarm.tasks.claim(agent="cpu")
+    assert first is not None and second is not None
+    assert (first.task_id, second.task_id) == (high.task_id, low.task_id)
+    assert await swarm.tasks.claim(agent="cpu") is None  # the gpu task is not for it
+    third = await swarm.tasks.claim(agent="gpu-box", capabilities=["gpu"])
+    assert third is not None and third.task_id == gpu.task_id
+
+
+@pytest.mark.integration
+async def test_a_stale_offer_is_refused_by_the_compare_and_set(swarm: Swarm) -> None:
+    t = await swarm.tasks.create("taken by id")
+    by_id = await swarm.tasks.claim(t.task_id, agent="direct")
+    assert by_id is not None
+    # Its offer is still queued: taking it must not claim the task a second time.
+    assert await swarm.tasks.claim(agent="other") is None
+    history = await swarm.tasks.history(t.task_id)
+    assert [e.event.type for e in history].count("TaskClaimed") == 1
+
+
+@pytest.mark.integration
+async def test_a_retry_is_offered_again_after_its_backoff_not_before(swarm: Swarm) -> None:
+    t = await swarm.tasks.create("flaky", backoff_initial_s=1.0)
+    lease = await swarm.tasks.claim(agent="a")
+    assert lease is not None
+    await lease.fail("boom", retry=True)
+    started = time.monotonic()
+    assert await swarm.tasks.claim(agent="b") is None  # backing off: handed back
+    again = await swarm.tasks.claim(agent="b", wait=10)
+    waited = time.monotonic() - started
+    assert again is not None and again.task_id == t.task_id and again.attempt == 2
+    assert 0.8 <= waited < 4.0, waited
+
+
+@pytest.mark.integration
+async def test_a_ready_task_nobody_offered_is_offered_by_a_maintainer(
+        nats_url: str, swarm_name: str, swarm: Swarm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that died between its event and its offer strands nothing."""
+    monkeypatch.setattr(leases, "OFFER_REPAIR_S", 0.5)
+    monkeypatch.setattr(leases, "SWEEP_INTERVAL_S", 0.5)
+    task_id = ev.new_id()
+    await swarm.log.append(ev.TaskCreated(title="orphan"), task_id, expected=0)  # no offer
+    assert await swarm.tasks.claim(agent="a") is None
+    async with maintained(nats_url, swarm_name):
+        lease = await swarm.tasks.claim(agent="a", wait=15)
+    assert lease is not None and lease.task_id == task_id
+
+
+@pytest.mark.integration
+async def test_sixteen_claimers_share_the_offers_without_a_double_claim(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    ids = {(await swarm.tasks.create(f"t{i}", priority=i % 3)).task_id for i in range(48)}
+    got: list[str] = []
+
+    async def claimer(i: int) -> None:
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent=f"c{i}") as s:
+            while (lease := await s.tasks.claim(agent=f"c{i}")) is not None:
+                got.append(lease.task_id)
+                await lease.complete("ok")
+
+    await asyncio.gather(*(claimer(i) for i in range(16)))
+    assert sorted(got) == sorted(ids)  # every task once, none twice
