@@ -411,10 +411,9 @@ def _render_status(d: dict[str, Any]) -> None:
         if not st["exists"]:
             typer.echo(f"  {st['name']:<32} missing (run `cfctl init`)")
             continue
-        summary = st.get("summary") or (f"{st['health']}"
+        summary = st.get("summary") or (f"R{st['num_replicas']} {st['health']}"
                                         + (f", leader {st['leader']}" if st["leader"] else ""))
-        typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  R{st['num_replicas']} "
-                   f"{summary}")
+        typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  {summary}")
     if "control" in d:
         from cflow.cli.ops_cmds import control_lines
 
