@@ -227,3 +227,33 @@ async def test_a_retried_completion_is_the_same_write(swarm: Swarm) -> None:
     assert first.status == again.status == "completed" and again.result == "ok"
     completions = [e for e in await _history(swarm, t.task_id) if e.type == "TaskCompleted"]
     assert len(completions) == 1
+
+
+# --------------------------------------------- a leases bucket emptied under holders
+
+
+async def test_an_emptied_leases_bucket_keeps_live_holders_and_reaps_dead_ones(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    """Leases are soft state: if the bucket loses its keys (a purge, a re-created
+    stream), a holder still working writes its lease again and keeps its claim,
+    and a dead holder's task comes back only after a whole TTL of grace."""
+    from cflow.streams import names
+    from cflow.streams.client import api_request
+
+    alive_task = await swarm.tasks.create("holder survives", lease_ttl_s=3)
+    dead_task = await swarm.tasks.create("holder died", lease_ttl_s=3)
+    alive = await swarm.tasks.claim(alive_task.task_id, agent="alive")
+    dead = await swarm.tasks.claim(dead_task.task_id, agent="dead")  # never renewed
+    assert alive is not None and dead is not None
+    stream = names.kv_stream(swarm.log.bucket(names.LEASES))
+    await api_request(swarm.nc, f"$JS.API.STREAM.PURGE.{stream}", {})
+    emptied = time.monotonic()
+    async with maintained(nats_url, swarm_name) as reaper:
+        async with alive.keep_alive(interval_s=1.0):
+            state = await until(reaper, dead_task.task_id, lambda st: st.status == "ready")
+            reaped_after = time.monotonic() - emptied
+            assert not alive.lost.is_set(), alive.lost_reason
+        kept = await swarm.tasks.get(alive_task.task_id)
+    assert kept.status == "claimed" and kept.epoch == alive.epoch and kept.owner == "alive"
+    assert state.attempt == 0  # its lease vanished without a trace: refunded, not burnt
+    assert reaped_after >= 3.0, f"a missing lease was reaped {reaped_after:.1f} s after the purge"

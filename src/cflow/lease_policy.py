@@ -113,10 +113,13 @@ class LeaseView:
 
 
 def judge(view: LeaseView | None, *, epoch: int, claimed_ms: int, now_ms: int,
-          policy: LeasePolicy) -> Verdict:
+          policy: LeasePolicy, generation_ms: int = 0) -> Verdict:
     """The verdict on claim ``epoch``, claimed at server time ``claimed_ms``.
 
     ``now_ms`` is the reader's estimate of server time (a lower bound).
+    ``generation_ms`` is when the leases bucket last started empty (it lost its
+    keys: a purge, a re-created stream): a missing key is judged from the later
+    of the claim and that, so holders get a whole TTL to write their leases again.
     """
     if view is None or (view.epoch is not None and view.epoch < epoch) or (
             view.op != "PUT" and view.stored_ms < claimed_ms + MIN_TTL_MS):
@@ -124,7 +127,7 @@ def judge(view: LeaseView | None, *, epoch: int, claimed_ms: int, now_ms: int,
         # A marker or delete carries no epoch; one of this claim's lease comes at
         # least one minimal TTL after the claim (which also absorbs small offsets
         # between the clocks of the servers leading the two streams).
-        if now_ms >= policy.never_leased_at_ms(claimed_ms):
+        if now_ms >= policy.never_leased_at_ms(max(claimed_ms, generation_ms)):
             return Verdict.NEVER_LEASED
         return Verdict.PENDING
     if view.epoch is not None and view.epoch > epoch:

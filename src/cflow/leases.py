@@ -82,6 +82,7 @@ OFFER_REFUSED_DELAY_S = 2.0  # an offer under a paused scope comes back after th
 OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by maintainers
 OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
 LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
+GENERATION_KEY = "_generation"  # written once per life of the leases bucket's keys
 SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
 ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
 SUPERVISOR_BACKOFF_MIN_S = 0.5
@@ -680,10 +681,39 @@ class TaskService:
 
     async def verdict(self, state: TaskState) -> Verdict:
         """Whether the claim of record of a claimed task still has a live lease."""
+        verdict, _ = await self._judge(state)
+        return verdict
+
+    async def _judge(self, state: TaskState) -> tuple[Verdict, LeaseView | None]:
         view = await self.lease_view(state)
+        # A missing key may mean the bucket lost its keys: then its generation,
+        # not the claim, starts the holder's grace.
+        generation = await self.lease_generation_ms() if view is None else 0
         now = await self.log.server_time_ms()
-        return judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
-                     now_ms=now, policy=LeasePolicy(state.lease_ttl_s))
+        verdict = judge(view, epoch=state.epoch,
+                        claimed_ms=state.claimed_ms or state.created_ms, now_ms=now,
+                        policy=LeasePolicy(state.lease_ttl_s), generation_ms=generation)
+        return verdict, view
+
+    async def lease_generation_ms(self) -> int:
+        """Server time since which the leases bucket has kept its keys.
+
+        Leases are soft state; the claim of record is on the task's subject. If
+        the bucket loses its keys (a purge, a re-created stream), the first reader
+        after that writes the generation key again, and its server timestamp
+        starts every holder's grace to write its lease back before a missing key
+        counts as a dead holder.
+        """
+        for _ in range(3):
+            last = await self.log.kv_last(self.leases_bucket, GENERATION_KEY)
+            if last is not None and last.live:
+                return last.time_ms
+            try:
+                await self.log.kv_put(self.leases_bucket, GENERATION_KEY, b"{}",
+                                      expected_revision=last.revision if last else 0)
+            except ConcurrencyConflict:
+                continue  # another reader wrote it: read theirs
+        return await self.log.server_time_ms()
 
     async def _reap_if_gone(self, state: TaskState) -> TaskState:
         """Anyone may reap: expire a dead claim (and requeue it) before deciding."""
@@ -719,7 +749,16 @@ class TaskService:
         key = claim_lease_key(state)
         last = await self.log.kv_last(self.leases_bucket, key)
         current = _decode_lease(last)
-        if last is None or current is None:
+        if last is None:
+            # No trace of the key (the bucket lost its keys): write it again,
+            # unless a reaper fenced it first.
+            value = _lease_encoder.encode(LeaseRecord(
+                task_id=task_id, owner=owner, epoch=0, attempt=state.attempt,
+                ttl_s=state.lease_ttl_s))
+            status, _ = await self._heartbeat(task_id, epoch, key, 0, owner=owner,
+                                              ttl_s=state.lease_ttl_s, value=value)
+            return status
+        if current is None:
             raise LeaseLost(task_id, epoch, "lease expired")
         status, _ = await self._heartbeat(task_id, epoch, key, last.revision, owner=owner,
                                           ttl_s=current.ttl_s, value=last.value)
@@ -746,6 +785,14 @@ class TaskService:
                 # Renewed by another renewal of ours meanwhile: adopt its revision.
                 return await self._heartbeat(task_id, epoch, key, last.revision, owner=owner,
                                              ttl_s=ttl_s, value=value)
+            if last is None and await self.log.last_seq("task", task_id) == epoch:
+                # No trace of the key at all (the bucket lost its keys) and the
+                # claim is still ours: write the lease again. A reaper that judged
+                # it gone fenced the key first, and then this fails.
+                with contextlib.suppress(ConcurrencyConflict):
+                    rev = await self.log.kv_put(self.leases_bucket, key, value,
+                                                expected_revision=0, ttl_s=ttl_s)
+                    return "ok", rev
             reason = await self._why_lost(task_id, epoch)
             if reason == "cancelled":
                 return "cancelled", revision
@@ -1239,11 +1286,8 @@ class TaskService:
         if kind == "deadline":
             await self.reap(state.task_id, state.epoch, "start-to-close timeout")
             return
-        view = await self.lease_view(state)
+        verdict, view = await self._judge(state)
         policy = LeasePolicy(state.lease_ttl_s)
-        now = await self.log.server_time_ms()
-        verdict = judge(view, epoch=state.epoch, claimed_ms=state.claimed_ms or state.created_ms,
-                        now_ms=now, policy=policy)
         if verdict.gone:
             await self.reap(state.task_id, state.epoch, verdict)
         elif verdict is Verdict.ALIVE and view is not None:
@@ -1252,7 +1296,10 @@ class TaskService:
             self._schedule(policy.lapsed_at_ms(view.stored_ms), state.task_id, "lease",
                            state.epoch)
         elif verdict is Verdict.PENDING:
-            self._schedule(policy.never_leased_at_ms(state.claimed_ms or state.created_ms),
+            # Within the holder's grace (a fresh claim, or a bucket just emptied by
+            # a restart): look again when it has passed.
+            self._schedule(max(policy.never_leased_at_ms(state.claimed_ms or state.created_ms),
+                               await self.log.server_time_ms() + int(policy.ttl_s * 1000)),
                            state.task_id, "lease", state.epoch)
 
     async def _marker_loop(self) -> None:

@@ -244,6 +244,9 @@ async def ensure_stream(nc: NATS, spec: StreamSpec) -> dict[str, Any]:
     current = await api_request(nc, f"$JS.API.STREAM.INFO.{spec.name}")
     have = int(current.get("config", {}).get("num_replicas", 1))
     config["num_replicas"] = max(have, spec.replicas)
+    # JetStream cannot change a stream's storage type: a stream created by an
+    # older cflow (leases on file) keeps what it has.
+    config["storage"] = current.get("config", {}).get("storage", config["storage"])
     return await api_request(nc, f"$JS.API.STREAM.UPDATE.{spec.name}", config)
 
 

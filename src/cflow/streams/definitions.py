@@ -30,6 +30,7 @@ class StreamSpec:
     allow_msg_ttl: bool = False
     marker_ttl_s: float | None = None
     kv: bool = False
+    storage: str = "file"
     extra: dict[str, object] = field(default_factory=dict)
 
     def config(self) -> dict[str, object]:
@@ -39,7 +40,7 @@ class StreamSpec:
             "description": self.description,
             "subjects": list(self.subjects),
             "retention": "limits",
-            "storage": "file",
+            "storage": self.storage,
             "num_replicas": self.replicas,
             "max_msgs_per_subject": self.max_msgs_per_subject,
             "max_age": int(self.max_age_s * 1e9),
@@ -60,7 +61,8 @@ class StreamSpec:
 
 
 def _bucket(swarm: str, name: str, description: str, *, history: int, ttl: bool,
-            replicas: int, marker_ttl_s: float = MARKER_TTL_S) -> StreamSpec:
+            replicas: int, marker_ttl_s: float = MARKER_TTL_S,
+            storage: str = "file") -> StreamSpec:
     bucket = names.bucket(swarm, name)
     return StreamSpec(
         name=names.kv_stream(bucket),
@@ -72,6 +74,7 @@ def _bucket(swarm: str, name: str, description: str, *, history: int, ttl: bool,
         allow_msg_ttl=ttl,
         marker_ttl_s=marker_ttl_s if ttl else None,
         kv=True,
+        storage=storage,
     )
 
 
@@ -102,6 +105,12 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
             # A work queue: an offer is gone once a claimer acknowledged it.
             extra={"retention": "workqueue", "allow_direct": False},
         ),
+        # Leases and presence stay on file storage: measured with nats-server
+        # 2.15.1, a memory-storage bucket with per-message TTLs wrote an expiry
+        # marker for a key that was being renewed every second (its first
+        # message's TTL fired after newer messages had replaced it), which would
+        # reap a live holder. The claim path still tolerates a bucket emptied
+        # under it (see TaskService.lease_generation_ms).
         _bucket(swarm, names.LEASES, "task leases: owner, epoch; server-side TTL",
                 history=1, ttl=True, replicas=replicas),
         _bucket(swarm, names.PRESENCE, "agent presence; server-side TTL",
