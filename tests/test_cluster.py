@@ -201,7 +201,7 @@ async def test_kill_the_events_leader_under_load(cluster: Cluster) -> None:
 
     background: list[asyncio.Task[None]] = []
     try:
-        await ensure_swarm_when_placeable(admin, swarm, 3)
+        await ensure_swarm_when_placeable(admin, swarm, 3, within_s=60.0)  # a loaded CI box
         await wait_until(lambda: _current(admin, swarm), 20, "R3 replicas current")
         async with Swarm.connect(cluster.urls, swarm=swarm, agent="producer", ensure=False) as s:
             ids = [(await s.tasks.create(f"job {k}", lease_ttl_s=3.0)).task_id

@@ -61,7 +61,7 @@ REFRESH_S = 0.25  # how stale a claimer's view of which bands hold offers may ge
 IDLE_RECHECK_S = 2.0  # an idle claimer looks again this often (offers handed back with a delay,
                       # a subscription that missed offers while the connection was down)
 CONSUMER_IDLE_S = 3600.0  # an offer consumer nobody fetched from for this long is removed
-PULL_TIMEOUT_S = 5.0
+PULL_TIMEOUT_S = 2.0  # a no-wait pull is answered in one round trip; longer means lost
 PREFETCH_HOLD_S = 0.1  # a prefetched offer not claimed within this goes back to the queue
 _SAFE_CAP = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _PULL_ONE = json.dumps({"batch": 1, "no_wait": True}).encode()
@@ -226,6 +226,12 @@ class OfferDesk:
                 self._outstanding = 0  # those answers are lost; late ones are handled
                 raise Unavailable(f"no answer pulling an offer from {subject} "
                                   f"within {PULL_TIMEOUT_S:g} s") from None
+
+    def reconnected(self) -> None:
+        """The connection came back: pulls sent on the old one will not be answered."""
+        self._outstanding = 0
+        self._seen_at = 0.0
+        self.wake.set()
 
     async def prefetch(self, subject: str) -> None:
         """Pull the next offer of ``subject`` now, while the caller finishes its task.

@@ -68,6 +68,11 @@ class Swarm:
         self._messages: MessageService | None = None
         self._reservations: ReservationService | None = None
 
+    def on_reconnect(self) -> None:
+        """The connection came back after an outage: wake what waited on it."""
+        if self._tasks is not None:
+            self._tasks.offers.reconnected()
+
     @classmethod
     @asynccontextmanager
     async def connect(
@@ -87,12 +92,21 @@ class Swarm:
             InvalidInput: a swarm name that is not a subject token.
         """
         check_token(swarm, "swarm")
+        made: list[Swarm] = []
+
+        async def reconnected() -> None:
+            # Whatever waited on the old connection (claimers waiting for offers,
+            # a pull whose answer died with it) looks again at once.
+            for facade_ in made:
+                facade_.on_reconnect()
+
         nc = await connect(url, name=f"cflow:{agent or default_agent()}",
-                           connect_timeout=connect_timeout)
+                           connect_timeout=connect_timeout, reconnected_cb=reconnected)
         try:
             if ensure:
                 await ensure_swarm(nc, swarm, replicas)
             facade = cls(nc, swarm, agent=agent or default_agent())
+            made.append(facade)
             try:
                 yield facade
             finally:
