@@ -52,7 +52,6 @@ from cflow.streams.errors import (
 from cflow.streams.server_clock import ServerClock
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-ORDERED_IDLE_HEARTBEAT_S = 1.0
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 TTL = "Nats-TTL"
@@ -1145,12 +1144,8 @@ class EventLog:
             sub = None
             try:
                 with nats_errors(subject):
-                    # A 1 s idle heartbeat: nats-py recreates an ordered consumer after
-                    # two missed ones, so a follower resumes within seconds of a
-                    # server restart (the default 5 s meant up to ~19 s of silence).
                     sub = await js.subscribe(subject, cb=cb, ordered_consumer=True,
-                                             config=config(), stream=stream,
-                                             idle_heartbeat=ORDERED_IDLE_HEARTBEAT_S)
+                                             config=config(), stream=stream)
                     info = await sub.consumer_info() if with_info else None
                 return sub, info
             except Unavailable as exc:
