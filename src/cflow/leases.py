@@ -196,17 +196,16 @@ class Lease:
                        output_ref: str | None = None) -> TaskState:
         return await self.service.complete(self.task_id, self.epoch, result, cost_usd=cost_usd,
                                            output_ref=output_ref, known=self.task,
-                                           agent=self.owner, lease_revision=self.revision)
+                                           agent=self.owner)
 
     async def fail(self, error: str, *, retry: bool = True,
                    cost_usd: float | None = None) -> TaskState:
         return await self.service.fail(self.task_id, self.epoch, error, retry=retry,
-                                       cost_usd=cost_usd, known=self.task, agent=self.owner,
-                                       lease_revision=self.revision)
+                                       cost_usd=cost_usd, known=self.task, agent=self.owner)
 
     async def release(self, reason: str = "") -> TaskState:
         return await self.service.release(self.task_id, self.epoch, reason, known=self.task,
-                                          agent=self.owner, lease_revision=self.revision)
+                                          agent=self.owner)
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,
@@ -306,10 +305,6 @@ class TaskService:
         writer's wall clock, which the event's HLC carries, may be minutes off)."""
         return apply(state, appended.event, appended.seq, self.log.server_now_ms() or None)
 
-    async def _append(self, data: ev.EventData, task_id: str, **options: Any) -> Appended:
-        """Append on a task's subject."""
-        return await self.log.append(data, task_id, **options)
-
     # -------------------------------------------------------------------- create
 
     async def create(
@@ -373,7 +368,7 @@ class TaskService:
         for guard in self.swarm_create_guards():
             await guard(data, task_id)
         try:
-            appended = await self._append(data, task_id, expected=0,
+            appended = await self.log.append(data, task_id, expected=0,
                                              msg_id=f"create-{task_id}")
         except ConcurrencyConflict:
             return await self.get(task_id)  # created before, by us or a retry
@@ -602,7 +597,7 @@ class TaskService:
         # The claim and its lease go out together (one round trip): the lease key
         # is the claim's own, so a lease whose claim lost the race is just deleted.
         claim_try, lease_try = await asyncio.gather(
-            self._append(data, state.task_id, expected=state.seq, actor=owner,
+            self.log.append(data, state.task_id, expected=state.seq, actor=owner,
                          after_hlc=state.hlc),
             self._create_lease(key, record), return_exceptions=True)
         if isinstance(claim_try, BaseException):
@@ -839,8 +834,7 @@ class TaskService:
         return state
 
     async def _finish(self, task_id: str, epoch: int, data: ev.EventData, kind: str,
-                      known: TaskState | None = None, agent: str | None = None,
-                      lease_revision: int | None = None) -> TaskState:
+                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
         owner = agent or self.swarm.agent
         before = await self._holder_state(task_id, epoch, owner, known)
         if self._last_offer_subject is not None:
@@ -849,7 +843,7 @@ class TaskService:
             await self.offers.prefetch(self._last_offer_subject)
         msg_id = f"{kind}-{task_id}-{epoch}"
         try:
-            appended = await self._append(data, task_id, expected=epoch, actor=owner,
+            appended = await self.log.append(data, task_id, expected=epoch, actor=owner,
                                              msg_id=msg_id, after_hlc=before.hlc,
                                              event_id=ev.intent_id(self.swarm.name, msg_id))
         except ConcurrencyConflict:
@@ -885,8 +879,7 @@ class TaskService:
 
     async def complete(self, task_id: str, epoch: int, result: str | None = None, *,
                        cost_usd: float | None = None, output_ref: str | None = None,
-                       known: TaskState | None = None, agent: str | None = None,
-                       lease_revision: int | None = None) -> TaskState:
+                       known: TaskState | None = None, agent: str | None = None) -> TaskState:
         """Record the holder's result, fenced by ``epoch`` and the holder's identity.
 
         ``known`` is the holder's state at claim time; with it the holder check
@@ -898,12 +891,11 @@ class TaskService:
         """
         data = ev.TaskCompleted(epoch=epoch, result=result, cost_usd=cost_usd,
                                 output_ref=output_ref)
-        return await self._finish(task_id, epoch, data, "complete", known, agent,
-                                  lease_revision)
+        return await self._finish(task_id, epoch, data, "complete", known, agent)
 
     async def fail(self, task_id: str, epoch: int, error: str, *, retry: bool = True,
                    cost_usd: float | None = None, known: TaskState | None = None,
-                   agent: str | None = None, lease_revision: int | None = None) -> TaskState:
+                   agent: str | None = None) -> TaskState:
         """Fail the attempt; retried after backoff until max attempts unless ``retry=False``.
 
         A fenced holder's error and cost are kept as a note on the task.
@@ -919,8 +911,7 @@ class TaskService:
             data = ev.TaskFailed(epoch=epoch, error=error, final=final,
                                  retry_after_ms=None if final else retry_after,
                                  cost_usd=cost_usd)
-            return await self._finish(task_id, epoch, data, "fail", state, owner,
-                                      lease_revision)
+            return await self._finish(task_id, epoch, data, "fail", state, owner)
         except LeaseLost as lost:
             if not isinstance(lost, NotHolder):
                 cost = f" (cost {cost_usd:g} USD)" if cost_usd else ""
@@ -930,8 +921,7 @@ class TaskService:
             raise
 
     async def release(self, task_id: str, epoch: int, reason: str = "",
-                      known: TaskState | None = None, agent: str | None = None,
-                      lease_revision: int | None = None) -> TaskState:
+                      known: TaskState | None = None, agent: str | None = None) -> TaskState:
         """Give the task back (the attempt is not counted).
 
         Raises:
@@ -939,7 +929,7 @@ class TaskService:
             NotHolder: ``agent`` is not the holder of record.
         """
         return await self._finish(task_id, epoch, ev.TaskReleased(epoch=epoch, reason=reason),
-                                  "release", known, agent, lease_revision)
+                                  "release", known, agent)
 
     async def _drop_lease(self, key: str) -> None:
         """Delete a finished claim's lease so its holder learns at once; may be lost.
@@ -1008,7 +998,7 @@ class TaskService:
                                    task_id=task_id, status=state.status)
             epoch = state.epoch if state.status in ("claimed", "expired") else None
             try:
-                appended = await self._append(ev.TaskCancelled(reason=reason, epoch=epoch),
+                appended = await self.log.append(ev.TaskCancelled(reason=reason, epoch=epoch),
                                                  task_id, expected=state.seq,
                                                  after_hlc=state.hlc, actor=actor)
             except ConcurrencyConflict:
@@ -1062,7 +1052,7 @@ class TaskService:
                                      error=f"{action.reason}; attempts exhausted "
                                            f"({state.attempt}/{state.max_attempts})")
         try:
-            appended = await self._append(data, action.task_id, expected=action.expected,
+            appended = await self.log.append(data, action.task_id, expected=action.expected,
                                           msg_id=action.msg_id, after_hlc=state.hlc,
                                           event_id=ev.intent_id(self.swarm.name, action.msg_id))
         except (ConcurrencyConflict, InvalidInput):
@@ -1093,7 +1083,7 @@ class TaskService:
             if refund and not await self._fence_lease(claim_lease_key(state)):
                 return False  # the lease was written just now: the claim is alive
         try:
-            appended = await self._append(
+            appended = await self.log.append(
                 ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,
                                     refund=refund),
                 task_id, expected=epoch, msg_id=f"expired-{task_id}-{epoch}",
