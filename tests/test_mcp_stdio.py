@@ -212,7 +212,7 @@ async def test_streamable_http_on_loopback(cli_env: dict[str, str]) -> None:
         stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stderr is not None
-        while b"serving swarm" not in (line := await asyncio.wait_for(
+        while b"listening on" not in (line := await asyncio.wait_for(
                 proc.stderr.readline(), START_S)):
             assert line, "cfctl mcp --http exited before serving"
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
