@@ -52,20 +52,26 @@ def mcp_serve(
 @setup_app.command("claude")
 def setup_claude(
     ctx: typer.Context,
-    project: Path = typer.Option(Path("."), "--project", help="The project directory."),
+    project: Path | None = typer.Option(
+        None, "--project", help="The project directory (default: the nearest folder upwards "
+                                "with .git, .claude or .mcp.json)."),
     agent: str | None = typer.Option(
         None, "--agent", help="Pin the agent name (all sessions of this project share it)."),
     capability: list[str] = typer.Option(
         [], "--capability", "-c", help="Capabilities of the project's agents (repeatable)."),
     print_only: bool = typer.Option(False, "--print", help="Show the entries, write nothing."),
 ) -> None:
-    """Add the cflow MCP server to .mcp.json and cflow hooks to .claude/settings.json."""
+    """Add the cflow MCP server to .mcp.json and cflow hooks to .claude/settings.json.
+
+    Both files can be committed: they run `cfctl` from PATH and read the URL and
+    swarm from $CFLOW_URL / $CFLOW_SWARM, defaulting to --url / --swarm.
+    """
     from cflow.mcp import claude
 
     c = state(ctx)
-    root = project.resolve()
-    if not root.is_dir():
+    if project is not None and not project.is_dir():
         fail(f"--project {project} is not a directory", EXIT_USAGE)
+    root = project.resolve() if project is not None else claude.find_project_root(Path.cwd())
     env = {"CFLOW_URL": c.url, "CFLOW_SWARM": c.swarm}
     if agent:
         env["CFLOW_AGENT"] = agent
@@ -89,7 +95,11 @@ def setup_claude(
     for path, item in planned["files"].items():
         sys.stdout.write(f"{'wrote' if path in written else 'unchanged'} {path}"
                          f"{'' if item['changed'] or path in written else ' (already set up)'}\n")
-    sys.stdout.write("Restart Claude Code in the project to load the cflow server and hooks.\n")
+    sys.stdout.write(
+        f"Project: {root}. Commit .mcp.json and .claude/settings.json; cfctl must be on PATH.\n"
+        "Next: start Claude Code in the project and approve the 'cflow' MCP server when asked "
+        "(headless `claude -p` never asks: add \"enabledMcpjsonServers\": [\"cflow\"] to "
+        ".claude/settings.local.json). `claude mcp list` shows it connected.\n")
 
 
 @app.command("hook", context_settings={"ignore_unknown_options": True})

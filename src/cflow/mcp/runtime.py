@@ -97,9 +97,15 @@ async def _serve_http(srv: Any, host: str, port: int, stop: asyncio.Event) -> No
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             log_config=None)
     server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(), name="mcp-http")
-    while not server.started and not serving.done():  # uvicorn has no "listening" event
-        await asyncio.sleep(0.02)
+    import socket
+
+    # Bound and listening before we say so: clients may connect the moment they read it.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    serving = asyncio.create_task(server.serve(sockets=[sock]), name="mcp-http")
     log.info("listening on http://%s:%s/mcp", host, port)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
