@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError
 
 from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
 from cflow.mcp.catalog import INSTRUCTIONS
-from cflow.mcp.faults import describe, describe_error
+from cflow.mcp.faults import CODES, describe, describe_error
 
 if TYPE_CHECKING:
     from cflow.mcp.adapter import Adapter
@@ -263,6 +263,10 @@ class CflowMCP(MCPServer):
             if isinstance(err.__cause__, ValidationError):
                 raise refuse("INVALID_ARGUMENT",
                              f"{name}: {validation_text(err.__cause__)}") from None
+            text = str(err)
+            prefix = f"Error executing tool {name}: "
+            if text.startswith(prefix) and text[len(prefix):].split(":")[0] in CODES:
+                raise ToolError(text[len(prefix):]) from err.__cause__  # our own, as written
             raise
 
 

@@ -1,0 +1,80 @@
+"""`cfctl mcp` start and end as Claude Code sees them: early tool list, signals, health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import pytest
+
+from cflow.errors import NotFound
+from cflow.mcp.catalog import TOOLS
+from cflow.mcp.server import live_tools
+from cflow.swarm import Swarm
+from test_mcp_stdio import START_S, agent_env, raw_server
+
+TOKEN_BUDGET = 2000
+MAX_TOOLS = 12
+
+
+def test_catalog_is_the_live_tool_list() -> None:
+    """The list the front answers before the SDK loads is exactly the full server's."""
+    assert live_tools() == TOOLS, "run `uv run python -m cflow.mcp.server --write-catalog`"
+    assert len(TOOLS) <= MAX_TOOLS
+    assert len(json.dumps(TOOLS)) / 4 <= TOKEN_BUDGET
+
+
+@pytest.mark.integration
+async def test_tools_are_listed_before_the_backend_is_reached(cli_env: dict[str, str]) -> None:
+    """No NATS at all: initialize and tools/list are still answered, then one error line."""
+    env = agent_env(cli_env, "early")
+    env["CFLOW_URL"] = "nats://127.0.0.1:1"
+    async with raw_server(env) as srv:
+        info = await srv.initialize()
+        assert info["capabilities"]["experimental"]["claude/channel"] == {}
+        assert info["protocolVersion"] == "2025-06-18"
+        listed = await srv.request("tools/list")
+        assert listed["tools"] == TOOLS
+        assert await asyncio.wait_for(srv.proc.wait(), START_S) == 6
+        assert srv.proc.stderr is not None
+        err = (await srv.proc.stderr.read()).decode().strip().splitlines()
+        assert err[-1].startswith("error: ") and "127.0.0.1:1" in err[-1]
+
+
+@pytest.mark.integration
+async def test_signals_end_it_at_once_and_leases_stay(cli_env: dict[str, str], nats_url: str,
+                                                      swarm_name: str) -> None:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="watcher") as watcher:
+        task = await watcher.tasks.create("held across a SIGTERM", lease_ttl_s=30)
+        for sig, agent in ((signal.SIGTERM, "sig-term"), (signal.SIGINT, "sig-int")):
+            async with raw_server(agent_env(cli_env, agent)) as srv:
+                await srv.initialize()
+                if sig == signal.SIGTERM:
+                    claimed = await srv.call("task_claim", task_id=task.task_id)
+                else:
+                    await srv.call("swarm_status")
+                srv.proc.send_signal(sig)  # stdin stays open, as under Claude Code
+                assert await asyncio.wait_for(srv.proc.wait(), 10) == 0
+        state = await watcher.tasks.get(task.task_id)
+        assert state.status == "claimed" and state.owner == "sig-term"  # nothing released
+        assert state.epoch == claimed["epoch"]
+
+
+@pytest.mark.integration
+async def test_a_health_check_registers_no_agent(cli_env: dict[str, str], nats_url: str,
+                                                 swarm_name: str) -> None:
+    """`claude mcp list` connects, lists and leaves: no agent appears in the swarm."""
+    async with raw_server(agent_env(cli_env, "health-check")) as srv:
+        await srv.initialize()
+        await srv.request("tools/list")
+        assert srv.proc.stdin is not None
+        srv.proc.stdin.close()
+        assert await asyncio.wait_for(srv.proc.wait(), START_S) == 0
+    async with raw_server(agent_env(cli_env, "real-session")) as srv:
+        await srv.initialize()
+        await srv.call("swarm_status")  # a tool call: this one is a session
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="watcher") as watcher:
+        with pytest.raises(NotFound):
+            await watcher.agents.get("health-check")
+        assert (await watcher.agents.get("real-session")).runtime == "mcp"
