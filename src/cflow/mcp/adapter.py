@@ -31,6 +31,7 @@ from cflow.errors import CflowError
 if TYPE_CHECKING:
     from cflow.agents import Agent
     from cflow.leases import Lease
+    from cflow.mcp.channel import Channel
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.mcp")
@@ -56,7 +57,7 @@ class Adapter:
         self._done: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.registered = False
         self._agent_handle: Agent | None = None
-        self._engaged: asyncio.Task[None] | None = None
+        self.channel: Channel | None = None  # pushes into a Claude Code session, if any
         self._engage_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ idempotency
@@ -85,6 +86,8 @@ class Adapter:
             if held.lost.is_set():
                 log.warning("lease on %s (epoch %s) lost: %s", held.task_id, held.epoch,
                             held.lost_reason)
+                if self.channel is not None:
+                    self.channel.lease_lost(held)
 
         async def keep() -> None:
             async with lease.keep_alive(on_lost=lost):
@@ -153,6 +156,8 @@ class Adapter:
             await self.register()
             self.registered = True
             self._spawn(self._presence, "presence")
+            if self.channel is not None:
+                self._spawn(self.channel.run, "channel")
 
     async def _engage_later(self, after_s: float) -> None:
         await asyncio.sleep(after_s)

@@ -64,6 +64,8 @@ class Front:
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: list[bytes | None] = []
+        # Client notifications handled here, not by the SDK (Claude Code's channel relay).
+        self.on_notification: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._sink: Callable[[bytes | None], None] | None = None
         self._thread = threading.Thread(target=self._read, name="mcp-front", daemon=True)
 
@@ -135,6 +137,12 @@ class Front:
         except ValueError:
             self._forward(line)  # the SDK answers a parse error
             return
+        if isinstance(message, dict) and "id" not in message:
+            handler = self.on_notification.get(str(message.get("method")))
+            if handler is not None:
+                given = message.get("params")
+                handler(given if isinstance(given, dict) else {})
+                return
         if not isinstance(message, dict) or "id" not in message:
             self._forward(line)
             return
@@ -162,8 +170,15 @@ class Front:
             self._forward(line)
 
 
+def is_claude_code(client: dict[str, Any]) -> bool:
+    """Whether the initialize params come from Claude Code (it names itself claude-code)."""
+    info = client.get("clientInfo")
+    return isinstance(info, dict) and str(info.get("name", "")).startswith("claude")
+
+
 def is_forwarded_init_answer(message: dict[str, Any]) -> bool:
     return message.get("id") == FORWARDED_INIT_ID
 
 
-__all__ = ["CAPABILITIES", "FORWARDED_INIT_ID", "SERVER_INFO", "Front", "is_forwarded_init_answer"]
+__all__ = ["CAPABILITIES", "FORWARDED_INIT_ID", "SERVER_INFO", "Front", "is_claude_code",
+           "is_forwarded_init_answer"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cflow.errors import InvalidInput
-from cflow.mcp.front import Front, is_forwarded_init_answer
+from cflow.mcp.front import Front, is_claude_code, is_forwarded_init_answer
 
 log = logging.getLogger("cflow.mcp")
 
@@ -164,6 +164,27 @@ async def _serve_front(srv: Any, front: Front, stop: asyncio.Event) -> None:
                 await task
 
 
+def _open_channel(adapter: Any, front: Front) -> None:
+    """Push swarm events into the session; relay its permission prompts to the swarm."""
+    from cflow.mcp.channel import PERMISSION_REQUEST, Channel
+
+    loop = asyncio.get_running_loop()
+    channel = Channel(adapter, lambda message: front.write(
+        json.dumps(message, separators=(",", ":"), ensure_ascii=False)))
+    adapter.channel = channel
+    relays: set[asyncio.Task[str]] = set()
+
+    def relay(params: dict[str, Any]) -> None:  # on the front's reader thread
+        def start() -> None:
+            task = loop.create_task(channel.relay_permission(params))
+            relays.add(task)
+            task.add_done_callback(relays.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    front.on_notification[PERMISSION_REQUEST] = relay
+
+
 async def serve(opts: Options, stop: asyncio.Event | None = None,
                 front: Front | None = None) -> None:
     """Run the adapter until the client goes away (or ``stop`` is set).
@@ -184,6 +205,9 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
         swarm = await open_swarm(stack, opts.url, opts.swarm, opts.agent,
                                  timeout_s=opts.connect_timeout_s)
         adapter = Adapter(swarm, capabilities=opts.capabilities, labels=default_labels())
+        if front is not None and (is_claude_code(front.client)
+                                  or os.environ.get("CFLOW_CHANNELS") == "1"):
+            _open_channel(adapter, front)
         await stack.enter_async_context(adapter.running(
             engage_after_s=opts.engage_after_s if front is not None else 0.0))
         srv = build_server(adapter)
