@@ -47,7 +47,7 @@ pytestmark = [
 BIN = str(Path(sys.executable).parent)
 CFLOW_TOOLS = {f"mcp__cflow__{name}" for name in (
     "task_create", "task_find", "task_claim", "task_update", "task_cancel", "memory_store",
-    "memory_search", "query", "swarm_status")}
+    "memory_search", "query", "swarm_status", "message", "paths")}
 RUN_S = 90.0
 
 

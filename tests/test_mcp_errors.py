@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from mcp import Client, StdioServerParameters
 
+from cflow.errors import ReservationConflict
 from cflow.mcp.faults import CODES
 from cflow.swarm import Swarm
 from test_mcp_stdio import START_S, agent_env, cfctl
@@ -144,3 +145,29 @@ async def test_answers_stay_small_and_notes_stay(cli_env: dict[str, str], nats_u
         assert [n["text"] for n in got["notes"]] == ["the plan: split the parser first"]
         assert got["edited_paths"] == [f"src/f{n}.py" for n in range(4)]
         assert json.dumps(got).count("edited via") == 0
+
+
+async def test_messages_and_path_reservations(cli_env: dict[str, str], nats_url: str,
+                                              swarm_name: str) -> None:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="peer") as peer, \
+            stdio(cli_env, "msg-1") as client:
+        sent = await ok(client, "message", action="send", to="peer", text="taking the parser")
+        (got,) = await peer.messages.inbox("peer")
+        assert got.id == sent["sent"] and got.sender == "msg-1"
+        reply = await peer.messages.send("msg-1", "fine, I keep the lexer", ack_required=True)
+        inbox = await ok(client, "message", action="inbox", wait_s=10)
+        assert [(m["id"], m["from"], m["ack"]) for m in inbox["messages"]] == [
+            (reply, "peer", True)]
+        await ok(client, "message", action="ack", message_id=reply)
+        assert not await peer.messages.overdue(older_than_s=0.0)
+        await refused(client, "message", "INVALID_ARGUMENT", {"action": "send", "to": "peer"})
+
+        held = await ok(client, "paths", action="reserve", patterns=["src/parser/**"])
+        mine = await ok(client, "paths", action="list")
+        assert [(r["owner"], r["patterns"]) for r in mine["reservations"]] == [
+            ("msg-1", ["src/parser/**"])]
+        with pytest.raises(ReservationConflict):
+            await peer.reservations.reserve(["src/parser/grammar.py"])
+        released = await ok(client, "paths", action="release")
+        assert released["released"] == [held["reserved"]]
+        assert await peer.reservations.reserve(["src/parser/grammar.py"])

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from cflow.agents import Agent
     from cflow.leases import Lease
     from cflow.mcp.channel import Channel
+    from cflow.reservations import Reservation
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.mcp")
@@ -99,6 +100,23 @@ class Adapter:
         """Stop heartbeating ``task_id`` (finished, released or cancelled by us)."""
         self.leases.pop(task_id, None)
         keeper = self._keepers.pop(task_id, None)
+        if keeper is not None:
+            keeper.cancel()
+
+    def keep_reservation(self, reservation: Reservation) -> None:
+        """Renew a path reservation in the background while this process lives."""
+        svc = self.swarm.reservations
+
+        async def keep() -> None:
+            lost = asyncio.Event()
+            async with svc.keep_alive(reservation, on_lost=lambda _: lost.set()):
+                await lost.wait()
+
+        self._keepers[f"res:{reservation.id}"] = asyncio.create_task(
+            keep(), name=f"keep-res-{reservation.id}")
+
+    def drop_reservation(self, reservation_id: str) -> None:
+        keeper = self._keepers.pop(f"res:{reservation_id}", None)
         if keeper is not None:
             keeper.cancel()
 

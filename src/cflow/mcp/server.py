@@ -58,6 +58,8 @@ ANNOTATIONS: dict[str, tuple[bool, bool, bool]] = {
     "memory_search": (True, False, True),
     "query": (True, False, True),
     "swarm_status": (True, False, True),
+    "message": (False, False, False),
+    "paths": (False, False, False),
 }
 
 
@@ -276,7 +278,7 @@ def build_server(adapter: Adapter) -> CflowMCP:
     srv.on_call = adapter.engage
     tasks_of = _Tools(adapter)
     for name in ("task_create", "task_find", "task_claim", "task_update", "task_cancel",
-                 "memory_store", "memory_search", "query", "swarm_status"):
+                 "memory_store", "memory_search", "query", "swarm_status", "message", "paths"):
         fn = getattr(tasks_of, name)
         read_only, destructive, idempotent = ANNOTATIONS[name]
         srv.add_tool(mapped(fn), name=name, description=(fn.__doc__ or "").strip(),
@@ -624,6 +626,63 @@ class _Tools:
         while rows and len(json.dumps(rows, default=str)) > QUERY_TEXT_CAP:
             rows, truncated = rows[: len(rows) // 2], True
         return result({"columns": res.columns, "rows": rows, "truncated": truncated})
+
+    async def message(
+        self,
+        action: Literal["send", "inbox", "ack"],
+        to: Annotated[str | None, Field(description="agent (send)")] = None,
+        topic: Annotated[str | None, Field(description="topic instead of to (send)")] = None,
+        text: str | None = None,
+        reply_to: Annotated[str | None, Field(description="message id (send)")] = None,
+        message_id: Annotated[str | None, Field(description="to ack")] = None,
+        wait_s: Annotated[float, Field(description="inbox: wait for one (max 60)")] = 0.0,
+    ) -> CallToolResult:
+        """Message other agents: send (to an agent or topic), read my inbox, ack a message."""
+        svc = self.swarm.messages
+        if action == "send":
+            if not text:
+                raise InvalidInput("send needs text")
+            mid = await svc.send(to, text, topic=topic, reply_to=reply_to)
+            return result({"sent": mid})
+        if action == "ack":
+            if not message_id:
+                raise InvalidInput("ack needs message_id")
+            await svc.ack(self.a.agent, message_id)
+            return result({"acked": message_id})
+        if not 0 <= wait_s <= CLAIM_WAIT_MAX_S:
+            raise InvalidInput(f"wait_s must be 0..{CLAIM_WAIT_MAX_S:g}")
+        if self.a.channel is not None:
+            return result({"messages": [], "note": "messages are pushed into this session "
+                                                   "as they arrive (channel)"})
+        got = await svc.inbox(self.a.agent, 20, wait_s=wait_s)
+        return result({"messages": [{"id": m.id, "from": m.sender, "topic": m.topic,
+                                     "text": clip(m.text, BODY_CAP), "ack": m.ack_required}
+                                    for m in got]})
+
+    async def paths(
+        self,
+        action: Literal["reserve", "release", "list"],
+        patterns: Annotated[list[str] | None, Field(
+            description="paths or globs (reserve)")] = None,
+        task_id: Annotated[str | None, Field(description="tie to / release by task")] = None,
+        reservation_id: Annotated[str | None, Field(description="release one")] = None,
+    ) -> CallToolResult:
+        """Reserve paths before editing (kept while I run), release them, or list who holds what."""
+        svc = self.swarm.reservations
+        if action == "reserve":
+            if not patterns:
+                raise InvalidInput("reserve needs patterns (paths or globs)")
+            held = await svc.reserve(patterns, task_id=task_id)
+            self.a.keep_reservation(held)
+            return result({"reserved": held.id, "patterns": list(held.patterns)})
+        if action == "release":
+            released = await svc.release(reservation_id=reservation_id, task_id=task_id)
+            for rid in released:
+                self.a.drop_reservation(rid)
+            return result({"released": released})
+        rows = [{"id": r.id, "owner": r.owner, "patterns": list(r.patterns),
+                 "task_id": r.task_id} for r in (await svc.list())[:50]]
+        return result({"reservations": rows})
 
     async def swarm_status(self) -> CallToolResult:
         """My leases, queue counts, agents and gates waiting for a human, in one call."""
