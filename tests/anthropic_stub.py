@@ -145,7 +145,8 @@ class AnthropicStub:
                 try:
                     blocks = stub.reply(body)
                 except Exception as exc:  # a broken script shows in the test, not as a hang
-                    stub.errors.append(f"{type(exc).__name__}: {exc}")
+                    stub.errors.append(f"{type(exc).__name__}: {exc}; tool results so far: "
+                                       f"{tool_results(body)}")
                     blocks = [text(f"stub script failed: {exc}")]
                 message = _message(body, blocks)
                 if body.get("stream"):

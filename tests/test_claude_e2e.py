@@ -132,10 +132,10 @@ async def test_three_sessions_claim_edit_note_complete(
                          for _ in range(3)]
                 results = await asyncio.wait_for(
                     asyncio.gather(*(p.communicate() for p in procs)), RUN_S)
+            assert not stub.errors, stub.errors
             for proc, (out, err) in zip(procs, results, strict=True):
                 assert proc.returncode == 0, err.decode()[-2000:]
                 assert json.loads(out)["result"] == "done", out
-            assert not stub.errors
             mains = stub.main_requests()
             firsts = [b for b in mains if not tool_results(b)]
             assert len(firsts) == 3

@@ -9,8 +9,8 @@ import signal
 import pytest
 
 from cflow.errors import NotFound
-from cflow.mcp.catalog import TOOLS
-from cflow.mcp.server import live_tools
+from cflow.mcp.catalog import PROMPTS, RESOURCE_TEMPLATES, RESOURCES, TOOLS
+from cflow.mcp.server import live_lists
 from cflow.swarm import Swarm
 from test_mcp_stdio import START_S, agent_env, raw_server
 
@@ -19,8 +19,11 @@ MAX_TOOLS = 12
 
 
 def test_catalog_is_the_live_tool_list() -> None:
-    """The list the front answers before the SDK loads is exactly the full server's."""
-    assert live_tools() == TOOLS, "run `uv run python -m cflow.mcp.server --write-catalog`"
+    """The lists the front answers before the SDK loads are exactly the full server's."""
+    live = live_lists()
+    assert live == {"tools": TOOLS, "prompts": PROMPTS, "resources": RESOURCES,
+                    "resourceTemplates": RESOURCE_TEMPLATES}, \
+        "run `uv run python -m cflow.mcp.server --write-catalog`"
     assert len(TOOLS) <= MAX_TOOLS
     assert len(json.dumps(TOOLS)) / 4 <= TOKEN_BUDGET
 

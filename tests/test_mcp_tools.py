@@ -250,7 +250,9 @@ async def test_swarm_status(mcp: tuple[Client, Adapter]) -> None:
     assert status["queue"] == {"claimed": 1, "ready": 2}
     assert status["ready_for_me"] == 0
     assert [g["title"] for g in status["gates"]] == ["approve release"]
-    assert {"name": "mcp-a", "status": "online"} in status["agents"]
+    assert {"name": "mcp-a", "presence": "working"} in status["agents"]  # holds a lease
+    assert "stale" not in status
+    assert status["agents_by_presence"]["working"] >= 1
 
 
 # ------------------------------------------------------------------ memory

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cflow.errors import InvalidInput
-from cflow.mcp.claude import hook_command, merge_mcp_json, merge_settings, read_json
+from cflow.mcp.claude import HOOKS, hook_command, merge_mcp_json, merge_settings, read_json
 
 CFCTL = str(Path(sys.executable).parent / "cfctl")
 FIXTURES = Path(__file__).parent / "fixtures" / "hooks"
@@ -70,7 +70,8 @@ def test_keeps_existing_entries_and_is_idempotent(tmp_path: Path) -> None:
     settings = json.loads(settings_path.read_text())
     assert settings["permissions"] == EXISTING_SETTINGS["permissions"]
     hooks = settings["hooks"]
-    assert hooks["Notification"] == EXISTING_SETTINGS["hooks"]["Notification"]
+    assert hooks["Notification"][0] == EXISTING_SETTINGS["hooks"]["Notification"][0]
+    assert hooks["Notification"][1]["matcher"] == "permission_prompt"
     post = hooks["PostToolUse"]
     assert post[0] == EXISTING_SETTINGS["hooks"]["PostToolUse"][0]
     assert set(post[1]["matcher"].split("|")) == {"Edit", "Write", "MultiEdit", "NotebookEdit"}
@@ -135,7 +136,7 @@ def test_merge_updates_our_entries_in_place() -> None:
     settings = {"hooks": {"Stop": [{"hooks": [{"type": "command", "command": old},
                                               {"type": "command", "command": "say done"}]}]}}
     new_cmds = {e: hook_command(["/new/cfctl"], e, {"CFLOW_SWARM": "b"})
-                for e in ("SessionStart", "PostToolUse", "Stop", "SessionEnd")}
+                for e, _, _ in HOOKS}
     merged, changed = merge_settings(settings, new_cmds)
     assert changed
     stop = merged["hooks"]["Stop"]

@@ -14,6 +14,14 @@ per-event fields such as ``tool_name``/``tool_input``/``tool_response``,
   the session cannot loop.
 * ``SessionEnd``: mark the agent offline. Its leases are not released: the MCP
   adapter's heartbeats stop with the session and the leases expire.
+* Presence: ``PermissionRequest`` and a ``Notification`` of a permission prompt
+  mark the agent *waiting on a human* (status busy, reason ``waiting on a
+  human: ...``); ``UserPromptSubmit`` marks it working; a ``Stop`` without held
+  work marks it idle (see :func:`cflow.agents.presence_state`).
+* Agent teams: ``TaskCreated``, ``TaskCompleted`` and ``TeammateIdle`` are
+  recorded as messages on the topic ``team-<team>`` (one JSON object each), so
+  a team's tasks and idleness are in the swarm's audit trail and in the
+  projection's ``messages`` table, whichever machine its teammates run on.
 * Other events are accepted and ignored.
 
 **A hook never fails the user's session.** Backend errors (NATS down, swarm
@@ -50,8 +58,11 @@ if TYPE_CHECKING:
 
 EVENTS = (
     "SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse", "Stop", "SubagentStop",
-    "SessionEnd", "Notification", "PreCompact",
+    "SessionEnd", "Notification", "PreCompact", "PermissionRequest", "TaskCreated",
+    "TaskCompleted", "TeammateIdle",
 )
+TEAM_EVENTS = ("TaskCreated", "TaskCompleted", "TeammateIdle")
+WAITING = "waiting on a human"  # the reason prefix cflow.agents.presence_state reads
 EDIT_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT_S = 5.0
@@ -124,6 +135,9 @@ class HookInput:
     source: str = ""
     reason: str = ""
     stop_hook_active: bool = False
+    message: str = ""
+    notification_type: str = ""
+    team: dict[str, str] = field(default_factory=dict)  # agent-team event fields
 
     @classmethod
     def parse(cls, event: str, raw: str) -> HookInput:
@@ -143,6 +157,10 @@ class HookInput:
             source=str(data.get("source") or ""),
             reason=str(data.get("reason") or ""),
             stop_hook_active=bool(data.get("stop_hook_active")),
+            message=str(data.get("message") or ""),
+            notification_type=str(data.get("notification_type") or ""),
+            team={k: str(data[k])[:500] for k in ("task_id", "task_subject", "task_description",
+                                                   "teammate_name", "team_name") if data.get(k)},
         )
 
 
@@ -271,6 +289,24 @@ async def _set_offline(swarm: Swarm, agent: str, reason: str) -> None:
     await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
 
 
+async def _presence(swarm: Swarm, agent: str, status: str, reason: str) -> None:
+    """Set the agent's status and reason unless both are already so (one event)."""
+    info = await swarm.agents.get(agent)
+    if (info.status, info.reason) != (status, reason):
+        await swarm.agents.set_status(agent, status, info.task_id,  # type: ignore[arg-type]
+                                      reason=reason, force=True)
+
+
+def team_topic(team: str) -> str:
+    return "team-" + (_token(team)[:48] or "default")
+
+
+def team_record(hook: HookInput, agent: str) -> str:
+    """The JSON an agent-team hook event is recorded as (pure)."""
+    return json.dumps({"team_event": hook.event, "agent": agent, **hook.team},
+                      ensure_ascii=False)
+
+
 async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
     """Do what ``hook`` asks against the backend. Raises our errors; the caller absorbs them."""
     import contextlib
@@ -305,6 +341,21 @@ async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
                 held = await held_tasks(swarm, agent)
                 if held:
                     return HookResult(stdout=stop_block_output(stop_reminder(held)))
+                await _presence(swarm, agent, "idle", "session waits for a prompt")
+                return HookResult()
+            case "PermissionRequest":
+                await _presence(swarm, agent, "busy",
+                                f"{WAITING}: permission for {hook.tool_name or 'a tool'}")
+                return HookResult()
+            case "Notification":
+                await _presence(swarm, agent, "busy", f"{WAITING}: {hook.message[:200]}")
+                return HookResult()
+            case "UserPromptSubmit":
+                await _presence(swarm, agent, "busy", "working")
+                return HookResult()
+            case "TaskCreated" | "TaskCompleted" | "TeammateIdle":
+                await swarm.messages.send(None, team_record(hook, agent),
+                                          topic=team_topic(hook.team.get("team_name", "")))
                 return HookResult()
             case "SessionEnd":
                 await _set_offline(swarm, agent, hook.reason)
@@ -321,6 +372,11 @@ def needs_backend(hook: HookInput) -> bool:
             return bool(touched_paths(hook))
         case "Stop":
             return not hook.stop_hook_active
+        case "Notification":
+            return hook.notification_type == "permission_prompt"
+        case "PermissionRequest" | "UserPromptSubmit" | "TaskCreated" | "TaskCompleted" | \
+                "TeammateIdle":
+            return True
     return False
 
 

@@ -37,6 +37,14 @@ HOOKS: tuple[tuple[str, str | None, int], ...] = (
     ("PostToolUse", EDIT_MATCHER, 10),
     ("Stop", None, 10),
     ("SessionEnd", None, 10),
+    # Presence: waiting on a human at a permission prompt, working again after a prompt.
+    ("PermissionRequest", None, 10),
+    ("Notification", "permission_prompt", 10),
+    ("UserPromptSubmit", None, 10),
+    # Agent teams: a team's tasks and idleness recorded in the swarm.
+    ("TaskCreated", None, 10),
+    ("TaskCompleted", None, 10),
+    ("TeammateIdle", None, 10),
 )
 # What marks a project's root, looked for from the working directory upwards.
 ROOT_MARKERS = (".mcp.json", ".claude", ".git")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cflow.mcp.catalog import INSTRUCTIONS, TOOLS
+from cflow.mcp.catalog import INSTRUCTIONS, PROMPTS, RESOURCE_TEMPLATES, RESOURCES, TOOLS
 
 SERVER_INFO = {"name": "cflow", "version": "0.1.0"}
 # What the server offers (the SDK server answers the same for the methods behind them).
@@ -166,6 +166,12 @@ class Front:
             self._answer(ident, {"tools": TOOLS})
             if self.tools_listed_after_s is None:
                 self.tools_listed_after_s = time.monotonic() - self.started
+        elif method == "prompts/list":
+            self._answer(ident, {"prompts": PROMPTS})
+        elif method == "resources/list":
+            self._answer(ident, {"resources": RESOURCES})
+        elif method == "resources/templates/list":
+            self._answer(ident, {"resourceTemplates": RESOURCE_TEMPLATES})
         else:
             self._forward(line)
 

@@ -44,6 +44,7 @@ CLAIM_WAIT_MAX_S = 60.0
 NOTES_IN_CONTEXT = 5
 EDITED_PATHS_IN_CONTEXT = 20
 STRING_CAP = 4_000  # no string in an answer is longer (a 200k-character title stays small)
+STALE = "backend unreachable: read from the state cached before the outage; it may be old"
 EDIT_NOTE_PREFIX = "edited via "  # notes the PostToolUse hook writes (cflow.hooks)
 
 # (read-only, destructive, idempotent) per tool: Claude Code runs read-only tools
@@ -310,6 +311,12 @@ class _Tools:
     def swarm(self) -> Any:
         return self.a.swarm
 
+    def _marked_stale(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out``, saying so when it was read from the board cached before an outage."""
+        if not getattr(self.swarm.nc, "is_connected", True):
+            out["stale"] = STALE
+        return out
+
     async def task_create(
         self,
         title: str,
@@ -371,7 +378,7 @@ class _Tools:
                                "truncated": len(found) > limit}
         if out["truncated"]:
             out["next_cursor"] = str(page[-1].created_seq)
-        return result(out)
+        return result(self._marked_stale(out))
 
     async def _notes(self, task_id: str) -> dict[str, Any]:
         """The latest notes written by agents, and the paths edits touched, kept apart.
@@ -717,10 +724,17 @@ class _Tools:
         except (CflowError, ImportError):
             agents = None
         if agents is not None:
-            live = [a for a in agents if a.status != "offline"]
-            out["agents"] = [{"name": a.name, "status": a.status} for a in live[:20]]
-            out["agents_online"] = len(live)
-        return result(out)
+            from cflow.agents import PRESENCE_STATES, presence_state
+
+            holders = {s.owner for s in board.tasks.values() if s.status == "claimed"}
+            rows = [{"name": a.name, "presence": presence_state(a, a.name in holders)}
+                    for a in agents]
+            rows.sort(key=lambda r: (PRESENCE_STATES.index(r["presence"]), r["name"]))
+            out["agents"] = rows[:20]
+            out["agents_by_presence"] = {
+                state: n for state in PRESENCE_STATES
+                if (n := sum(1 for r in rows if r["presence"] == state))}
+        return result(self._marked_stale(out))
 
 
 def _now_ms() -> int:
@@ -770,11 +784,22 @@ __all__ = ["CflowMCP", "build_server", "compact_schema", "result", "schema_markd
 
 def live_tools() -> list[dict[str, Any]]:
     """The ``tools/list`` answer of the full server, as JSON (no backend needed)."""
+    return live_lists()["tools"]
+
+
+def live_lists() -> dict[str, list[dict[str, Any]]]:
+    """The tools, prompts and resources lists of the full server, as JSON."""
     import asyncio
 
     srv = build_server(cast("Adapter", _NoAdapter()))
-    tools = asyncio.run(srv.list_tools())
-    return [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in tools]
+
+    async def lists() -> dict[str, list[Any]]:
+        return {"tools": await srv.list_tools(), "prompts": await srv.list_prompts(),
+                "resources": await srv.list_resources(),
+                "resourceTemplates": await srv.list_resource_templates()}
+
+    return {key: [x.model_dump(by_alias=True, exclude_none=True, mode="json") for x in items]
+            for key, items in asyncio.run(lists()).items()}
 
 
 class _NoAdapter:
@@ -794,9 +819,14 @@ def write_catalog() -> None:
     path = Path(__file__).with_name("catalog.py")
     text = path.read_text(encoding="utf-8")
     head = text[: text.index("TOOLS: list[dict[str, Any]] = ")]
-    body = json.dumps(live_tools(), separators=(",", ":"), ensure_ascii=False)
-    path.write_text(head + f"TOOLS: list[dict[str, Any]] = json.loads({body!r})  # noqa: E501\n",
-                    encoding="utf-8")
+    lists = live_lists()
+    lines = []
+    for key, name in (("tools", "TOOLS"), ("prompts", "PROMPTS"), ("resources", "RESOURCES"),
+                      ("resourceTemplates", "RESOURCE_TEMPLATES")):
+        body = json.dumps(lists[key], separators=(",", ":"), ensure_ascii=False)
+        line = f"{name}: list[dict[str, Any]] = json.loads({body!r})"
+        lines.append(line + ("  # noqa: E501\n" if len(line) > 100 else "\n"))
+    path.write_text(head + "".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":
