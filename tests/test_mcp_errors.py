@@ -6,6 +6,7 @@ Inspector is built on); the swarm is checked from the outside with the facade.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -171,3 +172,30 @@ async def test_messages_and_path_reservations(cli_env: dict[str, str], nats_url:
         released = await ok(client, "paths", action="release")
         assert released["released"] == [held["reserved"]]
         assert await peer.reservations.reserve(["src/parser/grammar.py"])
+
+
+async def test_answers_from_cached_state_say_so(nats_url: str, swarm_name: str) -> None:
+    """An outage: what the adapter still answers from its cached board is marked stale."""
+    from faults import Proxy
+    from test_mcp_tools import mcp_client
+
+    with Proxy(nats_url) as proxy:
+        async with mcp_client(proxy.url, swarm_name, "stale-1") as (client, adapter):
+            await ok(client, "task_create", title="seen before the outage")
+            before = await ok(client, "task_find")
+            assert "stale" not in before and len(before["tasks"]) == 1
+            proxy.down()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while adapter.swarm.nc.is_connected:  # the client notices the cut connection
+                assert loop.time() < deadline, "client never noticed the outage"
+                await asyncio.sleep(0.05)
+            during = await ok(client, "task_find")
+            assert during["tasks"] == before["tasks"] and "outage" in during["stale"]
+            status = await ok(client, "swarm_status")
+            assert "outage" in status["stale"] and status["queue"] == {"ready": 1}
+            proxy.heal()
+            while not adapter.swarm.nc.is_connected:
+                assert loop.time() < deadline + 20, "client never reconnected"
+                await asyncio.sleep(0.05)
+            assert "stale" not in await ok(client, "task_find")
