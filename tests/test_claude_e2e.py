@@ -63,8 +63,8 @@ def project(tmp_path: Path, cli_env: dict[str, str], name: str = "proj") -> Path
     return root
 
 
-def session_env(cli_env: dict[str, str], stub: AnthropicStub, home: Path) -> dict[str, str]:
-    env = claude_env(cli_env, stub.url, home)
+def session_env(cli_env: dict[str, str], model_url: str, home: Path) -> dict[str, str]:
+    env = claude_env(cli_env, model_url, home)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `cfctl` from PATH, as committed
     env.pop("CFLOW_AGENT", None)  # the name comes from Claude Code's session id
     env["CFLOW_HOOK_TIMEOUT_S"] = "20"  # hooks on a loaded 2-core box
@@ -126,7 +126,7 @@ async def test_three_sessions_claim_edit_note_complete(
     async with Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead:
         tasks = [await lead.tasks.create(f"task-{n}") for n in range(3)]
         with AnthropicStub(work_loop) as stub:
-            env = session_env(cli_env, stub, tmp_path / "home")
+            env = session_env(cli_env, stub.url, tmp_path / "home")
             async with contextlib.AsyncExitStack() as stack:
                 procs = [await stack.enter_async_context(claude(root, env, "work the swarm"))
                          for _ in range(3)]
@@ -177,10 +177,21 @@ async def test_a_session_killed_mid_task_has_its_task_reclaimed(
 
     async with Swarm.connect(nats_url, swarm=swarm_name, agent="rescuer") as rescuer:
         task = await rescuer.tasks.create("survives kill -9", lease_ttl_s=2.0)
+        # First a health check, as `claude mcp list` does it: connected, and no agent.
+        home = tmp_path / "home"
+        env = session_env(cli_env, "http://127.0.0.1:9", home)  # no model request is made
+        (home / ".claude.json").write_text(json.dumps(
+            {"projects": {str(root): {"hasTrustDialogAccepted": True}}}))
+        assert CLAUDE is not None
+        listed = await asyncio.to_thread(
+            subprocess.run, [CLAUDE, "mcp", "list"], cwd=root, env=env, capture_output=True,
+            text=True, timeout=RUN_S, stdin=subprocess.DEVNULL)
+        assert "cflow: cfctl mcp - ✔ Connected" in listed.stdout, listed.stdout + listed.stderr
+        assert [(a.name, a.runtime, a.labels) for a in await rescuer.agents.list()] == []
         reaper = asyncio.create_task(rescuer.tasks.maintain())
         try:
             with AnthropicStub(stall_after_claim) as stub:
-                env = session_env(cli_env, stub, tmp_path / "home")
+                env = session_env(cli_env, stub.url, tmp_path / "home")
                 try:
                     async with claude(root, env, "work") as proc:
                         loop = asyncio.get_running_loop()

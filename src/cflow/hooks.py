@@ -285,14 +285,26 @@ async def _register(swarm: Swarm, agent: str, hook: HookInput) -> None:
     await swarm.agents.register(agent, capabilities_from_env(), labels, runtime="claude")
 
 
+async def _registered(swarm: Swarm, agent: str) -> Any:
+    """The agent's record, or None if it never registered (e.g. `claude mcp list`
+    runs SessionEnd hooks without a session: no agent is made up for it)."""
+    from cflow.errors import NotFound
+
+    try:
+        return await swarm.agents.get(agent)
+    except NotFound:
+        return None
+
+
 async def _set_offline(swarm: Swarm, agent: str, reason: str) -> None:
-    await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
+    if await _registered(swarm, agent) is not None:
+        await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
 
 
 async def _presence(swarm: Swarm, agent: str, status: str, reason: str) -> None:
     """Set the agent's status and reason unless both are already so (one event)."""
-    info = await swarm.agents.get(agent)
-    if (info.status, info.reason) != (status, reason):
+    info = await _registered(swarm, agent)
+    if info is not None and (info.status, info.reason) != (status, reason):
         await swarm.agents.set_status(agent, status, info.task_id,  # type: ignore[arg-type]
                                       reason=reason, force=True)
 
