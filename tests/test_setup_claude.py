@@ -72,6 +72,9 @@ def test_keeps_existing_entries_and_is_idempotent(tmp_path: Path) -> None:
     hooks = settings["hooks"]
     assert hooks["Notification"][0] == EXISTING_SETTINGS["hooks"]["Notification"][0]
     assert hooks["Notification"][1]["matcher"] == "permission_prompt"
+    assert hooks["Notification"][1]["hooks"][0]["async"] is True  # never delays the session
+    for event in ("SessionStart", "PostToolUse", "Stop", "SessionEnd"):
+        assert all("async" not in h for g in hooks[event] for h in g["hooks"])  # answers count
     post = hooks["PostToolUse"]
     assert post[0] == EXISTING_SETTINGS["hooks"]["PostToolUse"][0]
     assert set(post[1]["matcher"].split("|")) == {"Edit", "Write", "MultiEdit", "NotebookEdit"}

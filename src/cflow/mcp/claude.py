@@ -46,6 +46,18 @@ HOOKS: tuple[tuple[str, str | None, int], ...] = (
     ("TaskCompleted", None, 10),
     ("TeammateIdle", None, 10),
 )
+# Hooks whose answer the session does not need run in the background ("async": true)
+# and never delay it. SessionStart (briefing), Stop (reminder), PostToolUse (the edit
+# note must land while the lease is held) and SessionEnd (before exit) stay in line.
+BACKGROUND = frozenset({"PermissionRequest", "Notification", "UserPromptSubmit",
+                        "TaskCreated", "TaskCompleted", "TeammateIdle"})
+
+
+def hook_entry(event: str, command: str, timeout: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "command", "command": command, "timeout": timeout}
+    if event in BACKGROUND:
+        entry["async"] = True
+    return entry
 # What marks a project's root, looked for from the working directory upwards.
 ROOT_MARKERS = (".mcp.json", ".claude", ".git")
 
@@ -122,7 +134,7 @@ def merge_settings(existing: Mapping[str, Any], commands: Mapping[str, str]
                     if found:
                         continue
                     found = True
-                    want = {"type": "command", "command": command, "timeout": timeout}
+                    want = hook_entry(event, command, timeout)
                     if any(hook.get(k) != v for k, v in want.items()):
                         hook.update(want)
                         changed = True
@@ -133,7 +145,7 @@ def merge_settings(existing: Mapping[str, Any], commands: Mapping[str, str]
             group_new: dict[str, Any] = {}
             if matcher is not None:
                 group_new["matcher"] = matcher
-            group_new["hooks"] = [{"type": "command", "command": command, "timeout": timeout}]
+            group_new["hooks"] = [hook_entry(event, command, timeout)]
             groups.append(group_new)
             changed = True
     return merged, changed
