@@ -50,8 +50,11 @@ async def refused(client: Client, tool: str, code: str, args: dict[str, Any]) ->
     return text
 
 
-async def test_argument_errors_are_one_line_invalid_argument(cli_env: dict[str, str]) -> None:
-    async with stdio(cli_env, "errs-1", "py") as client:
+async def test_argument_errors_and_capabilities(cli_env: dict[str, str], nats_url: str,
+                                                swarm_name: str) -> None:
+    """One line `CODE: message. Hint: ...` for every mistake; capabilities on claims."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="boss") as boss, \
+            stdio(cli_env, "errs-1", "py", "docs") as client:
         made = await ok(client, "task_create", title="argument errors")
         task_id = made["task"]["id"]
         text = await refused(client, "task_claim", "INVALID_ARGUMENT",
@@ -82,11 +85,6 @@ async def test_argument_errors_are_one_line_invalid_argument(cli_env: dict[str, 
                                                      "epoch": claim["epoch"]})
         assert res.is_error
 
-
-async def test_capabilities_on_claims(cli_env: dict[str, str], nats_url: str,
-                                      swarm_name: str) -> None:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="boss") as boss, \
-            stdio(cli_env, "caps-1", "py", "docs") as client:
         listed = await client.list_tools()
         for tool in listed.tools:  # every tool says what it does to the world
             ann = tool.annotations
@@ -122,11 +120,14 @@ async def test_capabilities_on_claims(cli_env: dict[str, str], nats_url: str,
         assert 'task_claim with capabilities=["docs"]' in text
 
 
-async def test_answers_stay_small_and_notes_stay(cli_env: dict[str, str], nats_url: str,
-                                                 swarm_name: str) -> None:
+
+
+async def test_small_answers_notes_messages_and_paths(cli_env: dict[str, str], nats_url: str,
+                                                      swarm_name: str) -> None:
     # `hook` writes as the session's agent, as the PostToolUse hook does.
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="small-1") as hook, \
-            stdio(cli_env, "small-1") as client:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="peer") as peer, \
+            Swarm.connect(nats_url, swarm=swarm_name, agent="msg-1") as hook, \
+            stdio(cli_env, "msg-1") as client:
         huge = "x" * 200_000
         made = await client.call_tool("task_create", {"title": huge, "body": huge,
                                                       "labels": {"k": huge}})
@@ -147,11 +148,6 @@ async def test_answers_stay_small_and_notes_stay(cli_env: dict[str, str], nats_u
         assert got["edited_paths"] == [f"src/f{n}.py" for n in range(4)]
         assert json.dumps(got).count("edited via") == 0
 
-
-async def test_messages_and_path_reservations(cli_env: dict[str, str], nats_url: str,
-                                              swarm_name: str) -> None:
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="peer") as peer, \
-            stdio(cli_env, "msg-1") as client:
         sent = await ok(client, "message", action="send", to="peer", text="taking the parser")
         (got,) = await peer.messages.inbox("peer")
         assert got.id == sent["sent"] and got.sender == "msg-1"
