@@ -76,6 +76,16 @@ async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: st
                                "importance": "high"}
         assert all(isinstance(v, str) for v in msg["meta"].values())  # the binary's schema
 
+        # A decision on a gate this agent asked for (created as the agent, as a hook would).
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="chan-1") as same:
+            gate = await same.tasks.create("ship the migration?", kind="gate")
+        other = await lead.tasks.create("someone else's gate", kind="gate")
+        await lead.control.reject(other.task_id, "not now")
+        await lead.control.approve(gate.task_id, "go ahead")
+        decided = await pushed(srv, "notifications/claude/channel", kind="gate_decision")
+        assert decided["meta"]["task_id"] == gate.task_id  # only the gate it waits for
+        assert decided["meta"]["decision"] == "approved" and "go ahead" in decided["content"]
+
         # A cancel of the task this agent works on.
         claim = await srv.call("task_claim", task_id=task.task_id)
         await lead.tasks.cancel(task.task_id, "requirements changed")

@@ -12,9 +12,10 @@ The shapes are Claude Code's own (its bundled client, v2.1.x):
   answered with ``notifications/claude/channel/permission``
   ``{"request_id", "behavior": "allow" | "deny"}``.
 
-What is pushed: a message for this agent (its inbox), a lease lost because the
-task was cancelled or taken over, and ready work for its capabilities while it
-holds nothing. A permission prompt becomes an ack-required message on the
+What is pushed: a message for this agent (its inbox), a decision on a gate it
+waits for (one it created, or one a task it holds depends on), a lease lost
+because the task was cancelled or taken over, and ready work for its
+capabilities while it holds nothing. A permission prompt becomes an ack-required message on the
 ``permissions`` topic; an operator answers it from any machine with
 ``cfctl permissions allow|deny ID`` (a direct message back, ``permission allow
 <request_id>``), which this process turns into the answer notification.
@@ -126,7 +127,38 @@ class Channel:
     # ----------------------------------------------------------------- loops
 
     async def run(self) -> None:
-        await asyncio.gather(self._inbox(), self._ready_work())
+        await asyncio.gather(self._inbox(), self._ready_work(), self._gates())
+
+    def waits_for(self, gate: Any) -> bool:
+        """Whether this agent waits for ``gate``: it created it, or holds a task needing it."""
+        if gate.created_by == self.a.agent:
+            return True
+        return any(gate.task_id in lease.task.depends_on for lease in self.a.leases.values())
+
+    async def _gates(self) -> None:
+        from cflow import events as ev
+
+        feed = self.a.swarm.feed
+        tasks = self.a.swarm.tasks
+        start = (await tasks.ensure_board()).last_seq + 1
+        async with feed.subscribe(f"mcp-gates-{self.a.agent}", start_seq=start) as events:
+            async for item in events:
+                data = item.event.data
+                if not isinstance(data, ev.TaskCompleted | ev.TaskFailed):
+                    continue
+                gate = (await tasks.ensure_board()).tasks.get(item.event.entity_id)
+                if gate is None:  # the board has not folded its creation yet
+                    gate = await tasks.get(item.event.entity_id)
+                if gate.kind != "gate" or not self.waits_for(gate):
+                    continue
+                approved = isinstance(data, ev.TaskCompleted)
+                why = (data.result if isinstance(data, ev.TaskCompleted) else data.error) or ""
+                self.send(channel_push(
+                    f"cflow: gate {gate.task_id} \"{gate.title}\" was "
+                    f"{'approved' if approved else 'rejected'} by {item.event.actor}"
+                    + (f": {why}" if why else "") + ".",
+                    kind="gate_decision", task_id=gate.task_id,
+                    decision="approved" if approved else "rejected", by=item.event.actor))
 
     async def _inbox(self) -> None:
         messages = self.a.swarm.messages
