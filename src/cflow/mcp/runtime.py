@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ log = logging.getLogger("cflow.mcp")
 
 CONNECT_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0
+STOP_GRACE_S = 0.4  # a signalled server that has not exited by then leaves at once
 LOOPBACK_NAMES = ("localhost",)
 DEFAULT_URL = "nats://127.0.0.1:4222"  # as the CLI's --url
 
@@ -186,7 +187,8 @@ def _open_channel(adapter: Any, front: Front) -> None:
 
 
 async def serve(opts: Options, stop: asyncio.Event | None = None,
-                front: Front | None = None) -> None:
+                front: Front | None = None,
+                on_serving: Callable[[], None] | None = None) -> None:
     """Run the adapter until the client goes away (or ``stop`` is set).
 
     Raises:
@@ -211,6 +213,8 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
         await stack.enter_async_context(adapter.running(
             engage_after_s=opts.engage_after_s if front is not None else 0.0))
         srv = build_server(adapter)
+        if on_serving is not None:
+            on_serving()
         if opts.http:
             log.info("agent %s serving swarm %s over HTTP", opts.agent, opts.swarm)
             await _serve_http(srv, *opts.http, stop)
@@ -232,21 +236,44 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
         log.info("client went away; leases (%d held) will expire", len(adapter.leases))
 
 
+def _quit_now(signum: int, frame: object) -> None:
+    """Before serving nothing is held: leave at once, even in the middle of an import."""
+    os._exit(0)
+
+
 async def _until_signalled(opts: Options, front: Front | None) -> None:
-    """``serve`` that ends at once on SIGTERM/SIGINT (leases are left to expire)."""
+    """``serve`` that ends at once on SIGTERM/SIGINT (leases are left to expire).
+
+    Claude Code sends SIGINT at session end and escalates to SIGTERM after about
+    100 ms and SIGKILL after about 500 ms. Until the server serves (SDK import, NATS
+    connect) a signal ends the process on the spot; while serving, it stops the
+    server gracefully (closing NATS, releasing nothing), with :data:`STOP_GRACE_S`
+    as the hard limit.
+    """
     import signal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(opts, stop, front)
+
+    def graceful() -> None:
+        stop.set()
+        loop.call_later(STOP_GRACE_S, _quit_now, 0, None)
+
+    def serving() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, graceful)
+
+    await serve(opts, stop, front, on_serving=serving)
     if stop.is_set():
         log.info("terminated by a signal; held leases will expire")
 
 
 def run(opts: Options) -> None:
     """Blocking entry point for the CLI: the front answers first, then the full server."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _quit_now)
     front = None if opts.http else Front().start()
     setup_logging()
     if opts.engage_after_s is None:
