@@ -85,6 +85,19 @@ def report(url: str, runs: int) -> None:
         event = fixture.split("_")[0]
         times = [hook_time(event, fixture, hook_env) for _ in range(runs)]
         print(f"cfctl hook {event}: {summary(times)}")
+    # The edit hook relayed through a running `cfctl mcp` of the same agent.
+    relay_env = {**env, "CFLOW_AGENT": "bench-relay"}
+    proc = subprocess.Popen([CFCTL, "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=relay_env)
+    try:
+        assert proc.stderr is not None
+        while b"serving swarm" not in proc.stderr.readline():
+            pass
+        times = [hook_time("PostToolUse", "PostToolUse_Edit", relay_env) for _ in range(runs)]
+        print(f"cfctl hook PostToolUse via the session's cfctl mcp: {summary(times)}")
+    finally:
+        proc.kill()
+        proc.wait()
 
 if __name__ == "__main__":
     main()

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from cflow import events as ev
 from cflow.errors import NotFound
 from cflow.mcp.catalog import PROMPTS, RESOURCE_TEMPLATES, RESOURCES, TOOLS
 from cflow.mcp.server import live_lists
 from cflow.swarm import Swarm
-from test_mcp_stdio import START_S, agent_env, raw_server
+from test_mcp_stdio import START_S, agent_env, cfctl, raw_server
 
+FIXTURES = Path(__file__).parent / "fixtures" / "hooks"
 TOKEN_BUDGET = 2000
 MAX_TOOLS = 12
 
@@ -60,11 +64,23 @@ async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
         async with raw_server(agent_env(cli_env, "sig-term")) as srv:
             await srv.initialize()
             claimed = await srv.call("task_claim", task_id=task.task_id)
+            # The session's edit hook goes through this process: the hook itself is
+            # pointed at a dead NATS port, so a recorded note proves the relay.
+            hook_env = {**agent_env(cli_env, "sig-term"), "CFLOW_URL": "nats://127.0.0.1:1"}
+            edit = await asyncio.to_thread(
+                subprocess.run, [cfctl(), "hook", "PostToolUse"], env=hook_env, text=True,
+                input=(FIXTURES / "PostToolUse_Edit.json").read_text(), capture_output=True,
+                timeout=60)
+            assert (edit.returncode, edit.stdout, edit.stderr) == (0, "", "")
             srv.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(srv.proc.wait(), 10) == 0
         state = await watcher.tasks.get(task.task_id)
         assert state.status == "claimed" and state.owner == "sig-term"  # nothing released
         assert state.epoch == claimed["epoch"]
+        notes = [i.event for i in await watcher.tasks.history(task.task_id)
+                 if isinstance(i.event.data, ev.TaskNoted)]
+        assert [(n.actor, n.data.text, n.data.paths) for n in notes] == [
+            ("sig-term", "edited via Edit", ("src/app.py",))]
         with pytest.raises(NotFound):
             await watcher.agents.get("health-check")
         assert (await watcher.agents.get("sig-term")).runtime == "mcp"  # a session registers

@@ -31,8 +31,11 @@ non-zero would put an error in front of the user on every tool call for a
 coordination backend being down, and exit code 2 would even block the tool.
 
 Cold start matters (Claude Code waits for every hook), so this module imports
-only the standard library at load; NATS and the facade are imported when an
-event needs the backend, and events that do not never import them. The CLI's
+only the standard library at load. An edit note first goes to the session's own
+``cfctl mcp`` over a local Unix socket (:func:`hook_socket_path`; it holds the
+NATS connection and knows its leases), and only without one to NATS directly.
+NATS and the facade are imported when an event needs the backend, and events
+that do not never import them. The CLI's
 ``main()`` dispatches ``cfctl hook`` here before importing Typer.
 
 The agent name must match the MCP adapter's (same Claude Code session, same
@@ -63,6 +66,7 @@ EVENTS = (
 )
 TEAM_EVENTS = ("TaskCreated", "TaskCompleted", "TeammateIdle")
 WAITING = "waiting on a human"  # the reason prefix cflow.agents.presence_state reads
+EDIT_NOTE = "edited via {tool}"  # the MCP server keeps these apart from the model's notes
 EDIT_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT_S = 5.0
@@ -184,6 +188,40 @@ def touched_paths(hook: HookInput, project_dir: str | None = None) -> list[str]:
         if text not in out:
             out.append(text)
     return out
+
+
+# ---------------------------------------------------------------------- relay
+
+
+def hook_socket_path(swarm: str, agent: str) -> str:
+    """Where a session's ``cfctl mcp`` listens for its hooks (pure but for the env)."""
+    import hashlib
+    import tempfile
+
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(f"{swarm}\0{agent}".encode()).hexdigest()[:20]
+    return os.path.join(base, f"cflow-{os.getuid()}", f"{digest}.sock")
+
+
+def relay(path: str, request: dict[str, Any], timeout_s: float = 3.0) -> dict[str, Any] | None:
+    """Send one request to the session's ``cfctl mcp``; None if nobody listens there."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        answer = json.loads(data or b"null")
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) and answer.get("ok") else None
 
 
 # ---------------------------------------------------------------------- outputs
@@ -346,7 +384,7 @@ async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
                 if not paths:
                     return HookResult()
                 for h in await held_tasks(swarm, agent, titles=False):
-                    await swarm.tasks.note(h.task_id, f"edited via {hook.tool_name}",
+                    await swarm.tasks.note(h.task_id, EDIT_NOTE.format(tool=hook.tool_name),
                                            epoch=h.epoch, paths=paths)
                 return HookResult()
             case "Stop":
@@ -402,6 +440,15 @@ def handle(event: str, raw: str, env: Mapping[str, str] | None = None) -> HookRe
         timeout = float(env.get("CFLOW_HOOK_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     except ValueError:
         timeout = DEFAULT_TIMEOUT_S
+
+    if hook.event == "PostToolUse":
+        agent = claude_agent_name(env=env, session_id=hook.session_id or None,
+                                  project_dir=hook.cwd or None)
+        path = hook_socket_path(env.get("CFLOW_SWARM") or "default", agent)
+        if relay(path, {"event": "PostToolUse", "tool_name": hook.tool_name,
+                        "paths": touched_paths(hook, env.get("CLAUDE_PROJECT_DIR"))},
+                 timeout) is not None:
+            return HookResult()  # the session's cfctl mcp noted it
 
     import asyncio  # only events that reach the backend pay for it
 

@@ -212,6 +212,8 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
             _open_channel(adapter, front)
         await stack.enter_async_context(adapter.running(
             engage_after_s=opts.engage_after_s if front is not None else 0.0))
+        if front is not None:
+            await stack.enter_async_context(_hook_relay(adapter, opts.swarm))
         srv = build_server(adapter)
         if on_serving is not None:
             on_serving()
@@ -234,6 +236,57 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         log.info("client went away; leases (%d held) will expire", len(adapter.leases))
+
+
+@contextlib.asynccontextmanager
+async def _hook_relay(adapter: Any, swarm: str) -> Any:
+    """Answer this session's hooks on a Unix socket: edit notes on the leases we hold.
+
+    A hook then needs no NATS connection of its own (the hook falls back to one
+    when nobody listens). Best effort: no socket, no relay.
+    """
+    from cflow.errors import CflowError
+    from cflow.hooks import EDIT_NOTE, hook_socket_path
+
+    path = hook_socket_path(swarm, adapter.agent)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reply: dict[str, Any]
+        try:
+            request = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            paths = [str(p) for p in request.get("paths") or []][:100]
+            noted = 0
+            if request.get("event") == "PostToolUse" and paths:
+                for task_id, lease in list(adapter.leases.items()):
+                    if not lease.lost.is_set():
+                        await adapter.swarm.tasks.note(
+                            task_id, EDIT_NOTE.format(tool=request.get("tool_name", "?")),
+                            epoch=lease.epoch, paths=paths)
+                        noted += 1
+            reply = {"ok": True, "noted": noted}
+        except (CflowError, ValueError, TimeoutError, AttributeError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        try:
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = None
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(answer, path)
+    except OSError as exc:
+        log.info("no hook relay (%s); hooks reach NATS themselves", exc)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _quit_now(signum: int, frame: object) -> None:
