@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,6 +179,17 @@ async def test_session_lifecycle_with_recorded_payloads(
         assert agent.status == "offline" and agent.reason == "prompt_input_exit"
 
 
+def waiting_gauge(items: Any) -> int:
+    """``cflow_agents_waiting_on_human`` as the metrics fold renders it from agent events."""
+    from cflow.metrics import MetricsFold, parse_text, value_of
+
+    fold = MetricsFold()
+    for item in items:
+        fold.apply(item.seq, item.event)
+    text = fold.render(swarm="s", stream_last_seq=None, projected_seq=None, now_ms=0)
+    return int(value_of(parse_text(text), "cflow_agents_waiting_on_human"))
+
+
 def test_presence_states() -> None:
     from cflow.agents import AgentInfo, presence_state
 
@@ -218,6 +230,8 @@ async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url:
                 done = run_hook(event, fixture, env)
                 assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done.stderr
                 assert await presence() == want, event
+                assert waiting_gauge(await swarm.log.read(
+                    names.events_filter(swarm_name, "agent"))) == (want == "waiting_on_human")
             assert (await swarm.agents.get(SESSION_AGENT)).reason == "session waits for a prompt"
         assert await presence() == "offline"  # presence gone, holding nothing
 
