@@ -42,6 +42,7 @@ PERMISSION = "notifications/claude/channel/permission"
 PERMISSION_REQUEST = "notifications/claude/channel/permission_request"
 PERMISSION_TOPIC = "permissions"
 READY_REPEAT_S = 120.0  # the same ready work is announced again at most this often
+READY_GAP_S = 30.0  # and any ready work at most this often (a busy swarm is not a chat)
 READY_WAIT_S = 30.0
 CONTENT_CAP = 2_000
 _DECISION = re.compile(r"^permission (allow|deny) ([A-Za-z0-9_-]{1,64})$")
@@ -185,8 +186,9 @@ class Channel:
                 ready = tuple(s.task_id for s in board.candidates(self.a.capabilities,
                                                                   wall_ms()))
                 now = time.monotonic()
-                if ready and (self._announced is None or self._announced[0] != ready
-                              or now - self._announced[1] > READY_REPEAT_S):
+                last = self._announced
+                if ready and (last is None or (now - last[1] > READY_GAP_S and (
+                        last[0] != ready or now - last[1] > READY_REPEAT_S))):
                     self._announced = (ready, now)
                     self.send(channel_push(
                         f"cflow: {len(ready)} task(s) ready for your capabilities "
