@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -36,6 +36,16 @@ def _executor(
 
     return ClaudeExecutor(max_turns=max_turns, max_budget_usd=max_budget_usd, timeout_s=timeout,
                           extra_args=claude_args)
+
+
+def _in_repo(executor: Executor, swarm: Any, repo: str | None, base: str,
+             wip_every: float) -> Executor:
+    """--repo: a worktree per claim (cflow.gitflow); else previous attempts' context only."""
+    from cflow.gitflow.executor import GitExecutor, WithPrevious
+
+    if repo is None:
+        return WithPrevious(executor, swarm)
+    return GitExecutor(executor, swarm, repo, base=base, wip_every_s=wip_every)
 
 
 @app.command("worker")
@@ -76,6 +86,13 @@ def worker(
     max_tasks: int | None = typer.Option(
         None, "--max-tasks", help="Drain and exit after claiming this many tasks."),
     claim_wait: float = typer.Option(30.0, "--claim-wait", hidden=True),
+    repo: str | None = typer.Option(
+        None, "--repo", help="Run each task in a fresh git worktree of this remote (dir or URL) "
+        "on branch cflow/<task-id>; finished work is queued for `cfctl merge-queue`."),
+    base: str = typer.Option("main", "--base", help="With --repo: the branch tasks start from."),
+    wip_every: float = typer.Option(
+        10.0, "--wip-every", min=0.2, help="With --repo: commit and push work in progress "
+        "this often (seconds)."),
 ) -> None:
     """Claim tasks and run them (subprocess, Docker container or `claude -p`) until stopped.
 
@@ -110,7 +127,8 @@ def worker(
 
         await executor.check()  # fail fast: no claude binary, no docker engine
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
-            w = Worker(swarm, executor, WorkerOptions(
+            runner = _in_repo(executor, swarm, repo, base, wip_every)
+            w = Worker(swarm, runner, WorkerOptions(
                 name=who, capabilities=capabilities_of(capability), labels=labels,
                 concurrency=concurrency, url=c.url, lease_ttl_s=lease_ttl,
                 drain_grace_s=drain_grace, max_tasks=max_tasks, claim_wait_s=claim_wait),

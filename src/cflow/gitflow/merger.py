@@ -1,0 +1,379 @@
+"""``cfctl merge-queue``: one merger at a time merges finished task branches into the target.
+
+Theory of operation
+-------------------
+*One merger per target, swarm-wide.* A merger holds an exclusive path
+reservation on ``.cflow/merge-queue/<target>`` (cflow's lease machinery: a KV
+key with a server-side TTL, renewed by compare-and-set). A second merger, on
+any machine, waits for it and takes over within one TTL when the first dies.
+A merger that loses its reservation stops before its next push.
+
+*One request at a time*, in the order of :func:`cflow.gitflow.queue.queue_order`
+(the task's priority, then arrival), once the requesting claim has completed:
+
+1. fetch the target and the branch; when the requested head is already in the
+   target (a merger died after pushing, before recording), record ``Merged``
+   without merging again;
+2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
+   commit names the task); a conflict rejects it with the conflicted hunks;
+3. run the check command there; a red check rejects it with its output's tail;
+4. push the target *expecting the commit it merged onto* (never a blind force;
+   if the target moved meanwhile, start over from 1) and record ``Merged``.
+
+A rejection creates the task's next attempt first (idempotent: a new task that
+continues the branch, label ``cflow.branch``, with the rejection in its body and
+``cflow.rebase=1``, so its worktree merges the new target in and leaves the
+conflicts to resolve), then records ``MergeRejected`` naming it. Every verdict
+is appended with the request's last sequence as the expected one, so a request
+is decided once, whichever merger gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cflow import events as ev
+from cflow.errors import CflowError, ConcurrencyConflict, NotFound, ReservationConflict
+from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
+from cflow.gitflow.queue import MergeRequest, fold_merges, queue_order
+from cflow.gitflow.worktrees import WorkArea, tracking
+from cflow.streams import StoredEvent, names
+
+if TYPE_CHECKING:
+    from cflow.reservations import Reservation
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.merger")
+
+DEFAULT_LEASE_TTL_S = 10.0
+OUTPUT_CAP = 8 * 1024
+IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+
+
+def merger_path(target: str) -> str:
+    return f".cflow/merge-queue/{target}"
+
+
+async def read_queue(swarm: Swarm) -> dict[str, MergeRequest]:
+    """Every merge request of the swarm, folded from the event stream."""
+    items = await swarm.log.read(names.events_filter(swarm.name, "merge"))
+    return fold_merges((i.seq, i.event, i.time_ms) for i in items if isinstance(i, StoredEvent))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    cause: str
+    output: str
+
+
+@dataclass
+class MergerStats:
+    merged: int = 0
+    rejected: int = 0
+    recovered: int = 0  # found already in the target (a merger died before recording)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Merger:
+    """Runs the merge queue of ``target`` on ``remote`` for one swarm."""
+
+    def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
+                 check: str | None = None, check_timeout_s: float = 600.0,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        self.swarm = swarm
+        self.target = target
+        self.check_cmd = check
+        self.check_timeout_s = check_timeout_s
+        self.lease_ttl_s = lease_ttl_s
+        self.area = area or WorkArea(remote)
+        self.stats = MergerStats()
+        self.stopping = asyncio.Event()
+        self.holding = asyncio.Event()  # set while this merger holds the queue
+        self._on_event = on_event
+        self._wake = asyncio.Event()
+        self._reservation: Reservation | None = None
+
+    def _emit(self, kind: str, text: str) -> None:
+        log.info("%s: %s", kind, text)
+        if self._on_event is not None:
+            self._on_event(kind, text)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, *, until_idle: bool = False) -> MergerStats:
+        """Hold the queue and merge until stopped (or, ``until_idle``, until nothing is queued
+        and no task that may still request a merge is open).
+
+        Raises:
+            GitError: git missing or the remote unreachable.
+        """
+        await self.area.open()
+        try:
+            watcher = asyncio.create_task(self._watch(), name="merge-watch")
+            try:
+                while not self.stopping.is_set():
+                    reservation = await self._acquire()
+                    if reservation is None:
+                        break
+                    lost = asyncio.Event()
+                    async with self.swarm.reservations.keep_alive(
+                            reservation, interval_s=self.lease_ttl_s / 3,
+                            on_lost=self._lost_callback(lost)):
+                        self.holding.set()
+                        self._emit("holding", f"merge queue of {self.target!r}")
+                        try:
+                            done = await self._drain(lost, until_idle=until_idle)
+                        finally:
+                            self.holding.clear()
+                    if done:
+                        with contextlib.suppress(CflowError):
+                            await self.swarm.reservations.release(
+                                reservation.owner, reservation_id=reservation.id,
+                                reason="merger stopped")
+                        break
+                    self._emit("lost", "the merge queue lease was lost; waiting to take it again")
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        finally:
+            self.area.close()
+        return self.stats
+
+    def _lost_callback(self, lost: asyncio.Event) -> Callable[[Reservation], None]:
+        def on_lost(_: Reservation) -> None:
+            lost.set()
+            self._wake.set()
+
+        return on_lost
+
+    async def _acquire(self) -> Reservation | None:
+        waited = False
+        while not self.stopping.is_set():
+            try:
+                return await self.swarm.reservations.reserve(
+                    [merger_path(self.target)], exclusive=True, ttl_s=self.lease_ttl_s)
+            except ReservationConflict as exc:
+                if not waited:
+                    self._emit("waiting", f"another merger holds the queue ({exc})")
+                    waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.lease_ttl_s / 4)):
+                    await self.stopping.wait()
+        return None
+
+    async def _watch(self) -> None:
+        """Wake the merge loop on every new merge or task event."""
+        start = await self.swarm.log.stream_last_seq() + 1
+        async for _ in self.swarm.log.follow(start_seq=start):
+            self._wake.set()
+
+    async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
+        """Merge requests while holding the queue. True: stop for good; False: lease lost."""
+        while not self.stopping.is_set():
+            if lost.is_set():
+                return False
+            self._wake.clear()
+            request = await self._next()
+            if request is not None:
+                await self.process(request, lost)
+                continue
+            if until_idle and await self._idle():
+                return True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(IDLE_WAKE_S):
+                    await self._wake.wait()
+        return True
+
+    async def _idle(self) -> bool:
+        queue = await read_queue(self.swarm)
+        if queue_order(queue.values(), self.target):
+            return False
+        open_tasks = [t for t in await self.swarm.tasks.list() if not t.terminal]
+        return not open_tasks
+
+    async def _next(self) -> MergeRequest | None:
+        """The first queued request whose claim has completed (priority, then arrival)."""
+        best: tuple[tuple[int, int], MergeRequest] | None = None
+        for request in queue_order((await read_queue(self.swarm)).values(), self.target):
+            try:
+                task = await self.swarm.tasks.get(request.task_id)
+            except NotFound:
+                continue
+            if task.status != "completed" or task.epoch != request.epoch:
+                continue  # still running, or a superseded attempt's request
+            key = (-task.priority, request.seq)
+            if best is None or key < best[0]:
+                best = (key, request)
+        return best[1] if best else None
+
+    # -------------------------------------------------------------- one request
+
+    async def process(self, request: MergeRequest, lost: asyncio.Event) -> None:
+        """Merge one request or reject it (see the module doc)."""
+        target_ref = f"refs/heads/{self.target}"
+        branch_ref = f"refs/heads/{request.branch}"
+        while not lost.is_set():
+            heads = await self.area.heads(target_ref, branch_ref)
+            before = heads[target_ref]
+            if before is None:
+                raise GitError(f"the remote has no branch {self.target!r}", base=self.target)
+            if not await _has_commit(self.area, request.head):
+                await self._reject(request, "missing", f"commit {request.head} of "
+                                   f"{request.branch} is not on the remote")
+                return
+            if await _is_ancestor(self.area, request.head, before):
+                self.stats.recovered += 1
+                await self._record_merged(request, before, before, None)
+                return
+            path = await self.area.add(f"merge-{request.task_id}", before)
+            try:
+                verdict = await self._merge_and_check(request, path)
+                if isinstance(verdict, Refusal):
+                    await self._reject(request, verdict.cause, verdict.output)
+                    return
+                merged, check_s = verdict
+                if lost.is_set():
+                    return  # fenced off before the push: the next holder redoes it
+                try:
+                    await push_fenced(self.area.repo, merged, target_ref, before)
+                except PushRefused:
+                    self._emit("retry", f"{self.target} moved during the merge of "
+                               f"{request.task_id}; merging again")
+                    continue
+                await self._record_merged(request, before, merged, check_s)
+                return
+            finally:
+                await self.area.remove(path)
+
+    async def _merge_and_check(self, request: MergeRequest, path: Path
+                               ) -> tuple[str, float | None] | Refusal:
+        """(merged commit, check seconds), or why the request is rejected."""
+        title = request.title or request.task_id
+        code, out, err = await git_status(
+            "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
+            "-m", f"Cflow-Task: {request.task_id}", request.head, cwd=path, env=IDENTITY)
+        if code != 0:
+            conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path,
+                                   check=False)
+            if not conflicted.strip():
+                raise GitError(f"merge of {request.branch} failed: {(out + err).strip()[-300:]}")
+            hunks = await git("diff", cwd=path, check=False)
+            await git_status("merge", "--abort", cwd=path)
+            text = (f"merge conflict in {', '.join(conflicted.split())} merging "
+                    f"{request.branch} into {self.target}\n{hunks}")
+            return Refusal("conflict", text[:OUTPUT_CAP])
+        merged = await git("rev-parse", "HEAD", cwd=path)
+        if not self.check_cmd:
+            return merged, None
+        self._emit("check", f"{request.task_id}: {self.check_cmd}")
+        started = time.monotonic()
+        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s)
+        if not ok:
+            return Refusal("check", output[-OUTPUT_CAP:])
+        return merged, round(time.monotonic() - started, 3)
+
+    async def _record_merged(self, request: MergeRequest, before: str, after: str,
+                             check_s: float | None) -> None:
+        try:
+            await self.swarm.log.append(
+                ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
+                          previous=before, commit=after, merger=self.swarm.agent,
+                          check_s=check_s),
+                request.task_id, expected=request.last_seq,
+                msg_id=f"merged-{request.task_id}-{request.head}")
+        except ConcurrencyConflict:
+            return  # decided by another merger
+        self.stats.merged += 1
+        self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
+                   f"{after[:12]}")
+
+    async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
+        retry = await self._reopen(request, cause, output)
+        try:
+            await self.swarm.log.append(
+                ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
+                                 cause=cause, output=output,  # type: ignore[arg-type]
+                                 merger=self.swarm.agent, retry_task=retry),
+                request.task_id, expected=request.last_seq,
+                msg_id=f"merge-rejected-{request.task_id}-{request.head}")
+        except ConcurrencyConflict:
+            return
+        self.stats.rejected += 1
+        first = output.strip().splitlines()[0] if output.strip() else cause
+        self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+
+    async def _reopen(self, request: MergeRequest, cause: str, output: str) -> str | None:
+        """The task's next attempt: a new task continuing its branch (idempotent)."""
+        try:
+            task = await self.swarm.tasks.get(request.task_id)
+        except NotFound:
+            return None
+        origin = request.origin or request.task_id
+        labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
+                  "cflow.rebase": "1", "cflow.retry_of": request.task_id}
+        body = (f"{task.body}\n\n--- merge into {self.target} rejected ({cause}) ---\n"
+                f"{output}").strip()
+        created = await self.swarm.tasks.create(
+            task.title, body=body, priority=task.priority, capabilities=task.capabilities,
+            parent_id=task.parent_id, lease_ttl_s=task.lease_ttl_s,
+            max_attempts=task.max_attempts, start_to_close_s=task.start_to_close_s,
+            labels=labels, idempotency_key=f"merge-retry-{request.task_id}-{request.head}")
+        return created.task_id
+
+
+async def _has_commit(area: WorkArea, sha: str) -> bool:
+    code, _, _ = await git_status("cat-file", "-e", f"{sha}^{{commit}}", cwd=area.repo)
+    return code == 0
+
+
+async def _is_ancestor(area: WorkArea, sha: str, of: str) -> bool:
+    code, _, _ = await git_status("merge-base", "--is-ancestor", sha, of, cwd=area.repo)
+    return code == 0
+
+
+async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, str]:
+    proc = await asyncio.create_subprocess_shell(
+        command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "CFLOW_MERGE_CHECK": "1"})
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return False, f"check timed out after {timeout_s:g} s: {command}"
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        return False, f"check failed (exit {proc.returncode}): {command}\n{text}"
+    return True, text
+
+
+__all__ = ["Merger", "MergerStats", "merger_path", "read_queue", "tracking"]
