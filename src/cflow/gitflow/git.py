@@ -117,14 +117,16 @@ async def push_fenced(repo: Path | str, commit: str, ref: str, expected: str | N
     raise git_error(args, code, out + err)
 
 
-async def remote_head(repo: Path | str, ref: str, *, remote: str = "origin") -> str | None:
-    """The commit ``ref`` points at on ``remote`` (asked over the wire), or None."""
-    out = await git("ls-remote", remote, ref, cwd=repo)
-    for line in out.splitlines():
+async def remote_heads(repo: Path | str, *refs: str, remote: str = "origin"
+                       ) -> dict[str, str | None]:
+    """The commit each ref points at on ``remote`` (one round trip), None when absent."""
+    out: dict[str, str | None] = dict.fromkeys(refs)
+    listing = await git("ls-remote", remote, *refs, cwd=repo)
+    for line in listing.splitlines():
         sha, _, name = line.partition("\t")
-        if name == ref:
-            return sha
-    return None
+        if name in out:
+            out[name] = sha
+    return out
 
 
 __all__ = [
@@ -135,6 +137,6 @@ __all__ = [
     "git",
     "git_status",
     "push_fenced",
-    "remote_head",
+    "remote_heads",
     "require_git",
 ]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from cflow import events as ev
 from cflow.errors import CflowError, ConcurrencyConflict, NotFound, ReservationConflict
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
-from cflow.gitflow.queue import MergeRequest, fold_merges, queue_order
+from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea, tracking
 from cflow.streams import StoredEvent, names
 
@@ -103,7 +103,8 @@ class Merger:
         self.holding = asyncio.Event()  # set while this merger holds the queue
         self._on_event = on_event
         self._wake = asyncio.Event()
-        self._reservation: Reservation | None = None
+        self.queue: dict[str, MergeRequest] = {}  # folded from the merge events as they come
+        self._queue_caught_up = asyncio.Event()
 
     def _emit(self, kind: str, text: str) -> None:
         log.info("%s: %s", kind, text)
@@ -157,6 +158,7 @@ class Merger:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+                await self.area.remove(self.area.worktrees / "merge")
         finally:
             self.area.close()
         return self.stats
@@ -184,13 +186,30 @@ class Merger:
         return None
 
     async def _watch(self) -> None:
-        """Wake the merge loop on every new merge or task event."""
-        start = await self.swarm.log.stream_last_seq() + 1
-        async for _ in self.swarm.log.follow(start_seq=start):
-            self._wake.set()
+        """Fold the merge events as they come; wake the merge loop on them and on task events."""
+        async def tasks() -> None:
+            board = await self.swarm.tasks.ensure_board()  # the feed follows from the start
+            async with self.swarm.feed.subscribe("merger", start_seq=board.last_seq + 1
+                                                 ) as events:
+                async for _ in events:
+                    self._wake.set()
+
+        watching = asyncio.create_task(tasks(), name="merger-task-events")
+        try:
+            async for item in self.swarm.log.follow(
+                    names.events_filter(self.swarm.name, "merge"),
+                    caught_up=self._queue_caught_up):
+                if isinstance(item, StoredEvent):
+                    apply_merge(self.queue, item.seq, item.event, item.time_ms)
+                self._wake.set()
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
 
     async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
+        await self._queue_caught_up.wait()
         while not self.stopping.is_set():
             if lost.is_set():
                 return False
@@ -207,26 +226,24 @@ class Merger:
         return True
 
     async def _idle(self) -> bool:
-        queue = await read_queue(self.swarm)
-        if queue_order(queue.values(), self.target):
-            return False
         open_tasks = [t for t in await self.swarm.tasks.list() if not t.terminal]
         return not open_tasks
 
     async def _next(self) -> MergeRequest | None:
         """The first queued request whose claim has completed (priority, then arrival)."""
-        best: tuple[tuple[int, int], MergeRequest] | None = None
-        for request in queue_order((await read_queue(self.swarm)).values(), self.target):
-            try:
-                task = await self.swarm.tasks.get(request.task_id)
-            except NotFound:
-                continue
-            if task.status != "completed" or task.epoch != request.epoch:
+        board = await self.swarm.tasks.ensure_board()
+        ready: list[tuple[tuple[int, int], MergeRequest]] = []
+        for request in queue_order(self.queue.values(), self.target):
+            task = board.get(request.task_id)
+            if task is None or task.status != "completed" or task.epoch != request.epoch:
                 continue  # still running, or a superseded attempt's request
-            key = (-task.priority, request.seq)
-            if best is None or key < best[0]:
-                best = (key, request)
-        return best[1] if best else None
+            ready.append(((-task.priority, request.seq), request))
+        for _, request in sorted(ready, key=lambda item: item[0]):
+            with contextlib.suppress(NotFound):  # the board may lag: ask the task's log
+                task = await self.swarm.tasks.get(request.task_id)
+                if task.status == "completed" and task.epoch == request.epoch:
+                    return request
+        return None
 
     # -------------------------------------------------------------- one request
 
@@ -247,25 +264,22 @@ class Merger:
                 self.stats.recovered += 1
                 await self._record_merged(request, before, before, None)
                 return
-            path = await self.area.add(f"merge-{request.task_id}", before)
-            try:
-                verdict = await self._merge_and_check(request, path)
-                if isinstance(verdict, Refusal):
-                    await self._reject(request, verdict.cause, verdict.output)
-                    return
-                merged, check_s = verdict
-                if lost.is_set():
-                    return  # fenced off before the push: the next holder redoes it
-                try:
-                    await push_fenced(self.area.repo, merged, target_ref, before)
-                except PushRefused:
-                    self._emit("retry", f"{self.target} moved during the merge of "
-                               f"{request.task_id}; merging again")
-                    continue
-                await self._record_merged(request, before, merged, check_s)
+            path = await self.area.reuse("merge", before)  # one worktree, reset per request
+            verdict = await self._merge_and_check(request, path)
+            if isinstance(verdict, Refusal):
+                await self._reject(request, verdict.cause, verdict.output)
                 return
-            finally:
-                await self.area.remove(path)
+            merged, check_s = verdict
+            if lost.is_set():
+                return  # fenced off before the push: the next holder redoes it
+            try:
+                await push_fenced(self.area.repo, merged, target_ref, before)
+            except PushRefused:
+                self._emit("retry", f"{self.target} moved during the merge of "
+                           f"{request.task_id}; merging again")
+                continue
+            await self._record_merged(request, before, merged, check_s)
+            return
 
     async def _merge_and_check(self, request: MergeRequest, path: Path
                                ) -> tuple[str, float | None] | Refusal:
@@ -297,14 +311,16 @@ class Merger:
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:
         try:
-            await self.swarm.log.append(
+            appended = await self.swarm.log.append(
                 ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
                           previous=before, commit=after, merger=self.swarm.agent,
                           check_s=check_s),
                 request.task_id, expected=request.last_seq,
                 msg_id=f"merged-{request.task_id}-{request.head}")
         except ConcurrencyConflict:
-            return  # decided by another merger
+            await self._reread(request.task_id)  # decided by another merger
+            return
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
         self.stats.merged += 1
         self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
                    f"{after[:12]}")
@@ -312,17 +328,23 @@ class Merger:
     async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
         retry = await self._reopen(request, cause, output)
         try:
-            await self.swarm.log.append(
+            appended = await self.swarm.log.append(
                 ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
                                  cause=cause, output=output,  # type: ignore[arg-type]
                                  merger=self.swarm.agent, retry_task=retry),
                 request.task_id, expected=request.last_seq,
                 msg_id=f"merge-rejected-{request.task_id}-{request.head}")
         except ConcurrencyConflict:
+            await self._reread(request.task_id)
             return
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
         self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+
+    async def _reread(self, task_id: str) -> None:
+        for item in await self.swarm.log.entity_events("merge", task_id):
+            apply_merge(self.queue, item.seq, item.event, item.time_ms)
 
     async def _reopen(self, request: MergeRequest, cause: str, output: str) -> str | None:
         """The task's next attempt: a new task continuing its branch (idempotent)."""

@@ -48,25 +48,32 @@ def fold_merges(items: Iterable[tuple[int, ev.Event, int]]) -> dict[str, MergeRe
     """(seq, event, server ms) of merge events in stream order -> request per task id."""
     out: dict[str, MergeRequest] = {}
     for seq, event, at in items:
-        data = event.data
-        key = event.entity_id
-        old = out.get(key)
-        match data:
-            case ev.MergeRequested():
-                out[key] = MergeRequest(
-                    task_id=data.task_id, epoch=data.epoch, branch=data.branch, head=data.head,
-                    target=data.target, priority=data.priority, title=data.title,
-                    origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
-            case ev.Merged() if old is not None:
-                out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
-                                   commit=data.commit, merger=data.merger)
-            case ev.MergeRejected() if old is not None:
-                out[key] = replace(old, status="rejected", last_seq=seq, decided_ms=at,
-                                   cause=data.cause, output=data.output, merger=data.merger,
-                                   retry_task=data.retry_task)
-            case _ if old is not None:
-                out[key] = replace(old, last_seq=seq)
+        apply_merge(out, seq, event, at)
     return out
+
+
+def apply_merge(out: dict[str, MergeRequest], seq: int, event: ev.Event, at: int) -> None:
+    """Fold one merge event into ``out`` (in place); an old or repeated one changes nothing."""
+    data = event.data
+    key = event.entity_id
+    old = out.get(key)
+    if old is not None and seq <= old.last_seq:
+        return
+    match data:
+        case ev.MergeRequested():
+            out[key] = MergeRequest(
+                task_id=data.task_id, epoch=data.epoch, branch=data.branch, head=data.head,
+                target=data.target, priority=data.priority, title=data.title,
+                origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
+        case ev.Merged() if old is not None:
+            out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
+                               commit=data.commit, merger=data.merger)
+        case ev.MergeRejected() if old is not None:
+            out[key] = replace(old, status="rejected", last_seq=seq, decided_ms=at,
+                               cause=data.cause, output=data.output, merger=data.merger,
+                               retry_task=data.retry_task)
+        case _ if old is not None:
+            out[key] = replace(old, last_seq=seq)
 
 
 def queue_order(requests: Iterable[MergeRequest], target: str) -> list[MergeRequest]:
@@ -75,4 +82,4 @@ def queue_order(requests: Iterable[MergeRequest], target: str) -> list[MergeRequ
     return sorted(queued, key=lambda r: (-r.priority, r.seq))
 
 
-__all__ = ["MergeRequest", "MergeStatus", "fold_merges", "queue_order"]
+__all__ = ["MergeRequest", "MergeStatus", "apply_merge", "fold_merges", "queue_order"]

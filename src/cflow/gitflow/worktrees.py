@@ -19,7 +19,6 @@ serialised by an ``asyncio.Lock``; the work inside a worktree runs in parallel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -28,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from cflow.gitflow.git import git, remote_head, require_git
+from cflow.gitflow.git import git, remote_heads, require_git
 
 
 def default_root(remote: str) -> Path:
@@ -114,9 +113,7 @@ class WorkArea:
 
     async def heads(self, *refs: str) -> dict[str, str | None]:
         """The remote's commit of each ref (None: absent), fetched into the clone."""
-        out: dict[str, str | None] = {}
-        for ref in refs:
-            out[ref] = await remote_head(self.repo, ref)
+        out = await remote_heads(self.repo, *refs)
         present = [ref for ref, sha in out.items() if sha is not None]
         if present:
             async with self._repo_lock:
@@ -140,14 +137,25 @@ class WorkArea:
             await git(*args, str(path), commit, cwd=self.repo)
         return path
 
+    async def reuse(self, name: str, commit: str) -> Path:
+        """The worktree ``name`` reset to ``commit`` (detached, no stray files); made if absent."""
+        path = self.worktrees / name
+        if not (path / ".git").exists():
+            return await self.add(name, commit)
+        await git("checkout", "--quiet", "--force", "--detach", commit, cwd=path)
+        await git("clean", "-q", "-f", "-d", "-x", cwd=path)
+        return path
+
     async def remove(self, path: Path) -> None:
         async with self._repo_lock:
             await self._remove(path)
 
     async def _remove(self, path: Path) -> None:
-        with contextlib.suppress(Exception):
-            await git("worktree", "remove", "--force", str(path), cwd=self.repo)
-        shutil.rmtree(path, ignore_errors=True)
+        await git("worktree", "remove", "--force", str(path), cwd=self.repo, check=False)
+        try:  # not a registered worktree (any more): its files, then its record
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            return
         await git("worktree", "prune", cwd=self.repo, check=False)
 
     def live_worktrees(self) -> list[str]:
