@@ -122,7 +122,10 @@ class GitExecutor:
                 if done:
                     break
                 try:
-                    await branch.checkpoint(f"cflow: work in progress on {ctx.task_id}")
+                    head = await branch.checkpoint(f"cflow: work in progress on {ctx.task_id}")
+                    if head is not None:
+                        await self._note(ctx, f"attempt {ctx.attempt} by {ctx.agent}: work in "
+                                         f"progress pushed, {branch.branch} at {head[:12]}")
                 except PushRefused as exc:
                     fenced = str(exc)
                     work.cancel()
@@ -164,10 +167,18 @@ class GitExecutor:
         verdict = "done" if outcome.ok else f"failed ({outcome.error})"
         text = (f"attempt {ctx.attempt} by {ctx.agent}: {verdict}; {branch.branch} at "
                 f"{branch.pushed[:12]}" + ("; merge requested" if requested else ""))
-        with contextlib.suppress(LeaseLost, ConflictError):
+        await self._note(ctx, text)
+        return outcome
+
+    async def _note(self, ctx: TaskContext, text: str) -> None:
+        """A note for the next attempts (``CFLOW_PREVIOUS``); holder-fenced, best effort."""
+        try:
             await self.swarm.tasks.note(ctx.task_id, text, epoch=ctx.epoch, artifact="git",
                                         actor=ctx.agent)
-        return outcome
+        except (LeaseLost, ConflictError):
+            pass
+        except CflowError as exc:
+            log.warning("note on %s not stored: %s", ctx.task_id, exc)
 
     async def _context_env(self, branch: BranchAttempt, ctx: TaskContext) -> dict[str, str]:
         env = {"CFLOW_WORKTREE": str(branch.path), "CFLOW_BRANCH": branch.branch,
@@ -219,12 +230,11 @@ class WithPrevious:
 
     async def run(self, ctx: TaskContext) -> Outcome:
         extra: dict[str, str] = {}
-        if ctx.attempt > 1 or ctx.labels.get("cflow.origin"):
-            previous, checkpoint = await previous_attempts(self.swarm, ctx)
-            if previous:
-                extra["CFLOW_PREVIOUS"] = previous
-            if checkpoint is not None:
-                extra["CFLOW_CHECKPOINT"] = checkpoint
+        previous, checkpoint = await previous_attempts(self.swarm, ctx)
+        if previous:
+            extra["CFLOW_PREVIOUS"] = previous
+        if checkpoint is not None:
+            extra["CFLOW_CHECKPOINT"] = checkpoint
         return await self.inner.run(replace(ctx, extra_env={**ctx.extra_env, **extra}))
 
 
