@@ -247,7 +247,10 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     assert retry_id is not None and queue[retry_id].status == "merged"
     retry = await swarm.tasks.get(retry_id)
     assert retry.labels["cflow.branch"] == f"cflow/{b.task_id}"
-    assert "merge conflict in shared.txt" in retry.body
+    assert retry.body == b.body
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry_id)]
+    assert any(isinstance(n, ev.TaskNoted) and n.artifact == "merge"
+               and "merge conflict in shared.txt" in n.text for n in notes)
     assert main_files(remote, tmp_path)["shared.txt"] == "beta"
     history = sh("log", "--format=%s", "main", cwd=remote)
     assert f"Merge cflow/{a.task_id}: alpha" in history
@@ -273,7 +276,9 @@ async def test_red_check_keeps_change_out_and_reopens_with_output(
     assert first.retry_task is not None
     assert queue[first.retry_task].status == "merged"
     retry = await swarm.tasks.get(first.retry_task)
-    assert "value.txt is bad, want good" in retry.body
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry.task_id)]
+    assert any(isinstance(n, ev.TaskNoted) and "value.txt is bad, want good" in n.text
+               for n in notes)
     assert main_files(remote, tmp_path)["value.txt"] == "good"
     # the red merge never reached main: main went from `before` straight to the good merge
     assert first_parents(remote)[1] == before

@@ -156,13 +156,29 @@ def demo(
     lease_ttl: float = typer.Option(3.0, "--lease-ttl", min=1.0, help="Lease TTL of demo tasks."),
     work_s: float = typer.Option(1.5, "--work", help="Mean seconds one task works."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the task durations."),
+    git: bool = typer.Option(
+        False, "--git", help="Instead: agents in git worktrees of a generated repository, "
+        "a few conflicting tasks, the merge queue, ending with the merged log."),
 ) -> None:
     """A guided tour: a task DAG drained by N real worker processes, one killed -9 half-way."""
+    if git:
+        _git_demo(ctx, agents)
+        return
     from cflow.demo import DemoOptions, run_demo
 
     c = state(ctx)
     opts = DemoOptions(agents=agents, tasks=tasks, kill=kill, lease_ttl_s=lease_ttl,
                        work_s=work_s, url=c.url, swarm=None, json=c.json, seed=seed)
     summary = run(ctx, lambda: run_demo(opts))
+    if c.json:
+        emit(ctx, summary)
+
+
+def _git_demo(ctx: typer.Context, agents: int) -> None:
+    from cflow.demo_git import GitDemoOptions, run_git_demo
+
+    c = state(ctx)
+    opts = GitDemoOptions(agents=agents, url=c.url, json=c.json)
+    summary = run(ctx, lambda: run_git_demo(opts))
     if c.json:
         emit(ctx, summary)

@@ -206,7 +206,7 @@ async def previous_attempts(swarm: Swarm, ctx: TaskContext) -> tuple[str, str | 
                 continue
             if data.artifact == "checkpoint":
                 checkpoint = data.text
-            elif data.artifact in (None, "git"):
+            elif data.artifact in (None, "git", "merge"):
                 lines.append(f"[{item.event.actor}] {data.text}")
     text = "\n".join(lines)
     return text[-CONTEXT_CAP:], checkpoint

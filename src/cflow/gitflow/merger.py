@@ -45,7 +45,7 @@ from cflow import events as ev
 from cflow.errors import CflowError, ConcurrencyConflict, NotFound, ReservationConflict
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
-from cflow.gitflow.worktrees import WorkArea, tracking
+from cflow.gitflow.worktrees import WorkArea
 from cflow.streams import StoredEvent, names
 
 if TYPE_CHECKING:
@@ -67,6 +67,26 @@ async def read_queue(swarm: Swarm) -> dict[str, MergeRequest]:
     """Every merge request of the swarm, folded from the event stream."""
     items = await swarm.log.read(names.events_filter(swarm.name, "merge"))
     return fold_merges((i.seq, i.event, i.time_ms) for i in items if isinstance(i, StoredEvent))
+
+
+async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
+    """No open task, no request left to decide, every rejection's retry finished."""
+    if any(not t.terminal for t in await swarm.tasks.list()):
+        return False
+    for request in queue.values():
+        follow_up = request.task_id if request.status == "queued" else request.retry_task
+        if follow_up is None or request.status == "merged":
+            continue
+        try:  # authoritative: the board may not have seen a retry created just now
+            task = await swarm.tasks.get(follow_up)
+        except NotFound:
+            continue
+        if not task.terminal:
+            return False
+        if request.status == "queued" and task.status == "completed" \
+                and task.epoch == request.epoch:
+            return False  # completed, not merged yet
+    return True
 
 
 @dataclass(frozen=True)
@@ -226,8 +246,7 @@ class Merger:
         return True
 
     async def _idle(self) -> bool:
-        open_tasks = [t for t in await self.swarm.tasks.list() if not t.terminal]
-        return not open_tasks
+        return await settled(self.swarm, self.queue)
 
     async def _next(self) -> MergeRequest | None:
         """The first queued request whose claim has completed (priority, then arrival)."""
@@ -355,13 +374,16 @@ class Merger:
         origin = request.origin or request.task_id
         labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
                   "cflow.rebase": "1", "cflow.retry_of": request.task_id}
-        body = (f"{task.body}\n\n--- merge into {self.target} rejected ({cause}) ---\n"
-                f"{output}").strip()
         created = await self.swarm.tasks.create(
-            task.title, body=body, priority=task.priority, capabilities=task.capabilities,
+            task.title, body=task.body, priority=task.priority, capabilities=task.capabilities,
             parent_id=task.parent_id, lease_ttl_s=task.lease_ttl_s,
             max_attempts=task.max_attempts, start_to_close_s=task.start_to_close_s,
             labels=labels, idempotency_key=f"merge-retry-{request.task_id}-{request.head}")
+        # The body stays the task's (it may be a script); the rejection reaches the next
+        # attempt as a note, in its CFLOW_PREVIOUS.
+        await self.swarm.tasks.note(
+            created.task_id, f"merge of {request.branch} into {self.target} rejected "
+            f"({cause}):\n{output}", artifact="merge")
         return created.task_id
 
 
@@ -398,4 +420,4 @@ async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, st
     return True, text
 
 
-__all__ = ["Merger", "MergerStats", "merger_path", "read_queue", "tracking"]
+__all__ = ["Merger", "MergerStats", "merger_path", "read_queue", "settled"]
