@@ -282,3 +282,33 @@ async def test_red_check_keeps_change_out_and_reopens_with_output(
     assert main_files(remote, tmp_path)["value.txt"] == "good"
     # the red merge never reached main: main went from `before` straight to the good merge
     assert first_parents(remote)[1] == before
+
+
+async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> None:
+    from cflow.gitflow.git import GitError
+
+    exe = GitExecutor(SubprocessExecutor("true"), swarm, str(tmp_path / "nowhere.git"),
+                      area=WorkArea(str(tmp_path / "nowhere.git"), tmp_path / "areas"))
+    with pytest.raises(GitError) as err:
+        await exe.check()
+    assert "\n" not in str(err.value) and str(err.value).startswith("git ls-remote failed")
+    await exe.aclose()
+    remote = make_remote(tmp_path)
+    exe = GitExecutor(SubprocessExecutor("true"), swarm, str(remote), base="trunk",
+                      area=WorkArea(str(remote), tmp_path / "areas2"))
+    with pytest.raises(GitError, match="has no branch 'trunk'"):
+        await exe.check()
+    await exe.aclose()
+
+
+@pytest.mark.integration
+async def test_git_demo_merges_every_task_and_prints_the_log(nats_url: str) -> None:
+    from cflow.demo_git import GitDemoOptions, run_git_demo
+
+    summary = await run_git_demo(GitDemoOptions(agents=2, tasks=1, conflicts=2, url=nats_url,
+                                                json=True, timeout_s=90))
+    assert summary["merged"] == 3 and summary["queued"] == 0
+    log = summary["log"]
+    assert isinstance(log, list) and len(log) == 4 and log[-1].endswith("initial")
+    assert all(" Merge cflow/" in line for line in log[:3])
+    assert summary["version"] in ('version = "1.1-alpha"', 'version = "1.1-beta"')

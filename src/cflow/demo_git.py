@@ -166,6 +166,7 @@ async def run_git_demo(opts: GitDemoOptions) -> dict[str, Any]:
     from cflow.gitflow.git import require_git
     from cflow.gitflow.merger import read_queue
     from cflow.gitflow.report import merge_summary
+    from cflow.streams import StoredEvent, names
     from cflow.swarm import Swarm
 
     require_git()
@@ -199,9 +200,10 @@ async def run_git_demo(opts: GitDemoOptions) -> dict[str, Any]:
             lines = asyncio.create_task(_merge_lines(swarm, out, titles))
             try:
                 async with asyncio.timeout(opts.timeout_s):
-                    async for _ in swarm.log.follow(start_seq=await
-                                                    swarm.log.stream_last_seq() + 1):
-                        if await _settled(swarm):
+                    # Settled only ever after a merge verdict (completions precede merges).
+                    async for item in swarm.log.follow(names.events_filter(name, "merge")):
+                        if isinstance(item, StoredEvent) and item.event.type in (
+                                "Merged", "MergeRejected") and await _settled(swarm):
                             break
             except TimeoutError:
                 raise CflowError(f"the demo did not settle within {opts.timeout_s:g} s "

@@ -87,7 +87,7 @@ async def git_status(*args: str, cwd: Path | str | None = None, env: dict[str, s
 def git_error(args: tuple[str, ...], code: int, output: str) -> GitError:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else f"exit code {code}"
-    return GitError(f"git {args[0] if args else ''} failed: {last}", args=list(args),
+    return GitError(f"git {args[0] if args else ''} failed: {last}", command=list(args),
                     exit_code=code, output=output[-4000:])
 
 
