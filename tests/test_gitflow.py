@@ -312,3 +312,29 @@ async def test_git_demo_merges_every_task_and_prints_the_log(nats_url: str) -> N
     assert isinstance(log, list) and len(log) == 4 and log[-1].endswith("initial")
     assert all(" Merge cflow/" in line for line in log[:3])
     assert summary["version"] in ('version = "1.1-alpha"', 'version = "1.1-beta"')
+
+
+@pytest.mark.integration
+async def test_dependents_of_a_merge_gate_wait_for_the_merge(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    from cflow.gitflow.merger import create_merge_gate
+
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    a = await swarm.tasks.create("api")
+    gate = await create_merge_gate(swarm, a.task_id)
+    assert await create_merge_gate(swarm, a.task_id) == gate  # idempotent
+    b = await swarm.tasks.create("client", depends_on=[gate])
+    cmd = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
+    async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd):
+        await until(swarm, a.task_id, lambda s: s.status == "completed")
+        assert (await swarm.tasks.get(b.task_id)).status == "pending"  # completed, not merged
+        async with merger(nats_url, swarm_name, remote, root):
+            done = await until(swarm, b.task_id, lambda s: s.status == "completed")
+    merged = [e for e in await swarm.log.entity_events("merge", a.task_id)
+              if e.event.type == "Merged"]
+    claimed = [e for e in await swarm.log.entity_events("task", b.task_id)
+               if e.event.type == "TaskClaimed"]
+    assert len(merged) == 1 and claimed[0].seq > merged[0].seq
+    assert done.status == "completed"
+    assert {"api.txt", "client.txt"} <= set(main_files(remote, tmp_path, f"cflow/{b.task_id}"))

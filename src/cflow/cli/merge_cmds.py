@@ -99,6 +99,29 @@ def merges(
     emit(ctx, [r.to_dict() for r in rows], human)
 
 
+@app.command("merge-gate")
+def merge_gate(
+    ctx: typer.Context,
+    task_id: str = typer.Argument(..., help="The task whose merge others wait for."),
+) -> None:
+    """Print the id of a gate the merger opens once TASK_ID's work is merged (made if needed).
+
+    Dependents that must wait for the merge, not only the completion:
+    cfctl task add "B" --after "$(cfctl merge-gate A)"
+    """
+    c = state(ctx)
+
+    async def body() -> str:
+        from cflow.gitflow.merger import create_merge_gate
+        from cflow.swarm import Swarm
+
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=agent_name(None)) as swarm:
+            return await create_merge_gate(swarm, task_id)
+
+    gate = run(ctx, body)
+    emit(ctx, {"gate": gate, "task_id": task_id}, gate)
+
+
 task_app = group("task", "Create, claim and finish tasks.")
 
 

@@ -42,7 +42,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cflow import events as ev
-from cflow.errors import CflowError, ConcurrencyConflict, NotFound, ReservationConflict
+from cflow.errors import (
+    CflowError,
+    ConcurrencyConflict,
+    InvalidState,
+    NotFound,
+    ReservationConflict,
+)
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
@@ -67,6 +73,27 @@ async def read_queue(swarm: Swarm) -> dict[str, MergeRequest]:
     """Every merge request of the swarm, folded from the event stream."""
     items = await swarm.log.read(names.events_filter(swarm.name, "merge"))
     return fold_merges((i.seq, i.event, i.time_ms) for i in items if isinstance(i, StoredEvent))
+
+
+def merge_gate_key(task_id: str) -> str:
+    return f"merge-gate-{task_id}"
+
+
+async def create_merge_gate(swarm: Swarm, task_id: str) -> str:
+    """A gate the merger approves once ``task_id``'s work is merged (idempotent); returns its id.
+
+    Tasks that must wait for the merge, not merely the completion, depend on it
+    (``cfctl task add ... --after "$(cfctl merge-gate TASK)"``). A task whose merge
+    was rejected opens the gate when its retry merges.
+
+    Raises:
+        NotFound: no such task.
+    """
+    task = await swarm.tasks.get(task_id)
+    gate = await swarm.tasks.create(f"merged: {task.title}", kind="gate",
+                                    idempotency_key=merge_gate_key(task_id),
+                                    labels={"cflow.merge_gate": task_id})
+    return gate.task_id
 
 
 async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
@@ -230,6 +257,7 @@ class Merger:
     async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
         await self._queue_caught_up.wait()
+        await self._open_gates()
         while not self.stopping.is_set():
             if lost.is_set():
                 return False
@@ -340,6 +368,7 @@ class Merger:
             await self._reread(request.task_id)  # decided by another merger
             return
         apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        await self._open_gate(request)
         self.stats.merged += 1
         self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
                    f"{after[:12]}")
@@ -360,6 +389,28 @@ class Merger:
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
         self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+
+    async def _open_gate(self, request: MergeRequest) -> None:
+        """Approve the merge gate of the request's task chain, if someone made one."""
+        from cflow.leases import task_id_for_key
+
+        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
+                                                                  or request.task_id))
+        board = await self.swarm.tasks.ensure_board()
+        gate = board.get(gate_id)
+        if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return
+        try:
+            await self.swarm.control.approve(gate_id, f"merged: {request.branch}")
+        except (InvalidState, ConcurrencyConflict):
+            return  # decided meanwhile (another merger, a human)
+        self._emit("gate", f"{gate_id} opened: {request.branch} is merged")
+
+    async def _open_gates(self) -> None:
+        """At takeover: gates of merges recorded by a merger that died before opening them."""
+        for request in list(self.queue.values()):
+            if request.status == "merged":
+                await self._open_gate(request)
 
     async def _reread(self, task_id: str) -> None:
         for item in await self.swarm.log.entity_events("merge", task_id):
@@ -420,4 +471,12 @@ async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, st
     return True, text
 
 
-__all__ = ["Merger", "MergerStats", "merger_path", "read_queue", "settled"]
+__all__ = [
+    "Merger",
+    "MergerStats",
+    "create_merge_gate",
+    "merge_gate_key",
+    "merger_path",
+    "read_queue",
+    "settled",
+]
