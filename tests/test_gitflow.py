@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,8 @@ from cflow.gitflow.executor import GitExecutor
 from cflow.gitflow.git import PushRefused
 from cflow.gitflow.merger import Merger, read_queue
 from cflow.gitflow.queue import MergeRequest, fold_merges, queue_order
-from cflow.gitflow.report import merge_summary
+from cflow.gitflow.report import MERGES_SQL, merge_summary
+from cflow.projections.projector import Projector
 from cflow.gitflow.worktrees import WorkArea
 from cflow.streams import names
 from cflow.swarm import Swarm
@@ -255,6 +257,25 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     history = sh("log", "--format=%s", "main", cwd=remote)
     assert f"Merge cflow/{a.task_id}: alpha" in history
     assert f"Merge cflow/{b.task_id}: beta" in history  # the retry merged b's branch
+    # analytics: the projection's SQL and the fold agree (2 merged, 1 conflict)
+    projector = Projector(swarm.log, tmp_path / "p.duckdb")
+    try:
+        await projector.run(until_seq=await swarm.log.stream_last_seq())
+        store = projector.store
+        assert store is not None and projector.quarantined == 0
+
+        def summary_row() -> dict[str, Any]:
+            cur = store.con.execute(MERGES_SQL)
+            return dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True))
+
+        row = await projector.db(summary_row)
+    finally:
+        await projector.close()
+    summary = merge_summary(queue.values())
+    assert (row["requests"], row["merged"], row["rejected"]) == (3, 2, 1)
+    assert row["rejection_rate"] == summary["rejection_rate"] == round(1 / 3, 3)
+    assert row["causes"] == "conflict=1" and summary["causes"] == {"conflict": 1}
+    assert row["lead_time_max_s"] >= row["lead_time_median_s"] > 0
 
 
 @pytest.mark.integration
