@@ -25,8 +25,8 @@ from cflow.gitflow.git import PushRefused
 from cflow.gitflow.merger import Merger, read_queue
 from cflow.gitflow.queue import MergeRequest, fold_merges, queue_order
 from cflow.gitflow.report import MERGES_SQL, merge_summary
-from cflow.projections.projector import Projector
 from cflow.gitflow.worktrees import WorkArea
+from cflow.projections.projector import Projector
 from cflow.streams import names
 from cflow.swarm import Swarm
 from cflow.worker.runtime import Worker, WorkerOptions
