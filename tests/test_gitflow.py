@@ -326,7 +326,7 @@ async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> Non
 async def test_git_demo_merges_every_task_and_prints_the_log(nats_url: str) -> None:
     from cflow.demo_git import GitDemoOptions, run_git_demo
 
-    summary = await run_git_demo(GitDemoOptions(agents=2, tasks=1, conflicts=2, url=nats_url,
+    summary = await run_git_demo(GitDemoOptions(agents=1, tasks=1, conflicts=2, url=nats_url,
                                                 json=True, timeout_s=90))
     assert summary["merged"] == 3 and summary["queued"] == 0
     log = summary["log"]

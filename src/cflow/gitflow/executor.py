@@ -75,7 +75,8 @@ class GitExecutor:
         self.area.close()
 
     async def run(self, ctx: TaskContext) -> Outcome:
-        await self.check()
+        if not self._opened:
+            await self.check()
         held = await self._reserve(ctx)
         if isinstance(held, Outcome):
             return held

@@ -85,8 +85,9 @@ async def git_status(*args: str, cwd: Path | str | None = None, env: dict[str, s
 
 
 def git_error(args: tuple[str, ...], code: int, output: str) -> GitError:
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exit code {code}"
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    fatal = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    last = (fatal[0] if fatal else lines[-1]) if lines else f"exit code {code}"
     return GitError(f"git {args[0] if args else ''} failed: {last}", command=list(args),
                     exit_code=code, output=output[-4000:])
 

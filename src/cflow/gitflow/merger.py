@@ -48,6 +48,7 @@ from cflow.errors import (
     InvalidState,
     NotFound,
     ReservationConflict,
+    Unavailable,
 )
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
@@ -152,6 +153,7 @@ class Merger:
         self._wake = asyncio.Event()
         self.queue: dict[str, MergeRequest] = {}  # folded from the merge events as they come
         self._queue_caught_up = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
 
     def _emit(self, kind: str, text: str) -> None:
         log.info("%s: %s", kind, text)
@@ -178,7 +180,12 @@ class Merger:
         """
         await self.area.open()
         try:
+            target_ref = f"refs/heads/{self.target}"
+            if (await self.area.heads(target_ref))[target_ref] is None:
+                raise GitError(f"{self.area.remote} has no branch {self.target!r}",
+                               base=self.target)
             watcher = asyncio.create_task(self._watch(), name="merge-watch")
+            self._watcher = watcher
             try:
                 while not self.stopping.is_set():
                     reservation = await self._acquire()
@@ -256,7 +263,7 @@ class Merger:
 
     async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
-        await self._queue_caught_up.wait()
+        await self._caught_up()
         await self._open_gates()
         while not self.stopping.is_set():
             if lost.is_set():
@@ -264,7 +271,13 @@ class Merger:
             self._wake.clear()
             request = await self._next()
             if request is not None:
-                await self.process(request, lost)
+                try:
+                    await self.process(request, lost)
+                except GitError as exc:  # the remote unreachable, a broken clone, ...
+                    self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self.stopping.wait()
                 continue
             if until_idle and await self._idle():
                 return True
@@ -272,6 +285,18 @@ class Merger:
                 async with asyncio.timeout(IDLE_WAKE_S):
                     await self._wake.wait()
         return True
+
+    async def _caught_up(self) -> None:
+        """Until the queue is folded up to now; a watcher that died raises its error."""
+        assert self._watcher is not None
+        waiter = asyncio.create_task(self._queue_caught_up.wait())
+        try:
+            await asyncio.wait({waiter, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self._queue_caught_up.is_set():
+            self._watcher.result()  # re-raise why following stopped
+            raise Unavailable("the merge events could not be followed")
 
     async def _idle(self) -> bool:
         return await settled(self.swarm, self.queue)
