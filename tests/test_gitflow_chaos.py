@@ -190,18 +190,21 @@ async def test_declared_paths_are_reserved_for_the_attempt(
         swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
     remote = make_remote(tmp_path)
     held = await swarm.reservations.reserve(["src/"], owner="someone", ttl_s=30)
-    t = await swarm.tasks.create("edit src", labels={"paths": "src/a.py"},
-                                 backoff_initial_s=0.1, max_attempts=5)
+    t = await swarm.tasks.create("edit src", labels={"paths": "src/a.py"})
     async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
                           "mkdir -p src && echo a > src/a.py") as w:
-        failed = await until(swarm, t.task_id, lambda s: s.error is not None)
-        assert "paths reserved" in (failed.error or "")
+        await until_claimed(swarm, t.task_id, "w1")
+        # the attempt waits for the paths (no attempt burnt); a release wakes it
+        assert (await swarm.tasks.get(t.task_id)).status == "claimed"
         await swarm.reservations.release("someone", reservation_id=held.id)
-        await until(swarm, t.task_id, lambda s: s.status == "completed")
-    assert w.stats.completed == 1
+        done = await until(swarm, t.task_id, lambda s: s.status == "completed")
+    assert w.stats.completed == 1 and done.attempt == 1 and done.error is None
     items = await swarm.log.read(names.events_filter(swarm.name, "reservation"))
-    mine = [i.event for i in items if isinstance(i, StoredEvent)
-            and i.event.actor == "w1"]
-    assert [e.type for e in mine] == ["PathsReserved", "PathsReleased"]
-    assert isinstance(mine[0].data, ev.PathsReserved) and mine[0].data.task_id == t.task_id
-    assert mine[0].data.paths == ("src/a.py",)
+    mine = [i for i in items if isinstance(i, StoredEvent) and i.event.actor == "w1"]
+    assert [i.event.type for i in mine] == ["PathsReserved", "PathsReleased"]
+    data = mine[0].event.data
+    assert isinstance(data, ev.PathsReserved) and data.task_id == t.task_id
+    assert data.paths == ("src/a.py",)
+    released = [i for i in items if isinstance(i, StoredEvent)
+                and i.event.type == "PathsReleased" and i.event.actor != "w1"]
+    assert released and released[0].seq < mine[0].seq  # taken only after the other's release

@@ -10,7 +10,8 @@
    the branch head they left and the last generic checkpoint in its environment
    (``CFLOW_BRANCH``, ``CFLOW_PREVIOUS``, ``CFLOW_BRANCH_HEAD``,
    ``CFLOW_CHECKPOINT``, ``CFLOW_CONFLICTS``), and the task's declared paths
-   (label ``paths``) reserved exclusively for the attempt;
+   (label ``paths``) reserved exclusively for the attempt (waiting for another
+   owner's overlapping reservation first);
 3. commits and pushes work in progress every ``wip_every_s`` while it runs and
    once at the end, each push fenced on the commit this attempt pushed last;
 4. when the attempt succeeded with changes, asks for a merge
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ from cflow.errors import CflowError, ConflictError, LeaseLost, ReservationConfli
 from cflow.gitflow.branch import BranchAttempt, start_attempt
 from cflow.gitflow.git import GitError, PushRefused
 from cflow.gitflow.worktrees import WorkArea
+from cflow.streams import names
 from cflow.worker.executor import Executor, Outcome, TaskContext
 
 if TYPE_CHECKING:
@@ -42,19 +45,23 @@ log = logging.getLogger("cflow.gitflow")
 DEFAULT_WIP_EVERY_S = 10.0
 CONTEXT_CAP = 8 * 1024  # characters of previous notes handed to the next attempt
 FINAL_PUSH_S = 10.0  # how long a cancelled attempt may spend saving its work
+DEFAULT_RESERVE_WAIT_S = 60.0  # an attempt waits this long for its declared paths
+RESERVATION_TTL_S = 30.0  # renewed while the attempt runs
 
 
 class GitExecutor:
     """Runs ``inner`` in a worktree of ``remote`` per attempt (see the module doc)."""
 
     def __init__(self, inner: Executor, swarm: Swarm, remote: str, *, base: str = "main",
-                 area: WorkArea | None = None, wip_every_s: float = DEFAULT_WIP_EVERY_S) -> None:
+                 area: WorkArea | None = None, wip_every_s: float = DEFAULT_WIP_EVERY_S,
+                 reserve_wait_s: float = DEFAULT_RESERVE_WAIT_S) -> None:
         self.inner = inner
         self.name = inner.name
         self.swarm = swarm
         self.base = base
         self.area = area or WorkArea(remote)
         self.wip_every_s = wip_every_s
+        self.reserve_wait_s = reserve_wait_s
         self._opened = False
 
     async def check(self) -> None:
@@ -101,16 +108,46 @@ class GitExecutor:
             await asyncio.shield(branch.close())
 
     async def _reserve(self, ctx: TaskContext) -> Reservation | Outcome | None:
-        """The task's declared paths (label ``paths``, comma-separated), exclusive."""
+        """The task's declared paths (label ``paths``, comma-separated), exclusive.
+
+        While another owner holds an overlapping reservation the attempt waits (its
+        lease kept alive), woken by reservation events, for up to ``reserve_wait_s``;
+        then it fails (and is retried after its backoff).
+        """
         paths = [p.strip() for p in ctx.labels.get("paths", "").split(",") if p.strip()]
         if not paths:
             return None
+        changed = asyncio.Event()
+        watcher: asyncio.Task[None] | None = None
+        deadline = time.monotonic() + self.reserve_wait_s
         try:
-            return await self.swarm.reservations.reserve(
-                paths, owner=ctx.agent, exclusive=True, task_id=ctx.task_id,
-                ttl_s=max(30.0, ctx.timeout_s or 0.0))
-        except ReservationConflict as exc:
-            return Outcome(ok=False, error=f"paths reserved: {exc}")
+            while True:
+                try:
+                    return await self.swarm.reservations.reserve(
+                        paths, owner=ctx.agent, exclusive=True, task_id=ctx.task_id,
+                        ttl_s=RESERVATION_TTL_S)
+                except ReservationConflict as exc:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return Outcome(ok=False, error=f"paths reserved: {exc}")
+                    if watcher is None:
+                        watcher = asyncio.create_task(self._reservation_news(changed))
+                    # Expiry leaves no event: look again at least every second.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(1.0, left)):
+                            await changed.wait()
+                    changed.clear()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _reservation_news(self, changed: asyncio.Event) -> None:
+        start = await self.swarm.log.stream_last_seq() + 1
+        async for _ in self.swarm.log.follow(names.events_filter(self.swarm.name, "reservation"),
+                                             start_seq=start):
+            changed.set()
 
     async def _run_in(self, branch: BranchAttempt, ctx: TaskContext) -> Outcome:
         extra = await self._context_env(branch, ctx)
