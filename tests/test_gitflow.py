@@ -186,9 +186,10 @@ async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) ->
     area = await WorkArea(str(remote), root).open()
     attempt = await start_attempt(area, task_id="t2", epoch=1, attempt=1, base="main")
     assert attempt.path.exists()
+    first_path = area.path
     area.close()  # what kill -9 does to the lock
     again = await WorkArea(str(remote), root).open()
-    assert again.path == area.path and str(attempt.path) in again.cleaned
+    assert again.path == first_path and str(attempt.path) in again.cleaned
     assert not attempt.path.exists() and again.live_worktrees() == []
     other = await WorkArea(str(remote), root).open()  # a second live process: its own area
     assert other.path != again.path

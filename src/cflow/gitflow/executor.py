@@ -63,17 +63,20 @@ class GitExecutor:
         self.wip_every_s = wip_every_s
         self.reserve_wait_s = reserve_wait_s
         self._opened = False
+        self._open_lock = asyncio.Lock()
 
     async def check(self) -> None:
         """Raises GitError (no git, remote unreachable, no base branch) and the inner's errors."""
         await self.inner.check()
-        if not self._opened:
+        async with self._open_lock:  # concurrent slots open the clone once
+            if self._opened:
+                return
             await self.area.open()
-            self._opened = True
-            if await self.area.heads(f"refs/heads/{self.base}") == {
-                    f"refs/heads/{self.base}": None}:
+            base_ref = f"refs/heads/{self.base}"
+            if (await self.area.heads(base_ref))[base_ref] is None:
                 raise GitError(f"{self.area.remote} has no branch {self.base!r}",
                                base=self.base)
+            self._opened = True
 
     async def aclose(self) -> None:
         closer = getattr(self.inner, "aclose", None)

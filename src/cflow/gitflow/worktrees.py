@@ -74,6 +74,8 @@ class WorkArea:
             GitError: git missing, or the remote cannot be reached.
         """
         require_git()
+        if self.path is not None:
+            return self  # opened already
         areas = self.root / "areas"
         areas.mkdir(parents=True, exist_ok=True)
         adopted: Path | None = None
@@ -110,6 +112,7 @@ class WorkArea:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        self.path = None
 
     async def heads(self, *refs: str) -> dict[str, str | None]:
         """The remote's commit of each ref (None: absent), fetched into the clone."""
