@@ -198,9 +198,10 @@ class GitExecutor:
             return Outcome(ok=False, output=outcome.output, error=f"commit or push failed: {exc}")
         requested = False
         if outcome.ok and await branch.has_work():
+            priority = (await self.swarm.tasks.get(ctx.task_id)).priority
             await self.swarm.log.append(
                 ev.MergeRequested(task_id=ctx.task_id, epoch=ctx.epoch, branch=branch.branch,
-                                  head=branch.pushed, target=self.base,
+                                  head=branch.pushed, target=self.base, priority=priority,
                                   title=ctx.title, origin=ctx.labels.get("cflow.origin")),
                 ctx.task_id, msg_id=f"merge-request-{ctx.task_id}-{ctx.epoch}",
                 actor=ctx.agent, dedupe_by_msg_id=True)
