@@ -1,0 +1,513 @@
+"""The console's Starlette app: pages, their JSON twins, live updates, and the operator's actions.
+
+Every page has a JSON twin under ``/api`` with the same data (tests and scripts
+read those). Reads come from the projection (:mod:`cflow.ui.reads`) and the
+control bucket; writes go through the ``Swarm`` facade (control, gates, tasks),
+connected as ``ui:<operator>``, so every event they append names the human.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cflow.errors import (
+    CflowError,
+    ConflictError,
+    InvalidInput,
+    InvalidState,
+    LimitExceeded,
+    NotFound,
+    QueryRejected,
+    Unavailable,
+)
+from cflow.ui.auth import COOKIE, Access
+from cflow.ui.reads import STATUS_ORDER, BoardFilter, Reads
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from cflow.swarm import Swarm
+    from cflow.ui.live import LiveHub
+
+HERE = Path(__file__).parent
+KEEPALIVE_S = 15.0
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+@dataclass
+class Console:
+    """What the handlers share: the facade, its reads, the live hub, the access rules."""
+
+    url: str
+    swarm_name: str
+    access: Access
+    swarm: Swarm | None = None
+    reads: Reads | None = None
+    hub: LiveHub | None = None
+    env: Environment | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def s(self) -> Swarm:
+        assert self.swarm is not None, "the console is not connected"
+        return self.swarm
+
+    @property
+    def r(self) -> Reads:
+        assert self.reads is not None, "the console is not connected"
+        return self.reads
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def fmt_age(value: Any) -> str:
+    stamp = _parse_ts(value)
+    if stamp is None:
+        return ""
+    return fmt_duration((datetime.now(UTC) - stamp).total_seconds())
+
+
+def fmt_duration(seconds: Any) -> str:
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    if s < 0:
+        return "0s"
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    if s < 3600:
+        return f"{s / 60:.0f}m"
+    if s < 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+def fmt_time(value: Any) -> str:
+    stamp = _parse_ts(value)
+    return "" if stamp is None else stamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def fmt_ms(value: Any) -> str:
+    if not value:
+        return ""
+    return datetime.fromtimestamp(int(value) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def fmt_pct(value: Any) -> str:
+    return "" if value is None else f"{float(value) * 100:.1f}%"
+
+
+def _environment() -> Environment:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(HERE / "templates"),
+                      autoescape=select_autoescape(default=True, default_for_string=True),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(age=fmt_age, dur=fmt_duration, ts=fmt_time, ms=fmt_ms, pct=fmt_pct,
+                       tojson_compact=lambda v: json.dumps(v, default=str))
+    return env
+
+
+# ------------------------------------------------------------------ errors
+
+_STATUS: list[tuple[type[CflowError], int]] = [
+    (NotFound, 404), (QueryRejected, 400), (InvalidInput, 400), (InvalidState, 409),
+    (ConflictError, 409), (LimitExceeded, 503), (Unavailable, 503),
+]
+
+
+def status_for(err: CflowError) -> int:
+    for kind, code in _STATUS:
+        if isinstance(err, kind):
+            return code
+    return 500
+
+
+def wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") and request.headers.get("hx-request") != "true"
+
+
+# ------------------------------------------------------------------ the app
+
+
+def create_app(console: Console, *, connect: bool = True) -> Starlette:
+    """The ASGI app. With ``connect``, its lifespan connects to the swarm and follows it."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    console.env = _environment()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not connect:
+            yield
+            return
+        from cflow.swarm import Swarm
+        from cflow.ui.live import LiveHub
+
+        async with Swarm.connect(console.url, swarm=console.swarm_name,
+                                 agent=console.access.actor, ensure=False) as swarm:
+            console.swarm = swarm
+            console.reads = Reads(swarm)
+            console.hub = LiveHub(swarm)
+            await console.hub.start()
+            try:
+                yield
+            finally:
+                await console.hub.stop()
+
+    def render(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+        assert console.env is not None
+        page = console.env.get_template(template).render(
+            request=request, swarm=console.swarm_name, operator=console.access.actor,
+            can_write=console.access.presented(request.headers, request.cookies) is not None,
+            path=request.url.path, statuses=STATUS_ORDER, **ctx)
+        return HTMLResponse(page, status_code=status)
+
+    def error_response(request: Request, err: CflowError) -> Response:
+        code = status_for(err)
+        if wants_json(request):
+            return JSONResponse({"ok": False, "code": err.code, "error": str(err)},
+                                status_code=code)
+        if request.headers.get("hx-request") == "true":
+            return render(request, "flash.html", code, ok=False, message=str(err))
+        return render(request, "error.html", code, message=str(err), code=code)
+
+    class Guard:
+        """Reads only when allowed; our errors become a page or a JSON error, never a trace."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            from starlette.requests import Request
+
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            request = Request(scope)
+            path = request.url.path
+            if (path not in ("/login", "/healthz") and not path.startswith("/static/")
+                    and not console.access.may_read(request.headers, request.cookies)):
+                response: Response = PlainTextResponse(
+                    "this console needs its token: open the /login?token=... link "
+                    "`cfctl ui` printed", status_code=401)
+                await response(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+    def handles(fn: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except CflowError as err:
+                return error_response(request, err)
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    def seq_of(request: Request) -> int | None:
+        raw = request.query_params.get("seq", "")
+        return int(raw) if raw.isdigit() else None
+
+    # -------------------------------------------------------------- reads
+
+    async def index(request: Request) -> Response:
+        from starlette.responses import RedirectResponse
+
+        return RedirectResponse("/board", status_code=303)
+
+    async def healthz(request: Request) -> Response:
+        hub = console.hub
+        return JSONResponse({"ok": True, "swarm": console.swarm_name,
+                             "seq": hub.seq if hub else 0,
+                             "live_pages": hub.subscribers if hub else 0})
+
+    async def login(request: Request) -> Response:
+        from starlette.responses import RedirectResponse
+
+        token = request.query_params.get("token", "")
+        if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
+            return render(request, "error.html", 401, code=401,
+                          message="wrong or missing token: use the link `cfctl ui` printed")
+        response = RedirectResponse(request.query_params.get("next") or "/board",
+                                    status_code=303)
+        if not response.headers["location"].startswith("/"):
+            response.headers["location"] = "/board"
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        return response
+
+    async def logout(request: Request) -> Response:
+        from starlette.responses import RedirectResponse
+
+        response = RedirectResponse("/board", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    async def _board(request: Request) -> tuple[Any, Any]:
+        f = BoardFilter.parse(request.query_params)
+        board = await console.r.board(f, seq=seq_of(request))
+        gates = [] if f.page > 1 else await console.s.control.pending_gates()
+        return board, gates
+
+    async def board_page(request: Request) -> Response:
+        board, gates = await _board(request)
+        return render(request, "board.html", board=board, gates=gates,
+                      control=await console.s.control.state())
+
+    async def board_rows(request: Request) -> Response:
+        board, gates = await _board(request)
+        return render(request, "board_rows.html", board=board, gates=gates)
+
+    async def api_tasks(request: Request) -> Response:
+        board, _ = await _board(request)
+        return JSONResponse(board.to_dict() | {"elapsed_ms": board.elapsed_ms},
+                            headers={"cache-control": "no-store"})
+
+    async def _task(request: Request) -> dict[str, Any]:
+        task_id = request.path_params["task_id"]
+        task = await console.r.task(task_id, seq=seq_of(request))
+        if task is None:
+            raise NotFound("task", task_id)
+        return task
+
+    async def task_page(request: Request) -> Response:
+        return render(request, "task.html", task=await _task(request))
+
+    async def task_body(request: Request) -> Response:
+        return render(request, "task_body.html", task=await _task(request))
+
+    async def api_task(request: Request) -> Response:
+        return JSONResponse(json.loads(json.dumps(await _task(request), default=str)))
+
+    async def _graph(request: Request) -> dict[str, Any]:
+        from cflow.ui.graph import layout
+
+        parent = request.query_params.get("parent", "").strip()
+        data = await console.r.graph(parent)
+        placed = layout([(n["task_id"], n["title"] or n["task_id"], n["status"])
+                         for n in data["nodes"]],
+                        [(t, d) for t, d in data["edges"]], data["critical"])
+        return {**data, "layout": placed, "parent": parent}
+
+    async def graph_page(request: Request) -> Response:
+        return render(request, "graph.html", graph=await _graph(request))
+
+    async def graph_body(request: Request) -> Response:
+        return render(request, "graph_body.html", graph=await _graph(request))
+
+    async def api_graph(request: Request) -> Response:
+        g = await _graph(request)
+        lay = g.pop("layout")
+        return JSONResponse({**g, "width": lay.width, "height": lay.height,
+                             "positions": {n.id: [n.x, n.y] for n in lay.nodes}})
+
+    async def agents_page(request: Request) -> Response:
+        template = "agents_body.html" if request.query_params.get("part") else "agents.html"
+        return render(request, template, agents=await console.r.agents())
+
+    async def api_agents(request: Request) -> Response:
+        return JSONResponse(json.loads(json.dumps(await console.r.agents(), default=str)))
+
+    async def analytics_page(request: Request) -> Response:
+        template = "analytics_body.html" if request.query_params.get("part") else "analytics.html"
+        return render(request, template, a=await console.r.analytics())
+
+    async def api_analytics(request: Request) -> Response:
+        return JSONResponse(json.loads(json.dumps(await console.r.analytics(), default=str)))
+
+    async def _memory(request: Request) -> dict[str, Any]:
+        q = request.query_params.get("q", "").strip()
+        namespace = request.query_params.get("namespace", "").strip()
+        page = BoardFilter.parse({"page": request.query_params.get("page")}).page
+        data = await console.r.memory(namespace, page)
+        data.update(q=q, namespace=namespace, page=page, hits=[])
+        if q:
+            hits = await console.s.memory.search(q, namespace=namespace or None, limit=20)
+            data["hits"] = [h.to_dict() for h in hits]
+        return data
+
+    async def memory_page(request: Request) -> Response:
+        return render(request, "memory.html", m=await _memory(request))
+
+    async def api_memory(request: Request) -> Response:
+        return JSONResponse(json.loads(json.dumps(await _memory(request), default=str)))
+
+    async def messages_page(request: Request) -> Response:
+        agent = request.query_params.get("agent", "").strip()
+        return render(request, "messages.html", m=await console.r.messages(agent), agent=agent)
+
+    async def api_messages(request: Request) -> Response:
+        agent = request.query_params.get("agent", "").strip()
+        return JSONResponse(json.loads(json.dumps(await console.r.messages(agent), default=str)))
+
+    async def banner(request: Request) -> Response:
+        return render(request, "banner.html", control=await console.s.control.state())
+
+    async def api_control(request: Request) -> Response:
+        out = await console.s.control.status()
+        return JSONResponse(json.loads(json.dumps(out, default=str)))
+
+    async def events(request: Request) -> Response:
+        from starlette.responses import StreamingResponse
+
+        hub = console.hub
+        assert hub is not None
+
+        async def stream() -> AsyncIterator[str]:
+            async with hub.subscribe() as queue:
+                yield f"event: hello\ndata: {json.dumps({'seq': hub.seq})}\n\n"
+                while True:
+                    try:
+                        update = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    body = {"seq": update.seq, "control": update.control,
+                            "types": sorted(update.types)}
+                    yield f"event: update\ndata: {json.dumps(body)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store",
+                                          "x-accel-buffering": "no"})
+
+    # -------------------------------------------------------------- writes
+
+    async def form(request: Request) -> dict[str, str]:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                raw = await request.json()
+            except ValueError:
+                raise InvalidInput("the request body is not JSON") from None
+            if not isinstance(raw, dict):
+                raise InvalidInput("the request body must be a JSON object")
+            return {str(k): str(v) for k, v in raw.items() if v is not None}
+        data = await request.form()
+        return {k: str(v) for k, v in data.items()}
+
+    def writes(fn: Callable[[Request, dict[str, str]], Awaitable[tuple[str, dict[str, Any]]]]
+               ) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            refusal = console.access.write_refusal(request.headers, request.cookies)
+            if refusal is not None:
+                if wants_json(request):
+                    return JSONResponse({"ok": False, "code": "UNAUTHORIZED",
+                                         "error": refusal}, status_code=401)
+                return render(request, "flash.html", 401, ok=False, message=refusal)
+            message, data = await fn(request, await form(request))
+            body = {"ok": True, "actor": console.access.actor, "message": message, **data}
+            if wants_json(request):
+                return JSONResponse(json.loads(json.dumps(body, default=str)))
+            return render(request, "flash.html", ok=True, message=message)
+        wrapped.__name__ = fn.__name__
+        return handles(wrapped)
+
+    who = console.access.actor
+
+    async def swarm_pause(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        out = await console.s.control.pause(reason=f.get("reason", ""), actor=who)
+        return f"swarm paused by {who}", out
+
+    async def swarm_resume(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        out = await console.s.control.resume(reason=f.get("reason", ""), actor=who)
+        return f"swarm resumed by {who}", out
+
+    async def swarm_stop(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        now = f.get("now", "").lower() in ("1", "true", "on", "yes")
+        out = await console.s.control.stop(reason=f.get("reason", ""), now=now, actor=who)
+        extra = f", {len(out['cancelled'])} claims cancelled" if now else ""
+        return f"swarm stopped by {who}{extra}", out
+
+    async def gate_decide(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        task_id, verb = request.path_params["task_id"], request.path_params["verb"]
+        control = console.s.control
+        if verb == "approve":
+            state = await control.approve(task_id, f.get("note", ""), actor=who)
+        elif verb == "reject":
+            state = await control.reject(task_id, f.get("note", ""), actor=who)
+        else:
+            raise NotFound("gate action", verb)
+        return f"gate {task_id} {verb}d by {who}", {"task": state.to_dict()}
+
+    async def task_cancel(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        task_id = request.path_params["task_id"]
+        reason = f.get("reason") or f"cancelled from the console by {who}"
+        state = await console.s.tasks.cancel(task_id, reason, actor=who)
+        return f"task {task_id} cancelled by {who}", {"task": state.to_dict()}
+
+    async def task_requeue(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        from cflow.ui.operate import requeue
+
+        task_id = request.path_params["task_id"]
+        new = await requeue(console.s, task_id)
+        return (f"task {task_id} requeued by {who} as {new.task_id}",
+                {"task": new.to_dict(), "requeued_from": task_id})
+
+    get = ["GET"]
+    post = ["POST"]
+    routes = [
+        Route("/", index, methods=get),
+        Route("/healthz", healthz, methods=get),
+        Route("/favicon.ico", lambda request: Response(status_code=204), methods=get),
+        Route("/login", login, methods=get),
+        Route("/logout", logout, methods=post),
+        Route("/board", handles(board_page), methods=get),
+        Route("/board/rows", handles(board_rows), methods=get),
+        Route("/tasks/{task_id}", handles(task_page), methods=get),
+        Route("/tasks/{task_id}/body", handles(task_body), methods=get),
+        Route("/graph", handles(graph_page), methods=get),
+        Route("/graph/body", handles(graph_body), methods=get),
+        Route("/agents", handles(agents_page), methods=get),
+        Route("/analytics", handles(analytics_page), methods=get),
+        Route("/memory", handles(memory_page), methods=get),
+        Route("/messages", handles(messages_page), methods=get),
+        Route("/banner", handles(banner), methods=get),
+        Route("/events", events, methods=get),
+        Route("/api/tasks", handles(api_tasks), methods=get),
+        Route("/api/tasks/{task_id}", handles(api_task), methods=get),
+        Route("/api/graph", handles(api_graph), methods=get),
+        Route("/api/agents", handles(api_agents), methods=get),
+        Route("/api/analytics", handles(api_analytics), methods=get),
+        Route("/api/memory", handles(api_memory), methods=get),
+        Route("/api/messages", handles(api_messages), methods=get),
+        Route("/api/control", handles(api_control), methods=get),
+        Route("/api/swarm/pause", writes(swarm_pause), methods=post),
+        Route("/api/swarm/resume", writes(swarm_resume), methods=post),
+        Route("/api/swarm/stop", writes(swarm_stop), methods=post),
+        Route("/api/gates/{task_id}/{verb}", writes(gate_decide), methods=post),
+        Route("/api/tasks/{task_id}/cancel", writes(task_cancel), methods=post),
+        Route("/api/tasks/{task_id}/requeue", writes(task_requeue), methods=post),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard)])
+    app.state.console = console
+    app.state.started = time.time()
+    return app
+
+
+__all__ = ["Console", "create_app", "fmt_age", "fmt_duration", "status_for"]

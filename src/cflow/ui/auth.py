@@ -1,0 +1,74 @@
+"""Who may read and who may act (pure: no I/O).
+
+* The console listens on loopback by default. There, reads need no login
+  (whoever can reach 127.0.0.1 can already run ``cfctl``).
+* Every write needs the console's token, which ``cfctl ui`` prints: as
+  ``Authorization: Bearer TOKEN``, or as the cookie a browser gets from the
+  printed ``/login?token=...`` link. A write carried by the cookie must also
+  carry the ``HX-Request`` header that the page's htmx sends: another site can
+  make a browser send the cookie but not add that header without a CORS
+  preflight, which the console never answers (cross-site request forgery).
+* A non-loopback listener is refused unless every request needs the token
+  (``--auth``), as ``cfctl up`` refuses an open non-loopback server.
+
+Every write is done as the operator the token belongs to: the events it
+appends carry ``ui:<operator>`` as their actor.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+COOKIE = "cflow_ui"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class Access:
+    token: str
+    operator: str
+    reads_need_token: bool = False
+
+    @property
+    def actor(self) -> str:
+        return f"ui:{self.operator}"
+
+    def presented(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+        """How the request proves the token: "bearer", "cookie", or None."""
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer ") and _same(auth[7:].strip(), self.token):
+            return "bearer"
+        if _same(cookies.get(COOKIE, ""), self.token):
+            return "cookie"
+        return None
+
+    def may_read(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> bool:
+        return not self.reads_need_token or self.presented(headers, cookies) is not None
+
+    def write_refusal(self, headers: Mapping[str, str], cookies: Mapping[str, str]
+                      ) -> str | None:
+        """Why a write is refused (None: allowed)."""
+        how = self.presented(headers, cookies)
+        if how is None:
+            return ("this action needs the console's token (printed by `cfctl ui`): "
+                    "open its /login?token=... link, or send Authorization: Bearer TOKEN")
+        if how == "cookie" and headers.get("hx-request", "").lower() != "true":
+            return "a write carried by the login cookie must come from the console's own page"
+        return None
+
+
+def _same(given: str, token: str) -> bool:
+    return bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def listener_problem(host: str, reads_need_token: bool) -> str | None:
+    """Why serving on ``host`` would expose the swarm (None: fine)."""
+    if host in LOOPBACK or reads_need_token:
+        return None
+    return (f"refusing to serve the console on {host} without auth: pass --auth (every "
+            "page then needs the token) or listen on 127.0.0.1")
+
+
+__all__ = ["COOKIE", "LOOPBACK", "Access", "listener_problem"]

@@ -1,0 +1,58 @@
+// Live updates: one EventSource per page, fed by the console's NATS follower.
+// Each update carries the newest stream sequence; every [data-live] section
+// re-reads itself at that sequence (the server waits for the projection to
+// reach it). At most one refresh runs at a time; updates that arrive meanwhile
+// are merged into one more refresh, so a busy swarm never queues requests.
+(function () {
+  "use strict";
+  window.cfSeq = 0;
+  let busy = false;
+  let pending = false;
+  const dot = document.getElementById("live");
+
+  async function refresh() {
+    if (busy) { pending = true; return; }
+    busy = true;
+    pending = false;
+    try {
+      const sections = Array.from(document.querySelectorAll("[data-live]"));
+      await Promise.all(sections.map(function (el) {
+        if (!el.id) { return null; }
+        const url = el.dataset.live + (el.dataset.live.indexOf("?") >= 0 ? "&" : "?") + "seq=" + window.cfSeq;
+        const target = "#" + el.id;
+        const swap = el.id === "banner" ? "innerHTML" : "outerHTML";
+        return htmx.ajax("GET", url, { target: target, swap: swap }).catch(function () { return null; });
+      }));
+      document.body.dataset.seq = String(window.cfSeq);
+      document.dispatchEvent(new CustomEvent("cf-refreshed", { detail: { seq: window.cfSeq } }));
+    } finally {
+      busy = false;
+      if (pending) { refresh(); }
+    }
+  }
+
+  function connect() {
+    const source = new EventSource("/events");
+    source.addEventListener("hello", function (e) {
+      window.cfSeq = JSON.parse(e.data).seq;
+      document.body.dataset.live = "on";
+      if (dot) { dot.classList.add("on"); }
+    });
+    source.addEventListener("update", function (e) {
+      const data = JSON.parse(e.data);
+      window.cfSeq = Math.max(window.cfSeq, data.seq);
+      refresh();
+    });
+    source.onerror = function () {
+      document.body.dataset.live = "off";
+      if (dot) { dot.classList.remove("on"); }
+    };
+  }
+
+  // After an action, refresh at once (the action's own event also arrives by SSE).
+  document.body.addEventListener("htmx:afterRequest", function (e) {
+    const verb = (e.detail.requestConfig || {}).verb;
+    if (verb === "post") { refresh(); }
+  });
+  connect();
+})();
