@@ -254,10 +254,10 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
             return render(request, "error.html", 401, code=401,
                           message="wrong or missing token: use the link `cfctl ui` printed")
-        response = RedirectResponse(request.query_params.get("next") or "/board",
-                                    status_code=303)
-        if not response.headers["location"].startswith("/"):
-            response.headers["location"] = "/board"
+        target = request.query_params.get("next") or "/board"
+        if not target.startswith("/") or target.startswith(("//", "/\\")):
+            target = "/board"  # only this console's own pages, never another site
+        response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https")
         return response

@@ -1,0 +1,358 @@
+"""The web console over HTTP: every endpoint, reads, writes with and without the token, paging.
+
+A real nats-server, a real projector process and a real `cfctl ui` process; the
+swarm is seeded through the facade and checked through the event log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from cflow.swarm import Swarm
+from ui_support import Console, cfctl, running_console, start_ui, stop
+
+pytestmark = pytest.mark.integration
+
+OPERATOR = "alice"
+
+
+@pytest.fixture(scope="module")
+def console(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    swarm = f"ui{uuid.uuid4().hex[:10]}"
+    with running_console(nats_url, swarm, tmp_path_factory.mktemp("ui"),
+                         operator=OPERATOR) as c:
+        yield c
+
+
+@pytest.fixture
+async def facade(nats_url: str, console: Console) -> AsyncIterator[Swarm]:
+    async with Swarm.connect(nats_url, swarm=console.swarm, agent="seeder") as s:
+        yield s
+
+
+@pytest.fixture
+async def http(console: Console) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as client:
+        yield client
+
+
+async def projected(http: httpx.AsyncClient, facade: Swarm) -> int:
+    """Wait (read-your-writes) until the projection has applied everything written so far."""
+    seq = await facade.log.stream_last_seq()
+    r = await http.get("/api/tasks", params={"seq": seq, "size": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"] >= seq
+    return seq
+
+
+async def test_board_pages_filters_and_counts(http: httpx.AsyncClient, facade: Swarm) -> None:
+    tag = uuid.uuid4().hex[:6]
+    made = []
+    for i in range(120):
+        t = await facade.tasks.create(f"paged {tag} {i:03d}", priority=i % 3,
+                                      capabilities=["python"] if i % 2 else ["go"],
+                                      labels={"batch": tag, "half": "a" if i < 60 else "b"})
+        made.append(t.task_id)
+    await projected(http, facade)
+
+    first = (await http.get("/api/tasks", params={"text": tag, "size": 50})).json()
+    assert first["total"] == 120 and first["pages"] == 3 and len(first["rows"]) == 50
+    assert first["counts"] == {"ready": 120}
+    # Priority order, whole ids, every page distinct, the last one partial.
+    assert [r["priority"] for r in first["rows"]] == sorted(
+        [r["priority"] for r in first["rows"]], reverse=True)
+    assert all(len(r["task_id"]) == 36 for r in first["rows"])
+    pages = [first["rows"]] + [
+        (await http.get("/api/tasks", params={"text": tag, "size": 50, "page": p})).json()["rows"]
+        for p in (2, 3)]
+    assert [len(p) for p in pages] == [50, 50, 20]
+    assert sorted(r["task_id"] for p in pages for r in p) == sorted(made)
+
+    caps = (await http.get("/api/tasks", params={"text": tag, "capability": "go"})).json()
+    assert caps["total"] == 60 and all(r["capabilities"] == ["go"] for r in caps["rows"])
+    label = (await http.get("/api/tasks", params={"label": f"batch={tag}", "size": 500})).json()
+    assert label["total"] == 120
+    half = (await http.get("/api/tasks", params={"text": tag, "label": "half=b"})).json()
+    assert half["total"] == 60
+    one = (await http.get("/api/tasks", params={"text": made[7]})).json()
+    assert [r["task_id"] for r in one["rows"]] == [made[7]]
+    none = (await http.get("/api/tasks", params={"text": tag, "status": "failed"})).json()
+    assert none["total"] == 0 and none["counts"] == {"ready": 120}
+
+    html = await http.get("/board", params={"text": tag, "page": 2})
+    assert html.status_code == 200 and "page 2 of 3" in html.text
+    assert all(f'data-task="{r["task_id"]}"' in html.text for r in pages[1])
+    rows = await http.get("/board/rows", params={"text": tag, "page": 3})
+    assert rows.status_code == 200 and rows.text.count("<tr data-task=") == 20
+
+
+@pytest.mark.parametrize(("params", "error"), [
+    ({"status": "nope"}, "unknown status 'nope'"),
+    ({"page": "0"}, "page must be between 1"),
+    ({"size": "x"}, "size must be a whole number"),
+    ({"sort": "random"}, "unknown sort 'random'"),
+])
+async def test_bad_board_parameters_are_one_line_errors(
+        http: httpx.AsyncClient, params: dict[str, str], error: str) -> None:
+    r = await http.get("/api/tasks", params=params)
+    assert r.status_code == 400
+    body = r.json()
+    assert body["ok"] is False and body["code"] == "INVALID_ARGUMENT" and error in body["error"]
+    page = await http.get("/board", params=params)
+    assert page.status_code == 400 and error.replace("'", "&#39;") in page.text
+    assert "Traceback" not in page.text
+
+
+async def test_task_page_has_body_result_notes_and_timeline(
+        http: httpx.AsyncClient, facade: Swarm) -> None:
+    task = await facade.tasks.create("the task page", body="do **this**",
+                                     capabilities=["ui-page"], labels={"branch": "feat/x"})
+    lease = await facade.tasks.claim(capabilities=["ui-page"], wait=5)
+    assert lease is not None and lease.task_id == task.task_id
+    await facade.tasks.note(task.task_id, "half-way there", epoch=lease.epoch)
+    await lease.complete("merged in abc123")
+    await projected(http, facade)
+
+    data = (await http.get(f"/api/tasks/{task.task_id}")).json()
+    assert data["status"] == "completed" and data["result"] == "merged in abc123"
+    assert data["body"] == "do **this**" and data["labels"] == {"branch": "feat/x"}
+    assert [n["text"] for n in data["notes"]] == ["half-way there"]
+    types = [e["type"] for e in data["timeline"]]
+    assert types[0] == "TaskCreated" and "TaskClaimed" in types and types[-1] == "TaskCompleted"
+    assert "TaskNoted" in types
+    for item in data["timeline"]:
+        assert item["actor"] == "seeder" and len(item["hlc"]) == 32 and item["server_ms"] > 0
+    page = await http.get(f"/tasks/{task.task_id}")
+    assert page.status_code == 200
+    for text in ("do **this**", "merged in abc123", "half-way there", "TaskCompleted",
+                 "feat/x", data["timeline"][0]["hlc"]):
+        assert text in page.text
+    missing = await http.get("/api/tasks/no-such-task")
+    assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+    assert (await http.get("/tasks/no-such-task")).status_code == 404
+
+
+async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: Swarm) -> None:
+    await facade.memory.put("conventions", "api-style", "snake_case everywhere", tags=["style"])
+    await facade.messages.send("worker-7", "parser is in, rebase please")
+    a = await facade.tasks.create("graph a")
+    await facade.tasks.create("graph b", depends_on=[a.task_id])
+    await projected(http, facade)
+
+    for path in ("/board", "/graph", "/agents", "/analytics", "/memory", "/messages",
+                 "/banner", "/healthz", "/static/app.js", "/static/app.css",
+                 "/static/vendor/htmx-2.0.11/htmx.min.js", "/static/vendor/htmx-2.0.11/LICENSE"):
+        r = await http.get(path)
+        assert r.status_code == 200, (path, r.text[:200])
+    assert (await http.get("/")).status_code == 303
+
+    graph = (await http.get("/api/graph")).json()
+    ids = {n["task_id"] for n in graph["nodes"]}
+    assert a.task_id in ids and any(e[1] == a.task_id for e in graph["edges"])
+    assert set(graph["positions"]) == ids and graph["critical"]
+    assert isinstance((await http.get("/api/agents")).json(), list)
+    analytics = (await http.get("/api/analytics")).json()
+    assert analytics["attempts"]["tasks"] >= 2 and "latency" in analytics
+    memory = (await http.get("/api/memory", params={"q": "snake case"})).json()
+    assert [h["key"] for h in memory["hits"]] == ["api-style"]
+    assert any(r["key"] == "api-style" for r in memory["rows"])
+    page = await http.get("/memory", params={"q": "snake case"})
+    assert "api-style" in page.text
+    msgs = (await http.get("/api/messages", params={"agent": "worker-7"})).json()
+    assert [m["text"] for m in msgs["rows"]] == ["parser is in, rebase please"]
+    assert {"agent": "worker-7", "messages": 1, "unacked": 1} in msgs["inboxes"]
+    control = (await http.get("/api/control")).json()
+    assert control["mode"] == "running" and "pending_gates" in control
+
+
+async def _actor_of_last(facade: Swarm, etype: str) -> str:
+    from cflow.streams.client import StoredEvent
+
+    items = await facade.log.read()
+    return [i for i in items if isinstance(i, StoredEvent) and i.event.type == etype][-1
+                                                                                       ].event.actor
+
+
+async def test_writes_need_the_token_and_name_the_operator(
+        http: httpx.AsyncClient, console: Console, facade: Swarm) -> None:
+    before = await facade.log.stream_last_seq()
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = await http.post("/api/swarm/pause", data={"reason": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"
+    # The login cookie alone is not enough for a write: it must come from the page (htmx).
+    cookie = {"Cookie": f"cflow_ui={console.token}"}
+    r = await http.post("/api/swarm/pause", headers=cookie)
+    assert r.status_code == 401
+    assert await facade.log.stream_last_seq() == before  # nothing was written
+    assert (await facade.control.state())["mode"] == "running"
+
+    r = await http.post("/api/swarm/pause", data={"reason": "deploy freeze"},
+                        headers=console.auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["actor"] == f"ui:{OPERATOR}" and r.json()["mode"] == "paused"
+    assert await _actor_of_last(facade, "SwarmPaused") == f"ui:{OPERATOR}"
+    banner = await http.get("/banner")
+    assert "PAUSED" in banner.text and f"ui:{OPERATOR}" in banner.text
+    assert "deploy freeze" in banner.text
+
+    # From the page: cookie + HX-Request gives an HTML fragment naming who did it.
+    r = await http.post("/api/swarm/resume", headers={**cookie, "HX-Request": "true"})
+    assert r.status_code == 200 and f"swarm resumed by ui:{OPERATOR}" in r.text
+    assert await _actor_of_last(facade, "SwarmResumed") == f"ui:{OPERATOR}"
+    assert (await facade.control.state())["mode"] == "running"
+
+    r = await http.post("/api/swarm/stop", json={"reason": "end of day"}, headers=console.auth)
+    assert r.status_code == 200 and r.json()["mode"] == "stopped"
+    assert await _actor_of_last(facade, "SwarmStopped") == f"ui:{OPERATOR}"
+    r = await http.post("/api/swarm/resume", headers=console.auth)
+    assert r.status_code == 200 and r.json()["mode"] == "running"
+
+
+async def test_login_sets_the_cookie_and_refuses_a_wrong_token(
+        http: httpx.AsyncClient, console: Console) -> None:
+    bad = await http.get("/login", params={"token": "nope"})
+    assert bad.status_code == 401 and "cflow_ui" not in bad.headers.get("set-cookie", "")
+    good = await http.get("/login", params={"token": console.token, "next": "//evil.example"})
+    assert good.status_code == 303 and good.headers["location"] == "/board"
+    assert "cflow_ui=" in good.headers["set-cookie"] and "HttpOnly" in good.headers["set-cookie"]
+    page = await http.get("/board", headers={"Cookie": f"cflow_ui={console.token}"})
+    assert f"acting as <b>ui:{OPERATOR}</b>" in page.text
+    http.cookies.clear()  # the jar kept the login's cookie
+    assert "read-only" in (await http.get("/board")).text
+
+
+async def test_gates_cancel_and_requeue(http: httpx.AsyncClient, console: Console,
+                                        facade: Swarm) -> None:
+    gate = await facade.tasks.create("release approval", kind="gate")
+    after = await facade.tasks.create("ship", depends_on=[gate.task_id])
+    gate2 = await facade.tasks.create("risky migration", kind="gate")
+    after2 = await facade.tasks.create("migrate", depends_on=[gate2.task_id])
+
+    r = await http.post(f"/api/gates/{gate.task_id}/approve", data={"note": "ok"})
+    assert r.status_code == 401
+    r = await http.post(f"/api/gates/{gate.task_id}/approve", data={"note": "reviewed"},
+                        headers=console.auth)
+    assert r.status_code == 200 and r.json()["task"]["status"] == "completed"
+    assert (await facade.tasks.get(after.task_id)).status == "ready"
+    again = await http.post(f"/api/gates/{gate.task_id}/reject", headers=console.auth)
+    assert again.status_code == 409 and f"approved by ui:{OPERATOR}" in again.json()["error"]
+    r = await http.post(f"/api/gates/{gate2.task_id}/reject", data={"note": "too risky"},
+                        headers=console.auth)
+    assert r.status_code == 200 and r.json()["task"]["status"] == "failed"
+    assert (await facade.tasks.get(after2.task_id)).status == "blocked"
+    assert (await http.post(f"/api/gates/{gate2.task_id}/frobnicate",
+                            headers=console.auth)).status_code == 404
+
+    victim = await facade.tasks.create("to cancel")
+    r = await http.post(f"/api/tasks/{victim.task_id}/cancel", headers=console.auth)
+    assert r.status_code == 200 and r.json()["task"]["status"] == "cancelled"
+    history = await facade.tasks.history(victim.task_id)
+    assert history[-1].event.type == "TaskCancelled"
+    assert history[-1].event.actor == f"ui:{OPERATOR}"
+    r = await http.post(f"/api/tasks/{victim.task_id}/cancel", headers=console.auth)
+    assert r.status_code == 409 and "already cancelled" in r.json()["error"]
+
+    live = await http.post(f"/api/tasks/{after.task_id}/requeue", headers=console.auth)
+    assert live.status_code == 409 and "only failed, cancelled or blocked" in live.json()["error"]
+    r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
+    assert r.status_code == 200, r.text
+    copy = r.json()["task"]
+    assert copy["status"] == "ready" and copy["title"] == "to cancel"
+    assert copy["labels"]["requeued_from"] == victim.task_id
+    assert copy["created_by"] == f"ui:{OPERATOR}"
+    missing = await http.post("/api/tasks/nope/cancel", headers=console.auth)
+    assert missing.status_code == 404
+
+
+async def test_requeue_survives_a_console_killed_mid_request(
+        nats_url: str, console: Console, facade: Swarm) -> None:
+    """kill -9 of the console while a requeue is in flight, then the operator retries:
+    exactly one copy exists (the copy's idempotency key names the requeued task)."""
+    victim = await facade.tasks.create("requeue under fire")
+    await facade.tasks.cancel(victim.task_id, "test")
+    proc, info = start_ui(console.env, "--operator", "bob")
+    try:
+        async with httpx.AsyncClient(base_url=info["url"], timeout=5.0) as other:
+            pending = asyncio.create_task(other.post(
+                f"/api/tasks/{victim.task_id}/requeue",
+                headers={"Authorization": f"Bearer {info['token']}"}))
+            await asyncio.sleep(0)  # the request is on its way
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            result = await asyncio.gather(pending, return_exceptions=True)
+    finally:
+        stop(proc)
+    assert result  # answered before the kill, or the connection dropped: both are fine
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
+        for _ in range(2):  # the retried click, twice
+            r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
+            assert r.status_code == 200, r.text
+        await projected(http, facade)
+        copies = (await http.get("/api/tasks", params={
+            "label": f"requeued_from={victim.task_id}"})).json()
+    assert copies["total"] == 1
+    board = await facade.tasks.ensure_board()
+    assert [t.task_id for t in board.tasks.values()
+            if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]
+
+
+async def test_live_events_stream_reports_a_new_task(http: httpx.AsyncClient,
+                                                     facade: Swarm) -> None:
+    async with http.stream("GET", "/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.aiter_lines()
+        assert (await anext(lines)) == "event: hello"
+        hello = json.loads((await anext(lines)).removeprefix("data: "))
+        task = await facade.tasks.create("seen live")
+        seq = await facade.log.last_seq("task", task.task_id)
+        assert seq > hello["seq"]
+
+        async def update() -> dict[str, Any]:
+            async for line in lines:
+                if line.startswith("data: "):
+                    body = json.loads(line.removeprefix("data: "))
+                    if body["seq"] >= seq:
+                        return dict(body)
+            raise AssertionError("stream ended")
+
+        body = await asyncio.wait_for(update(), 1.0)
+    assert "TaskCreated" in body["types"]
+    rows = await http.get("/board/rows", params={"seq": body["seq"], "text": task.task_id})
+    assert f'data-task="{task.task_id}"' in rows.text
+
+
+def test_non_loopback_needs_auth(console: Console) -> None:
+    done = subprocess.run(cfctl("ui", "--listen", "0.0.0.0", "--port", "0"),
+                          env=console.env, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: refusing to serve the console on 0.0.0.0 without "
+                                   "auth: pass --auth (every page then needs the token) or "
+                                   "listen on 127.0.0.1")
+
+
+async def test_with_auth_every_page_needs_the_token(console: Console) -> None:
+    proc, info = start_ui(console.env, "--auth")
+    try:
+        async with httpx.AsyncClient(base_url=info["url"], timeout=10.0) as client:
+            assert (await client.get("/board")).status_code == 401
+            assert (await client.get("/api/tasks")).status_code == 401
+            assert (await client.get("/events")).status_code == 401
+            assert (await client.get("/healthz")).status_code == 200
+            ok = await client.get("/api/tasks", headers={
+                "Authorization": f"Bearer {info['token']}"})
+            assert ok.status_code == 200
+            login = await client.get("/login", params={"token": info["token"]})
+            assert login.status_code == 303
+            assert (await client.get("/board")).status_code == 200  # the cookie now
+    finally:
+        stop(proc)
