@@ -181,22 +181,25 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
             finally:
                 await console.hub.stop()
 
-    def render(request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
+    async def render(request: Request, template: str, status: int = 200, **ctx: Any
+                     ) -> Response:
         assert console.env is not None
+        if "control" not in ctx and console.swarm is not None:
+            ctx["control"] = await console.swarm.control.state()  # the banner, on every page
         page = console.env.get_template(template).render(
             request=request, swarm=console.swarm_name, operator=console.access.actor,
             can_write=console.access.presented(request.headers, request.cookies) is not None,
             path=request.url.path, statuses=STATUS_ORDER, **ctx)
         return HTMLResponse(page, status_code=status)
 
-    def error_response(request: Request, err: CflowError) -> Response:
+    async def error_response(request: Request, err: CflowError) -> Response:
         code = status_for(err)
         if wants_json(request):
             return JSONResponse({"ok": False, "code": err.code, "error": str(err)},
                                 status_code=code)
         if request.headers.get("hx-request") == "true":
-            return render(request, "flash.html", code, ok=False, message=str(err))
-        return render(request, "error.html", code, message=str(err), code=code)
+            return await render(request, "flash.html", code, ok=False, message=str(err))
+        return await render(request, "error.html", code, message=str(err), code=code)
 
     class Guard:
         """Reads only when allowed; our errors become a page or a JSON error, never a trace."""
@@ -226,7 +229,7 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
             try:
                 return await fn(request)
             except CflowError as err:
-                return error_response(request, err)
+                return await error_response(request, err)
         wrapped.__name__ = fn.__name__
         return wrapped
 
@@ -252,7 +255,7 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
 
         token = request.query_params.get("token", "")
         if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
-            return render(request, "error.html", 401, code=401,
+            return await render(request, "error.html", 401, code=401,
                           message="wrong or missing token: use the link `cfctl ui` printed")
         target = request.query_params.get("next") or "/board"
         if not target.startswith("/") or target.startswith(("//", "/\\")):
@@ -277,12 +280,12 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
 
     async def board_page(request: Request) -> Response:
         board, gates = await _board(request)
-        return render(request, "board.html", board=board, gates=gates,
+        return await render(request, "board.html", board=board, gates=gates,
                       control=await console.s.control.state())
 
     async def board_rows(request: Request) -> Response:
         board, gates = await _board(request)
-        return render(request, "board_rows.html", board=board, gates=gates)
+        return await render(request, "board_rows.html", board=board, gates=gates)
 
     async def api_tasks(request: Request) -> Response:
         board, _ = await _board(request)
@@ -297,10 +300,10 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         return task
 
     async def task_page(request: Request) -> Response:
-        return render(request, "task.html", task=await _task(request))
+        return await render(request, "task.html", task=await _task(request))
 
     async def task_body(request: Request) -> Response:
-        return render(request, "task_body.html", task=await _task(request))
+        return await render(request, "task_body.html", task=await _task(request))
 
     async def api_task(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await _task(request), default=str)))
@@ -309,17 +312,17 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         from cflow.ui.graph import layout
 
         parent = request.query_params.get("parent", "").strip()
-        data = await console.r.graph(parent)
+        data = await console.r.graph(parent, seq=seq_of(request))
         placed = layout([(n["task_id"], n["title"] or n["task_id"], n["status"])
                          for n in data["nodes"]],
                         [(t, d) for t, d in data["edges"]], data["critical"])
         return {**data, "layout": placed, "parent": parent}
 
     async def graph_page(request: Request) -> Response:
-        return render(request, "graph.html", graph=await _graph(request))
+        return await render(request, "graph.html", graph=await _graph(request))
 
     async def graph_body(request: Request) -> Response:
-        return render(request, "graph_body.html", graph=await _graph(request))
+        return await render(request, "graph_body.html", graph=await _graph(request))
 
     async def api_graph(request: Request) -> Response:
         g = await _graph(request)
@@ -329,14 +332,14 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
 
     async def agents_page(request: Request) -> Response:
         template = "agents_body.html" if request.query_params.get("part") else "agents.html"
-        return render(request, template, agents=await console.r.agents())
+        return await render(request, template, agents=await console.r.agents(seq=seq_of(request)))
 
     async def api_agents(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await console.r.agents(), default=str)))
 
     async def analytics_page(request: Request) -> Response:
         template = "analytics_body.html" if request.query_params.get("part") else "analytics.html"
-        return render(request, template, a=await console.r.analytics())
+        return await render(request, template, a=await console.r.analytics(seq=seq_of(request)))
 
     async def api_analytics(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await console.r.analytics(), default=str)))
@@ -353,21 +356,22 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         return data
 
     async def memory_page(request: Request) -> Response:
-        return render(request, "memory.html", m=await _memory(request))
+        return await render(request, "memory.html", m=await _memory(request))
 
     async def api_memory(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await _memory(request), default=str)))
 
     async def messages_page(request: Request) -> Response:
         agent = request.query_params.get("agent", "").strip()
-        return render(request, "messages.html", m=await console.r.messages(agent), agent=agent)
+        return await render(request, "messages.html", m=await console.r.messages(agent),
+                            agent=agent)
 
     async def api_messages(request: Request) -> Response:
         agent = request.query_params.get("agent", "").strip()
         return JSONResponse(json.loads(json.dumps(await console.r.messages(agent), default=str)))
 
     async def banner(request: Request) -> Response:
-        return render(request, "banner.html", control=await console.s.control.state())
+        return await render(request, "banner.html", control=await console.s.control.state())
 
     async def api_control(request: Request) -> Response:
         out = await console.s.control.status()
@@ -418,12 +422,12 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
                 if wants_json(request):
                     return JSONResponse({"ok": False, "code": "UNAUTHORIZED",
                                          "error": refusal}, status_code=401)
-                return render(request, "flash.html", 401, ok=False, message=refusal)
+                return await render(request, "flash.html", 401, ok=False, message=refusal)
             message, data = await fn(request, await form(request))
             body = {"ok": True, "actor": console.access.actor, "message": message, **data}
             if wants_json(request):
                 return JSONResponse(json.loads(json.dumps(body, default=str)))
-            return render(request, "flash.html", ok=True, message=message)
+            return await render(request, "flash.html", ok=True, message=message)
         wrapped.__name__ = fn.__name__
         return handles(wrapped)
 

@@ -241,11 +241,12 @@ class Reads:
             if isinstance(stored, StoredEvent) and stored.time_ms:
                 item["server_ms"] = stored.time_ms
 
-    async def graph(self, parent: str = "", limit: int = 2000) -> dict[str, Any]:
+    async def graph(self, parent: str = "", limit: int = 2000, *, seq: int | None = None
+                    ) -> dict[str, Any]:
         where, args = ("WHERE parent_id = ?", [parent]) if parent else ("", [])
         nodes = await self._q(
             f"SELECT task_id, title, status, kind, priority, owner FROM tasks {where} "
-            "ORDER BY created_seq", args, limit=limit)
+            "ORDER BY created_seq", args, limit=limit, seq=seq)
         ids = [r[0] for r in nodes.rows]
         edges = await self._q(
             "SELECT task_id, depends_on FROM task_deps "
@@ -256,8 +257,8 @@ class Reads:
         return {"nodes": nodes.dicts(), "edges": [list(e) for e in edges.rows],
                 "critical": [r[0] for r in critical.rows], "truncated": nodes.truncated}
 
-    async def agents(self) -> list[dict[str, Any]]:
-        util = await self._q("SELECT * FROM agent_utilisation", limit=5000)
+    async def agents(self, *, seq: int | None = None) -> list[dict[str, Any]]:
+        util = await self._q("SELECT * FROM agent_utilisation", limit=5000, seq=seq)
         held = await self._q(
             "SELECT owner, list(task_id ORDER BY claimed_at) AS tasks FROM tasks "
             "WHERE status = 'claimed' GROUP BY owner", limit=5000)
@@ -282,9 +283,9 @@ class Reads:
                         "attempts": u.get("attempts", 0)})
         return out
 
-    async def analytics(self) -> dict[str, Any]:
+    async def analytics(self, *, seq: int | None = None) -> dict[str, Any]:
         throughput = await self._q("SELECT * FROM throughput_hourly ORDER BY hour DESC",
-                                   limit=168)
+                                   limit=168, seq=seq)
         latency = await self._q(
             "SELECT * FROM latency_stats WHERE dimension IN ('all', 'capability', 'label') "
             "ORDER BY metric, dimension, value", limit=500)
