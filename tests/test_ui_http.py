@@ -10,8 +10,10 @@ import asyncio
 import json
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -356,3 +358,42 @@ async def test_with_auth_every_page_needs_the_token(console: Console) -> None:
             assert (await client.get("/board")).status_code == 200  # the cookie now
     finally:
         stop(proc)
+
+
+def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
+    import os
+    import re
+
+    from cflow.server import free_port
+    from ui_support import first_line
+
+    port = free_port()
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "CFLOW_UI_TOKEN": "up-token",
+           "CFLOW_SWARM": "upui"}
+    proc = subprocess.Popen(cfctl("up", "--port", str(port), "--data-dir", str(tmp_path / "d"),
+                                  "--sync", "default", "--ui-port", "0"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = first_line(proc, "stderr", 60.0, "console at")
+        found = re.search(r"console at (http://127\.0\.0\.1:\d+)", line)
+        assert found is not None and "login?token=up-token" in line
+        base = found.group(1)
+        with httpx.Client(base_url=base, timeout=15.0) as client:
+            assert client.get("/healthz").json()["swarm"] == "upui"
+            # The projector starts beside the console and announces nothing: until it
+            # answers, pages are a one-line 503 that reloads itself.
+            deadline = time.monotonic() + 30
+            while (board := client.get("/board")).status_code == 503:
+                assert "no projector answers" in board.text and 'http-equiv="refresh"' in board.text
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert board.status_code == 200
+            r = client.post("/api/swarm/pause", headers={"Authorization": "Bearer up-token"})
+            assert r.status_code == 200 and r.json()["actor"].startswith("ui:")
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    detached = subprocess.run(cfctl("up", "--detach", "--ui-port", "0", "--port", "1"), env=env,
+                              capture_output=True, text=True, timeout=30, check=False)
+    assert detached.returncode == 2 and "--ui-port serves the console" in detached.stderr

@@ -49,7 +49,7 @@ class Console:
         return done.stdout.strip()
 
 
-def _line(proc: subprocess.Popen[str], stream: str, within: float, want: str) -> str:
+def first_line(proc: subprocess.Popen[str], stream: str, within: float, want: str) -> str:
     """The first line of ``stream`` containing ``want`` (a reader thread; no polling)."""
     lines: queue.Queue[str | None] = queue.Queue()
     pipe = getattr(proc, stream)
@@ -97,7 +97,7 @@ def start_ui(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], di
     proc = subprocess.Popen(cfctl("--json", "ui", "--port", "0", *args), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        info = json.loads(_line(proc, "stdout", 30.0, '"login"'))
+        info = json.loads(first_line(proc, "stdout", 30.0, '"login"'))
     except BaseException:
         stop(proc)
         raise
@@ -115,7 +115,7 @@ def running_console(nats_url: str, swarm: str, workdir: Path, *, operator: str =
         procs["projector"] = subprocess.Popen(
             cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _line(procs["projector"], "stderr", 30.0, "projector: swarm")
+        first_line(procs["projector"], "stderr", 30.0, "projector: swarm")
         procs["ui"], info = start_ui(env, "--operator", operator, *ui_args)
         yield Console(url=info["url"], token=info["token"], login=info["login"], swarm=swarm,
                       env=env, procs=procs)

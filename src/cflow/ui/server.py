@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+import socket
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cflow.errors import InvalidInput
+from cflow.errors import CflowError, InvalidInput, Unavailable
 from cflow.ui.app import Console, create_app
 from cflow.ui.auth import Access, listener_problem
 
@@ -50,37 +52,70 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
         InvalidInput: a non-loopback ``host`` without ``auth``.
         Unavailable: NATS unreachable at startup.
     """
-    import uvicorn
-
     problem = listener_problem(host, auth)
     if problem:
         raise InvalidInput(problem)
-    access = Access(token=token or new_token(), operator=operator, reads_need_token=auth)
-    app = create_app(Console(url=url, swarm_name=swarm, access=access))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=GRACEFUL_S,
-                             lifespan="on")
-    server = _server_class()(config)
-    import asyncio
+    from cflow.swarm import Swarm
+    from cflow.ui.live import LiveHub
+    from cflow.ui.reads import Reads
 
-    task = asyncio.create_task(server.serve())
+    access = Access(token=token or new_token(), operator=operator, reads_need_token=auth)
+    sock = _listen(host, port)
     try:
-        while not server.started:
-            if task.done():
-                await task  # re-raise the startup error
-                return
-            await asyncio.sleep(0.02)
+        # Connected before uvicorn starts, so "NATS unreachable" is our one-line error.
+        async with Swarm.connect(url, swarm=swarm, agent=access.actor, ensure=False) as facade:
+            hub = LiveHub(facade)
+            await hub.start()
+            try:
+                console = Console(url=url, swarm_name=swarm, access=access, swarm=facade,
+                                  reads=Reads(facade), hub=hub)
+                await _run(create_app(console, connect=False), sock, on_ready)
+            finally:
+                await hub.stop()
+    finally:
+        sock.close()
+
+
+async def _run(app: Any, sock: socket.socket, on_ready: Callable[[int], None] | None) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=GRACEFUL_S)
+    server = _server_class()(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await _started(server, task)
         if on_ready is not None:
-            bound = port
-            for srv in server.servers:
-                for sock in srv.sockets:
-                    bound = sock.getsockname()[1]
-            on_ready(bound)
-        await asyncio.shield(task)  # cancelled: shut uvicorn down below, lifespan included
+            on_ready(sock.getsockname()[1])
+        await asyncio.shield(task)  # cancelled: shut uvicorn down below
     finally:
         server.should_exit = True
         if not task.done():
             await asyncio.shield(task)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind here, so a taken port is our one-line error rather than uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(f"cannot serve the console on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _started(server: Any, task: asyncio.Task[None]) -> None:
+    # uvicorn has no "started" event to await; its startup takes a few loop turns.
+    while not server.started:
+        if task.done():
+            await task  # re-raise what stopped it
+            raise Unavailable("the console stopped while starting")
+        await asyncio.sleep(0.01)
 
 
 async def serve_for_up(running: RunningServer, port: int) -> None:
@@ -96,8 +131,11 @@ async def serve_for_up(running: RunningServer, port: int) -> None:
                          f"(log in to act: {console_url('127.0.0.1', bound, token)})\n")
         sys.stderr.flush()
 
-    await serve(running.url, running.swarm, port=port, token=token,
-                operator=getpass.getuser(), on_ready=ready)
+    try:
+        await serve(running.url, running.swarm, port=port, token=token,
+                    operator=getpass.getuser(), on_ready=ready)
+    except CflowError as exc:  # the node goes on without its console
+        sys.stderr.write(f"error: console not started: {exc}\n")
 
 
 __all__ = ["console_url", "new_token", "serve", "serve_for_up"]
