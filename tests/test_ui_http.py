@@ -397,3 +397,28 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
     detached = subprocess.run(cfctl("up", "--detach", "--ui-port", "0", "--port", "1"), env=env,
                               capture_output=True, text=True, timeout=30, check=False)
     assert detached.returncode == 2 and "--ui-port serves the console" in detached.stderr
+
+
+async def test_agents_page_shows_presence_held_tasks_and_utilisation(
+        nats_url: str, http: httpx.AsyncClient, console: Console, facade: Swarm) -> None:
+    await facade.agents.register("ui-ghost", ["go"])  # said hello, no presence key: dead
+    async with Swarm.connect(nats_url, swarm=console.swarm, agent="ui-worker") as worker:
+        agent = await worker.agents.register("ui-worker", ["ui-agents"])
+        async with agent.present():
+            task = await facade.tasks.create("held by ui-worker", capabilities=["ui-agents"],
+                                             priority=1000)  # before the others ready here
+            lease = await worker.tasks.claim(capabilities=["ui-agents"], wait=5)
+            assert lease is not None and lease.task_id == task.task_id
+            await projected(http, facade)
+            agents = {a["agent_id"]: a for a in (await http.get("/api/agents")).json()}
+            assert agents["ui-worker"]["status"] == "working"
+            assert agents["ui-worker"]["held"] == [task.task_id]
+            assert agents["ui-worker"]["capabilities"] == ["ui-agents"]
+            assert agents["ui-ghost"]["status"] == "dead"
+            page = await http.get("/agents")
+            assert 'data-agent="ui-worker"' in page.text and task.task_id in page.text
+            await lease.complete("ok")
+    await projected(http, facade)
+    agents = {a["agent_id"]: a for a in (await http.get("/api/agents")).json()}
+    assert agents["ui-worker"]["status"] == "offline" and agents["ui-worker"]["held"] == []
+    assert agents["ui-worker"]["attempts"] == 1 and agents["ui-worker"]["busy_s"] > 0

@@ -138,6 +138,29 @@ class Board:
                 "checkpoint": self.checkpoint}
 
 
+PRESENCE_STATES = ("working", "waiting", "idle", "offline", "dead")
+
+
+def presence_state(status: str, *, present: bool, reason: str = "", holds: bool = False) -> str:
+    """What the Agents page calls an agent (pure).
+
+    cflow records online / idle / busy / offline and a live presence key; the page
+    shows working (busy, or holding a claim), waiting (its last status change says
+    it waits, e.g. for a human's permission), idle, offline (it said goodbye or
+    its absence was recorded) and dead (it never said goodbye, but its presence
+    key expired).
+    """
+    if status == "offline":
+        return "offline"
+    if not present:
+        return "dead"
+    if "waiting" in reason.lower():
+        return "waiting"
+    if status == "busy" or holds:
+        return "working"
+    return "idle"
+
+
 class Reads:
     """The console's queries, on one ``Swarm``."""
 
@@ -272,13 +295,12 @@ class Reads:
         out = []
         for r in rows.dicts():
             info = live.get(r["agent_id"])
-            status = r["status"] or "offline"
-            if info is not None:
-                status = info.status
-                if not info.present and status not in ("offline",):
-                    status = "dead"  # said it was alive, but its presence key expired
+            held_ids = by_held.get(r["agent_id"], [])
+            status = presence_state(info.status if info else (r["status"] or "offline"),
+                                    present=info.present if info else False,
+                                    reason=info.reason if info else "", holds=bool(held_ids))
             u = by_util.get(r["agent_id"], {})
-            out.append({**r, "status": status, "held": by_held.get(r["agent_id"], []),
+            out.append({**r, "status": status, "held": held_ids,
                         "utilisation": u.get("utilisation"), "busy_s": u.get("busy_s"),
                         "attempts": u.get("attempts", 0)})
         return out
@@ -322,4 +344,5 @@ class Reads:
         return {"rows": rows.dicts(), "inboxes": inboxes.dicts()}
 
 
-__all__ = ["PAGE_SIZE", "STATUS_ORDER", "Board", "BoardFilter", "Reads"]
+__all__ = ["PAGE_SIZE", "PRESENCE_STATES", "STATUS_ORDER", "Board", "BoardFilter", "Reads",
+           "presence_state"]
