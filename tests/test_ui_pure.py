@@ -96,3 +96,16 @@ def test_access_rules() -> None:
     assert listener_problem("::1", False) is None
     assert listener_problem("0.0.0.0", True) is None
     assert "without auth" in (listener_problem("10.0.0.5", False) or "")
+
+
+def test_critical_path_of_the_remaining_work() -> None:
+    from cflow.ui.graph import critical_path
+
+    nodes = [("a", "", "completed"), ("b", "", "ready"), ("c", "", "pending"),
+             ("d", "", "pending"), ("e", "", "blocked"), ("f", "", "pending"),
+             ("x", "", "ready")]
+    deps = [("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("f", "e"), ("f", "x")]
+    # a is done and e waits for a human: the remaining chain is b -> c -> d.
+    assert critical_path(nodes, deps) == ["b", "c", "d"]
+    assert critical_path([("a", "", "completed")], []) == []
+    assert critical_path([("p", "", "ready"), ("q", "", "ready")], []) == ["p"]  # first made

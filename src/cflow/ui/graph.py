@@ -76,6 +76,38 @@ def layers(ids: Sequence[str], deps: Iterable[tuple[str, str]]) -> dict[str, int
     return layer
 
 
+DONE = frozenset({"completed", "failed", "cancelled", "blocked"})
+
+
+def critical_path(nodes: Sequence[tuple[str, str, str]], deps: Iterable[tuple[str, str]]
+                  ) -> list[str]:
+    """The longest chain of remaining work among ``nodes``, first task first.
+
+    Remaining: not completed, failed, cancelled or blocked (a blocked task waits
+    for a human's decision, not for work). Ties go to the chain created first.
+    """
+    order = {n[0]: i for i, n in enumerate(nodes)}
+    live = [n[0] for n in nodes if n[2] not in DONE]
+    alive = set(live)
+    ups: dict[str, list[str]] = defaultdict(list)
+    pairs = [(t, d) for t, d in deps if t in alive and d in alive]
+    for task, dep in pairs:
+        ups[task].append(dep)
+    layer = layers(live, pairs)
+    best: dict[str, tuple[int, str | None]] = {}
+    for node_id in sorted(live, key=lambda i: (layer[i], order[i])):
+        prev = max(ups.get(node_id, []), key=lambda d: (best[d][0], -order[d]), default=None)
+        best[node_id] = ((best[prev][0] if prev else 0) + 1, prev)
+    if not best:
+        return []
+    end: str | None = max(best, key=lambda i: (best[i][0], -order[i]))
+    chain = []
+    while end is not None:
+        chain.append(end)
+        end = best[end][1]
+    return chain[::-1]
+
+
 def layout(nodes: Sequence[tuple[str, str, str]], deps: Iterable[tuple[str, str]],
            critical: Sequence[str] = ()) -> Layout:
     """Place ``nodes`` (id, label, status) given ``deps`` (task, dependency)."""
@@ -130,4 +162,4 @@ def layout(nodes: Sequence[tuple[str, str, str]], deps: Iterable[tuple[str, str]
                   height=MARGIN * 2 + max(1, rows) * ROW_H)
 
 
-__all__ = ["Edge", "Layout", "Node", "layers", "layout"]
+__all__ = ["DONE", "Edge", "Layout", "Node", "critical_path", "layers", "layout"]

@@ -275,10 +275,13 @@ class Reads:
             "SELECT task_id, depends_on FROM task_deps "
             "WHERE list_contains(?, task_id) AND list_contains(?, depends_on)",
             [ids, ids], limit=limit * 8)
-        critical = await self._q("SELECT task_id FROM critical_path ORDER BY position",
-                                 limit=limit)
-        return {"nodes": nodes.dicts(), "edges": [list(e) for e in edges.rows],
-                "critical": [r[0] for r in critical.rows], "truncated": nodes.truncated}
+        from cflow.ui.graph import critical_path
+
+        rows = nodes.dicts()
+        pairs = [(str(t), str(d)) for t, d in edges.rows]
+        critical = critical_path([(r["task_id"], "", r["status"]) for r in rows], pairs)
+        return {"nodes": rows, "edges": [list(e) for e in pairs], "critical": critical,
+                "truncated": nodes.truncated}
 
     async def agents(self, *, seq: int | None = None) -> list[dict[str, Any]]:
         util = await self._q("SELECT * FROM agent_utilisation", limit=5000, seq=seq)
