@@ -275,38 +275,6 @@ async def test_gates_cancel_and_requeue(http: httpx.AsyncClient, console: Consol
     assert missing.status_code == 404
 
 
-async def test_requeue_survives_a_console_killed_mid_request(
-        nats_url: str, console: Console, facade: Swarm) -> None:
-    """kill -9 of the console while a requeue is in flight, then the operator retries:
-    exactly one copy exists (the copy's idempotency key names the requeued task)."""
-    victim = await facade.tasks.create("requeue under fire")
-    await facade.tasks.cancel(victim.task_id, "test")
-    proc, info = start_ui(console.env, "--operator", "bob")
-    try:
-        async with httpx.AsyncClient(base_url=info["url"], timeout=5.0) as other:
-            pending = asyncio.create_task(other.post(
-                f"/api/tasks/{victim.task_id}/requeue",
-                headers={"Authorization": f"Bearer {info['token']}"}))
-            await asyncio.sleep(0)  # the request is on its way
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            result = await asyncio.gather(pending, return_exceptions=True)
-    finally:
-        stop(proc)
-    assert result  # answered before the kill, or the connection dropped: both are fine
-    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
-        for _ in range(2):  # the retried click, twice
-            r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
-            assert r.status_code == 200, r.text
-        await projected(http, facade)
-        copies = (await http.get("/api/tasks", params={
-            "label": f"requeued_from={victim.task_id}"})).json()
-    assert copies["total"] == 1
-    board = await facade.tasks.ensure_board()
-    assert [t.task_id for t in board.tasks.values()
-            if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]
-
-
 async def test_live_events_stream_reports_a_new_task(http: httpx.AsyncClient,
                                                      facade: Swarm) -> None:
     async with http.stream("GET", "/events") as stream:
@@ -340,24 +308,6 @@ def test_non_loopback_needs_auth(console: Console) -> None:
     assert done.stderr.strip() == ("error: refusing to serve the console on 0.0.0.0 without "
                                    "auth: pass --auth (every page then needs the token) or "
                                    "listen on 127.0.0.1")
-
-
-async def test_with_auth_every_page_needs_the_token(console: Console) -> None:
-    proc, info = start_ui(console.env, "--auth")
-    try:
-        async with httpx.AsyncClient(base_url=info["url"], timeout=10.0) as client:
-            assert (await client.get("/board")).status_code == 401
-            assert (await client.get("/api/tasks")).status_code == 401
-            assert (await client.get("/events")).status_code == 401
-            assert (await client.get("/healthz")).status_code == 200
-            ok = await client.get("/api/tasks", headers={
-                "Authorization": f"Bearer {info['token']}"})
-            assert ok.status_code == 200
-            login = await client.get("/login", params={"token": info["token"]})
-            assert login.status_code == 303
-            assert (await client.get("/board")).status_code == 200  # the cookie now
-    finally:
-        stop(proc)
 
 
 def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
@@ -422,3 +372,100 @@ async def test_agents_page_shows_presence_held_tasks_and_utilisation(
     agents = {a["agent_id"]: a for a in (await http.get("/api/agents")).json()}
     assert agents["ui-worker"]["status"] == "offline" and agents["ui-worker"]["held"] == []
     assert agents["ui-worker"]["attempts"] == 1 and agents["ui-worker"]["busy_s"] > 0
+
+
+# ------------------------------------------------- a second console: --auth, behind a proxy
+# One process for three tests (in this order): every page needs the token; its NATS
+# connection dropped and restored; then it is killed with kill -9 mid-request.
+
+
+@pytest.fixture(scope="module")
+def second(nats_url: str, console: Console) -> Iterator[tuple[Any, Any, dict[str, str]]]:
+    from faults import Proxy
+
+    with Proxy(nats_url, name="ui-nats") as proxy:
+        proc, info = start_ui({**console.env, "CFLOW_URL": proxy.url}, "--auth",
+                              "--operator", "erin")
+        try:
+            yield proxy, proc, info
+        finally:
+            stop(proc)
+
+
+async def test_with_auth_every_page_needs_the_token(second: Any) -> None:
+    _, _, info = second
+    async with httpx.AsyncClient(base_url=info["url"], timeout=10.0) as client:
+        assert (await client.get("/board")).status_code == 401
+        assert (await client.get("/api/tasks")).status_code == 401
+        assert (await client.get("/events")).status_code == 401
+        assert (await client.get("/healthz")).status_code == 200
+        ok = await client.get("/api/tasks", headers={
+            "Authorization": f"Bearer {info['token']}"})
+        assert ok.status_code == 200
+        login = await client.get("/login", params={"token": info["token"]})
+        assert login.status_code == 303
+        assert (await client.get("/board")).status_code == 200  # the cookie now
+
+
+async def test_live_updates_survive_a_dropped_nats_connection(
+        second: Any, facade: Swarm) -> None:
+    """The console's NATS connection goes down with events written meanwhile: once it is
+    back, the page is told about them (nothing skipped) and actions work again."""
+    proxy, _, info = second
+    bearer = {"Authorization": f"Bearer {info['token']}"}
+    await proxy.wait_connections(1)
+    async with httpx.AsyncClient(base_url=info["url"], timeout=15.0, headers=bearer) as http, \
+            http.stream("GET", "/events") as stream:
+        lines = stream.aiter_lines()
+        assert (await anext(lines)) == "event: hello"
+        await anext(lines)
+        proxy.down()
+        during = await facade.tasks.create("written while the console was cut off")
+        seq = await facade.log.last_seq("task", during.task_id)
+        proxy.heal()
+
+        async def update() -> dict[str, Any]:
+            async for line in lines:
+                if line.startswith("data: "):
+                    body = json.loads(line.removeprefix("data: "))
+                    if body["seq"] >= seq:
+                        return dict(body)
+            raise AssertionError("stream ended")
+
+        body = await asyncio.wait_for(update(), 20.0)
+        assert "TaskCreated" in body["types"]
+        rows = await http.get("/board/rows", params={"seq": body["seq"],
+                                                     "text": during.task_id})
+        assert f'data-task="{during.task_id}"' in rows.text
+        r = await http.post(f"/api/tasks/{during.task_id}/cancel")
+        assert r.status_code == 200 and r.json()["actor"] == "ui:erin"
+    assert (await facade.tasks.get(during.task_id)).status == "cancelled"
+
+
+async def test_requeue_survives_a_console_killed_mid_request(
+        second: Any, console: Console, facade: Swarm) -> None:
+    """kill -9 of the console while a requeue is in flight, then the operator retries
+    on another console: exactly one copy exists (its idempotency key names the task)."""
+    _, proc, info = second
+    victim = await facade.tasks.create("requeue under fire")
+    await facade.tasks.cancel(victim.task_id, "test")
+    async with httpx.AsyncClient(base_url=info["url"], timeout=5.0) as other:
+        pending = asyncio.create_task(other.post(
+            f"/api/tasks/{victim.task_id}/requeue",
+            headers={"Authorization": f"Bearer {info['token']}"}))
+        await asyncio.sleep(0)  # the request is on its way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        result = await asyncio.gather(pending, return_exceptions=True)
+    assert result  # answered before the kill, or the connection dropped: both are fine
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
+        for _ in range(2):  # the retried click, twice
+            r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
+            assert r.status_code == 200, r.text
+        await projected(http, facade)
+        copies = (await http.get("/api/tasks", params={
+            "label": f"requeued_from={victim.task_id}"})).json()
+    assert copies["total"] == 1
+    board = await facade.tasks.ensure_board()
+    assert [t.task_id for t in board.tasks.values()
+            if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]

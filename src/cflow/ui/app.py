@@ -275,7 +275,8 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
     async def _board(request: Request) -> tuple[Any, Any]:
         f = BoardFilter.parse(request.query_params)
         board = await console.r.board(f, seq=seq_of(request))
-        gates = [] if f.page > 1 else await console.s.control.pending_gates()
+        # From the projection: the console folds no board of its own.
+        gates = [] if f.page > 1 else await console.r.gates(seq=seq_of(request))
         return board, gates
 
     async def board_page(request: Request) -> Response:

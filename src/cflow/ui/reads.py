@@ -221,6 +221,14 @@ class Reads:
                      elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
                      extra={"horizon": horizon})
 
+    async def gates(self, *, seq: int | None = None) -> list[dict[str, Any]]:
+        """Gates waiting for a human (ready) or for their dependencies (pending)."""
+        result = await self._q(
+            "SELECT task_id, title, status, status = 'pending' AS waiting_for_deps, parent_id, "
+            "depends_on FROM tasks WHERE kind = 'gate' AND status IN ('ready', 'pending') "
+            "ORDER BY created_seq", limit=200, seq=seq)
+        return result.dicts()
+
     async def task(self, task_id: str, *, seq: int | None = None) -> dict[str, Any] | None:
         result = await self._q("SELECT * FROM tasks WHERE task_id = ?", [task_id], seq=seq)
         rows = result.dicts()
