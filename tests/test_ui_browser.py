@@ -175,3 +175,20 @@ async def test_the_graph_renders_a_200_node_dag(page: Any, console: Console,
     assert len({(round(x), round(y)) for x, y in boxes}) == 200
     await shot(page, "graph")
     assert elapsed < 10.0
+
+
+async def test_analytics_and_agents_follow_events_live(page: Any, console: Console,
+                                                       swarm: Swarm) -> None:
+    await page.goto(f"{console.url}/analytics")
+    await page.wait_for_selector("body[data-live=on]")
+    before = int(await page.inner_text("#n-tasks"))
+    for i in range(3):  # the second and third fall in the 2 s minimum: a trailing refresh
+        await swarm.tasks.create(f"counted live {i}")
+    await page.wait_for_function(
+        f"() => parseInt(document.querySelector('#n-tasks').textContent) === {before + 3}",
+        timeout=5000)
+    await page.goto(f"{console.url}/agents")
+    await page.wait_for_selector("body[data-live=on]")
+    agent = await swarm.agents.register("live-agent", ["ui"])
+    assert agent is not None
+    await page.wait_for_selector('tr[data-agent="live-agent"]', timeout=3000)

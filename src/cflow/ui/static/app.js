@@ -8,6 +8,8 @@
   window.cfSeq = 0;
   let busy = false;
   let pending = false;
+  const lastRefresh = {};
+  const trailing = {};
   const dot = document.getElementById("live");
 
   async function refresh() {
@@ -15,9 +17,22 @@
     busy = true;
     pending = false;
     try {
+      const now = Date.now();
       const sections = Array.from(document.querySelectorAll("[data-live]"));
       await Promise.all(sections.map(function (el) {
         if (!el.id) { return null; }
+        // Heavy sections (analytics, agents, graph) refresh at most every data-live-min ms;
+        // a skipped one gets a trailing refresh, so the last event is always shown.
+        const min = parseInt(el.dataset.liveMin || "0", 10);
+        const last = lastRefresh[el.id] || 0;
+        if (min && now - last < min) {
+          if (!trailing[el.id]) {
+            trailing[el.id] = setTimeout(function () { delete trailing[el.id]; refresh(); },
+                                         min - (now - last));
+          }
+          return null;
+        }
+        lastRefresh[el.id] = now;
         const url = el.dataset.live + (el.dataset.live.indexOf("?") >= 0 ? "&" : "?") + "seq=" + window.cfSeq;
         const target = "#" + el.id;
         const swap = el.id === "banner" ? "innerHTML" : "outerHTML";
