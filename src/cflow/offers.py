@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -118,6 +119,7 @@ def eligible(subjects: Iterable[str], capabilities: Iterable[str]) -> list[str]:
     return [s for _, s in sorted(out, key=lambda x: (-x[0], x[1]))]
 
 
+@functools.lru_cache(maxsize=1024)
 def consumer_name(subject: str) -> str:
     return "offer-" + hashlib.sha1(subject.encode()).hexdigest()[:20]  # noqa: S324 - a name
 

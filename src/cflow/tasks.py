@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from cflow import events as ev
 from cflow.errors import DependencyError, InvalidInput, InvalidState
@@ -257,41 +257,48 @@ def apply(state: TaskState | None, event: ev.Event, seq: int,
                 f"task {state.task_id}: {event.type} for epoch {data.epoch}, current is "
                 f"{expected_epoch}", task_id=state.task_id, epoch=data.epoch,
             )
-    base = replace(state, status=status, seq=seq, events=state.events + 1, hlc=event.hlc)
+    changes = _changes(state, data, status, seq, at)
+    if changes is None:
+        raise _refuse(state, event)
+    return replace(state, status=status, seq=seq, events=state.events + 1, hlc=event.hlc,
+                   **changes)
+
+
+def _changes(state: TaskState, data: ev.EventData, status: Status, seq: int,
+             at: int) -> dict[str, Any] | None:
+    """The fields an allowed event changes besides status, sequence and HLC."""
     match data:
         case ev.TaskReady():
-            return replace(base, ready_ms=at, reason=None)
+            return {"ready_ms": at, "reason": None}
         case ev.TaskBlocked(reason=reason):
-            return replace(base, reason=reason)
+            return {"reason": reason}
         case ev.TaskClaimed(owner=owner, attempt=attempt, lease=lease):
             deadline = at + int(state.start_to_close_s * 1000) if state.start_to_close_s else None
-            return replace(base, owner=owner, attempt=attempt, epoch=seq, claimed_ms=at,
-                           deadline_ms=deadline, not_before_ms=0,
-                           lease_key=f"{state.task_id}.{lease or seq}")
+            return {"owner": owner, "attempt": attempt, "epoch": seq, "claimed_ms": at,
+                    "deadline_ms": deadline, "not_before_ms": 0,
+                    "lease_key": f"{state.task_id}.{lease or seq}"}
         case ev.TaskCompleted(result=result, cost_usd=cost):
-            return replace(base, result=result, finished_ms=at,
-                           cost_usd=_add(state.cost_usd, cost))
+            return {"result": result, "finished_ms": at, "cost_usd": _add(state.cost_usd, cost)}
         case ev.TaskFailed(error=error, cost_usd=cost):
             cost_total = _add(state.cost_usd, cost)
             if status == "failed":
-                return replace(base, error=error, finished_ms=at, cost_usd=cost_total)
-            return replace(base, error=error, owner=None, ready_ms=at, cost_usd=cost_total,
-                           not_before_ms=_retry_at(at, data.retry_after_ms, data.not_before_ms))
+                return {"error": error, "finished_ms": at, "cost_usd": cost_total}
+            return {"error": error, "owner": None, "ready_ms": at, "cost_usd": cost_total,
+                    "not_before_ms": _retry_at(at, data.retry_after_ms, data.not_before_ms)}
         case ev.TaskReleased(reason=reason):
             # A voluntary release gives the attempt back.
-            return replace(base, owner=None, attempt=max(0, state.attempt - 1),
-                           ready_ms=at, reason=reason or None)
+            return {"owner": None, "attempt": max(0, state.attempt - 1), "ready_ms": at,
+                    "reason": reason or None}
         case ev.TaskLeaseExpired(reason=reason, refund=refund):
             # A claim that never got a lease never ran: its attempt is given back.
-            attempt = max(0, state.attempt - 1) if refund else state.attempt
-            return replace(base, reason=reason, attempt=attempt)
+            return {"reason": reason,
+                    "attempt": max(0, state.attempt - 1) if refund else state.attempt}
         case ev.TaskRequeued(reason=reason):
-            return replace(base, owner=None, ready_ms=at, reason=reason or None,
-                           not_before_ms=_retry_at(at, data.retry_after_ms, data.not_before_ms))
+            return {"owner": None, "ready_ms": at, "reason": reason or None,
+                    "not_before_ms": _retry_at(at, data.retry_after_ms, data.not_before_ms)}
         case ev.TaskCancelled(reason=reason):
-            return replace(base, reason=reason, finished_ms=at)
-        case _:
-            raise _refuse(state, event)
+            return {"reason": reason, "finished_ms": at}
+    return None
 
 
 def _add(total: float | None, more: float | None) -> float | None:
