@@ -156,6 +156,16 @@ async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: 
         r = await http.get(path)
         assert r.status_code == 200, (path, r.text[:200])
     assert (await http.get("/")).status_code == 303
+    assert (await http.get("/favicon.ico")).status_code == 204
+    # The fragments the live pages re-read.
+    for path, marker in ((f"/tasks/{a.task_id}/body", 'id="task"'),
+                         ("/graph/body", 'id="graph"'), ("/agents?part=1", 'id="agents"'),
+                         ("/analytics?part=1", 'id="analytics"'),
+                         ("/board/rows", 'id="board"')):
+        r = await http.get(path)
+        assert r.status_code == 200 and marker in r.text and "<html" not in r.text, path
+    out = await http.post("/logout")
+    assert out.status_code == 303 and 'cflow_ui=""' in out.headers["set-cookie"]
 
     graph = (await http.get("/api/graph")).json()
     ids = {n["task_id"] for n in graph["nodes"]}
