@@ -164,6 +164,12 @@ async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: 
                          ("/board/rows", 'id="board"')):
         r = await http.get(path)
         assert r.status_code == 200 and marker in r.text and "<html" not in r.text, path
+    page = await http.get("/board")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    rebound = await http.get("/api/tasks", headers={"Host": "evil.example:8700"})
+    assert rebound.status_code == 421 and "loopback" in rebound.text
     out = await http.post("/logout")
     assert out.status_code == 303 and 'cflow_ui=""' in out.headers["set-cookie"]
 

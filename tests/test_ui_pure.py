@@ -92,6 +92,11 @@ def test_access_rules() -> None:
     assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": ""}) is not None
     locked = Access(token="s3cret", operator="dana", reads_need_token=True)
     assert not locked.may_read({}, {}) and locked.may_read({}, {"cflow_ui": "s3cret"})
+    for host in ("127.0.0.1:8700", "localhost:8700", "[::1]:8700", "127.0.0.1", "LOCALHOST"):
+        assert access.host_allowed(host), host
+    for host in ("evil.example:8700", "127.0.0.1.evil.example", "", "10.0.0.5:8700"):
+        assert not access.host_allowed(host), host
+    assert locked.host_allowed("console.example.org")  # --auth: any name, token required
     assert listener_problem("127.0.0.1", False) is None
     assert listener_problem("::1", False) is None
     assert listener_problem("0.0.0.0", True) is None

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).parent
 KEEPALIVE_S = 15.0
+# No framing by other sites, no inline or foreign scripts (htmx runs with eval off),
+# and the login link's token never leaves in a Referer.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+     b"img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 
@@ -202,7 +212,7 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         return await render(request, "error.html", code, message=str(err), code=code)
 
     class Guard:
-        """Reads only when allowed; our errors become a page or a JSON error, never a trace."""
+        """Who may read, from which Host, and the security headers on every answer."""
 
         def __init__(self, app: Any) -> None:
             self.app = app
@@ -215,14 +225,28 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
                 return
             request = Request(scope)
             path = request.url.path
-            if (path not in ("/login", "/healthz") and not path.startswith("/static/")
+            refusal = None
+            if not console.access.host_allowed(request.headers.get("host", "")):
+                refusal = PlainTextResponse(
+                    "this console answers only on a loopback address (Host header "
+                    f"{request.headers.get('host', '')!r}); serve it with --auth to "
+                    "reach it by another name", status_code=421)
+            elif (path not in ("/login", "/healthz") and not path.startswith("/static/")
                     and not console.access.may_read(request.headers, request.cookies)):
-                response: Response = PlainTextResponse(
+                refusal = PlainTextResponse(
                     "this console needs its token: open the /login?token=... link "
                     "`cfctl ui` printed", status_code=401)
-                await response(scope, receive, send)
+
+            async def send_with_headers(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", [])
+                    message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+                await send(message)
+
+            if refusal is not None:
+                await refusal(scope, receive, send_with_headers)
                 return
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_with_headers)
 
     def handles(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:

@@ -9,7 +9,10 @@
   make a browser send the cookie but not add that header without a CORS
   preflight, which the console never answers (cross-site request forgery).
 * A non-loopback listener is refused unless every request needs the token
-  (``--auth``), as ``cfctl up`` refuses an open non-loopback server.
+  (``--auth``), as ``cfctl up`` refuses an open non-loopback server. Without
+  ``--auth`` the console also answers only requests whose ``Host`` is a
+  loopback name, so a site re-pointing its DNS name at 127.0.0.1 (DNS
+  rebinding) cannot read it through a visitor's browser.
 
 Every write is done as the operator the token belongs to: the events it
 appends carry ``ui:<operator>`` as their actor.
@@ -43,6 +46,14 @@ class Access:
         if _same(cookies.get(COOKIE, ""), self.token):
             return "cookie"
         return None
+
+    def host_allowed(self, host: str) -> bool:
+        """A loopback console answers only to loopback names: a page of another site
+        whose DNS name was re-pointed at 127.0.0.1 (DNS rebinding) must not read it."""
+        if self.reads_need_token:
+            return True
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name.strip("[]").lower() in LOOPBACK
 
     def may_read(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> bool:
         return not self.reads_need_token or self.presented(headers, cookies) is not None
