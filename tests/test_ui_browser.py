@@ -60,10 +60,12 @@ async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def page(browser: Any, console: Console) -> AsyncIterator[Any]:
-    """A logged-in page that accepts every confirmation and fails on a script error."""
+    """A logged-in page that accepts every confirmation and fails on any console error."""
     tab = await browser.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Console errors too: a script or style the CSP refused, a failed request.
+    tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     tab.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await tab.goto(console.login)
     await tab.wait_for_selector("body[data-live=on]")

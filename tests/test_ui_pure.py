@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cflow.errors import InvalidInput
-from cflow.ui.auth import Access, listener_problem
+from cflow.ui.auth import Access, listener_problem, operator_problem
 from cflow.ui.graph import NODE_H, NODE_W, layers, layout
 from cflow.ui.reads import BoardFilter, presence_state
 
@@ -97,6 +97,9 @@ def test_access_rules() -> None:
     for host in ("evil.example:8700", "127.0.0.1.evil.example", "", "10.0.0.5:8700"):
         assert not access.host_allowed(host), host
     assert locked.host_allowed("console.example.org")  # --auth: any name, token required
+    assert operator_problem("john.doe@example") is None
+    assert "must be 1 to 64" in (operator_problem("a b") or "")
+    assert operator_problem("") is not None
     assert listener_problem("127.0.0.1", False) is None
     assert listener_problem("::1", False) is None
     assert listener_problem("0.0.0.0", True) is None

@@ -23,18 +23,19 @@ def ui_cmd(
                                         "console (events name ui:OPERATOR; default: $USER)."),
 ) -> None:
     """Serve the web console; prints the URL and the token that actions need."""
-    import getpass
     import sys
 
-    from cflow.ui.auth import listener_problem
-    from cflow.ui.server import console_url, new_token, serve
+    from cflow.ui.auth import listener_problem, operator_problem
+    from cflow.ui.server import console_url, default_operator, new_token, serve
 
     c = state(ctx)
     problem = listener_problem(listen, auth)
     if problem:
         fail(problem, EXIT_USAGE)
     secret = token or new_token()
-    who = operator or getpass.getuser()
+    who = operator or default_operator()
+    if operator_problem(who):
+        fail(operator_problem(who) or "", EXIT_USAGE)
 
     def ready(bound: int) -> None:
         import json

@@ -21,6 +21,7 @@ appends carry ``ui:<operator>`` as their actor.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -74,6 +75,17 @@ def _same(given: str, token: str) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
 
+_OPERATOR = re.compile(r"[\w.@-]{1,64}")
+
+
+def operator_problem(name: str) -> str | None:
+    """Why ``name`` cannot name the console's operator (None: fine)."""
+    if _OPERATOR.fullmatch(name):
+        return None
+    return (f"operator name {name!r} must be 1 to 64 letters, digits, '_', '.', '@' or '-' "
+            "(it becomes the actor ui:NAME of every action)")
+
+
 def listener_problem(host: str, reads_need_token: bool) -> str | None:
     """Why serving on ``host`` would expose the swarm (None: fine)."""
     if host in LOOPBACK or reads_need_token:
@@ -82,4 +94,4 @@ def listener_problem(host: str, reads_need_token: bool) -> str | None:
             "page then needs the token) or listen on 127.0.0.1")
 
 
-__all__ = ["COOKIE", "LOOPBACK", "Access", "listener_problem"]
+__all__ = ["COOKIE", "LOOPBACK", "Access", "listener_problem", "operator_problem"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from cflow.errors import CflowError, InvalidInput, Unavailable
 from cflow.ui.app import Console, create_app
-from cflow.ui.auth import Access, listener_problem
+from cflow.ui.auth import Access, listener_problem, operator_problem
 
 if TYPE_CHECKING:
     from cflow.server import RunningServer
@@ -33,6 +33,16 @@ def _server_class() -> type:
     return Server
 
 
+def default_operator() -> str:
+    """The local user's name (``operator`` where the system has none for this uid)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "operator"
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(24)
 
@@ -52,7 +62,7 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
         InvalidInput: a non-loopback ``host`` without ``auth``.
         Unavailable: NATS unreachable at startup.
     """
-    problem = listener_problem(host, auth)
+    problem = listener_problem(host, auth) or operator_problem(operator)
     if problem:
         raise InvalidInput(problem)
     from cflow.swarm import Swarm
@@ -120,7 +130,6 @@ async def _started(server: Any, task: asyncio.Task[None]) -> None:
 
 async def serve_for_up(running: RunningServer, port: int) -> None:
     """The console next to a foreground ``cfctl up`` (loopback; token printed on stderr)."""
-    import getpass
     import os
     import sys
 
@@ -133,9 +142,9 @@ async def serve_for_up(running: RunningServer, port: int) -> None:
 
     try:
         await serve(running.url, running.swarm, port=port, token=token,
-                    operator=getpass.getuser(), on_ready=ready)
+                    operator=default_operator(), on_ready=ready)
     except CflowError as exc:  # the node goes on without its console
         sys.stderr.write(f"error: console not started: {exc}\n")
 
 
-__all__ = ["console_url", "new_token", "serve", "serve_for_up"]
+__all__ = ["console_url", "default_operator", "new_token", "serve", "serve_for_up"]
