@@ -108,13 +108,13 @@ async def test_a_gate_approved_by_clicking_makes_its_dependent_ready(
     gate = await swarm.tasks.create("approve the release", kind="gate")
     dep = await swarm.tasks.create("publish the release", depends_on=[gate.task_id])
     button = await page.wait_for_selector(
-        f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=2000)
+        f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=5000)
     await page.fill(f"#note-{gate.task_id}", "looks good")
     await button.click()  # the confirmation dialog is accepted by the fixture
     await page.wait_for_selector(
         f'#flash:has-text("gate {gate.task_id} approved by ui:{OPERATOR}")', timeout=5000)
     await page.goto(f"{console.url}/tasks/{dep.task_id}")
-    await page.wait_for_selector('[data-status="ready"]', timeout=3000)
+    await page.wait_for_selector('[data-status="ready"]', timeout=5000)
 
     decided = await swarm.tasks.get(gate.task_id)
     assert decided.status == "completed" and decided.result == "looks good"
@@ -131,15 +131,15 @@ async def test_pause_shows_a_banner_on_every_page(page: Any, console: Console,
         await page.click('#swarm-ops button:has-text("Pause")')
         # The page that paused sees it live; then every page shows it.
         await page.wait_for_selector(f'.banner.paused:has-text("by ui:{OPERATOR}")',
-                                     timeout=2000)
+                                     timeout=5000)
         for path in (*PAGES, "/board?status=ready"):
             await page.goto(f"{console.url}{path}")
-            banner = await page.wait_for_selector(".banner.paused", timeout=2000)
+            banner = await page.wait_for_selector(".banner.paused", timeout=5000)
             text = await banner.inner_text()
             assert "PAUSED" in text and "lunch" in text
         await shot(page, "paused")
         await page.click('#banner button:has-text("Resume")')
-        await page.wait_for_selector(".banner.paused", state="detached", timeout=2000)
+        await page.wait_for_selector(".banner.paused", state="detached", timeout=5000)
         assert (await swarm.control.state())["mode"] == "running"
     finally:
         await swarm.control.resume(actor="test-cleanup")
@@ -188,9 +188,9 @@ async def test_analytics_and_agents_follow_events_live(page: Any, console: Conso
         await swarm.tasks.create(f"counted live {i}")
     await page.wait_for_function(
         f"() => parseInt(document.querySelector('#n-tasks').textContent) === {before + 3}",
-        timeout=5000)
+        timeout=8000)
     await page.goto(f"{console.url}/agents")
     await page.wait_for_selector("body[data-live=on]")
     agent = await swarm.agents.register("live-agent", ["ui"])
     assert agent is not None
-    await page.wait_for_selector('tr[data-agent="live-agent"]', timeout=3000)
+    await page.wait_for_selector('tr[data-agent="live-agent"]', timeout=5000)

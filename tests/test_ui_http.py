@@ -180,6 +180,8 @@ async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: 
     assert isinstance((await http.get("/api/agents")).json(), list)
     analytics = (await http.get("/api/analytics")).json()
     assert analytics["attempts"]["tasks"] >= 2 and "latency" in analytics
+    assert sum(m["created"] for m in analytics["per_minute"]) >= 2
+    assert 'id="per-minute"' in (await http.get("/analytics")).text
     memory = (await http.get("/api/memory", params={"q": "snake case"})).json()
     assert [h["key"] for h in memory["hits"]] == ["api-style"]
     assert any(r["key"] == "api-style" for r in memory["rows"])
@@ -310,7 +312,7 @@ async def test_live_events_stream_reports_a_new_task(http: httpx.AsyncClient,
                         return dict(body)
             raise AssertionError("stream ended")
 
-        body = await asyncio.wait_for(update(), 1.0)
+        body = await asyncio.wait_for(update(), 5.0)
     assert "TaskCreated" in body["types"]
     rows = await http.get("/board/rows", params={"seq": body["seq"], "text": task.task_id})
     assert f'data-task="{task.task_id}"' in rows.text

@@ -319,6 +319,14 @@ class Reads:
     async def analytics(self, *, seq: int | None = None) -> dict[str, Any]:
         throughput = await self._q("SELECT * FROM throughput_hourly ORDER BY hour DESC",
                                    limit=168, seq=seq)
+        minutes = await self._q(
+            "SELECT date_trunc('minute', ts) AS hour, "
+            "count(*) FILTER (WHERE type = 'TaskCreated') AS created, "
+            "count(*) FILTER (WHERE type = 'TaskCompleted') AS completed, "
+            "count(*) FILTER (WHERE type = 'TaskFailed' AND (data->>'final')::BOOLEAN) "
+            "AS failed FROM events WHERE entity_kind = 'task' "
+            "AND ts >= (SELECT last_event_at FROM horizon) - INTERVAL 59 MINUTE "
+            "GROUP BY ALL ORDER BY 1", limit=60)
         latency = await self._q(
             "SELECT * FROM latency_stats WHERE dimension IN ('all', 'capability', 'label') "
             "ORDER BY metric, dimension, value", limit=500)
@@ -326,6 +334,7 @@ class Reads:
         failures = await self._q("SELECT * FROM failure_stats")
         errors = await self._q("SELECT * FROM top_errors LIMIT 10")
         return {"throughput": list(reversed(throughput.dicts())),
+                "per_minute": minutes.dicts(),
                 "latency": latency.dicts(),
                 "attempts": (attempts.dicts() or [{}])[0],
                 "failures": (failures.dicts() or [{}])[0],
