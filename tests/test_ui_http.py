@@ -237,6 +237,28 @@ async def test_writes_need_the_token_and_name_the_operator(
     assert r.status_code == 200 and r.json()["mode"] == "running"
 
 
+async def test_no_write_endpoint_acts_without_the_token(
+        http: httpx.AsyncClient, console: Console, facade: Swarm) -> None:
+    gate = await facade.tasks.create("untouched gate", kind="gate")
+    task = await facade.tasks.create("untouched task")
+    done = await facade.tasks.create("untouched cancelled task")
+    await facade.tasks.cancel(done.task_id)
+    before = await facade.log.stream_last_seq()
+    paths = ["/api/swarm/pause", "/api/swarm/resume", "/api/swarm/stop",
+             f"/api/gates/{gate.task_id}/approve", f"/api/gates/{gate.task_id}/reject",
+             f"/api/tasks/{task.task_id}/cancel", f"/api/tasks/{done.task_id}/requeue"]
+    for path in paths:
+        for headers in ({}, {"Authorization": "Bearer nope"},
+                        {"Cookie": f"cflow_ui={console.token}"},  # cookie without HX-Request
+                        {"Cookie": "cflow_ui=nope", "HX-Request": "true"}):
+            r = await http.post(path, headers=headers, data={"now": "1"})
+            assert r.status_code == 401, (path, headers, r.text)
+        assert (await http.get(path)).status_code == 405  # reads never act
+    assert await facade.log.stream_last_seq() == before
+    assert (await facade.tasks.get(gate.task_id)).status == "ready"
+    assert (await facade.tasks.get(task.task_id)).status == "ready"
+
+
 async def test_login_sets_the_cookie_and_refuses_a_wrong_token(
         http: httpx.AsyncClient, console: Console) -> None:
     bad = await http.get("/login", params={"token": "nope"})
