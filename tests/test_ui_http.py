@@ -177,6 +177,8 @@ async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: 
     ids = {n["task_id"] for n in graph["nodes"]}
     assert a.task_id in ids and any(e[1] == a.task_id for e in graph["edges"])
     assert set(graph["positions"]) == ids and graph["critical"]
+    assert graph["unlinked"] >= 1  # tasks of other tests, without dependencies
+    assert all(any(n["task_id"] in e for e in graph["edges"]) for n in graph["nodes"])
     assert isinstance((await http.get("/api/agents")).json(), list)
     analytics = (await http.get("/api/analytics")).json()
     assert analytics["attempts"]["tasks"] >= 2 and "latency" in analytics

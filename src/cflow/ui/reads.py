@@ -274,10 +274,22 @@ class Reads:
 
     async def graph(self, parent: str = "", limit: int = 2000, *, seq: int | None = None
                     ) -> dict[str, Any]:
-        where, args = ("WHERE parent_id = ?", [parent]) if parent else ("", [])
+        """A parent's children, or (no parent) every task in a dependency of the swarm.
+
+        Tasks of the whole swarm that neither wait for nor are waited on by another
+        are counted (``unlinked``), not drawn: ten thousand of them would be one
+        column, and they are on the board.
+        """
+        in_dag = ("task_id IN (SELECT task_id FROM task_deps UNION "
+                  "SELECT depends_on FROM task_deps)")
+        where, args = ("WHERE parent_id = ?", [parent]) if parent else (f"WHERE {in_dag}", [])
         nodes = await self._q(
             f"SELECT task_id, title, status, kind, priority, owner FROM tasks {where} "
             "ORDER BY created_seq", args, limit=limit, seq=seq)
+        unlinked = 0
+        if not parent:
+            count = await self._q(f"SELECT count(*) FROM tasks WHERE NOT ({in_dag})")
+            unlinked = int(count.rows[0][0])
         ids = [r[0] for r in nodes.rows]
         edges = await self._q(
             "SELECT task_id, depends_on FROM task_deps "
@@ -289,7 +301,7 @@ class Reads:
         pairs = [(str(t), str(d)) for t, d in edges.rows]
         critical = critical_path([(r["task_id"], "", r["status"]) for r in rows], pairs)
         return {"nodes": rows, "edges": [list(e) for e in pairs], "critical": critical,
-                "truncated": nodes.truncated}
+                "truncated": nodes.truncated, "unlinked": unlinked}
 
     async def agents(self, *, seq: int | None = None) -> list[dict[str, Any]]:
         util = await self._q("SELECT * FROM agent_utilisation", limit=5000, seq=seq)

@@ -69,5 +69,17 @@
     const verb = (e.detail.requestConfig || {}).verb;
     if (verb === "post") { refresh(); }
   });
+  // Graph: "fit to the window" scales the drawing down (it keeps its viewBox); the choice
+  // outlives live refreshes, which replace the section.
+  function applyFit() {
+    const box = document.querySelector("[data-fit]");
+    if (!box) { return; }
+    const wrap = document.querySelector(box.dataset.fit);
+    if (wrap) { wrap.classList.toggle("fit", box.checked); }
+  }
+  document.addEventListener("change", function (e) {
+    if (e.target && e.target.matches && e.target.matches("[data-fit]")) { applyFit(); }
+  });
+  document.body.addEventListener("htmx:afterSwap", applyFit);
   connect();
 })();
