@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("CFLOW_TEST_ARTIFACTS", ROOT / ".test-artifacts")) / "ui"
-CHROMIUM = os.environ.get("CFLOW_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = (os.environ.get("CFLOW_CHROMIUM") or shutil.which("chromium")
+            or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -130,6 +131,6 @@ def chromium_missing() -> str | None:
         import playwright  # noqa: F401
     except ImportError:
         return "playwright is not installed (uv sync installs it)"
-    if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
+    if not Path(CHROMIUM).exists():
         return f"no Chromium at {CHROMIUM} (`apt-get install chromium`; .ci/run does it in CI)"
     return None
