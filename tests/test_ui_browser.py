@@ -66,6 +66,7 @@ async def page(browser: Any, console: Console) -> AsyncIterator[Any]:
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
     # Console errors too: a script or style the CSP refused, a failed request.
     tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    tab.errors = errors  # a test that expects some takes them out
     tab.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await tab.goto(console.login)
     await tab.wait_for_selector("body[data-live=on]")
@@ -194,3 +195,24 @@ async def test_analytics_and_agents_follow_events_live(page: Any, console: Conso
     agent = await swarm.agents.register("live-agent", ["ui"])
     assert agent is not None
     await page.wait_for_selector('tr[data-agent="live-agent"]', timeout=5000)
+
+
+async def test_pages_ride_out_a_projector_restart(page: Any, console: Console,
+                                                  swarm: Swarm) -> None:
+    """No projector answering: live re-reads fail, the board keeps what it shows and says
+    it is stale; once a projector is back the missed task appears without a reload."""
+    from ui_support import start_projector, stop
+
+    await page.goto(f"{console.url}/board")
+    await page.wait_for_selector("body[data-live=on]")
+    stop(console.procs["projector"])
+    task = await swarm.tasks.create("made while no projector ran", priority=500)
+    await page.wait_for_selector("body[data-stale=true]", timeout=10_000)
+    assert await page.query_selector("#board tr[data-task]") is not None  # kept, not replaced
+    console.procs["projector"] = await asyncio.to_thread(start_projector, console.env,
+                                                         console.workdir)
+    await page.wait_for_selector(f'#board tr[data-task="{task.task_id}"]', timeout=15_000)
+    await page.wait_for_function("() => !document.body.dataset.stale", timeout=5000)
+    # The failed re-reads are in the browser's console, as they should be; nothing else.
+    assert page.errors and all("503" in e for e in page.errors)
+    page.errors.clear()

@@ -36,6 +36,7 @@ class Console:
     swarm: str
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    workdir: Path = Path()
 
     @property
     def auth(self) -> dict[str, str]:
@@ -105,6 +106,18 @@ def start_ui(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], di
     return proc, info
 
 
+def start_projector(env: dict[str, str], workdir: Path) -> subprocess.Popen[str]:
+    """`cfctl projector` on the console's swarm, once its query service answers."""
+    proc = subprocess.Popen(cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line(proc, "stderr", 30.0, "projector: swarm")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 @contextlib.contextmanager
 def running_console(nats_url: str, swarm: str, workdir: Path, *, operator: str = "tester",
                     ui_args: Sequence[str] = ()) -> Iterator[Console]:
@@ -113,13 +126,10 @@ def running_console(nats_url: str, swarm: str, workdir: Path, *, operator: str =
     env.pop("CFLOW_UI_TOKEN", None)
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        procs["projector"] = subprocess.Popen(
-            cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        first_line(procs["projector"], "stderr", 30.0, "projector: swarm")
+        procs["projector"] = start_projector(env, workdir)
         procs["ui"], info = start_ui(env, "--operator", operator, *ui_args)
         yield Console(url=info["url"], token=info["token"], login=info["login"], swarm=swarm,
-                      env=env, procs=procs)
+                      env=env, procs=procs, workdir=workdir)
     finally:
         for proc in procs.values():
             stop(proc)

@@ -69,6 +69,21 @@
     const verb = (e.detail.requestConfig || {}).verb;
     if (verb === "post") { refresh(); }
   });
+  // A live re-read that fails (no projector answering, the console restarting) keeps the
+  // section as it was, marks the page stale, and tries again in two seconds.
+  document.body.addEventListener("htmx:beforeSwap", function (e) {
+    const verb = (e.detail.requestConfig || {}).verb;
+    if (verb === "get" && e.detail.xhr && e.detail.xhr.status >= 400) {
+      e.detail.shouldSwap = false;
+      document.body.dataset.stale = "true";
+      if (dot) { dot.classList.remove("on"); dot.title = "live updates stalled: " + e.detail.xhr.status; }
+      setTimeout(refresh, 2000);
+    } else if (verb === "get") {
+      delete document.body.dataset.stale;
+      if (dot && document.body.dataset.live === "on") { dot.classList.add("on"); dot.title = "live updates"; }
+    }
+  });
+
   // Graph: "fit to the window" scales the drawing down (it keeps its viewBox); the choice
   // outlives live refreshes, which replace the section.
   function applyFit() {
