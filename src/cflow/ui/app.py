@@ -9,11 +9,9 @@ connected as ``ui:<operator>``, so every event they append names the human.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +64,6 @@ class Console:
     reads: Reads | None = None
     hub: LiveHub | None = None
     env: Environment | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def s(self) -> Swarm:
@@ -162,8 +159,8 @@ def wants_json(request: Request) -> bool:
 # ------------------------------------------------------------------ the app
 
 
-def create_app(console: Console, *, connect: bool = True) -> Starlette:
-    """The ASGI app. With ``connect``, its lifespan connects to the swarm and follows it."""
+def create_app(console: Console) -> Starlette:
+    """The ASGI app over a connected console (:func:`cflow.ui.server.serve` connects it)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -171,25 +168,6 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
     from starlette.staticfiles import StaticFiles
 
     console.env = _environment()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if not connect:
-            yield
-            return
-        from cflow.swarm import Swarm
-        from cflow.ui.live import LiveHub
-
-        async with Swarm.connect(console.url, swarm=console.swarm_name,
-                                 agent=console.access.actor, ensure=False) as swarm:
-            console.swarm = swarm
-            console.reads = Reads(swarm)
-            console.hub = LiveHub(swarm)
-            await console.hub.start()
-            try:
-                yield
-            finally:
-                await console.hub.stop()
 
     async def render(request: Request, template: str, status: int = 200, **ctx: Any
                      ) -> Response:
@@ -533,9 +511,8 @@ def create_app(console: Console, *, connect: bool = True) -> Starlette:
         Route("/api/tasks/{task_id}/requeue", writes(task_requeue), methods=post),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard)])
+    app = Starlette(routes=routes, middleware=[Middleware(Guard)])
     app.state.console = console
-    app.state.started = time.time()
     return app
 
 

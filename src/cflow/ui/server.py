@@ -79,7 +79,7 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
             try:
                 console = Console(url=url, swarm_name=swarm, access=access, swarm=facade,
                                   reads=Reads(facade), hub=hub)
-                await _run(create_app(console, connect=False), sock, on_ready)
+                await _run(create_app(console), sock, on_ready)
             finally:
                 await hub.stop()
     finally:
