@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -106,12 +107,30 @@ def start_ui(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], di
     return proc, info
 
 
+async def _init(nats_url: str, swarm: str) -> None:
+    from cflow.streams import connect, ensure_swarm
+
+    nc = await connect(nats_url)
+    try:
+        await ensure_swarm(nc, swarm)
+    finally:
+        await nc.close()
+
+
+def spawn_projector(env: dict[str, str], workdir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def projector_ready(proc: subprocess.Popen[str]) -> None:
+    first_line(proc, "stderr", 30.0, "projector: swarm")
+
+
 def start_projector(env: dict[str, str], workdir: Path) -> subprocess.Popen[str]:
     """`cfctl projector` on the console's swarm, once its query service answers."""
-    proc = subprocess.Popen(cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn_projector(env, workdir)
     try:
-        first_line(proc, "stderr", 30.0, "projector: swarm")
+        projector_ready(proc)
     except BaseException:
         stop(proc)
         raise
@@ -126,8 +145,12 @@ def running_console(nats_url: str, swarm: str, workdir: Path, *, operator: str =
     env.pop("CFLOW_UI_TOKEN", None)
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        procs["projector"] = start_projector(env, workdir)
+        asyncio.run(_init(nats_url, swarm))
+        # Both start at once (the console needs no projector to start); both are ready
+        # before the first test.
+        procs["projector"] = spawn_projector(env, workdir)
         procs["ui"], info = start_ui(env, "--operator", operator, *ui_args)
+        projector_ready(procs["projector"])
         yield Console(url=info["url"], token=info["token"], login=info["login"], swarm=swarm,
                       env=env, procs=procs, workdir=workdir)
     finally:
