@@ -511,3 +511,61 @@ async def test_requeue_survives_a_console_killed_mid_request(
     board = await facade.tasks.ensure_board()
     assert [t.task_id for t in board.tasks.values()
             if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]
+
+
+async def test_log_in_with_a_nats_user_and_act_as_it(
+        http: httpx.AsyncClient, console: Console, tmp_path: Path) -> None:
+    """Instead of the token: a NATS user of the swarm, checked by a server that requires
+    users; its actions are recorded as nats:<user>."""
+    from cflow import creds
+    from cflow.server import EmbeddedServer, ServerOptions, free_port
+
+    # A server without users cannot vouch for anyone.
+    r = await http.post("/login", data={"user": f"{console.swarm}.w1", "password": "x"})
+    assert r.status_code == 401 and "lets anyone in" in r.text
+
+    auth = tmp_path / "auth"
+    admin = creds.create(auth, "admin", "authui", admin=True)
+    agent = creds.create(auth, "w1", "authui")
+    other = creds.create(auth, "w1", "elsewhere")
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
+                                          sync="default",
+                                          auth_include=str(auth / creds.AUTH_CONF)))
+    server.start()
+    proc = None
+    try:
+        url = creds.client_url(admin, server.url)
+        async with Swarm.connect(url, swarm="authui", agent="seeder") as s:  # makes streams
+            env = {**console.env, "CFLOW_URL": url, "CFLOW_SWARM": "authui"}
+            proc, info = start_ui(env, "--operator", "tok")
+            async with httpx.AsyncClient(base_url=info["url"], timeout=15.0) as client:
+                for user, password, why in ((agent.name, "wrong", "NATS refused user"),
+                                            (other.name, other.password, "not a user of"),
+                                            ("", "", "NATS user and its password")):
+                    r = await client.post("/login", data={"user": user, "password": password})
+                    assert r.status_code == 401 and why in r.text, (user, r.text)
+                    assert "cflow_ui_session" not in r.headers.get("set-cookie", "")
+                r = await client.post("/login", data={"user": agent.name,
+                                                      "password": agent.password})
+                assert r.status_code == 303 and "cflow_ui_session=" in r.headers["set-cookie"]
+                page = await client.get("/banner")
+                assert page.status_code == 200
+                refused = await client.post("/api/swarm/pause")  # the session, no HX-Request
+                assert refused.status_code == 401
+                r = await client.post("/api/swarm/pause", data={"reason": "by a NATS user"},
+                                      headers={"HX-Request": "true"})
+                assert r.status_code == 200 and f"paused by nats:{agent.name}" in r.text
+                history = await s.log.read()
+                paused = [i for i in history if getattr(i, "event", None) is not None
+                          and i.event.type == "SwarmPaused"]
+                assert paused[-1].event.actor == f"nats:{agent.name}"
+                sid = client.cookies["cflow_ui_session"]
+                assert (await client.post("/logout")).status_code == 303
+                client.cookies.clear()
+                r = await client.post("/api/swarm/resume", headers={  # the old session is gone
+                    "HX-Request": "true", "Cookie": f"cflow_ui_session={sid}"})
+                assert r.status_code == 401
+    finally:
+        if proc is not None:
+            stop(proc)
+        server.stop()

@@ -90,6 +90,13 @@ def test_access_rules() -> None:
     assert access.write_refusal({}, {"cflow_ui": "s3cret"}) is not None  # no HX-Request
     assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is None
     assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": ""}) is not None
+    sid = access.open_session("alpha.w1")
+    session = {"cflow_ui_session": sid}
+    assert access.identity({}, session) == "nats:alpha.w1"
+    assert access.identity({"authorization": "Bearer s3cret"}, {}) == "ui:dana"
+    assert access.write_refusal({"hx-request": "true"}, session) is None
+    assert access.write_refusal({}, session) is not None  # no HX-Request
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui_session": "forged"})
     locked = Access(token="s3cret", operator="dana", reads_need_token=True)
     assert not locked.may_read({}, {}) and locked.may_read({}, {"cflow_ui": "s3cret"})
     for host in ("127.0.0.1:8700", "localhost:8700", "[::1]:8700", "127.0.0.1", "LOCALHOST"):

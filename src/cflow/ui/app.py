@@ -26,7 +26,7 @@ from cflow.errors import (
     QueryRejected,
     Unavailable,
 )
-from cflow.ui.auth import COOKIE, Access
+from cflow.ui.auth import COOKIE, SESSION_COOKIE, Access
 from cflow.ui.reads import STATUS_ORDER, BoardFilter, Reads
 
 if TYPE_CHECKING:
@@ -156,6 +156,56 @@ def wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") and request.headers.get("hx-request") != "true"
 
 
+# ------------------------------------------------------------------ NATS users
+
+
+async def nats_user_accepted(url: str, swarm: str, user: str, password: str) -> None:
+    """Return if the NATS server at ``url`` requires users and accepts this user of ``swarm``.
+
+    Raises:
+        InvalidInput: no user or password, a user of another swarm, a server that
+            accepts anyone (then only the console's token counts), or NATS refused it.
+    """
+    from cflow.creds import with_userinfo
+    from cflow.streams.client import split_urls
+
+    if not user or not password:
+        raise InvalidInput("log in with a NATS user and its password")
+    if not user.startswith(f"{swarm}."):
+        raise InvalidInput(f"{user} is not a user of swarm {swarm} (its users are named "
+                           f"{swarm}.AGENT by `cfctl creds create`)")
+    bare = [_without_userinfo(u) for u in split_urls(url)]
+    if await _connects(bare):
+        raise InvalidInput("this NATS server lets anyone in (no users): log in with the "
+                           "token `cfctl ui` printed")
+    if not await _connects([with_userinfo(u, user, password) for u in bare]):
+        raise InvalidInput(f"NATS refused user {user} (wrong password, or revoked)")
+
+
+def _without_userinfo(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+async def _connects(servers: list[str]) -> bool:
+    import nats
+    import nats.errors
+
+    async def quiet(*_: Any) -> None:
+        return None
+
+    try:
+        nc = await nats.connect(servers=servers, connect_timeout=2, allow_reconnect=False,
+                                max_reconnect_attempts=0, error_cb=quiet, name="cflow-ui-login")
+    except (nats.errors.Error, OSError, TimeoutError):
+        return False
+    await nc.close()
+    return True
+
+
 # ------------------------------------------------------------------ the app
 
 
@@ -175,7 +225,8 @@ def create_app(console: Console) -> Starlette:
         if "control" not in ctx and console.swarm is not None:
             ctx["control"] = await console.swarm.control.state()  # the banner, on every page
         page = console.env.get_template(template).render(
-            request=request, swarm=console.swarm_name, operator=console.access.actor,
+            request=request, swarm=console.swarm_name,
+            operator=console.access.identity(request.headers, request.cookies),
             can_write=console.access.presented(request.headers, request.cookies) is not None,
             path=request.url.path, statuses=STATUS_ORDER, **ctx)
         return HTMLResponse(page, status_code=status)
@@ -241,6 +292,9 @@ def create_app(console: Console) -> Starlette:
 
     # -------------------------------------------------------------- reads
 
+    async def check_nats_user(url: str, swarm: str, user: str, password: str) -> None:
+        await nats_user_accepted(url, swarm, user, password)
+
     async def index(request: Request) -> Response:
         from starlette.responses import RedirectResponse
 
@@ -252,26 +306,49 @@ def create_app(console: Console) -> Starlette:
                              "seq": hub.seq if hub else 0,
                              "live_pages": hub.subscribers if hub else 0})
 
+    def _next(request: Request, given: str | None) -> str:
+        target = given or "/board"
+        if not target.startswith("/") or target.startswith(("//", "/\\")):
+            target = "/board"  # only this console's own pages, never another site
+        return target
+
     async def login(request: Request) -> Response:
         from starlette.responses import RedirectResponse
 
         token = request.query_params.get("token", "")
+        if not token:
+            return await render(request, "login.html", next=request.query_params.get("next"))
         if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
-            return await render(request, "error.html", 401, code=401,
-                          message="wrong or missing token: use the link `cfctl ui` printed")
-        target = request.query_params.get("next") or "/board"
-        if not target.startswith("/") or target.startswith(("//", "/\\")):
-            target = "/board"  # only this console's own pages, never another site
-        response = RedirectResponse(target, status_code=303)
+            return await render(request, "login.html", 401,
+                                message="wrong token: use the link `cfctl ui` printed")
+        response = RedirectResponse(_next(request, request.query_params.get("next")),
+                                    status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https")
+        return response
+
+    async def login_nats(request: Request) -> Response:
+        """Log in with a NATS user of this swarm: the server itself checks the password."""
+        from starlette.responses import RedirectResponse
+
+        f = await request.form()
+        user, password = str(f.get("user") or "").strip(), str(f.get("password") or "")
+        try:
+            await check_nats_user(console.url, console.swarm_name, user, password)
+        except CflowError as err:
+            return await render(request, "login.html", 401, message=str(err))
+        response = RedirectResponse(_next(request, str(f.get("next") or "")), status_code=303)
+        response.set_cookie(SESSION_COOKIE, console.access.open_session(user), httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
         return response
 
     async def logout(request: Request) -> Response:
         from starlette.responses import RedirectResponse
 
+        console.access.sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
         response = RedirectResponse("/board", status_code=303)
         response.delete_cookie(COOKIE)
+        response.delete_cookie(SESSION_COOKIE)
         return response
 
     async def _board(request: Request) -> tuple[Any, Any]:
@@ -427,30 +504,35 @@ def create_app(console: Console) -> Starlette:
                                          "error": refusal}, status_code=401)
                 return await render(request, "flash.html", 401, ok=False, message=refusal)
             message, data = await fn(request, await form(request))
-            body = {"ok": True, "actor": console.access.actor, "message": message, **data}
+            body = {"ok": True, "actor": actor_of(request), "message": message, **data}
             if wants_json(request):
                 return JSONResponse(json.loads(json.dumps(body, default=str)))
             return await render(request, "flash.html", ok=True, message=message)
         wrapped.__name__ = fn.__name__
         return handles(wrapped)
 
-    who = console.access.actor
+    def actor_of(request: Request) -> str:
+        return console.access.identity(request.headers, request.cookies)
 
     async def swarm_pause(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         out = await console.s.control.pause(reason=f.get("reason", ""), actor=who)
         return f"swarm paused by {who}", out
 
     async def swarm_resume(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         out = await console.s.control.resume(reason=f.get("reason", ""), actor=who)
         return f"swarm resumed by {who}", out
 
     async def swarm_stop(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         now = f.get("now", "").lower() in ("1", "true", "on", "yes")
         out = await console.s.control.stop(reason=f.get("reason", ""), now=now, actor=who)
         extra = f", {len(out['cancelled'])} claims cancelled" if now else ""
         return f"swarm stopped by {who}{extra}", out
 
     async def gate_decide(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         task_id, verb = request.path_params["task_id"], request.path_params["verb"]
         control = console.s.control
         if verb == "approve":
@@ -462,16 +544,18 @@ def create_app(console: Console) -> Starlette:
         return f"gate {task_id} {verb}d by {who}", {"task": state.to_dict()}
 
     async def task_cancel(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         task_id = request.path_params["task_id"]
         reason = f.get("reason") or f"cancelled from the console by {who}"
         state = await console.s.tasks.cancel(task_id, reason, actor=who)
         return f"task {task_id} cancelled by {who}", {"task": state.to_dict()}
 
     async def task_requeue(request: Request, f: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        who = actor_of(request)
         from cflow.ui.operate import requeue
 
         task_id = request.path_params["task_id"]
-        new = await requeue(console.s, task_id)
+        new = await requeue(console.s, task_id, by=who)
         return (f"task {task_id} requeued by {who} as {new.task_id}",
                 {"task": new.to_dict(), "requeued_from": task_id})
 
@@ -482,6 +566,7 @@ def create_app(console: Console) -> Starlette:
         Route("/healthz", healthz, methods=get),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=get),
         Route("/login", login, methods=get),
+        Route("/login", login_nats, methods=post),
         Route("/logout", logout, methods=post),
         Route("/board", handles(board_page), methods=get),
         Route("/board/rows", handles(board_rows), methods=get),

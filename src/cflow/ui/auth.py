@@ -15,17 +15,22 @@
   rebinding) cannot read it through a visitor's browser.
 
 Every write is done as the operator the token belongs to: the events it
-appends carry ``ui:<operator>`` as their actor.
+appends carry ``ui:<operator>`` as their actor. Instead of the token, a person
+may log in with a NATS user of this swarm (``cfctl creds``; the console asks
+the NATS server to accept the user and password, and only a server that
+requires users counts): their writes then carry ``nats:<user>``.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COOKIE = "cflow_ui"
+SESSION_COOKIE = "cflow_ui_session"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -34,19 +39,35 @@ class Access:
     token: str
     operator: str
     reads_need_token: bool = False
+    # Browser sessions of people who logged in with a NATS user: session id -> actor.
+    sessions: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def actor(self) -> str:
         return f"ui:{self.operator}"
 
     def presented(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
-        """How the request proves the token: "bearer", "cookie", or None."""
+        """How the request proves who it is: "bearer", "cookie", "session", or None."""
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer ") and _same(auth[7:].strip(), self.token):
             return "bearer"
         if _same(cookies.get(COOKIE, ""), self.token):
             return "cookie"
+        if cookies.get(SESSION_COOKIE, "") in self.sessions:
+            return "session"
         return None
+
+    def identity(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
+        """The actor a request acts as: the token's operator, or the NATS user it logged in as."""
+        if self.presented(headers, cookies) == "session":
+            return self.sessions[cookies[SESSION_COOKIE]]
+        return self.actor
+
+    def open_session(self, nats_user: str) -> str:
+        """A browser session for someone NATS accepted as ``nats_user``; returns its id."""
+        sid = secrets.token_urlsafe(24)
+        self.sessions[sid] = f"nats:{nats_user}"
+        return sid
 
     def host_allowed(self, host: str) -> bool:
         """A loopback console answers only to loopback names: a page of another site
@@ -66,7 +87,7 @@ class Access:
         if how is None:
             return ("this action needs the console's token (printed by `cfctl ui`): "
                     "open its /login?token=... link, or send Authorization: Bearer TOKEN")
-        if how == "cookie" and headers.get("hx-request", "").lower() != "true":
+        if how in ("cookie", "session") and headers.get("hx-request", "").lower() != "true":
             return "a write carried by the login cookie must come from the console's own page"
         return None
 
@@ -94,4 +115,4 @@ def listener_problem(host: str, reads_need_token: bool) -> str | None:
             "page then needs the token) or listen on 127.0.0.1")
 
 
-__all__ = ["COOKIE", "LOOPBACK", "Access", "listener_problem", "operator_problem"]
+__all__ = ["COOKIE", "LOOPBACK", "SESSION_COOKIE", "Access", "listener_problem", "operator_problem"]

@@ -4,8 +4,8 @@ Requeue: the task state machine has no way back from ``failed``, ``cancelled``
 or ``blocked`` (a finished task stays finished, so its history stays true), so
 the console requeues such a task as a **new** task with the same title, body,
 priority, capabilities, labels, parent, dependencies and retry policy, labelled
-``requeued_from=<old id>``. The new task is created by the operator
-(``created_by`` = ``ui:<operator>``). A task that is still live (pending,
+``requeued_from=<old id>`` and ``requeued_by=<who clicked>``. The new task is
+created by the console (``created_by`` = ``ui:<operator>``). A task that is still live (pending,
 ready, claimed, expired) is refused: it will run or be reclaimed as it is.
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 REQUEUABLE = frozenset({"failed", "cancelled", "blocked"})
 
 
-async def requeue(swarm: Swarm, task_id: str) -> TaskState:
+async def requeue(swarm: Swarm, task_id: str, *, by: str = "") -> TaskState:
     """Create a fresh copy of a failed, cancelled or blocked task.
 
     Raises:
@@ -37,6 +37,8 @@ async def requeue(swarm: Swarm, task_id: str) -> TaskState:
         raise InvalidState(f"task {task_id} is {old.status}; only failed, cancelled or "
                            "blocked tasks are requeued", task_id=task_id, status=old.status)
     labels = {**old.labels, "requeued_from": task_id}
+    if by:
+        labels["requeued_by"] = by  # the creator of record is the console's own identity
     return await swarm.tasks.create(
         old.title, body=old.body, priority=old.priority, capabilities=old.capabilities,
         depends_on=old.depends_on, parent_id=old.parent_id, lease_ttl_s=old.lease_ttl_s,
