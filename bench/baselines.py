@@ -20,6 +20,16 @@ async def machine(ctx: Ctx) -> None:
         rtt = await asyncio.to_thread(raw_nats.loopback_rtt, int(ctx.pick(500, 3000)))
         ctx.rec.add("machine.loopback.rtt_p50", rtt["p50"], label="loopback TCP round trip p50",
                     unit="ms", section="0 machine", is_baseline=True)
+        wake = await asyncio.to_thread(raw_nats.send_wake_cost, int(ctx.pick(2000, 5000)))
+        ctx.rec.add("machine.send.busy_us", wake["busy_us"],
+                    label="send() to a busy peer process", unit="us", section="0 machine",
+                    is_baseline=True, note="300 B over loopback TCP; the peer is reading")
+        ctx.rec.add("machine.send.wake_us", wake["wake_us"],
+                    label="send() that wakes an idle peer process", unit="us",
+                    section="0 machine", baseline="machine.send.busy_us",
+                    note="the sender pays the wake-up of a process asleep on another "
+                         "vCPU: every flush to an idle server and every answer to an "
+                         "idle client costs this")
 
 
 async def raw(ctx: Ctx) -> None:

@@ -36,6 +36,47 @@ def fsync_rate(directory: Path, seconds: float) -> float:
         path.unlink(missing_ok=True)
 
 
+def send_wake_cost(samples: int, idle_s: float = 0.0005) -> dict[str, float]:
+    """Microseconds one ``send()`` of 300 B costs the sender: to a peer process busy
+    reading (``busy_us``) and to one asleep in ``recv`` (``wake_us``).
+
+    On a virtual machine, waking a process that sleeps on another vCPU is paid
+    by the sender: every flush a client sends an idle nats-server, and every
+    answer the server sends an idle client, pays it.
+    """
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:  # the peer process: read until closed
+        try:
+            conn, _ = srv.accept()
+            while conn.recv(65536):
+                pass
+        finally:
+            os._exit(0)
+    srv.close()
+    cli = socket.create_connection(("127.0.0.1", port))
+    cli.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out: dict[str, float] = {}
+    try:
+        for name, gap in (("busy_us", 0.0), ("wake_us", idle_s)):
+            spent = 0.0
+            for _ in range(samples):
+                t0 = time.perf_counter()
+                cli.send(b"x" * 300)
+                spent += time.perf_counter() - t0
+                until = time.perf_counter() + gap
+                while time.perf_counter() < until:  # stay on the CPU; the peer sleeps
+                    pass
+            out[name] = spent / samples * 1e6
+    finally:
+        cli.close()
+        os.waitpid(pid, 0)
+    return out
+
+
 def loopback_rtt(samples: int) -> dict[str, float]:
     """One-byte ping-pong over a loopback TCP connection (TCP_NODELAY)."""
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -206,3 +206,28 @@ async def test_a_subscriber_from_a_later_sequence_gets_only_what_follows(swarm: 
         assert from_now.seqs == [new_seq]
     finally:
         await stop_tasks([runner])
+
+
+@pytest.mark.integration
+async def test_a_late_subscriber_catches_up_when_the_stream_ends_with_other_events(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    # The first subscriber starts after a non-task event (an agent registering), so
+    # the range a later subscriber must replay ends with no task event at its end.
+    old = await swarm.tasks.create("old")
+    await swarm.agents.register("someone", ["py"])
+    start = await swarm.log.stream_last_seq() + 1
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="fresh") as fresh:
+        first = Recorder(fresh.feed, "first", start_seq=start)
+        everything = Recorder(fresh.feed, "everything")
+        runners = [asyncio.create_task(first.run())]
+        try:
+            await asyncio.wait_for(first.caught_up.wait(), 10)
+            runners.append(asyncio.create_task(everything.run()))
+            # Caught up on history without waiting for news.
+            await asyncio.wait_for(everything.caught_up.wait(), 10)
+            assert everything.seqs == [await swarm.log.last_seq("task", old.task_id)]
+            new = await swarm.tasks.create("new")
+            await everything.reaches(await swarm.log.last_seq("task", new.task_id))
+            assert len(everything.seqs) == 2 and first.seqs == everything.seqs[1:]
+        finally:
+            await stop_tasks(runners)

@@ -318,6 +318,47 @@ class BreakerClosed(EventData, frozen=True, kw_only=True):
     scope: str
 
 
+# Merge queue (cflow.gitflow): one entity per merge request, named by its task id.
+
+MergeCause = Literal["conflict", "check", "missing"]
+
+
+class MergeRequested(EventData, frozen=True, kw_only=True):
+    """A finished attempt asks for its branch to be merged into ``target``."""
+
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    epoch: int  # the claim whose work this is; merged only once that claim completed
+    branch: str
+    head: str  # the branch commit to merge
+    target: str = "main"
+    priority: int = 0
+    title: str = ""
+    origin: str | None = None  # the task whose branch this continues (after a rejection)
+
+
+class Merged(EventData, frozen=True, kw_only=True):
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    head: str
+    target: str
+    previous: str  # the target's commit before the merge
+    commit: str  # the target's commit after it
+    merger: str
+    check_s: float | None = None
+
+
+class MergeRejected(EventData, frozen=True, kw_only=True):
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    head: str
+    target: str
+    cause: MergeCause
+    output: str = ""  # the conflict or the failing check's output (its tail)
+    merger: str = ""
+    retry_task: str | None = None  # the new attempt that starts from the branch
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.__name__: cls
     for cls in (
@@ -348,6 +389,9 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         BudgetExceeded,
         BreakerOpened,
         BreakerClosed,
+        MergeRequested,
+        Merged,
+        MergeRejected,
     )
 }
 
@@ -498,6 +542,9 @@ __all__ = [
     "EventData",
     "MemoryDeleted",
     "MemoryStored",
+    "MergeRejected",
+    "MergeRequested",
+    "Merged",
     "MessageAcked",
     "MessageSent",
     "PathsReleased",

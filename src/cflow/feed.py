@@ -142,6 +142,7 @@ class TaskSubscription:
         self.queue: asyncio.Queue[_Delivery] = asyncio.Queue()
         self.replay_to = 0  # read up to here from the log, not from the feed
         self._replay: AsyncGenerator[StoredEvent | BadMessage, None] | None = None
+        self._replay_done = asyncio.Event()  # the replay handed out the last stored event
 
     def __repr__(self) -> str:
         return f"TaskSubscription({self.name}, next_seq={self.next_seq})"
@@ -166,7 +167,11 @@ class TaskSubscription:
         while True:
             item: StoredEvent | BadMessage
             if self.next_seq <= self.replay_to:
-                item = await self._replayed()
+                replayed = await self._replayed()
+                if replayed is None:  # no more task events up to replay_to
+                    self.next_seq = self.replay_to + 1
+                    continue
+                item = replayed
             else:
                 self._check_caught_up()
                 got = await self.queue.get()
@@ -186,11 +191,31 @@ class TaskSubscription:
         if point is not None and self.next_seq > max(point, self.replay_to):
             self.caught_up.set()
 
-    async def _replayed(self) -> StoredEvent | BadMessage:
-        """The next event of the range the feed had passed when we subscribed."""
+    async def _replayed(self) -> StoredEvent | BadMessage | None:
+        """The next event of the range the feed had passed when we subscribed, or
+        None when the log holds no more task events in that range (it may end with
+        events of other kinds: then no item reaches ``replay_to``)."""
         if self._replay is None:
-            self._replay = self.feed.log.follow(self.feed.filter, start_seq=self.next_seq)
-        item = await anext(self._replay)
+            self._replay_done = asyncio.Event()
+            self._replay = self.feed.log.follow(self.feed.filter, start_seq=self.next_seq,
+                                                caught_up=self._replay_done)
+        elif self._replay_done.is_set():  # the last stored one was handed out already
+            await self._close_replay()
+            return None
+        step = asyncio.ensure_future(anext(self._replay))
+        done = asyncio.ensure_future(self._replay_done.wait())
+        try:
+            await asyncio.wait({step, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
+            if not step.done():  # nothing was stored (set at once, nothing to yield)
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+        if step.cancelled():
+            await self._close_replay()
+            return None
+        item = step.result()
         if item.seq >= self.replay_to:
             await self._close_replay()
         return item

@@ -204,6 +204,17 @@ class Lease:
         return await self.service.fail(self.task_id, self.epoch, error, retry=retry,
                                        cost_usd=cost_usd, known=self.task, agent=self.owner)
 
+    async def checkpoint(self, data: str) -> int:
+        """Save progress for the next attempt (``CFLOW_CHECKPOINT``); fenced like a result.
+
+        A note with artifact ``checkpoint``, accepted only from the holder of record.
+
+        Raises:
+            LeaseLost / NotHolder: this holder was fenced off.
+        """
+        return await self.service.note(self.task_id, data, epoch=self.epoch,
+                                       artifact="checkpoint", actor=self.owner)
+
     async def release(self, reason: str = "") -> TaskState:
         return await self.service.release(self.task_id, self.epoch, reason, known=self.task,
                                           agent=self.owner)

@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "import_cmds",
     "mcp_cmds",
     "ops_cmds",
+    "merge_cmds",
     "ui_cmds",
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -36,6 +36,16 @@ def _executor(
 
     return ClaudeExecutor(max_turns=max_turns, max_budget_usd=max_budget_usd, timeout_s=timeout,
                           extra_args=claude_args)
+
+
+def _in_repo(executor: Executor, swarm: Any, repo: str | None, base: str,
+             wip_every: float) -> Executor:
+    """--repo: a worktree per claim (cflow.gitflow); else previous attempts' context only."""
+    from cflow.gitflow.executor import GitExecutor, WithPrevious
+
+    if repo is None:
+        return WithPrevious(executor, swarm)
+    return GitExecutor(executor, swarm, repo, base=base, wip_every_s=wip_every)
 
 
 @app.command("worker")
@@ -76,6 +86,13 @@ def worker(
     max_tasks: int | None = typer.Option(
         None, "--max-tasks", help="Drain and exit after claiming this many tasks."),
     claim_wait: float = typer.Option(30.0, "--claim-wait", hidden=True),
+    repo: str | None = typer.Option(
+        None, "--repo", help="Run each task in a fresh git worktree of this remote (dir or URL) "
+        "on branch cflow/<task-id>; finished work is queued for `cfctl merge-queue`."),
+    base: str = typer.Option("main", "--base", help="With --repo: the branch tasks start from."),
+    wip_every: float = typer.Option(
+        10.0, "--wip-every", min=0.2, help="With --repo: commit and push work in progress "
+        "this often (seconds)."),
 ) -> None:
     """Claim tasks and run them (subprocess, Docker container or `claude -p`) until stopped.
 
@@ -110,7 +127,8 @@ def worker(
 
         await executor.check()  # fail fast: no claude binary, no docker engine
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
-            w = Worker(swarm, executor, WorkerOptions(
+            runner = _in_repo(executor, swarm, repo, base, wip_every)
+            w = Worker(swarm, runner, WorkerOptions(
                 name=who, capabilities=capabilities_of(capability), labels=labels,
                 concurrency=concurrency, url=c.url, lease_ttl_s=lease_ttl,
                 drain_grace_s=drain_grace, max_tasks=max_tasks, claim_wait_s=claim_wait),
@@ -138,13 +156,29 @@ def demo(
     lease_ttl: float = typer.Option(3.0, "--lease-ttl", min=1.0, help="Lease TTL of demo tasks."),
     work_s: float = typer.Option(1.5, "--work", help="Mean seconds one task works."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the task durations."),
+    git: bool = typer.Option(
+        False, "--git", help="Instead: agents in git worktrees of a generated repository, "
+        "a few conflicting tasks, the merge queue, ending with the merged log."),
 ) -> None:
     """A guided tour: a task DAG drained by N real worker processes, one killed -9 half-way."""
+    if git:
+        _git_demo(ctx, agents)
+        return
     from cflow.demo import DemoOptions, run_demo
 
     c = state(ctx)
     opts = DemoOptions(agents=agents, tasks=tasks, kill=kill, lease_ttl_s=lease_ttl,
                        work_s=work_s, url=c.url, swarm=None, json=c.json, seed=seed)
     summary = run(ctx, lambda: run_demo(opts))
+    if c.json:
+        emit(ctx, summary)
+
+
+def _git_demo(ctx: typer.Context, agents: int) -> None:
+    from cflow.demo_git import GitDemoOptions, run_git_demo
+
+    c = state(ctx)
+    opts = GitDemoOptions(agents=agents, url=c.url, json=c.json)
+    summary = run(ctx, lambda: run_git_demo(opts))
     if c.json:
         emit(ctx, summary)

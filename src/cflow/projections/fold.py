@@ -366,6 +366,8 @@ class BatchFold:
                 return [("reservations", event.entity_id, row)]
         if kind == "control":
             return self._control(event, when)
+        if kind == "merge":  # merge queue analytics are SQL over `events` (cflow.gitflow)
+            return []
         raise ValueError(f"no projection for {event.type} on entity kind {kind}")
 
     def _task(self, seq: int, event: ev.Event, when: datetime) -> list[Put]:

@@ -93,7 +93,7 @@ class ClaudeExecutor(SubprocessExecutor):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
-            cwd=self.cwd or os.getcwd(),
+            cwd=ctx.workdir or self.cwd or os.getcwd(),
             start_new_session=True,
             preexec_fn=_parent_death_signal(),
         )

@@ -169,8 +169,9 @@ class DockerExecutor:
 
     async def run(self, ctx: TaskContext) -> Outcome:
         client = await self.client()
+        workspace = Path(ctx.workdir) if ctx.workdir else self.workspace  # --repo: the worktree
         config = container_config(self.image, ctx, command=self.command, network=self.network,
-                                  workspace=self.workspace, cpus=self.cpus, memory=self.memory)
+                                  workspace=workspace, cpus=self.cpus, memory=self.memory)
 
         def create() -> Any:
             with docker_errors(self.image):

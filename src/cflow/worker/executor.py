@@ -34,6 +34,10 @@ class TaskContext:
     capabilities: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float | None = None  # the task's start-to-close timeout, if any
+    # Where the task runs (a git worktree with ``--repo``; None: the executor's own
+    # choice) and what else its environment carries (branch, previous attempts).
+    workdir: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         """The environment a task's process sees (on top of the worker's own)."""
@@ -46,6 +50,7 @@ class TaskContext:
             "CFLOW_URL": self.url,
             "CFLOW_SWARM": self.swarm,
             "CFLOW_AGENT": self.agent,
+            **self.extra_env,
         }
 
 

@@ -79,7 +79,7 @@ class SubprocessExecutor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
-            cwd=self.cwd,
+            cwd=ctx.workdir or self.cwd,
             start_new_session=True,  # its own process group, killed as a whole
             preexec_fn=_parent_death_signal(),
         )

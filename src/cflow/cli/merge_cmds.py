@@ -1,0 +1,151 @@
+"""`cfctl merge-queue` (run a merger), `cfctl merges` (the queue), `cfctl task checkpoint`,
+and the ``merges`` kind of `cfctl report`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, group, run, state
+from cflow.cli.projection_cmds import REPORTS
+from cflow.gitflow.report import MERGES_SQL
+
+# `cfctl report merges`: SQL over the projection's events (see cflow.gitflow.report).
+REPORTS["merges"] = ("merges: lead time, rejection rate, causes", MERGES_SQL)
+
+
+@app.command("merge-queue")
+def merge_queue(
+    ctx: typer.Context,
+    repo: str = typer.Option(..., "--repo", help="The shared remote (a directory or a URL)."),
+    target: str = typer.Option("main", "--target", help="The branch merged into."),
+    check: str | None = typer.Option(
+        None, "--check", help="Shell command that must pass on the merge result."),
+    check_timeout: float = typer.Option(600.0, "--check-timeout", min=1.0),
+    lease_ttl: float = typer.Option(
+        10.0, "--lease-ttl", min=1.0, help="Seconds until another merger takes over a dead one."),
+    name: str | None = typer.Option(None, "--name", help="Agent name (default: host-pid)."),
+    until_idle: bool = typer.Option(
+        False, "--until-idle", help="Exit when nothing is queued and no task is open."),
+) -> None:
+    """Run the merge queue: merge finished task branches one at a time, check, push.
+
+    One merger per target holds the queue (a swarm-wide lease); start several on
+    different machines and the others wait, taking over within --lease-ttl when the
+    holder dies.
+    """
+    c = state(ctx)
+    who = agent_name(name)
+
+    def show(kind: str, text: str) -> None:
+        if not c.json:
+            sys.stderr.write(f"[{who}] {kind}: {text}\n")
+            sys.stderr.flush()
+
+    async def body() -> dict[str, Any]:
+        from cflow.gitflow.merger import Merger
+        from cflow.swarm import Swarm
+
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
+            merger = Merger(swarm, repo, target=target, check=check,
+                            check_timeout_s=check_timeout, lease_ttl_s=lease_ttl, on_event=show)
+            merger.install_signal_handlers()
+            stats = await merger.run(until_idle=until_idle)
+            return {"agent": who, **stats.to_dict()}
+
+    def human(d: dict[str, Any]) -> None:
+        sys.stderr.write(f"[{who}] stopped: {d['merged']} merged, {d['rejected']} rejected, "
+                         f"{d['recovered']} found merged already\n")
+
+    emit(ctx, run(ctx, body), human)
+
+
+@app.command("merges")
+def merges(
+    ctx: typer.Context,
+    show_all: bool = typer.Option(False, "--all", help="Also merged and rejected requests."),
+    summary: bool = typer.Option(
+        False, "--summary", help="Lead time, rejection rate and causes instead of the list."),
+) -> None:
+    """List the merge queue (priority, then arrival), or its summary."""
+    c = state(ctx)
+
+    async def body() -> list[Any]:
+        from cflow.gitflow.merger import read_queue
+        from cflow.swarm import Swarm
+
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=agent_name(None)) as swarm:
+            return list((await read_queue(swarm)).values())
+
+    requests = run(ctx, body)
+    if summary:
+        from cflow.gitflow.report import merge_summary
+
+        emit(ctx, merge_summary(requests))
+        return
+    rows = sorted((r for r in requests if show_all or r.status == "queued"),
+                  key=lambda r: (r.status != "queued", -r.priority, r.seq))
+
+    def human(items: list[dict[str, Any]]) -> None:
+        if not items:
+            sys.stdout.write("merge queue empty\n")
+        for r in items:
+            extra = r["commit"][:12] if r["commit"] else (r["cause"] or "")
+            sys.stdout.write(f"{r['status']:<9} {r['task_id']}  {r['branch']} "
+                             f"{r['head'][:12]} -> {r['target']}  {extra}  {r['title']}\n")
+
+    emit(ctx, [r.to_dict() for r in rows], human)
+
+
+@app.command("merge-gate")
+def merge_gate(
+    ctx: typer.Context,
+    task_id: str = typer.Argument(..., help="The task whose merge others wait for."),
+) -> None:
+    """Print the id of a gate the merger opens once TASK_ID's work is merged (made if needed).
+
+    Dependents that must wait for the merge, not only the completion:
+    cfctl task add "B" --after "$(cfctl merge-gate A)"
+    """
+    c = state(ctx)
+
+    async def body() -> str:
+        from cflow.gitflow.merger import create_merge_gate
+        from cflow.swarm import Swarm
+
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=agent_name(None)) as swarm:
+            return await create_merge_gate(swarm, task_id)
+
+    gate = run(ctx, body)
+    emit(ctx, {"gate": gate, "task_id": task_id}, gate)
+
+
+task_app = group("task", "Create, claim and finish tasks.")
+
+
+@task_app.command("checkpoint")
+def task_checkpoint(
+    ctx: typer.Context,
+    task_id: str = typer.Argument(..., help="The task you hold."),
+    data: str = typer.Argument(..., help="What the next attempt needs ('-': read stdin)."),
+    epoch: int = typer.Option(..., "--epoch", help="Your claim's epoch ($CFLOW_EPOCH)."),
+    agent: str | None = typer.Option(None, "--agent", help="The holder (default $CFLOW_AGENT)."),
+) -> None:
+    """Save a checkpoint for the next attempt (it gets it as $CFLOW_CHECKPOINT); holder only."""
+    c = state(ctx)
+    if epoch <= 0:
+        fail("--epoch must be the positive epoch of your claim", EXIT_USAGE)
+    text = sys.stdin.read() if data == "-" else data
+    who = agent_name(agent)
+
+    async def body() -> dict[str, Any]:
+        from cflow.swarm import Swarm
+
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
+            seq = await swarm.tasks.note(task_id, text, epoch=epoch, artifact="checkpoint")
+            return {"task_id": task_id, "epoch": epoch, "seq": seq}
+
+    result = run(ctx, body)
+    emit(ctx, result, f"checkpoint of {task_id} stored (seq {result['seq']})")

@@ -1,0 +1,507 @@
+"""``cfctl merge-queue``: one merger at a time merges finished task branches into the target.
+
+Theory of operation
+-------------------
+*One merger per target, swarm-wide.* A merger holds an exclusive path
+reservation on ``.cflow/merge-queue/<target>`` (cflow's lease machinery: a KV
+key with a server-side TTL, renewed by compare-and-set). A second merger, on
+any machine, waits for it and takes over within one TTL when the first dies.
+A merger that loses its reservation stops before its next push.
+
+*One request at a time*, in the order of :func:`cflow.gitflow.queue.queue_order`
+(the task's priority, then arrival), once the requesting claim has completed:
+
+1. fetch the target and the branch; when the requested head is already in the
+   target (a merger died after pushing, before recording), record ``Merged``
+   without merging again;
+2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
+   commit names the task); a conflict rejects it with the conflicted hunks;
+3. run the check command there; a red check rejects it with its output's tail;
+4. push the target *expecting the commit it merged onto* (never a blind force;
+   if the target moved meanwhile, start over from 1) and record ``Merged``.
+
+A rejection creates the task's next attempt first (idempotent: a new task that
+continues the branch, label ``cflow.branch``, with the rejection in its body and
+``cflow.rebase=1``, so its worktree merges the new target in and leaves the
+conflicts to resolve), then records ``MergeRejected`` naming it. Every verdict
+is appended with the request's last sequence as the expected one, so a request
+is decided once, whichever merger gets there first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cflow import events as ev
+from cflow.errors import (
+    CflowError,
+    ConcurrencyConflict,
+    InvalidState,
+    NotFound,
+    ReservationConflict,
+    Unavailable,
+)
+from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
+from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
+from cflow.gitflow.worktrees import WorkArea
+from cflow.streams import StoredEvent, names
+
+if TYPE_CHECKING:
+    from cflow.reservations import Reservation
+    from cflow.swarm import Swarm
+
+log = logging.getLogger("cflow.merger")
+
+DEFAULT_LEASE_TTL_S = 10.0
+OUTPUT_CAP = 8 * 1024
+IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+
+
+def merger_path(target: str) -> str:
+    return f".cflow/merge-queue/{target}"
+
+
+async def read_queue(swarm: Swarm) -> dict[str, MergeRequest]:
+    """Every merge request of the swarm, folded from the event stream."""
+    items = await swarm.log.read(names.events_filter(swarm.name, "merge"))
+    return fold_merges((i.seq, i.event, i.time_ms) for i in items if isinstance(i, StoredEvent))
+
+
+def merge_gate_key(task_id: str) -> str:
+    return f"merge-gate-{task_id}"
+
+
+async def create_merge_gate(swarm: Swarm, task_id: str) -> str:
+    """A gate the merger approves once ``task_id``'s work is merged (idempotent); returns its id.
+
+    Tasks that must wait for the merge, not merely the completion, depend on it
+    (``cfctl task add ... --after "$(cfctl merge-gate TASK)"``). A task whose merge
+    was rejected opens the gate when its retry merges.
+
+    Raises:
+        NotFound: no such task.
+    """
+    task = await swarm.tasks.get(task_id)
+    gate = await swarm.tasks.create(f"merged: {task.title}", kind="gate",
+                                    idempotency_key=merge_gate_key(task_id),
+                                    labels={"cflow.merge_gate": task_id})
+    return gate.task_id
+
+
+async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
+    """No open task, no request left to decide, every rejection's retry finished."""
+    if any(not t.terminal for t in await swarm.tasks.list()):
+        return False
+    for request in queue.values():
+        follow_up = request.task_id if request.status == "queued" else request.retry_task
+        if follow_up is None or request.status == "merged":
+            continue
+        try:  # authoritative: the board may not have seen a retry created just now
+            task = await swarm.tasks.get(follow_up)
+        except NotFound:
+            continue
+        if not task.terminal:
+            return False
+        if request.status == "queued" and task.status == "completed" \
+                and task.epoch == request.epoch:
+            return False  # completed, not merged yet
+    return True
+
+
+@dataclass(frozen=True)
+class Refusal:
+    cause: str
+    output: str
+
+
+@dataclass
+class MergerStats:
+    merged: int = 0
+    rejected: int = 0
+    recovered: int = 0  # found already in the target (a merger died before recording)
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Merger:
+    """Runs the merge queue of ``target`` on ``remote`` for one swarm."""
+
+    def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
+                 check: str | None = None, check_timeout_s: float = 600.0,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        self.swarm = swarm
+        self.target = target
+        self.check_cmd = check
+        self.check_timeout_s = check_timeout_s
+        self.lease_ttl_s = lease_ttl_s
+        self.area = area or WorkArea(remote)
+        self.stats = MergerStats()
+        self.stopping = asyncio.Event()
+        self.holding = asyncio.Event()  # set while this merger holds the queue
+        self._on_event = on_event
+        self._wake = asyncio.Event()
+        self.queue: dict[str, MergeRequest] = {}  # folded from the merge events as they come
+        self._queue_caught_up = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    def _emit(self, kind: str, text: str) -> None:
+        log.info("%s: %s", kind, text)
+        if self._on_event is not None:
+            self._on_event(kind, text)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, *, until_idle: bool = False) -> MergerStats:
+        """Hold the queue and merge until stopped (or, ``until_idle``, until nothing is queued
+        and no task that may still request a merge is open).
+
+        Raises:
+            GitError: git missing or the remote unreachable.
+        """
+        await self.area.open()
+        try:
+            target_ref = f"refs/heads/{self.target}"
+            if (await self.area.heads(target_ref))[target_ref] is None:
+                raise GitError(f"{self.area.remote} has no branch {self.target!r}",
+                               base=self.target)
+            watcher = asyncio.create_task(self._watch(), name="merge-watch")
+            self._watcher = watcher
+            try:
+                while not self.stopping.is_set():
+                    reservation = await self._acquire()
+                    if reservation is None:
+                        break
+                    lost = asyncio.Event()
+                    async with self.swarm.reservations.keep_alive(
+                            reservation, interval_s=self.lease_ttl_s / 3,
+                            on_lost=self._lost_callback(lost)):
+                        self.holding.set()
+                        self._emit("holding", f"merge queue of {self.target!r}")
+                        try:
+                            done = await self._drain(lost, until_idle=until_idle)
+                        finally:
+                            self.holding.clear()
+                    if done:
+                        with contextlib.suppress(CflowError):
+                            await self.swarm.reservations.release(
+                                reservation.owner, reservation_id=reservation.id,
+                                reason="merger stopped")
+                        break
+                    self._emit("lost", "the merge queue lease was lost; waiting to take it again")
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+                await self.area.remove(self.area.worktrees / "merge")
+        finally:
+            self.area.close()
+        return self.stats
+
+    def _lost_callback(self, lost: asyncio.Event) -> Callable[[Reservation], None]:
+        def on_lost(_: Reservation) -> None:
+            lost.set()
+            self._wake.set()
+
+        return on_lost
+
+    async def _acquire(self) -> Reservation | None:
+        waited = False
+        while not self.stopping.is_set():
+            try:
+                return await self.swarm.reservations.reserve(
+                    [merger_path(self.target)], exclusive=True, ttl_s=self.lease_ttl_s)
+            except ReservationConflict as exc:
+                if not waited:
+                    self._emit("waiting", f"another merger holds the queue ({exc})")
+                    waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, self.lease_ttl_s / 4)):
+                    await self.stopping.wait()
+        return None
+
+    async def _watch(self) -> None:
+        """Fold the merge events as they come; wake the merge loop on them and on task events."""
+        async def tasks() -> None:
+            board = await self.swarm.tasks.ensure_board()  # the feed follows from the start
+            async with self.swarm.feed.subscribe("merger", start_seq=board.last_seq + 1
+                                                 ) as events:
+                async for _ in events:
+                    self._wake.set()
+
+        watching = asyncio.create_task(tasks(), name="merger-task-events")
+        try:
+            async for item in self.swarm.log.follow(
+                    names.events_filter(self.swarm.name, "merge"),
+                    caught_up=self._queue_caught_up):
+                if isinstance(item, StoredEvent):
+                    apply_merge(self.queue, item.seq, item.event, item.time_ms)
+                self._wake.set()
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
+        """Merge requests while holding the queue. True: stop for good; False: lease lost."""
+        await self._caught_up()
+        await self._open_gates()
+        while not self.stopping.is_set():
+            if lost.is_set():
+                return False
+            self._wake.clear()
+            request = await self._next()
+            if request is not None:
+                try:
+                    await self.process(request, lost)
+                except GitError as exc:  # the remote unreachable, a broken clone, ...
+                    self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self.stopping.wait()
+                continue
+            if until_idle and await self._idle():
+                return True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(IDLE_WAKE_S):
+                    await self._wake.wait()
+        return True
+
+    async def _caught_up(self) -> None:
+        """Until the queue is folded up to now; a watcher that died raises its error."""
+        assert self._watcher is not None
+        waiter = asyncio.create_task(self._queue_caught_up.wait())
+        try:
+            await asyncio.wait({waiter, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self._queue_caught_up.is_set():
+            self._watcher.result()  # re-raise why following stopped
+            raise Unavailable("the merge events could not be followed")
+
+    async def _idle(self) -> bool:
+        return await settled(self.swarm, self.queue)
+
+    async def _next(self) -> MergeRequest | None:
+        """The first queued request whose claim has completed (priority, then arrival)."""
+        board = await self.swarm.tasks.ensure_board()
+        ready: list[tuple[tuple[int, int], MergeRequest]] = []
+        for request in queue_order(self.queue.values(), self.target):
+            task = board.get(request.task_id)
+            if task is None or task.status != "completed" or task.epoch != request.epoch:
+                continue  # still running, or a superseded attempt's request
+            ready.append(((-task.priority, request.seq), request))
+        for _, request in sorted(ready, key=lambda item: item[0]):
+            with contextlib.suppress(NotFound):  # the board may lag: ask the task's log
+                task = await self.swarm.tasks.get(request.task_id)
+                if task.status == "completed" and task.epoch == request.epoch:
+                    return request
+        return None
+
+    # -------------------------------------------------------------- one request
+
+    async def process(self, request: MergeRequest, lost: asyncio.Event) -> None:
+        """Merge one request or reject it (see the module doc)."""
+        target_ref = f"refs/heads/{self.target}"
+        branch_ref = f"refs/heads/{request.branch}"
+        while not lost.is_set():
+            heads = await self.area.heads(target_ref, branch_ref)
+            before = heads[target_ref]
+            if before is None:
+                raise GitError(f"the remote has no branch {self.target!r}", base=self.target)
+            if not await _has_commit(self.area, request.head):
+                await self._reject(request, "missing", f"commit {request.head} of "
+                                   f"{request.branch} is not on the remote")
+                return
+            if await _is_ancestor(self.area, request.head, before):
+                self.stats.recovered += 1
+                await self._record_merged(request, before, before, None)
+                return
+            path = await self.area.reuse("merge", before)  # one worktree, reset per request
+            verdict = await self._merge_and_check(request, path)
+            if isinstance(verdict, Refusal):
+                await self._reject(request, verdict.cause, verdict.output)
+                return
+            merged, check_s = verdict
+            if lost.is_set():
+                return  # fenced off before the push: the next holder redoes it
+            try:
+                await push_fenced(self.area.repo, merged, target_ref, before)
+            except PushRefused:
+                self._emit("retry", f"{self.target} moved during the merge of "
+                           f"{request.task_id}; merging again")
+                continue
+            await self._record_merged(request, before, merged, check_s)
+            return
+
+    async def _merge_and_check(self, request: MergeRequest, path: Path
+                               ) -> tuple[str, float | None] | Refusal:
+        """(merged commit, check seconds), or why the request is rejected."""
+        title = request.title or request.task_id
+        code, out, err = await git_status(
+            "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
+            "-m", f"Cflow-Task: {request.task_id}", request.head, cwd=path, env=IDENTITY)
+        if code != 0:
+            conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path,
+                                   check=False)
+            if not conflicted.strip():
+                raise GitError(f"merge of {request.branch} failed: {(out + err).strip()[-300:]}")
+            hunks = await git("diff", cwd=path, check=False)
+            await git_status("merge", "--abort", cwd=path)
+            text = (f"merge conflict in {', '.join(conflicted.split())} merging "
+                    f"{request.branch} into {self.target}\n{hunks}")
+            return Refusal("conflict", text[:OUTPUT_CAP])
+        merged = await git("rev-parse", "HEAD", cwd=path)
+        if not self.check_cmd:
+            return merged, None
+        self._emit("check", f"{request.task_id}: {self.check_cmd}")
+        started = time.monotonic()
+        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s)
+        if not ok:
+            return Refusal("check", output[-OUTPUT_CAP:])
+        return merged, round(time.monotonic() - started, 3)
+
+    async def _record_merged(self, request: MergeRequest, before: str, after: str,
+                             check_s: float | None) -> None:
+        try:
+            appended = await self.swarm.log.append(
+                ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
+                          previous=before, commit=after, merger=self.swarm.agent,
+                          check_s=check_s),
+                request.task_id, expected=request.last_seq,
+                msg_id=f"merged-{request.task_id}-{request.head}")
+        except ConcurrencyConflict:
+            await self._reread(request.task_id)  # decided by another merger
+            return
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        await self._open_gate(request)
+        self.stats.merged += 1
+        self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
+                   f"{after[:12]}")
+
+    async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
+        retry = await self._reopen(request, cause, output)
+        try:
+            appended = await self.swarm.log.append(
+                ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
+                                 cause=cause, output=output,  # type: ignore[arg-type]
+                                 merger=self.swarm.agent, retry_task=retry),
+                request.task_id, expected=request.last_seq,
+                msg_id=f"merge-rejected-{request.task_id}-{request.head}")
+        except ConcurrencyConflict:
+            await self._reread(request.task_id)
+            return
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        self.stats.rejected += 1
+        first = output.strip().splitlines()[0] if output.strip() else cause
+        self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+
+    async def _open_gate(self, request: MergeRequest) -> None:
+        """Approve the merge gate of the request's task chain, if someone made one."""
+        from cflow.leases import task_id_for_key
+
+        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
+                                                                  or request.task_id))
+        board = await self.swarm.tasks.ensure_board()
+        gate = board.get(gate_id)
+        if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return
+        try:
+            await self.swarm.control.approve(gate_id, f"merged: {request.branch}")
+        except (InvalidState, ConcurrencyConflict):
+            return  # decided meanwhile (another merger, a human)
+        self._emit("gate", f"{gate_id} opened: {request.branch} is merged")
+
+    async def _open_gates(self) -> None:
+        """At takeover: gates of merges recorded by a merger that died before opening them."""
+        for request in list(self.queue.values()):
+            if request.status == "merged":
+                await self._open_gate(request)
+
+    async def _reread(self, task_id: str) -> None:
+        for item in await self.swarm.log.entity_events("merge", task_id):
+            apply_merge(self.queue, item.seq, item.event, item.time_ms)
+
+    async def _reopen(self, request: MergeRequest, cause: str, output: str) -> str | None:
+        """The task's next attempt: a new task continuing its branch (idempotent)."""
+        try:
+            task = await self.swarm.tasks.get(request.task_id)
+        except NotFound:
+            return None
+        origin = request.origin or request.task_id
+        labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
+                  "cflow.rebase": "1", "cflow.retry_of": request.task_id}
+        created = await self.swarm.tasks.create(
+            task.title, body=task.body, priority=task.priority, capabilities=task.capabilities,
+            parent_id=task.parent_id, lease_ttl_s=task.lease_ttl_s,
+            max_attempts=task.max_attempts, start_to_close_s=task.start_to_close_s,
+            labels=labels, idempotency_key=f"merge-retry-{request.task_id}-{request.head}")
+        # The body stays the task's (it may be a script); the rejection reaches the next
+        # attempt as a note, in its CFLOW_PREVIOUS.
+        await self.swarm.tasks.note(
+            created.task_id, f"merge of {request.branch} into {self.target} rejected "
+            f"({cause}):\n{output}", artifact="merge")
+        return created.task_id
+
+
+async def _has_commit(area: WorkArea, sha: str) -> bool:
+    code, _, _ = await git_status("cat-file", "-e", f"{sha}^{{commit}}", cwd=area.repo)
+    return code == 0
+
+
+async def _is_ancestor(area: WorkArea, sha: str, of: str) -> bool:
+    code, _, _ = await git_status("merge-base", "--is-ancestor", sha, of, cwd=area.repo)
+    return code == 0
+
+
+async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, str]:
+    proc = await asyncio.create_subprocess_shell(
+        command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "CFLOW_MERGE_CHECK": "1"})
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return False, f"check timed out after {timeout_s:g} s: {command}"
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    text = out.decode(errors="replace")
+    if proc.returncode != 0:
+        return False, f"check failed (exit {proc.returncode}): {command}\n{text}"
+    return True, text
+
+
+__all__ = [
+    "Merger",
+    "MergerStats",
+    "create_merge_gate",
+    "merge_gate_key",
+    "merger_path",
+    "read_queue",
+    "settled",
+]

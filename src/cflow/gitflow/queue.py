@@ -1,0 +1,85 @@
+"""The merge queue as a fold of the ``merge`` events (pure: no I/O).
+
+Each merge request is one entity, named by the task whose attempt asked for it:
+``MergeRequested`` (one per attempt that finished with changes; the latest wins),
+then at most one ``Merged`` or ``MergeRejected`` for the head it asked for. The
+merger writes its verdict with the entity's last sequence as the expected one,
+so two mergers can never both decide the same request. The queue order is
+priority (high first), then arrival (stream sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cflow import events as ev
+
+MergeStatus = Literal["queued", "merged", "rejected"]
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    task_id: str
+    epoch: int
+    branch: str
+    head: str
+    target: str
+    priority: int
+    title: str
+    origin: str | None
+    seq: int  # the request's stream sequence (arrival order)
+    last_seq: int  # the entity's last sequence (the verdict's expected value)
+    requested_ms: int
+    status: MergeStatus = "queued"
+    decided_ms: int | None = None
+    cause: str | None = None
+    output: str = ""
+    commit: str | None = None
+    merger: str | None = None
+    retry_task: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def fold_merges(items: Iterable[tuple[int, ev.Event, int]]) -> dict[str, MergeRequest]:
+    """(seq, event, server ms) of merge events in stream order -> request per task id."""
+    out: dict[str, MergeRequest] = {}
+    for seq, event, at in items:
+        apply_merge(out, seq, event, at)
+    return out
+
+
+def apply_merge(out: dict[str, MergeRequest], seq: int, event: ev.Event, at: int) -> None:
+    """Fold one merge event into ``out`` (in place); an old or repeated one changes nothing."""
+    data = event.data
+    key = event.entity_id
+    old = out.get(key)
+    if old is not None and seq <= old.last_seq:
+        return
+    match data:
+        case ev.MergeRequested():
+            out[key] = MergeRequest(
+                task_id=data.task_id, epoch=data.epoch, branch=data.branch, head=data.head,
+                target=data.target, priority=data.priority, title=data.title,
+                origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
+        case ev.Merged() if old is not None:
+            out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
+                               commit=data.commit, merger=data.merger)
+        case ev.MergeRejected() if old is not None:
+            out[key] = replace(old, status="rejected", last_seq=seq, decided_ms=at,
+                               cause=data.cause, output=data.output, merger=data.merger,
+                               retry_task=data.retry_task)
+        case _ if old is not None:
+            out[key] = replace(old, last_seq=seq)
+
+
+def queue_order(requests: Iterable[MergeRequest], target: str) -> list[MergeRequest]:
+    """Queued requests for ``target``: priority (high first), then arrival."""
+    queued = [r for r in requests if r.status == "queued" and r.target == target]
+    return sorted(queued, key=lambda r: (-r.priority, r.seq))
+
+
+__all__ = ["MergeRequest", "MergeStatus", "apply_merge", "fold_merges", "queue_order"]

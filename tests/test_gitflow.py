@@ -1,0 +1,362 @@
+"""Worktree per claim, the branch as checkpoint, the merge queue: real git, real NATS.
+
+Every test makes a bare repository (the shared remote) and clones in a temp dir,
+runs real workers (in-process :class:`Worker` with the git executor, or `cfctl
+worker --repo` processes where a test kills one) and a real merger, and checks
+the target branch's history with git itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cflow import events as ev
+from cflow.gitflow.branch import start_attempt
+from cflow.gitflow.executor import GitExecutor
+from cflow.gitflow.git import PushRefused
+from cflow.gitflow.merger import Merger, read_queue
+from cflow.gitflow.queue import MergeRequest, fold_merges, queue_order
+from cflow.gitflow.report import MERGES_SQL, merge_summary
+from cflow.gitflow.worktrees import WorkArea
+from cflow.projections.projector import Projector
+from cflow.streams import names
+from cflow.swarm import Swarm
+from cflow.worker.runtime import Worker, WorkerOptions
+from cflow.worker.subprocess_exec import SubprocessExecutor
+from support import until
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def sh(*args: str, cwd: Path | None = None) -> str:
+    import os
+
+    out = subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                         env={**os.environ, **GIT_ENV})
+    return out.stdout.strip()
+
+
+def make_remote(tmp: Path, files: dict[str, str] | None = None) -> Path:
+    """A bare repository with one commit on main."""
+    remote = tmp / "remote.git"
+    sh("init", "--quiet", "--bare", "-b", "main", str(remote))
+    seed = tmp / "seed"
+    sh("clone", "--quiet", str(remote), str(seed))
+    sh("checkout", "--quiet", "-b", "main", cwd=seed)
+    for name, text in (files or {"README": "hello\n"}).items():
+        (seed / name).parent.mkdir(parents=True, exist_ok=True)
+        (seed / name).write_text(text)
+    sh("add", "-A", cwd=seed)
+    sh("commit", "--quiet", "-m", "initial", cwd=seed)
+    sh("push", "--quiet", "origin", "main", cwd=seed)
+    return remote
+
+
+def main_files(remote: Path, tmp: Path, ref: str = "main") -> dict[str, str]:
+    """The files of ``ref`` on the remote, read with git."""
+    names = sh("ls-tree", "-r", "--name-only", ref, cwd=remote).splitlines()
+    return {n: sh("show", f"{ref}:{n}", cwd=remote) for n in names}
+
+
+def first_parents(remote: Path, ref: str = "main") -> list[str]:
+    return sh("rev-list", "--first-parent", ref, cwd=remote).splitlines()
+
+
+@contextlib.asynccontextmanager
+async def git_worker(nats_url: str, swarm_name: str, remote: Path, root: Path, name: str,
+                     command: str, *, wip_every_s: float = 10.0, **opts: object
+                     ) -> AsyncIterator[Worker]:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent=name) as s:
+        exe = GitExecutor(SubprocessExecutor(command), s, str(remote),
+                          area=WorkArea(str(remote), root), wip_every_s=wip_every_s)
+        w = Worker(s, exe, WorkerOptions(name=name, url=nats_url, claim_wait_s=2.0,
+                                         **opts))  # type: ignore[arg-type]
+        run = asyncio.create_task(w.run())
+        try:
+            await asyncio.wait_for(w.started.wait(), 15)
+            yield w
+        finally:
+            w.drain()
+            try:
+                await asyncio.wait_for(run, 30)
+            finally:
+                if not run.done():
+                    run.cancel()
+
+
+@contextlib.asynccontextmanager
+async def merger(nats_url: str, swarm_name: str, remote: Path, root: Path, name: str = "m1",
+                 **opts: object) -> AsyncIterator[Merger]:
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent=name) as s:
+        m = Merger(s, str(remote), area=WorkArea(str(remote), root), **opts)  # type: ignore[arg-type]
+        run = asyncio.create_task(m.run())
+        try:
+            yield m
+        finally:
+            m.stop()
+            try:
+                await asyncio.wait_for(run, 30)
+            finally:
+                if not run.done():
+                    run.cancel()
+
+
+async def until_decided(swarm: Swarm, count: int, within: float = 60.0
+                        ) -> dict[str, MergeRequest]:
+    """Wait (woken by each new event) until ``count`` requests are merged or rejected."""
+    async with asyncio.timeout(within):
+        async for _ in swarm.log.follow(names.events_filter(swarm.name, "merge")):
+            queue = await read_queue(swarm)
+            if sum(1 for r in queue.values() if r.status != "queued") >= count:
+                return queue
+    raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------- pure parts
+
+
+def _req(seq: int, task: str, prio: int = 0) -> tuple[int, ev.Event, int]:
+    data = ev.MergeRequested(task_id=task, epoch=seq, branch=f"cflow/{task}", head="a" * 40,
+                             priority=prio)
+    return seq, ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 20, actor="w"), seq
+
+
+def test_queue_fold_orders_by_priority_then_arrival_and_folds_verdicts() -> None:
+    items = [_req(1, "a"), _req(2, "b", prio=5), _req(3, "c")]
+    merged = ev.make_event(ev.Merged(task_id="a", head="a" * 40, target="main", previous="p",
+                                     commit="q", merger="m"),
+                           swarm="s", entity_id="a", hlc="0" * 20, actor="m")
+    rejected = ev.make_event(ev.MergeRejected(task_id="c", head="a" * 40, target="main",
+                                              cause="conflict", output="x"),
+                             swarm="s", entity_id="c", hlc="0" * 20, actor="m")
+    queue = fold_merges([*items, (4, merged, 1004), (5, rejected, 2005)])
+    assert [r.task_id for r in queue_order(queue.values(), "main")] == ["b"]
+    assert queue["a"].status == "merged" and queue["a"].commit == "q"
+    assert queue["c"].status == "rejected" and queue["c"].cause == "conflict"
+    queue = fold_merges(items)
+    assert [r.task_id for r in queue_order(queue.values(), "main")] == ["b", "a", "c"]
+    summary = merge_summary(fold_merges([*items, (4, merged, 1004), (5, rejected, 2005)]).values())
+    assert summary["merged"] == 1 and summary["rejected"] == 1
+    assert summary["rejection_rate"] == 0.5 and summary["causes"] == {"conflict": 1}
+    assert summary["lead_time_max_s"] == 1.003
+
+
+# ------------------------------------------------------------- git, no NATS
+
+
+async def test_fenced_holder_late_push_is_refused(tmp_path: Path) -> None:
+    """Attempt 1 pushes WIP, attempt 2 takes the branch; attempt 1's late push is refused."""
+    remote = make_remote(tmp_path)
+    first = await WorkArea(str(remote), tmp_path / "a").open()
+    second = await WorkArea(str(remote), tmp_path / "b").open()
+    one = await start_attempt(first, task_id="t1", epoch=5, attempt=1, base="main")
+    (one.path / "work.txt").write_text("one\n")
+    assert await one.checkpoint("wip 1") is not None
+    two = await start_attempt(second, task_id="t1", epoch=9, attempt=2, base="main")
+    assert two.previous_head == one.pushed
+    assert (two.path / "work.txt").read_text() == "one\n"  # continues from the branch
+    (one.path / "work.txt").write_text("one, later\n")
+    with pytest.raises(PushRefused):
+        await one.checkpoint("late wip of the fenced holder")
+    (two.path / "more.txt").write_text("two\n")
+    head = await two.checkpoint("wip 2")
+    assert sh("rev-parse", "refs/heads/cflow/t1", cwd=remote) == head
+    log = sh("log", "--format=%s", "cflow/t1", cwd=remote).splitlines()
+    assert "wip 1" in log and "wip 2" in log and "late wip of the fenced holder" not in log
+    await one.close()
+    await two.close()
+    first.close()
+    second.close()
+
+
+async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) -> None:
+    remote = make_remote(tmp_path)
+    root = tmp_path / "root"
+    area = await WorkArea(str(remote), root).open()
+    attempt = await start_attempt(area, task_id="t2", epoch=1, attempt=1, base="main")
+    assert attempt.path.exists()
+    first_path = area.path
+    area.close()  # what kill -9 does to the lock
+    again = await WorkArea(str(remote), root).open()
+    assert again.path == first_path and str(attempt.path) in again.cleaned
+    assert not attempt.path.exists() and again.live_worktrees() == []
+    other = await WorkArea(str(remote), root).open()  # a second live process: its own area
+    assert other.path != again.path
+    again.close()
+    other.close()
+
+
+# --------------------------------------------------------- workers + merger
+
+
+@pytest.mark.integration
+async def test_four_workers_drain_twenty_tasks_all_merged(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    cmd = 'mkdir -p files && echo "$CFLOW_TASK_TITLE" > "files/$CFLOW_TASK_TITLE.txt"'
+    tasks = [await swarm.tasks.create(f"f{i:02d}", lease_ttl_s=10.0) for i in range(20)]
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(4):
+            await stack.enter_async_context(
+                git_worker(nats_url, swarm_name, remote, root, f"w{i}", cmd))
+        await stack.enter_async_context(merger(nats_url, swarm_name, remote, root))
+        queue = await until_decided(swarm, 20)
+    assert {r.status for r in queue.values()} == {"merged"}
+    assert sorted(queue) == sorted(t.task_id for t in tasks)
+    files = main_files(remote, tmp_path)
+    assert {n for n in files if n.startswith("files/")} == {f"files/f{i:02d}.txt"
+                                                            for i in range(20)}
+    assert all(files[f"files/f{i:02d}.txt"] == f"f{i:02d}" for i in range(20))
+    # one merge commit per task on main's first-parent line, each a distinct task
+    merges = sh("log", "--first-parent", "--merges", "--format=%b", "main", cwd=remote)
+    named = [line for line in merges.splitlines() if line.startswith("Cflow-Task: ")]
+    assert sorted(n.split()[1] for n in named) == sorted(t.task_id for t in tasks)
+    for t in tasks:
+        assert (await swarm.tasks.get(t.task_id)).status == "completed"
+    assert not any((root / "areas").glob("*/worktrees/*"))  # every worktree removed
+
+
+@pytest.mark.integration
+async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path, {"shared.txt": "original\n"})
+    root = tmp_path / "areas"
+    cmd = 'printf "%s\\n" "$CFLOW_TASK_TITLE" > shared.txt; echo "$CFLOW_CONFLICTS" > /dev/null'
+    a = await swarm.tasks.create("alpha", priority=2)
+    b = await swarm.tasks.create("beta", priority=1)
+    async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd) as w:
+        await until(swarm, a.task_id, lambda s: s.status == "completed")
+        await until(swarm, b.task_id, lambda s: s.status == "completed")
+        async with merger(nats_url, swarm_name, remote, root):
+            queue = await until_decided(swarm, 3)
+        assert w.stats.completed == 3
+    assert queue[a.task_id].status == "merged"  # higher priority first
+    rejected = queue[b.task_id]
+    assert rejected.status == "rejected" and rejected.cause == "conflict"
+    assert "shared.txt" in rejected.output and "<<<<<<<" in rejected.output
+    retry_id = rejected.retry_task
+    assert retry_id is not None and queue[retry_id].status == "merged"
+    retry = await swarm.tasks.get(retry_id)
+    assert retry.labels["cflow.branch"] == f"cflow/{b.task_id}"
+    assert retry.body == b.body
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry_id)]
+    assert any(isinstance(n, ev.TaskNoted) and n.artifact == "merge"
+               and "merge conflict in shared.txt" in n.text for n in notes)
+    assert main_files(remote, tmp_path)["shared.txt"] == "beta"
+    history = sh("log", "--format=%s", "main", cwd=remote)
+    assert f"Merge cflow/{a.task_id}: alpha" in history
+    assert f"Merge cflow/{b.task_id}: beta" in history  # the retry merged b's branch
+    # analytics: the projection's SQL and the fold agree (2 merged, 1 conflict)
+    projector = Projector(swarm.log, tmp_path / "p.duckdb")
+    try:
+        await projector.run(until_seq=await swarm.log.stream_last_seq())
+        store = projector.store
+        assert store is not None and projector.quarantined == 0
+
+        def summary_row() -> dict[str, Any]:
+            cur = store.con.execute(MERGES_SQL)
+            return dict(zip([d[0] for d in cur.description], cur.fetchone(), strict=True))
+
+        row = await projector.db(summary_row)
+    finally:
+        await projector.close()
+    summary = merge_summary(queue.values())
+    assert (row["requests"], row["merged"], row["rejected"]) == (3, 2, 1)
+    assert row["rejection_rate"] == summary["rejection_rate"] == round(1 / 3, 3)
+    assert row["causes"] == "conflict=1" and summary["causes"] == {"conflict": 1}
+    assert row["lead_time_max_s"] >= row["lead_time_median_s"] > 0
+
+
+@pytest.mark.integration
+async def test_red_check_keeps_change_out_and_reopens_with_output(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    cmd = ('if [ -n "$CFLOW_PREVIOUS" ]; then echo good > value.txt; '
+           'else echo bad > value.txt; fi')
+    check = 'grep -q good value.txt || { echo "value.txt is $(cat value.txt), want good"; exit 3; }'
+    t = await swarm.tasks.create("value")
+    before = sh("rev-parse", "main", cwd=remote)
+    async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd), \
+            merger(nats_url, swarm_name, remote, root, check=check):
+        queue = await until_decided(swarm, 2)
+    first = queue[t.task_id]
+    assert first.status == "rejected" and first.cause == "check"
+    assert "value.txt is bad, want good" in first.output and "exit 3" in first.output
+    assert first.retry_task is not None
+    assert queue[first.retry_task].status == "merged"
+    retry = await swarm.tasks.get(first.retry_task)
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry.task_id)]
+    assert any(isinstance(n, ev.TaskNoted) and "value.txt is bad, want good" in n.text
+               for n in notes)
+    assert main_files(remote, tmp_path)["value.txt"] == "good"
+    # the red merge never reached main: main went from `before` straight to the good merge
+    assert first_parents(remote)[1] == before
+
+
+async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> None:
+    from cflow.gitflow.git import GitError
+
+    exe = GitExecutor(SubprocessExecutor("true"), swarm, str(tmp_path / "nowhere.git"),
+                      area=WorkArea(str(tmp_path / "nowhere.git"), tmp_path / "areas"))
+    with pytest.raises(GitError) as err:
+        await exe.check()
+    assert "\n" not in str(err.value) and str(err.value).startswith("git ls-remote failed")
+    await exe.aclose()
+    remote = make_remote(tmp_path)
+    exe = GitExecutor(SubprocessExecutor("true"), swarm, str(remote), base="trunk",
+                      area=WorkArea(str(remote), tmp_path / "areas2"))
+    with pytest.raises(GitError, match="has no branch 'trunk'"):
+        await exe.check()
+    await exe.aclose()
+
+
+@pytest.mark.integration
+async def test_git_demo_merges_every_task_and_prints_the_log(nats_url: str) -> None:
+    from cflow.demo_git import GitDemoOptions, run_git_demo
+
+    summary = await run_git_demo(GitDemoOptions(agents=1, tasks=1, conflicts=2, url=nats_url,
+                                                json=True, timeout_s=90))
+    assert summary["merged"] == 3 and summary["queued"] == 0
+    log = summary["log"]
+    assert isinstance(log, list) and len(log) == 4 and log[-1].endswith("initial")
+    assert all(" Merge cflow/" in line for line in log[:3])
+    assert summary["version"] in ('version = "1.1-alpha"', 'version = "1.1-beta"')
+
+
+@pytest.mark.integration
+async def test_dependents_of_a_merge_gate_wait_for_the_merge(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    from cflow.gitflow.merger import create_merge_gate
+
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    a = await swarm.tasks.create("api")
+    gate = await create_merge_gate(swarm, a.task_id)
+    assert await create_merge_gate(swarm, a.task_id) == gate  # idempotent
+    b = await swarm.tasks.create("client", depends_on=[gate])
+    cmd = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
+    async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd):
+        await until(swarm, a.task_id, lambda s: s.status == "completed")
+        assert (await swarm.tasks.get(b.task_id)).status == "pending"  # completed, not merged
+        async with merger(nats_url, swarm_name, remote, root):
+            done = await until(swarm, b.task_id, lambda s: s.status == "completed")
+    merged = [e for e in await swarm.log.entity_events("merge", a.task_id)
+              if e.event.type == "Merged"]
+    claimed = [e for e in await swarm.log.entity_events("task", b.task_id)
+               if e.event.type == "TaskClaimed"]
+    assert len(merged) == 1 and claimed[0].seq > merged[0].seq
+    assert done.status == "completed"
+    assert {"api.txt", "client.txt"} <= set(main_files(remote, tmp_path, f"cflow/{b.task_id}"))
