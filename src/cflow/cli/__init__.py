@@ -34,6 +34,7 @@ _COMMAND_MODULES = (
     "mcp_cmds",
     "ops_cmds",
     "merge_cmds",
+    "ui_cmds",
 )
 
 
