@@ -48,10 +48,14 @@ def main() -> None:
         from cflow.hooks import main as hook_main
 
         raise SystemExit(hook_main(sys.argv[2:]))
-    from cflow.cli.app import app
+    try:
+        from cflow.cli.app import app
 
-    _register()
-    app()
+        _register()
+        app()
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
 
 
 __all__ = ["app", "main"]

@@ -28,6 +28,7 @@ EXIT_NOTHING = 3  # e.g. `task claim` found nothing to claim
 EXIT_LEASE_LOST = 4
 EXIT_NOT_FOUND = 5
 EXIT_UNAVAILABLE = 6
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -84,19 +85,51 @@ def exit_code_for(err: CflowError) -> int:
     return EXIT_ERROR
 
 
-def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command body; our errors become one line on stderr and an exit code."""
+def interrupted(what: str) -> NoReturn:
+    """The one line a command stopped by Ctrl-C / SIGTERM prints (exit 130)."""
+    typer.echo(f"interrupted: {what}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def exit_soon(what: str, within_s: float = 1.5) -> None:
+    """After a stop signal: if the clean shutdown has not ended within ``within_s``,
+    print the interrupted line and exit anyway.
+
+    For processes whose state is safe at any instant (the projector commits each
+    batch with its checkpoint), so a shutdown step that hangs (a NATS unsubscribe
+    that never answers) cannot keep Ctrl-C waiting.
+    """
+    import threading
+
+    def give_up() -> None:
+        sys.stderr.write(f"interrupted: {what}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    timer = threading.Timer(within_s, give_up)
+    timer.daemon = True
+    timer.start()
+
+
+def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]],
+        reraise: tuple[type[CflowError], ...] = ()) -> T:
+    """Run an async command body; our errors become one line on stderr and an exit code.
+
+    ``reraise``: our errors the command handles itself.
+    """
     import anyio
 
     c = state(ctx)
     try:
         return anyio.run(fn)
+    except reraise:
+        raise
     except CflowError as err:
         if c.debug:
             raise
         fail(str(err), exit_code_for(err))
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        interrupted("stopped")
 
 
 def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | None = None) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, fail, run, state
+from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, run, state
 
 if TYPE_CHECKING:
     from cflow.control import ControlView
@@ -485,17 +485,24 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
         return not stopped.is_set() and (end is None or loop.time() < end)
 
     try:
-        await asyncio.wait_for(caught_up.wait(), 30)
+        catching_up = asyncio.ensure_future(caught_up.wait())
+        leaving = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait([catching_up, leaving], timeout=30,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            catching_up.cancel()
+            leaving.cancel()
         if as_json:
             while going():
-                await _wait_dirty(dirty, end, loop)
+                await _wait_dirty(dirty, end, loop, stopped)
                 sys.stdout.write(json.dumps(live.snapshot(), default=str) + "\n")
                 sys.stdout.flush()
             return
         with Live(render_live(live.snapshot()), console=console, refresh_per_second=4,
                   screen=False) as screen:
             while going():
-                await _wait_dirty(dirty, end, loop)
+                await _wait_dirty(dirty, end, loop, stopped)
                 screen.update(render_live(live.snapshot()))
     finally:
         for w in workers:
@@ -505,15 +512,21 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
                 await w
 
 
-async def _wait_dirty(dirty: Any, end: float | None, loop: Any) -> None:
+async def _wait_dirty(dirty: Any, end: float | None, loop: Any, stopped: Any = None) -> None:
     import asyncio
-    import contextlib
 
     timeout = 1.0 if end is None else max(0.0, min(1.0, end - loop.time()))
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(dirty.wait(), timeout)
+    waits = [asyncio.ensure_future(dirty.wait())]
+    if stopped is not None:
+        waits.append(asyncio.ensure_future(stopped.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
     dirty.clear()
-    await asyncio.sleep(0.2)  # coalesce a burst of events into one redraw
+    if stopped is None or not stopped.is_set():
+        await asyncio.sleep(0.2)  # coalesce a burst of events into one redraw
 
 
 async def _safe_last_seq(swarm: Swarm) -> int:
@@ -538,20 +551,28 @@ def watch_status(ctx: typer.Context, monitor_url: str | None = None,
 
     c = state(ctx)
 
-    async def body() -> None:
+    async def body() -> bool:
         import asyncio
         import signal
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def on_signal() -> None:
+            if not stop.is_set():
+                exit_soon("left the live view")  # it only reads: nothing to lose
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C is how one leaves a live view
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-watch",
                                  ensure=False) as swarm:
+            await swarm.log.stream_last_seq()  # NotFound (one line) for a swarm never set up
             await live_view(swarm, monitor_url=monitor_url, duration_s=duration_s,
                             as_json=c.json, stop=stop)
+        return stop.is_set()
 
-    run(ctx, body)
+    if run(ctx, body):
+        interrupted("left the live view")
 
 
 @app.command("top")

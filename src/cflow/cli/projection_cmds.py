@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, fail, run, state
+from cflow.cli.app import app, emit, exit_soon, fail, interrupted, run, state
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -57,11 +57,20 @@ def projector_cmd(
         typer.echo(f"projector: swarm {c.swarm}, {path}, from sequence "
                    f"{projector.applied_seq + 1}", err=True)
 
+    signals: list[int] = []
+
     async def body() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if not signals:
+                exit_soon("stopped the projector")
+            signals.append(sig)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         metrics = None
         if metrics_port is not None:
             from cflow.metrics import serve_swarm_metrics
@@ -79,6 +88,8 @@ def projector_cmd(
                     await metrics
 
     run(ctx, body)
+    if signals:
+        interrupted("stopped the projector")
 
 
 @projections_app.command("rebuild")
