@@ -49,10 +49,10 @@ def main() -> None:
 
         raise SystemExit(hook_main(sys.argv[2:]))
     try:
-        from cflow.cli.app import app
+        from cflow.cli.app import app, hoist_global_flags
 
         _register()
-        app()
+        app(args=hoist_global_flags(sys.argv[1:]), prog_name="cfctl")
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None

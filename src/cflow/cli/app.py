@@ -29,6 +29,9 @@ EXIT_LEASE_LOST = 4
 EXIT_NOT_FOUND = 5
 EXIT_UNAVAILABLE = 6
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)
+EXIT_NAMES = {EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_NOTHING: "nothing",
+              EXIT_LEASE_LOST: "lease_lost", EXIT_NOT_FOUND: "not_found",
+              EXIT_UNAVAILABLE: "unavailable", EXIT_INTERRUPTED: "interrupted"}
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -50,6 +53,9 @@ class Ctx:
     agent: str | None = None
 
 
+_current: Ctx | None = None  # this process's global options (one command per process)
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
@@ -61,7 +67,8 @@ def _global(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
 ) -> None:
-    ctx.obj = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
+    global _current
+    ctx.obj = _current = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
 
 
 def state(ctx: typer.Context) -> Ctx:
@@ -71,8 +78,22 @@ def state(ctx: typer.Context) -> Ctx:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    """One line on stderr and an exit code; with ``--json`` the line is a JSON object."""
+    if _current is not None and _current.json:
+        sys.stderr.write(json.dumps({"error": message, "exit_code": code,
+                                     "kind": EXIT_NAMES.get(code, "error")}) + "\n")
+    else:
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """``--json`` and ``--debug`` work anywhere on the line: moved in front of the
+    subcommand, where the global callback reads them (not past a ``--``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in ("--json", "--debug")]
+    rest = [a for a in argv[:end] if a not in ("--json", "--debug")]
+    return [*dict.fromkeys(flags), *rest, *argv[end:]]
 
 
 def exit_code_for(err: CflowError) -> int:
@@ -143,6 +164,27 @@ def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | Non
         sys.stdout.write(human + "\n")
     else:
         human(data)
+
+
+def say(ctx: typer.Context, message: str) -> None:
+    """What happened, for a person: on stderr (stdout stays the result), not under --json."""
+    if not state(ctx).json:
+        sys.stderr.write(message + "\n")
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{n} {noun if n == 1 else (many or noun + 's')}"
+
+
+def console(*, stderr: bool = False) -> Any:
+    """A rich Console; to a pipe or file it never wraps (whole ids, no cut words)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=100_000, soft_wrap=True)
 
 
 def group(name: str, help: str) -> typer.Typer:
