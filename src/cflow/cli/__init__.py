@@ -49,10 +49,17 @@ def main() -> None:
 
         raise SystemExit(hook_main(sys.argv[2:]))
     try:
+        import typer.main
+
+        from cflow.cli import help as cli_help
         from cflow.cli.app import app, hoist_global_flags
 
         _register()
-        app(args=hoist_global_flags(sys.argv[1:]), prog_name="cfctl")
+        command = typer.main.get_command(app)
+        cli_help.tidy(command)
+        command.format_commands = (  # type: ignore[attr-defined]
+            lambda ctx, formatter: cli_help.format_commands(command, ctx, formatter))
+        command.main(args=hoist_global_flags(sys.argv[1:]), prog_name="cfctl")
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None

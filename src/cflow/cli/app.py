@@ -27,11 +27,13 @@ EXIT_USAGE = 2
 EXIT_NOTHING = 3  # e.g. `task claim` found nothing to claim
 EXIT_LEASE_LOST = 4
 EXIT_NOT_FOUND = 5
-EXIT_UNAVAILABLE = 6
+EXIT_UNAVAILABLE = 6  # NATS unreachable
+EXIT_DOCKER = 7  # the Docker engine unreachable (`worker --docker`)
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)
 EXIT_NAMES = {EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_NOTHING: "nothing",
               EXIT_LEASE_LOST: "lease_lost", EXIT_NOT_FOUND: "not_found",
-              EXIT_UNAVAILABLE: "unavailable", EXIT_INTERRUPTED: "interrupted"}
+              EXIT_UNAVAILABLE: "unavailable", EXIT_DOCKER: "docker_unavailable",
+              EXIT_INTERRUPTED: "interrupted"}
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -56,6 +58,14 @@ class Ctx:
 _current: Ctx | None = None  # this process's global options (one command per process)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cfctl {version('cflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
@@ -66,6 +76,8 @@ def _global(
     swarm: str = typer.Option("default", "--swarm", envvar="CFLOW_SWARM", help="Swarm name."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
 ) -> None:
     global _current
     ctx.obj = _current = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
@@ -108,7 +120,10 @@ def exit_code_for(err: CflowError) -> int:
 
 def interrupted(what: str) -> NoReturn:
     """The one line a command stopped by Ctrl-C / SIGTERM prints (exit 130)."""
-    typer.echo(f"interrupted: {what}", err=True)
+    if _current is not None and _current.json:
+        sys.stderr.write(json.dumps({"interrupted": what, "exit_code": EXIT_INTERRUPTED}) + "\n")
+    else:
+        typer.echo(f"interrupted: {what}", err=True)
     raise typer.Exit(EXIT_INTERRUPTED)
 
 
@@ -201,7 +216,14 @@ def group(name: str, help: str) -> typer.Typer:
     return sub
 
 
-def agent_name(explicit: str | None = None) -> str:
-    import socket
+def identity(explicit: str | None = None) -> str:
+    """Who a person at this shell is, the same for every command: ``--agent``, else
+    ``$CFLOW_AGENT``, else ``<user>-<host>`` (inside Claude Code: its session's agent)."""
+    from cflow.cli.reserve_cmds import owner_name
 
-    return explicit or os.environ.get("CFLOW_AGENT") or f"{socket.gethostname()}-{os.getpid()}"
+    return owner_name(explicit)
+
+
+def agent_name(explicit: str | None = None) -> str:
+    """A worker's name: it is its own agent, so one per process (``<user>-<host>-<pid>``)."""
+    return explicit or os.environ.get("CFLOW_AGENT") or f"{identity()}-{os.getpid()}"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,14 +36,9 @@ _AS = typer.Option(None, "--as", help="Actor recorded on the event (default: $CF
 
 
 def human_actor(explicit: str | None = None) -> str:
-    import getpass
+    from cflow.cli.app import identity
 
-    if explicit:
-        return explicit
-    try:
-        return os.environ.get("CFLOW_AGENT") or getpass.getuser()
-    except (KeyError, OSError):
-        return "operator"
+    return identity(explicit)
 
 
 async def _with_swarm(ctx: typer.Context, actor: str, fn: Any) -> Any:

@@ -17,6 +17,7 @@ from cflow.cli.app import (
     emit,
     exit_code_for,
     fail,
+    identity,
     plural,
     run,
     say,
@@ -34,7 +35,7 @@ def _swarm(ctx: typer.Context, agent: str | None = None) -> Any:
     from cflow.swarm import Swarm
 
     c = state(ctx)
-    return Swarm.connect(c.url, swarm=c.swarm, agent=agent or c.agent or "cfctl")
+    return Swarm.connect(c.url, swarm=c.swarm, agent=identity(agent or c.agent))
 
 
 TASK_ID_LENGTH = 36  # a whole task id (a UUIDv7); anything shorter is a prefix

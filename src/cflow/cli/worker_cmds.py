@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, interrupted, run, state
+from cflow.cli.app import (
+    EXIT_DOCKER,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    agent_name,
+    app,
+    emit,
+    fail,
+    interrupted,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.worker.executor import Executor
@@ -105,11 +116,17 @@ def worker(
             sys.stderr.write(f"[{who}] {kind}: {text}\n")
             sys.stderr.flush()
 
+    from cflow.errors import Unavailable
+
+    try:  # fail fast: no claude binary, no Docker engine
+        run(ctx, executor.check, reraise=(Unavailable,))
+    except Unavailable as err:
+        fail(str(err), EXIT_DOCKER if docker_image is not None else EXIT_UNAVAILABLE)
+
     async def body() -> dict[str, object]:
         from cflow.swarm import Swarm
         from cflow.worker.runtime import Worker, WorkerOptions
 
-        await executor.check()  # fail fast: no claude binary, no docker engine
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
             w = Worker(swarm, executor, WorkerOptions(
                 name=who, capabilities=capabilities_of(capability), labels=labels,
