@@ -220,6 +220,7 @@ OTHER_PROGRAMS = {
     ("pip", "install"): "installs uv",
     ("uv", "run", "pytest"): "the test suite itself",
     ("uv", "run", "python", "-m", "bench"): "bench/, checked by tests/test_bench_smoke.py",
+    ("uv", "run", "python", "-m", "bench.cli_start"): "bench/cli_start.py, a benchmark",
     ("claude", "mcp"): "Claude Code's own CLI; `cfctl setup claude --print` prints this line",
     ("cd",): "a shell builtin",
 }
