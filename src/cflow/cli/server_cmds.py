@@ -588,9 +588,14 @@ def _render_status(d: dict[str, Any]) -> None:
         typer.echo("\n".join(control_lines(d["control"])))
     if "maintenance" in d:
         typer.echo("\n".join(maintenance_lines(d["maintenance"])))
+    q = d.get("queries")
+    if isinstance(q, dict):
+        typer.echo(f"queries  answered by a projector, projected up to event {q['checkpoint']}"
+                   if q.get("serving") else
+                   "queries  no projector answering (`cfctl up` or `cfctl projector` runs one)")
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
-                       "control", "maintenance"):
+                       "control", "maintenance", "queries"):
             typer.echo(f"{key:<8} {value}")
 
 
@@ -601,7 +606,7 @@ def maintenance_lines(section: Any) -> list[str]:
     if not section:
         return ["maint    no maintaining process answered (start a worker, `cfctl up` or a "
                 "projector; claims still reap dead holders themselves)"]
-    out = [f"maint    {len(section)} process(es)"]
+    out = [f"maint    {len(section)} process{'es' if len(section) != 1 else ''}"]
     for r in section:
         state = "running" if r.get("running") else "STOPPED"
         error = (f", last error {r['last_error_age_s']:g} s ago in {r['last_error_loop']}: "
