@@ -432,6 +432,10 @@ async def summary_from_log(swarm: Swarm, task_ids: list[str]) -> dict[str, Any]:
     }
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
 def print_summary(out: Any, s: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -443,15 +447,18 @@ def print_summary(out: Any, s: dict[str, Any]) -> None:
     table.add_row("swarm", str(s.get("swarm", "")))
     table.add_row("tasks", f"{s['tasks']} created, {s['completed']} completed, "
                            f"{s['failed_tasks']} failed for good, {s['blocked']} blocked")
-    table.add_row("attempts", f"{s['attempts']} claims, {s['failed_attempts']} failed attempts "
-                              f"(retried), {s['releases']} released")
-    table.add_row("reclaims", f"{s['reclaims']} lease(s) expired and reclaimed"
+    retried = max(0, s["failed_attempts"] - s["failed_tasks"])
+    table.add_row("attempts", f"{_n(s['attempts'], 'claim')}, "
+                              f"{_n(s['failed_attempts'], 'failed attempt')} ({retried} retried, "
+                              f"{s['failed_tasks']} final), {s['releases']} released")
+    table.add_row("reclaims", f"{_n(s['reclaims'], 'lease')} expired and reclaimed"
                   + (f" (worker {s['killed']} was killed -9)" if s.get("killed") else ""))
     table.add_row("cycle time", f"p50 {sec(s['cycle_p50_s'])}, p95 {sec(s['cycle_p95_s'])}, "
                                 f"max {sec(s['cycle_max_s'])} (created -> completed)")
     tput = s["throughput_per_min"]
     table.add_row("throughput", "-" if tput is None else
-                  f"{tput:.1f} tasks/min over {s['window_s']:.1f} s with {s['agents']} workers")
+                  f"{tput:.1f} tasks/min over {s['window_s']:.1f} s "
+                  f"with {_n(s['agents'], 'worker')}")
     table.add_row("wall time", f"{s['wall_s']:.1f} s")
     for agent, c in s["per_agent"].items():
         table.add_row(f"  {agent}", ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
@@ -506,7 +513,10 @@ async def _run_demo(opts: DemoOptions, stopped: dict[str, Any],
 
     from cflow.swarm import Swarm
 
-    out = Console(stderr=opts.json)
+    stream = sys.stderr if opts.json else sys.stdout
+    # To a pipe or file: no wrapping at 80 columns (no words cut mid-line).
+    out = (Console(stderr=opts.json) if stream.isatty()
+           else Console(stderr=opts.json, width=200, soft_wrap=True))
     server: EmbeddedServer | None = None
     server_dir: Path | None = None
     url = opts.url
@@ -539,7 +549,7 @@ async def _run_demo(opts: DemoOptions, stopped: dict[str, Any],
             await swarm.tasks.ensure_board()
             out.print(f"swarm [bold]{name}[/]: creating {len(plan.titles)} tasks "
                       f"(plan -> builds -> tests -> release), lease TTL "
-                      f"{opts.lease_ttl_s:g} s; starting {opts.agents} workers")
+                      f"{opts.lease_ttl_s:g} s; starting {_n(opts.agents, 'worker')}")
             await demo.create_tasks(plan)
             demo.started = time.monotonic()
             background: list[asyncio.Task[Any]] = []

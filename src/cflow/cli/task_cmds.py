@@ -65,6 +65,19 @@ async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
                        f"({shown}); give more characters")
 
 
+def human_value(value: Any) -> str:
+    """A field as a person reads it: lists joined, nothing shown as '-', no reprs."""
+    if value is None or value == "" or value == () or value == []:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _labels(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -292,20 +305,19 @@ def show(ctx: typer.Context, task_id: str) -> None:
     task, timeline = run(ctx, body_)
 
     def human(_: Any) -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        out = console()
         fields = Table(box=None, show_header=False)
         for name in ("task_id", "title", "status", "priority", "capabilities", "depends_on",
                      "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s", "result",
                      "error", "reason"):
-            fields.add_row(name, str(getattr(task, name)))
-        console.print(fields)
+            fields.add_row(name.replace("_", " "), human_value(getattr(task, name)))
+        out.print(fields)
         events = Table("seq", "event", "actor", "at", box=None)
         for row in timeline:
             events.add_row(str(row["seq"]), row["type"], row["actor"], row["at"])
-        console.print(events)
+        out.print(events)
 
     emit(ctx, {**_row(task), "timeline": timeline}, human)
 
