@@ -288,6 +288,13 @@ class LiveState:
     projected_seq: int | None = None
     server: str = ""
     streams: list[dict[str, Any]] = field(default_factory=list)
+    connected: bool = True
+    last_contact_ms: int = 0  # when the server last answered (wall clock)
+
+    def contact(self, connected: bool, now_ms: int) -> None:
+        self.connected = connected
+        if connected:
+            self.last_contact_ms = now_ms
 
     def absorb(self, seq: int, event: Event) -> None:
         from cflow import events as ev
@@ -326,12 +333,20 @@ class LiveState:
         for (status, cap), n in fold.by_capability().items():
             queue.setdefault(cap or "-", {})[status] = n
         applied = self.projected_seq if self.projected_seq is not None else fold.last_seq
+        counts = dict(fold.board.counts())
+        if gates:  # a gate waits for a person: it is not work anyone can claim
+            counts["ready"] = counts.get("ready", 0) - len(gates)
+            counts["gates"] = len(gates)
+        now = wall_ms()
         return {
+            "connected": self.connected,
+            "stale_s": (round((now - self.last_contact_ms) / 1000, 1)
+                        if self.last_contact_ms and not self.connected else 0.0),
             "swarm": self.swarm,
             "server": self.server,
             "streams": self.streams,
             "control": self.control,
-            "tasks": fold.board.counts(),
+            "tasks": counts,
             "queue": queue,
             "agents": self.agents,
             "recent": list(self.recent),
@@ -345,6 +360,9 @@ class LiveState:
         }
 
 
+MAX_ROWS = 4  # rows per table in the live view, so it fits 80x24
+
+
 def render_live(snap: dict[str, Any]) -> Any:
     """A rich renderable of a live snapshot (pure, testable with a recording console)."""
     import datetime
@@ -355,6 +373,11 @@ def render_live(snap: dict[str, Any]) -> Any:
     from rich.text import Text
 
     parts: list[Any] = []
+    if not snap.get("connected", True):
+        parts.append(Panel(Text(f"DISCONNECTED: no answer from the server for "
+                                f"{snap.get('stale_s', 0):g} s; the figures below are the "
+                                "last ones seen (stale)", style="bold white on red"),
+                           style="red"))
     control = snap.get("control") or {}
     mode = control.get("mode", "running")
     if mode != "running":
@@ -376,7 +399,7 @@ def render_live(snap: dict[str, Any]) -> Any:
         parts.append(Text("  ".join(f"{st['name']}: {st.get('health', '?')}"
                                     for st in snap["streams"] if st.get("exists")),
                           style="dim"))
-    tasks = Table(title="tasks", expand=False)
+    tasks = Table(title="tasks", expand=False, box=None)
     for status in snap["tasks"]:
         tasks.add_column(status, justify="right")
     tasks.add_row(*(str(n) for n in snap["tasks"].values()))
@@ -384,7 +407,7 @@ def render_live(snap: dict[str, Any]) -> Any:
     parts.append(Text(f"claims {snap['claims']}  completions {snap['completions']}  "
                       f"failures {snap['failures']}  reclaims {snap['reclaims']}"))
     if snap["queue"]:
-        queue = Table(title="queue by capability")
+        queue = Table(title="queue by capability", box=None)
         queue.add_column("capability")
         for col in ("ready", "claimed", "pending", "blocked"):
             queue.add_column(col, justify="right")
@@ -393,10 +416,13 @@ def render_live(snap: dict[str, Any]) -> Any:
                                  ("ready", "claimed", "pending", "blocked")))
         parts.append(queue)
     if snap["agents"]:
-        agents = Table(title="agents")
+        agents = Table(title="agents", box=None)
         for col in ("agent", "status", "task", "last seen"):
-            agents.add_column(col)
-        for name, info in sorted(snap["agents"].items()):
+            agents.add_column(col, overflow="ellipsis", no_wrap=True)
+        shown = sorted(snap["agents"].items())
+        if len(shown) > MAX_ROWS:
+            parts.append(Text(f"{len(shown) - MAX_ROWS} more agents not shown", style="dim"))
+        for name, info in shown[:MAX_ROWS]:
             seen = info.get("seen")
             when = (datetime.datetime.fromtimestamp(seen / 1000, datetime.UTC)
                     .strftime("%H:%M:%S") if seen else "-")
@@ -407,10 +433,10 @@ def render_live(snap: dict[str, Any]) -> Any:
             f"{g['task_id']} ({g['title']})" for g in snap["pending_gates"]),
             style="bold magenta"))
     if snap["recent"]:
-        recent = Table(title="recent")
+        recent = Table(title="recent", box=None)
         for col in ("time", "what", "task", "detail"):
-            recent.add_column(col)
-        for at, what, title, detail in snap["recent"]:
+            recent.add_column(col, overflow="ellipsis", no_wrap=True)
+        for at, what, title, detail in snap["recent"][:MAX_ROWS]:
             when = datetime.datetime.fromtimestamp(at / 1000, datetime.UTC).strftime("%H:%M:%S")
             style = {"failed": "red", "reclaimed": "yellow"}.get(what, "green")
             recent.add_row(when, Text(what, style=style), title, detail)
@@ -488,15 +514,21 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
             catching_up.cancel()
             leaving.cancel()
         if as_json:
+            from cflow.streams.client import wall_ms
+
             while going():
                 await _wait_dirty(dirty, end, loop, stopped)
+                live.contact(swarm.nc.is_connected, wall_ms())
                 sys.stdout.write(json.dumps(live.snapshot(), default=str) + "\n")
                 sys.stdout.flush()
             return
+        from cflow.streams.client import wall_ms
+
         with Live(render_live(live.snapshot()), console=console, refresh_per_second=4,
                   screen=False) as screen:
             while going():
                 await _wait_dirty(dirty, end, loop, stopped)
+                live.contact(swarm.nc.is_connected, wall_ms())
                 screen.update(render_live(live.snapshot()))
     finally:
         for w in workers:
