@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, run, state
+from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.control import ControlView
@@ -79,7 +79,7 @@ def stop_cmd(ctx: typer.Context, now: bool = typer.Option(
     who = human_actor(actor)
     out = run(ctx, lambda: _with_swarm(ctx, who,
                                        lambda s: s.control.stop(reason, now=now)))
-    extra = f", {len(out['cancelled'])} claimed task(s) cancelled" if now else ""
+    extra = (f", {plural(len(out['cancelled']), 'claimed task')} cancelled" if now else "")
     emit(ctx, out, f"swarm STOPPED by {who}{extra}" + (f": {reason}" if reason else "")
          + "\n(resume with `cfctl swarm resume`)")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, exit_soon, fail, interrupted, run, state
+from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -154,7 +154,7 @@ def _table(result: QueryResult, title: str | None = None) -> None:
     console = Console()
     console.print(table)
     if result.truncated:
-        console.print(f"[yellow]truncated at {len(result.rows)} rows (use --limit)[/]")
+        console.print(f"[yellow]truncated at {plural(len(result.rows), 'row')} (use --limit)[/]")
 
 
 def _cell(value: Any) -> str:
@@ -274,5 +274,5 @@ def export_cmd(
             await nc.close()
 
     counts = run(ctx, body)
-    emit(ctx, counts, "\n".join(f"{t}: {n} rows -> {parquet / (t + '.parquet')}"
+    emit(ctx, counts, "\n".join(f"{t}: {plural(n, 'row')} -> {parquet / (t + '.parquet')}"
                                 for t, n in counts.items()))
