@@ -7,6 +7,7 @@ started (servers, workers, task processes) running.
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -231,6 +232,8 @@ def test_ctrl_c_leaves_top(cli_env: dict[str, str]) -> None:
         s.wait_for("swarm")
         took, below = s.interrupt()
         assert s.proc.returncode == 130
-        assert_clean_stop(s, took, below, "interrupted: left the live view")
+        assert_clean_stop(s, took, below, None)
+        last = s.out["stderr"].decode().strip().splitlines()[-1]
+        assert json.loads(last) == {"interrupted": "left the live view", "exit_code": 130}
     finally:
         s.close()

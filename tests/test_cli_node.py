@@ -43,8 +43,6 @@ def test_detached_node_serves_queries_reaps_and_stops(tmp_path: Path) -> None:
         # maintenance: a claim whose holder vanished comes back without any other process
         task = cfctl("task", "add", "orphan", "--lease-ttl", "1").stdout.strip()
         assert cfctl("task", "claim", "--agent", "ghost").stdout.split()[0] == task
-        shown = cfctl("task", "show", task, "--json")
-        assert json.loads(shown.stdout)["status"] == "claimed"
         waited = subprocess.run(
             [*CFCTL, "task", "claim", "--agent", "heir", "--wait", "30"], env=env,
             capture_output=True, text=True, timeout=90, check=False)
