@@ -143,15 +143,16 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
 
 
 def _table(result: QueryResult, title: str | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from cflow.cli.app import console as cli_console
 
     table = Table(title=title, show_lines=False)
     for col in result.columns:
         table.add_column(col, overflow="fold")
     for row in result.rows:
         table.add_row(*[_cell(v) for v in row])
-    console = Console()
+    console = cli_console()
     console.print(table)
     if result.truncated:
         console.print(f"[yellow]truncated at {plural(len(result.rows), 'row')} (use --limit)[/]")
@@ -222,8 +223,10 @@ def report_cmd(
         if not task_id:
             fail("report timeline needs a TASK_ID", 2)
         check_token(task_id, "task id")
+        # People read times; the exact HLC stamp is for --json.
+        stamp = "hlc, " if state(ctx).json else ""
         queries = [(f"timeline of {task_id}",
-                    "SELECT seq, ts, type, actor, hlc, refused, data FROM task_timeline "
+                    f"SELECT seq, ts, type, actor, {stamp}refused, data FROM task_timeline "
                     f"WHERE task_id = '{task_id}' ORDER BY seq")]  # a checked token
     elif kind == "failures":
         queries = [REPORTS["failures"], ("top errors", "SELECT * FROM top_errors")]
