@@ -4,6 +4,7 @@ stopped by `cfctl down`, shown by `cfctl status`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,15 @@ from cflow.server import free_port, port_in_use
 pytestmark = pytest.mark.e2e
 
 CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
+
+
+async def _ready(url: str, task_id: str) -> None:
+    from cflow.swarm import Swarm
+    from support import until
+
+    async with Swarm.connect(url, swarm="default", agent="observer", ensure=False) as swarm:
+        await swarm.tasks.ensure_board()
+        await until(swarm, task_id, lambda s: s.status == "ready", 30)
 
 
 def test_detached_node_serves_queries_reaps_and_stops(tmp_path: Path) -> None:
@@ -43,10 +53,8 @@ def test_detached_node_serves_queries_reaps_and_stops(tmp_path: Path) -> None:
         # maintenance: a claim whose holder vanished comes back without any other process
         task = cfctl("task", "add", "orphan", "--lease-ttl", "1").stdout.strip()
         assert cfctl("task", "claim", "--agent", "ghost").stdout.split()[0] == task
-        waited = subprocess.run(
-            [*CFCTL, "task", "claim", "--agent", "heir", "--wait", "30"], env=env,
-            capture_output=True, text=True, timeout=90, check=False)
-        assert waited.returncode == 0 and waited.stdout.split()[0] == task, waited.stderr
+        # awaited on the event feed, so no claimer of ours can be the one that reaps it
+        asyncio.run(_ready(f"nats://127.0.0.1:{port}", task))
         events = json.loads(cfctl("task", "show", task, "--json").stdout)["timeline"]
         expired = [e for e in events if e["type"] == "TaskLeaseExpired"]
         assert expired and expired[0]["actor"].startswith("projector-")  # the node reaped it
