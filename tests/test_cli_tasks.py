@@ -53,7 +53,7 @@ def test_claim_exit_codes_and_one_line_errors(cli_env: dict[str, str]) -> None:
     bad = cfctl(cli_env, "task", "add", "x", "--lease-ttl", "0.1", check=False)
     assert bad.returncode == 1 and "lease TTL must be at least 1 s" in bad.stderr
     cycle = cfctl(cli_env, "task", "add", "x", "--after", "ghost", check=False)
-    assert cycle.returncode == 1 and "unknown dependency: ghost" in cycle.stderr
+    assert cycle.returncode == 5 and cycle.stderr == "error: dependency not found: ghost\n"
     down = cfctl({**cli_env, "CFLOW_URL": "nats://127.0.0.1:1"}, "task", "list", check=False)
     assert down.returncode == 6 and "cfctl up" in down.stderr and down.stderr.count("\n") == 1
 

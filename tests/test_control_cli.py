@@ -74,7 +74,7 @@ def test_cli_pause_gate_budget_metrics_and_top(cli_env: dict[str, str]) -> None:
     assert again.returncode == 1 and "already completed" in again.stderr
     cfctl(env, "swarm", "resume")
     stopped = cfctl(env, "swarm", "stop", "--now", "--reason", "drill").stdout
-    assert "swarm STOPPED by carol, 0 claimed task(s) cancelled: drill" in stopped
+    assert "swarm STOPPED by carol, 0 claimed tasks cancelled: drill" in stopped
 
     samples = parse_text(cfctl(env, "metrics").stdout)
     assert value_of(samples, "cflow_completions_total") == 1

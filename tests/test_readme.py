@@ -207,3 +207,159 @@ def test_readme_names_the_two_commands_and_the_layout() -> None:
     assert "uv run pytest" in text
     assert "uv run cfctl" in text
     assert "src/cflow" in text or "cflow/" in text
+
+
+# ------------------------------------------------------------------ every block
+
+# Every fenced block in README.md is preceded by `<!-- test: KIND -->`; each kind has
+# a test below. A block without a marker (or with an unknown kind) fails here.
+BLOCK = re.compile(r"(?:<!--\s*test:\s*([\w-]+)\s*-->\s*\n)?```(\w*)\n(.*?)```", re.DOTALL)
+KINDS = {"quickstart", "tour", "python", "commands", "layout", "json"}
+# Programs other than cfctl that `commands` blocks may name (they are not run here).
+OTHER_PROGRAMS = {
+    ("pip", "install"): "installs uv",
+    ("uv", "run", "pytest"): "the test suite itself",
+    ("uv", "run", "python", "-m", "bench"): "bench/, checked by tests/test_bench_smoke.py",
+    ("uv", "run", "python", "-m", "bench.cli_start"): "bench/cli_start.py, a benchmark",
+    ("claude", "mcp"): "Claude Code's own CLI; `cfctl setup claude --print` prints this line",
+    ("cd",): "a shell builtin",
+}
+
+
+def readme_blocks(kind: str | None = None) -> list[tuple[str, str, str]]:
+    """(kind, language, text) of every fenced block, in order."""
+    found = [(k or "", lang, text) for k, lang, text in BLOCK.findall(readme_text())]
+    return [b for b in found if kind is None or b[0] == kind]
+
+
+def test_every_readme_block_has_a_tested_kind() -> None:
+    blocks = readme_blocks()
+    assert blocks, "README.md has no code blocks"
+    unmarked = [text.splitlines()[0] if text else "" for k, _, text in blocks if k not in KINDS]
+    assert not unmarked, f"README blocks without a known `<!-- test: KIND -->`: {unmarked}"
+    assert {k for k, _, _ in blocks} >= {"quickstart", "tour", "python"}
+
+
+def _cfctl_args(words: list[str]) -> list[str] | None:
+    """The arguments after `cfctl` / `uv run [--project P] cfctl`, else None."""
+    if words[:1] == ["cfctl"]:
+        return words[1:]
+    if words[:2] == ["uv", "run"]:
+        rest = words[2:]
+        if rest[:1] == ["--project"]:
+            rest = rest[2:]
+        if rest[:1] == ["cfctl"]:
+            return rest[1:]
+    return None
+
+
+def parse_cfctl(args: list[str]) -> None:
+    """Parse a cfctl command line as the CLI would, without running it: unknown
+    commands, options and bad values raise a click UsageError."""
+    import typer.main
+
+    from cflow.cli import _register
+    from cflow.cli.app import app, hoist_global_flags
+
+    _register()
+    command: Any = typer.main.get_command(app)
+    ctx = command.make_context("cfctl", hoist_global_flags(args), resilient_parsing=False)
+    while hasattr(command, "resolve_command") and _pending(ctx):
+        name, command, rest = command.resolve_command(ctx, _pending(ctx))
+        ctx = command.make_context(name, rest, parent=ctx)
+
+
+def _pending(ctx: Any) -> list[str]:
+    return [*getattr(ctx, "_protected_args", []), *ctx.args]  # click keeps them private
+
+
+def _shell_commands(block: str) -> list[list[str]]:
+    out = []
+    for line in commands(block):
+        for part in re.split(r"\s*(?:;|&&|\|)\s*", line.split(" #")[0]):
+            if part.strip():
+                out.append(shlex.split(part, comments=True))
+    return [w for w in out if w]
+
+
+def test_readme_command_blocks_parse() -> None:
+    checked = 0
+    for _, _, block in readme_blocks("commands"):
+        for words in _shell_commands(block):
+            args = _cfctl_args(words)
+            if args is None:
+                assert any(tuple(words[:len(k)]) == k for k in OTHER_PROGRAMS), words
+                continue
+            parse_cfctl(args)
+            checked += 1
+    assert checked >= 10
+
+
+def test_parse_cfctl_refuses_what_the_cli_refuses() -> None:
+    from typer._click.exceptions import UsageError  # Typer vendors its click
+
+    parse_cfctl(["task", "add", "x", "--priority", "3", "--json"])
+    for bad in (["task", "ad", "x"], ["task", "add", "x", "--priority", "high"],
+                ["up", "--no-such-option"]):
+        with pytest.raises(UsageError):
+            parse_cfctl(bad)
+
+
+def test_readme_layout_names_files_that_exist() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    names = {Path(p).name for p in tracked} | {part + "/" for p in tracked
+                                               for part in Path(p).parts[:-1]}
+    (_, _, block), = readme_blocks("layout")
+    for line in block.splitlines():
+        first = re.split(r"\s{2,}", line.strip())[0]
+        for token in re.split(r"[,\s]+", first):
+            if re.fullmatch(r"[\w.-]+(/[\w.-]+)*/?", token) and token.endswith(
+                    (".py", ".toml", ".lock", "/")):
+                assert Path(token).name in names or token.split("/")[-2] + "/" in names, token
+
+
+def test_readme_json_block_is_what_setup_claude_writes() -> None:
+    (_, _, block), = readme_blocks("json")
+    entry = json.loads(block)["mcpServers"]["cflow"]
+    assert entry["type"] == "stdio" and entry["args"] == ["mcp"]
+    assert set(entry["env"]) == {"CFLOW_URL", "CFLOW_SWARM"}
+
+
+def test_readme_python_runs_as_a_script(cli_env: dict[str, str], tmp_path: Path) -> None:
+    (_, _, code), = readme_blocks("python")
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], env=cli_env, capture_output=True,
+                          text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("completed ")
+
+
+async def test_readme_tour_runs_against_a_server(cli_env: dict[str, str], nats_url: str,
+                                                 swarm_name: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from cflow.projections.projector import run_projector
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    (_, _, tour), = readme_blocks("tour")
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    script = tmp_path / "tour.sh"
+    script.write_text("set -euo pipefail\n" + tour)
+    stop = asyncio.Event()
+    projector = asyncio.create_task(run_projector(nats_url, swarm_name, tmp_path / "p.duckdb",
+                                                  stop))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            bash, str(script), cwd=tmp_path, env=cli_env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 180)
+    finally:
+        stop.set()
+        await asyncio.wait_for(projector, 30)
+    assert proc.returncode == 0, f"{err.decode()}\n{out.decode()}"
+    assert "Traceback" not in err.decode()
+    assert list((tmp_path / "out").glob("*.parquet"))

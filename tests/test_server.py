@@ -248,7 +248,9 @@ def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             assert 'cflow_claims_total{swarm="fg"} 0' in text, text[:2000]
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0, err
+            assert proc.returncode == 130, err  # stopped by a signal, said in one line
+            assert err.strip().splitlines()[-1] == (
+                "interrupted: stopped the server and the projector"), err
             assert not port_in_use("127.0.0.1", port)
             assert not (data / f"nats-{port}.pid").exists()
         finally:

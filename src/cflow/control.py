@@ -627,7 +627,7 @@ class ControlService:
         # Swarm-wide attempts and spend: checked before any claim, from the counters.
         violation = view.claim_violation([SWARM], wall_ms())
         if violation is not None:
-            await self._exceeded(violation)
+            await self._exceeded(violation, owner)
             raise Paused(SWARM, violation.message())
 
     def _ancestry(self, task_id: str | None, parent_id: str | None = None) -> list[str]:
@@ -741,7 +741,7 @@ class ControlService:
 
             await self._update(children_key(parent), _children_dec.decode, reserve)
         if violation is not None:
-            await self._exceeded(violation)
+            await self._exceeded(violation, self.swarm.agent)  # this process creates it
             raise LimitExceeded(violation.message(), scope=violation.scope,
                                 budget=violation.budget, limit=violation.limit,
                                 value=violation.value, paused=violation.pause)
@@ -794,7 +794,7 @@ class ControlService:
             if violation is not None:
                 for done in counted:
                     await self._uncount(done, cid)
-                await self._exceeded(violation)
+                await self._exceeded(violation, owner or None)
                 raise Paused(SWARM if scope == SWARM else f"scope {scope}",
                              violation.message())
             counted.append(scope)
@@ -912,13 +912,18 @@ class ControlService:
         view = await self.ensure()
         return {r.scope: dict(r.limits) for r in view.budgets.values()}
 
-    async def _exceeded(self, v: Violation) -> bool:
-        """Pause the violated scope (once, across processes) and record why."""
+    async def _exceeded(self, v: Violation, by: str | None = None) -> bool:
+        """Pause the violated scope (once, across processes) and record why.
+
+        The pause is the budget's doing: its actor is ``budget``, or ``budget:AGENT``
+        naming the agent whose claim or create went over it, never the process that
+        happened to notice (a projector's maintenance, say).
+        """
         view = await self.ensure()
         key = scope_key(v.pause)
         if view.scope(v.pause).mode != "running":
             return False
-        actor = f"budget:{self.swarm.agent}"
+        actor = f"budget:{by}" if by else "budget"
         record = ScopeRecord(scope=v.pause, mode="paused", reason=v.message(), actor=actor,
                              at_ms=wall_ms(), budget=v.budget)
         last = await self.log.kv_last(self.bucket, key)
@@ -1053,7 +1058,8 @@ class ControlService:
                     with contextlib.suppress(InvalidState, NotFound):
                         await self.swarm.tasks.cancel(
                             task_id, f"swarm stopped by {stop.actor}: {stop.reason}")
-                await self._count_claim(task_id, claim_id(task_id, prior), at, live=live)
+                await self._count_claim(task_id, claim_id(task_id, prior), at, live=live,
+                                        owner=data.owner)
             case ev.TaskCompleted() | ev.TaskFailed():
                 caps = self._caps.get(task_id, ())
                 if isinstance(data, ev.TaskCompleted):
@@ -1069,7 +1075,8 @@ class ControlService:
             case _:
                 pass
 
-    async def _count_claim(self, task_id: str, cid: str, at: int, *, live: bool) -> None:
+    async def _count_claim(self, task_id: str, cid: str, at: int, *, live: bool,
+                           owner: str | None = None) -> None:
         """Count an observed claim on the attempts counters (a claim its claimer reserved
         is there already), and pause a scope it pushed over its budget."""
         for scope in self._scopes_of(task_id):
@@ -1090,7 +1097,7 @@ class ControlService:
             usage = await self._update(attempts_key(scope), _attempts_dec.decode, add)
             used = attempts_in_window(usage, wall_ms(), window_ms) if usage else 0
             if used > limit and (live or at >= now - window_ms):
-                await self._exceeded(Violation(scope, scope, "max_attempts", limit, used))
+                await self._exceeded(Violation(scope, scope, "max_attempts", limit, used), owner)
 
     async def _spend(self, task_id: str, cost: float, seq: int, *, live: bool) -> None:
         """Add a reported cost to every scope above the task; publish the total of each

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -134,14 +135,17 @@ async def reachable(url: str) -> bool:
     return True
 
 
-def start_embedded() -> tuple[EmbeddedServer, Path]:
+class DemoInterrupted(CflowError):
+    """Ctrl-C / SIGTERM stopped the demo; the message says what was stopped."""
+
+
+def embedded_server() -> tuple[EmbeddedServer, Path]:
+    """An embedded server on 4222 (or a free port) and a temporary data dir, not started."""
     from cflow.server import EmbeddedServer, ServerOptions, free_port, port_in_use
 
     data = Path(tempfile.mkdtemp(prefix="cflow-demo-"))
     port = 4222 if not port_in_use("127.0.0.1", 4222) else free_port()
-    server = EmbeddedServer(ServerOptions(port=port, data_dir=data, sync="default"))
-    server.start()
-    return server, data
+    return EmbeddedServer(ServerOptions(port=port, data_dir=data, sync="default")), data
 
 
 class Demo:
@@ -160,6 +164,7 @@ class Demo:
         self.first_seq = 0
         self.expired: set[str] = set()
         self.live = False
+        self.interrupted: list[int] = []  # signals received (filled by run_demo)
 
     def note(self, line: str) -> None:
         self.recent.append(line)
@@ -188,8 +193,10 @@ class Demo:
                 args += ["--capability", cap]
             log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 - kept for the child
             self.logs.append(log)
+            # Own session: a terminal's Ctrl-C reaches only the demo, which stops
+            # the workers itself (and the server last, so they can release).
             self.procs[name] = subprocess.Popen(args, stdout=log, stderr=log,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL, start_new_session=True)
 
     # -- progress
 
@@ -292,6 +299,8 @@ class Demo:
         svc = self.swarm.tasks
         deadline = time.monotonic() + self.opts.timeout_s
         while not self.done():
+            if self.interrupted:  # the signal's cancel can be swallowed by a timeout racing it
+                raise asyncio.CancelledError
             if time.monotonic() > deadline:
                 raise CflowError(f"demo did not finish within {self.opts.timeout_s:g} s")
             await self.maybe_kill()
@@ -303,18 +312,27 @@ class Demo:
         if live is not None:
             live.update(self.render())
 
-    async def stop_workers(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    async def stop_workers(self, *, now: bool = False) -> int:
+        """Stop the workers; returns how many were still running.
+
+        ``now`` (Ctrl-C): SIGINT, which makes a worker stop its task and release
+        it at once; whatever is left after a second is killed with its group.
+        Otherwise SIGTERM lets running tasks finish (``--drain-grace``).
+        """
+        alive = [p for p in self.procs.values() if p.poll() is None]
+        for proc in alive:
+            proc.send_signal(signal.SIGINT if now else signal.SIGTERM)
+        deadline = time.monotonic() + (1.0 if now else 15.0)
         for proc in self.procs.values():
             try:
-                await asyncio.to_thread(proc.wait, 15)
+                await asyncio.to_thread(proc.wait, max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 await asyncio.to_thread(proc.wait, 5)
         for log in self.logs:
             log.close()
+        return len(alive)
 
 
 # ------------------------------------------------------------------- summary
@@ -414,6 +432,10 @@ async def summary_from_log(swarm: Swarm, task_ids: list[str]) -> dict[str, Any]:
     }
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
 def print_summary(out: Any, s: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -425,15 +447,18 @@ def print_summary(out: Any, s: dict[str, Any]) -> None:
     table.add_row("swarm", str(s.get("swarm", "")))
     table.add_row("tasks", f"{s['tasks']} created, {s['completed']} completed, "
                            f"{s['failed_tasks']} failed for good, {s['blocked']} blocked")
-    table.add_row("attempts", f"{s['attempts']} claims, {s['failed_attempts']} failed attempts "
-                              f"(retried), {s['releases']} released")
-    table.add_row("reclaims", f"{s['reclaims']} lease(s) expired and reclaimed"
+    retried = max(0, s["failed_attempts"] - s["failed_tasks"])
+    table.add_row("attempts", f"{_n(s['attempts'], 'claim')}, "
+                              f"{_n(s['failed_attempts'], 'failed attempt')} ({retried} retried, "
+                              f"{s['failed_tasks']} final), {s['releases']} released")
+    table.add_row("reclaims", f"{_n(s['reclaims'], 'lease')} expired and reclaimed"
                   + (f" (worker {s['killed']} was killed -9)" if s.get("killed") else ""))
     table.add_row("cycle time", f"p50 {sec(s['cycle_p50_s'])}, p95 {sec(s['cycle_p95_s'])}, "
                                 f"max {sec(s['cycle_max_s'])} (created -> completed)")
     tput = s["throughput_per_min"]
     table.add_row("throughput", "-" if tput is None else
-                  f"{tput:.1f} tasks/min over {s['window_s']:.1f} s with {s['agents']} workers")
+                  f"{tput:.1f} tasks/min over {s['window_s']:.1f} s "
+                  f"with {_n(s['agents'], 'worker')}")
     table.add_row("wall time", f"{s['wall_s']:.1f} s")
     for agent, c in s["per_agent"].items():
         table.add_row(f"  {agent}", ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
@@ -446,16 +471,52 @@ def print_summary(out: Any, s: dict[str, Any]) -> None:
 async def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run the whole demo; returns the summary.
 
+    Ctrl-C and SIGTERM stop it within about a second: the workers stop and
+    release their tasks, then the embedded server stops.
+
     Raises:
         Unavailable: no server reachable and none could be started.
         CflowError: the DAG did not settle within ``opts.timeout_s``.
+        DemoInterrupted: a SIGINT or SIGTERM stopped it (everything is stopped).
     """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    signals: list[int] = []
+    stopped = {"server": False, "workers": 0}
+
+    def on_signal(sig: int) -> None:
+        if not signals:  # a second Ctrl-C must not cut the cleanup short
+            main.cancel()
+        signals.append(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _run_demo(opts, stopped, signals)
+    except asyncio.CancelledError:
+        if not signals:
+            raise
+        what = [f"{stopped['workers']} worker{'s' if stopped['workers'] != 1 else ''}"]
+        if stopped["server"]:
+            what.insert(0, "the server")
+        raise DemoInterrupted("stopped " + " and ".join(what)) from None
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_demo(opts: DemoOptions, stopped: dict[str, Any],
+                    signals: list[int]) -> dict[str, Any]:
     from rich.console import Console
     from rich.live import Live
 
     from cflow.swarm import Swarm
 
-    out = Console(stderr=opts.json)
+    stream = sys.stderr if opts.json else sys.stdout
+    # To a pipe or file: no wrapping at 80 columns (no words cut mid-line).
+    out = (Console(stderr=opts.json) if stream.isatty()
+           else Console(stderr=opts.json, width=200, soft_wrap=True))
     server: EmbeddedServer | None = None
     server_dir: Path | None = None
     url = opts.url
@@ -463,8 +524,18 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="cflow-demo-run-"))
     try:
         if not await reachable(url):
-            started, server_dir = await asyncio.to_thread(start_embedded)
-            server, url = started, started.url
+            server, server_dir = embedded_server()
+            # Started in a thread; a Ctrl-C meanwhile waits for it, so the finally
+            # below stops a server that did start.
+            # detach: its own session, so a terminal's Ctrl-C reaches only cfctl.
+            starting = asyncio.ensure_future(asyncio.to_thread(server.start, detach=True))
+            try:
+                await asyncio.shield(starting)
+            except asyncio.CancelledError:
+                with contextlib.suppress(CflowError):
+                    await starting
+                raise
+            url = server.url
             out.print(f"started an embedded nats-server at {url} (data in {server_dir})")
         else:
             out.print(f"using the NATS server at {url}")
@@ -473,17 +544,19 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
         plan = plan_dag(opts.tasks, opts.work_s, rng)
         async with Swarm.connect(url, swarm=name, agent="demo") as swarm:
             demo = Demo(opts, swarm, url, out)
+            demo.interrupted = signals
             demo.first_seq = await swarm.log.stream_last_seq() + 1
             await swarm.tasks.ensure_board()
             out.print(f"swarm [bold]{name}[/]: creating {len(plan.titles)} tasks "
                       f"(plan -> builds -> tests -> release), lease TTL "
-                      f"{opts.lease_ttl_s:g} s; starting {opts.agents} workers")
+                      f"{opts.lease_ttl_s:g} s; starting {_n(opts.agents, 'worker')}")
             await demo.create_tasks(plan)
             demo.started = time.monotonic()
-            demo.start_workers(work)
-            background = [asyncio.create_task(swarm.tasks.maintain()),
-                          asyncio.create_task(demo.follow_events())]
+            background: list[asyncio.Task[Any]] = []
             try:
+                demo.start_workers(work)
+                background = [asyncio.create_task(swarm.tasks.maintain()),
+                              asyncio.create_task(demo.follow_events())]
                 demo.live = opts.live and out.is_terminal
                 live_ctx = (Live(demo.render(), console=out, refresh_per_second=8,
                                  transient=False)
@@ -491,7 +564,7 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 with live_ctx as live:
                     await demo.wait_done(live)
             finally:
-                await demo.stop_workers()
+                stopped["workers"] = await demo.stop_workers(now=bool(signals))
                 for t in background:
                     t.cancel()
                 for t in background:
@@ -511,6 +584,7 @@ async def run_demo(opts: DemoOptions) -> dict[str, Any]:
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+            stopped["server"] = True
         for d in (server_dir, work):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)

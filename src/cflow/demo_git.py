@@ -162,7 +162,7 @@ async def run_git_demo(opts: GitDemoOptions) -> dict[str, Any]:
     """
     from rich.console import Console
 
-    from cflow.demo import reachable, start_embedded
+    from cflow.demo import embedded_server, reachable
     from cflow.gitflow.git import require_git
     from cflow.gitflow.merger import read_queue
     from cflow.gitflow.report import merge_summary
@@ -179,7 +179,8 @@ async def run_git_demo(opts: GitDemoOptions) -> dict[str, Any]:
     started = time.monotonic()
     try:
         if not await reachable(url):
-            launched, server_dir = await asyncio.to_thread(start_embedded)
+            launched, server_dir = embedded_server()
+            await asyncio.to_thread(launched.start, detach=True)
             server, url = launched, launched.url
             out.print(f"started an embedded nats-server at {url}")
         remote = await asyncio.to_thread(make_repository, work)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from cflow.swarm import Swarm
 
 STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section"),
-                                          ("maintenance", "cflow.leases:maintenance_status")]
+                                          ("maintenance", "cflow.leases:maintenance_status"),
+                                          ("queries", "cflow.status:query_status")]
 STATUS_TIMEOUT_S = 2.0  # a stream whose leader is being elected must not stall the status
 
 
@@ -200,3 +201,12 @@ def _section(target: str) -> Callable[[Swarm], Awaitable[Any]]:
     module, _, attr = target.partition(":")
     fn: Callable[[Swarm], Awaitable[Any]] = getattr(importlib.import_module(module), attr)
     return fn
+
+
+async def query_status(swarm: Swarm) -> dict[str, Any]:
+    """Whether a projector answers queries for the swarm, and how far it has projected."""
+    try:
+        result = await swarm.query("SELECT 1", timeout_s=1)
+    except CflowError as exc:
+        return {"serving": False, "error": str(exc)}
+    return {"serving": True, "checkpoint": result.checkpoint}

@@ -56,10 +56,21 @@ def main() -> None:
         code = fast_main(sys.argv[2:])
         if code is not None:
             raise SystemExit(code)
-    from cflow.cli.app import app
+    try:
+        import typer.main
 
-    _register()
-    app()
+        from cflow.cli import help as cli_help
+        from cflow.cli.app import app, hoist_global_flags
+
+        _register()
+        command = typer.main.get_command(app)
+        cli_help.tidy(command)
+        command.format_commands = (  # type: ignore[attr-defined]
+            lambda ctx, formatter: cli_help.format_commands(command, ctx, formatter))
+        command.main(args=hoist_global_flags(sys.argv[1:]), prog_name="cfctl")
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None
 
 
 __all__ = ["app", "main"]

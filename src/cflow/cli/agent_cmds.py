@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import app, emit, run, state
+from cflow.cli.app import app, emit, identity, run, state
 
 agent_app = typer.Typer(help="Agents: registry, presence, what they hold.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
@@ -61,7 +61,7 @@ def list_agents(ctx: typer.Context) -> None:
     async def body() -> list[dict[str, Any]]:
         from cflow.swarm import Swarm
 
-        async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl") as swarm:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=identity()) as swarm:
             return [a.to_dict() for a in await swarm.agents.list()]
 
     agents = run(ctx, body)
@@ -90,7 +90,7 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="Agent name.")
         from cflow.streams import StoredEvent, names
         from cflow.swarm import Swarm
 
-        async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl") as swarm:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=identity()) as swarm:
             info = (await swarm.agents.get(name)).to_dict()
             tasks = [t for t in await swarm.tasks.list() if t.owner == name]
             info["leases"] = [{"task_id": t.task_id, "title": t.title, "epoch": t.epoch,

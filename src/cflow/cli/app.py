@@ -27,7 +27,13 @@ EXIT_USAGE = 2
 EXIT_NOTHING = 3  # e.g. `task claim` found nothing to claim
 EXIT_LEASE_LOST = 4
 EXIT_NOT_FOUND = 5
-EXIT_UNAVAILABLE = 6
+EXIT_UNAVAILABLE = 6  # NATS unreachable
+EXIT_DOCKER = 7  # the Docker engine unreachable (`worker --docker`)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM (128 + SIGINT, as shells report it)
+EXIT_NAMES = {EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_NOTHING: "nothing",
+              EXIT_LEASE_LOST: "lease_lost", EXIT_NOT_FOUND: "not_found",
+              EXIT_UNAVAILABLE: "unavailable", EXIT_DOCKER: "docker_unavailable",
+              EXIT_INTERRUPTED: "interrupted"}
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -49,6 +55,17 @@ class Ctx:
     agent: str | None = None
 
 
+_current: Ctx | None = None  # this process's global options (one command per process)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cfctl {version('cflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
@@ -59,8 +76,11 @@ def _global(
     swarm: str = typer.Option("default", "--swarm", envvar="CFLOW_SWARM", help="Swarm name."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for unexpected errors."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
 ) -> None:
-    ctx.obj = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
+    global _current
+    ctx.obj = _current = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
 
 
 def state(ctx: typer.Context) -> Ctx:
@@ -70,8 +90,22 @@ def state(ctx: typer.Context) -> Ctx:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    """One line on stderr and an exit code; with ``--json`` the line is a JSON object."""
+    if _current is not None and _current.json:
+        sys.stderr.write(json.dumps({"error": message, "exit_code": code,
+                                     "kind": EXIT_NAMES.get(code, "error")}) + "\n")
+    else:
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """``--json`` and ``--debug`` work anywhere on the line: moved in front of the
+    subcommand, where the global callback reads them (not past a ``--``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in ("--json", "--debug")]
+    rest = [a for a in argv[:end] if a not in ("--json", "--debug")]
+    return [*dict.fromkeys(flags), *rest, *argv[end:]]
 
 
 def exit_code_for(err: CflowError) -> int:
@@ -84,19 +118,54 @@ def exit_code_for(err: CflowError) -> int:
     return EXIT_ERROR
 
 
-def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command body; our errors become one line on stderr and an exit code."""
+def interrupted(what: str) -> NoReturn:
+    """The one line a command stopped by Ctrl-C / SIGTERM prints (exit 130)."""
+    if _current is not None and _current.json:
+        sys.stderr.write(json.dumps({"interrupted": what, "exit_code": EXIT_INTERRUPTED}) + "\n")
+    else:
+        typer.echo(f"interrupted: {what}", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def exit_soon(what: str, within_s: float = 1.5) -> None:
+    """After a stop signal: if the clean shutdown has not ended within ``within_s``,
+    print the interrupted line and exit anyway.
+
+    For processes whose state is safe at any instant (the projector commits each
+    batch with its checkpoint), so a shutdown step that hangs (a NATS unsubscribe
+    that never answers) cannot keep Ctrl-C waiting.
+    """
+    import threading
+
+    def give_up() -> None:
+        sys.stderr.write(f"interrupted: {what}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    timer = threading.Timer(within_s, give_up)
+    timer.daemon = True
+    timer.start()
+
+
+def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]],
+        reraise: tuple[type[CflowError], ...] = ()) -> T:
+    """Run an async command body; our errors become one line on stderr and an exit code.
+
+    ``reraise``: our errors the command handles itself.
+    """
     import anyio
 
     c = state(ctx)
     try:
         return anyio.run(fn)
+    except reraise:
+        raise
     except CflowError as err:
         if c.debug:
             raise
         fail(str(err), exit_code_for(err))
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        interrupted("stopped")
 
 
 def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | None = None) -> None:
@@ -110,6 +179,27 @@ def emit(ctx: typer.Context, data: Any, human: Callable[[Any], None] | str | Non
         sys.stdout.write(human + "\n")
     else:
         human(data)
+
+
+def say(ctx: typer.Context, message: str) -> None:
+    """What happened, for a person: on stderr (stdout stays the result), not under --json."""
+    if not state(ctx).json:
+        sys.stderr.write(message + "\n")
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{n} {noun if n == 1 else (many or noun + 's')}"
+
+
+def console(*, stderr: bool = False) -> Any:
+    """A rich Console; to a pipe or file it never wraps (whole ids, no cut words)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=100_000, soft_wrap=True)
 
 
 def group(name: str, help: str) -> typer.Typer:
@@ -126,7 +216,14 @@ def group(name: str, help: str) -> typer.Typer:
     return sub
 
 
-def agent_name(explicit: str | None = None) -> str:
-    import socket
+def identity(explicit: str | None = None) -> str:
+    """Who a person at this shell is, the same for every command: ``--agent``, else
+    ``$CFLOW_AGENT``, else ``<user>-<host>`` (inside Claude Code: its session's agent)."""
+    from cflow.cli.reserve_cmds import owner_name
 
-    return explicit or os.environ.get("CFLOW_AGENT") or f"{socket.gethostname()}-{os.getpid()}"
+    return owner_name(explicit)
+
+
+def agent_name(explicit: str | None = None) -> str:
+    """A worker's name: it is its own agent, so one per process (``<user>-<host>-<pid>``)."""
+    return explicit or os.environ.get("CFLOW_AGENT") or f"{identity()}-{os.getpid()}"

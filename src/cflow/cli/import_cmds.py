@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, run, state
+from cflow.cli.app import app, emit, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.importer import ImportReport, Source
@@ -59,8 +59,9 @@ def claude_flow(
 
     def human(_: Any) -> None:
         imp = report.imported
-        typer.echo(f"imported {imp['memory']} memory entries, {imp['agents']} agents, "
-                   f"{imp['tasks']} tasks from {', '.join(source.files)}")
+        typer.echo(f"imported {plural(imp['memory'], 'memory entry', 'memory entries')}, "
+                   f"{plural(imp['agents'], 'agent')}, {plural(imp['tasks'], 'task')} "
+                   f"from {', '.join(source.files)}")
         for reason, count in sorted(report.skipped.items()):
             typer.echo(f"skipped {count}: {reason}")
         for note in report.notes:

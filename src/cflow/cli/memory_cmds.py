@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, run, state
+from cflow.cli.app import app, emit, identity, run, state
 from cflow.cli.task_cmds import REQUEST_ID_OPTION, maybe_stored, new_request_id
 
 if TYPE_CHECKING:
@@ -22,13 +22,12 @@ NS_OPTION = typer.Option("default", "--namespace", "-n", help="Namespace.")
 
 
 def _swarm(ctx: typer.Context) -> Any:
-    import os
 
     from cflow.swarm import Swarm
 
     c = state(ctx)
     return Swarm.connect(c.url, swarm=c.swarm,
-                         agent=c.agent or os.environ.get("CFLOW_AGENT") or "cfctl")
+                         agent=identity(c.agent))
 
 
 def _when(ms: int) -> str:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, fail, run, state
+from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.control import ControlView
@@ -37,14 +36,9 @@ _AS = typer.Option(None, "--as", help="Actor recorded on the event (default: $CF
 
 
 def human_actor(explicit: str | None = None) -> str:
-    import getpass
+    from cflow.cli.app import identity
 
-    if explicit:
-        return explicit
-    try:
-        return os.environ.get("CFLOW_AGENT") or getpass.getuser()
-    except (KeyError, OSError):
-        return "operator"
+    return identity(explicit)
 
 
 async def _with_swarm(ctx: typer.Context, actor: str, fn: Any) -> Any:
@@ -85,7 +79,7 @@ def stop_cmd(ctx: typer.Context, now: bool = typer.Option(
     who = human_actor(actor)
     out = run(ctx, lambda: _with_swarm(ctx, who,
                                        lambda s: s.control.stop(reason, now=now)))
-    extra = f", {len(out['cancelled'])} claimed task(s) cancelled" if now else ""
+    extra = (f", {plural(len(out['cancelled']), 'claimed task')} cancelled" if now else "")
     emit(ctx, out, f"swarm STOPPED by {who}{extra}" + (f": {reason}" if reason else "")
          + "\n(resume with `cfctl swarm resume`)")
 
@@ -294,6 +288,13 @@ class LiveState:
     projected_seq: int | None = None
     server: str = ""
     streams: list[dict[str, Any]] = field(default_factory=list)
+    connected: bool = True
+    last_contact_ms: int = 0  # when the server last answered (wall clock)
+
+    def contact(self, connected: bool, now_ms: int) -> None:
+        self.connected = connected
+        if connected:
+            self.last_contact_ms = now_ms
 
     def absorb(self, seq: int, event: Event) -> None:
         from cflow import events as ev
@@ -332,12 +333,20 @@ class LiveState:
         for (status, cap), n in fold.by_capability().items():
             queue.setdefault(cap or "-", {})[status] = n
         applied = self.projected_seq if self.projected_seq is not None else fold.last_seq
+        counts = dict(fold.board.counts())
+        if gates:  # a gate waits for a person: it is not work anyone can claim
+            counts["ready"] = counts.get("ready", 0) - len(gates)
+            counts["gates"] = len(gates)
+        now = wall_ms()
         return {
+            "connected": self.connected,
+            "stale_s": (round((now - self.last_contact_ms) / 1000, 1)
+                        if self.last_contact_ms and not self.connected else 0.0),
             "swarm": self.swarm,
             "server": self.server,
             "streams": self.streams,
             "control": self.control,
-            "tasks": fold.board.counts(),
+            "tasks": counts,
             "queue": queue,
             "agents": self.agents,
             "recent": list(self.recent),
@@ -351,6 +360,9 @@ class LiveState:
         }
 
 
+MAX_ROWS = 4  # rows per table in the live view, so it fits 80x24
+
+
 def render_live(snap: dict[str, Any]) -> Any:
     """A rich renderable of a live snapshot (pure, testable with a recording console)."""
     import datetime
@@ -361,6 +373,11 @@ def render_live(snap: dict[str, Any]) -> Any:
     from rich.text import Text
 
     parts: list[Any] = []
+    if not snap.get("connected", True):
+        parts.append(Panel(Text(f"DISCONNECTED: no answer from the server for "
+                                f"{snap.get('stale_s', 0):g} s; the figures below are the "
+                                "last ones seen (stale)", style="bold white on red"),
+                           style="red"))
     control = snap.get("control") or {}
     mode = control.get("mode", "running")
     if mode != "running":
@@ -382,7 +399,7 @@ def render_live(snap: dict[str, Any]) -> Any:
         parts.append(Text("  ".join(f"{st['name']}: {st.get('health', '?')}"
                                     for st in snap["streams"] if st.get("exists")),
                           style="dim"))
-    tasks = Table(title="tasks", expand=False)
+    tasks = Table(title="tasks", expand=False, box=None)
     for status in snap["tasks"]:
         tasks.add_column(status, justify="right")
     tasks.add_row(*(str(n) for n in snap["tasks"].values()))
@@ -390,7 +407,7 @@ def render_live(snap: dict[str, Any]) -> Any:
     parts.append(Text(f"claims {snap['claims']}  completions {snap['completions']}  "
                       f"failures {snap['failures']}  reclaims {snap['reclaims']}"))
     if snap["queue"]:
-        queue = Table(title="queue by capability")
+        queue = Table(title="queue by capability", box=None)
         queue.add_column("capability")
         for col in ("ready", "claimed", "pending", "blocked"):
             queue.add_column(col, justify="right")
@@ -399,10 +416,13 @@ def render_live(snap: dict[str, Any]) -> Any:
                                  ("ready", "claimed", "pending", "blocked")))
         parts.append(queue)
     if snap["agents"]:
-        agents = Table(title="agents")
+        agents = Table(title="agents", box=None)
         for col in ("agent", "status", "task", "last seen"):
-            agents.add_column(col)
-        for name, info in sorted(snap["agents"].items()):
+            agents.add_column(col, overflow="ellipsis", no_wrap=True)
+        shown = sorted(snap["agents"].items())
+        if len(shown) > MAX_ROWS:
+            parts.append(Text(f"{len(shown) - MAX_ROWS} more agents not shown", style="dim"))
+        for name, info in shown[:MAX_ROWS]:
             seen = info.get("seen")
             when = (datetime.datetime.fromtimestamp(seen / 1000, datetime.UTC)
                     .strftime("%H:%M:%S") if seen else "-")
@@ -413,10 +433,10 @@ def render_live(snap: dict[str, Any]) -> Any:
             f"{g['task_id']} ({g['title']})" for g in snap["pending_gates"]),
             style="bold magenta"))
     if snap["recent"]:
-        recent = Table(title="recent")
+        recent = Table(title="recent", box=None)
         for col in ("time", "what", "task", "detail"):
-            recent.add_column(col)
-        for at, what, title, detail in snap["recent"]:
+            recent.add_column(col, overflow="ellipsis", no_wrap=True)
+        for at, what, title, detail in snap["recent"][:MAX_ROWS]:
             when = datetime.datetime.fromtimestamp(at / 1000, datetime.UTC).strftime("%H:%M:%S")
             style = {"failed": "red", "reclaimed": "yellow"}.get(what, "green")
             recent.add_row(when, Text(what, style=style), title, detail)
@@ -485,17 +505,30 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
         return not stopped.is_set() and (end is None or loop.time() < end)
 
     try:
-        await asyncio.wait_for(caught_up.wait(), 30)
+        catching_up = asyncio.ensure_future(caught_up.wait())
+        leaving = asyncio.ensure_future(stopped.wait())
+        try:
+            await asyncio.wait([catching_up, leaving], timeout=30,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            catching_up.cancel()
+            leaving.cancel()
         if as_json:
+            from cflow.streams.client import wall_ms
+
             while going():
-                await _wait_dirty(dirty, end, loop)
+                await _wait_dirty(dirty, end, loop, stopped)
+                live.contact(swarm.nc.is_connected, wall_ms())
                 sys.stdout.write(json.dumps(live.snapshot(), default=str) + "\n")
                 sys.stdout.flush()
             return
+        from cflow.streams.client import wall_ms
+
         with Live(render_live(live.snapshot()), console=console, refresh_per_second=4,
                   screen=False) as screen:
             while going():
-                await _wait_dirty(dirty, end, loop)
+                await _wait_dirty(dirty, end, loop, stopped)
+                live.contact(swarm.nc.is_connected, wall_ms())
                 screen.update(render_live(live.snapshot()))
     finally:
         for w in workers:
@@ -505,15 +538,21 @@ async def live_view(swarm: Swarm, *, monitor_url: str | None = None,
                 await w
 
 
-async def _wait_dirty(dirty: Any, end: float | None, loop: Any) -> None:
+async def _wait_dirty(dirty: Any, end: float | None, loop: Any, stopped: Any = None) -> None:
     import asyncio
-    import contextlib
 
     timeout = 1.0 if end is None else max(0.0, min(1.0, end - loop.time()))
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(dirty.wait(), timeout)
+    waits = [asyncio.ensure_future(dirty.wait())]
+    if stopped is not None:
+        waits.append(asyncio.ensure_future(stopped.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
     dirty.clear()
-    await asyncio.sleep(0.2)  # coalesce a burst of events into one redraw
+    if stopped is None or not stopped.is_set():
+        await asyncio.sleep(0.2)  # coalesce a burst of events into one redraw
 
 
 async def _safe_last_seq(swarm: Swarm) -> int:
@@ -538,20 +577,28 @@ def watch_status(ctx: typer.Context, monitor_url: str | None = None,
 
     c = state(ctx)
 
-    async def body() -> None:
+    async def body() -> bool:
         import asyncio
         import signal
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def on_signal() -> None:
+            if not stop.is_set():
+                exit_soon("left the live view")  # it only reads: nothing to lose
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C is how one leaves a live view
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl-watch",
                                  ensure=False) as swarm:
+            await swarm.log.stream_last_seq()  # NotFound (one line) for a swarm never set up
             await live_view(swarm, monitor_url=monitor_url, duration_s=duration_s,
                             as_json=c.json, stop=stop)
+        return stop.is_set()
 
-    run(ctx, body)
+    if run(ctx, body):
+        interrupted("left the live view")
 
 
 @app.command("top")

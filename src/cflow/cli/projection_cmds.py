@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, fail, run, state
+from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -57,11 +57,20 @@ def projector_cmd(
         typer.echo(f"projector: swarm {c.swarm}, {path}, from sequence "
                    f"{projector.applied_seq + 1}", err=True)
 
+    signals: list[int] = []
+
     async def body() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if not signals:
+                exit_soon("stopped the projector")
+            signals.append(sig)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         metrics = None
         if metrics_port is not None:
             from cflow.metrics import serve_swarm_metrics
@@ -79,6 +88,8 @@ def projector_cmd(
                     await metrics
 
     run(ctx, body)
+    if signals:
+        interrupted("stopped the projector")
 
 
 @projections_app.command("rebuild")
@@ -132,18 +143,19 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
 
 
 def _table(result: QueryResult, title: str | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from cflow.cli.app import console as cli_console
 
     table = Table(title=title, show_lines=False)
     for col in result.columns:
         table.add_column(col, overflow="fold")
     for row in result.rows:
         table.add_row(*[_cell(v) for v in row])
-    console = Console()
+    console = cli_console()
     console.print(table)
     if result.truncated:
-        console.print(f"[yellow]truncated at {len(result.rows)} rows (use --limit)[/]")
+        console.print(f"[yellow]truncated at {plural(len(result.rows), 'row')} (use --limit)[/]")
 
 
 def _cell(value: Any) -> str:
@@ -211,8 +223,10 @@ def report_cmd(
         if not task_id:
             fail("report timeline needs a TASK_ID", 2)
         check_token(task_id, "task id")
+        # People read times; the exact HLC stamp is for --json.
+        stamp = "hlc, " if state(ctx).json else ""
         queries = [(f"timeline of {task_id}",
-                    "SELECT seq, ts, type, actor, hlc, refused, data FROM task_timeline "
+                    f"SELECT seq, ts, type, actor, {stamp}refused, data FROM task_timeline "
                     f"WHERE task_id = '{task_id}' ORDER BY seq")]  # a checked token
     elif kind == "failures":
         queries = [REPORTS["failures"], ("top errors", "SELECT * FROM top_errors")]
@@ -263,5 +277,5 @@ def export_cmd(
             await nc.close()
 
     counts = run(ctx, body)
-    emit(ctx, counts, "\n".join(f"{t}: {n} rows -> {parquet / (t + '.parquet')}"
+    emit(ctx, counts, "\n".join(f"{t}: {plural(n, 'row')} -> {parquet / (t + '.parquet')}"
                                 for t, n in counts.items()))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_ERROR, EXIT_UNAVAILABLE, app, emit, fail, group, run, state
+from cflow.cli.app import EXIT_ERROR, EXIT_UNAVAILABLE, app, emit, fail, group, plural, run, state
 
 if TYPE_CHECKING:
     from cflow.reservations import Reservation
@@ -139,7 +139,7 @@ def reservations(
                 typer.echo(f"{p}: reserved exclusively by {r.owner} until "
                            f"{_until(r.expires_ms)} ({r.id})", err=True)
         else:
-            typer.echo(f"ok: none of {len(paths)} path(s) is reserved by another agent")
+            typer.echo(f"ok: none of {plural(len(paths), 'path')} is reserved by another agent")
         if blocked:
             raise typer.Exit(EXIT_ERROR)
         return
@@ -177,7 +177,7 @@ def release_paths(
             return done
 
     released = run(ctx, body)
-    emit(ctx, {"released": released}, f"released {len(released)} reservation(s)")
+    emit(ctx, {"released": released}, f"released {plural(len(released), 'reservation')}")
 
 
 def hook_script(cfctl: str, url: str, swarm: str) -> str:

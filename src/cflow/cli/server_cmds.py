@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, fail, run, state
+from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, run, state
 
 if TYPE_CHECKING:
     from cflow.creds import Registry, User
@@ -114,13 +115,20 @@ def _start(
 
     c = state(ctx)
     server = EmbeddedServer(opts)
+    # Ctrl-C, SIGTERM and a closed terminal stop the node in order (services, then
+    # the server); installed before anything starts, so a signal at any point is a
+    # clean stop, never a KeyboardInterrupt mid-startup.
+    signals = _record_signals()
     try:
-        pid = server.start(detach=detach)
+        # Its own session: a terminal's Ctrl-C reaches only cfctl, which stops the
+        # projector before the server it reads from.
+        pid = server.start(detach=True)
     except CflowError as err:
         fail(str(err))
     url = _client_url(server, reg, c.swarm)
     notes: list[str] = []
     streams: list[str] = []
+    services: dict[str, Any] | None = None
     try:
         if not init:
             pass
@@ -135,11 +143,19 @@ def _start(
         elif opts.leaf_remotes:
             notes.append("leaf node: the hub's JetStream holds the streams (run `cfctl init` "
                          "against the hub)")
-        else:
+        elif not signals:
             streams = run(ctx, lambda: _ensure(url, c.swarm, replicas, opts.clustered))
+        if detach and not signals:
+            services = _start_services(ctx, server, url or server.url, replicas, metrics_port,
+                                       wait=bool(streams))
     except BaseException:
         server.stop()
+        server.pid_path.unlink(missing_ok=True)
         raise
+    if signals:
+        _stop_node(server, None)
+        interrupted("stopped the server")
+    db = opts.data_dir / f"{c.swarm}.duckdb"
     info = {
         "url": server.url,
         "pid": pid,
@@ -153,6 +169,9 @@ def _start(
         "swarm": c.swarm,
         "streams": streams,
         "detached": detach,
+        "projection": str(db),
+        "services_pid": services["pid"] if services else None,
+        "services_log": services["log"] if services else None,
         "notes": notes,
     }
 
@@ -163,15 +182,15 @@ def _start(
             typer.echo(f"cluster {d['cluster']} as {d['server_name']}")
         if d["streams"]:
             typer.echo(f"swarm {d['swarm']}: {len(d['streams'])} streams and buckets ready")
+        where = f"pid {d['services_pid']}, " if d["services_pid"] else ""
+        typer.echo(f"projector, query service and maintenance: {where}{d['projection']}")
         for note in d["notes"]:
             typer.echo(f"note: {note}")
         if d["detached"]:
-            typer.echo(f"stop it with: cfctl down --port {d['port']} --data-dir {d['data_dir']}")
+            typer.echo(f"stop it with: cfctl down --data-dir {d['data_dir']}")
         else:
             typer.echo("running in the foreground; Ctrl-C stops it")
 
-    if not detach:
-        _stop_server_on_signals(server)
     emit(ctx, info, human)
     sys.stdout.flush()
     if detach:
@@ -184,43 +203,100 @@ def _start(
     from cflow.cli.app import exit_code_for
 
     try:
-        anyio.run(_foreground, server, running, ui_port)
+        anyio.run(_foreground, server, running, signals, ui_port)
     except CflowError as err:
         fail(str(err), exit_code_for(err))
     finally:
-        server.stop()
-        server.pid_path.unlink(missing_ok=True)
-    if not c.json:
-        typer.echo("nats-server stopped")
+        _stop_node(server, None)
+    if signals:
+        interrupted("stopped the server and the projector")
+    fail(f"nats-server exited on its own (see {server.log_path}); stopped the projector")
 
 
-def _stop_server_on_signals(server: EmbeddedServer) -> None:
-    """Ctrl-C / SIGTERM stop the server; the foreground loop then ends with it.
-
-    Installed before readiness is printed, so a signal that arrives at any
-    point after that is a clean stop, never a KeyboardInterrupt mid-startup.
-    """
+def _record_signals() -> list[int]:
+    """Note SIGINT / SIGTERM / SIGHUP instead of dying; the list fills as they come."""
     import signal
 
+    signals: list[int] = []
+
     def handler(signum: int, frame: object) -> None:
-        proc = server.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        signals.append(signum)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+    return signals
 
 
-def _server_name(server: EmbeddedServer) -> str:
-    import socket
+def _stop_node(server: EmbeddedServer, services_pid: int | None) -> None:
+    """Stop the services (they write last checkpoints through the server), then the server."""
+    from cflow.server import stop_pid
 
-    return server.opts.server_name or f"cflow-{socket.gethostname()}-{server.opts.port}"
+    if services_pid is not None:
+        stop_pid(services_pid)
+    server.stop()
+    server.pid_path.unlink(missing_ok=True)
+
+
+def _services_pid_path(data_dir: Path, port: int) -> Path:
+    return data_dir / f"services-{port}.pid"
+
+
+def _start_services(ctx: typer.Context, server: EmbeddedServer, url: str, replicas: int,
+                    metrics_port: int | None, *, wait: bool) -> dict[str, Any]:
+    """Start the detached node's services (projector, query service, maintenance) as
+    their own process next to the server; ``wait``: until queries are answered."""
+    import subprocess
+
+    c = state(ctx)
+    data_dir = server.opts.data_dir
+    log_path = data_dir / f"services-{server.opts.port}.log"
+    args = [sys.executable, "-c", "from cflow.cli import main; main()", "--url", url,
+            "--swarm", c.swarm, "node-services", "--data-dir", str(data_dir),
+            "--port", str(server.opts.port), "--replicas", str(replicas)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    _services_pid_path(data_dir, server.opts.port).write_text(f"{proc.pid}\n")
+    if wait:
+        try:
+            run(ctx, lambda: _wait_queries(url, c.swarm, proc))
+        except BaseException:
+            from cflow.server import stop_pid
+
+            stop_pid(proc.pid)
+            _services_pid_path(data_dir, server.opts.port).unlink(missing_ok=True)
+            raise
+    return {"pid": proc.pid, "log": str(log_path)}
+
+
+async def _wait_queries(url: str, swarm: str, proc: Any, within_s: float = 30.0) -> None:
+    """Until the projector's query service answers (it is what `cfctl query` needs)."""
+    import time
+
+    from cflow.errors import CflowError, Unavailable
+    from cflow.swarm import Swarm
+
+    deadline = time.monotonic() + within_s
+    async with Swarm.connect(url, swarm=swarm, agent="cfctl-up", ensure=False) as facade:
+        while True:
+            if proc.poll() is not None:
+                raise Unavailable(f"the node's services exited (code {proc.returncode})")
+            try:
+                await facade.query("SELECT 1", timeout_s=1)
+                return
+            except CflowError:
+                if time.monotonic() > deadline:
+                    raise
+            # the query service announces nothing; asking is how one learns it is up
 
 
 async def _foreground(server: EmbeddedServer, running: RunningServer,
-                      ui_port: int | None = None) -> None:
-    """Run the foreground services until the server exits or we get SIGINT/SIGTERM."""
+                      signals: list[int] | None = None, ui_port: int | None = None) -> None:
+    """Run the node's services until the server exits or a signal comes."""
     import importlib
+    import signal
 
     import anyio
 
@@ -228,8 +304,21 @@ async def _foreground(server: EmbeddedServer, running: RunningServer,
 
     proc = server.proc
     assert proc is not None
-
+    if signals is None:
+        signals = []
+    if signals:
+        return
     async with anyio.create_task_group() as tg:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            signals.append(sig)
+            tg.cancel_scope.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
         for _name, target in FOREGROUND_SERVICES:
             module, _, attr = target.partition(":")
             tg.start_soon(getattr(importlib.import_module(module), attr), running)
@@ -239,6 +328,55 @@ async def _foreground(server: EmbeddedServer, running: RunningServer,
             tg.start_soon(serve_for_up, running, ui_port)
         await anyio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
         tg.cancel_scope.cancel()
+
+
+def _server_name(server: EmbeddedServer) -> str:
+    import socket
+
+    return server.opts.server_name or f"cflow-{socket.gethostname()}-{server.opts.port}"
+
+
+@app.command("node-services", hidden=True)
+def node_services(
+    ctx: typer.Context,
+    data_dir: Path = typer.Option(..., "--data-dir"),
+    port: int = typer.Option(..., "--port"),
+    replicas: int = typer.Option(1, "--replicas"),
+    metrics_port: int | None = typer.Option(None, "--metrics-port"),
+) -> None:
+    """The services of a detached node (started by `cfctl up --detach`)."""
+    import importlib
+
+    from cflow.server import FOREGROUND_SERVICES, RunningServer
+
+    c = state(ctx)
+    running = RunningServer(url=c.url, swarm=c.swarm, replicas=replicas,
+                            data_dir=data_dir, metrics_port=metrics_port)
+
+    async def body() -> None:
+        import asyncio
+        import signal
+
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+            loop = asyncio.get_running_loop()
+            def on_signal() -> None:
+                exit_soon("stopped the node's services")
+                tg.cancel_scope.cancel()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
+            for _name, target in FOREGROUND_SERVICES:
+                module, _, attr = target.partition(":")
+                tg.start_soon(getattr(importlib.import_module(module), attr), running)
+
+    try:
+        run(ctx, body)
+    finally:
+        path = _services_pid_path(data_dir, port)
+        if path.exists() and path.read_text().strip() == str(os.getpid()):
+            path.unlink()
 
 
 _PORT = typer.Option(4222, "--port", help="Client port.")
@@ -334,18 +472,47 @@ def down(
     port: int | None = typer.Option(None, "--port", help="Stop only this port's server."),
     data_dir: Path | None = _DATA,
 ) -> None:
-    """Stop the server(s) `cfctl up --detach` started with this data dir."""
+    """Stop the node(s) `cfctl up --detach` started with this data dir."""
     from cflow.errors import CflowError
     from cflow.server import stop_recorded
 
+    where = _data_dir(data_dir)
+    services = _stop_services(where, port)
     try:
-        stopped = stop_recorded(_data_dir(data_dir), port)
+        stopped = stop_recorded(where, port)
     except CflowError as err:
         from cflow.cli.app import exit_code_for
 
         fail(str(err), exit_code_for(err))
-    emit(ctx, [{"port": p, "pid": pid} for p, pid in stopped],
-         "\n".join(f"stopped nats-server pid {pid} (port {p})" for p, pid in stopped))
+    emit(ctx, [{"port": p, "pid": pid, "services_pid": services.get(p)} for p, pid in stopped],
+         "\n".join(f"stopped nats-server pid {pid} (port {p})"
+                   + (f" and its services pid {services[p]}" if p in services else "")
+                   for p, pid in stopped))
+
+
+def _stop_services(data_dir: Path, port: int | None) -> dict[int, int]:
+    """Stop the detached services recorded in ``data_dir``: {port: pid} stopped."""
+    from cflow.server import stop_pid
+
+    stopped = {}
+    for path in sorted(data_dir.glob("services-*.pid")):
+        try:
+            p, pid = int(path.stem.removeprefix("services-")), int(path.read_text().strip())
+        except ValueError:
+            continue
+        if port is not None and p != port:
+            continue
+        if _is_cflow(pid) and stop_pid(pid):
+            stopped[p] = pid
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def _is_cflow(pid: int) -> bool:
+    try:
+        return b"node-services" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @app.command()
@@ -431,9 +598,14 @@ def _render_status(d: dict[str, Any]) -> None:
         typer.echo("\n".join(control_lines(d["control"])))
     if "maintenance" in d:
         typer.echo("\n".join(maintenance_lines(d["maintenance"])))
+    q = d.get("queries")
+    if isinstance(q, dict):
+        typer.echo(f"queries  answered by a projector, projected up to event {q['checkpoint']}"
+                   if q.get("serving") else
+                   "queries  no projector answering (`cfctl up` or `cfctl projector` runs one)")
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
-                       "control", "maintenance"):
+                       "control", "maintenance", "queries"):
             typer.echo(f"{key:<8} {value}")
 
 
@@ -444,7 +616,7 @@ def maintenance_lines(section: Any) -> list[str]:
     if not section:
         return ["maint    no maintaining process answered (start a worker, `cfctl up` or a "
                 "projector; claims still reap dead holders themselves)"]
-    out = [f"maint    {len(section)} process(es)"]
+    out = [f"maint    {len(section)} process{'es' if len(section) != 1 else ''}"]
     for r in section:
         state = "running" if r.get("running") else "STOPPED"
         error = (f", last error {r['last_error_age_s']:g} s ago in {r['last_error_loop']}: "

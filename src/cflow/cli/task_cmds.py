@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_NOTHING, app, emit, fail, run, state
+from cflow.cli.app import (
+    EXIT_NOTHING,
+    app,
+    console,
+    emit,
+    exit_code_for,
+    fail,
+    identity,
+    plural,
+    run,
+    say,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.tasks import TaskState
@@ -24,7 +35,47 @@ def _swarm(ctx: typer.Context, agent: str | None = None) -> Any:
     from cflow.swarm import Swarm
 
     c = state(ctx)
-    return Swarm.connect(c.url, swarm=c.swarm, agent=agent or c.agent or "cfctl")
+    return Swarm.connect(c.url, swarm=c.swarm, agent=identity(agent or c.agent))
+
+
+TASK_ID_LENGTH = 36  # a whole task id (a UUIDv7); anything shorter is a prefix
+
+
+async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
+    """The whole task id for ``ref``: a whole id, or a unique prefix of one (as git does).
+
+    Raises:
+        NotFound: no task id starts with ``ref``.
+        InvalidInput: several do (they are named).
+    """
+    from cflow.errors import InvalidInput, NotFound
+
+    if len(ref) >= TASK_ID_LENGTH and kind == "task":
+        return ref  # the command itself says "task not found"
+    await swarm.tasks.ensure_board()
+    if ref in swarm.tasks.board.tasks:
+        return ref
+    matches = sorted(t for t in swarm.tasks.board.tasks if t.startswith(ref))
+    if len(matches) == 1:
+        return str(matches[0])
+    if not matches:
+        raise NotFound(kind, ref)
+    shown = ", ".join(matches[:3]) + (", ..." if len(matches) > 3 else "")
+    raise InvalidInput(f"task id prefix {ref!r} is ambiguous: {len(matches)} tasks match "
+                       f"({shown}); give more characters")
+
+
+def human_value(value: Any) -> str:
+    """A field as a person reads it: lists joined, nothing shown as '-', no reprs."""
+    if value is None or value == "" or value == () or value == []:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -100,10 +151,12 @@ def add(
 
     async def body_() -> TaskState:
         async with _swarm(ctx) as swarm:
+            deps = [await resolve(swarm, d, kind="dependency") for d in after]
+            parent_id = await resolve(swarm, parent) if parent else None
             with maybe_stored("task", rid) if rid else contextlib.nullcontext():
                 created: TaskState = await swarm.tasks.create(
-                    title, body=body, priority=priority, capabilities=needs, depends_on=after,
-                    parent_id=parent, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+                    title, body=body, priority=priority, capabilities=needs, depends_on=deps,
+                    parent_id=parent_id, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
                     backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
                     backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
                     labels=labels, kind="gate" if gate else "task", request_id=rid,
@@ -116,58 +169,68 @@ def add(
 
 @task_app.command("import")
 def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Lines file.")) -> None:
-    """Create many tasks from JSON Lines (same fields as `task add`; `id` names a line,
-    and `after` may name earlier lines' ids). Idempotent: re-importing creates nothing new."""
+    """Create tasks from a JSON Lines file; prints their ids (schema: README).
+
+    Every line is checked first (unknown fields and wrong types are refused,
+    nothing is created if any line is bad). Re-importing is idempotent per line.
+    """
+    from cflow.errors import CflowError
+    from cflow.task_import import parse_task_lines
+
     try:
-        lines = file.read_text().splitlines()
+        text = file.read_text()
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}")
-    specs: list[tuple[int, dict[str, Any]]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            spec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            fail(f"{file}:{number}: not JSON ({exc.msg})")
-        if not isinstance(spec, dict) or not isinstance(spec.get("title"), str):
-            fail(f"{file}:{number}: each line must be an object with a string 'title'")
-        specs.append((number, spec))
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+    try:
+        lines = parse_task_lines(text, str(file))
+    except CflowError as err:
+        fail(str(err), exit_code_for(err))
 
     async def body_() -> list[str]:
-        from rich.progress import Progress
-
-        from cflow.errors import CflowError, InvalidInput
+        from cflow.errors import InvalidInput, NotFound
 
         refs: dict[str, str] = {}
-        ids: list[str] = []
         async with _swarm(ctx) as swarm:
-            with Progress(transient=True, disable=state(ctx).json) as progress:
-                bar = progress.add_task("importing", total=len(specs))
-                for number, spec in specs:
-                    deps = [refs.get(str(d), str(d)) for d in spec.get("after", [])]
+            # Dependencies on existing tasks are checked before anything is created.
+            outside: dict[str, str] = {}
+            local = {line.id for _, line, _ in lines if line.id is not None}
+            for number, line, _ in lines:
+                for ref in [*line.after, *([line.parent] if line.parent else [])]:
+                    if ref in local or ref in outside:
+                        continue
                     try:
-                        made = await swarm.tasks.create(
-                            spec["title"], body=str(spec.get("body", "")),
-                            priority=int(spec.get("priority", 0)),
-                            capabilities=list(spec.get("needs", spec.get("capabilities", []))),
-                            depends_on=deps, parent_id=spec.get("parent"),
-                            lease_ttl_s=float(spec.get("lease_ttl", 30.0)),
-                            max_attempts=int(spec.get("max_attempts", 3)),
-                            start_to_close_s=spec.get("timeout"),
-                            idempotency_key=spec.get("key") or f"import-{digest}-{number}",
-                            labels={str(k): str(v) for k, v in spec.get("labels", {}).items()},
-                        )
-                    except (CflowError, TypeError, ValueError) as exc:
-                        raise InvalidInput(f"{file}:{number}: {exc}") from exc
-                    if "id" in spec:
-                        refs[str(spec["id"])] = made.task_id
-                    ids.append(made.task_id)
-                    progress.advance(bar)
+                        outside[ref] = await resolve(swarm, ref)
+                    except NotFound as exc:
+                        raise InvalidInput(f"{file}:{number}: after/parent {ref!r}: no such "
+                                           "task (nor an earlier line's id)") from exc
+                    except InvalidInput as exc:
+                        raise InvalidInput(f"{file}:{number}: {exc}") from None
+            earlier: set[str] = set()
+            for number, line, _ in lines:
+                for ref in line.after:
+                    if ref in local and ref not in earlier:
+                        raise InvalidInput(f"{file}:{number}: after {ref!r} names a later line")
+                if line.id is not None:
+                    earlier.add(line.id)
+            ids: list[str] = []
+            for number, line, key in lines:
+                deps = [refs.get(d) or outside[d] for d in line.after]
+                parent = (refs.get(line.parent) or outside[line.parent]) if line.parent else None
+                try:
+                    made = await swarm.tasks.create(
+                        line.title, body=line.body, priority=line.priority,
+                        capabilities=line.needs, depends_on=deps, parent_id=parent,
+                        lease_ttl_s=line.lease_ttl, max_attempts=line.max_attempts,
+                        start_to_close_s=line.timeout, idempotency_key=key, labels=line.labels)
+                except InvalidInput as exc:
+                    raise InvalidInput(f"{file}:{number}: {exc}") from None
+                if line.id is not None:
+                    refs[line.id] = made.task_id
+                ids.append(made.task_id)
         return ids
 
     ids = run(ctx, body_)
+    say(ctx, f"imported {plural(len(ids), 'task')} from {file}")
     emit(ctx, {"created": ids}, "\n".join(ids))
 
 
@@ -193,14 +256,13 @@ def list_(
     rows = run(ctx, body_)
 
     def human(_: Any) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("id", "status", "pri", "title", "owner", "attempt", box=None)
         for r in rows:
             table.add_row(r["task_id"], r["status"], str(r["priority"]), r["title"],
                           r["owner"] or "", f"{r['attempt']}/{r['max_attempts']}")
-        Console().print(table)
+        console().print(table)
 
     emit(ctx, rows, human)
 
@@ -231,31 +293,31 @@ def show(ctx: typer.Context, task_id: str) -> None:
         from cflow.hlc import Timestamp
 
         async with _swarm(ctx) as swarm:
-            task = await swarm.tasks.get(task_id)
+            whole = await resolve(swarm, task_id)
+            task = await swarm.tasks.get(whole)
             timeline = [
                 {"seq": item.seq, "type": item.event.type, "actor": item.event.actor,
                  "hlc": item.event.hlc, "at": Timestamp.parse(item.event.hlc).readable()}
-                for item in await swarm.tasks.history(task_id)
+                for item in await swarm.tasks.history(whole)
             ]
             return task, timeline
 
     task, timeline = run(ctx, body_)
 
     def human(_: Any) -> None:
-        from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        out = console()
         fields = Table(box=None, show_header=False)
         for name in ("task_id", "title", "status", "priority", "capabilities", "depends_on",
                      "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s", "result",
                      "error", "reason"):
-            fields.add_row(name, str(getattr(task, name)))
-        console.print(fields)
+            fields.add_row(name.replace("_", " "), human_value(getattr(task, name)))
+        out.print(fields)
         events = Table("seq", "event", "actor", "at", box=None)
         for row in timeline:
             events.add_row(str(row["seq"]), row["type"], row["actor"], row["at"])
-        console.print(events)
+        out.print(events)
 
     emit(ctx, {**_row(task), "timeline": timeline}, human)
 
@@ -272,7 +334,8 @@ def claim(
 
     async def body_() -> dict[str, Any] | None:
         async with _swarm(ctx, agent) as swarm:
-            lease = await swarm.tasks.claim(task_id, agent=agent or swarm.agent,
+            wanted = await resolve(swarm, task_id) if task_id else None
+            lease = await swarm.tasks.claim(wanted, agent=agent or swarm.agent,
                                             capabilities=capability, wait=wait)
             if lease is None:
                 return None
@@ -280,7 +343,8 @@ def claim(
 
     got = run(ctx, body_)
     if got is None:
-        emit(ctx, {"claimed": None}, "")
+        say(ctx, "nothing to claim" + (f" within {wait:g} s" if wait else ""))
+        emit(ctx, {"claimed": None}, lambda _: None)
         raise typer.Exit(EXIT_NOTHING)
     emit(ctx, got, f"{got['task_id']} {got['epoch']}")
 
@@ -293,7 +357,7 @@ def heartbeat(ctx: typer.Context, task_id: str,
 
     async def body_() -> str:
         async with _swarm(ctx, agent) as swarm:
-            status: str = await swarm.tasks.heartbeat(task_id, epoch)
+            status: str = await swarm.tasks.heartbeat(await resolve(swarm, task_id), epoch)
             return status
 
     status = run(ctx, body_)
@@ -312,7 +376,8 @@ def complete(ctx: typer.Context, task_id: str,
             # A CLI-only swarm may have no maintainer: fold the board so this process
             # makes the task's dependents ready itself.
             await swarm.tasks.ensure_board()
-            done: TaskState = await swarm.tasks.complete(task_id, epoch, result)
+            done: TaskState = await swarm.tasks.complete(await resolve(swarm, task_id), epoch,
+                                                         result)
             return done
 
     done = run(ctx, body_)
@@ -330,7 +395,8 @@ def fail_(ctx: typer.Context, task_id: str,
     async def body_() -> TaskState:
         async with _swarm(ctx, agent) as swarm:
             await swarm.tasks.ensure_board()  # a final failure blocks dependents (see complete)
-            out: TaskState = await swarm.tasks.fail(task_id, epoch, error, retry=not no_retry)
+            out: TaskState = await swarm.tasks.fail(await resolve(swarm, task_id), epoch, error,
+                                                    retry=not no_retry)
             return out
 
     out = run(ctx, body_)
@@ -346,7 +412,8 @@ def release(ctx: typer.Context, task_id: str,
 
     async def body_() -> TaskState:
         async with _swarm(ctx, agent) as swarm:
-            out: TaskState = await swarm.tasks.release(task_id, epoch, reason)
+            out: TaskState = await swarm.tasks.release(await resolve(swarm, task_id), epoch,
+                                                       reason)
             return out
 
     out = run(ctx, body_)
@@ -360,7 +427,7 @@ def cancel(ctx: typer.Context, task_id: str,
 
     async def body_() -> TaskState:
         async with _swarm(ctx) as swarm:
-            out: TaskState = await swarm.tasks.cancel(task_id, reason)
+            out: TaskState = await swarm.tasks.cancel(await resolve(swarm, task_id), reason)
             return out
 
     out = run(ctx, body_)
@@ -373,12 +440,14 @@ def note(ctx: typer.Context, task_id: str, text: str,
          agent: str | None = AGENT_OPTION) -> None:
     """Attach a progress note to a task (not on its ownership subject)."""
 
-    async def body_() -> int:
+    async def body_() -> tuple[str, int]:
         async with _swarm(ctx, agent) as swarm:
-            seq: int = await swarm.tasks.note(task_id, text, paths=path)
-            return seq
+            whole = await resolve(swarm, task_id)
+            seq: int = await swarm.tasks.note(whole, text, paths=path)
+            return whole, seq
 
-    seq = run(ctx, body_)
-    emit(ctx, {"task_id": task_id, "seq": seq}, str(seq))
+    whole, seq = run(ctx, body_)
+    say(ctx, f"noted on task {whole} (event {seq})")
+    emit(ctx, {"task_id": whole, "seq": seq}, lambda _: None)
 
 

@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, run, state
+from cflow.cli.app import (
+    EXIT_DOCKER,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    agent_name,
+    app,
+    emit,
+    fail,
+    interrupted,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.worker.executor import Executor
@@ -96,8 +107,9 @@ def worker(
 ) -> None:
     """Claim tasks and run them (subprocess, Docker container or `claude -p`) until stopped.
 
-    SIGTERM drains (stop claiming, let running tasks finish within --drain-grace,
-    then release them); a second Ctrl-C stops at once and releases.
+    Ctrl-C stops at once: running tasks are stopped and released. SIGTERM
+    drains: stop claiming, let running tasks finish within --drain-grace, then
+    release them.
     """
     c = state(ctx)
     from cflow.agents import capabilities_of
@@ -117,15 +129,21 @@ def worker(
     quiet = c.json
 
     def show(kind: str, text: str) -> None:
-        if not quiet:
+        if not quiet and kind != "abort":  # after Ctrl-C the last line says what stopped
             sys.stderr.write(f"[{who}] {kind}: {text}\n")
             sys.stderr.flush()
+
+    from cflow.errors import Unavailable
+
+    try:  # fail fast: no claude binary, no Docker engine
+        run(ctx, executor.check, reraise=(Unavailable,))
+    except Unavailable as err:
+        fail(str(err), EXIT_DOCKER if docker_image is not None else EXIT_UNAVAILABLE)
 
     async def body() -> dict[str, object]:
         from cflow.swarm import Swarm
         from cflow.worker.runtime import Worker, WorkerOptions
 
-        await executor.check()  # fail fast: no claude binary, no docker engine
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
             runner = _in_repo(executor, swarm, repo, base, wip_every)
             w = Worker(swarm, runner, WorkerOptions(
@@ -133,15 +151,31 @@ def worker(
                 concurrency=concurrency, url=c.url, lease_ttl_s=lease_ttl,
                 drain_grace_s=drain_grace, max_tasks=max_tasks, claim_wait_s=claim_wait),
                 on_event=show)
-            w.install_signal_handlers()
+            import asyncio
+            import signal
+
+            loop = asyncio.get_running_loop()
+
+            def on_interrupt() -> None:
+                interrupts.append(1)
+                w.abort()
+
+            loop.add_signal_handler(signal.SIGTERM, w.drain)
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)  # a person wants it gone now
             stats = await w.run()
             return {"agent": who, **stats.to_dict()}
 
+    interrupts: list[int] = []
     result = run(ctx, body)
+    summary = (f"{result['completed']} completed, {result['failed']} failed, "
+               f"{result['lost']} lost, {result['released']} released")
+    if interrupts:
+        if c.json:
+            emit(ctx, {**result, "interrupted": True})
+        interrupted(f"stopped worker {who} ({summary})")
 
     def human(d: dict[str, object]) -> None:
-        sys.stderr.write(f"[{who}] stopped: {d['completed']} completed, {d['failed']} failed, "
-                         f"{d['lost']} lost, {d['released']} released\n")
+        sys.stderr.write(f"[{who}] stopped: {summary}\n")
 
     emit(ctx, result, human)
 
@@ -164,12 +198,15 @@ def demo(
     if git:
         _git_demo(ctx, agents)
         return
-    from cflow.demo import DemoOptions, run_demo
+    from cflow.demo import DemoInterrupted, DemoOptions, run_demo
 
     c = state(ctx)
     opts = DemoOptions(agents=agents, tasks=tasks, kill=kill, lease_ttl_s=lease_ttl,
                        work_s=work_s, url=c.url, swarm=None, json=c.json, seed=seed)
-    summary = run(ctx, lambda: run_demo(opts))
+    try:
+        summary = run(ctx, lambda: run_demo(opts), reraise=(DemoInterrupted,))
+    except DemoInterrupted as err:
+        interrupted(str(err))
     if c.json:
         emit(ctx, summary)
 

@@ -1,0 +1,89 @@
+"""``uv run python -m bench.cli_start [--runs N]``: CLI cold start of every kind of
+`cfctl` command, each figure beside ``python -c pass`` measured in the same run.
+
+Starts its own nats-server (free port, temporary store, sync default), runs each
+command ``--runs`` times as a fresh process (the venv's ``cfctl`` entry point, as
+a user runs it) and prints median and spread in milliseconds with the goal
+(<= 300 ms). Commands that talk to the server do their whole round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_MS = 300.0
+CFCTL = str(Path(sys.executable).parent / "cfctl")
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, check=False, timeout=60)
+    took = (time.perf_counter() - start) * 1000
+    if done.returncode not in (0, 3):  # 3: `task claim` found nothing, as asked
+        raise SystemExit(f"{argv}: exit {done.returncode}: {done.stderr.decode()[-300:]}")
+    return took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+
+    from cflow.server import EmbeddedServer, ServerOptions, free_port
+
+    store = Path(tempfile.mkdtemp(prefix="cflow-bench-cli-"))
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=store, sync="default"))
+    server.start()
+    env = {**os.environ, "CFLOW_URL": server.url, "CFLOW_SWARM": "clistart",
+           "XDG_DATA_HOME": str(store)}
+    try:
+        subprocess.run([CFCTL, "init"], env=env, check=True, capture_output=True)
+        subprocess.run([CFCTL, "--swarm", "empty", "init"], env=env, check=True,
+                       capture_output=True)
+        task = subprocess.run([CFCTL, "task", "add", "seed"], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        cases: list[tuple[str, list[str]]] = [
+            ("python -c pass (baseline)", [sys.executable, "-c", "pass"]),
+            ("cfctl --help", [CFCTL, "--help"]),
+            ("cfctl --version", [CFCTL, "--version"]),
+            ("cfctl task add --help", [CFCTL, "task", "add", "--help"]),
+            ("cfctl task add (to a server)", [CFCTL, "task", "add", "cold start"]),
+            ("cfctl task show (whole id)", [CFCTL, "task", "show", task]),
+            ("cfctl task show (prefix)", [CFCTL, "task", "show", task[:13]]),
+            ("cfctl task list", [CFCTL, "task", "list"]),
+            ("cfctl task claim (nothing: exit 3)",
+             [CFCTL, "--swarm", "empty", "task", "claim"]),
+            ("cfctl memory list", [CFCTL, "memory", "list"]),
+            ("cfctl agent list", [CFCTL, "agent", "list"]),
+            ("cfctl status", [CFCTL, "status"]),
+            ("cfctl setup claude --help", [CFCTL, "setup", "claude", "--help"]),
+        ]
+        results: list[tuple[str, float, float, float]] = []
+        for label, argv in cases:
+            times = [timed(argv, env) for _ in range(args.runs)]
+            results.append((label, statistics.median(times), min(times), max(times)))
+    finally:
+        server.stop()
+        shutil.rmtree(store, ignore_errors=True)
+    base = results[0][1]
+    load = os.getloadavg()[0]
+    print(f"CLI cold start, {args.runs} runs each, load average {load:.1f}, "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(f"{'command':<38} {'median':>8} {'spread':>15} {'x baseline':>10}  goal")
+    for label, median, low, high in results:
+        goal = "" if label.startswith("python") else (
+            f"<= {GOAL_MS:.0f} ms: {'met' if median <= GOAL_MS else 'MISSED'}")
+        print(f"{label:<38} {median:>6.0f} ms {low:>6.0f}-{high:<6.0f}ms "
+              f"{median / base:>9.1f}x  {goal}")
+
+
+if __name__ == "__main__":
+    main()
