@@ -152,6 +152,30 @@ def test_queue_fold_orders_by_priority_then_arrival_and_folds_verdicts() -> None
     assert summary["lead_time_max_s"] == 1.003
 
 
+def _ev(data: ev.EventData, task: str) -> ev.Event:
+    return ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 20, actor="w")
+
+
+def test_a_late_request_of_a_fenced_holder_changes_nothing() -> None:
+    """[request e20, Merged, late request e10] stays merged; [e20, late e10] keeps e20."""
+    def request(epoch: int) -> ev.Event:
+        return _ev(ev.MergeRequested(task_id="t", epoch=epoch, branch="cflow/t",
+                                     head=f"{epoch:040d}"), "t")
+    merged = _ev(ev.Merged(task_id="t", head=f"{20:040d}", target="main", previous="p",
+                           commit="q", merger="m"), "t")
+    rejected = _ev(ev.MergeRejected(task_id="t", head=f"{20:040d}", target="main",
+                                    cause="check"), "t")
+    queue = fold_merges([(1, request(20), 1), (2, merged, 2), (3, request(10), 3)])
+    assert queue["t"].status == "merged" and queue["t"].commit == "q"
+    assert queue["t"].last_seq == 3  # a verdict written now expects the latest sequence
+    queue = fold_merges([(1, request(20), 1), (2, rejected, 2), (3, request(30), 3)])
+    assert queue["t"].status == "rejected" and queue["t"].epoch == 20  # never reopened
+    queue = fold_merges([(1, request(20), 1), (2, request(10), 2)])
+    assert (queue["t"].status, queue["t"].epoch, queue["t"].seq) == ("queued", 20, 1)
+    queue = fold_merges([(1, request(10), 1), (2, request(20), 2)])  # the successor's wins
+    assert (queue["t"].epoch, queue["t"].head) == (20, f"{20:040d}")
+
+
 # ------------------------------------------------------------- git, no NATS
 
 
@@ -277,6 +301,29 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     assert row["rejection_rate"] == summary["rejection_rate"] == round(1 / 3, 3)
     assert row["causes"] == "conflict=1" and summary["causes"] == {"conflict": 1}
     assert row["lead_time_max_s"] >= row["lead_time_median_s"] > 0
+
+
+async def test_fenced_holder_requests_no_merge(swarm: Swarm, tmp_path: Path) -> None:
+    """A holder whose claim moved on, with nothing new to push, writes no MergeRequested."""
+    from cflow.worker.executor import TaskContext
+
+    remote = make_remote(tmp_path)
+    t = await swarm.tasks.create("fenced")
+    first = await swarm.tasks.claim(t.task_id, agent="a1")
+    assert first is not None
+    await first.release("handed over")  # the successor claims: a1's epoch is stale
+    second = await swarm.tasks.claim(t.task_id, agent="a2")
+    assert second is not None and second.epoch != first.epoch
+    exe = GitExecutor(SubprocessExecutor("echo done > done.txt"), swarm, str(remote),
+                      area=WorkArea(str(remote), tmp_path / "a"))
+    ctx = TaskContext(task_id=t.task_id, title="fenced", body="", attempt=1,
+                      epoch=first.epoch, url="", swarm=swarm.name, agent="a1")
+    try:
+        outcome = await exe.run(ctx)
+    finally:
+        await exe.aclose()
+    assert not outcome.ok and "no merge requested" in (outcome.error or "")
+    assert [i.event.type for i in await swarm.log.entity_events("merge", t.task_id)] == []
 
 
 @pytest.mark.integration
