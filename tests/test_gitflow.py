@@ -353,6 +353,73 @@ async def test_red_check_keeps_change_out_and_reopens_with_output(
     assert first_parents(remote)[1] == before
 
 
+async def test_rejection_secures_its_verdict_before_the_retry_exists(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A stale merger whose verdict CAS fails makes no retry; one killed between the verdict
+    and the retry leaves it to the next holder, which creates it at takeover."""
+    from cflow.leases import task_id_for_key
+
+    remote = make_remote(tmp_path)
+    heads = {}
+    for name in ("stale", "orphan"):
+        t = await swarm.tasks.create(name)
+        lease = await swarm.tasks.claim(t.task_id, agent="w")
+        assert lease is not None
+        await lease.complete()
+        heads[name] = t.task_id
+        await swarm.log.append(ev.MergeRequested(task_id=t.task_id, epoch=lease.epoch,
+                                                 branch=f"cflow/{t.task_id}", head="b" * 40),
+                               t.task_id)
+    stale = Merger(swarm, str(remote), area=WorkArea(str(remote), tmp_path / "m0"))
+    stale.queue = await read_queue(swarm)
+    request = stale.queue[heads["stale"]]
+    await swarm.log.append(ev.Merged(task_id=request.task_id, head=request.head, target="main",
+                                     previous="p", commit="q", merger="other"),
+                           request.task_id, expected=request.last_seq)
+    await stale._reject(request, "check", "red while another merger merged it")
+    retry_of_stale = task_id_for_key(swarm.name, f"merge-retry-{request.task_id}-{'b' * 40}")
+    assert (await read_queue(swarm))[request.task_id].status == "merged"
+    assert retry_of_stale not in {t.task_id for t in await swarm.tasks.list()}
+    # the verdict recorded, the merger killed before creating the retry it names
+    orphan = (await read_queue(swarm))[heads["orphan"]]
+    retry_id = task_id_for_key(swarm.name, f"merge-retry-{orphan.task_id}-{'b' * 40}")
+    await swarm.log.append(ev.MergeRejected(task_id=orphan.task_id, head=orphan.head,
+                                            target="main", cause="conflict", output="hunks",
+                                            retry_task=retry_id),
+                           orphan.task_id, expected=orphan.last_seq)
+    async with merger(nats_url, swarm_name, remote, tmp_path / "m1"):
+        retry = await until(swarm, retry_id, lambda s: s.status == "ready")
+    assert retry.labels["cflow.origin"] == orphan.task_id
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry_id)]
+    assert [n.text for n in notes if isinstance(n, ev.TaskNoted) and n.artifact == "merge"] \
+        == [f"merge of cflow/{orphan.task_id} into main rejected (conflict):\nhunks"]
+
+
+@pytest.mark.integration
+async def test_a_chain_rejected_max_rejections_times_fails_with_the_last_output(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A permanently red check: two rejections (--max-rejections 2), then no more retries."""
+    from cflow.gitflow.merger import create_merge_gate
+
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    t = await swarm.tasks.create("never green")
+    gate = await create_merge_gate(swarm, t.task_id)
+    async with git_worker(nats_url, swarm_name, remote, root, "w1",
+                          'echo "$CFLOW_TASK_ID" >> value.txt'), \
+            merger(nats_url, swarm_name, remote, root, check="echo always red; exit 1",
+                   max_rejections=2):
+        queue = await until_decided(swarm, 2)
+        assert await until(swarm, gate, lambda s: s.status == "failed")
+    first = queue[t.task_id]
+    assert first.status == "rejected" and first.retry_task is not None
+    last = queue[first.retry_task]
+    assert last.status == "rejected" and last.retry_task is None
+    assert last.output.startswith(f"{t.task_id} failed: 2 merges of its branch rejected")
+    assert "always red" in last.output
+    assert len(queue) == 2 and len(await swarm.tasks.list()) == 3  # task, one retry, gate
+
+
 async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> None:
     from cflow.gitflow.git import GitError
 

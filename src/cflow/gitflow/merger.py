@@ -20,12 +20,17 @@ A merger that loses its reservation stops before its next push.
 4. push the target *expecting the commit it merged onto* (never a blind force;
    if the target moved meanwhile, start over from 1) and record ``Merged``.
 
-A rejection creates the task's next attempt first (idempotent: a new task that
-continues the branch, label ``cflow.branch``, with the rejection in its body and
-``cflow.rebase=1``, so its worktree merges the new target in and leaves the
-conflicts to resolve), then records ``MergeRejected`` naming it. Every verdict
-is appended with the request's last sequence as the expected one, so a request
-is decided once, whichever merger gets there first.
+A rejection first records ``MergeRejected`` naming the task's next attempt by
+an id derived from the request (its idempotency key), then creates that task (a
+new task that continues the branch, label ``cflow.branch``, with the rejection
+as a note and ``cflow.rebase=1``, so its worktree merges the new target in and
+leaves the conflicts to resolve). The retry exists only once the verdict is
+secured; a merger that dies in between leaves it to the next holder, which
+creates every missing retry at takeover. After ``max_rejections`` rejections of
+one chain (label ``cflow.origin``) no retry is made: the chain has failed, its
+merge gate (if any) is rejected with the last output. Every verdict is appended
+with the request's last sequence as the expected one, so a request is decided
+once, whichever merger gets there first.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from cflow.errors import (
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
+from cflow.leases import task_id_for_key
 from cflow.streams import StoredEvent, names
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cflow.merger")
 
 DEFAULT_LEASE_TTL_S = 10.0
+DEFAULT_MAX_REJECTIONS = 3  # rejections of one chain before it fails instead of retrying
 OUTPUT_CAP = 8 * 1024
 IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
 
@@ -139,12 +146,14 @@ class Merger:
     def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
                  check: str | None = None, check_timeout_s: float = 600.0,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
+                 max_rejections: int = DEFAULT_MAX_REJECTIONS,
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.swarm = swarm
         self.target = target
         self.check_cmd = check
         self.check_timeout_s = check_timeout_s
         self.lease_ttl_s = lease_ttl_s
+        self.max_rejections = max(1, max_rejections)
         self.area = area or WorkArea(remote)
         self.stats = MergerStats()
         self.stopping = asyncio.Event()
@@ -265,6 +274,7 @@ class Merger:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
         await self._caught_up()
         await self._open_gates()
+        await self._finish_rejections()
         while not self.stopping.is_set():
             if lost.is_set():
                 return False
@@ -399,7 +409,19 @@ class Merger:
                    f"{after[:12]}")
 
     async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
-        retry = await self._reopen(request, cause, output)
+        """Record the verdict (fenced), then create the retry it names (or fail the chain)."""
+        retry: str | None = None
+        origin = request.origin or request.task_id
+        earlier = sum(1 for r in self.queue.values() if r.status == "rejected"
+                      and (r.origin or r.task_id) == origin and r.task_id != request.task_id)
+        if earlier + 1 >= self.max_rejections:
+            output = (f"{origin} failed: {earlier + 1} merges of its branch rejected "
+                      f"(--max-rejections {self.max_rejections}); no retry\n{output}"
+                      )[:OUTPUT_CAP]
+        else:
+            with contextlib.suppress(NotFound):
+                await self.swarm.tasks.get(request.task_id)  # a retry copies the task
+                retry = task_id_for_key(self.swarm.name, _retry_key(request))
         try:
             appended = await self.swarm.log.append(
                 ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
@@ -411,14 +433,40 @@ class Merger:
             await self._reread(request.task_id)
             return
         apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        decided = self.queue[request.task_id]
+        await self._finish_rejection(decided)
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
-        self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+        self._emit("rejected", f"{request.task_id}: {cause}: {first}; "
+                   + (f"retry as {retry}" if retry else "the chain failed"))
+
+    async def _finish_rejection(self, request: MergeRequest) -> None:
+        """What a recorded rejection implies: its retry task, or the chain's gate rejected."""
+        if request.retry_task is not None:
+            await self._reopen(request)
+        else:
+            await self._reject_gate(request)
+
+    async def _finish_rejections(self) -> None:
+        """At takeover: retries (and failed chains' gates) a merger died before making."""
+        for request in list(self.queue.values()):
+            if request.status == "rejected" and request.target == self.target:
+                await self._finish_rejection(request)
+
+    async def _reject_gate(self, request: MergeRequest) -> None:
+        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
+                                                                  or request.task_id))
+        board = await self.swarm.tasks.ensure_board()
+        gate = board.get(gate_id)
+        if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return
+        first = request.output.strip().splitlines()[0] if request.output.strip() else ""
+        with contextlib.suppress(InvalidState, ConcurrencyConflict, NotFound):
+            await self.swarm.control.reject(gate_id, f"merge of {request.branch} failed: "
+                                            f"{request.cause}: {first}"[:500])
 
     async def _open_gate(self, request: MergeRequest) -> None:
         """Approve the merge gate of the request's task chain, if someone made one."""
-        from cflow.leases import task_id_for_key
-
         gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
                                                                   or request.task_id))
         board = await self.swarm.tasks.ensure_board()
@@ -441,26 +489,44 @@ class Merger:
         for item in await self.swarm.log.entity_events("merge", task_id):
             apply_merge(self.queue, item.seq, item.event, item.time_ms)
 
-    async def _reopen(self, request: MergeRequest, cause: str, output: str) -> str | None:
-        """The task's next attempt: a new task continuing its branch (idempotent)."""
+    async def _reopen(self, request: MergeRequest) -> None:
+        """Create the retry the rejection names (idempotent: its id is the key's), with the
+        rejection as a note; nothing when it exists with its note already."""
+        assert request.retry_task is not None
         try:
-            task = await self.swarm.tasks.get(request.task_id)
+            existing = await self.swarm.tasks.get(request.retry_task)
         except NotFound:
-            return None
-        origin = request.origin or request.task_id
-        labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
-                  "cflow.rebase": "1", "cflow.retry_of": request.task_id}
-        created = await self.swarm.tasks.create(
-            task.title, body=task.body, priority=task.priority, capabilities=task.capabilities,
-            parent_id=task.parent_id, lease_ttl_s=task.lease_ttl_s,
-            max_attempts=task.max_attempts, start_to_close_s=task.start_to_close_s,
-            labels=labels, idempotency_key=f"merge-retry-{request.task_id}-{request.head}")
+            existing = None
+        if existing is not None:
+            if existing.terminal:
+                return
+            notes = await self.swarm.log.entity_events("note", request.retry_task)
+            if any(isinstance(i.event.data, ev.TaskNoted) and i.event.data.artifact == "merge"
+                   for i in notes):
+                return
+        else:
+            try:
+                task = await self.swarm.tasks.get(request.task_id)
+            except NotFound:
+                return
+            origin = request.origin or request.task_id
+            labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
+                      "cflow.rebase": "1", "cflow.retry_of": request.task_id}
+            await self.swarm.tasks.create(
+                task.title, body=task.body, priority=task.priority,
+                capabilities=task.capabilities, parent_id=task.parent_id,
+                lease_ttl_s=task.lease_ttl_s, max_attempts=task.max_attempts,
+                start_to_close_s=task.start_to_close_s, labels=labels,
+                idempotency_key=_retry_key(request))
         # The body stays the task's (it may be a script); the rejection reaches the next
         # attempt as a note, in its CFLOW_PREVIOUS.
         await self.swarm.tasks.note(
-            created.task_id, f"merge of {request.branch} into {self.target} rejected "
-            f"({cause}):\n{output}", artifact="merge")
-        return created.task_id
+            request.retry_task, f"merge of {request.branch} into {self.target} rejected "
+            f"({request.cause}):\n{request.output}", artifact="merge")
+
+
+def _retry_key(request: MergeRequest) -> str:
+    return f"merge-retry-{request.task_id}-{request.head}"
 
 
 async def _has_commit(area: WorkArea, sha: str) -> bool:
