@@ -17,8 +17,13 @@ A merger that loses its reservation stops before its next push.
 2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
    commit names the task); a conflict rejects it with the conflicted hunks;
 3. run the check command there; a red check rejects it with its output's tail;
-4. push the target *expecting the commit it merged onto* (never a blind force;
-   if the target moved meanwhile, start over from 1) and record ``Merged``.
+4. check the lease on the holder's clock, record the intent (``MergeStarted``,
+   fenced on the request's last sequence), check the clock again, push the target
+   *expecting the commit it merged onto* (never a blind force; if the target moved
+   meanwhile, start over from 1) and record ``Merged``. A merger paused past its
+   lease stops at a clock check; one paused between the intent and the push is
+   fenced out by its successor, which pushes the same merge (the intent's tree, its
+   check passed) onto the same target commit, so a stale push is refused by git.
 
 A rejection first records ``MergeRejected`` naming the task's next attempt by
 an id derived from the request (its idempotency key), then creates that task (a
@@ -41,7 +46,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,11 +58,14 @@ from cflow.errors import (
     InvalidState,
     NotFound,
     ReservationConflict,
+    ReservationLost,
     Unavailable,
 )
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
+from cflow.keepalive import Holding, check_deadline, kept_alive, renewal
+from cflow.lease_policy import LeasePolicy
 from cflow.leases import task_id_for_key
 from cflow.streams import StoredEvent, names
 
@@ -200,14 +208,11 @@ class Merger:
                     reservation = await self._acquire()
                     if reservation is None:
                         break
-                    lost = asyncio.Event()
-                    async with self.swarm.reservations.keep_alive(
-                            reservation, interval_s=self.lease_ttl_s / 3,
-                            on_lost=self._lost_callback(lost)):
+                    async with self._kept(reservation) as held:
                         self.holding.set()
                         self._emit("holding", f"merge queue of {self.target!r}")
                         try:
-                            done = await self._drain(lost, until_idle=until_idle)
+                            done = await self._drain(held, until_idle=until_idle)
                         finally:
                             self.holding.clear()
                     if done:
@@ -226,12 +231,22 @@ class Merger:
             self.area.close()
         return self.stats
 
-    def _lost_callback(self, lost: asyncio.Event) -> Callable[[Reservation], None]:
-        def on_lost(_: Reservation) -> None:
-            lost.set()
-            self._wake.set()
+    @contextlib.asynccontextmanager
+    async def _kept(self, reservation: Reservation) -> AsyncIterator[Holding]:
+        """Renew the queue's reservation while the block runs; the holder's clock is the
+        fence: :func:`check_deadline` on it says whether the queue may still be held."""
+        held = Holding(LeasePolicy(reservation.ttl_s), reservation.sent_mono or time.monotonic())
+        current = reservation
 
-        return on_lost
+        async def renew() -> None:
+            nonlocal current
+            current = await renewal(
+                held, lambda: self.swarm.reservations.renew(current.id, current.revision),
+                refused=(ReservationLost,))
+
+        async with kept_alive(held, renew, name=f"merge queue {self.target}",
+                              interval_s=self.lease_ttl_s / 3, on_lost=self._wake.set):
+            yield held
 
     async def _acquire(self) -> Reservation | None:
         waited = False
@@ -270,19 +285,19 @@ class Merger:
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
 
-    async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
+    async def _drain(self, held: Holding, *, until_idle: bool) -> bool:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
         await self._caught_up()
         await self._open_gates()
         await self._finish_rejections()
         while not self.stopping.is_set():
-            if lost.is_set():
+            if check_deadline(held):
                 return False
             self._wake.clear()
             request = await self._next()
             if request is not None:
                 try:
-                    await self.process(request, lost)
+                    await self.process(request, held)
                 except GitError as exc:  # the remote unreachable, a broken clone, ...
                     self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
                     with contextlib.suppress(TimeoutError):
@@ -329,11 +344,18 @@ class Merger:
 
     # -------------------------------------------------------------- one request
 
-    async def process(self, request: MergeRequest, lost: asyncio.Event) -> None:
-        """Merge one request or reject it (see the module doc)."""
+    async def process(self, request: MergeRequest, held: Holding) -> None:
+        """Merge one request or reject it (see the module doc).
+
+        Before the push the merger checks its holder clock and records the intent
+        (``MergeStarted``, fenced on the request's last sequence). A successor that
+        finds an intent onto the target's current commit merges the same head onto it
+        again and, the tree being the one whose check passed, pushes without deciding
+        anew: whichever push lands first moves the target, the other is refused.
+        """
         target_ref = f"refs/heads/{self.target}"
         branch_ref = f"refs/heads/{request.branch}"
-        while not lost.is_set():
+        while not check_deadline(held):
             heads = await self.area.heads(target_ref, branch_ref)
             before = heads[target_ref]
             if before is None:
@@ -347,13 +369,27 @@ class Merger:
                 await self._record_merged(request, before, before, None)
                 return
             path = await self.area.reuse("merge", before)  # one worktree, reset per request
-            verdict = await self._merge_and_check(request, path)
+            trusted = request.intent_tree if request.intent_previous == before else None
+            verdict = await self._merge_and_check(request, path, trusted_tree=trusted)
             if isinstance(verdict, Refusal):
                 await self._reject(request, verdict.cause, verdict.output)
                 return
-            merged, check_s = verdict
-            if lost.is_set():
+            merged, tree, check_s = verdict
+            if check_deadline(held):
                 return  # fenced off before the push: the next holder redoes it
+            try:
+                appended = await self.swarm.log.append(
+                    ev.MergeStarted(task_id=request.task_id, head=request.head,
+                                    target=self.target, previous=before, commit=merged,
+                                    tree=tree, merger=self.swarm.agent),
+                    request.task_id, expected=request.last_seq)
+            except ConcurrencyConflict:
+                await self._reread(request.task_id)  # another merger got there: look again
+                return
+            apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+            request = self.queue[request.task_id]
+            if check_deadline(held):
+                return  # the intent stands: the next holder pushes the same merge
             try:
                 await push_fenced(self.area.repo, merged, target_ref, before)
             except PushRefused:
@@ -363,9 +399,13 @@ class Merger:
             await self._record_merged(request, before, merged, check_s)
             return
 
-    async def _merge_and_check(self, request: MergeRequest, path: Path
-                               ) -> tuple[str, float | None] | Refusal:
-        """(merged commit, check seconds), or why the request is rejected."""
+    async def _merge_and_check(self, request: MergeRequest, path: Path, *,
+                               trusted_tree: str | None = None
+                               ) -> tuple[str, str, float | None] | Refusal:
+        """(merged commit, its tree, check seconds), or why the request is rejected.
+
+        The check is skipped when the merge's tree is ``trusted_tree`` (an intent's, whose
+        check passed)."""
         title = request.title or request.task_id
         code, out, err = await git_status(
             "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
@@ -381,14 +421,15 @@ class Merger:
                     f"{request.branch} into {self.target}\n{hunks}")
             return Refusal("conflict", text[:OUTPUT_CAP])
         merged = await git("rev-parse", "HEAD", cwd=path)
-        if not self.check_cmd:
-            return merged, None
+        tree = await git("rev-parse", "HEAD^{tree}", cwd=path)
+        if not self.check_cmd or tree == trusted_tree:
+            return merged, tree, None
         self._emit("check", f"{request.task_id}: {self.check_cmd}")
         started = time.monotonic()
         ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s)
         if not ok:
             return Refusal("check", output[-OUTPUT_CAP:])
-        return merged, round(time.monotonic() - started, 3)
+        return merged, tree, round(time.monotonic() - started, 3)
 
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:

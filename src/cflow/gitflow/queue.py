@@ -42,6 +42,9 @@ class MergeRequest:
     commit: str | None = None
     merger: str | None = None
     retry_task: str | None = None
+    # the last MergeStarted intent: the target it was to be pushed onto, the merge's tree
+    intent_previous: str | None = None
+    intent_tree: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -71,6 +74,9 @@ def apply_merge(out: dict[str, MergeRequest], seq: int, event: ev.Event, at: int
                 task_id=data.task_id, epoch=data.epoch, branch=data.branch, head=data.head,
                 target=data.target, priority=data.priority, title=data.title,
                 origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
+        case ev.MergeStarted() if old is not None:
+            out[key] = replace(old, last_seq=seq, intent_previous=data.previous,
+                               intent_tree=data.tree)
         case ev.Merged() if old is not None:
             out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
                                commit=data.commit, merger=data.merger)
