@@ -420,6 +420,24 @@ async def test_a_chain_rejected_max_rejections_times_fails_with_the_last_output(
     assert len(queue) == 2 and len(await swarm.tasks.list()) == 3  # task, one retry, gate
 
 
+async def test_a_push_declined_by_a_hook_is_rejected_with_gits_line(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A pre-receive hook declines main: not a fence (no endless retry), rejected as `git`."""
+    remote = make_remote(tmp_path)
+    hook = remote / "hooks" / "pre-receive"
+    hook.write_text('#!/bin/sh\nwhile read old new ref; do [ "$ref" = refs/heads/main ] && '
+                    '{ echo "main is frozen" >&2; exit 1; }; done; exit 0\n')
+    hook.chmod(0o755)
+    t = await swarm.tasks.create("frozen")
+    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1", "echo x > x.txt"):
+        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    async with merger(nats_url, swarm_name, remote, tmp_path / "m"):
+        queue = await until_decided(swarm, 1, within=30)
+    rejected = queue[t.task_id]
+    assert rejected.status == "rejected" and rejected.cause == "git"
+    assert "pre-receive hook declined" in rejected.output and "main is frozen" in rejected.output
+
+
 async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> None:
     from cflow.gitflow.git import GitError
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,9 @@ IDENTITY = {
     "GIT_COMMITTER_NAME": "cflow",
     "GIT_COMMITTER_EMAIL": "cflow@localhost",
 }
+
+
+_FENCED = re.compile(r"\[rejected\] \((stale info|fetch first|non-fast-forward)\)")
 
 
 class GitError(CflowError):
@@ -108,13 +112,23 @@ async def push_fenced(repo: Path | str, commit: str, ref: str, expected: str | N
     code, out, err = await git_status(*args, cwd=repo)
     if code == 0:
         return
-    # Porcelain: one "<flag>\t<from>:<to>\t<summary>" line per ref; "!" = rejected.
+    # Porcelain: one "<flag>\t<from>:<to>\t<summary>" line per ref; "!" = rejected. Only
+    # git's own lease / fast-forward refusals are a fence; "[remote rejected] (pre-receive
+    # hook declined)" and the like are errors, reported with git's line.
     for line in out.splitlines():
         flag, _, rest = line.partition("\t")
-        if flag == "!" and ref in rest:
+        summary = rest.split("\t")[-1]
+        if flag == "!" and ref in rest and _FENCED.match(summary):
             raise PushRefused(f"push to {ref} refused: it is no longer at "
                               f"{(expected or 'absent')[:12]} ({rest.split(chr(9))[-1]})",
                               ref=ref, expected=expected)
+    refused = [line.split("\t")[-1] for line in out.splitlines() if line.startswith("!")]
+    said = [line.strip() for line in err.splitlines() if line.startswith("remote:")
+            and line[7:].strip()]
+    if refused:
+        raise GitError(f"git push to {ref} refused: {'; '.join(refused)}"
+                       + (f" ({said[-1]})" if said else ""), command=list(args),
+                       exit_code=code, output=(out + err)[-4000:])
     raise git_error(args, code, out + err)
 
 

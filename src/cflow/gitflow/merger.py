@@ -79,6 +79,7 @@ DEFAULT_LEASE_TTL_S = 10.0
 DEFAULT_MAX_REJECTIONS = 3  # rejections of one chain before it fails instead of retrying
 OUTPUT_CAP = 8 * 1024
 IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+GIT_FAILURES = 3  # git errors on one request (the remote reachable) before it is rejected
 
 
 def merger_path(target: str) -> str:
@@ -132,6 +133,14 @@ async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
     return True
 
 
+class _RequestGitError(Exception):
+    """git failed on this request's own work (the remote answered): counted per head."""
+
+    def __init__(self, error: GitError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Refusal:
     cause: str
@@ -171,6 +180,7 @@ class Merger:
         self.queue: dict[str, MergeRequest] = {}  # folded from the merge events as they come
         self._queue_caught_up = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._git_failures: dict[tuple[str, str], int] = {}  # (task, head) -> git errors
 
     def _emit(self, kind: str, text: str) -> None:
         log.info("%s: %s", kind, text)
@@ -221,7 +231,8 @@ class Merger:
                                 reservation.owner, reservation_id=reservation.id,
                                 reason="merger stopped")
                         break
-                    self._emit("lost", "the merge queue lease was lost; waiting to take it again")
+                    self._emit("lost", f"the merge queue lease was lost ({held.lost_reason}); "
+                               "waiting to take it again")
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -298,11 +309,19 @@ class Merger:
             if request is not None:
                 try:
                     await self.process(request, held)
+                except _RequestGitError as exc:  # a hook declined the push, a bad head, ...
+                    key = (request.task_id, request.head)
+                    self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
+                    if failures >= GIT_FAILURES:
+                        request = self.queue[request.task_id]  # its own intents since
+                        await self._reject(request, "git", f"{exc.error}\n"
+                                           f"{exc.error.facts.get('output', '')}")
+                        continue
+                    self._emit("git-error", f"{request.task_id}: {exc.error}; retrying in 1 s")
+                    await self._pause(1.0)
                 except GitError as exc:  # the remote unreachable, a broken clone, ...
                     self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await self.stopping.wait()
+                    await self._pause(1.0)
                 continue
             if until_idle and await self._idle():
                 return True
@@ -310,6 +329,11 @@ class Merger:
                 async with asyncio.timeout(IDLE_WAKE_S):
                     await self._wake.wait()
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
 
     async def _caught_up(self) -> None:
         """Until the queue is folded up to now; a watcher that died raises its error."""
@@ -370,7 +394,10 @@ class Merger:
                 return
             path = await self.area.reuse("merge", before)  # one worktree, reset per request
             trusted = request.intent_tree if request.intent_previous == before else None
-            verdict = await self._merge_and_check(request, path, trusted_tree=trusted)
+            try:
+                verdict = await self._merge_and_check(request, path, trusted_tree=trusted)
+            except GitError as exc:
+                raise _RequestGitError(exc) from exc
             if isinstance(verdict, Refusal):
                 await self._reject(request, verdict.cause, verdict.output)
                 return
@@ -392,6 +419,8 @@ class Merger:
                 return  # the intent stands: the next holder pushes the same merge
             try:
                 await push_fenced(self.area.repo, merged, target_ref, before)
+            except GitError as exc:
+                raise _RequestGitError(exc) from exc
             except PushRefused:
                 self._emit("retry", f"{self.target} moved during the merge of "
                            f"{request.task_id}; merging again")
