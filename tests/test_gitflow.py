@@ -204,6 +204,41 @@ async def test_fenced_holder_late_push_is_refused(tmp_path: Path) -> None:
     second.close()
 
 
+async def test_two_attempts_in_one_clone_keep_their_own_branch(tmp_path: Path) -> None:
+    """A fenced attempt and its successor in one worker's clone: the successor's take does
+    not move the fenced worktree's branch under it."""
+    remote = make_remote(tmp_path)
+    area = await WorkArea(str(remote), tmp_path / "a").open()
+    one = await start_attempt(area, task_id="t5", epoch=1, attempt=1, base="main")
+    (one.path / "one.txt").write_text("one\n")
+    head_one = await one.checkpoint("wip 1")
+    two = await start_attempt(area, task_id="t5", epoch=2, attempt=2, base="main")
+    assert await one.head() == head_one  # still its own commit
+    assert sh("rev-parse", "--abbrev-ref", "HEAD", cwd=two.path) == "cflow/t5@2"
+    await one.close()
+    await two.close()
+    assert sh("branch", "--list", "cflow/t5@*", cwd=area.repo) == ""  # no local branch left
+    area.close()
+
+
+async def test_a_rewritten_branch_is_not_pushed(tmp_path: Path) -> None:
+    """An agent that resets its worktree cannot drop the commits pushed before."""
+    from cflow.gitflow.git import GitError
+
+    remote = make_remote(tmp_path)
+    area = await WorkArea(str(remote), tmp_path / "a").open()
+    one = await start_attempt(area, task_id="t6", epoch=1, attempt=1, base="main")
+    (one.path / "kept.txt").write_text("kept\n")
+    pushed = await one.checkpoint("wip 1")
+    sh("reset", "--quiet", "--hard", one.base_head, cwd=one.path)
+    (one.path / "other.txt").write_text("other\n")
+    with pytest.raises(GitError, match="was rewritten"):
+        await one.checkpoint("rewritten")
+    assert sh("rev-parse", "cflow/t6", cwd=remote) == pushed
+    await one.close()
+    area.close()
+
+
 async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) -> None:
     remote = make_remote(tmp_path)
     root = tmp_path / "root"
@@ -215,8 +250,9 @@ async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) ->
     again = await WorkArea(str(remote), root).open()
     assert again.path == first_path and str(attempt.path) in again.cleaned
     assert not attempt.path.exists() and again.live_worktrees() == []
+    (root / "areas" / "stray.txt").write_text("not an area")  # a file among the areas
     other = await WorkArea(str(remote), root).open()  # a second live process: its own area
-    assert other.path != again.path
+    assert other.path != again.path and (root / "areas" / "stray.txt").exists()
     again.close()
     other.close()
 

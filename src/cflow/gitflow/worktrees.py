@@ -80,6 +80,8 @@ class WorkArea:
         areas.mkdir(parents=True, exist_ok=True)
         adopted: Path | None = None
         for candidate in sorted(areas.iterdir()):
+            if not candidate.is_dir() or candidate.is_symlink():
+                continue  # a stray file: not an area, not ours to remove
             handle = _try_lock(candidate / "lock")
             if handle is None:
                 continue  # a live process owns it
