@@ -239,6 +239,26 @@ async def test_a_rewritten_branch_is_not_pushed(tmp_path: Path) -> None:
     area.close()
 
 
+async def test_a_hanging_network_git_is_killed_with_its_children(tmp_path: Path) -> None:
+    """ls-remote through an ssh that never answers: a GitError at the timeout, and the
+    ssh child (git's process group) is gone."""
+    from cflow.gitflow.git import GitError, git_status
+
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/ssh.pid\nexec sleep 60\n")
+    ssh.chmod(0o755)
+    with pytest.raises(GitError, match=r"timed out after 1\.5 s"):
+        await git_status("ls-remote", "ssh://nowhere/repo.git", timeout_s=1.5,
+                         env={"GIT_SSH_COMMAND": str(ssh)})
+    stat = Path(f"/proc/{int((tmp_path / 'ssh.pid').read_text())}/stat")
+    for _ in range(100):  # SIGKILL is delivered at once; a zombie counts as gone
+        if not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z":
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("git's ssh child outlived the timeout")
+
+
 async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) -> None:
     remote = make_remote(tmp_path)
     root = tmp_path / "root"
