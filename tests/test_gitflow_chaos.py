@@ -122,10 +122,13 @@ async def test_merger_killed_mid_merge_another_takes_over(
         heads.append(sh("rev-parse", "main", cwd=remote))  # after m1's first merge
         proc.kill()
         proc.wait(10)
-        kill_pid(check_pid)
-        async with merger(nats_url, swarm_name, remote, tmp_path / "m2", name="m2",
+        stat = Path(f"/proc/{check_pid}/stat")
+        assert stat.exists()  # the check outlives its merger (a session of its own) ...
+        # ... until a merger adopts the dead one's area (same root) and kills its group
+        async with merger(nats_url, swarm_name, remote, cli_root(cli_env, remote), name="m2",
                           check=check, lease_ttl_s=2.0) as m2:
             queue = await until_decided(swarm, 3, within=30)
+            assert f"process group {check_pid}" in m2.area.cleaned
     finally:
         stop(proc)
         if check_pid is not None:

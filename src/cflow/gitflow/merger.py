@@ -455,7 +455,8 @@ class Merger:
             return merged, tree, None
         self._emit("check", f"{request.task_id}: {self.check_cmd}")
         started = time.monotonic()
-        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s)
+        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s,
+                                      self.area)
         if not ok:
             return Refusal("check", output[-OUTPUT_CAP:])
         return merged, tree, round(time.monotonic() - started, 3)
@@ -609,27 +610,36 @@ async def _is_ancestor(area: WorkArea, sha: str, of: str) -> bool:
     return code == 0
 
 
-async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, str]:
+async def _run_check(command: str, cwd: str, timeout_s: float, area: WorkArea
+                     ) -> tuple[bool, str]:
+    """Run the check in a process group of its own, recorded in the work area: a merger
+    that adopts the area after this one died kills what is left of it."""
     proc = await asyncio.create_subprocess_shell(
         command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "CFLOW_MERGE_CHECK": "1"})
+    area.record_group("check", proc.pid)
     try:
         async with asyncio.timeout(timeout_s):
             out, _ = await proc.communicate()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await _kill_group(proc)
         return False, f"check timed out after {timeout_s:g} s: {command}"
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(_kill_group(proc))
         raise
+    finally:
+        area.forget_group("check")
     text = out.decode(errors="replace")
     if proc.returncode != 0:
         return False, f"check failed (exit {proc.returncode}): {command}\n{text}"
     return True, text
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 __all__ = [
