@@ -313,7 +313,9 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
         swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
     remote = make_remote(tmp_path, {"shared.txt": "original\n"})
     root = tmp_path / "areas"
-    cmd = 'printf "%s\\n" "$CFLOW_TASK_TITLE" > shared.txt; echo "$CFLOW_CONFLICTS" > /dev/null'
+    seen = tmp_path / "conflicts.log"  # what each attempt was told (outside the worktree)
+    cmd = ('printf "%s\\n" "$CFLOW_TASK_TITLE" > shared.txt; '
+           f'echo "$CFLOW_TASK_ID:$CFLOW_CONFLICTS" >> {seen}')
     a = await swarm.tasks.create("alpha", priority=2)
     b = await swarm.tasks.create("beta", priority=1)
     async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd) as w:
@@ -328,6 +330,8 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     assert "shared.txt" in rejected.output and "<<<<<<<" in rejected.output
     retry_id = rejected.retry_task
     assert retry_id is not None and queue[retry_id].status == "merged"
+    told = dict(line.split(":", 1) for line in seen.read_text().splitlines())
+    assert told[retry_id] == "shared.txt" and told[a.task_id] == told[b.task_id] == ""
     retry = await swarm.tasks.get(retry_id)
     assert retry.labels["cflow.branch"] == f"cflow/{b.task_id}"
     assert retry.body == b.body
