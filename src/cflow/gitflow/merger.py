@@ -124,6 +124,8 @@ async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
         try:  # authoritative: the board may not have seen a retry created just now
             task = await swarm.tasks.get(follow_up)
         except NotFound:
+            if request.status == "rejected":
+                return False  # the verdict is recorded, its retry not created yet
             continue
         if not task.terminal:
             return False
