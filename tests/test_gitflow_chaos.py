@@ -72,6 +72,12 @@ async def test_worker_killed_after_wip_push_next_holder_continues(
         first = await until_claimed(swarm, t.task_id, "victim")
         child = int(await wait_file(pidfile))
         wip = await branch_has(remote, f"cflow/{t.task_id}", "part1.txt")
+        async with asyncio.timeout(15):  # and after its note saying so (written after the push)
+            async for item in swarm.log.follow(names.events_filter(swarm.name, "note")):
+                if isinstance(item, StoredEvent) and item.event.entity_id == t.task_id \
+                        and isinstance(item.event.data, ev.TaskNoted) \
+                        and wip[:12] in item.event.data.text:
+                    break
         proc.kill()  # kill -9 mid-task, after a work-in-progress push
         proc.wait(10)
         kill_pid(child)
