@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,8 +78,8 @@ def test_briefing_text() -> None:
     assert "no task ready" in briefing("a1", "s1", [], 0, 0)
 
 
-@pytest.mark.parametrize("fixture", ["UserPromptSubmit", "PreToolUse", "PostToolUse_Bash",
-                                     "Stop_active", "SubagentStop", "Notification"])
+@pytest.mark.parametrize("fixture", ["PreToolUse", "PostToolUse_Bash", "Stop_active",
+                                     "SubagentStop", "Notification_idle"])
 def test_events_without_backend_work_return_at_once(fixture: str) -> None:
     event = json.loads(payload(fixture))["hook_event_name"]
     # An unreachable URL proves nothing was attempted: no error, no output.
@@ -95,7 +96,7 @@ def test_hook_fast_path_skips_heavy_imports() -> None:
         "heavy = [m for m in ('typer', 'rich', 'mcp', 'duckdb', 'nats') if m in sys.modules]\n"
         "print(code, heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=payload("Notification"),
+    out = subprocess.run([sys.executable, "-c", code], input=payload("Notification_idle"),
                          capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "0 []"
 
@@ -176,3 +177,71 @@ async def test_session_lifecycle_with_recorded_payloads(
         assert end.returncode == 0 and end.stdout == "", end.stderr
         agent = await swarm.agents.get(SESSION_AGENT)
         assert agent.status == "offline" and agent.reason == "prompt_input_exit"
+
+
+def waiting_gauge(items: Any) -> int:
+    """``cflow_agents_waiting_on_human`` as the metrics fold renders it from agent events."""
+    from cflow.metrics import MetricsFold, parse_text, value_of
+
+    fold = MetricsFold()
+    for item in items:
+        fold.apply(item.seq, item.event)
+    text = fold.render(swarm="s", stream_last_seq=None, projected_seq=None, now_ms=0)
+    return int(value_of(parse_text(text), "cflow_agents_waiting_on_human"))
+
+
+def test_presence_states() -> None:
+    from cflow.agents import AgentInfo, presence_state
+
+    def agent(status: str, present: bool = True, reason: str = "") -> AgentInfo:
+        return AgentInfo(name="a", status=status, present=present, reason=reason)
+
+    assert presence_state(agent("online"), holds_lease=False) == "idle"
+    assert presence_state(agent("online"), holds_lease=True) == "working"
+    assert presence_state(agent("busy", reason="working"), holds_lease=False) == "working"
+    assert presence_state(agent("busy", reason="waiting on a human: permission for Bash"),
+                          holds_lease=True) == "waiting_on_human"
+    assert presence_state(agent("idle"), holds_lease=False) == "idle"
+    assert presence_state(agent("online", present=False), holds_lease=False) == "offline"
+    assert presence_state(agent("offline", present=False), holds_lease=True) == "dead"
+    assert presence_state(agent("busy", present=False), holds_lease=True) == "dead"
+
+
+@pytest.mark.integration
+async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url: str,
+                                              swarm_name: str) -> None:
+    from cflow.agents import Agent, presence_state
+    from cflow.streams import names
+
+    env = hook_env(cli_env)
+    assert run_hook("SessionStart", "SessionStart", env).returncode == 0
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="observer") as swarm:
+        async def presence() -> str:
+            return presence_state(await swarm.agents.get(SESSION_AGENT), holds_lease=False)
+
+        # The session's `cfctl mcp` keeps the agent present; here a handle of our own does.
+        session = Agent(swarm.agents, SESSION_AGENT, "test", (), {}, "mcp")
+        async with session.present():
+            for event, fixture, want in (
+                    ("PermissionRequest", "PermissionRequest", "waiting_on_human"),
+                    ("UserPromptSubmit", "UserPromptSubmit", "working"),
+                    ("Notification", "Notification", "waiting_on_human"),
+                    ("Stop", "Stop", "idle")):
+                done = run_hook(event, fixture, env)
+                assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done.stderr
+                assert await presence() == want, event
+                assert waiting_gauge(await swarm.log.read(
+                    names.events_filter(swarm_name, "agent"))) == (want == "waiting_on_human")
+            assert (await swarm.agents.get(SESSION_AGENT)).reason == "session waits for a prompt"
+        assert await presence() == "offline"  # presence gone, holding nothing
+
+        for event in ("TaskCreated", "TaskCompleted", "TeammateIdle"):
+            done = run_hook(event, event, env)
+            assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        sent = [i.event for i in await swarm.log.read(names.events_filter(swarm_name, "message"))
+                if isinstance(i.event.data, ev.MessageSent)]
+        records = [json.loads(e.data.text) for e in sent if e.data.topic == "team-parser-team"]
+        assert [(r["team_event"], r.get("task_id"), r["teammate_name"]) for r in records] == [
+            ("TaskCreated", "3", "tester"), ("TaskCompleted", "3", "tester"),
+            ("TeammateIdle", None, "tester")]
+        assert all(r["agent"] == SESSION_AGENT for r in records)

@@ -102,7 +102,7 @@ async def test_raw_protocol_only_json_rpc_on_stdout(cli_env: dict[str, str], nat
         info = await srv.initialize()
         assert info["serverInfo"]["name"] == "cflow"
         tools = await srv.request("tools/list")
-        assert len(tools["tools"]) <= 10
+        assert len(tools["tools"]) <= 12
         assert len(json.dumps(tools["tools"])) / 4 <= TOKEN_BUDGET
         created = await srv.call("task_create", title="via stdio", capabilities=["py"])
         claimed = await srv.call("task_claim")
@@ -136,7 +136,7 @@ async def test_sdk_stdio_client(cli_env: dict[str, str]) -> None:
         listed = await client.list_tools()
         wire = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True)
                            for t in listed.tools])
-        assert len(listed.tools) <= 10 and len(wire) / 4 <= TOKEN_BUDGET
+        assert len(listed.tools) <= 12 and len(wire) / 4 <= TOKEN_BUDGET
         made = await client.call_tool("task_create", {"title": "sdk task"})
         assert made.structured_content is not None
         claim = await client.call_tool("task_claim", {})
@@ -212,11 +212,11 @@ async def test_streamable_http_on_loopback(cli_env: dict[str, str]) -> None:
         stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stderr is not None
-        while b"serving swarm" not in (line := await asyncio.wait_for(
+        while b"listening on" not in (line := await asyncio.wait_for(
                 proc.stderr.readline(), START_S)):
             assert line, "cfctl mcp --http exited before serving"
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-            assert len((await client.list_tools()).tools) == 9
+            assert len((await client.list_tools()).tools) == 11
             status = await client.call_tool("swarm_status", {})
             assert status.structured_content is not None
             assert status.structured_content["agent"] == "http-1"

@@ -83,8 +83,9 @@ async def test_tool_list_is_small(mcp: tuple[Client, Adapter]) -> None:
     listed = await client.list_tools()
     names = {t.name for t in listed.tools}
     assert names == {"task_create", "task_find", "task_claim", "task_update", "task_cancel",
-                     "memory_store", "memory_search", "query", "swarm_status"}
-    assert len(listed.tools) <= 10
+                     "memory_store", "memory_search", "query", "swarm_status", "message",
+                     "paths"}
+    assert len(listed.tools) <= 12
     wire = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True)
                        for t in listed.tools])
     assert len(wire) / 4 <= TOKEN_BUDGET, len(wire) / 4
@@ -249,7 +250,9 @@ async def test_swarm_status(mcp: tuple[Client, Adapter]) -> None:
     assert status["queue"] == {"claimed": 1, "ready": 2}
     assert status["ready_for_me"] == 0
     assert [g["title"] for g in status["gates"]] == ["approve release"]
-    assert {"name": "mcp-a", "status": "online"} in status["agents"]
+    assert {"name": "mcp-a", "presence": "working"} in status["agents"]  # holds a lease
+    assert "stale" not in status
+    assert status["agents_by_presence"]["working"] >= 1
 
 
 # ------------------------------------------------------------------ memory

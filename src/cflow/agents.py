@@ -130,6 +130,27 @@ def _live(entry: KvEntry | None) -> bool:
     return entry is not None and entry.live
 
 
+PRESENCE_STATES = ("working", "waiting_on_human", "idle", "offline", "dead")
+
+
+def presence_state(agent: AgentInfo, holds_lease: bool) -> str:
+    """What an agent is doing, for people (pure): one of :data:`PRESENCE_STATES`.
+
+    *dead*: its presence is gone while it still holds a lease (the lease will
+    expire and the work be reclaimed); *offline*: gone, holding nothing;
+    *waiting_on_human*: a Claude Code session stopped at a permission prompt
+    (its hooks set the reason ``waiting on a human: ...``); *working*: busy or
+    holding a lease; *idle*: present, nothing to do.
+    """
+    if not agent.present or agent.status == "offline":
+        return "dead" if holds_lease else "offline"
+    if agent.reason.startswith("waiting on a human"):
+        return "waiting_on_human"
+    if agent.status == "busy" or holds_lease:
+        return "working"
+    return "idle"
+
+
 class Agent:
     """A registered agent, as acted out by this process."""
 
@@ -412,6 +433,7 @@ def capabilities_of(values: Sequence[str]) -> tuple[str, ...]:
 
 __all__ = [
     "PRESENCE_RENEW_S",
+    "PRESENCE_STATES",
     "PRESENCE_TTL_S",
     "Agent",
     "AgentInfo",
@@ -420,4 +442,5 @@ __all__ = [
     "capabilities_of",
     "fold_agent",
     "fold_agents",
+    "presence_state",
 ]

@@ -14,6 +14,14 @@ per-event fields such as ``tool_name``/``tool_input``/``tool_response``,
   the session cannot loop.
 * ``SessionEnd``: mark the agent offline. Its leases are not released: the MCP
   adapter's heartbeats stop with the session and the leases expire.
+* Presence: ``PermissionRequest`` and a ``Notification`` of a permission prompt
+  mark the agent *waiting on a human* (status busy, reason ``waiting on a
+  human: ...``); ``UserPromptSubmit`` marks it working; a ``Stop`` without held
+  work marks it idle (see :func:`cflow.agents.presence_state`).
+* Agent teams: ``TaskCreated``, ``TaskCompleted`` and ``TeammateIdle`` are
+  recorded as messages on the topic ``team-<team>`` (one JSON object each), so
+  a team's tasks and idleness are in the swarm's audit trail and in the
+  projection's ``messages`` table, whichever machine its teammates run on.
 * Other events are accepted and ignored.
 
 **A hook never fails the user's session.** Backend errors (NATS down, swarm
@@ -23,8 +31,11 @@ non-zero would put an error in front of the user on every tool call for a
 coordination backend being down, and exit code 2 would even block the tool.
 
 Cold start matters (Claude Code waits for every hook), so this module imports
-only the standard library at load; NATS and the facade are imported when an
-event needs the backend, and events that do not never import them. The CLI's
+only the standard library at load. An edit note first goes to the session's own
+``cfctl mcp`` over a local Unix socket (:func:`hook_socket_path`; it holds the
+NATS connection and knows its leases), and only without one to NATS directly.
+NATS and the facade are imported when an event needs the backend, and events
+that do not never import them. The CLI's
 ``main()`` dispatches ``cfctl hook`` here before importing Typer.
 
 The agent name must match the MCP adapter's (same Claude Code session, same
@@ -50,8 +61,12 @@ if TYPE_CHECKING:
 
 EVENTS = (
     "SessionStart", "UserPromptSubmit", "PreToolUse", "PostToolUse", "Stop", "SubagentStop",
-    "SessionEnd", "Notification", "PreCompact",
+    "SessionEnd", "Notification", "PreCompact", "PermissionRequest", "TaskCreated",
+    "TaskCompleted", "TeammateIdle",
 )
+TEAM_EVENTS = ("TaskCreated", "TaskCompleted", "TeammateIdle")
+WAITING = "waiting on a human"  # the reason prefix cflow.agents.presence_state reads
+EDIT_NOTE = "edited via {tool}"  # the MCP server keeps these apart from the model's notes
 EDIT_TOOLS = frozenset({"Edit", "Write", "MultiEdit", "NotebookEdit"})
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT_S = 5.0
@@ -124,6 +139,9 @@ class HookInput:
     source: str = ""
     reason: str = ""
     stop_hook_active: bool = False
+    message: str = ""
+    notification_type: str = ""
+    team: dict[str, str] = field(default_factory=dict)  # agent-team event fields
 
     @classmethod
     def parse(cls, event: str, raw: str) -> HookInput:
@@ -143,6 +161,10 @@ class HookInput:
             source=str(data.get("source") or ""),
             reason=str(data.get("reason") or ""),
             stop_hook_active=bool(data.get("stop_hook_active")),
+            message=str(data.get("message") or ""),
+            notification_type=str(data.get("notification_type") or ""),
+            team={k: str(data[k])[:500] for k in ("task_id", "task_subject", "task_description",
+                                                   "teammate_name", "team_name") if data.get(k)},
         )
 
 
@@ -166,6 +188,40 @@ def touched_paths(hook: HookInput, project_dir: str | None = None) -> list[str]:
         if text not in out:
             out.append(text)
     return out
+
+
+# ---------------------------------------------------------------------- relay
+
+
+def hook_socket_path(swarm: str, agent: str) -> str:
+    """Where a session's ``cfctl mcp`` listens for its hooks (pure but for the env)."""
+    import hashlib
+    import tempfile
+
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(f"{swarm}\0{agent}".encode()).hexdigest()[:20]
+    return os.path.join(base, f"cflow-{os.getuid()}", f"{digest}.sock")
+
+
+def relay(path: str, request: dict[str, Any], timeout_s: float = 3.0) -> dict[str, Any] | None:
+    """Send one request to the session's ``cfctl mcp``; None if nobody listens there."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        answer = json.loads(data or b"null")
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) and answer.get("ok") else None
 
 
 # ---------------------------------------------------------------------- outputs
@@ -267,8 +323,38 @@ async def _register(swarm: Swarm, agent: str, hook: HookInput) -> None:
     await swarm.agents.register(agent, capabilities_from_env(), labels, runtime="claude")
 
 
+async def _registered(swarm: Swarm, agent: str) -> Any:
+    """The agent's record, or None if it never registered (e.g. `claude mcp list`
+    runs SessionEnd hooks without a session: no agent is made up for it)."""
+    from cflow.errors import NotFound
+
+    try:
+        return await swarm.agents.get(agent)
+    except NotFound:
+        return None
+
+
 async def _set_offline(swarm: Swarm, agent: str, reason: str) -> None:
-    await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
+    if await _registered(swarm, agent) is not None:
+        await swarm.agents.set_status(agent, "offline", reason=reason or "session ended")
+
+
+async def _presence(swarm: Swarm, agent: str, status: str, reason: str) -> None:
+    """Set the agent's status and reason unless both are already so (one event)."""
+    info = await _registered(swarm, agent)
+    if info is not None and (info.status, info.reason) != (status, reason):
+        await swarm.agents.set_status(agent, status, info.task_id,  # type: ignore[arg-type]
+                                      reason=reason, force=True)
+
+
+def team_topic(team: str) -> str:
+    return "team-" + (_token(team)[:48] or "default")
+
+
+def team_record(hook: HookInput, agent: str) -> str:
+    """The JSON an agent-team hook event is recorded as (pure)."""
+    return json.dumps({"team_event": hook.event, "agent": agent, **hook.team},
+                      ensure_ascii=False)
 
 
 async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
@@ -298,13 +384,28 @@ async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
                 if not paths:
                     return HookResult()
                 for h in await held_tasks(swarm, agent, titles=False):
-                    await swarm.tasks.note(h.task_id, f"edited via {hook.tool_name}",
+                    await swarm.tasks.note(h.task_id, EDIT_NOTE.format(tool=hook.tool_name),
                                            epoch=h.epoch, paths=paths)
                 return HookResult()
             case "Stop":
                 held = await held_tasks(swarm, agent)
                 if held:
                     return HookResult(stdout=stop_block_output(stop_reminder(held)))
+                await _presence(swarm, agent, "idle", "session waits for a prompt")
+                return HookResult()
+            case "PermissionRequest":
+                await _presence(swarm, agent, "busy",
+                                f"{WAITING}: permission for {hook.tool_name or 'a tool'}")
+                return HookResult()
+            case "Notification":
+                await _presence(swarm, agent, "busy", f"{WAITING}: {hook.message[:200]}")
+                return HookResult()
+            case "UserPromptSubmit":
+                await _presence(swarm, agent, "busy", "working")
+                return HookResult()
+            case "TaskCreated" | "TaskCompleted" | "TeammateIdle":
+                await swarm.messages.send(None, team_record(hook, agent),
+                                          topic=team_topic(hook.team.get("team_name", "")))
                 return HookResult()
             case "SessionEnd":
                 await _set_offline(swarm, agent, hook.reason)
@@ -321,6 +422,11 @@ def needs_backend(hook: HookInput) -> bool:
             return bool(touched_paths(hook))
         case "Stop":
             return not hook.stop_hook_active
+        case "Notification":
+            return hook.notification_type == "permission_prompt"
+        case "PermissionRequest" | "UserPromptSubmit" | "TaskCreated" | "TaskCompleted" | \
+                "TeammateIdle":
+            return True
     return False
 
 
@@ -334,6 +440,15 @@ def handle(event: str, raw: str, env: Mapping[str, str] | None = None) -> HookRe
         timeout = float(env.get("CFLOW_HOOK_TIMEOUT_S") or DEFAULT_TIMEOUT_S)
     except ValueError:
         timeout = DEFAULT_TIMEOUT_S
+
+    if hook.event == "PostToolUse":
+        agent = claude_agent_name(env=env, session_id=hook.session_id or None,
+                                  project_dir=hook.cwd or None)
+        path = hook_socket_path(env.get("CFLOW_SWARM") or "default", agent)
+        if relay(path, {"event": "PostToolUse", "tool_name": hook.tool_name,
+                        "paths": touched_paths(hook, env.get("CLAUDE_PROJECT_DIR"))},
+                 timeout) is not None:
+            return HookResult()  # the session's cfctl mcp noted it
 
     import asyncio  # only events that reach the backend pay for it
 

@@ -97,6 +97,7 @@ class MetricsFold:
         self.pickup = Histogram(PICKUP_BUCKETS)
         self.cycle = Histogram(CYCLE_BUCKETS)
         self.agents: dict[str, str] = {}
+        self.waiting_on_human: set[str] = set()  # Claude Code sessions at a permission prompt
         self.mode = "running"
         self.paused_scopes: set[str] = set()
         self.breakers_open: set[str] = set()
@@ -122,8 +123,12 @@ class MetricsFold:
             match data:
                 case ev.AgentRegistered():
                     self.agents[event.entity_id] = "online"
-                case ev.AgentStatusChanged(status=status):
+                case ev.AgentStatusChanged(status=status, reason=reason):
                     self.agents[event.entity_id] = status
+                    if status == "busy" and reason.startswith("waiting on a human"):
+                        self.waiting_on_human.add(event.entity_id)
+                    else:
+                        self.waiting_on_human.discard(event.entity_id)
                 case ev.AgentDeregistered():
                     self.agents[event.entity_id] = "offline"
         elif event.entity_kind == "control":
@@ -242,6 +247,9 @@ class MetricsFold:
         agent_counts = Counter(self.agents.values())
         metric("cflow_agents", "gauge", "Agents by status.",
                (({"status": st}, agent_counts.get(st, 0)) for st in AGENT_STATUSES))
+        metric("cflow_agents_waiting_on_human", "gauge",
+               "Agents stopped at a permission prompt (Claude Code hooks).",
+               [({}, len(self.waiting_on_human))])
         metric("cflow_swarm_paused", "gauge", "1 while the swarm is paused or stopped.",
                [({"mode": self.mode}, 0 if self.mode == "running" else 1)])
         metric("cflow_scopes_paused", "gauge", "Parent-task scopes paused.",

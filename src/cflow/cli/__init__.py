@@ -34,6 +34,7 @@ _COMMAND_MODULES = (
     "mcp_cmds",
     "ops_cmds",
     "merge_cmds",
+    "ui_cmds",
 )
 
 
@@ -49,6 +50,12 @@ def main() -> None:
         from cflow.hooks import main as hook_main
 
         raise SystemExit(hook_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["mcp"]:  # Claude Code waits for tools/list: answer before Typer loads
+        from cflow.mcp.runtime import fast_main
+
+        code = fast_main(sys.argv[2:])
+        if code is not None:
+            raise SystemExit(code)
     from cflow.cli.app import app
 
     _register()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -52,20 +53,26 @@ def mcp_serve(
 @setup_app.command("claude")
 def setup_claude(
     ctx: typer.Context,
-    project: Path = typer.Option(Path("."), "--project", help="The project directory."),
+    project: Path | None = typer.Option(
+        None, "--project", help="The project directory (default: the nearest folder upwards "
+                                "with .git, .claude or .mcp.json)."),
     agent: str | None = typer.Option(
         None, "--agent", help="Pin the agent name (all sessions of this project share it)."),
     capability: list[str] = typer.Option(
         [], "--capability", "-c", help="Capabilities of the project's agents (repeatable)."),
     print_only: bool = typer.Option(False, "--print", help="Show the entries, write nothing."),
 ) -> None:
-    """Add the cflow MCP server to .mcp.json and cflow hooks to .claude/settings.json."""
+    """Add the cflow MCP server to .mcp.json and cflow hooks to .claude/settings.json.
+
+    Both files can be committed: they run `cfctl` from PATH and read the URL and
+    swarm from $CFLOW_URL / $CFLOW_SWARM, defaulting to --url / --swarm.
+    """
     from cflow.mcp import claude
 
     c = state(ctx)
-    root = project.resolve()
-    if not root.is_dir():
+    if project is not None and not project.is_dir():
         fail(f"--project {project} is not a directory", EXIT_USAGE)
+    root = project.resolve() if project is not None else claude.find_project_root(Path.cwd())
     env = {"CFLOW_URL": c.url, "CFLOW_SWARM": c.swarm}
     if agent:
         env["CFLOW_AGENT"] = agent
@@ -89,7 +96,11 @@ def setup_claude(
     for path, item in planned["files"].items():
         sys.stdout.write(f"{'wrote' if path in written else 'unchanged'} {path}"
                          f"{'' if item['changed'] or path in written else ' (already set up)'}\n")
-    sys.stdout.write("Restart Claude Code in the project to load the cflow server and hooks.\n")
+    sys.stdout.write(
+        f"Project: {root}. Commit .mcp.json and .claude/settings.json; cfctl must be on PATH.\n"
+        "Next: start Claude Code in the project and approve the 'cflow' MCP server when asked "
+        "(headless `claude -p` never asks: add \"enabledMcpjsonServers\": [\"cflow\"] to "
+        ".claude/settings.local.json). `claude mcp list` shows it connected.\n")
 
 
 @app.command("hook", context_settings={"ignore_unknown_options": True})
@@ -105,3 +116,90 @@ def hook(
     c = state(ctx)
     os.environ["CFLOW_URL"], os.environ["CFLOW_SWARM"] = c.url, c.swarm
     raise typer.Exit(hook_main([event]))
+
+
+permissions_app = group("permissions", "Permission prompts relayed from Claude Code sessions.")
+
+
+def _pending(swarm: Any) -> Any:
+    async def pending() -> list[dict[str, Any]]:
+        from cflow.mcp.channel import PERMISSION_TOPIC, parse_request
+
+        out = []
+        for m in await swarm.messages.overdue(older_than_s=0.0):
+            request = parse_request(m.text) if m.topic == PERMISSION_TOPIC else None
+            if request is not None:
+                out.append({"id": request["permission_request"], "message_id": m.id,
+                            "agent": request.get("agent", m.sender),
+                            "tool_name": request.get("tool_name", ""),
+                            "description": request.get("description", ""),
+                            "input_preview": request.get("input_preview", ""),
+                            "waiting_s": round(m.overdue_ms / 1000)})
+        return out
+
+    return pending()
+
+
+@permissions_app.command("list")
+def permissions_list(ctx: typer.Context) -> None:
+    """Permission prompts waiting for an answer, oldest first."""
+    from cflow.cli.app import emit, run
+    from cflow.swarm import Swarm
+
+    c = state(ctx)
+
+    async def body() -> list[dict[str, Any]]:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl") as swarm:
+            found: list[dict[str, Any]] = await _pending(swarm)
+            return found
+
+    pending = run(ctx, body)
+
+    def human(_: Any) -> None:
+        if not pending:
+            typer.echo("no permission prompt waiting")
+        for p in pending:
+            typer.echo(f"{p['id']}  {p['agent']}  {p['tool_name']}: {p['description']}"
+                       f"  ({p['waiting_s']}s)")
+
+    emit(ctx, pending, human)
+
+
+def _answer(ctx: typer.Context, request_id: str, behavior: str) -> None:
+    from cflow.cli.app import emit, run
+    from cflow.cli.reserve_cmds import owner_name
+    from cflow.mcp.channel import decision_text
+    from cflow.swarm import Swarm
+
+    c = state(ctx)
+    operator = owner_name(None)
+
+    async def body() -> dict[str, Any]:
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=operator) as swarm:
+            match = [p for p in await _pending(swarm) if p["id"] == request_id]
+            if not match:
+                from cflow.errors import NotFound
+
+                raise NotFound("pending permission prompt", request_id)
+            p = match[0]
+            await swarm.messages.send(p["agent"], decision_text(behavior, request_id),
+                                      reply_to=p["message_id"], importance="high")
+            await swarm.messages.ack(operator, p["message_id"])
+            return {"id": request_id, "agent": p["agent"], "behavior": behavior}
+
+    answer = run(ctx, body)
+    emit(ctx, answer, f"{behavior} sent to {answer['agent']} for {request_id}")
+
+
+@permissions_app.command("allow")
+def permissions_allow(ctx: typer.Context,
+                      request_id: str = typer.Argument(..., help="The id `list` shows.")) -> None:
+    """Allow a relayed permission prompt: the session goes on with the tool call."""
+    _answer(ctx, request_id, "allow")
+
+
+@permissions_app.command("deny")
+def permissions_deny(ctx: typer.Context,
+                     request_id: str = typer.Argument(..., help="The id `list` shows.")) -> None:
+    """Deny a relayed permission prompt: the session is told no."""
+    _answer(ctx, request_id, "deny")

@@ -107,7 +107,7 @@ async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[
 
 def _start(
     ctx: typer.Context, opts: ServerOptions, reg: Registry | None, *, detach: bool,
-    replicas: int, init: bool, metrics_port: int | None = None,
+    replicas: int, init: bool, metrics_port: int | None = None, ui_port: int | None = None,
 ) -> None:
     from cflow.errors import CflowError
     from cflow.server import EmbeddedServer, RunningServer
@@ -184,7 +184,7 @@ def _start(
     from cflow.cli.app import exit_code_for
 
     try:
-        anyio.run(_foreground, server, running)
+        anyio.run(_foreground, server, running, ui_port)
     except CflowError as err:
         fail(str(err), exit_code_for(err))
     finally:
@@ -217,7 +217,8 @@ def _server_name(server: EmbeddedServer) -> str:
     return server.opts.server_name or f"cflow-{socket.gethostname()}-{server.opts.port}"
 
 
-async def _foreground(server: EmbeddedServer, running: RunningServer) -> None:
+async def _foreground(server: EmbeddedServer, running: RunningServer,
+                      ui_port: int | None = None) -> None:
     """Run the foreground services until the server exits or we get SIGINT/SIGTERM."""
     import importlib
 
@@ -232,6 +233,10 @@ async def _foreground(server: EmbeddedServer, running: RunningServer) -> None:
         for _name, target in FOREGROUND_SERVICES:
             module, _, attr = target.partition(":")
             tg.start_soon(getattr(importlib.import_module(module), attr), running)
+        if ui_port is not None:  # the web console, next to the projector
+            from cflow.ui.server import serve_for_up
+
+            tg.start_soon(serve_for_up, running, ui_port)
         await anyio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
         tg.cancel_scope.cancel()
 
@@ -279,6 +284,9 @@ def up(
     init: bool = _INIT,
     metrics_port: int | None = typer.Option(
         None, "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (foreground)."),
+    ui_port: int | None = typer.Option(
+        None, "--ui-port", help="Serve the web console on 127.0.0.1:PORT (foreground; the "
+        "token for actions is printed on stderr)."),
 ) -> None:
     """Start the embedded nats-server (JetStream on, 127.0.0.1 by default)."""
     opts, reg = _options(
@@ -286,8 +294,11 @@ def up(
         cluster=cluster, cluster_port=cluster_port, routes=routes, server_name=server_name,
         leaf=leaf, leaf_port=leaf_port, auth=auth, hub_domain=hub_domain,
     )
+    if ui_port is not None and detach:
+        fail("--ui-port serves the console from the foreground process: drop --detach "
+             "(or run `cfctl ui` next to the detached server)", EXIT_USAGE)
     _start(ctx, opts, reg, detach=detach, replicas=replicas, init=init,
-           metrics_port=metrics_port)
+           metrics_port=metrics_port, ui_port=ui_port)
 
 
 @app.command()

@@ -31,11 +31,16 @@ from cflow.errors import CflowError
 if TYPE_CHECKING:
     from cflow.agents import Agent
     from cflow.leases import Lease
+    from cflow.mcp.channel import Channel
+    from cflow.reservations import Reservation
     from cflow.swarm import Swarm
 
 log = logging.getLogger("cflow.mcp")
 
 IDEMPOTENCY_CACHE = 1024  # remembered (tool, key) results per process
+# A client that stays this long (or calls a tool) is a session, not a health check
+# (`claude mcp list` connects and leaves): only then is the agent registered.
+ENGAGE_AFTER_S = 10.0
 
 
 class Adapter:
@@ -53,6 +58,8 @@ class Adapter:
         self._done: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.registered = False
         self._agent_handle: Agent | None = None
+        self.channel: Channel | None = None  # pushes into a Claude Code session, if any
+        self._engage_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ idempotency
 
@@ -80,6 +87,8 @@ class Adapter:
             if held.lost.is_set():
                 log.warning("lease on %s (epoch %s) lost: %s", held.task_id, held.epoch,
                             held.lost_reason)
+                if self.channel is not None:
+                    self.channel.lease_lost(held)
 
         async def keep() -> None:
             async with lease.keep_alive(on_lost=lost):
@@ -91,6 +100,23 @@ class Adapter:
         """Stop heartbeating ``task_id`` (finished, released or cancelled by us)."""
         self.leases.pop(task_id, None)
         keeper = self._keepers.pop(task_id, None)
+        if keeper is not None:
+            keeper.cancel()
+
+    def keep_reservation(self, reservation: Reservation) -> None:
+        """Renew a path reservation in the background while this process lives."""
+        svc = self.swarm.reservations
+
+        async def keep() -> None:
+            lost = asyncio.Event()
+            async with svc.keep_alive(reservation, on_lost=lambda _: lost.set()):
+                await lost.wait()
+
+        self._keepers[f"res:{reservation.id}"] = asyncio.create_task(
+            keep(), name=f"keep-res-{reservation.id}")
+
+    def drop_reservation(self, reservation_id: str) -> None:
+        keeper = self._keepers.pop(f"res:{reservation_id}", None)
         if keeper is not None:
             keeper.cancel()
 
@@ -113,7 +139,6 @@ class Adapter:
             return
         self._agent_handle = await agents.register(self.agent, self.capabilities, self.labels,
                                                    runtime="mcp")
-        self.registered = True
 
     async def _presence(self) -> None:
         if self._agent_handle is None:
@@ -135,14 +160,39 @@ class Adapter:
 
         self._background.append(asyncio.create_task(guarded(), name=name))
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[Adapter]:
-        """Register, then run presence, maintenance and lease keepers until the block exits.
+    async def engage(self) -> None:
+        """Register and start presence, once: on the first tool call or after a while.
 
-        Leaving the block stops the heartbeats without releasing anything.
+        Raises:
+            CflowError: the registry refused or is unreachable (the next call retries).
         """
-        await self.register()
-        self._spawn(self._presence, "presence")
+        if self.registered:
+            return
+        async with self._engage_lock:
+            if self.registered:
+                return
+            await self.register()
+            self.registered = True
+            self._spawn(self._presence, "presence")
+            if self.channel is not None:
+                self._spawn(self.channel.run, "channel")
+
+    async def _engage_later(self, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        await self.engage()
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, engage_after_s: float | None = 0.0) -> AsyncIterator[Adapter]:
+        """Run maintenance, presence and lease keepers until the block exits.
+
+        The agent registers (and shows presence) after ``engage_after_s``, or at the
+        first tool call, whichever is first (None: only at a tool call). Leaving the
+        block stops the heartbeats without releasing anything.
+        """
+        if engage_after_s == 0.0:
+            await self.engage()
+        elif engage_after_s is not None:
+            self._spawn(lambda: self._engage_later(engage_after_s), "engage")
         # Task maintenance supervises the swarm's maintainers, the presence
         # observer among them: it is not started a second time here.
         self._spawn(self._maintain, "maintain")

@@ -5,9 +5,13 @@ servers, other hooks and unknown keys stay as they are; our own entries (the
 ``cflow`` server, hook commands that run ``cfctl ... hook <Event>``) are
 updated in place, so running setup twice changes nothing the second time.
 
-The server runs ``cfctl mcp`` from the environment cflow is installed in (the
-absolute path of that environment's ``cfctl``), or ``uv run --project <dir>
-cfctl mcp`` when no such script exists; never a network installer.
+The files are meant to be committed, so they name no path of one machine: the
+server and the hooks run ``cfctl`` from ``PATH``, and the NATS URL and swarm are
+``${CFLOW_URL:-<default>}`` and ``${CFLOW_SWARM:-<default>}``, which Claude
+Code expands from each user's environment (in ``.mcp.json``) and the shell
+expands in hook commands. The server entry has ``"alwaysLoad": true``: Claude
+Code then connects it before the first model request, also in ``claude -p``,
+and never defers its tools behind tool search.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,33 +26,72 @@ from typing import Any
 from cflow.errors import InvalidInput
 
 SERVER_NAME = "cflow"
+CFCTL = ("cfctl",)  # from PATH: a committed file names no machine's install path
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_SWARM = "default"
+# Every tool of Claude Code that writes a file (PostToolUse records the paths).
+EDIT_MATCHER = "Edit|Write|MultiEdit|NotebookEdit"
 # (event, matcher, timeout seconds): what Claude Code calls `cfctl hook` for.
 HOOKS: tuple[tuple[str, str | None, int], ...] = (
     ("SessionStart", None, 15),
-    ("PostToolUse", "Edit|Write|MultiEdit", 10),
+    ("PostToolUse", EDIT_MATCHER, 10),
     ("Stop", None, 10),
     ("SessionEnd", None, 10),
+    # Presence: waiting on a human at a permission prompt, working again after a prompt.
+    ("PermissionRequest", None, 10),
+    ("Notification", "permission_prompt", 10),
+    ("UserPromptSubmit", None, 10),
+    # Agent teams: a team's tasks and idleness recorded in the swarm.
+    ("TaskCreated", None, 10),
+    ("TaskCompleted", None, 10),
+    ("TeammateIdle", None, 10),
 )
+# Hooks whose answer the session does not need run in the background ("async": true)
+# and never delay it. SessionStart (briefing), Stop (reminder), PostToolUse (the edit
+# note must land while the lease is held) and SessionEnd (before exit) stay in line.
+BACKGROUND = frozenset({"PermissionRequest", "Notification", "UserPromptSubmit",
+                        "TaskCreated", "TaskCompleted", "TeammateIdle"})
+
+
+def hook_entry(event: str, command: str, timeout: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "command", "command": command, "timeout": timeout}
+    if event in BACKGROUND:
+        entry["async"] = True
+    return entry
+# What marks a project's root, looked for from the working directory upwards.
+ROOT_MARKERS = (".mcp.json", ".claude", ".git")
+
+
+def find_project_root(start: Path) -> Path:
+    """The nearest ancestor of ``start`` (itself included) with a root marker, else ``start``."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
+            return folder
+    return start
 
 
 def cfctl_command(project_dir: Path | None = None) -> list[str]:
-    """How to run this installation's ``cfctl``: an absolute path, or ``uv run``."""
-    script = Path(sys.executable).parent / "cfctl"
-    if script.exists():
-        return [str(script.absolute())]
-    source = Path(__file__).resolve().parents[3]  # <project>/src/cflow/mcp/claude.py
-    where = source if (source / "pyproject.toml").exists() else (project_dir or Path.cwd())
-    return ["uv", "run", "--project", str(where), "cfctl"]
+    """How the committed files run cfctl: ``cfctl`` from PATH (``project_dir`` unused)."""
+    return list(CFCTL)
+
+
+def env_refs(env: Mapping[str, str]) -> dict[str, str]:
+    """``{"CFLOW_URL": "${CFLOW_URL:-nats://...}", ...}``: each user's own value, else ours."""
+    return {key: f"${{{key}:-{value}}}" for key, value in env.items()}
 
 
 def server_entry(command: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
     return {"type": "stdio", "command": command[0], "args": [*command[1:], "mcp"],
-            "env": dict(env)}
+            "env": env_refs(env), "alwaysLoad": True}
 
 
 def hook_command(command: Sequence[str], event: str, env: Mapping[str, str]) -> str:
-    """A shell command line: ``KEY=value ... /path/cfctl hook <Event>``."""
-    assigns = [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    """A shell command line: ``KEY="${KEY:-value}" ... cfctl hook <Event>``."""
+    for value in env.values():
+        if any(c in value for c in '"$`\\\n'):
+            raise InvalidInput(f"{value!r} cannot go into a hook command line")
+    assigns = [f'{k}="${{{k}:-{v}}}"' for k, v in env.items()]
     return " ".join([*assigns, shlex.join([*command, "hook", event])])
 
 
@@ -92,7 +134,7 @@ def merge_settings(existing: Mapping[str, Any], commands: Mapping[str, str]
                     if found:
                         continue
                     found = True
-                    want = {"type": "command", "command": command, "timeout": timeout}
+                    want = hook_entry(event, command, timeout)
                     if any(hook.get(k) != v for k, v in want.items()):
                         hook.update(want)
                         changed = True
@@ -103,7 +145,7 @@ def merge_settings(existing: Mapping[str, Any], commands: Mapping[str, str]
             group_new: dict[str, Any] = {}
             if matcher is not None:
                 group_new["matcher"] = matcher
-            group_new["hooks"] = [{"type": "command", "command": command, "timeout": timeout}]
+            group_new["hooks"] = [hook_entry(event, command, timeout)]
             groups.append(group_new)
             changed = True
     return merged, changed
@@ -140,7 +182,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def claude_mcp_add_line(command: Sequence[str], env: Mapping[str, str]) -> str:
     """The equivalent ``claude mcp add`` command line."""
     parts = ["claude", "mcp", "add", "--transport", "stdio", "--scope", "project"]
-    for key, value in env.items():
+    for key, value in env_refs(env).items():
         parts += ["--env", f"{key}={value}"]
     parts += [SERVER_NAME, "--", *command, "mcp"]
     return shlex.join(parts)

@@ -18,15 +18,16 @@ import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
+from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, cast
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, TextContent, Tool
-from pydantic import Field
+from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
+from pydantic import Field, ValidationError
 
 from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
-from cflow.mcp.faults import describe, describe_error
+from cflow.mcp.catalog import INSTRUCTIONS
+from cflow.mcp.faults import CODES, describe, describe_error
 
 if TYPE_CHECKING:
     from cflow.mcp.adapter import Adapter
@@ -41,20 +42,47 @@ BODY_CAP = 2_000
 RESULT_CAP = 300
 CLAIM_WAIT_MAX_S = 60.0
 NOTES_IN_CONTEXT = 5
+EDITED_PATHS_IN_CONTEXT = 20
+STRING_CAP = 4_000  # no string in an answer is longer (a 200k-character title stays small)
+STALE = "backend unreachable: read from the state cached before the outage; it may be old"
+EDIT_NOTE_PREFIX = "edited via "  # notes the PostToolUse hook writes (cflow.hooks)
 
-INSTRUCTIONS = (
-    "cflow coordinates a swarm of agents: tasks with leases, shared memory, SQL views. "
-    "You are one agent. Loop: task_claim -> work -> task_update (note with paths while "
-    "working; complete/fail/release at the end, passing the epoch you got). "
-    "If a call says LEASE_LOST, stop that task. Errors read 'CODE: message. Hint: ...'."
-)
+# (read-only, destructive, idempotent) per tool: Claude Code runs read-only tools
+# concurrently and shows the others to the user as changes.
+ANNOTATIONS: dict[str, tuple[bool, bool, bool]] = {
+    "task_create": (False, False, False),
+    "task_find": (True, False, True),
+    "task_claim": (False, False, False),
+    "task_update": (False, True, False),
+    "task_cancel": (False, True, True),
+    "memory_store": (False, True, True),
+    "memory_search": (True, False, True),
+    "query": (True, False, True),
+    "swarm_status": (True, False, True),
+    "message": (False, False, False),
+    "paths": (False, False, False),
+}
+
+
 
 
 # ------------------------------------------------------------------ plumbing
 
 
+def clipped(value: Any, limit: int = STRING_CAP) -> Any:
+    """``value`` with every string in it (keys too) at most ``limit`` characters (pure)."""
+    if isinstance(value, str):
+        return clip(value, limit)
+    if isinstance(value, dict):
+        return {clipped(k, 200): clipped(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clipped(v, limit) for v in value]
+    return value
+
+
 def result(data: dict[str, Any]) -> CallToolResult:
-    """Structured content plus the same JSON, compact, as the text block."""
+    """Structured content plus the same JSON, compact, as the text block; strings clipped."""
+    data = clipped(data)
     text = json.dumps(data, separators=(",", ":"), default=str, ensure_ascii=False)
     return CallToolResult(content=[TextContent(type="text", text=text)],
                           structured_content=data)
@@ -138,7 +166,8 @@ def clip(text: str | None, limit: int) -> str | None:
 
 def concise(state: TaskState) -> dict[str, Any]:
     """A task in one short row: only the fields that are set."""
-    row: dict[str, Any] = {"id": state.task_id, "title": state.title, "status": state.status}
+    row: dict[str, Any] = {"id": state.task_id, "title": clip(state.title, RESULT_CAP),
+                           "status": state.status}
     if state.priority:
         row["priority"] = state.priority
     if state.owner and state.status == "claimed":
@@ -195,24 +224,70 @@ def matches(state: TaskState, *, status: str | None, capability: str | None,
 # ------------------------------------------------------------------ the server
 
 
+def validation_text(err: ValidationError) -> str:
+    """pydantic's multi-line report as one short line: ``field: problem; ...`` (pure)."""
+    parts = []
+    for item in err.errors()[:5]:
+        where = ".".join(str(x) for x in item.get("loc", ()) if x != "arguments") or "arguments"
+        parts.append(f"{where}: {str(item.get('msg', 'invalid')).rstrip('.')}")
+    return "; ".join(parts)
+
+
 class CflowMCP(MCPServer):
-    """``MCPServer`` whose ``tools/list`` carries compacted input schemas."""
+    """``MCPServer`` with compacted schemas, strict arguments and one-line errors."""
+
+    on_call: Callable[[], Awaitable[None]] | None = None
 
     async def list_tools(self) -> list[Tool]:
         tools = await super().list_tools()
-        return [t.model_copy(update={"input_schema": compact_schema(t.input_schema)})
+        return [t.model_copy(update={"input_schema": {**compact_schema(t.input_schema),
+                                                      "additionalProperties": False}})
                 for t in tools]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Any = None) -> Any:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            known = ", ".join(t.name for t in self._tool_manager.list_tools())
+            raise refuse("INVALID_ARGUMENT", f"no tool named {name!r}", f"call one of {known}")
+        if not isinstance(arguments, dict):
+            raise refuse("INVALID_ARGUMENT", f"{name} takes an object of named arguments")
+        allowed = set(tool.parameters.get("properties", {}))
+        unknown = sorted(set(arguments) - allowed)
+        if unknown:
+            raise refuse("INVALID_ARGUMENT",
+                         f"{name} has no argument {', '.join(map(repr, unknown))}",
+                         f"its arguments are {', '.join(sorted(allowed)) or 'none'}")
+        if self.on_call is not None:
+            await self.on_call()
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as err:
+            if isinstance(err.__cause__, ValidationError):
+                raise refuse("INVALID_ARGUMENT",
+                             f"{name}: {validation_text(err.__cause__)}") from None
+            text = str(err)
+            prefix = f"Error executing tool {name}: "
+            if text.startswith(prefix) and text[len(prefix):].split(":")[0] in CODES:
+                raise ToolError(text[len(prefix):]) from err.__cause__  # our own, as written
+            raise
 
 
 def build_server(adapter: Adapter) -> CflowMCP:
     """The MCP server for one adapter (one agent)."""
     srv = CflowMCP("cflow", instructions=INSTRUCTIONS, version="0.1.0")
+    srv.on_call = adapter.engage
     tasks_of = _Tools(adapter)
     for name in ("task_create", "task_find", "task_claim", "task_update", "task_cancel",
-                 "memory_store", "memory_search", "query", "swarm_status"):
+                 "memory_store", "memory_search", "query", "swarm_status", "message", "paths"):
         fn = getattr(tasks_of, name)
+        read_only, destructive, idempotent = ANNOTATIONS[name]
         srv.add_tool(mapped(fn), name=name, description=(fn.__doc__ or "").strip(),
-                     structured_output=False)
+                     structured_output=False,
+                     annotations=ToolAnnotations(read_only_hint=read_only,
+                                                 destructive_hint=destructive,
+                                                 idempotent_hint=idempotent,
+                                                 open_world_hint=False))
 
     @srv.resource("cflow://schema", name="schema", mime_type="text/markdown",
                   description="Tables and views of the swarm's SQL projection (for `query`).")
@@ -235,6 +310,12 @@ class _Tools:
     @property
     def swarm(self) -> Any:
         return self.a.swarm
+
+    def _marked_stale(self, out: dict[str, Any]) -> dict[str, Any]:
+        """``out``, saying so when it was read from the board cached before an outage."""
+        if not getattr(self.swarm.nc, "is_connected", True):
+            out["stale"] = STALE
+        return out
 
     async def task_create(
         self,
@@ -278,7 +359,7 @@ class _Tools:
         svc = self.swarm.tasks
         if task_id:
             state = await svc.get(task_id)
-            return result({"task": detailed(state), "notes": await self._notes(task_id)})
+            return result({"task": detailed(state), **await self._notes(task_id)})
         if not 1 <= limit <= FIND_LIMIT:
             raise InvalidInput(f"limit must be 1..{FIND_LIMIT}")
         after = 0
@@ -297,26 +378,46 @@ class _Tools:
                                "truncated": len(found) > limit}
         if out["truncated"]:
             out["next_cursor"] = str(page[-1].created_seq)
-        return result(out)
+        return result(self._marked_stale(out))
 
-    async def _notes(self, task_id: str) -> list[dict[str, Any]]:
+    async def _notes(self, task_id: str) -> dict[str, Any]:
+        """The latest notes written by agents, and the paths edits touched, kept apart.
+
+        Edit notes (one per file edit, from the PostToolUse hook) never push an
+        agent's own notes out: they are folded into ``edited_paths``.
+        """
         from cflow import events as ev
 
         notes: list[dict[str, Any]] = []
+        edited: list[str] = []
         for item in await self.swarm.tasks.history(task_id):
             data = item.event.data
-            if isinstance(data, ev.TaskNoted):
-                note: dict[str, Any] = {"by": item.event.actor}
-                if data.text:
-                    note["text"] = clip(data.text, RESULT_CAP)
-                if data.paths:
-                    note["paths"] = list(data.paths)
-                notes.append(note)
-        return notes[-NOTES_IN_CONTEXT:]
+            if not isinstance(data, ev.TaskNoted):
+                continue
+            if (data.text or "").startswith(EDIT_NOTE_PREFIX):
+                for path in data.paths:
+                    if path in edited:
+                        edited.remove(path)
+                    edited.append(path)
+                continue
+            note: dict[str, Any] = {"by": item.event.actor}
+            if data.text:
+                note["text"] = clip(data.text, RESULT_CAP)
+            if data.paths:
+                note["paths"] = list(data.paths)
+            notes.append(note)
+        out: dict[str, Any] = {}
+        if notes:
+            out["notes"] = notes[-NOTES_IN_CONTEXT:]
+        if edited:
+            out["edited_paths"] = edited[-EDITED_PATHS_IN_CONTEXT:]
+        return out
 
     async def task_claim(
         self,
         task_id: Annotated[str | None, Field(description="omit: best ready task for me")] = None,
+        capabilities: Annotated[list[str] | None, Field(
+            description="use only these of my capabilities")] = None,
         wait_s: Annotated[float, Field(description="wait up to this for work (max 60)")] = 0.0,
         idempotency_key: str | None = None,
     ) -> CallToolResult:
@@ -328,16 +429,53 @@ class _Tools:
             return result(await self._claimed(mine))  # we hold it already: same answer
         if not 0 <= wait_s <= CLAIM_WAIT_MAX_S:
             raise InvalidInput(f"wait_s must be 0..{CLAIM_WAIT_MAX_S:g}")
-        lease = await self.swarm.tasks.claim(task_id, capabilities=self.a.capabilities,
-                                             wait=wait_s)
+        caps = self.a.capabilities
+        if capabilities is not None:
+            lacking = sorted(set(capabilities) - set(caps))
+            if lacking:
+                raise InvalidInput(f"this agent lacks capabilities {lacking} "
+                                   f"(it has {caps or 'none'})")
+            caps = sorted(set(capabilities))
+        if task_id:
+            state = await self.swarm.tasks.get(task_id)
+            needs = sorted(set(state.capabilities) - set(caps))
+            if needs:
+                raise refuse("INVALID_STATE",
+                             f"task {task_id} needs capabilities {needs} that "
+                             f"{'this claim leaves out' if capabilities else 'this agent lacks'}"
+                             f" (claiming with {caps or 'none'})",
+                             "claim another task (task_claim without task_id) or leave it "
+                             "to an agent with those capabilities")
+        lease = await self.swarm.tasks.claim(task_id, capabilities=caps, wait=wait_s)
         if lease is None:
-            board = await self.swarm.tasks.ensure_board()
-            return result({"claimed": False, "ready": board.ready_count(),
-                           "hint": f"nothing ready for capabilities {self.a.capabilities}; "
-                                   "pass wait_s to wait for work"})
+            return result(await self._nothing(caps))
         self.a.hold(lease)
         answer = await self._claimed(lease)
         return result(self.a.remember("task_claim", idempotency_key, answer))
+
+    async def _nothing(self, caps: list[str]) -> dict[str, Any]:
+        """Why nothing was claimed: no ready work, or ready work needs what we lack."""
+        board = await self.swarm.tasks.ensure_board()
+        ready = [s for s in board.ready() if s.kind == "task"]
+        out: dict[str, Any] = {"claimed": False, "ready": len(ready)}
+        if not ready:
+            out["reason"] = "no ready work in the swarm"
+            out["hint"] = "pass wait_s (up to 60) to wait for work, or create tasks"
+            return out
+        lacking: dict[str, int] = {}
+        for state in ready:
+            for cap in sorted(set(state.capabilities) - set(caps)):
+                lacking[cap] = lacking.get(cap, 0) + 1
+        if lacking:
+            out["reason"] = (f"{len(ready)} ready task(s); those left need capabilities "
+                             f"this claim lacks: {dict(sorted(lacking.items()))}")
+            out["hint"] = (f"claiming with capabilities {caps or 'none'}; an agent with the "
+                           "missing ones must take them")
+        else:
+            out["reason"] = (f"{len(ready)} ready task(s), none claimable now (backing off "
+                             "after a failure, paused, or just taken)")
+            out["hint"] = "pass wait_s to wait; swarm_status shows pauses"
+        return out
 
     async def _claimed(self, lease: Any) -> dict[str, Any]:
         state: TaskState = lease.task
@@ -359,9 +497,7 @@ class _Tools:
                          "result": clip(dep.result, RESULT_CAP)})
         if deps:
             context["dependencies"] = deps
-        notes = await self._notes(state.task_id)
-        if notes:
-            context["notes"] = notes
+        context.update(await self._notes(state.task_id))
         if state.error:
             context["previous_error"] = clip(state.error, RESULT_CAP)
         return {"claimed": True, "task": detailed(state), "epoch": lease.epoch,
@@ -384,6 +520,15 @@ class _Tools:
         if earlier is not None:
             return result(earlier)
         mine = self.a.held(task_id)
+        if epoch is not None and epoch < 1:
+            raise InvalidInput(f"epoch must be a positive integer from task_claim, not {epoch}")
+        if epoch is not None and (mine is None or epoch != mine.epoch):
+            current = (mine.epoch if mine is not None
+                       else (await self.swarm.tasks.get(task_id)).epoch)
+            if epoch > current:
+                raise InvalidInput(f"epoch {epoch} was never issued for {task_id} (its latest "
+                                   f"claim is epoch {current}); pass the epoch task_claim "
+                                   "returned, or omit it to use your lease's")
         if epoch is None:
             if mine is None:
                 if action != "note":
@@ -489,6 +634,63 @@ class _Tools:
             rows, truncated = rows[: len(rows) // 2], True
         return result({"columns": res.columns, "rows": rows, "truncated": truncated})
 
+    async def message(
+        self,
+        action: Literal["send", "inbox", "ack"],
+        to: Annotated[str | None, Field(description="agent (send)")] = None,
+        topic: Annotated[str | None, Field(description="topic instead of to (send)")] = None,
+        text: str | None = None,
+        reply_to: Annotated[str | None, Field(description="message id (send)")] = None,
+        message_id: Annotated[str | None, Field(description="to ack")] = None,
+        wait_s: Annotated[float, Field(description="inbox: wait for one (max 60)")] = 0.0,
+    ) -> CallToolResult:
+        """Message other agents: send (to an agent or topic), read my inbox, ack a message."""
+        svc = self.swarm.messages
+        if action == "send":
+            if not text:
+                raise InvalidInput("send needs text")
+            mid = await svc.send(to, text, topic=topic, reply_to=reply_to)
+            return result({"sent": mid})
+        if action == "ack":
+            if not message_id:
+                raise InvalidInput("ack needs message_id")
+            await svc.ack(self.a.agent, message_id)
+            return result({"acked": message_id})
+        if not 0 <= wait_s <= CLAIM_WAIT_MAX_S:
+            raise InvalidInput(f"wait_s must be 0..{CLAIM_WAIT_MAX_S:g}")
+        if self.a.channel is not None:
+            return result({"messages": [], "note": "messages are pushed into this session "
+                                                   "as they arrive (channel)"})
+        got = await svc.inbox(self.a.agent, 20, wait_s=wait_s)
+        return result({"messages": [{"id": m.id, "from": m.sender, "topic": m.topic,
+                                     "text": clip(m.text, BODY_CAP), "ack": m.ack_required}
+                                    for m in got]})
+
+    async def paths(
+        self,
+        action: Literal["reserve", "release", "list"],
+        patterns: Annotated[list[str] | None, Field(
+            description="paths or globs (reserve)")] = None,
+        task_id: Annotated[str | None, Field(description="tie to / release by task")] = None,
+        reservation_id: Annotated[str | None, Field(description="release one")] = None,
+    ) -> CallToolResult:
+        """Reserve paths before editing (kept while I run), release them, or list who holds what."""
+        svc = self.swarm.reservations
+        if action == "reserve":
+            if not patterns:
+                raise InvalidInput("reserve needs patterns (paths or globs)")
+            held = await svc.reserve(patterns, task_id=task_id)
+            self.a.keep_reservation(held)
+            return result({"reserved": held.id, "patterns": list(held.patterns)})
+        if action == "release":
+            released = await svc.release(reservation_id=reservation_id, task_id=task_id)
+            for rid in released:
+                self.a.drop_reservation(rid)
+            return result({"released": released})
+        rows = [{"id": r.id, "owner": r.owner, "patterns": list(r.patterns),
+                 "task_id": r.task_id} for r in (await svc.list())[:50]]
+        return result({"reservations": rows})
+
     async def swarm_status(self) -> CallToolResult:
         """My leases, queue counts, agents and gates waiting for a human, in one call."""
         svc = self.swarm.tasks
@@ -513,6 +715,9 @@ class _Tools:
                                                             _now_ms())),
             "gates": gates[:10],
         }
+        if not getattr(self.swarm.nc, "is_connected", True):
+            # An outage: answer at once from the board; the reads below would each time out.
+            return result(self._marked_stale(out))
         try:  # paused / stopped, open breakers: why claims are refused
             out["control"] = await self.swarm.control.state()
         except CflowError as exc:
@@ -522,10 +727,17 @@ class _Tools:
         except (CflowError, ImportError):
             agents = None
         if agents is not None:
-            live = [a for a in agents if a.status != "offline"]
-            out["agents"] = [{"name": a.name, "status": a.status} for a in live[:20]]
-            out["agents_online"] = len(live)
-        return result(out)
+            from cflow.agents import PRESENCE_STATES, presence_state
+
+            holders = {s.owner for s in board.tasks.values() if s.status == "claimed"}
+            rows = [{"name": a.name, "presence": presence_state(a, a.name in holders)}
+                    for a in agents]
+            rows.sort(key=lambda r: (PRESENCE_STATES.index(r["presence"]), r["name"]))
+            out["agents"] = rows[:20]
+            out["agents_by_presence"] = {
+                state: n for state in PRESENCE_STATES
+                if (n := sum(1 for r in rows if r["presence"] == state))}
+        return result(self._marked_stale(out))
 
 
 def _now_ms() -> int:
@@ -554,10 +766,12 @@ def schema_markdown() -> str:
 
 def work_next_text(agent: str, capability: str | None = None) -> str:
     scope = f" needing capability '{capability}'" if capability else ""
+    claim_args = f" with capabilities=[{json.dumps(capability)}]" if capability else ""
     return (
         f"You are cflow agent '{agent}'. Get the next piece of work{scope} and finish it:\n"
         "1. Call swarm_status; if you already hold a lease, continue that task.\n"
-        "2. Otherwise call task_claim (wait_s=30 to wait for work). Keep the returned epoch.\n"
+        f"2. Otherwise call task_claim{claim_args} (wait_s=30 to wait for work). "
+        "Keep the returned epoch.\n"
         "3. Read the task body and its context (dependency results, notes). Search shared "
         "memory (memory_search) for relevant knowledge.\n"
         "4. Do the work. Record progress with task_update action=note (paths you touched).\n"
@@ -569,3 +783,59 @@ def work_next_text(agent: str, capability: str | None = None) -> str:
 
 
 __all__ = ["CflowMCP", "build_server", "compact_schema", "result", "schema_markdown"]
+
+
+def live_tools() -> list[dict[str, Any]]:
+    """The ``tools/list`` answer of the full server, as JSON (no backend needed)."""
+    return live_lists()["tools"]
+
+
+def live_lists() -> dict[str, list[dict[str, Any]]]:
+    """The tools, prompts and resources lists of the full server, as JSON."""
+    import asyncio
+
+    srv = build_server(cast("Adapter", _NoAdapter()))
+
+    async def lists() -> dict[str, list[Any]]:
+        return {"tools": await srv.list_tools(), "prompts": await srv.list_prompts(),
+                "resources": await srv.list_resources(),
+                "resourceTemplates": await srv.list_resource_templates()}
+
+    return {key: [x.model_dump(by_alias=True, exclude_none=True, mode="json") for x in items]
+            for key, items in asyncio.run(lists()).items()}
+
+
+class _NoAdapter:
+    """Enough of an adapter to build the server and list its tools."""
+
+    agent = "catalog"
+    capabilities: tuple[str, ...] = ()
+
+    async def engage(self) -> None:
+        return None
+
+
+def write_catalog() -> None:
+    """Rewrite ``TOOLS`` in catalog.py from the live server."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("catalog.py")
+    text = path.read_text(encoding="utf-8")
+    head = text[: text.index("TOOLS: list[dict[str, Any]] = ")]
+    lists = live_lists()
+    lines = []
+    for key, name in (("tools", "TOOLS"), ("prompts", "PROMPTS"), ("resources", "RESOURCES"),
+                      ("resourceTemplates", "RESOURCE_TEMPLATES")):
+        body = json.dumps(lists[key], separators=(",", ":"), ensure_ascii=False)
+        line = f"{name}: list[dict[str, Any]] = json.loads({body!r})"
+        lines.append(line + ("  # noqa: E501\n" if len(line) > 100 else "\n"))
+    path.write_text(head + "".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-catalog"]:
+        raise SystemExit("usage: python -m cflow.mcp.server --write-catalog")
+    write_catalog()
+

@@ -1,0 +1,211 @@
+"""Claude Code channels: the swarm pushes into a running session, and relays its permission prompts.
+
+The shapes are Claude Code's own (its bundled client, v2.1.x):
+
+* the server declares the experimental capabilities ``claude/channel`` and
+  ``claude/channel/permission`` (see :data:`cflow.mcp.front.CAPABILITIES`);
+* a push is the notification ``notifications/claude/channel`` with params
+  ``{"content": str, "meta": {str: str}}``; Claude Code queues ``content`` as the
+  session's next prompt;
+* a permission prompt arrives as ``notifications/claude/channel/permission_request``
+  with ``{"request_id", "tool_name", "description", "input_preview"}`` and is
+  answered with ``notifications/claude/channel/permission``
+  ``{"request_id", "behavior": "allow" | "deny"}``.
+
+What is pushed: a message for this agent (its inbox), a decision on a gate it
+waits for (one it created, or one a task it holds depends on), a lease lost
+because the task was cancelled or taken over, and ready work for its
+capabilities while it holds nothing. A permission prompt becomes an ack-required message on the
+``permissions`` topic; an operator answers it from any machine with
+``cfctl permissions allow|deny ID`` (a direct message back, ``permission allow
+<request_id>``), which this process turns into the answer notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cflow.leases import Lease
+    from cflow.mcp.adapter import Adapter
+
+log = logging.getLogger("cflow.mcp")
+
+CHANNEL = "notifications/claude/channel"
+PERMISSION = "notifications/claude/channel/permission"
+PERMISSION_REQUEST = "notifications/claude/channel/permission_request"
+PERMISSION_TOPIC = "permissions"
+READY_REPEAT_S = 120.0  # the same ready work is announced again at most this often
+READY_GAP_S = 30.0  # and any ready work at most this often (a busy swarm is not a chat)
+READY_WAIT_S = 30.0
+CONTENT_CAP = 2_000
+_DECISION = re.compile(r"^permission (allow|deny) ([A-Za-z0-9_-]{1,64})$")
+
+Push = Callable[[dict[str, Any]], None]
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "method": method, "params": params}
+
+
+def channel_push(content: str, **meta: object) -> dict[str, Any]:
+    """A ``notifications/claude/channel`` message (pure); meta values become strings."""
+    text = content if len(content) <= CONTENT_CAP else content[: CONTENT_CAP - 1] + "…"
+    return notification(CHANNEL, {"content": text,
+                                  "meta": {k: str(v) for k, v in meta.items() if v is not None}})
+
+
+def decision_text(behavior: str, request_id: str) -> str:
+    return f"permission {behavior} {request_id}"
+
+
+def parse_decision(text: str) -> tuple[str, str] | None:
+    """``("allow" | "deny", request_id)`` if ``text`` is an operator's answer (pure)."""
+    match = _DECISION.match(text.strip())
+    return (match.group(1), match.group(2)) if match else None
+
+
+def request_text(agent: str, params: dict[str, Any]) -> str:
+    """The permission request as the swarm stores it: one JSON object (pure)."""
+    return json.dumps({"permission_request": str(params.get("request_id", "")),
+                       "agent": agent,
+                       "tool_name": str(params.get("tool_name", ""))[:200],
+                       "description": str(params.get("description", ""))[:500],
+                       "input_preview": str(params.get("input_preview", ""))[:500]},
+                      ensure_ascii=False)
+
+
+def parse_request(text: str) -> dict[str, str] | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "permission_request" not in data:
+        return None
+    return {k: str(v) for k, v in data.items()}
+
+
+class Channel:
+    """The pushes of one ``cfctl mcp`` process to its Claude Code session."""
+
+    def __init__(self, adapter: Adapter, push: Push) -> None:
+        self.a = adapter
+        self.push = push
+        self.pushed: list[dict[str, Any]] = []
+        self._announced: tuple[tuple[str, ...], float] | None = None
+        self._requests: dict[str, str] = {}  # Claude Code request id -> swarm message id
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.pushed.append(message)
+        self.push(message)
+
+    # ----------------------------------------------------------------- events
+
+    def lease_lost(self, lease: Lease) -> None:
+        """Our lease is gone (cancelled, expired, taken over): tell the session to stop."""
+        reason = lease.lost_reason or "lost"
+        self.send(channel_push(
+            f"cflow: your lease on task {lease.task_id} \"{lease.task.title}\" is gone "
+            f"({reason}). Stop working on it; call swarm_status or task_claim.",
+            kind="lease_lost", task_id=lease.task_id, reason=reason))
+
+    async def relay_permission(self, params: dict[str, Any]) -> str:
+        """A permission prompt of the session, as an ack-required message for operators."""
+        request_id = str(params.get("request_id", ""))
+        message_id: str = await self.a.swarm.messages.send(
+            None, request_text(self.a.agent, params), topic=PERMISSION_TOPIC,
+            importance="high", ack_required=True)
+        self._requests[request_id] = message_id
+        log.info("permission request %s relayed as message %s", request_id, message_id)
+        return message_id
+
+    # ----------------------------------------------------------------- loops
+
+    async def run(self) -> None:
+        await asyncio.gather(self._inbox(), self._ready_work(), self._gates())
+
+    def waits_for(self, gate: Any) -> bool:
+        """Whether this agent waits for ``gate``: it created it, or holds a task needing it."""
+        if gate.created_by == self.a.agent:
+            return True
+        return any(gate.task_id in lease.task.depends_on for lease in self.a.leases.values())
+
+    async def _gates(self) -> None:
+        from cflow import events as ev
+
+        feed = self.a.swarm.feed
+        tasks = self.a.swarm.tasks
+        start = (await tasks.ensure_board()).last_seq + 1
+        async with feed.subscribe(f"mcp-gates-{self.a.agent}", start_seq=start) as events:
+            async for item in events:
+                data = item.event.data
+                if not isinstance(data, ev.TaskCompleted | ev.TaskFailed):
+                    continue
+                gate = (await tasks.ensure_board()).tasks.get(item.event.entity_id)
+                if gate is None:  # the board has not folded its creation yet
+                    gate = await tasks.get(item.event.entity_id)
+                if gate.kind != "gate" or not self.waits_for(gate):
+                    continue
+                approved = isinstance(data, ev.TaskCompleted)
+                why = (data.result if isinstance(data, ev.TaskCompleted) else data.error) or ""
+                self.send(channel_push(
+                    f"cflow: gate {gate.task_id} \"{gate.title}\" was "
+                    f"{'approved' if approved else 'rejected'} by {item.event.actor}"
+                    + (f": {why}" if why else "") + ".",
+                    kind="gate_decision", task_id=gate.task_id,
+                    decision="approved" if approved else "rejected", by=item.event.actor))
+
+    async def _inbox(self) -> None:
+        messages = self.a.swarm.messages
+        async for item in messages.subscribe(self.a.agent):
+            decision = parse_decision(item.text)
+            if decision is not None:
+                behavior, request_id = decision
+                self.send(notification(PERMISSION, {"request_id": request_id,
+                                                    "behavior": behavior}))
+                continue
+            self.send(channel_push(
+                f"cflow message from {item.sender}: {item.text}",
+                kind="message", message_id=item.id, sender=item.sender,
+                importance=item.importance,
+                ack="call query or reply with the id" if item.ack_required else None))
+
+    async def _ready_work(self) -> None:
+        from cflow.streams.client import wall_ms
+
+        tasks = self.a.swarm.tasks
+        while True:
+            if not self.a.leases:
+                board = await tasks.ensure_board()
+                ready = tuple(s.task_id for s in board.candidates(self.a.capabilities,
+                                                                  wall_ms()))
+                now = time.monotonic()
+                last = self._announced
+                if ready and (last is None or (now - last[1] > READY_GAP_S and (
+                        last[0] != ready or now - last[1] > READY_REPEAT_S))):
+                    self._announced = (ready, now)
+                    self.send(channel_push(
+                        f"cflow: {len(ready)} task(s) ready for your capabilities "
+                        f"{self.a.capabilities or '(none)'}; call task_claim to take one.",
+                        kind="ready_work", count=len(ready)))
+            await tasks.offers.wait(self.a.capabilities, READY_WAIT_S)
+
+
+__all__ = [
+    "CHANNEL",
+    "PERMISSION",
+    "PERMISSION_REQUEST",
+    "PERMISSION_TOPIC",
+    "Channel",
+    "channel_push",
+    "decision_text",
+    "parse_decision",
+    "parse_request",
+    "request_text",
+]

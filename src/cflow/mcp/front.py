@@ -1,0 +1,190 @@
+"""The stdio front of ``cfctl mcp``: answers the handshake at once, forwards the rest.
+
+Claude Code starts a project's MCP servers with the session and, in headless
+``claude -p``, does not wait long for them: a server that is still importing the
+MCP SDK (0.7 to 1.1 s on a busy machine) when the first model request goes out
+leaves that request without cflow's tools. So this module, standard library
+only, owns the process's stdin and stdout from the first milliseconds:
+
+* a reader thread answers ``initialize``, ``ping`` and ``tools/list`` itself
+  (the tool list is the static :data:`cflow.mcp.catalog.TOOLS`, checked against
+  the live server by a test), and queues every other message;
+* once the SDK server is built, :meth:`Front.attach` hands it the queue: it sees
+  a copy of ``initialize`` (its answer is dropped) and then everything else in
+  order; its messages go out through :meth:`Front.write`.
+
+Descriptors 0 and 1 are moved aside at start (0 reads /dev/null, 1 goes to
+stderr) so a stray ``print`` or child process never corrupts the protocol, and
+the thread reads with ``os.read`` so a blocked read never holds an interpreter
+lock at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cflow.mcp.catalog import INSTRUCTIONS, PROMPTS, RESOURCE_TEMPLATES, RESOURCES, TOOLS
+
+SERVER_INFO = {"name": "cflow", "version": "0.1.0"}
+# What the server offers (the SDK server answers the same for the methods behind them).
+# `claude/channel` and `claude/channel/permission` are Claude Code's experimental
+# capabilities for servers that push messages into a session and relay permission prompts.
+CAPABILITIES: dict[str, Any] = {
+    "experimental": {"claude/channel": {}, "claude/channel/permission": {}},
+    "prompts": {"listChanged": False},
+    "resources": {"subscribe": False, "listChanged": False},
+    "tools": {"listChanged": False},
+}
+PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+FORWARDED_INIT_ID = "cflow-front-initialize"
+
+
+class Front:
+    """The process's MCP wire: early answers from a thread, the rest to the full server."""
+
+    def __init__(self, in_fd: int = 0, out_fd: int = 1, *, divert: bool = True) -> None:
+        if divert:
+            self.in_fd, self.out_fd = os.dup(in_fd), os.dup(out_fd)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, in_fd)
+            os.close(null)
+            os.dup2(2, out_fd)
+        else:
+            self.in_fd, self.out_fd = in_fd, out_fd
+        self.started = time.monotonic()
+        self.tools_listed_after_s: float | None = None
+        self.client: dict[str, Any] = {}
+        self.initialized = threading.Event()
+        self.closed = threading.Event()
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: list[bytes | None] = []
+        # Client notifications handled here, not by the SDK (Claude Code's channel relay).
+        self.on_notification: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self._sink: Callable[[bytes | None], None] | None = None
+        self._thread = threading.Thread(target=self._read, name="mcp-front", daemon=True)
+
+    def start(self) -> Front:
+        self._thread.start()
+        return self
+
+    # ------------------------------------------------------------------ output
+
+    def write(self, line: str | bytes) -> None:
+        """One JSON-RPC message, newline-terminated, written whole (thread-safe)."""
+        data = line.encode() if isinstance(line, str) else line
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        with self._write_lock:
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = os.write(self.out_fd, view)
+                except BrokenPipeError:
+                    self.closed.set()
+                    return
+                view = view[sent:]
+
+    def _answer(self, ident: Any, result: dict[str, Any]) -> None:
+        self.write(json.dumps({"jsonrpc": "2.0", "id": ident, "result": result},
+                              separators=(",", ":")))
+
+    # ------------------------------------------------------------------ input
+
+    def attach(self, sink: Callable[[bytes | None], None]) -> None:
+        """From now on hand every forwarded line to ``sink`` (None: end of input)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._sink = sink
+        for item in pending:
+            sink(item)
+
+    def _forward(self, item: bytes | None) -> None:
+        with self._lock:
+            sink = self._sink
+            if sink is None:
+                self._pending.append(item)
+                return
+        sink(item)
+
+    def _read(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                chunk = os.read(self.in_fd, 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        self._handle(line)
+        except OSError:
+            pass
+        if buffer.strip():
+            self._handle(buffer)
+        self.closed.set()
+        self._forward(None)
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self._forward(line)  # the SDK answers a parse error
+            return
+        if isinstance(message, dict) and "id" not in message:
+            handler = self.on_notification.get(str(message.get("method")))
+            if handler is not None:
+                given = message.get("params")
+                handler(given if isinstance(given, dict) else {})
+                return
+        if not isinstance(message, dict) or "id" not in message:
+            self._forward(line)
+            return
+        method, ident = message.get("method"), message.get("id")
+        raw_params = message.get("params")
+        params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+        if method == "initialize":
+            self.client = params
+            wanted = str(params.get("protocolVersion") or "")
+            version = wanted if wanted in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[-1]
+            self._answer(ident, {"protocolVersion": version, "capabilities": CAPABILITIES,
+                                 "serverInfo": SERVER_INFO, "instructions": INSTRUCTIONS})
+            self.initialized.set()
+            copy = {**message, "id": FORWARDED_INIT_ID}
+            self._forward(json.dumps(copy).encode())
+        elif not self.initialized.is_set():
+            self._forward(line)  # no handshake (a stateless 2026 client): the SDK answers all
+        elif method == "ping":
+            self._answer(ident, {})
+        elif method == "tools/list":
+            self._answer(ident, {"tools": TOOLS})
+            if self.tools_listed_after_s is None:
+                self.tools_listed_after_s = time.monotonic() - self.started
+        elif method == "prompts/list":
+            self._answer(ident, {"prompts": PROMPTS})
+        elif method == "resources/list":
+            self._answer(ident, {"resources": RESOURCES})
+        elif method == "resources/templates/list":
+            self._answer(ident, {"resourceTemplates": RESOURCE_TEMPLATES})
+        else:
+            self._forward(line)
+
+
+def is_claude_code(client: dict[str, Any]) -> bool:
+    """Whether the initialize params come from Claude Code (it names itself claude-code)."""
+    info = client.get("clientInfo")
+    return isinstance(info, dict) and str(info.get("name", "")).startswith("claude")
+
+
+def is_forwarded_init_answer(message: dict[str, Any]) -> bool:
+    return message.get("id") == FORWARDED_INIT_ID
+
+
+__all__ = ["CAPABILITIES", "FORWARDED_INIT_ID", "SERVER_INFO", "Front", "is_claude_code",
+           "is_forwarded_init_answer"]

@@ -1,0 +1,100 @@
+// Live updates: one EventSource per page, fed by the console's NATS follower.
+// Each update carries the newest stream sequence; every [data-live] section
+// re-reads itself at that sequence (the server waits for the projection to
+// reach it). At most one refresh runs at a time; updates that arrive meanwhile
+// are merged into one more refresh, so a busy swarm never queues requests.
+(function () {
+  "use strict";
+  window.cfSeq = 0;
+  let busy = false;
+  let pending = false;
+  const lastRefresh = {};
+  const trailing = {};
+  const dot = document.getElementById("live");
+
+  async function refresh() {
+    if (busy) { pending = true; return; }
+    busy = true;
+    pending = false;
+    try {
+      const now = Date.now();
+      const sections = Array.from(document.querySelectorAll("[data-live]"));
+      await Promise.all(sections.map(function (el) {
+        if (!el.id) { return null; }
+        // Heavy sections (analytics, agents, graph) refresh at most every data-live-min ms;
+        // a skipped one gets a trailing refresh, so the last event is always shown.
+        const min = parseInt(el.dataset.liveMin || "0", 10);
+        const last = lastRefresh[el.id] || 0;
+        if (min && now - last < min) {
+          if (!trailing[el.id]) {
+            trailing[el.id] = setTimeout(function () { delete trailing[el.id]; refresh(); },
+                                         min - (now - last));
+          }
+          return null;
+        }
+        lastRefresh[el.id] = now;
+        const url = el.dataset.live + (el.dataset.live.indexOf("?") >= 0 ? "&" : "?") + "seq=" + window.cfSeq;
+        const target = "#" + el.id;
+        const swap = el.id === "banner" ? "innerHTML" : "outerHTML";
+        return htmx.ajax("GET", url, { target: target, swap: swap }).catch(function () { return null; });
+      }));
+      document.body.dataset.seq = String(window.cfSeq);
+      document.dispatchEvent(new CustomEvent("cf-refreshed", { detail: { seq: window.cfSeq } }));
+    } finally {
+      busy = false;
+      if (pending) { refresh(); }
+    }
+  }
+
+  function connect() {
+    const source = new EventSource("/events");
+    source.addEventListener("hello", function (e) {
+      window.cfSeq = JSON.parse(e.data).seq;
+      document.body.dataset.live = "on";
+      if (dot) { dot.classList.add("on"); }
+    });
+    source.addEventListener("update", function (e) {
+      const data = JSON.parse(e.data);
+      window.cfSeq = Math.max(window.cfSeq, data.seq);
+      refresh();
+    });
+    source.onerror = function () {
+      document.body.dataset.live = "off";
+      if (dot) { dot.classList.remove("on"); }
+    };
+  }
+
+  // After an action, refresh at once (the action's own event also arrives by SSE).
+  document.body.addEventListener("htmx:afterRequest", function (e) {
+    const verb = (e.detail.requestConfig || {}).verb;
+    if (verb === "post") { refresh(); }
+  });
+  // A live re-read that fails (no projector answering, the console restarting) keeps the
+  // section as it was, marks the page stale, and tries again in two seconds.
+  document.body.addEventListener("htmx:beforeSwap", function (e) {
+    const verb = (e.detail.requestConfig || {}).verb;
+    if (verb === "get" && e.detail.xhr && e.detail.xhr.status >= 400) {
+      e.detail.shouldSwap = false;
+      document.body.dataset.stale = "true";
+      if (dot) { dot.classList.remove("on"); dot.title = "live updates stalled: " + e.detail.xhr.status; }
+      setTimeout(refresh, 2000);
+    } else if (verb === "get") {
+      delete document.body.dataset.stale;
+      if (dot && document.body.dataset.live === "on") { dot.classList.add("on"); dot.title = "live updates"; }
+    }
+  });
+
+  // Graph: "fit to the window" scales the drawing down (it keeps its viewBox); the choice
+  // outlives live refreshes, which replace the section.
+  function applyFit() {
+    const box = document.querySelector("[data-fit]");
+    if (!box) { return; }
+    const wrap = document.querySelector(box.dataset.fit);
+    if (wrap) { wrap.classList.toggle("fit", box.checked); }
+  }
+  document.addEventListener("change", function (e) {
+    if (e.target && e.target.matches && e.target.matches("[data-fit]")) { applyFit(); }
+  });
+  document.body.addEventListener("htmx:afterSwap", applyFit);
+  connect();
+})();

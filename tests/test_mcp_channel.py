@@ -1,0 +1,118 @@
+"""Claude Code channels, against the protocol exactly as the `claude` binary defines it.
+
+The offline binary refuses channels before any server is asked (its check reads
+a server-side feature flag, "channels feature is not currently available", and
+needs --channels / a claude.ai login), so `cfctl mcp` is driven here the way
+Claude Code drives a channel server: raw JSON-RPC with clientInfo ``claude-code``,
+``notifications/claude/channel`` pushes read off stdout, and
+``notifications/claude/channel/permission_request`` sent in, answered by an
+operator with the real ``cfctl permissions`` commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from cflow.swarm import Swarm
+from test_mcp_stdio import START_S, RawServer, agent_env, cfctl, raw_server
+
+pytestmark = pytest.mark.integration
+
+
+async def pushed(srv: RawServer, method: str, **meta: str) -> dict[str, Any]:
+    """The next notification ``method`` whose params/meta match (lines already read first)."""
+    seen = 0
+    while True:
+        while seen < len(srv.lines):
+            message = json.loads(srv.lines[seen])
+            seen += 1
+            params = message.get("params") or {}
+            fields = {**params, **(params.get("meta") or {})}
+            if message.get("method") == method and all(fields.get(k) == v
+                                                       for k, v in meta.items()):
+                srv.lines.remove(srv.lines[seen - 1])
+                return dict(params)
+        assert srv.proc.stdout is not None
+        raw = await asyncio.wait_for(srv.proc.stdout.readline(), START_S)
+        assert raw, "server closed stdout"
+        srv.lines.append(raw.decode())
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([cfctl(), "--json", *args], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: str,
+                                           swarm_name: str) -> None:
+    env = agent_env(cli_env, "chan-1")
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead, \
+            raw_server(env, "--capability", "py") as srv:
+        info = await srv.request("initialize", {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "claude-code", "version": "2.1.197"}})
+        assert set(info["capabilities"]["experimental"]) == {"claude/channel",
+                                                             "claude/channel/permission"}
+        await srv.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await srv.call("swarm_status")  # a session now: registered, channel open
+
+        # Ready work for my capabilities while I hold nothing.
+        task = await lead.tasks.create("pushed work", capabilities=["py"], lease_ttl_s=3.0)
+        ready = await pushed(srv, "notifications/claude/channel", kind="ready_work")
+        assert "task_claim" in ready["content"] and ready["meta"]["count"] == "1"
+
+        # A message for this agent.
+        mid = await lead.messages.send("chan-1", "please look at the parser", importance="high")
+        msg = await pushed(srv, "notifications/claude/channel", kind="message")
+        assert "please look at the parser" in msg["content"]
+        assert msg["meta"] == {"kind": "message", "message_id": mid, "sender": "lead",
+                               "importance": "high"}
+        assert all(isinstance(v, str) for v in msg["meta"].values())  # the binary's schema
+
+        # A decision on a gate this agent asked for (created as the agent, as a hook would).
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="chan-1") as same:
+            gate = await same.tasks.create("ship the migration?", kind="gate")
+        other = await lead.tasks.create("someone else's gate", kind="gate")
+        await lead.control.reject(other.task_id, "not now")
+        await lead.control.approve(gate.task_id, "go ahead")
+        decided = await pushed(srv, "notifications/claude/channel", kind="gate_decision")
+        assert decided["meta"]["task_id"] == gate.task_id  # only the gate it waits for
+        assert decided["meta"]["decision"] == "approved" and "go ahead" in decided["content"]
+
+        # A cancel of the task this agent works on.
+        claim = await srv.call("task_claim", task_id=task.task_id)
+        await lead.tasks.cancel(task.task_id, "requirements changed")
+        lost = await pushed(srv, "notifications/claude/channel", kind="lease_lost",
+                            task_id=task.task_id)
+        assert "Stop working on it" in lost["content"]
+        assert claim["epoch"]
+
+        # The session's permission prompt goes to the swarm; an operator allows it.
+        await srv.send({"jsonrpc": "2.0",
+                        "method": "notifications/claude/channel/permission_request",
+                        "params": {"request_id": "kqxmz", "tool_name": "Bash",
+                                   "description": "Run the test suite",
+                                   "input_preview": '{"command": "pytest"}'}})
+        operator = {**cli_env, "CFLOW_AGENT": "ops"}
+        for _ in range(50):  # the relay is one NATS publish behind the notification
+            pending = json.loads(cli(operator, "permissions", "list"))
+            if pending:
+                break
+        assert [(p["id"], p["agent"], p["tool_name"]) for p in pending] == [
+            ("kqxmz", "chan-1", "Bash")]
+        answer = json.loads(cli(operator, "permissions", "allow", "kqxmz"))
+        assert answer == {"id": "kqxmz", "agent": "chan-1", "behavior": "allow"}
+        decision = await pushed(srv, "notifications/claude/channel/permission")
+        assert decision == {"request_id": "kqxmz", "behavior": "allow"}
+        assert json.loads(cli(operator, "permissions", "list")) == []
+        missing = subprocess.run([cfctl(), "permissions", "deny", "kqxmz"], env=operator,
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert missing.returncode != 0 and missing.stderr.startswith("error: ")
+        assert len(missing.stderr.strip().splitlines()) == 1

@@ -1,0 +1,88 @@
+"""`cfctl mcp` start and end as Claude Code sees them: early tool list, signals, health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cflow import events as ev
+from cflow.errors import NotFound
+from cflow.mcp.catalog import PROMPTS, RESOURCE_TEMPLATES, RESOURCES, TOOLS
+from cflow.mcp.server import live_lists
+from cflow.swarm import Swarm
+from test_mcp_stdio import agent_env, cfctl, raw_server
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hooks"
+TOKEN_BUDGET = 2000
+MAX_TOOLS = 12
+
+
+def test_catalog_is_the_live_tool_list() -> None:
+    """The lists the front answers before the SDK loads are exactly the full server's."""
+    live = live_lists()
+    assert live == {"tools": TOOLS, "prompts": PROMPTS, "resources": RESOURCES,
+                    "resourceTemplates": RESOURCE_TEMPLATES}, \
+        "run `uv run python -m cflow.mcp.server --write-catalog`"
+    assert len(TOOLS) <= MAX_TOOLS
+    assert len(json.dumps(TOOLS)) / 4 <= TOKEN_BUDGET
+
+
+@pytest.mark.integration
+async def test_tools_are_listed_before_the_backend_is_reached(cli_env: dict[str, str]) -> None:
+    """No NATS at all: initialize and the lists are still answered; a signal while it is
+    still trying to connect ends it at once (the exit code 6 of a server that never
+    answers is tested in test_mcp_stdio)."""
+    env = agent_env(cli_env, "early")
+    env["CFLOW_URL"] = "nats://127.0.0.1:1"
+    async with raw_server(env) as srv:
+        info = await srv.initialize()
+        assert info["capabilities"]["experimental"]["claude/channel"] == {}
+        assert info["protocolVersion"] == "2025-06-18"
+        listed = await srv.request("tools/list")
+        assert listed["tools"] == TOOLS
+        assert (await srv.request("prompts/list"))["prompts"] == PROMPTS
+        assert (await srv.request("resources/list"))["resources"] == RESOURCES
+        srv.proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(srv.proc.wait(), 5) == 0
+
+
+@pytest.mark.integration
+async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
+                                         swarm_name: str) -> None:
+    """`claude mcp list` connects, lists and leaves: no agent. A session ended by SIGINT or
+    SIGTERM (stdin still open, as under Claude Code) exits at once and releases nothing."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="watcher") as watcher:
+        task = await watcher.tasks.create("held across a SIGTERM", lease_ttl_s=30)
+        async with raw_server(agent_env(cli_env, "health-check")) as srv:
+            await srv.initialize()
+            await srv.request("tools/list")
+            srv.proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(srv.proc.wait(), 10) == 0
+        async with raw_server(agent_env(cli_env, "sig-term")) as srv:
+            await srv.initialize()
+            claimed = await srv.call("task_claim", task_id=task.task_id)
+            # The session's edit hook goes through this process: the hook itself is
+            # pointed at a dead NATS port, so a recorded note proves the relay.
+            hook_env = {**agent_env(cli_env, "sig-term"), "CFLOW_URL": "nats://127.0.0.1:1"}
+            edit = await asyncio.to_thread(
+                subprocess.run, [cfctl(), "hook", "PostToolUse"], env=hook_env, text=True,
+                input=(FIXTURES / "PostToolUse_Edit.json").read_text(), capture_output=True,
+                timeout=60)
+            assert (edit.returncode, edit.stdout, edit.stderr) == (0, "", "")
+            srv.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(srv.proc.wait(), 10) == 0
+        state = await watcher.tasks.get(task.task_id)
+        assert state.status == "claimed" and state.owner == "sig-term"  # nothing released
+        assert state.epoch == claimed["epoch"]
+        notes = [i.event for i in await watcher.tasks.history(task.task_id)
+                 if isinstance(i.event.data, ev.TaskNoted)]
+        assert [(n.actor, n.data.text, n.data.paths) for n in notes] == [
+            ("sig-term", "edited via Edit", ("src/app.py",))]
+        with pytest.raises(NotFound):
+            await watcher.agents.get("health-check")
+        assert (await watcher.agents.get("sig-term")).runtime == "mcp"  # a session registers

@@ -1,0 +1,126 @@
+"""The console's pure parts: DAG layout, presence states, board filters, access rules."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cflow.errors import InvalidInput
+from cflow.ui.auth import Access, listener_problem, operator_problem
+from cflow.ui.graph import NODE_H, NODE_W, layers, layout
+from cflow.ui.reads import BoardFilter, presence_state
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> tuple[list[str], list[tuple[str, str]]]:
+    n = draw(st.integers(1, 40))
+    ids = [f"t{i}" for i in range(n)]
+    deps = []
+    for i in range(1, n):
+        for j in draw(st.sets(st.integers(0, i - 1), max_size=3)):
+            deps.append((ids[i], ids[j]))  # only on earlier tasks: acyclic
+    return ids, deps
+
+
+@settings(max_examples=60, deadline=None)
+@given(dags())
+def test_layout_places_dependencies_left_and_never_overlaps(
+        dag: tuple[list[str], list[tuple[str, str]]]) -> None:
+    ids, deps = dag
+    lay = layout([(i, i, "ready") for i in ids], deps)
+    at = {n.id: n for n in lay.nodes}
+    assert set(at) == set(ids)
+    for task, dep in deps:
+        assert at[dep].layer < at[task].layer and at[dep].x + NODE_W < at[task].x
+    for a, b in itertools.combinations(lay.nodes, 2):
+        assert abs(a.x - b.x) >= NODE_W or abs(a.y - b.y) >= NODE_H
+    assert all(0 <= n.x + NODE_W <= lay.width and 0 <= n.y + NODE_H <= lay.height
+               for n in lay.nodes)
+    assert len(lay.edges) == len(deps)
+
+
+def test_layers_are_longest_paths_and_the_critical_path_is_marked() -> None:
+    deps = [("b", "a"), ("c", "b"), ("c", "a"), ("d", "a")]
+    assert layers(["a", "b", "c", "d"], deps) == {"a": 0, "b": 1, "c": 2, "d": 1}
+    lay = layout([(i, i.upper(), "pending") for i in "abcd"], deps, critical=["a", "b", "c"])
+    assert {n.id for n in lay.nodes if n.critical} == {"a", "b", "c"}
+    assert {(e.src, e.dst) for e in lay.edges if e.critical} == {("a", "b"), ("b", "c")}
+    assert layers(["x", "y"], [("x", "y"), ("y", "x")]) == {"x": 0, "y": 0}  # a cycle
+
+
+@pytest.mark.parametrize(("status", "present", "reason", "holds", "shown"), [
+    ("offline", False, "", False, "offline"),
+    ("offline", True, "", False, "offline"),
+    ("online", False, "", False, "dead"),
+    ("busy", False, "", True, "dead"),
+    ("busy", True, "", False, "working"),
+    ("idle", True, "", True, "working"),
+    ("idle", True, "waiting for permission", False, "waiting"),
+    ("online", True, "present", False, "idle"),
+])
+def test_presence_states(status: str, present: bool, reason: str, holds: bool,
+                         shown: str) -> None:
+    assert presence_state(status, present=present, reason=reason, holds=holds) == shown
+
+
+def test_board_filter_keeps_browser_values_out_of_the_sql() -> None:
+    evil = "x'; DROP TABLE tasks; --"
+    f = BoardFilter.parse({"text": evil, "capability": evil, "label": f"k={evil}",
+                           "agent": evil, "status": "ready", "sort": "age", "page": "3"})
+    where, args = f.where()
+    assert evil not in where and "DROP" not in where
+    assert args.count(evil) == 3 and f"%{evil}%" in args
+    assert f.page == 3 and "page=3" in f.query_string() and "sort=age" in f.query_string()
+    assert "page" not in BoardFilter().query_string()
+    with pytest.raises(InvalidInput, match="unknown status"):
+        BoardFilter.parse({"status": "done"})
+    with pytest.raises(InvalidInput, match="size must be between 1 and 500"):
+        BoardFilter.parse({"size": "100000"})
+
+
+def test_access_rules() -> None:
+    access = Access(token="s3cret", operator="dana")
+    assert access.actor == "ui:dana"
+    assert access.may_read({}, {})
+    assert access.write_refusal({"authorization": "Bearer s3cret"}, {}) is None
+    assert access.write_refusal({"authorization": "Bearer nope"}, {}) is not None
+    assert access.write_refusal({}, {"cflow_ui": "s3cret"}) is not None  # no HX-Request
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is None
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": ""}) is not None
+    sid = access.open_session("alpha.w1")
+    session = {"cflow_ui_session": sid}
+    assert access.identity({}, session) == "nats:alpha.w1"
+    assert access.identity({"authorization": "Bearer s3cret"}, {}) == "ui:dana"
+    assert access.write_refusal({"hx-request": "true"}, session) is None
+    assert access.write_refusal({}, session) is not None  # no HX-Request
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui_session": "forged"})
+    locked = Access(token="s3cret", operator="dana", reads_need_token=True)
+    assert not locked.may_read({}, {}) and locked.may_read({}, {"cflow_ui": "s3cret"})
+    for host in ("127.0.0.1:8700", "localhost:8700", "[::1]:8700", "127.0.0.1", "LOCALHOST"):
+        assert access.host_allowed(host), host
+    for host in ("evil.example:8700", "127.0.0.1.evil.example", "", "10.0.0.5:8700"):
+        assert not access.host_allowed(host), host
+    assert locked.host_allowed("console.example.org")  # --auth: any name, token required
+    assert operator_problem("john.doe@example") is None
+    assert "must be 1 to 64" in (operator_problem("a b") or "")
+    assert operator_problem("") is not None
+    assert listener_problem("127.0.0.1", False) is None
+    assert listener_problem("::1", False) is None
+    assert listener_problem("0.0.0.0", True) is None
+    assert "without auth" in (listener_problem("10.0.0.5", False) or "")
+
+
+def test_critical_path_of_the_remaining_work() -> None:
+    from cflow.ui.graph import critical_path
+
+    nodes = [("a", "", "completed"), ("b", "", "ready"), ("c", "", "pending"),
+             ("d", "", "pending"), ("e", "", "blocked"), ("f", "", "pending"),
+             ("x", "", "ready")]
+    deps = [("b", "a"), ("c", "b"), ("d", "c"), ("e", "d"), ("f", "e"), ("f", "x")]
+    # a is done and e waits for a human: the remaining chain is b -> c -> d.
+    assert critical_path(nodes, deps) == ["b", "c", "d"]
+    assert critical_path([("a", "", "completed")], []) == []
+    assert critical_path([("p", "", "ready"), ("q", "", "ready")], []) == ["p"]  # first made
