@@ -152,6 +152,30 @@ def test_queue_fold_orders_by_priority_then_arrival_and_folds_verdicts() -> None
     assert summary["lead_time_max_s"] == 1.003
 
 
+def _ev(data: ev.EventData, task: str) -> ev.Event:
+    return ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 20, actor="w")
+
+
+def test_a_late_request_of_a_fenced_holder_changes_nothing() -> None:
+    """[request e20, Merged, late request e10] stays merged; [e20, late e10] keeps e20."""
+    def request(epoch: int) -> ev.Event:
+        return _ev(ev.MergeRequested(task_id="t", epoch=epoch, branch="cflow/t",
+                                     head=f"{epoch:040d}"), "t")
+    merged = _ev(ev.Merged(task_id="t", head=f"{20:040d}", target="main", previous="p",
+                           commit="q", merger="m"), "t")
+    rejected = _ev(ev.MergeRejected(task_id="t", head=f"{20:040d}", target="main",
+                                    cause="check"), "t")
+    queue = fold_merges([(1, request(20), 1), (2, merged, 2), (3, request(10), 3)])
+    assert queue["t"].status == "merged" and queue["t"].commit == "q"
+    assert queue["t"].last_seq == 3  # a verdict written now expects the latest sequence
+    queue = fold_merges([(1, request(20), 1), (2, rejected, 2), (3, request(30), 3)])
+    assert queue["t"].status == "rejected" and queue["t"].epoch == 20  # never reopened
+    queue = fold_merges([(1, request(20), 1), (2, request(10), 2)])
+    assert (queue["t"].status, queue["t"].epoch, queue["t"].seq) == ("queued", 20, 1)
+    queue = fold_merges([(1, request(10), 1), (2, request(20), 2)])  # the successor's wins
+    assert (queue["t"].epoch, queue["t"].head) == (20, f"{20:040d}")
+
+
 # ------------------------------------------------------------- git, no NATS
 
 
@@ -180,6 +204,61 @@ async def test_fenced_holder_late_push_is_refused(tmp_path: Path) -> None:
     second.close()
 
 
+async def test_two_attempts_in_one_clone_keep_their_own_branch(tmp_path: Path) -> None:
+    """A fenced attempt and its successor in one worker's clone: the successor's take does
+    not move the fenced worktree's branch under it."""
+    remote = make_remote(tmp_path)
+    area = await WorkArea(str(remote), tmp_path / "a").open()
+    one = await start_attempt(area, task_id="t5", epoch=1, attempt=1, base="main")
+    (one.path / "one.txt").write_text("one\n")
+    head_one = await one.checkpoint("wip 1")
+    two = await start_attempt(area, task_id="t5", epoch=2, attempt=2, base="main")
+    assert await one.head() == head_one  # still its own commit
+    assert sh("rev-parse", "--abbrev-ref", "HEAD", cwd=two.path) == "cflow/t5@2"
+    await one.close()
+    await two.close()
+    assert sh("branch", "--list", "cflow/t5@*", cwd=area.repo) == ""  # no local branch left
+    area.close()
+
+
+async def test_a_rewritten_branch_is_not_pushed(tmp_path: Path) -> None:
+    """An agent that resets its worktree cannot drop the commits pushed before."""
+    from cflow.gitflow.git import GitError
+
+    remote = make_remote(tmp_path)
+    area = await WorkArea(str(remote), tmp_path / "a").open()
+    one = await start_attempt(area, task_id="t6", epoch=1, attempt=1, base="main")
+    (one.path / "kept.txt").write_text("kept\n")
+    pushed = await one.checkpoint("wip 1")
+    sh("reset", "--quiet", "--hard", one.base_head, cwd=one.path)
+    (one.path / "other.txt").write_text("other\n")
+    with pytest.raises(GitError, match="was rewritten"):
+        await one.checkpoint("rewritten")
+    assert sh("rev-parse", "cflow/t6", cwd=remote) == pushed
+    await one.close()
+    area.close()
+
+
+async def test_a_hanging_network_git_is_killed_with_its_children(tmp_path: Path) -> None:
+    """ls-remote through an ssh that never answers: a GitError at the timeout, and the
+    ssh child (git's process group) is gone."""
+    from cflow.gitflow.git import GitError, git_status
+
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/ssh.pid\nexec sleep 60\n")
+    ssh.chmod(0o755)
+    with pytest.raises(GitError, match=r"timed out after 1\.5 s"):
+        await git_status("ls-remote", "ssh://nowhere/repo.git", timeout_s=1.5,
+                         env={"GIT_SSH_COMMAND": str(ssh)})
+    stat = Path(f"/proc/{int((tmp_path / 'ssh.pid').read_text())}/stat")
+    for _ in range(100):  # SIGKILL is delivered at once; a zombie counts as gone
+        if not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z":
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("git's ssh child outlived the timeout")
+
+
 async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) -> None:
     remote = make_remote(tmp_path)
     root = tmp_path / "root"
@@ -191,8 +270,9 @@ async def test_stale_areas_and_worktrees_are_cleaned_at_start(tmp_path: Path) ->
     again = await WorkArea(str(remote), root).open()
     assert again.path == first_path and str(attempt.path) in again.cleaned
     assert not attempt.path.exists() and again.live_worktrees() == []
+    (root / "areas" / "stray.txt").write_text("not an area")  # a file among the areas
     other = await WorkArea(str(remote), root).open()  # a second live process: its own area
-    assert other.path != again.path
+    assert other.path != again.path and (root / "areas" / "stray.txt").exists()
     again.close()
     other.close()
 
@@ -233,7 +313,9 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
         swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
     remote = make_remote(tmp_path, {"shared.txt": "original\n"})
     root = tmp_path / "areas"
-    cmd = 'printf "%s\\n" "$CFLOW_TASK_TITLE" > shared.txt; echo "$CFLOW_CONFLICTS" > /dev/null'
+    seen = tmp_path / "conflicts.log"  # what each attempt was told (outside the worktree)
+    cmd = ('printf "%s\\n" "$CFLOW_TASK_TITLE" > shared.txt; '
+           f'echo "$CFLOW_TASK_ID:$CFLOW_CONFLICTS" >> {seen}')
     a = await swarm.tasks.create("alpha", priority=2)
     b = await swarm.tasks.create("beta", priority=1)
     async with git_worker(nats_url, swarm_name, remote, root, "w1", cmd) as w:
@@ -248,6 +330,8 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     assert "shared.txt" in rejected.output and "<<<<<<<" in rejected.output
     retry_id = rejected.retry_task
     assert retry_id is not None and queue[retry_id].status == "merged"
+    told = dict(line.split(":", 1) for line in seen.read_text().splitlines())
+    assert told[retry_id] == "shared.txt" and told[a.task_id] == told[b.task_id] == ""
     retry = await swarm.tasks.get(retry_id)
     assert retry.labels["cflow.branch"] == f"cflow/{b.task_id}"
     assert retry.body == b.body
@@ -279,6 +363,29 @@ async def test_same_line_conflict_is_rejected_then_retried_on_new_target(
     assert row["lead_time_max_s"] >= row["lead_time_median_s"] > 0
 
 
+async def test_fenced_holder_requests_no_merge(swarm: Swarm, tmp_path: Path) -> None:
+    """A holder whose claim moved on, with nothing new to push, writes no MergeRequested."""
+    from cflow.worker.executor import TaskContext
+
+    remote = make_remote(tmp_path)
+    t = await swarm.tasks.create("fenced")
+    first = await swarm.tasks.claim(t.task_id, agent="a1")
+    assert first is not None
+    await first.release("handed over")  # the successor claims: a1's epoch is stale
+    second = await swarm.tasks.claim(t.task_id, agent="a2")
+    assert second is not None and second.epoch != first.epoch
+    exe = GitExecutor(SubprocessExecutor("echo done > done.txt"), swarm, str(remote),
+                      area=WorkArea(str(remote), tmp_path / "a"))
+    ctx = TaskContext(task_id=t.task_id, title="fenced", body="", attempt=1,
+                      epoch=first.epoch, url="", swarm=swarm.name, agent="a1")
+    try:
+        outcome = await exe.run(ctx)
+    finally:
+        await exe.aclose()
+    assert not outcome.ok and "no merge requested" in (outcome.error or "")
+    assert [i.event.type for i in await swarm.log.entity_events("merge", t.task_id)] == []
+
+
 @pytest.mark.integration
 async def test_red_check_keeps_change_out_and_reopens_with_output(
         swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
@@ -304,6 +411,91 @@ async def test_red_check_keeps_change_out_and_reopens_with_output(
     assert main_files(remote, tmp_path)["value.txt"] == "good"
     # the red merge never reached main: main went from `before` straight to the good merge
     assert first_parents(remote)[1] == before
+
+
+async def test_rejection_secures_its_verdict_before_the_retry_exists(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A stale merger whose verdict CAS fails makes no retry; one killed between the verdict
+    and the retry leaves it to the next holder, which creates it at takeover."""
+    from cflow.leases import task_id_for_key
+
+    remote = make_remote(tmp_path)
+    heads = {}
+    for name in ("stale", "orphan"):
+        t = await swarm.tasks.create(name)
+        lease = await swarm.tasks.claim(t.task_id, agent="w")
+        assert lease is not None
+        await lease.complete()
+        heads[name] = t.task_id
+        await swarm.log.append(ev.MergeRequested(task_id=t.task_id, epoch=lease.epoch,
+                                                 branch=f"cflow/{t.task_id}", head="b" * 40),
+                               t.task_id)
+    stale = Merger(swarm, str(remote), area=WorkArea(str(remote), tmp_path / "m0"))
+    stale.queue = await read_queue(swarm)
+    request = stale.queue[heads["stale"]]
+    await swarm.log.append(ev.Merged(task_id=request.task_id, head=request.head, target="main",
+                                     previous="p", commit="q", merger="other"),
+                           request.task_id, expected=request.last_seq)
+    await stale._reject(request, "check", "red while another merger merged it")
+    retry_of_stale = task_id_for_key(swarm.name, f"merge-retry-{request.task_id}-{'b' * 40}")
+    assert (await read_queue(swarm))[request.task_id].status == "merged"
+    assert retry_of_stale not in {t.task_id for t in await swarm.tasks.list()}
+    # the verdict recorded, the merger killed before creating the retry it names
+    orphan = (await read_queue(swarm))[heads["orphan"]]
+    retry_id = task_id_for_key(swarm.name, f"merge-retry-{orphan.task_id}-{'b' * 40}")
+    await swarm.log.append(ev.MergeRejected(task_id=orphan.task_id, head=orphan.head,
+                                            target="main", cause="conflict", output="hunks",
+                                            retry_task=retry_id),
+                           orphan.task_id, expected=orphan.last_seq)
+    async with merger(nats_url, swarm_name, remote, tmp_path / "m1"):
+        retry = await until(swarm, retry_id, lambda s: s.status == "ready")
+    assert retry.labels["cflow.origin"] == orphan.task_id
+    notes = [i.event.data for i in await swarm.log.entity_events("note", retry_id)]
+    assert [n.text for n in notes if isinstance(n, ev.TaskNoted) and n.artifact == "merge"] \
+        == [f"merge of cflow/{orphan.task_id} into main rejected (conflict):\nhunks"]
+
+
+@pytest.mark.integration
+async def test_a_chain_rejected_max_rejections_times_fails_with_the_last_output(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A permanently red check: two rejections (--max-rejections 2), then no more retries."""
+    from cflow.gitflow.merger import create_merge_gate
+
+    remote = make_remote(tmp_path)
+    root = tmp_path / "areas"
+    t = await swarm.tasks.create("never green")
+    gate = await create_merge_gate(swarm, t.task_id)
+    async with git_worker(nats_url, swarm_name, remote, root, "w1",
+                          'echo "$CFLOW_TASK_ID" >> value.txt'), \
+            merger(nats_url, swarm_name, remote, root, check="echo always red; exit 1",
+                   max_rejections=2):
+        queue = await until_decided(swarm, 2)
+        assert await until(swarm, gate, lambda s: s.status == "failed")
+    first = queue[t.task_id]
+    assert first.status == "rejected" and first.retry_task is not None
+    last = queue[first.retry_task]
+    assert last.status == "rejected" and last.retry_task is None
+    assert last.output.startswith(f"{t.task_id} failed: 2 merges of its branch rejected")
+    assert "always red" in last.output
+    assert len(queue) == 2 and len(await swarm.tasks.list()) == 3  # task, one retry, gate
+
+
+async def test_a_push_declined_by_a_hook_is_rejected_with_gits_line(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A pre-receive hook declines main: not a fence (no endless retry), rejected as `git`."""
+    remote = make_remote(tmp_path)
+    hook = remote / "hooks" / "pre-receive"
+    hook.write_text('#!/bin/sh\nwhile read old new ref; do [ "$ref" = refs/heads/main ] && '
+                    '{ echo "main is frozen" >&2; exit 1; }; done; exit 0\n')
+    hook.chmod(0o755)
+    t = await swarm.tasks.create("frozen")
+    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1", "echo x > x.txt"):
+        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    async with merger(nats_url, swarm_name, remote, tmp_path / "m"):
+        queue = await until_decided(swarm, 1, within=30)
+    rejected = queue[t.task_id]
+    assert rejected.status == "rejected" and rejected.cause == "git"
+    assert "pre-receive hook declined" in rejected.output and "main is frozen" in rejected.output
 
 
 async def test_bad_remote_is_one_clear_line(swarm: Swarm, tmp_path: Path) -> None:

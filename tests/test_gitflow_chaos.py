@@ -17,6 +17,7 @@ import pytest
 from cflow import events as ev
 from cflow.errors import LeaseLost, NotHolder
 from cflow.gitflow.executor import WithPrevious
+from cflow.gitflow.merger import read_queue
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
 from cflow.worker.subprocess_exec import SubprocessExecutor
@@ -71,6 +72,12 @@ async def test_worker_killed_after_wip_push_next_holder_continues(
         first = await until_claimed(swarm, t.task_id, "victim")
         child = int(await wait_file(pidfile))
         wip = await branch_has(remote, f"cflow/{t.task_id}", "part1.txt")
+        async with asyncio.timeout(15):  # and after its note saying so (written after the push)
+            async for item in swarm.log.follow(names.events_filter(swarm.name, "note")):
+                if isinstance(item, StoredEvent) and item.event.entity_id == t.task_id \
+                        and isinstance(item.event.data, ev.TaskNoted) \
+                        and wip[:12] in item.event.data.text:
+                    break
         proc.kill()  # kill -9 mid-task, after a work-in-progress push
         proc.wait(10)
         kill_pid(child)
@@ -121,10 +128,13 @@ async def test_merger_killed_mid_merge_another_takes_over(
         heads.append(sh("rev-parse", "main", cwd=remote))  # after m1's first merge
         proc.kill()
         proc.wait(10)
-        kill_pid(check_pid)
-        async with merger(nats_url, swarm_name, remote, tmp_path / "m2", name="m2",
+        stat = Path(f"/proc/{check_pid}/stat")
+        assert stat.exists()  # the check outlives its merger (a session of its own) ...
+        # ... until a merger adopts the dead one's area (same root) and kills its group
+        async with merger(nats_url, swarm_name, remote, cli_root(cli_env, remote), name="m2",
                           check=check, lease_ttl_s=2.0) as m2:
             queue = await until_decided(swarm, 3, within=30)
+            assert f"process group {check_pid}" in m2.area.cleaned
     finally:
         stop(proc)
         if check_pid is not None:
@@ -162,6 +172,77 @@ async def test_merger_records_a_merge_pushed_before_it_died(
         queue = await until_decided(swarm, 1)
     assert queue[t.task_id].status == "merged" and queue[t.task_id].commit == pushed
     assert m.stats.recovered == 1 and sh("rev-parse", "main", cwd=remote) == pushed
+
+
+async def test_successor_pushes_a_stale_mergers_intent_instead_of_deciding_anew(
+        swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A merger recorded MergeStarted (check green) and paused before its push. The next
+    holder, whose check would now be red, pushes the same merge; the late push is refused."""
+    remote = make_remote(tmp_path)
+    t = await swarm.tasks.create("intent")
+    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
+                          "echo x > x.txt"):
+        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    clone = tmp_path / "stale"  # what the paused merger had done
+    sh("clone", "--quiet", str(remote), str(clone))
+    before = sh("rev-parse", "main", cwd=clone)
+    sh("merge", "--no-ff", "-m", "the stale merger's merge", f"origin/cflow/{t.task_id}",
+       cwd=clone)
+    stale_commit, tree = sh("rev-parse", "HEAD", cwd=clone), sh("rev-parse", "HEAD^{tree}",
+                                                                cwd=clone)
+    request = (await read_queue(swarm))[t.task_id]
+    await swarm.log.append(ev.MergeStarted(task_id=t.task_id, head=request.head, target="main",
+                                           previous=before, commit=stale_commit, tree=tree,
+                                           merger="m0"),
+                           t.task_id, expected=request.last_seq)
+    async with merger(nats_url, swarm_name, remote, tmp_path / "m", check="exit 1"):
+        queue = await until_decided(swarm, 1)
+    assert queue[t.task_id].status == "merged"  # not rejected by the now red check
+    after = sh("rev-parse", "main", cwd=remote)
+    assert after != stale_commit and sh("rev-parse", "main^{tree}", cwd=remote) == tree
+    late = subprocess.run(["git", "push", f"--force-with-lease=main:{before}", "origin",
+                           "HEAD:main"], cwd=clone, capture_output=True, text=True)
+    assert late.returncode != 0 and sh("rev-parse", "main", cwd=remote) == after
+
+
+async def test_merger_paused_past_its_lease_does_not_push_when_it_wakes(
+        swarm: Swarm, cli_env: dict[str, str], nats_url: str, swarm_name: str,
+        tmp_path: Path) -> None:
+    """SIGSTOP the merger during its (green) check, past its lease: the successor rejects
+    the request (its check is red); SIGCONT: the woken merger must not push."""
+    remote = make_remote(tmp_path)
+    t = await swarm.tasks.create("paused")
+    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
+                          "echo x > x.txt"):
+        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    count, checking, go = tmp_path / "count", tmp_path / "checking", tmp_path / "go"
+    check = (f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; '
+             f'if [ $n = 1 ]; then echo $$ > {checking}; '
+             f'while [ ! -e {go} ]; do sleep 0.05; done; exit 0; fi; echo red; exit 1')
+    before = sh("rev-parse", "main", cwd=remote)
+    log = tmp_path / "m1.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*CFCTL, "merge-queue", "--repo", str(remote), "--check", check,
+                                 "--lease-ttl", "2", "--name", "m1"], env=cli_env,
+                                stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        await wait_file(checking, within=30)
+        os.kill(proc.pid, signal.SIGSTOP)
+        go.touch()  # m1's check passes while m1 is paused
+        async with merger(nats_url, swarm_name, remote, tmp_path / "m2", name="m2",
+                          check=check, lease_ttl_s=2.0):
+            queue = await until_decided(swarm, 1, within=30)
+            assert queue[t.task_id].status == "rejected"
+            os.kill(proc.pid, signal.SIGCONT)
+            async with asyncio.timeout(20):  # m1 notices it lost the queue (its log says so)
+                while b"lost" not in log.read_bytes():
+                    await asyncio.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        stop(proc)
+    assert sh("rev-parse", "main", cwd=remote) == before  # the rejected work stayed out
+    assert [e.type for e in await merge_events(swarm)] == ["MergeRequested", "MergeRejected"]
 
 
 async def test_generic_checkpoint_reaches_the_next_attempt_and_is_fenced(

@@ -103,8 +103,9 @@ async def _merge_lines(swarm: Swarm, out: Any, titles: dict[str, str]) -> None:
                 out.print(f"  [green]merged[/]    {title!r} -> main {data.commit[:8]}")
             case ev.MergeRejected():
                 first = data.output.strip().splitlines()[0] if data.output.strip() else ""
-                out.print(f"  [yellow]rejected[/]  {title!r}: {first}; retried as "
-                          f"{(data.retry_task or '?')[:8]}")
+                then = (f"retried as {data.retry_task[:8]}" if data.retry_task
+                        else "no retry: the chain failed")
+                out.print(f"  [yellow]rejected[/]  {title!r}: {first}; {then}")
 
 
 async def _settled(swarm: Swarm) -> bool:

@@ -320,7 +320,7 @@ class BreakerClosed(EventData, frozen=True, kw_only=True):
 
 # Merge queue (cflow.gitflow): one entity per merge request, named by its task id.
 
-MergeCause = Literal["conflict", "check", "missing"]
+MergeCause = Literal["conflict", "check", "missing", "git"]
 
 
 class MergeRequested(EventData, frozen=True, kw_only=True):
@@ -335,6 +335,22 @@ class MergeRequested(EventData, frozen=True, kw_only=True):
     priority: int = 0
     title: str = ""
     origin: str | None = None  # the task whose branch this continues (after a rejection)
+
+
+class MergeStarted(EventData, frozen=True, kw_only=True):
+    """The merger is about to push ``commit`` (tree ``tree``, its check passed) onto
+    ``previous``: a successor that finds this intent undecided pushes the same merge
+    (fencing the stale push out by the target's compare-and-set) instead of deciding
+    the request differently."""
+
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    head: str
+    target: str
+    previous: str
+    commit: str
+    tree: str
+    merger: str
 
 
 class Merged(EventData, frozen=True, kw_only=True):
@@ -390,6 +406,7 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         BreakerOpened,
         BreakerClosed,
         MergeRequested,
+        MergeStarted,
         Merged,
         MergeRejected,
     )
@@ -544,6 +561,7 @@ __all__ = [
     "MemoryStored",
     "MergeRejected",
     "MergeRequested",
+    "MergeStarted",
     "Merged",
     "MessageAcked",
     "MessageSent",

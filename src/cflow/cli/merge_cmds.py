@@ -29,6 +29,9 @@ def merge_queue(
     name: str | None = typer.Option(None, "--name", help="Agent name (default: host-pid)."),
     until_idle: bool = typer.Option(
         False, "--until-idle", help="Exit when nothing is queued and no task is open."),
+    max_rejections: int = typer.Option(
+        3, "--max-rejections", min=1,
+        help="Rejections of one task's chain before it fails instead of being retried."),
 ) -> None:
     """Run the merge queue: merge finished task branches one at a time, check, push.
 
@@ -50,7 +53,8 @@ def merge_queue(
 
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
             merger = Merger(swarm, repo, target=target, check=check,
-                            check_timeout_s=check_timeout, lease_ttl_s=lease_ttl, on_event=show)
+                            check_timeout_s=check_timeout, lease_ttl_s=lease_ttl,
+                            max_rejections=max_rejections, on_event=show)
             merger.install_signal_handlers()
             stats = await merger.run(until_idle=until_idle)
             return {"agent": who, **stats.to_dict()}

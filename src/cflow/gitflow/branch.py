@@ -20,10 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cflow.gitflow.git import IDENTITY, PushRefused, git, git_status, push_fenced
+from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.worktrees import WorkArea, tracking
 
 TAKE_TRIES = 5
+
+
+def local_branch(branch: str, epoch: int) -> str:
+    return f"{branch}@{epoch}"
 
 
 def branch_name(task_id: str, labels: dict[str, str] | None = None) -> str:
@@ -72,6 +76,11 @@ class BranchAttempt:
         head = await self.head()
         if head == self.pushed:
             return None
+        if (await git_status("merge-base", "--is-ancestor", self.pushed, head,
+                             cwd=self.path))[0] != 0:
+            raise GitError(f"{self.branch} was rewritten in the worktree: {head[:12]} does not "
+                           f"contain {self.pushed[:12]} (pushed before); not pushed, so no "
+                           "earlier work is dropped", branch=self.branch)
         await push_fenced(self.area.repo, head, self.ref, self.pushed)
         self.pushed = head
         self.pushes += 1
@@ -86,8 +95,15 @@ class BranchAttempt:
                          cwd=self.path)
         return bool(diff.strip())
 
+    @property
+    def local_branch(self) -> str:
+        """The worktree's local branch: one per claim, so two attempts of a task in one
+        clone never share (and move) each other's branch."""
+        return local_branch(self.branch, self.epoch)
+
     async def close(self) -> None:
         await self.area.remove(self.path)
+        await git_status("branch", "-D", self.local_branch, cwd=self.area.repo)
 
 
 async def start_attempt(area: WorkArea, *, task_id: str, epoch: int, attempt: int,
@@ -111,11 +127,9 @@ async def start_attempt(area: WorkArea, *, task_id: str, epoch: int, attempt: in
         heads = await area.heads(base_ref, ref)
         base_head = heads[base_ref]
         if base_head is None:
-            from cflow.gitflow.git import GitError
-
             raise GitError(f"the remote has no branch {base!r}", base=base)
         previous = heads[ref]
-        path = await area.add(name, previous or base_head, branch=branch)
+        path = await area.add(name, previous or base_head, branch=local_branch(branch, epoch))
         try:
             await git("commit", "--quiet", "--allow-empty", "--no-verify", "-m",
                       f"cflow: {task_id} attempt {attempt} starts (epoch {epoch})",

@@ -198,7 +198,15 @@ class GitExecutor:
             return Outcome(ok=False, output=outcome.output, error=f"commit or push failed: {exc}")
         requested = False
         if outcome.ok and await branch.has_work():
-            priority = (await self.swarm.tasks.get(ctx.task_id)).priority
+            task = await self.swarm.tasks.get(ctx.task_id)
+            if task.status != "claimed" or task.epoch != ctx.epoch or task.owner != ctx.agent:
+                # Fenced off (the final checkpoint may not have touched the remote): a
+                # request now could strand the successor's; the fold ignores one that
+                # still slips in between this read and the append (older epoch).
+                return Outcome(ok=False, output=outcome.output,
+                               error=f"fenced off: the claim at epoch {ctx.epoch} is no "
+                               "longer held; no merge requested")
+            priority = task.priority
             await self.swarm.log.append(
                 ev.MergeRequested(task_id=ctx.task_id, epoch=ctx.epoch, branch=branch.branch,
                                   head=branch.pushed, target=self.base, priority=priority,

@@ -12,8 +12,11 @@ its message text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
+import signal
 from pathlib import Path
 
 from cflow.errors import CflowError, ConflictError
@@ -33,6 +36,12 @@ IDENTITY = {
     "GIT_COMMITTER_NAME": "cflow",
     "GIT_COMMITTER_EMAIL": "cflow@localhost",
 }
+
+
+NETWORK_VERBS = frozenset({"ls-remote", "fetch", "push", "clone"})
+NETWORK_TIMEOUT_S = 120.0  # a network git command that takes longer is killed
+
+_FENCED = re.compile(r"\[rejected\] \((stale info|fetch first|non-fast-forward)\)")
 
 
 class GitError(CflowError):
@@ -67,21 +76,42 @@ async def git(*args: str, cwd: Path | str | None = None, check: bool = True,
 
 
 async def git_status(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None,
-                     stdin: bytes | None = None) -> tuple[int, str, str]:
-    """Run git; returns (exit code, stdout, stderr), whatever the exit code."""
+                     stdin: bytes | None = None, timeout_s: float | None = None
+                     ) -> tuple[int, str, str]:
+    """Run git; returns (exit code, stdout, stderr), whatever the exit code.
+
+    Network verbs (``ls-remote``, ``fetch``, ``push``, ``clone``) get ``NETWORK_TIMEOUT_S``
+    unless ``timeout_s`` says otherwise. git runs in a process group of its own; on a
+    timeout or cancellation the whole group (ssh, credential helpers) is killed.
+
+    Raises:
+        GitError: the command timed out.
+    """
+    if timeout_s is None and args and args[0] in NETWORK_VERBS:
+        timeout_s = NETWORK_TIMEOUT_S
     full_env = {**os.environ, **_ENV, **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         "git", *args, cwd=str(cwd) if cwd is not None else None, env=full_env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
     try:
-        out, err = await proc.communicate(stdin)
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate(stdin)
+    except TimeoutError:
+        await _kill_group(proc)
+        raise GitError(f"git {args[0]} timed out after {timeout_s:g} s", command=list(args),
+                       timeout_s=timeout_s) from None
     except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await asyncio.shield(_kill_group(proc))
         raise
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 def git_error(args: tuple[str, ...], code: int, output: str) -> GitError:
@@ -108,13 +138,23 @@ async def push_fenced(repo: Path | str, commit: str, ref: str, expected: str | N
     code, out, err = await git_status(*args, cwd=repo)
     if code == 0:
         return
-    # Porcelain: one "<flag>\t<from>:<to>\t<summary>" line per ref; "!" = rejected.
+    # Porcelain: one "<flag>\t<from>:<to>\t<summary>" line per ref; "!" = rejected. Only
+    # git's own lease / fast-forward refusals are a fence; "[remote rejected] (pre-receive
+    # hook declined)" and the like are errors, reported with git's line.
     for line in out.splitlines():
         flag, _, rest = line.partition("\t")
-        if flag == "!" and ref in rest:
+        summary = rest.split("\t")[-1]
+        if flag == "!" and ref in rest and _FENCED.match(summary):
             raise PushRefused(f"push to {ref} refused: it is no longer at "
                               f"{(expected or 'absent')[:12]} ({rest.split(chr(9))[-1]})",
                               ref=ref, expected=expected)
+    refused = [line.split("\t")[-1] for line in out.splitlines() if line.startswith("!")]
+    said = [line.strip() for line in err.splitlines() if line.startswith("remote:")
+            and line[7:].strip()]
+    if refused:
+        raise GitError(f"git push to {ref} refused: {'; '.join(refused)}"
+                       + (f" ({said[-1]})" if said else ""), command=list(args),
+                       exit_code=code, output=(out + err)[-4000:])
     raise git_error(args, code, out + err)
 
 

@@ -17,15 +17,25 @@ A merger that loses its reservation stops before its next push.
 2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
    commit names the task); a conflict rejects it with the conflicted hunks;
 3. run the check command there; a red check rejects it with its output's tail;
-4. push the target *expecting the commit it merged onto* (never a blind force;
-   if the target moved meanwhile, start over from 1) and record ``Merged``.
+4. check the lease on the holder's clock, record the intent (``MergeStarted``,
+   fenced on the request's last sequence), check the clock again, push the target
+   *expecting the commit it merged onto* (never a blind force; if the target moved
+   meanwhile, start over from 1) and record ``Merged``. A merger paused past its
+   lease stops at a clock check; one paused between the intent and the push is
+   fenced out by its successor, which pushes the same merge (the intent's tree, its
+   check passed) onto the same target commit, so a stale push is refused by git.
 
-A rejection creates the task's next attempt first (idempotent: a new task that
-continues the branch, label ``cflow.branch``, with the rejection in its body and
-``cflow.rebase=1``, so its worktree merges the new target in and leaves the
-conflicts to resolve), then records ``MergeRejected`` naming it. Every verdict
-is appended with the request's last sequence as the expected one, so a request
-is decided once, whichever merger gets there first.
+A rejection first records ``MergeRejected`` naming the task's next attempt by
+an id derived from the request (its idempotency key), then creates that task (a
+new task that continues the branch, label ``cflow.branch``, with the rejection
+as a note and ``cflow.rebase=1``, so its worktree merges the new target in and
+leaves the conflicts to resolve). The retry exists only once the verdict is
+secured; a merger that dies in between leaves it to the next holder, which
+creates every missing retry at takeover. After ``max_rejections`` rejections of
+one chain (label ``cflow.origin``) no retry is made: the chain has failed, its
+merge gate (if any) is rejected with the last output. Every verdict is appended
+with the request's last sequence as the expected one, so a request is decided
+once, whichever merger gets there first.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,11 +58,15 @@ from cflow.errors import (
     InvalidState,
     NotFound,
     ReservationConflict,
+    ReservationLost,
     Unavailable,
 )
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
+from cflow.keepalive import Holding, check_deadline, kept_alive, renewal
+from cflow.lease_policy import LeasePolicy
+from cflow.leases import task_id_for_key
 from cflow.streams import StoredEvent, names
 
 if TYPE_CHECKING:
@@ -62,8 +76,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("cflow.merger")
 
 DEFAULT_LEASE_TTL_S = 10.0
+DEFAULT_MAX_REJECTIONS = 3  # rejections of one chain before it fails instead of retrying
 OUTPUT_CAP = 8 * 1024
 IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+GIT_FAILURES = 3  # git errors on one request (the remote reachable) before it is rejected
 
 
 def merger_path(target: str) -> str:
@@ -108,6 +124,8 @@ async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
         try:  # authoritative: the board may not have seen a retry created just now
             task = await swarm.tasks.get(follow_up)
         except NotFound:
+            if request.status == "rejected":
+                return False  # the verdict is recorded, its retry not created yet
             continue
         if not task.terminal:
             return False
@@ -115,6 +133,14 @@ async def settled(swarm: Swarm, queue: dict[str, MergeRequest]) -> bool:
                 and task.epoch == request.epoch:
             return False  # completed, not merged yet
     return True
+
+
+class _RequestGitError(Exception):
+    """git failed on this request's own work (the remote answered): counted per head."""
+
+    def __init__(self, error: GitError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -139,12 +165,14 @@ class Merger:
     def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
                  check: str | None = None, check_timeout_s: float = 600.0,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
+                 max_rejections: int = DEFAULT_MAX_REJECTIONS,
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.swarm = swarm
         self.target = target
         self.check_cmd = check
         self.check_timeout_s = check_timeout_s
         self.lease_ttl_s = lease_ttl_s
+        self.max_rejections = max(1, max_rejections)
         self.area = area or WorkArea(remote)
         self.stats = MergerStats()
         self.stopping = asyncio.Event()
@@ -154,6 +182,7 @@ class Merger:
         self.queue: dict[str, MergeRequest] = {}  # folded from the merge events as they come
         self._queue_caught_up = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._git_failures: dict[tuple[str, str], int] = {}  # (task, head) -> git errors
 
     def _emit(self, kind: str, text: str) -> None:
         log.info("%s: %s", kind, text)
@@ -191,14 +220,11 @@ class Merger:
                     reservation = await self._acquire()
                     if reservation is None:
                         break
-                    lost = asyncio.Event()
-                    async with self.swarm.reservations.keep_alive(
-                            reservation, interval_s=self.lease_ttl_s / 3,
-                            on_lost=self._lost_callback(lost)):
+                    async with self._kept(reservation) as held:
                         self.holding.set()
                         self._emit("holding", f"merge queue of {self.target!r}")
                         try:
-                            done = await self._drain(lost, until_idle=until_idle)
+                            done = await self._drain(held, until_idle=until_idle)
                         finally:
                             self.holding.clear()
                     if done:
@@ -207,7 +233,8 @@ class Merger:
                                 reservation.owner, reservation_id=reservation.id,
                                 reason="merger stopped")
                         break
-                    self._emit("lost", "the merge queue lease was lost; waiting to take it again")
+                    self._emit("lost", f"the merge queue lease was lost ({held.lost_reason}); "
+                               "waiting to take it again")
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -217,12 +244,22 @@ class Merger:
             self.area.close()
         return self.stats
 
-    def _lost_callback(self, lost: asyncio.Event) -> Callable[[Reservation], None]:
-        def on_lost(_: Reservation) -> None:
-            lost.set()
-            self._wake.set()
+    @contextlib.asynccontextmanager
+    async def _kept(self, reservation: Reservation) -> AsyncIterator[Holding]:
+        """Renew the queue's reservation while the block runs; the holder's clock is the
+        fence: :func:`check_deadline` on it says whether the queue may still be held."""
+        held = Holding(LeasePolicy(reservation.ttl_s), reservation.sent_mono or time.monotonic())
+        current = reservation
 
-        return on_lost
+        async def renew() -> None:
+            nonlocal current
+            current = await renewal(
+                held, lambda: self.swarm.reservations.renew(current.id, current.revision),
+                refused=(ReservationLost,))
+
+        async with kept_alive(held, renew, name=f"merge queue {self.target}",
+                              interval_s=self.lease_ttl_s / 3, on_lost=self._wake.set):
+            yield held
 
     async def _acquire(self) -> Reservation | None:
         waited = False
@@ -261,23 +298,32 @@ class Merger:
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
 
-    async def _drain(self, lost: asyncio.Event, *, until_idle: bool) -> bool:
+    async def _drain(self, held: Holding, *, until_idle: bool) -> bool:
         """Merge requests while holding the queue. True: stop for good; False: lease lost."""
         await self._caught_up()
         await self._open_gates()
+        await self._finish_rejections()
         while not self.stopping.is_set():
-            if lost.is_set():
+            if check_deadline(held):
                 return False
             self._wake.clear()
             request = await self._next()
             if request is not None:
                 try:
-                    await self.process(request, lost)
+                    await self.process(request, held)
+                except _RequestGitError as exc:  # a hook declined the push, a bad head, ...
+                    key = (request.task_id, request.head)
+                    self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
+                    if failures >= GIT_FAILURES:
+                        request = self.queue[request.task_id]  # its own intents since
+                        await self._reject(request, "git", f"{exc.error}\n"
+                                           f"{exc.error.facts.get('output', '')}")
+                        continue
+                    self._emit("git-error", f"{request.task_id}: {exc.error}; retrying in 1 s")
+                    await self._pause(1.0)
                 except GitError as exc:  # the remote unreachable, a broken clone, ...
                     self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await self.stopping.wait()
+                    await self._pause(1.0)
                 continue
             if until_idle and await self._idle():
                 return True
@@ -285,6 +331,11 @@ class Merger:
                 async with asyncio.timeout(IDLE_WAKE_S):
                     await self._wake.wait()
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
 
     async def _caught_up(self) -> None:
         """Until the queue is folded up to now; a watcher that died raises its error."""
@@ -319,11 +370,18 @@ class Merger:
 
     # -------------------------------------------------------------- one request
 
-    async def process(self, request: MergeRequest, lost: asyncio.Event) -> None:
-        """Merge one request or reject it (see the module doc)."""
+    async def process(self, request: MergeRequest, held: Holding) -> None:
+        """Merge one request or reject it (see the module doc).
+
+        Before the push the merger checks its holder clock and records the intent
+        (``MergeStarted``, fenced on the request's last sequence). A successor that
+        finds an intent onto the target's current commit merges the same head onto it
+        again and, the tree being the one whose check passed, pushes without deciding
+        anew: whichever push lands first moves the target, the other is refused.
+        """
         target_ref = f"refs/heads/{self.target}"
         branch_ref = f"refs/heads/{request.branch}"
-        while not lost.is_set():
+        while not check_deadline(held):
             heads = await self.area.heads(target_ref, branch_ref)
             before = heads[target_ref]
             if before is None:
@@ -337,15 +395,34 @@ class Merger:
                 await self._record_merged(request, before, before, None)
                 return
             path = await self.area.reuse("merge", before)  # one worktree, reset per request
-            verdict = await self._merge_and_check(request, path)
+            trusted = request.intent_tree if request.intent_previous == before else None
+            try:
+                verdict = await self._merge_and_check(request, path, trusted_tree=trusted)
+            except GitError as exc:
+                raise _RequestGitError(exc) from exc
             if isinstance(verdict, Refusal):
                 await self._reject(request, verdict.cause, verdict.output)
                 return
-            merged, check_s = verdict
-            if lost.is_set():
+            merged, tree, check_s = verdict
+            if check_deadline(held):
                 return  # fenced off before the push: the next holder redoes it
             try:
+                appended = await self.swarm.log.append(
+                    ev.MergeStarted(task_id=request.task_id, head=request.head,
+                                    target=self.target, previous=before, commit=merged,
+                                    tree=tree, merger=self.swarm.agent),
+                    request.task_id, expected=request.last_seq)
+            except ConcurrencyConflict:
+                await self._reread(request.task_id)  # another merger got there: look again
+                return
+            apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+            request = self.queue[request.task_id]
+            if check_deadline(held):
+                return  # the intent stands: the next holder pushes the same merge
+            try:
                 await push_fenced(self.area.repo, merged, target_ref, before)
+            except GitError as exc:
+                raise _RequestGitError(exc) from exc
             except PushRefused:
                 self._emit("retry", f"{self.target} moved during the merge of "
                            f"{request.task_id}; merging again")
@@ -353,9 +430,13 @@ class Merger:
             await self._record_merged(request, before, merged, check_s)
             return
 
-    async def _merge_and_check(self, request: MergeRequest, path: Path
-                               ) -> tuple[str, float | None] | Refusal:
-        """(merged commit, check seconds), or why the request is rejected."""
+    async def _merge_and_check(self, request: MergeRequest, path: Path, *,
+                               trusted_tree: str | None = None
+                               ) -> tuple[str, str, float | None] | Refusal:
+        """(merged commit, its tree, check seconds), or why the request is rejected.
+
+        The check is skipped when the merge's tree is ``trusted_tree`` (an intent's, whose
+        check passed)."""
         title = request.title or request.task_id
         code, out, err = await git_status(
             "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
@@ -371,14 +452,16 @@ class Merger:
                     f"{request.branch} into {self.target}\n{hunks}")
             return Refusal("conflict", text[:OUTPUT_CAP])
         merged = await git("rev-parse", "HEAD", cwd=path)
-        if not self.check_cmd:
-            return merged, None
+        tree = await git("rev-parse", "HEAD^{tree}", cwd=path)
+        if not self.check_cmd or tree == trusted_tree:
+            return merged, tree, None
         self._emit("check", f"{request.task_id}: {self.check_cmd}")
         started = time.monotonic()
-        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s)
+        ok, output = await _run_check(self.check_cmd, str(path), self.check_timeout_s,
+                                      self.area)
         if not ok:
             return Refusal("check", output[-OUTPUT_CAP:])
-        return merged, round(time.monotonic() - started, 3)
+        return merged, tree, round(time.monotonic() - started, 3)
 
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:
@@ -399,7 +482,19 @@ class Merger:
                    f"{after[:12]}")
 
     async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
-        retry = await self._reopen(request, cause, output)
+        """Record the verdict (fenced), then create the retry it names (or fail the chain)."""
+        retry: str | None = None
+        origin = request.origin or request.task_id
+        earlier = sum(1 for r in self.queue.values() if r.status == "rejected"
+                      and (r.origin or r.task_id) == origin and r.task_id != request.task_id)
+        if earlier + 1 >= self.max_rejections:
+            output = (f"{origin} failed: {earlier + 1} merges of its branch rejected "
+                      f"(--max-rejections {self.max_rejections}); no retry\n{output}"
+                      )[:OUTPUT_CAP]
+        else:
+            with contextlib.suppress(NotFound):
+                await self.swarm.tasks.get(request.task_id)  # a retry copies the task
+                retry = task_id_for_key(self.swarm.name, _retry_key(request))
         try:
             appended = await self.swarm.log.append(
                 ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
@@ -411,14 +506,40 @@ class Merger:
             await self._reread(request.task_id)
             return
         apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        decided = self.queue[request.task_id]
+        await self._finish_rejection(decided)
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
-        self._emit("rejected", f"{request.task_id}: {cause}: {first}; retry as {retry}")
+        self._emit("rejected", f"{request.task_id}: {cause}: {first}; "
+                   + (f"retry as {retry}" if retry else "the chain failed"))
+
+    async def _finish_rejection(self, request: MergeRequest) -> None:
+        """What a recorded rejection implies: its retry task, or the chain's gate rejected."""
+        if request.retry_task is not None:
+            await self._reopen(request)
+        else:
+            await self._reject_gate(request)
+
+    async def _finish_rejections(self) -> None:
+        """At takeover: retries (and failed chains' gates) a merger died before making."""
+        for request in list(self.queue.values()):
+            if request.status == "rejected" and request.target == self.target:
+                await self._finish_rejection(request)
+
+    async def _reject_gate(self, request: MergeRequest) -> None:
+        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
+                                                                  or request.task_id))
+        board = await self.swarm.tasks.ensure_board()
+        gate = board.get(gate_id)
+        if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return
+        first = request.output.strip().splitlines()[0] if request.output.strip() else ""
+        with contextlib.suppress(InvalidState, ConcurrencyConflict, NotFound):
+            await self.swarm.control.reject(gate_id, f"merge of {request.branch} failed: "
+                                            f"{request.cause}: {first}"[:500])
 
     async def _open_gate(self, request: MergeRequest) -> None:
         """Approve the merge gate of the request's task chain, if someone made one."""
-        from cflow.leases import task_id_for_key
-
         gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
                                                                   or request.task_id))
         board = await self.swarm.tasks.ensure_board()
@@ -441,26 +562,44 @@ class Merger:
         for item in await self.swarm.log.entity_events("merge", task_id):
             apply_merge(self.queue, item.seq, item.event, item.time_ms)
 
-    async def _reopen(self, request: MergeRequest, cause: str, output: str) -> str | None:
-        """The task's next attempt: a new task continuing its branch (idempotent)."""
+    async def _reopen(self, request: MergeRequest) -> None:
+        """Create the retry the rejection names (idempotent: its id is the key's), with the
+        rejection as a note; nothing when it exists with its note already."""
+        assert request.retry_task is not None
         try:
-            task = await self.swarm.tasks.get(request.task_id)
+            existing = await self.swarm.tasks.get(request.retry_task)
         except NotFound:
-            return None
-        origin = request.origin or request.task_id
-        labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
-                  "cflow.rebase": "1", "cflow.retry_of": request.task_id}
-        created = await self.swarm.tasks.create(
-            task.title, body=task.body, priority=task.priority, capabilities=task.capabilities,
-            parent_id=task.parent_id, lease_ttl_s=task.lease_ttl_s,
-            max_attempts=task.max_attempts, start_to_close_s=task.start_to_close_s,
-            labels=labels, idempotency_key=f"merge-retry-{request.task_id}-{request.head}")
+            existing = None
+        if existing is not None:
+            if existing.terminal:
+                return
+            notes = await self.swarm.log.entity_events("note", request.retry_task)
+            if any(isinstance(i.event.data, ev.TaskNoted) and i.event.data.artifact == "merge"
+                   for i in notes):
+                return
+        else:
+            try:
+                task = await self.swarm.tasks.get(request.task_id)
+            except NotFound:
+                return
+            origin = request.origin or request.task_id
+            labels = {**task.labels, "cflow.branch": request.branch, "cflow.origin": origin,
+                      "cflow.rebase": "1", "cflow.retry_of": request.task_id}
+            await self.swarm.tasks.create(
+                task.title, body=task.body, priority=task.priority,
+                capabilities=task.capabilities, parent_id=task.parent_id,
+                lease_ttl_s=task.lease_ttl_s, max_attempts=task.max_attempts,
+                start_to_close_s=task.start_to_close_s, labels=labels,
+                idempotency_key=_retry_key(request))
         # The body stays the task's (it may be a script); the rejection reaches the next
         # attempt as a note, in its CFLOW_PREVIOUS.
         await self.swarm.tasks.note(
-            created.task_id, f"merge of {request.branch} into {self.target} rejected "
-            f"({cause}):\n{output}", artifact="merge")
-        return created.task_id
+            request.retry_task, f"merge of {request.branch} into {self.target} rejected "
+            f"({request.cause}):\n{request.output}", artifact="merge")
+
+
+def _retry_key(request: MergeRequest) -> str:
+    return f"merge-retry-{request.task_id}-{request.head}"
 
 
 async def _has_commit(area: WorkArea, sha: str) -> bool:
@@ -473,27 +612,36 @@ async def _is_ancestor(area: WorkArea, sha: str, of: str) -> bool:
     return code == 0
 
 
-async def _run_check(command: str, cwd: str, timeout_s: float) -> tuple[bool, str]:
+async def _run_check(command: str, cwd: str, timeout_s: float, area: WorkArea
+                     ) -> tuple[bool, str]:
+    """Run the check in a process group of its own, recorded in the work area: a merger
+    that adopts the area after this one died kills what is left of it."""
     proc = await asyncio.create_subprocess_shell(
         command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "CFLOW_MERGE_CHECK": "1"})
+    area.record_group("check", proc.pid)
     try:
         async with asyncio.timeout(timeout_s):
             out, _ = await proc.communicate()
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await _kill_group(proc)
         return False, f"check timed out after {timeout_s:g} s: {command}"
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(_kill_group(proc))
         raise
+    finally:
+        area.forget_group("check")
     text = out.decode(errors="replace")
     if proc.returncode != 0:
         return False, f"check failed (exit {proc.returncode}): {command}\n{text}"
     return True, text
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 __all__ = [

@@ -1,8 +1,11 @@
 """The merge queue as a fold of the ``merge`` events (pure: no I/O).
 
 Each merge request is one entity, named by the task whose attempt asked for it:
-``MergeRequested`` (one per attempt that finished with changes; the latest wins),
-then at most one ``Merged`` or ``MergeRejected`` for the head it asked for. The
+``MergeRequested`` (one per attempt that finished with changes; a later claim's
+request replaces an earlier claim's while none is decided, a request of an older or
+the same claim, or one after the verdict, changes nothing: a fenced holder's late
+write can neither reopen a decided request nor overwrite its successor's), then at
+most one ``Merged`` or ``MergeRejected`` for the head it asked for. The
 merger writes its verdict with the entity's last sequence as the expected one,
 so two mergers can never both decide the same request. The queue order is
 priority (high first), then arrival (stream sequence).
@@ -39,6 +42,9 @@ class MergeRequest:
     commit: str | None = None
     merger: str | None = None
     retry_task: str | None = None
+    # the last MergeStarted intent: the target it was to be pushed onto, the merge's tree
+    intent_previous: str | None = None
+    intent_tree: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -60,11 +66,17 @@ def apply_merge(out: dict[str, MergeRequest], seq: int, event: ev.Event, at: int
     if old is not None and seq <= old.last_seq:
         return
     match data:
+        case ev.MergeRequested() if old is not None and (
+                old.status != "queued" or data.epoch <= old.epoch):
+            out[key] = replace(old, last_seq=seq)  # late: the verdict or the newer claim stands
         case ev.MergeRequested():
             out[key] = MergeRequest(
                 task_id=data.task_id, epoch=data.epoch, branch=data.branch, head=data.head,
                 target=data.target, priority=data.priority, title=data.title,
                 origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
+        case ev.MergeStarted() if old is not None:
+            out[key] = replace(old, last_seq=seq, intent_previous=data.previous,
+                               intent_tree=data.tree)
         case ev.Merged() if old is not None:
             out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
                                commit=data.commit, merger=data.merger)

@@ -19,10 +19,12 @@ serialised by an ``asyncio.Lock``; the work inside a worktree runs in parallel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 from typing import IO
@@ -80,9 +82,13 @@ class WorkArea:
         areas.mkdir(parents=True, exist_ok=True)
         adopted: Path | None = None
         for candidate in sorted(areas.iterdir()):
+            if not candidate.is_dir() or candidate.is_symlink():
+                continue  # a stray file: not an area, not ours to remove
             handle = _try_lock(candidate / "lock")
             if handle is None:
                 continue  # a live process owns it
+            killed = _kill_recorded_groups(candidate)  # e.g. a dead merger's check
+            self.cleaned.extend(f"process group {pgid}" for pgid in killed)
             if adopted is None and (candidate / "repo.git").is_dir():
                 adopted, self._lock_file = candidate, handle
                 for stale in (candidate / "worktrees").glob("*"):
@@ -106,6 +112,17 @@ class WorkArea:
             await git("remote", "set-url", "origin", self.remote, cwd=self.repo)
         await git("worktree", "prune", cwd=self.repo)
         return self
+
+    def record_group(self, name: str, pgid: int) -> None:
+        """Note a process group this area's owner started (killed when the area is adopted
+        after its owner died); :meth:`forget_group` once it ended."""
+        if self.path is None:
+            return
+        (self.path / f"{name}.pgid").write_text(f"{pgid} {_start_time(pgid) or ''}")
+
+    def forget_group(self, name: str) -> None:
+        if self.path is not None:
+            (self.path / f"{name}.pgid").unlink(missing_ok=True)
 
     def close(self) -> None:
         """Let go of the area (its lock); worktrees still in it are stale from now on."""
@@ -168,6 +185,30 @@ class WorkArea:
 def tracking(ref: str) -> str:
     """Where a remote ref is kept in the clone: refs/heads/x -> refs/remotes/origin/x."""
     return "refs/remotes/origin/" + ref.removeprefix("refs/heads/")
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc), None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _kill_recorded_groups(area: Path) -> list[int]:
+    """Kill the process groups a dead owner recorded, if their leader is still the same
+    process (same start time: a recycled pid is left alone)."""
+    killed = []
+    for record in area.glob("*.pgid"):
+        pgid_text, _, started = record.read_text().partition(" ")
+        with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+            pgid = int(pgid_text)
+            if started and _start_time(pgid) == started.strip():
+                os.killpg(pgid, signal.SIGKILL)
+                killed.append(pgid)
+        record.unlink(missing_ok=True)
+    return killed
 
 
 def _try_lock(path: Path) -> IO[str] | None:
