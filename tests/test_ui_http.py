@@ -569,3 +569,31 @@ async def test_log_in_with_a_nats_user_and_act_as_it(
         if proc is not None:
             stop(proc)
         server.stop()
+
+
+async def test_nats_down_is_a_one_line_503_without_a_traceback(
+        nats_url: str, console: Console) -> None:
+    """Whatever a read raises with NATS gone (raw client errors included), the page is a
+    one-line 503 and the console's stderr holds no traceback."""
+    from faults import Proxy
+
+    with Proxy(nats_url, name="ui-down") as proxy:
+        proc, info = start_ui({**console.env, "CFLOW_URL": proxy.url}, "--operator", "dan")
+        try:
+            async with httpx.AsyncClient(base_url=info["url"], timeout=30.0) as client:
+                proxy.down()
+                for path in ("/board", "/api/tasks", "/agents", "/memory?q=x", "/tasks/x"):
+                    r = await client.get(path)
+                    assert r.status_code == 503, (path, r.status_code, r.text[:300])
+                    if path.startswith("/api/"):
+                        assert r.json()["ok"] is False and "\n" not in r.json()["error"]
+                    else:
+                        assert '<p class="flash-msg err">' in r.text
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            finally:
+                stderr = proc.stderr.read() if proc.stderr is not None else ""
+                stop(proc)
+    assert "Traceback" not in stderr, stderr

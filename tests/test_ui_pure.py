@@ -124,3 +124,24 @@ def test_critical_path_of_the_remaining_work() -> None:
     assert critical_path(nodes, deps) == ["b", "c", "d"]
     assert critical_path([("a", "", "completed")], []) == []
     assert critical_path([("p", "", "ready"), ("q", "", "ready")], []) == ["p"]  # first made
+
+
+async def test_an_unexpected_exception_is_a_one_line_error_page(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A handler raising something that is no CflowError (here: the console has no
+    connection) answers one line, as a page and as JSON, and logs one line."""
+    import httpx
+
+    from cflow.ui.app import Console, create_app
+
+    app = create_app(Console(url="nats://x", swarm_name="s", access=Access("t", "op")))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as client:
+        page = await client.get("/board")
+        api = await client.get("/api/tasks")
+        events = await client.get("/events")
+    assert page.status_code == 500 and "internal error (AssertionError" in page.text
+    assert api.status_code == 500 and api.json()["error"].startswith("internal error")
+    assert events.status_code == 500
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from cflow.ui.live import LiveHub
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0
 # No framing by other sites, no inline or foreign scripts (htmx runs with eval off),
 # and the login link's token never leaves in a Referer.
@@ -152,6 +154,22 @@ def status_for(err: CflowError) -> int:
     return 500
 
 
+def as_cflow_error(exc: Exception) -> CflowError:
+    """Any exception a handler let through, as the error the page shows: a lost or slow
+    NATS (raw client errors, sockets, timeouts) is Unavailable; anything else is an
+    internal error whose one line names its type (the log has the same line)."""
+    import nats.errors
+
+    if isinstance(exc, CflowError):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, nats.errors.Error | OSError | TimeoutError):
+        return Unavailable(f"NATS unavailable ({type(exc).__name__}: {text}); "
+                           "the page retries")
+    return CflowError(f"internal error ({type(exc).__name__}: {text}); the console's "
+                      "log has the same line")
+
+
 def wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") and request.headers.get("hx-request") != "true"
 
@@ -236,9 +254,12 @@ def create_app(console: Console) -> Starlette:
         if wants_json(request):
             return JSONResponse({"ok": False, "code": err.code, "error": str(err)},
                                 status_code=code)
+        # control=None: the banner's read would fail the same way the page did.
         if request.headers.get("hx-request") == "true":
-            return await render(request, "flash.html", code, ok=False, message=str(err))
-        return await render(request, "error.html", code, message=str(err), code=code)
+            return await render(request, "flash.html", code, ok=False, message=str(err),
+                                control=None)
+        return await render(request, "error.html", code, message=str(err), code=code,
+                            control=None)
 
     class Guard:
         """Who may read, from which Host, and the security headers on every answer."""
@@ -275,13 +296,31 @@ def create_app(console: Console) -> Starlette:
             if refusal is not None:
                 await refusal(scope, receive, send_with_headers)
                 return
-            await self.app(scope, receive, send_with_headers)
+            started = False
+
+            async def send_tracked(message: Any) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send_with_headers(message)
+
+            try:
+                await self.app(scope, receive, send_tracked)
+            except Exception as exc:  # the catch-all: one log line, never a traceback
+                err = as_cflow_error(exc)
+                log.warning("%s %s: %s", request.method, path, err)
+                if started:  # a stream already under way: the client sees it end
+                    return
+                await (await error_response(request, err))(scope, receive, send_with_headers)
 
     def handles(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
             try:
                 return await fn(request)
             except CflowError as err:
+                return await error_response(request, err)
+            except Exception as exc:
+                err = as_cflow_error(exc)
+                log.warning("%s %s: %s", request.method, request.url.path, err)
                 return await error_response(request, err)
         wrapped.__name__ = fn.__name__
         return wrapped

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cflow.errors import CflowError, InvalidInput, LimitExceeded
+from cflow.errors import CflowError, InvalidInput, LimitExceeded, Unavailable
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -172,6 +172,10 @@ class Reads:
 
     async def _q(self, sql: str, params: list[Any] | None = None, *, limit: int = 1000,
                  seq: int | None = None) -> QueryResult:
+        nc = self.swarm.nc
+        if nc.is_reconnecting or nc.is_closed:  # fail now, not after the query's timeout
+            raise Unavailable("the console lost its NATS connection (reconnecting); "
+                              "the page retries")
         if seq:
             try:
                 return await self.client.query(sql, limit=limit, wait_for_seq=seq,

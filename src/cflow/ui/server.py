@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import socket
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import nats.errors
 
 from cflow.errors import CflowError, InvalidInput, Unavailable
 from cflow.ui.app import Console, create_app
@@ -16,6 +19,7 @@ from cflow.ui.auth import Access, listener_problem, operator_problem
 if TYPE_CHECKING:
     from cflow.server import RunningServer
 
+log = logging.getLogger(__name__)
 GRACEFUL_S = 1  # live pages hold their event streams open: do not wait for them
 
 
@@ -71,6 +75,7 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
 
     access = Access(token=token or new_token(), operator=operator, reads_need_token=auth)
     sock = _listen(host, port)
+    closing = False
     try:
         # Connected before uvicorn starts, so "NATS unreachable" is our one-line error.
         async with Swarm.connect(url, swarm=swarm, agent=access.actor, ensure=False) as facade:
@@ -81,7 +86,13 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
                                   reads=Reads(facade), hub=hub)
                 await _run(create_app(console), sock, on_ready)
             finally:
+                closing = True
                 await hub.stop()
+    except (OSError, nats.errors.Error) as exc:
+        if not closing:
+            raise
+        # Stopping with NATS gone: closing the connection fails; nothing is left to lose.
+        log.warning("console stopped; its NATS connection was already lost (%s)", exc)
     finally:
         sock.close()
 
