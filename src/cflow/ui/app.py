@@ -319,9 +319,9 @@ def create_app(console: Console) -> Starlette:
             except CflowError as err:
                 return await error_response(request, err)
             except Exception as exc:
-                err = as_cflow_error(exc)
-                log.warning("%s %s: %s", request.method, request.url.path, err)
-                return await error_response(request, err)
+                wrapped_err = as_cflow_error(exc)
+                log.warning("%s %s: %s", request.method, request.url.path, wrapped_err)
+                return await error_response(request, wrapped_err)
         wrapped.__name__ = fn.__name__
         return wrapped
 
