@@ -143,6 +143,33 @@ async def test_task_page_has_body_result_notes_and_timeline(
     assert (await http.get("/tasks/no-such-task")).status_code == 404
 
 
+XSS = "<img src=x onerror=alert(1)>"
+
+
+async def test_hostile_titles_notes_and_actors_are_escaped(
+        http: httpx.AsyncClient, facade: Swarm) -> None:
+    """A title, a note and an actor written as HTML reach every page as text."""
+    parent = await facade.tasks.create(f"parent {XSS}")
+    a = await facade.tasks.create(XSS, body=XSS, parent_id=parent.task_id)
+    b = await facade.tasks.create(f"b {XSS}", depends_on=[a.task_id],
+                                  parent_id=parent.task_id)
+    await facade.tasks.note(a.task_id, f"note {XSS}", actor=f"agent{XSS}")
+    await facade.tasks.cancel(b.task_id, f"why {XSS}", actor=f"agent{XSS}")
+    await projected(http, facade)
+    escaped = "&lt;img src=x onerror=alert(1)&gt;"
+    pages = {"board": await http.get("/board", params={"text": "onerror"}),
+             "task": await http.get(f"/tasks/{a.task_id}"),
+             "cancelled": await http.get(f"/tasks/{b.task_id}"),
+             "graph": await http.get("/graph", params={"parent": parent.task_id})}
+    for name, page in pages.items():
+        assert page.status_code == 200, name
+        assert "<img" not in page.text and "onerror=alert(1)>" not in page.text, name
+    assert escaped in pages["board"].text
+    assert f"note {escaped}" in pages["task"].text and f"agent{escaped}" in pages["task"].text
+    assert f"why {escaped}" in pages["cancelled"].text
+    assert "&lt;img src=x onerror=alert(1" in pages["graph"].text
+
+
 async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: Swarm) -> None:
     await facade.memory.put("conventions", "api-style", "snake_case everywhere", tags=["style"])
     await facade.messages.send("worker-7", "parser is in, rebase please")
