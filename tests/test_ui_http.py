@@ -512,32 +512,56 @@ async def test_live_updates_survive_a_dropped_nats_connection(
 
 
 async def test_requeue_survives_a_console_killed_mid_request(
-        second: Any, console: Console, facade: Swarm) -> None:
-    """kill -9 of the console while a requeue is in flight, then the operator retries
-    on another console: exactly one copy exists (its idempotency key names the task)."""
-    _, proc, info = second
+        nats_url: str, console: Console, facade: Swarm) -> None:
+    """kill -9 of the console after its requeue reached NATS but before the answer came
+    back (the proxy delays every byte); the operator retries on a restarted console:
+    exactly one copy exists in the event log (its idempotency key names the task)."""
+    from cflow.streams import names
+    from faults import Proxy
+
     victim = await facade.tasks.create("requeue under fire")
     await facade.tasks.cancel(victim.task_id, "test")
-    async with httpx.AsyncClient(base_url=info["url"], timeout=5.0) as other:
-        pending = asyncio.create_task(other.post(
-            f"/api/tasks/{victim.task_id}/requeue",
-            headers={"Authorization": f"Bearer {info['token']}"}))
-        await asyncio.sleep(0)  # the request is on its way
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        result = await asyncio.gather(pending, return_exceptions=True)
-    assert result  # answered before the kill, or the connection dropped: both are fine
-    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
-        for _ in range(2):  # the retried click, twice
-            r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
-            assert r.status_code == 200, r.text
-        await projected(http, facade)
-        copies = (await http.get("/api/tasks", params={
-            "label": f"requeued_from={victim.task_id}"})).json()
-    assert copies["total"] == 1
-    board = await facade.tasks.ensure_board()
-    assert [t.task_id for t in board.tasks.values()
-            if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]
+    created: asyncio.Queue[str] = asyncio.Queue()
+
+    async def seen(msg: Any) -> None:
+        if b"requeued_from" in msg.data and victim.task_id.encode() in msg.data:
+            created.put_nowait(msg.subject)
+
+    sub = await facade.nc.subscribe(names.events_filter(console.swarm, "task"), cb=seen)
+    env = {**console.env}
+    try:
+        with Proxy(nats_url, name="ui-requeue") as proxy:
+            proc, info = start_ui({**env, "CFLOW_URL": proxy.url}, "--operator", "erin")
+            try:
+                proxy.delay(500)  # each way: every NATS reply of this console comes 1 s later
+                async with httpx.AsyncClient(base_url=info["url"], timeout=30.0) as other:
+                    pending = asyncio.create_task(other.post(
+                        f"/api/tasks/{victim.task_id}/requeue", headers={
+                            "Authorization": f"Bearer {info['token']}"}))
+                    # The TaskCreated is stored; its ack is still half a second away.
+                    await asyncio.wait_for(created.get(), 20.0)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    with pytest.raises(httpx.TransportError):
+                        await pending  # the console died before it answered
+            finally:
+                stop(proc)
+        proc, info = start_ui(env, "--operator", "erin")  # the restarted console
+        try:
+            async with httpx.AsyncClient(base_url=info["url"], timeout=15.0) as http:
+                for _ in range(2):  # the retried click, twice
+                    r = await http.post(f"/api/tasks/{victim.task_id}/requeue",
+                                        headers={"Authorization": f"Bearer {info['token']}"})
+                    assert r.status_code == 200, r.text
+        finally:
+            stop(proc)
+    finally:
+        await sub.unsubscribe()
+    copies = [i for i in await facade.log.read(names.events_filter(console.swarm, "task"))
+              if getattr(i, "event", None) is not None and i.event.type == "TaskCreated"
+              and i.event.data.labels.get("requeued_from") == victim.task_id]
+    assert len(copies) == 1
+    assert copies[0].event.actor == "ui:erin"
 
 
 async def test_log_in_with_a_nats_user_and_act_as_it(
