@@ -420,10 +420,17 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
 
 async def test_agents_page_shows_presence_held_tasks_and_utilisation(
         nats_url: str, http: httpx.AsyncClient, console: Console, facade: Swarm) -> None:
-    await facade.agents.register("ui-ghost", ["go"])  # said hello, no presence key: dead
+    await facade.agents.register("ui-ghost", ["go"])  # said hello, no presence key, no lease
     async with Swarm.connect(nats_url, swarm=console.swarm, agent="ui-worker") as worker:
         agent = await worker.agents.register("ui-worker", ["ui-agents"])
-        async with agent.present():
+        asking = await worker.agents.register("ui-asking", [])
+        ci = await worker.agents.register("ui-ci", [])
+        async with agent.present(), asking.present(), ci.present():
+            # As the Claude Code hooks record a permission prompt (cflow.hooks.WAITING).
+            await worker.agents.set_status("ui-asking", "busy",
+                                           reason="waiting on a human: Bash(rm -rf build)")
+            await worker.agents.set_status("ui-ci", "online", reason="waiting for CI",
+                                           force=True)
             task = await facade.tasks.create("held by ui-worker", capabilities=["ui-agents"],
                                              priority=1000)  # before the others ready here
             lease = await worker.tasks.claim(capabilities=["ui-agents"], wait=5)
@@ -433,8 +440,11 @@ async def test_agents_page_shows_presence_held_tasks_and_utilisation(
             assert agents["ui-worker"]["status"] == "working"
             assert agents["ui-worker"]["held"] == [task.task_id]
             assert agents["ui-worker"]["capabilities"] == ["ui-agents"]
-            assert agents["ui-ghost"]["status"] == "dead"
+            assert agents["ui-ghost"]["status"] == "offline"  # `cfctl agents` says so too
+            assert agents["ui-asking"]["status"] == "waiting_on_human"
+            assert agents["ui-ci"]["status"] == "idle"  # it waits, but not on a human
             page = await http.get("/agents")
+            assert ">waiting on a human<" in page.text
             assert 'data-agent="ui-worker"' in page.text and task.task_id in page.text
             await lease.complete("ok")
     await projected(http, facade)

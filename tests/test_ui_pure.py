@@ -1,4 +1,4 @@
-"""The console's pure parts: DAG layout, presence states, board filters, access rules."""
+"""The console's pure parts: DAG layout, board filters, access rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cflow.errors import InvalidInput
 from cflow.ui.auth import Access, listener_problem, operator_problem
 from cflow.ui.graph import NODE_H, NODE_W, layers, layout
-from cflow.ui.reads import BoardFilter, presence_state
+from cflow.ui.reads import BoardFilter
 
 
 @st.composite
@@ -49,21 +49,6 @@ def test_layers_are_longest_paths_and_the_critical_path_is_marked() -> None:
     assert {n.id for n in lay.nodes if n.critical} == {"a", "b", "c"}
     assert {(e.src, e.dst) for e in lay.edges if e.critical} == {("a", "b"), ("b", "c")}
     assert layers(["x", "y"], [("x", "y"), ("y", "x")]) == {"x": 0, "y": 0}  # a cycle
-
-
-@pytest.mark.parametrize(("status", "present", "reason", "holds", "shown"), [
-    ("offline", False, "", False, "offline"),
-    ("offline", True, "", False, "offline"),
-    ("online", False, "", False, "dead"),
-    ("busy", False, "", True, "dead"),
-    ("busy", True, "", False, "working"),
-    ("idle", True, "", True, "working"),
-    ("idle", True, "waiting for permission", False, "waiting"),
-    ("online", True, "present", False, "idle"),
-])
-def test_presence_states(status: str, present: bool, reason: str, holds: bool,
-                         shown: str) -> None:
-    assert presence_state(status, present=present, reason=reason, holds=holds) == shown
 
 
 def test_board_filter_keeps_browser_values_out_of_the_sql() -> None:

@@ -138,27 +138,10 @@ class Board:
                 "checkpoint": self.checkpoint}
 
 
-PRESENCE_STATES = ("working", "waiting", "idle", "offline", "dead")
+def _presence_state(info: Any, holds: bool) -> str:
+    from cflow.agents import presence_state
 
-
-def presence_state(status: str, *, present: bool, reason: str = "", holds: bool = False) -> str:
-    """What the Agents page calls an agent (pure).
-
-    cflow records online / idle / busy / offline and a live presence key; the page
-    shows working (busy, or holding a claim), waiting (its last status change says
-    it waits, e.g. for a human's permission), idle, offline (it said goodbye or
-    its absence was recorded) and dead (it never said goodbye, but its presence
-    key expired).
-    """
-    if status == "offline":
-        return "offline"
-    if not present:
-        return "dead"
-    if "waiting" in reason.lower():
-        return "waiting"
-    if status == "busy" or holds:
-        return "working"
-    return "idle"
+    return presence_state(info, holds)
 
 
 class Reads:
@@ -323,9 +306,10 @@ class Reads:
         for r in rows.dicts():
             info = live.get(r["agent_id"])
             held_ids = by_held.get(r["agent_id"], [])
-            status = presence_state(info.status if info else (r["status"] or "offline"),
-                                    present=info.present if info else False,
-                                    reason=info.reason if info else "", holds=bool(held_ids))
+            # The one definition `cfctl agents` uses: waiting on a human is what a Claude
+            # Code session's hooks record, not any reason that mentions waiting.
+            status = (_presence_state(info, bool(held_ids)) if info is not None
+                      else "dead" if held_ids else "offline")
             u = by_util.get(r["agent_id"], {})
             out.append({**r, "status": status, "held": held_ids,
                         "utilisation": u.get("utilisation"), "busy_s": u.get("busy_s"),
@@ -380,5 +364,4 @@ class Reads:
         return {"rows": rows.dicts(), "inboxes": inboxes.dicts()}
 
 
-__all__ = ["PAGE_SIZE", "PRESENCE_STATES", "STATUS_ORDER", "Board", "BoardFilter", "Reads",
-           "presence_state"]
+__all__ = ["PAGE_SIZE", "STATUS_ORDER", "Board", "BoardFilter", "Reads"]
