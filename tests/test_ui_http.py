@@ -170,6 +170,45 @@ async def test_hostile_titles_notes_and_actors_are_escaped(
     assert "&lt;img src=x onerror=alert(1" in pages["graph"].text
 
 
+async def test_relayed_permission_prompts_are_listed_and_answered(
+        nats_url: str, http: httpx.AsyncClient, console: Console) -> None:
+    """A prompt relayed as a Claude Code session's channel does it is listed; allow and
+    deny need the token, reach the session's inbox as the decision, and name the operator."""
+    from cflow.mcp.channel import PERMISSION_TOPIC, parse_decision, request_text
+
+    rid = uuid.uuid4().hex[:8]
+    async with Swarm.connect(nats_url, swarm=console.swarm, agent="perm-agent") as session:
+        for n in ("1", "2"):
+            await session.messages.send(None, request_text("perm-agent", {
+                "request_id": rid + n, "tool_name": "Bash", "description": f"run <b>{n}</b>",
+                "input_preview": "{}"}), topic=PERMISSION_TOPIC, importance="high",
+                ack_required=True)
+        listed = {p["id"]: p for p in (await http.get("/api/permissions")).json()}
+        assert {rid + "1", rid + "2"} <= set(listed)
+        assert listed[rid + "1"]["agent"] == "perm-agent"
+        page = await http.get("/agents")
+        assert f'data-permission="{rid}1"' in page.text and "run &lt;b&gt;1" in page.text
+
+        refused = await http.post(f"/api/permissions/{rid}1/allow")
+        assert refused.status_code == 401
+        r = await http.post(f"/api/permissions/{rid}1/allow", headers=console.auth)
+        assert r.status_code == 200 and r.json()["actor"] == f"ui:{OPERATOR}"
+        r = await http.post(f"/api/permissions/{rid}2/deny", headers=console.auth)
+        assert r.status_code == 200 and r.json()["behavior"] == "deny"
+        again = await http.post(f"/api/permissions/{rid}2/deny", headers=console.auth)
+        assert again.status_code == 404 and again.json()["code"] == "NOT_FOUND"
+        assert (await http.post(f"/api/permissions/{rid}1/maybe",
+                                headers=console.auth)).status_code == 404
+        left = {p["id"] for p in (await http.get("/api/permissions")).json()}
+        assert not {rid + "1", rid + "2"} & left
+        sent = [i.event for i in await session.log.read()
+                if getattr(i, "event", None) is not None and i.event.type == "MessageSent"
+                and i.event.data.to == "perm-agent"]
+        decisions = {parse_decision(e.data.text): e.actor for e in sent}
+        assert decisions == {("allow", rid + "1"): f"ui:{OPERATOR}",
+                             ("deny", rid + "2"): f"ui:{OPERATOR}"}
+
+
 async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: Swarm) -> None:
     await facade.memory.put("conventions", "api-style", "snake_case everywhere", tags=["style"])
     await facade.messages.send("worker-7", "parser is in, rebase please")

@@ -449,9 +449,20 @@ def create_app(console: Console) -> Starlette:
         return JSONResponse({**g, "width": lay.width, "height": lay.height,
                              "positions": {n.id: [n.x, n.y] for n in lay.nodes}})
 
+    async def _permissions() -> list[dict[str, Any]]:
+        # The same code as `cfctl permissions list`: relayed prompts nobody answered yet.
+        from cflow.cli.mcp_cmds import pending_permissions
+
+        found: list[dict[str, Any]] = await pending_permissions(console.s)
+        return found
+
     async def agents_page(request: Request) -> Response:
         template = "agents_body.html" if request.query_params.get("part") else "agents.html"
-        return await render(request, template, agents=await console.r.agents(seq=seq_of(request)))
+        return await render(request, template, agents=await console.r.agents(seq=seq_of(request)),
+                            permissions=await _permissions())
+
+    async def api_permissions(request: Request) -> Response:
+        return JSONResponse(await _permissions(), headers={"cache-control": "no-store"})
 
     async def api_agents(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await console.r.agents(), default=str)))
@@ -598,6 +609,17 @@ def create_app(console: Console) -> Starlette:
         return (f"task {task_id} requeued by {who} as {new.task_id}",
                 {"task": new.to_dict(), "requeued_from": task_id})
 
+    async def permission_answer(request: Request, f: dict[str, str]
+                                ) -> tuple[str, dict[str, Any]]:
+        from cflow.cli.mcp_cmds import answer_permission
+
+        who = actor_of(request)
+        request_id, verb = request.path_params["request_id"], request.path_params["verb"]
+        if verb not in ("allow", "deny"):
+            raise NotFound("permission answer", verb)
+        out = await answer_permission(console.s, request_id, verb, actor=who)
+        return f"{verb} sent to {out['agent']} for {request_id} by {who}", out
+
     get = ["GET"]
     post = ["POST"]
     routes = [
@@ -633,6 +655,8 @@ def create_app(console: Console) -> Starlette:
         Route("/api/gates/{task_id}/{verb}", writes(gate_decide), methods=post),
         Route("/api/tasks/{task_id}/cancel", writes(task_cancel), methods=post),
         Route("/api/tasks/{task_id}/requeue", writes(task_requeue), methods=post),
+        Route("/api/permissions", handles(api_permissions), methods=get),
+        Route("/api/permissions/{request_id}/{verb}", writes(permission_answer), methods=post),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Guard)])
