@@ -209,6 +209,31 @@ async def test_relayed_permission_prompts_are_listed_and_answered(
                              ("deny", rid + "2"): f"ui:{OPERATOR}"}
 
 
+async def test_analytics_shows_merge_lead_time_and_rejections(
+        http: httpx.AsyncClient, facade: Swarm) -> None:
+    """From the merge events, through the gitflow report's SQL; "no merges yet" before."""
+    from cflow import events as ev
+
+    await projected(http, facade)
+    assert (await http.get("/api/analytics")).json()["merges"] is None
+    assert "no merges yet" in (await http.get("/analytics")).text
+    ok, bad = (await facade.tasks.create("merge ok"), await facade.tasks.create("merge bad"))
+    for t in (ok, bad):
+        await facade.log.append(ev.MergeRequested(task_id=t.task_id, epoch=1, branch="b",
+                                                  head="h1"), t.task_id)
+    await facade.log.append(ev.Merged(task_id=ok.task_id, head="h1", target="main",
+                                      previous="p", commit="c", merger="m"), ok.task_id)
+    await facade.log.append(ev.MergeRejected(task_id=bad.task_id, head="h1", target="main",
+                                             cause="conflict"), bad.task_id)
+    await projected(http, facade)
+    m = (await http.get("/api/analytics")).json()["merges"]
+    assert (m["requests"], m["merged"], m["rejected"]) == (2, 1, 1)
+    assert m["rejection_rate"] == 0.5 and m["causes"] == "conflict=1"
+    assert m["lead_time_median_s"] is not None and m["lead_time_median_s"] >= 0
+    page = (await http.get("/analytics")).text
+    assert "no merges yet" not in page and "50.0%" in page and "conflict=1" in page
+
+
 async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: Swarm) -> None:
     await facade.memory.put("conventions", "api-style", "snake_case everywhere", tags=["style"])
     await facade.messages.send("worker-7", "parser is in, rebase please")

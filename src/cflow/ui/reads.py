@@ -333,7 +333,11 @@ class Reads:
         attempts = await self._q("SELECT * FROM attempt_stats")
         failures = await self._q("SELECT * FROM failure_stats")
         errors = await self._q("SELECT * FROM top_errors LIMIT 10")
-        return {"throughput": list(reversed(throughput.dicts())),
+        from cflow.gitflow.report import MERGES_SQL  # the figures `cfctl report merges` shows
+
+        merges = (await self._q(MERGES_SQL)).dicts()
+        return {"merges": merges[0] if merges and merges[0]["requests"] else None,
+                "throughput": list(reversed(throughput.dicts())),
                 "per_minute": minutes.dicts(),
                 "latency": latency.dicts(),
                 "attempts": (attempts.dicts() or [{}])[0],
