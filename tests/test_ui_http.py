@@ -684,6 +684,16 @@ async def test_log_in_with_a_nats_user_and_act_as_it(
                 paused = [i for i in history if getattr(i, "event", None) is not None
                           and i.event.type == "SwarmPaused"]
                 assert paused[-1].event.actor == f"nats:{agent.name}"
+                gone = await s.tasks.create("requeued by a NATS user")
+                await s.tasks.cancel(gone.task_id, "test")
+                r = await client.post(f"/api/tasks/{gone.task_id}/requeue",
+                                      headers={"HX-Request": "true"})
+                assert r.status_code == 200, r.text
+                created = [i.event for i in await s.log.read()
+                           if getattr(i, "event", None) is not None
+                           and i.event.type == "TaskCreated"
+                           and i.event.data.labels.get("requeued_from") == gone.task_id]
+                assert [e.actor for e in created] == [f"nats:{agent.name}"]
                 sid = client.cookies["cflow_ui_session"]
                 assert (await client.post("/logout")).status_code == 303
                 client.cookies.clear()
