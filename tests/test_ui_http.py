@@ -732,3 +732,23 @@ async def test_nats_down_is_a_one_line_503_without_a_traceback(
                 stderr = proc.stderr.read() if proc.stderr is not None else ""
                 stop(proc)
     assert "Traceback" not in stderr, stderr
+
+
+async def test_live_hub_start_with_nats_silent_is_unavailable(
+        nats_url: str, console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS accepts bytes but never answers while the console starts: one Unavailable,
+    not a bare TimeoutError."""
+    from cflow.errors import Unavailable
+    from cflow.ui import live
+    from faults import Proxy
+
+    monkeypatch.setattr(live, "START_TIMEOUT_S", 1.0)
+    with Proxy(nats_url, name="ui-silent") as proxy:
+        async with Swarm.connect(proxy.url, swarm=console.swarm, agent="ui-hub",
+                                 ensure=False) as s:
+            proxy.blackhole()
+            hub = live.LiveHub(s)
+            with pytest.raises(Unavailable, match="could not follow the swarm's events"):
+                await hub.start()
+            assert hub._task is None
+            proxy.heal()

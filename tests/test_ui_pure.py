@@ -130,3 +130,23 @@ async def test_an_unexpected_exception_is_a_one_line_error_page(
     assert events.status_code == 500
     assert all("\n" not in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_board_text_filter_matches_percent_and_underscore_literally() -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE tasks (task_id TEXT, title TEXT, body TEXT)")
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [
+        ("t1", "100% done", ""), ("t2", "1000 done", ""), ("t3", "snake_case", ""),
+        ("t4", "snakeXcase", ""), ("t5", r"back\slash", "")])
+
+    def found(text: str) -> list[str]:
+        where, args = BoardFilter.parse({"text": text}).where(with_status=False)
+        return [r[0] for r in con.execute(f"SELECT task_id FROM tasks{where} ORDER BY 1",
+                                          args).fetchall()]
+
+    assert found("100%") == ["t1"]
+    assert found("e_c") == ["t3"]
+    assert found("k\\s") == ["t5"]
+    assert found("done") == ["t1", "t2"]

@@ -105,9 +105,12 @@ class BoardFilter:
             clauses.append("parent_id = ?")
             args.append(self.parent)
         if self.text:
-            clauses.append("(task_id ILIKE ? OR title ILIKE ? OR body ILIKE ?)")
-            pattern = f"%{self.text}%"
-            args += [f"{self.text}%", pattern, pattern]
+            clauses.append("(task_id ILIKE ? ESCAPE '\\' OR title ILIKE ? ESCAPE '\\' "
+                           "OR body ILIKE ? ESCAPE '\\')")
+            # The text is literal: a % or _ typed in the filter matches itself.
+            text = (self.text.replace("\\", "\\\\").replace("%", "\\%")
+                    .replace("_", "\\_"))
+            args += [f"{text}%", f"%{text}%", f"%{text}%"]
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     def query_string(self, **changes: Any) -> str:
