@@ -79,7 +79,7 @@ class LiveHub:
         while True:
             caught_up = asyncio.Event()
             waiter = asyncio.create_task(caught_up.wait())
-            waiter.add_done_callback(lambda w: w.cancelled() or self.ready.set())
+            waiter.add_done_callback(self._caught_up)
             try:
                 async for item in self.swarm.log.follow(start_seq=start, caught_up=caught_up):
                     start = item.seq + 1
@@ -93,6 +93,10 @@ class LiveHub:
                 await asyncio.sleep(1.0)
             finally:
                 waiter.cancel()  # one waiter per follow, never one left behind per restart
+
+    def _caught_up(self, waiter: asyncio.Task[bool]) -> None:
+        if not waiter.cancelled():
+            self.ready.set()
 
     def _publish(self, seq: int, etype: str) -> None:
         self.seq = max(self.seq, seq)
