@@ -302,8 +302,12 @@ async def test_writes_need_the_token_and_name_the_operator(
         r = await http.post("/api/swarm/pause", data={"reason": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"
     # The login cookie alone is not enough for a write: it must come from the page (htmx).
-    cookie = {"Cookie": f"cflow_ui={console.token}"}
+    cookie = await session_cookie(console)
     r = await http.post("/api/swarm/pause", headers=cookie)
+    assert r.status_code == 401
+    # The raw token as a cookie is no session (the cookie holds a random id).
+    r = await http.post("/api/swarm/pause", headers={"Cookie": f"cflow_ui={console.token}",
+                                                     "HX-Request": "true"})
     assert r.status_code == 401
     assert await facade.log.stream_last_seq() == before  # nothing was written
     assert (await facade.control.state())["mode"] == "running"
@@ -336,14 +340,16 @@ async def test_no_write_endpoint_acts_without_the_token(
     task = await facade.tasks.create("untouched task")
     done = await facade.tasks.create("untouched cancelled task")
     await facade.tasks.cancel(done.task_id)
+    cookie = await session_cookie(console)
     before = await facade.log.stream_last_seq()
     paths = ["/api/swarm/pause", "/api/swarm/resume", "/api/swarm/stop",
              f"/api/gates/{gate.task_id}/approve", f"/api/gates/{gate.task_id}/reject",
              f"/api/tasks/{task.task_id}/cancel", f"/api/tasks/{done.task_id}/requeue"]
     for path in paths:
         for headers in ({}, {"Authorization": "Bearer nope"},
-                        {"Cookie": f"cflow_ui={console.token}"},  # cookie without HX-Request
-                        {"Cookie": "cflow_ui=nope", "HX-Request": "true"}):
+                        cookie,  # the session cookie without HX-Request
+                        {"Cookie": f"cflow_ui={console.token}", "HX-Request": "true"},
+                        {"Cookie": "cflow_ui_session=nope", "HX-Request": "true"}):
             r = await http.post(path, headers=headers, data={"now": "1"})
             assert r.status_code == 401, (path, headers, r.text)
         assert (await http.get(path)).status_code == 405  # reads never act
@@ -352,14 +358,29 @@ async def test_no_write_endpoint_acts_without_the_token(
     assert (await facade.tasks.get(task.task_id)).status == "ready"
 
 
+async def session_cookie(console: Console) -> dict[str, str]:
+    """Log in with the token, as the /login#token=... page posts it; the Cookie header."""
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as client:
+        r = await client.post("/login", data={"token": console.token})
+        assert r.status_code == 303, r.text
+        return {"Cookie": f"cflow_ui_session={client.cookies['cflow_ui_session']}"}
+
+
 async def test_login_sets_the_cookie_and_refuses_a_wrong_token(
         http: httpx.AsyncClient, console: Console) -> None:
-    bad = await http.get("/login", params={"token": "nope"})
+    assert console.login.endswith(f"/login#token={console.token}")  # never sent in a URL
+    in_url = await http.get("/login", params={"token": console.token})
+    assert in_url.status_code == 400 and "set-cookie" not in in_url.headers
+    bad = await http.post("/login", data={"token": "nope"})
     assert bad.status_code == 401 and "cflow_ui" not in bad.headers.get("set-cookie", "")
-    good = await http.get("/login", params={"token": console.token, "next": "//evil.example"})
+    good = await http.post("/login", data={"token": console.token, "next": "//evil.example"})
     assert good.status_code == 303 and good.headers["location"] == "/board"
-    assert "cflow_ui=" in good.headers["set-cookie"] and "HttpOnly" in good.headers["set-cookie"]
-    page = await http.get("/board", headers={"Cookie": f"cflow_ui={console.token}"})
+    set_cookie = good.headers["set-cookie"]
+    assert "cflow_ui_session=" in set_cookie and "HttpOnly" in set_cookie
+    assert "Max-Age=28800" in set_cookie and console.token not in set_cookie
+    sid = http.cookies["cflow_ui_session"]
+    http.cookies.clear()
+    page = await http.get("/board", headers={"Cookie": f"cflow_ui_session={sid}"})
     assert f"acting as <b>ui:{OPERATOR}</b>" in page.text
     http.cookies.clear()  # the jar kept the login's cookie
     assert "read-only" in (await http.get("/board")).text
@@ -433,7 +454,7 @@ async def test_live_events_stream_reports_a_new_task(http: httpx.AsyncClient,
     assert f'data-task="{task.task_id}"' in rows.text
 
 
-def test_non_loopback_needs_auth(console: Console) -> None:
+def test_non_loopback_needs_auth_and_tls(console: Console) -> None:
     done = subprocess.run(cfctl("ui", "--listen", "0.0.0.0", "--port", "0"),
                           env=console.env, capture_output=True, text=True, timeout=30,
                           check=False)
@@ -441,6 +462,11 @@ def test_non_loopback_needs_auth(console: Console) -> None:
     assert done.stderr.strip() == ("error: refusing to serve the console on 0.0.0.0 without "
                                    "auth: pass --auth (every page then needs the token) or "
                                    "listen on 127.0.0.1")
+    plain = subprocess.run(cfctl("ui", "--listen", "0.0.0.0", "--port", "0", "--auth"),
+                           env=console.env, capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
+    assert "over plain HTTP" in plain.stderr and "--behind-tls-proxy" in plain.stderr
 
 
 def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
@@ -460,7 +486,7 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
     try:
         line = first_line(proc, "stderr", 60.0, "console at")
         found = re.search(r"console at (http://127\.0\.0\.1:\d+)", line)
-        assert found is not None and "login?token=up-token" in line
+        assert found is not None and "login#token=up-token" in line
         base = found.group(1)
         with httpx.Client(base_url=base, timeout=15.0) as client:
             assert client.get("/healthz").json()["swarm"] == "upui"
@@ -545,7 +571,7 @@ async def test_with_auth_every_page_needs_the_token(second: Any) -> None:
         ok = await client.get("/api/tasks", headers={
             "Authorization": f"Bearer {info['token']}"})
         assert ok.status_code == 200
-        login = await client.get("/login", params={"token": info["token"]})
+        login = await client.post("/login", data={"token": info["token"]})
         assert login.status_code == 303
         assert (await client.get("/board")).status_code == 200  # the cookie now
 
@@ -752,3 +778,30 @@ async def test_live_hub_start_with_nats_silent_is_unavailable(
                 await hub.start()
             assert hub._task is None
             proxy.heal()
+
+
+async def test_console_serves_https_with_a_certificate(
+        console: Console, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: HTTPS, and the login cookie is Secure."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    proc, info = start_ui(console.env, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert info["url"].startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        async with httpx.AsyncClient(base_url=info["url"], verify=context,
+                                     timeout=15.0) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            login = await client.post("/login", data={"token": info["token"]})
+            assert login.status_code == 303
+            assert "secure" in login.headers["set-cookie"].lower()
+    finally:
+        stop(proc)

@@ -72,9 +72,12 @@ def test_access_rules() -> None:
     assert access.may_read({}, {})
     assert access.write_refusal({"authorization": "Bearer s3cret"}, {}) is None
     assert access.write_refusal({"authorization": "Bearer nope"}, {}) is not None
-    assert access.write_refusal({}, {"cflow_ui": "s3cret"}) is not None  # no HX-Request
-    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is None
-    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": ""}) is not None
+    # The cookie holds a session id, never the token itself.
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is not None
+    mine = {"cflow_ui_session": access.open_session()}
+    assert access.write_refusal({}, mine) is not None  # no HX-Request
+    assert access.write_refusal({"hx-request": "true"}, mine) is None
+    assert access.identity({}, mine) == "ui:dana"
     sid = access.open_session("alpha.w1")
     session = {"cflow_ui_session": sid}
     assert access.identity({}, session) == "nats:alpha.w1"
@@ -83,7 +86,8 @@ def test_access_rules() -> None:
     assert access.write_refusal({}, session) is not None  # no HX-Request
     assert access.write_refusal({"hx-request": "true"}, {"cflow_ui_session": "forged"})
     locked = Access(token="s3cret", operator="dana", reads_need_token=True)
-    assert not locked.may_read({}, {}) and locked.may_read({}, {"cflow_ui": "s3cret"})
+    assert not locked.may_read({}, {}) and locked.may_read({}, {
+        "cflow_ui_session": locked.open_session()})
     for host in ("127.0.0.1:8700", "localhost:8700", "[::1]:8700", "127.0.0.1", "LOCALHOST"):
         assert access.host_allowed(host), host
     for host in ("evil.example:8700", "127.0.0.1.evil.example", "", "10.0.0.5:8700"):
@@ -94,7 +98,8 @@ def test_access_rules() -> None:
     assert operator_problem("") is not None
     assert listener_problem("127.0.0.1", False) is None
     assert listener_problem("::1", False) is None
-    assert listener_problem("0.0.0.0", True) is None
+    assert listener_problem("0.0.0.0", True, tls=True) is None
+    assert "over plain HTTP" in (listener_problem("0.0.0.0", True) or "")
     assert "without auth" in (listener_problem("10.0.0.5", False) or "")
 
 
@@ -150,3 +155,19 @@ def test_board_text_filter_matches_percent_and_underscore_literally() -> None:
     assert found("e_c") == ["t3"]
     assert found("k\\s") == ["t5"]
     assert found("done") == ["t1", "t2"]
+
+
+def test_sessions_expire_and_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from cflow.ui import auth
+
+    access = Access(token="s3cret", operator="dana")
+    first = {"cflow_ui_session": access.open_session()}
+    monkeypatch.setattr(auth, "MAX_SESSIONS", 3)
+    later = [{"cflow_ui_session": access.open_session()} for _ in range(3)]
+    assert access.presented({}, first) is None  # the oldest went past the cap
+    assert all(access.presented({}, c) == "session" for c in later)
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + auth.SESSION_TTL_S + 1)
+    assert access.presented({}, later[-1]) is None  # 8 h later

@@ -284,7 +284,7 @@ def create_app(console: Console) -> Starlette:
             elif (path not in ("/login", "/healthz") and not path.startswith("/static/")
                     and not console.access.may_read(request.headers, request.cookies)):
                 refusal = PlainTextResponse(
-                    "this console needs its token: open the /login?token=... link "
+                    "this console needs its token: open the /login#token=... link "
                     "`cfctl ui` printed", status_code=401)
 
             async def send_with_headers(message: Any) -> None:
@@ -311,6 +311,9 @@ def create_app(console: Console) -> Starlette:
                 if started:  # a stream already under way: the client sees it end
                     return
                 await (await error_response(request, err))(scope, receive, send_with_headers)
+
+    def secure(request: Request) -> bool:
+        return console.access.secure_cookies or request.url.scheme == "https"
 
     def handles(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
@@ -352,34 +355,39 @@ def create_app(console: Console) -> Starlette:
         return target
 
     async def login(request: Request) -> Response:
+        if request.query_params.get("token"):  # a token in a URL ends up in logs and history
+            return await render(request, "login.html", 400,
+                                message="the token is posted, never sent in the URL: open the "
+                                "/login#token=... link `cfctl ui` printed, or paste it below")
+        return await render(request, "login.html", next=request.query_params.get("next"))
+
+    def logged_in(request: Request, actor_user: str | None, next_page: str) -> Response:
         from starlette.responses import RedirectResponse
 
-        token = request.query_params.get("token", "")
-        if not token:
-            return await render(request, "login.html", next=request.query_params.get("next"))
-        if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
-            return await render(request, "login.html", 401,
-                                message="wrong token: use the link `cfctl ui` printed")
-        response = RedirectResponse(_next(request, request.query_params.get("next")),
-                                    status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+        from cflow.ui.auth import SESSION_TTL_S
+
+        response = RedirectResponse(_next(request, next_page), status_code=303)
+        response.set_cookie(SESSION_COOKIE, console.access.open_session(actor_user),
+                            max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+                            secure=secure(request))
         return response
 
-    async def login_nats(request: Request) -> Response:
-        """Log in with a NATS user of this swarm: the server itself checks the password."""
-        from starlette.responses import RedirectResponse
-
+    async def login_post(request: Request) -> Response:
+        """Log in with the console's token (posted by the /login#token=... page), or with a
+        NATS user of this swarm (the server itself checks the password)."""
         f = await request.form()
+        next_page = str(f.get("next") or "")
+        if "token" in f:
+            if not console.access.token_matches(str(f.get("token") or "")):
+                return await render(request, "login.html", 401,
+                                    message="wrong token: use the link `cfctl ui` printed")
+            return logged_in(request, None, next_page)
         user, password = str(f.get("user") or "").strip(), str(f.get("password") or "")
         try:
             await check_nats_user(console.url, console.swarm_name, user, password)
         except CflowError as err:
             return await render(request, "login.html", 401, message=str(err))
-        response = RedirectResponse(_next(request, str(f.get("next") or "")), status_code=303)
-        response.set_cookie(SESSION_COOKIE, console.access.open_session(user), httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
-        return response
+        return logged_in(request, user, next_page)
 
     async def logout(request: Request) -> Response:
         from starlette.responses import RedirectResponse
@@ -627,7 +635,7 @@ def create_app(console: Console) -> Starlette:
         Route("/healthz", healthz, methods=get),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=get),
         Route("/login", login, methods=get),
-        Route("/login", login_nats, methods=post),
+        Route("/login", login_post, methods=post),
         Route("/logout", logout, methods=post),
         Route("/board", handles(board_page), methods=get),
         Route("/board/rows", handles(board_rows), methods=get),
