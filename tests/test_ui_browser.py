@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 
@@ -216,3 +217,28 @@ async def test_pages_ride_out_a_projector_restart(page: Any, console: Console,
     # The failed re-reads are in the browser's console, as they should be; nothing else.
     assert page.errors and all("503" in e for e in page.errors)
     page.errors.clear()
+
+
+async def test_hostile_titles_run_no_script_in_the_browser(
+        page: Any, console: Console, swarm: Swarm) -> None:
+    """A title and a note written as HTML stay text: no alert, no console error (the page
+    fixture fails on any), on the board, the task page and the graph."""
+    xss = "<img src=x onerror=alert(1)>"
+    alerts: list[str] = []
+    page.on("dialog", lambda dialog: alerts.append(dialog.message)
+            if dialog.type == "alert" else None)
+    a = await swarm.tasks.create(xss)
+    b = await swarm.tasks.create(f"b {xss}", depends_on=[a.task_id])
+    await swarm.tasks.note(a.task_id, f"note {xss}", actor=f"agent{xss}")
+    seq = await swarm.log.stream_last_seq()
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
+        assert (await http.get("/api/tasks", params={"seq": seq, "size": 1})).json()[
+            "checkpoint"] >= seq  # projected: the pages below show it
+    for path in ("/board?text=onerror", f"/tasks/{a.task_id}", "/graph"):
+        await page.goto(console.url + path)
+        await page.wait_for_selector("body[data-live=on]")
+        if path.startswith("/tasks/"):
+            await page.wait_for_selector(f"text=note {xss}")
+    assert await page.locator(f'g[data-task="{b.task_id}"]').count() == 1
+    assert await page.locator("img").count() == 0
+    assert alerts == []

@@ -143,6 +143,97 @@ async def test_task_page_has_body_result_notes_and_timeline(
     assert (await http.get("/tasks/no-such-task")).status_code == 404
 
 
+XSS = "<img src=x onerror=alert(1)>"
+
+
+async def test_hostile_titles_notes_and_actors_are_escaped(
+        http: httpx.AsyncClient, facade: Swarm) -> None:
+    """A title, a note and an actor written as HTML reach every page as text."""
+    parent = await facade.tasks.create(f"parent {XSS}")
+    a = await facade.tasks.create(XSS, body=XSS, parent_id=parent.task_id)
+    b = await facade.tasks.create(f"b {XSS}", depends_on=[a.task_id],
+                                  parent_id=parent.task_id)
+    await facade.tasks.note(a.task_id, f"note {XSS}", actor=f"agent{XSS}")
+    await facade.tasks.cancel(b.task_id, f"why {XSS}", actor=f"agent{XSS}")
+    await projected(http, facade)
+    escaped = "&lt;img src=x onerror=alert(1)&gt;"
+    pages = {"board": await http.get("/board", params={"text": "onerror"}),
+             "task": await http.get(f"/tasks/{a.task_id}"),
+             "cancelled": await http.get(f"/tasks/{b.task_id}"),
+             "graph": await http.get("/graph", params={"parent": parent.task_id})}
+    for name, page in pages.items():
+        assert page.status_code == 200, name
+        assert "<img" not in page.text and "onerror=alert(1)>" not in page.text, name
+    assert escaped in pages["board"].text
+    assert f"note {escaped}" in pages["task"].text and f"agent{escaped}" in pages["task"].text
+    assert f"why {escaped}" in pages["cancelled"].text
+    assert "&lt;img src=x onerror=alert(1" in pages["graph"].text
+
+
+async def test_relayed_permission_prompts_are_listed_and_answered(
+        nats_url: str, http: httpx.AsyncClient, console: Console) -> None:
+    """A prompt relayed as a Claude Code session's channel does it is listed; allow and
+    deny need the token, reach the session's inbox as the decision, and name the operator."""
+    from cflow.mcp.channel import PERMISSION_TOPIC, parse_decision, request_text
+
+    rid = uuid.uuid4().hex[:8]
+    async with Swarm.connect(nats_url, swarm=console.swarm, agent="perm-agent") as session:
+        for n in ("1", "2"):
+            await session.messages.send(None, request_text("perm-agent", {
+                "request_id": rid + n, "tool_name": "Bash", "description": f"run <b>{n}</b>",
+                "input_preview": "{}"}), topic=PERMISSION_TOPIC, importance="high",
+                ack_required=True)
+        listed = {p["id"]: p for p in (await http.get("/api/permissions")).json()}
+        assert {rid + "1", rid + "2"} <= set(listed)
+        assert listed[rid + "1"]["agent"] == "perm-agent"
+        page = await http.get("/agents")
+        assert f'data-permission="{rid}1"' in page.text and "run &lt;b&gt;1" in page.text
+
+        refused = await http.post(f"/api/permissions/{rid}1/allow")
+        assert refused.status_code == 401
+        r = await http.post(f"/api/permissions/{rid}1/allow", headers=console.auth)
+        assert r.status_code == 200 and r.json()["actor"] == f"ui:{OPERATOR}"
+        r = await http.post(f"/api/permissions/{rid}2/deny", headers=console.auth)
+        assert r.status_code == 200 and r.json()["behavior"] == "deny"
+        again = await http.post(f"/api/permissions/{rid}2/deny", headers=console.auth)
+        assert again.status_code == 404 and again.json()["code"] == "NOT_FOUND"
+        assert (await http.post(f"/api/permissions/{rid}1/maybe",
+                                headers=console.auth)).status_code == 404
+        left = {p["id"] for p in (await http.get("/api/permissions")).json()}
+        assert not {rid + "1", rid + "2"} & left
+        sent = [i.event for i in await session.log.read()
+                if getattr(i, "event", None) is not None and i.event.type == "MessageSent"
+                and i.event.data.to == "perm-agent"]
+        decisions = {parse_decision(e.data.text): e.actor for e in sent}
+        assert decisions == {("allow", rid + "1"): f"ui:{OPERATOR}",
+                             ("deny", rid + "2"): f"ui:{OPERATOR}"}
+
+
+async def test_analytics_shows_merge_lead_time_and_rejections(
+        http: httpx.AsyncClient, facade: Swarm) -> None:
+    """From the merge events, through the gitflow report's SQL; "no merges yet" before."""
+    from cflow import events as ev
+
+    await projected(http, facade)
+    assert (await http.get("/api/analytics")).json()["merges"] is None
+    assert "no merges yet" in (await http.get("/analytics")).text
+    ok, bad = (await facade.tasks.create("merge ok"), await facade.tasks.create("merge bad"))
+    for t in (ok, bad):
+        await facade.log.append(ev.MergeRequested(task_id=t.task_id, epoch=1, branch="b",
+                                                  head="h1"), t.task_id)
+    await facade.log.append(ev.Merged(task_id=ok.task_id, head="h1", target="main",
+                                      previous="p", commit="c", merger="m"), ok.task_id)
+    await facade.log.append(ev.MergeRejected(task_id=bad.task_id, head="h1", target="main",
+                                             cause="conflict"), bad.task_id)
+    await projected(http, facade)
+    m = (await http.get("/api/analytics")).json()["merges"]
+    assert (m["requests"], m["merged"], m["rejected"]) == (2, 1, 1)
+    assert m["rejection_rate"] == 0.5 and m["causes"] == "conflict=1"
+    assert m["lead_time_median_s"] is not None and m["lead_time_median_s"] >= 0
+    page = (await http.get("/analytics")).text
+    assert "no merges yet" not in page and "50.0%" in page and "conflict=1" in page
+
+
 async def test_every_read_page_and_api_answers(http: httpx.AsyncClient, facade: Swarm) -> None:
     await facade.memory.put("conventions", "api-style", "snake_case everywhere", tags=["style"])
     await facade.messages.send("worker-7", "parser is in, rebase please")
@@ -211,8 +302,12 @@ async def test_writes_need_the_token_and_name_the_operator(
         r = await http.post("/api/swarm/pause", data={"reason": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"
     # The login cookie alone is not enough for a write: it must come from the page (htmx).
-    cookie = {"Cookie": f"cflow_ui={console.token}"}
+    cookie = await session_cookie(console)
     r = await http.post("/api/swarm/pause", headers=cookie)
+    assert r.status_code == 401
+    # The raw token as a cookie is no session (the cookie holds a random id).
+    r = await http.post("/api/swarm/pause", headers={"Cookie": f"cflow_ui={console.token}",
+                                                     "HX-Request": "true"})
     assert r.status_code == 401
     assert await facade.log.stream_last_seq() == before  # nothing was written
     assert (await facade.control.state())["mode"] == "running"
@@ -245,14 +340,16 @@ async def test_no_write_endpoint_acts_without_the_token(
     task = await facade.tasks.create("untouched task")
     done = await facade.tasks.create("untouched cancelled task")
     await facade.tasks.cancel(done.task_id)
+    cookie = await session_cookie(console)
     before = await facade.log.stream_last_seq()
     paths = ["/api/swarm/pause", "/api/swarm/resume", "/api/swarm/stop",
              f"/api/gates/{gate.task_id}/approve", f"/api/gates/{gate.task_id}/reject",
              f"/api/tasks/{task.task_id}/cancel", f"/api/tasks/{done.task_id}/requeue"]
     for path in paths:
         for headers in ({}, {"Authorization": "Bearer nope"},
-                        {"Cookie": f"cflow_ui={console.token}"},  # cookie without HX-Request
-                        {"Cookie": "cflow_ui=nope", "HX-Request": "true"}):
+                        cookie,  # the session cookie without HX-Request
+                        {"Cookie": f"cflow_ui={console.token}", "HX-Request": "true"},
+                        {"Cookie": "cflow_ui_session=nope", "HX-Request": "true"}):
             r = await http.post(path, headers=headers, data={"now": "1"})
             assert r.status_code == 401, (path, headers, r.text)
         assert (await http.get(path)).status_code == 405  # reads never act
@@ -261,14 +358,29 @@ async def test_no_write_endpoint_acts_without_the_token(
     assert (await facade.tasks.get(task.task_id)).status == "ready"
 
 
+async def session_cookie(console: Console) -> dict[str, str]:
+    """Log in with the token, as the /login#token=... page posts it; the Cookie header."""
+    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as client:
+        r = await client.post("/login", data={"token": console.token})
+        assert r.status_code == 303, r.text
+        return {"Cookie": f"cflow_ui_session={client.cookies['cflow_ui_session']}"}
+
+
 async def test_login_sets_the_cookie_and_refuses_a_wrong_token(
         http: httpx.AsyncClient, console: Console) -> None:
-    bad = await http.get("/login", params={"token": "nope"})
+    assert console.login.endswith(f"/login#token={console.token}")  # never sent in a URL
+    in_url = await http.get("/login", params={"token": console.token})
+    assert in_url.status_code == 400 and "set-cookie" not in in_url.headers
+    bad = await http.post("/login", data={"token": "nope"})
     assert bad.status_code == 401 and "cflow_ui" not in bad.headers.get("set-cookie", "")
-    good = await http.get("/login", params={"token": console.token, "next": "//evil.example"})
+    good = await http.post("/login", data={"token": console.token, "next": "//evil.example"})
     assert good.status_code == 303 and good.headers["location"] == "/board"
-    assert "cflow_ui=" in good.headers["set-cookie"] and "HttpOnly" in good.headers["set-cookie"]
-    page = await http.get("/board", headers={"Cookie": f"cflow_ui={console.token}"})
+    set_cookie = good.headers["set-cookie"]
+    assert "cflow_ui_session=" in set_cookie and "HttpOnly" in set_cookie
+    assert "Max-Age=28800" in set_cookie and console.token not in set_cookie
+    sid = http.cookies["cflow_ui_session"]
+    http.cookies.clear()
+    page = await http.get("/board", headers={"Cookie": f"cflow_ui_session={sid}"})
     assert f"acting as <b>ui:{OPERATOR}</b>" in page.text
     http.cookies.clear()  # the jar kept the login's cookie
     assert "read-only" in (await http.get("/board")).text
@@ -342,7 +454,7 @@ async def test_live_events_stream_reports_a_new_task(http: httpx.AsyncClient,
     assert f'data-task="{task.task_id}"' in rows.text
 
 
-def test_non_loopback_needs_auth(console: Console) -> None:
+def test_non_loopback_needs_auth_and_tls(console: Console) -> None:
     done = subprocess.run(cfctl("ui", "--listen", "0.0.0.0", "--port", "0"),
                           env=console.env, capture_output=True, text=True, timeout=30,
                           check=False)
@@ -350,6 +462,11 @@ def test_non_loopback_needs_auth(console: Console) -> None:
     assert done.stderr.strip() == ("error: refusing to serve the console on 0.0.0.0 without "
                                    "auth: pass --auth (every page then needs the token) or "
                                    "listen on 127.0.0.1")
+    plain = subprocess.run(cfctl("ui", "--listen", "0.0.0.0", "--port", "0", "--auth"),
+                           env=console.env, capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1
+    assert "over plain HTTP" in plain.stderr and "--behind-tls-proxy" in plain.stderr
 
 
 def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
@@ -369,7 +486,7 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
     try:
         line = first_line(proc, "stderr", 60.0, "console at")
         found = re.search(r"console at (http://127\.0\.0\.1:\d+)", line)
-        assert found is not None and "login?token=up-token" in line
+        assert found is not None and "login#token=up-token" in line
         base = found.group(1)
         with httpx.Client(base_url=base, timeout=15.0) as client:
             assert client.get("/healthz").json()["swarm"] == "upui"
@@ -393,10 +510,17 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
 
 async def test_agents_page_shows_presence_held_tasks_and_utilisation(
         nats_url: str, http: httpx.AsyncClient, console: Console, facade: Swarm) -> None:
-    await facade.agents.register("ui-ghost", ["go"])  # said hello, no presence key: dead
+    await facade.agents.register("ui-ghost", ["go"])  # said hello, no presence key, no lease
     async with Swarm.connect(nats_url, swarm=console.swarm, agent="ui-worker") as worker:
         agent = await worker.agents.register("ui-worker", ["ui-agents"])
-        async with agent.present():
+        asking = await worker.agents.register("ui-asking", [])
+        ci = await worker.agents.register("ui-ci", [])
+        async with agent.present(), asking.present(), ci.present():
+            # As the Claude Code hooks record a permission prompt (cflow.hooks.WAITING).
+            await worker.agents.set_status("ui-asking", "busy",
+                                           reason="waiting on a human: Bash(rm -rf build)")
+            await worker.agents.set_status("ui-ci", "online", reason="waiting for CI",
+                                           force=True)
             task = await facade.tasks.create("held by ui-worker", capabilities=["ui-agents"],
                                              priority=1000)  # before the others ready here
             lease = await worker.tasks.claim(capabilities=["ui-agents"], wait=5)
@@ -406,8 +530,11 @@ async def test_agents_page_shows_presence_held_tasks_and_utilisation(
             assert agents["ui-worker"]["status"] == "working"
             assert agents["ui-worker"]["held"] == [task.task_id]
             assert agents["ui-worker"]["capabilities"] == ["ui-agents"]
-            assert agents["ui-ghost"]["status"] == "dead"
+            assert agents["ui-ghost"]["status"] == "offline"  # `cfctl agents` says so too
+            assert agents["ui-asking"]["status"] == "waiting_on_human"
+            assert agents["ui-ci"]["status"] == "idle"  # it waits, but not on a human
             page = await http.get("/agents")
+            assert ">waiting on a human<" in page.text
             assert 'data-agent="ui-worker"' in page.text and task.task_id in page.text
             await lease.complete("ok")
     await projected(http, facade)
@@ -444,7 +571,7 @@ async def test_with_auth_every_page_needs_the_token(second: Any) -> None:
         ok = await client.get("/api/tasks", headers={
             "Authorization": f"Bearer {info['token']}"})
         assert ok.status_code == 200
-        login = await client.get("/login", params={"token": info["token"]})
+        login = await client.post("/login", data={"token": info["token"]})
         assert login.status_code == 303
         assert (await client.get("/board")).status_code == 200  # the cookie now
 
@@ -485,32 +612,56 @@ async def test_live_updates_survive_a_dropped_nats_connection(
 
 
 async def test_requeue_survives_a_console_killed_mid_request(
-        second: Any, console: Console, facade: Swarm) -> None:
-    """kill -9 of the console while a requeue is in flight, then the operator retries
-    on another console: exactly one copy exists (its idempotency key names the task)."""
-    _, proc, info = second
+        nats_url: str, console: Console, facade: Swarm) -> None:
+    """kill -9 of the console after its requeue reached NATS but before the answer came
+    back (the proxy delays every byte); the operator retries on a restarted console:
+    exactly one copy exists in the event log (its idempotency key names the task)."""
+    from cflow.streams import names
+    from faults import Proxy
+
     victim = await facade.tasks.create("requeue under fire")
     await facade.tasks.cancel(victim.task_id, "test")
-    async with httpx.AsyncClient(base_url=info["url"], timeout=5.0) as other:
-        pending = asyncio.create_task(other.post(
-            f"/api/tasks/{victim.task_id}/requeue",
-            headers={"Authorization": f"Bearer {info['token']}"}))
-        await asyncio.sleep(0)  # the request is on its way
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        result = await asyncio.gather(pending, return_exceptions=True)
-    assert result  # answered before the kill, or the connection dropped: both are fine
-    async with httpx.AsyncClient(base_url=console.url, timeout=15.0) as http:
-        for _ in range(2):  # the retried click, twice
-            r = await http.post(f"/api/tasks/{victim.task_id}/requeue", headers=console.auth)
-            assert r.status_code == 200, r.text
-        await projected(http, facade)
-        copies = (await http.get("/api/tasks", params={
-            "label": f"requeued_from={victim.task_id}"})).json()
-    assert copies["total"] == 1
-    board = await facade.tasks.ensure_board()
-    assert [t.task_id for t in board.tasks.values()
-            if t.labels.get("requeued_from") == victim.task_id] == [copies["rows"][0]["task_id"]]
+    created: asyncio.Queue[str] = asyncio.Queue()
+
+    async def seen(msg: Any) -> None:
+        if b"requeued_from" in msg.data and victim.task_id.encode() in msg.data:
+            created.put_nowait(msg.subject)
+
+    sub = await facade.nc.subscribe(names.events_filter(console.swarm, "task"), cb=seen)
+    env = {**console.env}
+    try:
+        with Proxy(nats_url, name="ui-requeue") as proxy:
+            proc, info = start_ui({**env, "CFLOW_URL": proxy.url}, "--operator", "erin")
+            try:
+                proxy.delay(500)  # each way: every NATS reply of this console comes 1 s later
+                async with httpx.AsyncClient(base_url=info["url"], timeout=30.0) as other:
+                    pending = asyncio.create_task(other.post(
+                        f"/api/tasks/{victim.task_id}/requeue", headers={
+                            "Authorization": f"Bearer {info['token']}"}))
+                    # The TaskCreated is stored; its ack is still half a second away.
+                    await asyncio.wait_for(created.get(), 20.0)
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    with pytest.raises(httpx.TransportError):
+                        await pending  # the console died before it answered
+            finally:
+                stop(proc)
+        proc, info = start_ui(env, "--operator", "erin")  # the restarted console
+        try:
+            async with httpx.AsyncClient(base_url=info["url"], timeout=15.0) as http:
+                for _ in range(2):  # the retried click, twice
+                    r = await http.post(f"/api/tasks/{victim.task_id}/requeue",
+                                        headers={"Authorization": f"Bearer {info['token']}"})
+                    assert r.status_code == 200, r.text
+        finally:
+            stop(proc)
+    finally:
+        await sub.unsubscribe()
+    copies = [i for i in await facade.log.read(names.events_filter(console.swarm, "task"))
+              if getattr(i, "event", None) is not None and i.event.type == "TaskCreated"
+              and i.event.data.labels.get("requeued_from") == victim.task_id]
+    assert len(copies) == 1
+    assert copies[0].event.actor == "ui:erin"
 
 
 async def test_log_in_with_a_nats_user_and_act_as_it(
@@ -559,6 +710,16 @@ async def test_log_in_with_a_nats_user_and_act_as_it(
                 paused = [i for i in history if getattr(i, "event", None) is not None
                           and i.event.type == "SwarmPaused"]
                 assert paused[-1].event.actor == f"nats:{agent.name}"
+                gone = await s.tasks.create("requeued by a NATS user")
+                await s.tasks.cancel(gone.task_id, "test")
+                r = await client.post(f"/api/tasks/{gone.task_id}/requeue",
+                                      headers={"HX-Request": "true"})
+                assert r.status_code == 200, r.text
+                created = [i.event for i in await s.log.read()
+                           if getattr(i, "event", None) is not None
+                           and i.event.type == "TaskCreated"
+                           and i.event.data.labels.get("requeued_from") == gone.task_id]
+                assert [e.actor for e in created] == [f"nats:{agent.name}"]
                 sid = client.cookies["cflow_ui_session"]
                 assert (await client.post("/logout")).status_code == 303
                 client.cookies.clear()
@@ -569,3 +730,78 @@ async def test_log_in_with_a_nats_user_and_act_as_it(
         if proc is not None:
             stop(proc)
         server.stop()
+
+
+async def test_nats_down_is_a_one_line_503_without_a_traceback(
+        nats_url: str, console: Console) -> None:
+    """Whatever a read raises with NATS gone (raw client errors included), the page is a
+    one-line 503 and the console's stderr holds no traceback."""
+    from faults import Proxy
+
+    with Proxy(nats_url, name="ui-down") as proxy:
+        proc, info = start_ui({**console.env, "CFLOW_URL": proxy.url}, "--operator", "dan")
+        try:
+            async with httpx.AsyncClient(base_url=info["url"], timeout=30.0) as client:
+                proxy.down()
+                for path in ("/board", "/api/tasks", "/agents", "/memory?q=x", "/tasks/x"):
+                    r = await client.get(path)
+                    assert r.status_code == 503, (path, r.status_code, r.text[:300])
+                    if path.startswith("/api/"):
+                        assert r.json()["ok"] is False and "\n" not in r.json()["error"]
+                    else:
+                        assert '<p class="flash-msg err">' in r.text
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            finally:
+                stderr = proc.stderr.read() if proc.stderr is not None else ""
+                stop(proc)
+    assert "Traceback" not in stderr, stderr
+
+
+async def test_live_hub_start_with_nats_silent_is_unavailable(
+        nats_url: str, console: Console, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS accepts bytes but never answers while the console starts: one Unavailable,
+    not a bare TimeoutError."""
+    from cflow.errors import Unavailable
+    from cflow.ui import live
+    from faults import Proxy
+
+    monkeypatch.setattr(live, "START_TIMEOUT_S", 1.0)
+    with Proxy(nats_url, name="ui-silent") as proxy:
+        async with Swarm.connect(proxy.url, swarm=console.swarm, agent="ui-hub",
+                                 ensure=False) as s:
+            proxy.blackhole()
+            hub = live.LiveHub(s)
+            with pytest.raises(Unavailable, match="could not follow the swarm's events"):
+                await hub.start()
+            assert hub._task is None
+            proxy.heal()
+
+
+async def test_console_serves_https_with_a_certificate(
+        console: Console, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key: HTTPS, and the login cookie is Secure."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    proc, info = start_ui(console.env, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert info["url"].startswith("https://")
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        async with httpx.AsyncClient(base_url=info["url"], verify=context,
+                                     timeout=15.0) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            login = await client.post("/login", data={"token": info["token"]})
+            assert login.status_code == 303
+            assert "secure" in login.headers["set-cookie"].lower()
+    finally:
+        stop(proc)

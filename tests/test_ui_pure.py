@@ -1,4 +1,4 @@
-"""The console's pure parts: DAG layout, presence states, board filters, access rules."""
+"""The console's pure parts: DAG layout, board filters, access rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cflow.errors import InvalidInput
 from cflow.ui.auth import Access, listener_problem, operator_problem
 from cflow.ui.graph import NODE_H, NODE_W, layers, layout
-from cflow.ui.reads import BoardFilter, presence_state
+from cflow.ui.reads import BoardFilter
 
 
 @st.composite
@@ -51,21 +51,6 @@ def test_layers_are_longest_paths_and_the_critical_path_is_marked() -> None:
     assert layers(["x", "y"], [("x", "y"), ("y", "x")]) == {"x": 0, "y": 0}  # a cycle
 
 
-@pytest.mark.parametrize(("status", "present", "reason", "holds", "shown"), [
-    ("offline", False, "", False, "offline"),
-    ("offline", True, "", False, "offline"),
-    ("online", False, "", False, "dead"),
-    ("busy", False, "", True, "dead"),
-    ("busy", True, "", False, "working"),
-    ("idle", True, "", True, "working"),
-    ("idle", True, "waiting for permission", False, "waiting"),
-    ("online", True, "present", False, "idle"),
-])
-def test_presence_states(status: str, present: bool, reason: str, holds: bool,
-                         shown: str) -> None:
-    assert presence_state(status, present=present, reason=reason, holds=holds) == shown
-
-
 def test_board_filter_keeps_browser_values_out_of_the_sql() -> None:
     evil = "x'; DROP TABLE tasks; --"
     f = BoardFilter.parse({"text": evil, "capability": evil, "label": f"k={evil}",
@@ -87,9 +72,12 @@ def test_access_rules() -> None:
     assert access.may_read({}, {})
     assert access.write_refusal({"authorization": "Bearer s3cret"}, {}) is None
     assert access.write_refusal({"authorization": "Bearer nope"}, {}) is not None
-    assert access.write_refusal({}, {"cflow_ui": "s3cret"}) is not None  # no HX-Request
-    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is None
-    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": ""}) is not None
+    # The cookie holds a session id, never the token itself.
+    assert access.write_refusal({"hx-request": "true"}, {"cflow_ui": "s3cret"}) is not None
+    mine = {"cflow_ui_session": access.open_session()}
+    assert access.write_refusal({}, mine) is not None  # no HX-Request
+    assert access.write_refusal({"hx-request": "true"}, mine) is None
+    assert access.identity({}, mine) == "ui:dana"
     sid = access.open_session("alpha.w1")
     session = {"cflow_ui_session": sid}
     assert access.identity({}, session) == "nats:alpha.w1"
@@ -98,7 +86,8 @@ def test_access_rules() -> None:
     assert access.write_refusal({}, session) is not None  # no HX-Request
     assert access.write_refusal({"hx-request": "true"}, {"cflow_ui_session": "forged"})
     locked = Access(token="s3cret", operator="dana", reads_need_token=True)
-    assert not locked.may_read({}, {}) and locked.may_read({}, {"cflow_ui": "s3cret"})
+    assert not locked.may_read({}, {}) and locked.may_read({}, {
+        "cflow_ui_session": locked.open_session()})
     for host in ("127.0.0.1:8700", "localhost:8700", "[::1]:8700", "127.0.0.1", "LOCALHOST"):
         assert access.host_allowed(host), host
     for host in ("evil.example:8700", "127.0.0.1.evil.example", "", "10.0.0.5:8700"):
@@ -109,7 +98,8 @@ def test_access_rules() -> None:
     assert operator_problem("") is not None
     assert listener_problem("127.0.0.1", False) is None
     assert listener_problem("::1", False) is None
-    assert listener_problem("0.0.0.0", True) is None
+    assert listener_problem("0.0.0.0", True, tls=True) is None
+    assert "over plain HTTP" in (listener_problem("0.0.0.0", True) or "")
     assert "without auth" in (listener_problem("10.0.0.5", False) or "")
 
 
@@ -124,3 +114,60 @@ def test_critical_path_of_the_remaining_work() -> None:
     assert critical_path(nodes, deps) == ["b", "c", "d"]
     assert critical_path([("a", "", "completed")], []) == []
     assert critical_path([("p", "", "ready"), ("q", "", "ready")], []) == ["p"]  # first made
+
+
+async def test_an_unexpected_exception_is_a_one_line_error_page(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A handler raising something that is no CflowError (here: the console has no
+    connection) answers one line, as a page and as JSON, and logs one line."""
+    import httpx
+
+    from cflow.ui.app import Console, create_app
+
+    app = create_app(Console(url="nats://x", swarm_name="s", access=Access("t", "op")))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://127.0.0.1") as client:
+        page = await client.get("/board")
+        api = await client.get("/api/tasks")
+        events = await client.get("/events")
+    assert page.status_code == 500 and "internal error (AssertionError" in page.text
+    assert api.status_code == 500 and api.json()["error"].startswith("internal error")
+    assert events.status_code == 500
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_board_text_filter_matches_percent_and_underscore_literally() -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE tasks (task_id TEXT, title TEXT, body TEXT)")
+    con.executemany("INSERT INTO tasks VALUES (?, ?, ?)", [
+        ("t1", "100% done", ""), ("t2", "1000 done", ""), ("t3", "snake_case", ""),
+        ("t4", "snakeXcase", ""), ("t5", r"back\slash", "")])
+
+    def found(text: str) -> list[str]:
+        where, args = BoardFilter.parse({"text": text}).where(with_status=False)
+        return [r[0] for r in con.execute(f"SELECT task_id FROM tasks{where} ORDER BY 1",
+                                          args).fetchall()]
+
+    assert found("100%") == ["t1"]
+    assert found("e_c") == ["t3"]
+    assert found("k\\s") == ["t5"]
+    assert found("done") == ["t1", "t2"]
+
+
+def test_sessions_expire_and_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from cflow.ui import auth
+
+    access = Access(token="s3cret", operator="dana")
+    first = {"cflow_ui_session": access.open_session()}
+    monkeypatch.setattr(auth, "MAX_SESSIONS", 3)
+    later = [{"cflow_ui_session": access.open_session()} for _ in range(3)]
+    assert access.presented({}, first) is None  # the oldest went past the cap
+    assert all(access.presented({}, c) == "session" for c in later)
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + auth.SESSION_TTL_S + 1)
+    assert access.presented({}, later[-1]) is None  # 8 h later

@@ -342,8 +342,11 @@ class TaskService:
         kind: Literal["task", "gate"] = "task",
         task_id: str | None = None,
         request_id: str | None = None,
+        actor: str | None = None,
     ) -> TaskState:
         """Create a task (idempotent by ``idempotency_key``) and return its state.
+
+        ``actor`` is who creates it (default: this agent), e.g. the human who requeued.
 
         ``request_id`` names the caller's intent: a retry with the same request id
         (after a timeout that may or may not have stored the write) returns the
@@ -384,7 +387,7 @@ class TaskService:
             await guard(data, task_id)
         try:
             appended = await self.log.append(data, task_id, expected=0,
-                                             msg_id=f"create-{task_id}")
+                                             msg_id=f"create-{task_id}", actor=actor)
         except ConcurrencyConflict:
             return await self.get(task_id)  # created before, by us or a retry
         except Unavailable as exc:

@@ -165,10 +165,37 @@ def permissions_list(ctx: typer.Context) -> None:
     emit(ctx, pending, human)
 
 
+pending_permissions = _pending  # the web console lists them with the same code
+
+
+async def answer_permission(swarm: Any, request_id: str, behavior: str, *,
+                            actor: str) -> dict[str, Any]:
+    """Send ``behavior`` (allow / deny) for a pending prompt, as ``actor``, and ack it.
+
+    Raises:
+        NotFound: no pending prompt with that id (answered already, or never asked).
+    """
+    import re
+
+    from cflow.mcp.channel import decision_text
+
+    match = [p for p in await _pending(swarm) if p["id"] == request_id]
+    if not match:
+        from cflow.errors import NotFound
+
+        raise NotFound("pending permission prompt", request_id)
+    p = match[0]
+    await swarm.messages.send(p["agent"], decision_text(behavior, request_id),
+                              reply_to=p["message_id"], importance="high", sender=actor)
+    # Acks name a subject token: ui:alice acks as ui-alice.
+    await swarm.messages.ack(re.sub(r"[^A-Za-z0-9_-]+", "-", actor).strip("-") or "operator",
+                             p["message_id"])
+    return {"id": request_id, "agent": p["agent"], "behavior": behavior}
+
+
 def _answer(ctx: typer.Context, request_id: str, behavior: str) -> None:
     from cflow.cli.app import emit, run
     from cflow.cli.reserve_cmds import owner_name
-    from cflow.mcp.channel import decision_text
     from cflow.swarm import Swarm
 
     c = state(ctx)
@@ -176,16 +203,7 @@ def _answer(ctx: typer.Context, request_id: str, behavior: str) -> None:
 
     async def body() -> dict[str, Any]:
         async with Swarm.connect(c.url, swarm=c.swarm, agent=operator) as swarm:
-            match = [p for p in await _pending(swarm) if p["id"] == request_id]
-            if not match:
-                from cflow.errors import NotFound
-
-                raise NotFound("pending permission prompt", request_id)
-            p = match[0]
-            await swarm.messages.send(p["agent"], decision_text(behavior, request_id),
-                                      reply_to=p["message_id"], importance="high")
-            await swarm.messages.ack(operator, p["message_id"])
-            return {"id": request_id, "agent": p["agent"], "behavior": behavior}
+            return await answer_permission(swarm, request_id, behavior, actor=operator)
 
     answer = run(ctx, body)
     emit(ctx, answer, f"{behavior} sent to {answer['agent']} for {request_id}")

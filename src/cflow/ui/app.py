@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from cflow.ui.live import LiveHub
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0
 # No framing by other sites, no inline or foreign scripts (htmx runs with eval off),
 # and the login link's token never leaves in a Referer.
@@ -152,6 +154,22 @@ def status_for(err: CflowError) -> int:
     return 500
 
 
+def as_cflow_error(exc: Exception) -> CflowError:
+    """Any exception a handler let through, as the error the page shows: a lost or slow
+    NATS (raw client errors, sockets, timeouts) is Unavailable; anything else is an
+    internal error whose one line names its type (the log has the same line)."""
+    import nats.errors
+
+    if isinstance(exc, CflowError):
+        return exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, nats.errors.Error | OSError | TimeoutError):
+        return Unavailable(f"NATS unavailable ({type(exc).__name__}: {text}); "
+                           "the page retries")
+    return CflowError(f"internal error ({type(exc).__name__}: {text}); the console's "
+                      "log has the same line")
+
+
 def wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/") and request.headers.get("hx-request") != "true"
 
@@ -236,9 +254,12 @@ def create_app(console: Console) -> Starlette:
         if wants_json(request):
             return JSONResponse({"ok": False, "code": err.code, "error": str(err)},
                                 status_code=code)
+        # control=None: the banner's read would fail the same way the page did.
         if request.headers.get("hx-request") == "true":
-            return await render(request, "flash.html", code, ok=False, message=str(err))
-        return await render(request, "error.html", code, message=str(err), code=code)
+            return await render(request, "flash.html", code, ok=False, message=str(err),
+                                control=None)
+        return await render(request, "error.html", code, message=str(err), code=code,
+                            control=None)
 
     class Guard:
         """Who may read, from which Host, and the security headers on every answer."""
@@ -263,7 +284,7 @@ def create_app(console: Console) -> Starlette:
             elif (path not in ("/login", "/healthz") and not path.startswith("/static/")
                     and not console.access.may_read(request.headers, request.cookies)):
                 refusal = PlainTextResponse(
-                    "this console needs its token: open the /login?token=... link "
+                    "this console needs its token: open the /login#token=... link "
                     "`cfctl ui` printed", status_code=401)
 
             async def send_with_headers(message: Any) -> None:
@@ -275,7 +296,24 @@ def create_app(console: Console) -> Starlette:
             if refusal is not None:
                 await refusal(scope, receive, send_with_headers)
                 return
-            await self.app(scope, receive, send_with_headers)
+            started = False
+
+            async def send_tracked(message: Any) -> None:
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send_with_headers(message)
+
+            try:
+                await self.app(scope, receive, send_tracked)
+            except Exception as exc:  # the catch-all: one log line, never a traceback
+                err = as_cflow_error(exc)
+                log.warning("%s %s: %s", request.method, path, err)
+                if started:  # a stream already under way: the client sees it end
+                    return
+                await (await error_response(request, err))(scope, receive, send_with_headers)
+
+    def secure(request: Request) -> bool:
+        return console.access.secure_cookies or request.url.scheme == "https"
 
     def handles(fn: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
@@ -283,6 +321,10 @@ def create_app(console: Console) -> Starlette:
                 return await fn(request)
             except CflowError as err:
                 return await error_response(request, err)
+            except Exception as exc:
+                wrapped_err = as_cflow_error(exc)
+                log.warning("%s %s: %s", request.method, request.url.path, wrapped_err)
+                return await error_response(request, wrapped_err)
         wrapped.__name__ = fn.__name__
         return wrapped
 
@@ -313,34 +355,39 @@ def create_app(console: Console) -> Starlette:
         return target
 
     async def login(request: Request) -> Response:
+        if request.query_params.get("token"):  # a token in a URL ends up in logs and history
+            return await render(request, "login.html", 400,
+                                message="the token is posted, never sent in the URL: open the "
+                                "/login#token=... link `cfctl ui` printed, or paste it below")
+        return await render(request, "login.html", next=request.query_params.get("next"))
+
+    def logged_in(request: Request, actor_user: str | None, next_page: str) -> Response:
         from starlette.responses import RedirectResponse
 
-        token = request.query_params.get("token", "")
-        if not token:
-            return await render(request, "login.html", next=request.query_params.get("next"))
-        if not console.access.presented({"authorization": f"Bearer {token}"}, {}):
-            return await render(request, "login.html", 401,
-                                message="wrong token: use the link `cfctl ui` printed")
-        response = RedirectResponse(_next(request, request.query_params.get("next")),
-                                    status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https")
+        from cflow.ui.auth import SESSION_TTL_S
+
+        response = RedirectResponse(_next(request, next_page), status_code=303)
+        response.set_cookie(SESSION_COOKIE, console.access.open_session(actor_user),
+                            max_age=SESSION_TTL_S, httponly=True, samesite="strict",
+                            secure=secure(request))
         return response
 
-    async def login_nats(request: Request) -> Response:
-        """Log in with a NATS user of this swarm: the server itself checks the password."""
-        from starlette.responses import RedirectResponse
-
+    async def login_post(request: Request) -> Response:
+        """Log in with the console's token (posted by the /login#token=... page), or with a
+        NATS user of this swarm (the server itself checks the password)."""
         f = await request.form()
+        next_page = str(f.get("next") or "")
+        if "token" in f:
+            if not console.access.token_matches(str(f.get("token") or "")):
+                return await render(request, "login.html", 401,
+                                    message="wrong token: use the link `cfctl ui` printed")
+            return logged_in(request, None, next_page)
         user, password = str(f.get("user") or "").strip(), str(f.get("password") or "")
         try:
             await check_nats_user(console.url, console.swarm_name, user, password)
         except CflowError as err:
             return await render(request, "login.html", 401, message=str(err))
-        response = RedirectResponse(_next(request, str(f.get("next") or "")), status_code=303)
-        response.set_cookie(SESSION_COOKIE, console.access.open_session(user), httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
-        return response
+        return logged_in(request, user, next_page)
 
     async def logout(request: Request) -> Response:
         from starlette.responses import RedirectResponse
@@ -410,9 +457,20 @@ def create_app(console: Console) -> Starlette:
         return JSONResponse({**g, "width": lay.width, "height": lay.height,
                              "positions": {n.id: [n.x, n.y] for n in lay.nodes}})
 
+    async def _permissions() -> list[dict[str, Any]]:
+        # The same code as `cfctl permissions list`: relayed prompts nobody answered yet.
+        from cflow.cli.mcp_cmds import pending_permissions
+
+        found: list[dict[str, Any]] = await pending_permissions(console.s)
+        return found
+
     async def agents_page(request: Request) -> Response:
         template = "agents_body.html" if request.query_params.get("part") else "agents.html"
-        return await render(request, template, agents=await console.r.agents(seq=seq_of(request)))
+        return await render(request, template, agents=await console.r.agents(seq=seq_of(request)),
+                            permissions=await _permissions())
+
+    async def api_permissions(request: Request) -> Response:
+        return JSONResponse(await _permissions(), headers={"cache-control": "no-store"})
 
     async def api_agents(request: Request) -> Response:
         return JSONResponse(json.loads(json.dumps(await console.r.agents(), default=str)))
@@ -559,6 +617,17 @@ def create_app(console: Console) -> Starlette:
         return (f"task {task_id} requeued by {who} as {new.task_id}",
                 {"task": new.to_dict(), "requeued_from": task_id})
 
+    async def permission_answer(request: Request, f: dict[str, str]
+                                ) -> tuple[str, dict[str, Any]]:
+        from cflow.cli.mcp_cmds import answer_permission
+
+        who = actor_of(request)
+        request_id, verb = request.path_params["request_id"], request.path_params["verb"]
+        if verb not in ("allow", "deny"):
+            raise NotFound("permission answer", verb)
+        out = await answer_permission(console.s, request_id, verb, actor=who)
+        return f"{verb} sent to {out['agent']} for {request_id} by {who}", out
+
     get = ["GET"]
     post = ["POST"]
     routes = [
@@ -566,7 +635,7 @@ def create_app(console: Console) -> Starlette:
         Route("/healthz", healthz, methods=get),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=get),
         Route("/login", login, methods=get),
-        Route("/login", login_nats, methods=post),
+        Route("/login", login_post, methods=post),
         Route("/logout", logout, methods=post),
         Route("/board", handles(board_page), methods=get),
         Route("/board/rows", handles(board_rows), methods=get),
@@ -594,6 +663,8 @@ def create_app(console: Console) -> Starlette:
         Route("/api/gates/{task_id}/{verb}", writes(gate_decide), methods=post),
         Route("/api/tasks/{task_id}/cancel", writes(task_cancel), methods=post),
         Route("/api/tasks/{task_id}/requeue", writes(task_requeue), methods=post),
+        Route("/api/permissions", handles(api_permissions), methods=get),
+        Route("/api/permissions/{request_id}/{verb}", writes(permission_answer), methods=post),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(Guard)])

@@ -3,8 +3,9 @@
 * The console listens on loopback by default. There, reads need no login
   (whoever can reach 127.0.0.1 can already run ``cfctl``).
 * Every write needs the console's token, which ``cfctl ui`` prints: as
-  ``Authorization: Bearer TOKEN``, or as the cookie a browser gets from the
-  printed ``/login?token=...`` link. A write carried by the cookie must also
+  ``Authorization: Bearer TOKEN``, or as the session cookie a browser gets from
+  the printed ``/login#token=...`` link (the page posts the token; the cookie
+  holds a random session id, 8 h at most). A write carried by the cookie must also
   carry the ``HX-Request`` header that the page's htmx sends: another site can
   make a browser send the cookie but not add that header without a CORS
   preflight, which the console never answers (cross-site request forgery).
@@ -26,11 +27,14 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-COOKIE = "cflow_ui"
+COOKIE = "cflow_ui"  # no longer set; cleared on log out
 SESSION_COOKIE = "cflow_ui_session"
+SESSION_TTL_S = 8 * 3600
+MAX_SESSIONS = 1000
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -39,8 +43,9 @@ class Access:
     token: str
     operator: str
     reads_need_token: bool = False
-    # Browser sessions of people who logged in with a NATS user: session id -> actor.
-    sessions: dict[str, str] = field(default_factory=dict, compare=False)
+    secure_cookies: bool = False  # served over TLS (itself or behind a TLS proxy)
+    # Browser sessions (the token's, or a NATS user's): random id -> (actor, expiry).
+    sessions: dict[str, tuple[str, float]] = field(default_factory=dict, compare=False)
 
     @property
     def actor(self) -> str:
@@ -51,23 +56,46 @@ class Access:
         auth = headers.get("authorization", "")
         if auth.lower().startswith("bearer ") and _same(auth[7:].strip(), self.token):
             return "bearer"
-        if _same(cookies.get(COOKIE, ""), self.token):
-            return "cookie"
-        if cookies.get(SESSION_COOKIE, "") in self.sessions:
+        if self._session(cookies) is not None:
             return "session"
         return None
+
+    def _session(self, cookies: Mapping[str, str]) -> str | None:
+        sid = cookies.get(SESSION_COOKIE, "")
+        found = self.sessions.get(sid)
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            self.sessions.pop(sid, None)
+            return None
+        return found[0]
 
     def identity(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
         """The actor a request acts as: the token's operator, or the NATS user it logged in as."""
         if self.presented(headers, cookies) == "session":
-            return self.sessions[cookies[SESSION_COOKIE]]
+            return self._session(cookies) or self.actor
         return self.actor
 
-    def open_session(self, nats_user: str) -> str:
-        """A browser session for someone NATS accepted as ``nats_user``; returns its id."""
+    def open_session(self, nats_user: str | None = None) -> str:
+        """A browser session (for the token's operator, or for someone NATS accepted as
+        ``nats_user``); returns its random id, the only thing the cookie holds.
+
+        Sessions end after :data:`SESSION_TTL_S`; past :data:`MAX_SESSIONS` the
+        oldest is dropped.
+        """
+        now = time.monotonic()
+        for sid, (_, expires) in list(self.sessions.items()):
+            if expires <= now:
+                del self.sessions[sid]
+        while len(self.sessions) >= MAX_SESSIONS:
+            del self.sessions[next(iter(self.sessions))]  # dicts keep insertion order
         sid = secrets.token_urlsafe(24)
-        self.sessions[sid] = f"nats:{nats_user}"
+        actor = f"nats:{nats_user}" if nats_user else self.actor
+        self.sessions[sid] = (actor, now + SESSION_TTL_S)
         return sid
+
+    def token_matches(self, given: str) -> bool:
+        return _same(given, self.token)
 
     def host_allowed(self, host: str) -> bool:
         """A loopback console answers only to loopback names: a page of another site
@@ -87,7 +115,7 @@ class Access:
         if how is None:
             return ("this action needs the console's token (printed by `cfctl ui`): "
                     "open its /login?token=... link, or send Authorization: Bearer TOKEN")
-        if how in ("cookie", "session") and headers.get("hx-request", "").lower() != "true":
+        if how == "session" and headers.get("hx-request", "").lower() != "true":
             return "a write carried by the login cookie must come from the console's own page"
         return None
 
@@ -107,12 +135,24 @@ def operator_problem(name: str) -> str | None:
             "(it becomes the actor ui:NAME of every action)")
 
 
-def listener_problem(host: str, reads_need_token: bool) -> str | None:
-    """Why serving on ``host`` would expose the swarm (None: fine)."""
-    if host in LOOPBACK or reads_need_token:
+def listener_problem(host: str, reads_need_token: bool, tls: bool = False) -> str | None:
+    """Why serving on ``host`` would expose the swarm (None: fine).
+
+    Off loopback every page needs the token (``--auth``), and the token must not
+    cross the network in clear text: the console serves TLS itself (``tls``:
+    ``--tls-cert``/``--tls-key``) or a TLS proxy in front of it says so
+    (``--behind-tls-proxy``, also passed as ``tls``).
+    """
+    if host in LOOPBACK:
         return None
-    return (f"refusing to serve the console on {host} without auth: pass --auth (every "
-            "page then needs the token) or listen on 127.0.0.1")
+    if not reads_need_token:
+        return (f"refusing to serve the console on {host} without auth: pass --auth (every "
+                "page then needs the token) or listen on 127.0.0.1")
+    if not tls:
+        return (f"refusing to serve the console on {host} over plain HTTP (its token would "
+                "cross the network in clear text): pass --tls-cert and --tls-key, or "
+                "--behind-tls-proxy when a TLS proxy in front of it terminates HTTPS")
+    return None
 
 
 __all__ = ["COOKIE", "LOOPBACK", "SESSION_COOKIE", "Access", "listener_problem", "operator_problem"]

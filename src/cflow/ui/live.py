@@ -19,10 +19,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cflow.errors import Unavailable
+
 if TYPE_CHECKING:
     from cflow.swarm import Swarm
 
 log = logging.getLogger(__name__)
+START_TIMEOUT_S = 10.0
 
 # Types whose event changes the banner (pause, resume, stop, budgets, breakers).
 CONTROL_TYPES = frozenset({"SwarmPaused", "SwarmResumed", "SwarmStopped", "BudgetSet",
@@ -47,9 +50,23 @@ class LiveHub:
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
-        self.seq = await self.swarm.log.stream_last_seq()
-        self._task = asyncio.create_task(self._follow(self.seq + 1))
-        await asyncio.wait_for(self.ready.wait(), 10.0)
+        """Follow from the newest event on; return once caught up.
+
+        Raises:
+            Unavailable: NATS did not answer within :data:`START_TIMEOUT_S`.
+        """
+        import nats.errors
+
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                self.seq = await self.swarm.log.stream_last_seq()
+                self._task = asyncio.create_task(self._follow(self.seq + 1))
+                await self.ready.wait()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            await self.stop()
+            raise Unavailable(f"the console could not follow the swarm's events within "
+                              f"{START_TIMEOUT_S:g} s ({type(exc).__name__}); is NATS "
+                              "reachable?") from None
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -60,10 +77,10 @@ class LiveHub:
 
     async def _follow(self, start: int) -> None:
         while True:
+            caught_up = asyncio.Event()
+            waiter = asyncio.create_task(caught_up.wait())
+            waiter.add_done_callback(self._caught_up)
             try:
-                caught_up = asyncio.Event()
-                waiter = asyncio.create_task(caught_up.wait())
-                waiter.add_done_callback(lambda _: self.ready.set())
                 async for item in self.swarm.log.follow(start_seq=start, caught_up=caught_up):
                     start = item.seq + 1
                     etype = getattr(getattr(item, "event", None), "type", "")
@@ -74,6 +91,12 @@ class LiveHub:
                 log.warning("console follower stopped (%s); restarting", exc)
                 self.ready.set()
                 await asyncio.sleep(1.0)
+            finally:
+                waiter.cancel()  # one waiter per follow, never one left behind per restart
+
+    def _caught_up(self, waiter: asyncio.Task[bool]) -> None:
+        if not waiter.cancelled():
+            self.ready.set()
 
     def _publish(self, seq: int, etype: str) -> None:
         self.seq = max(self.seq, seq)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cflow.errors import CflowError, InvalidInput, LimitExceeded
+from cflow.errors import CflowError, InvalidInput, LimitExceeded, Unavailable
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -105,9 +105,12 @@ class BoardFilter:
             clauses.append("parent_id = ?")
             args.append(self.parent)
         if self.text:
-            clauses.append("(task_id ILIKE ? OR title ILIKE ? OR body ILIKE ?)")
-            pattern = f"%{self.text}%"
-            args += [f"{self.text}%", pattern, pattern]
+            clauses.append("(task_id ILIKE ? ESCAPE '\\' OR title ILIKE ? ESCAPE '\\' "
+                           "OR body ILIKE ? ESCAPE '\\')")
+            # The text is literal: a % or _ typed in the filter matches itself.
+            text = (self.text.replace("\\", "\\\\").replace("%", "\\%")
+                    .replace("_", "\\_"))
+            args += [f"{text}%", f"%{text}%", f"%{text}%"]
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     def query_string(self, **changes: Any) -> str:
@@ -138,27 +141,10 @@ class Board:
                 "checkpoint": self.checkpoint}
 
 
-PRESENCE_STATES = ("working", "waiting", "idle", "offline", "dead")
+def _presence_state(info: Any, holds: bool) -> str:
+    from cflow.agents import presence_state
 
-
-def presence_state(status: str, *, present: bool, reason: str = "", holds: bool = False) -> str:
-    """What the Agents page calls an agent (pure).
-
-    cflow records online / idle / busy / offline and a live presence key; the page
-    shows working (busy, or holding a claim), waiting (its last status change says
-    it waits, e.g. for a human's permission), idle, offline (it said goodbye or
-    its absence was recorded) and dead (it never said goodbye, but its presence
-    key expired).
-    """
-    if status == "offline":
-        return "offline"
-    if not present:
-        return "dead"
-    if "waiting" in reason.lower():
-        return "waiting"
-    if status == "busy" or holds:
-        return "working"
-    return "idle"
+    return presence_state(info, holds)
 
 
 class Reads:
@@ -172,6 +158,10 @@ class Reads:
 
     async def _q(self, sql: str, params: list[Any] | None = None, *, limit: int = 1000,
                  seq: int | None = None) -> QueryResult:
+        nc = self.swarm.nc
+        if nc.is_reconnecting or nc.is_closed:  # fail now, not after the query's timeout
+            raise Unavailable("the console lost its NATS connection (reconnecting); "
+                              "the page retries")
         if seq:
             try:
                 return await self.client.query(sql, limit=limit, wait_for_seq=seq,
@@ -319,9 +309,10 @@ class Reads:
         for r in rows.dicts():
             info = live.get(r["agent_id"])
             held_ids = by_held.get(r["agent_id"], [])
-            status = presence_state(info.status if info else (r["status"] or "offline"),
-                                    present=info.present if info else False,
-                                    reason=info.reason if info else "", holds=bool(held_ids))
+            # The one definition `cfctl agents` uses: waiting on a human is what a Claude
+            # Code session's hooks record, not any reason that mentions waiting.
+            status = (_presence_state(info, bool(held_ids)) if info is not None
+                      else "dead" if held_ids else "offline")
             u = by_util.get(r["agent_id"], {})
             out.append({**r, "status": status, "held": held_ids,
                         "utilisation": u.get("utilisation"), "busy_s": u.get("busy_s"),
@@ -345,7 +336,11 @@ class Reads:
         attempts = await self._q("SELECT * FROM attempt_stats")
         failures = await self._q("SELECT * FROM failure_stats")
         errors = await self._q("SELECT * FROM top_errors LIMIT 10")
-        return {"throughput": list(reversed(throughput.dicts())),
+        from cflow.gitflow.report import MERGES_SQL  # the figures `cfctl report merges` shows
+
+        merges = (await self._q(MERGES_SQL)).dicts()
+        return {"merges": merges[0] if merges and merges[0]["requests"] else None,
+                "throughput": list(reversed(throughput.dicts())),
                 "per_minute": minutes.dicts(),
                 "latency": latency.dicts(),
                 "attempts": (attempts.dicts() or [{}])[0],
@@ -376,5 +371,4 @@ class Reads:
         return {"rows": rows.dicts(), "inboxes": inboxes.dicts()}
 
 
-__all__ = ["PAGE_SIZE", "PRESENCE_STATES", "STATUS_ORDER", "Board", "BoardFilter", "Reads",
-           "presence_state"]
+__all__ = ["PAGE_SIZE", "STATUS_ORDER", "Board", "BoardFilter", "Reads"]

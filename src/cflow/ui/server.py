@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import socket
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import nats.errors
 
 from cflow.errors import CflowError, InvalidInput, Unavailable
 from cflow.ui.app import Console, create_app
@@ -16,6 +19,7 @@ from cflow.ui.auth import Access, listener_problem, operator_problem
 if TYPE_CHECKING:
     from cflow.server import RunningServer
 
+log = logging.getLogger(__name__)
 GRACEFUL_S = 1  # live pages hold their event streams open: do not wait for them
 
 
@@ -47,30 +51,39 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def console_url(host: str, port: int, token: str | None = None) -> str:
+def console_url(host: str, port: int, token: str | None = None, *, https: bool = False
+                ) -> str:
     shown = f"[{host}]" if ":" in host else host
-    base = f"http://{shown}:{port}"
-    return f"{base}/login?token={token}" if token else base
+    base = f"{'https' if https else 'http'}://{shown}:{port}"
+    # After '#': the browser never sends it; the login page posts it.
+    return f"{base}/login#token={token}" if token else base
 
 
 async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 8700,
                 token: str | None = None, operator: str = "operator",
-                auth: bool = False, on_ready: Callable[[int], None] | None = None) -> None:
+                auth: bool = False, on_ready: Callable[[int], None] | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None,
+                behind_tls_proxy: bool = False) -> None:
     """Serve the console until cancelled.
 
     Raises:
         InvalidInput: a non-loopback ``host`` without ``auth``.
         Unavailable: NATS unreachable at startup.
     """
-    problem = listener_problem(host, auth) or operator_problem(operator)
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInput("--tls-cert and --tls-key go together")
+    tls = tls_cert is not None or behind_tls_proxy
+    problem = listener_problem(host, auth, tls) or operator_problem(operator)
     if problem:
         raise InvalidInput(problem)
     from cflow.swarm import Swarm
     from cflow.ui.live import LiveHub
     from cflow.ui.reads import Reads
 
-    access = Access(token=token or new_token(), operator=operator, reads_need_token=auth)
+    access = Access(token=token or new_token(), operator=operator, reads_need_token=auth,
+                    secure_cookies=tls)
     sock = _listen(host, port)
+    closing = False
     try:
         # Connected before uvicorn starts, so "NATS unreachable" is our one-line error.
         async with Swarm.connect(url, swarm=swarm, agent=access.actor, ensure=False) as facade:
@@ -79,18 +92,26 @@ async def serve(url: str, swarm: str, *, host: str = "127.0.0.1", port: int = 87
             try:
                 console = Console(url=url, swarm_name=swarm, access=access, swarm=facade,
                                   reads=Reads(facade), hub=hub)
-                await _run(create_app(console), sock, on_ready)
+                await _run(create_app(console), sock, on_ready, tls_cert, tls_key)
             finally:
+                closing = True
                 await hub.stop()
+    except (OSError, nats.errors.Error) as exc:
+        if not closing:
+            raise
+        # Stopping with NATS gone: closing the connection fails; nothing is left to lose.
+        log.warning("console stopped; its NATS connection was already lost (%s)", exc)
     finally:
         sock.close()
 
 
-async def _run(app: Any, sock: socket.socket, on_ready: Callable[[int], None] | None) -> None:
+async def _run(app: Any, sock: socket.socket, on_ready: Callable[[int], None] | None,
+               tls_cert: str | None = None, tls_key: str | None = None) -> None:
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACEFUL_S)
+                            timeout_graceful_shutdown=GRACEFUL_S, ssl_certfile=tls_cert,
+                            ssl_keyfile=tls_key)
     server = _server_class()(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -1,3 +1,12 @@
+// The login link carries the token after '#' (never sent, never logged): post it.
+(function () {
+  "use strict";
+  const form = document.getElementById("token-login");
+  if (!form || location.hash.indexOf("#token=") !== 0) { return; }
+  form.elements.token.value = decodeURIComponent(location.hash.slice(7));
+  history.replaceState(null, "", location.pathname + location.search);
+  form.submit();
+})();
 // Live updates: one EventSource per page, fed by the console's NATS follower.
 // Each update carries the newest stream sequence; every [data-live] section
 // re-reads itself at that sequence (the server waits for the projection to
