@@ -112,7 +112,8 @@ def task_row(rec: TaskRecord) -> tuple[Any, ...]:
 _ROW_GETTERS = {table: itemgetter(*cols) for table, cols in schema.COLUMNS.items()}
 
 
-def _tuple(table: str, row: Row) -> tuple[Any, ...]:
+def row_tuple(table: str, row: Row) -> tuple[Any, ...]:
+    """A keyed row (a dict) as a tuple in the table's column order."""
     values: tuple[Any, ...] = _ROW_GETTERS[table](row)
     return values
 
@@ -293,7 +294,7 @@ class BatchFold:
         for table, rows in working.items():
             final = {k: rows[k] for k in sorted(self.dirty[table])}
             out.rows[table] = final
-            out.upserts[table] = [_tuple(table, row) for row in final.values()]
+            out.upserts[table] = [row_tuple(table, row) for row in final.values()]
         return out
 
     def _quarantine(self, seq: int, subject: str, raw: bytes, error: str) -> None:
@@ -580,5 +581,6 @@ __all__ = [
     "hlc_wall_ms",
     "keys_of",
     "ms_of",
+    "row_tuple",
     "task_row",
 ]

@@ -1,8 +1,8 @@
 """The projector: follows a swarm's event stream and applies it to DuckDB in batches.
 
-One pump task reads :meth:`EventLog.follow` from ``checkpoint + 1`` (the log
-applies the HLC receive rule to every event it decodes) into a bounded queue;
-the apply loop takes whatever is queued (up to ``batch_max``) and hands it to
+The loop reads :meth:`EventLog.follow_batches` from ``checkpoint + 1`` (the log
+decodes in bulk and applies the HLC receive rule per batch): each batch is what
+arrived while the previous one was applied (up to ``batch_max``), handed to
 :class:`ProjectionStore` on the one DuckDB thread. Batches grow with load and
 shrink to one event when the stream is quiet, so lag stays low at low rates and
 throughput high at high rates.
@@ -60,8 +60,10 @@ class Projector:
 
     def __init__(self, log_: EventLog, db_path: str | Path, *,
                  batch_max: int = DEFAULT_BATCH_MAX,
-                 max_event_bytes: int = fold.DEFAULT_MAX_EVENT_BYTES) -> None:
+                 max_event_bytes: int = fold.DEFAULT_MAX_EVENT_BYTES,
+                 replay: bool = False) -> None:
         self.log = log_
+        self.replay = replay
         self.db_path = Path(db_path)
         self.batch_max = batch_max
         self.max_event_bytes = max_event_bytes
@@ -86,7 +88,8 @@ class Projector:
     async def open(self) -> ProjectionStore:
         if self.store is None:
             self.store = await self.db(
-                lambda: ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes))
+                lambda: ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes,
+                                        replay=self.replay))
             self.applied_seq = self.store.last_seq
         return self.store
 
@@ -122,35 +125,15 @@ class Projector:
         await self.open()
         if until_seq is not None and self.applied_seq >= until_seq:
             return
-        queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=self.batch_max * 4)
-
-        async def pump() -> None:
-            async for item in self.log.follow(start_seq=self.applied_seq + 1,
-                                              caught_up=self.caught_up):
-                await queue.put(item)
-
-        async def apply_loop() -> None:
-            while True:
-                batch = [await queue.get()]
-                while len(batch) < self.batch_max and not queue.empty():
-                    batch.append(queue.get_nowait())
+        batches = self.log.follow_batches(start_seq=self.applied_seq + 1,
+                                          caught_up=self.caught_up, max_batch=self.batch_max)
+        try:
+            async for batch in batches:
                 await self.apply(batch)
                 if until_seq is not None and self.applied_seq >= until_seq:
-                    raise _Done
-
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(pump())
-                tg.create_task(apply_loop())
-        except* _Done:
-            pass
-        except* CflowError as group:
-            # Callers handle our errors one at a time, not as a group.
-            raise group.exceptions[0] from None
-
-
-class _Done(Exception):
-    """Internal: the projector reached ``until_seq``."""
+                    return
+        finally:
+            await batches.aclose()
 
 
 async def run_projector(url: str, swarm: str, db_path: str | Path | None,
@@ -288,12 +271,14 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
     await anyio.to_thread.run_sync(_check_free, path, tmp)
     target = await log_.stream_last_seq()
     started = time.perf_counter()
-    projector = Projector(log_, tmp, batch_max=batch_max)
+    projector = Projector(log_, tmp, batch_max=batch_max, replay=True)
     if progress is not None:
         progress(0, target)
         projector.on_batch(lambda seq: progress(seq, target))
     try:
         await projector.run(until_seq=target)
+        store = await projector.open()
+        await projector.db(store.finish)
         applied, quarantined = projector.applied_events, projector.quarantined
     finally:
         await projector.close()
