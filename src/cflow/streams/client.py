@@ -1153,6 +1153,7 @@ class EventLog:
                 headers_only=False,
             )
 
+        loop = asyncio.get_running_loop()
         buffer: list[Msg] = []
         arrived = asyncio.Event()
         room = asyncio.Event()
@@ -1161,7 +1162,8 @@ class EventLog:
 
         async def on_msg(msg: Msg) -> None:
             buffer.append(msg)
-            if len(buffer) >= max_batch or msg.metadata.num_pending == 0:
+            if (len(buffer) == 1 or len(buffer) >= max_batch
+                    or msg.metadata.num_pending == 0):
                 arrived.set()
             if len(buffer) >= limit:
                 room.clear()
@@ -1176,17 +1178,21 @@ class EventLog:
                     caught_up.set()
             last = start_seq - 1
             while True:
-                # Catching up (the server says more are pending), the callback wakes
-                # this loop only once a whole batch waits, or after FILL_WAIT_S: a
-                # backlog is applied in few large batches; live, every message wakes it.
-                while not buffer or (len(buffer) < max_batch
-                                     and buffer[-1].metadata.num_pending > 0):
+                # Catching up (the server says more are pending), take a batch once
+                # max_batch wait or FILL_WAIT_S after the first arrived: a backlog is
+                # applied in few large batches. Live, a burst's last message (nothing
+                # pending) ends the batch at once.
+                deadline: float | None = None
+                while not (buffer and (len(buffer) >= max_batch
+                                       or buffer[-1].metadata.num_pending == 0)):
+                    if buffer and deadline is None:
+                        deadline = loop.time() + FILL_WAIT_S
                     arrived.clear()
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(FILL_WAIT_S if buffer else None):
+                        async with asyncio.timeout_at(deadline):
                             await arrived.wait()
-                    if buffer and not arrived.is_set():
-                        break  # waited FILL_WAIT_S: take what there is
+                    if deadline is not None and loop.time() >= deadline:
+                        break
                 msgs = buffer[:max_batch]
                 del buffer[:max_batch]
                 if len(buffer) < limit:
