@@ -131,7 +131,7 @@ async def queries(nc: Any, tmp: Path, n: int) -> dict[str, float]:
             t0 = time.perf_counter()
             result = await client.query(sql, params=[f"t{k % 2000}"], limit=1)
             alone.append((time.perf_counter() - t0) * 1000)
-            assert result.rows and result.rows[0][0] == f"t{k % 2000}"
+            assert result.rows[:1] == [[f"t{k % 2000}", "ready", 0]], result.rows
             tid = f"w{k}"
             t0 = time.perf_counter()
             written = await log.append(ev.TaskCreated(title=tid), tid, expected=0)
