@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +33,7 @@ from cflow.background import stop_tasks
 from cflow.errors import CflowError, InvalidState
 from cflow.projections import fold
 from cflow.projections.store import ProjectionStore
+from cflow.streams.names import query_subject
 
 if TYPE_CHECKING:
     from cflow.projections.fold import Item
@@ -76,6 +78,11 @@ class Projector:
         self.caught_up = asyncio.Event()
         self._progress = asyncio.Condition()
         self._on_batch: list[Callable[[int], None]] = []
+        # Held while a batch is applied, and while a rebuilt file is swapped in.
+        self._apply_lock = asyncio.Lock()
+        self._on_swap: list[tuple[Callable[[], Awaitable[None]],
+                                  Callable[[], Awaitable[None]]]] = []
+        self.rebuilding: BackgroundRebuild | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the DuckDB thread."""
@@ -107,7 +114,17 @@ class Projector:
                 await self._progress.wait_for(lambda: self.applied_seq >= seq)
         return self.applied_seq >= seq
 
+    def on_swap(self, before: Callable[[], Awaitable[None]],
+                after: Callable[[], Awaitable[None]]) -> None:
+        """Around a background rebuild's swap: ``before`` lets go of the old file's
+        connections (cursors), ``after`` makes them again on the new one."""
+        self._on_swap.append((before, after))
+
     async def apply(self, batch: Sequence[Item]) -> fold.Changes:
+        async with self._apply_lock:
+            return await self._apply(batch)
+
+    async def _apply(self, batch: Sequence[Item]) -> fold.Changes:
         store = await self.open()
         changes = await self.db(store.apply, batch, wall_now())
         self.applied_seq = store.last_seq
@@ -134,6 +151,102 @@ class Projector:
                     return
         finally:
             await batches.aclose()
+
+
+    def rebuild_in_background(
+            self, progress: Callable[[str, int, int], None] | None = None) -> BackgroundRebuild:
+        """Start (or join) a rebuild of this projector's file while it keeps projecting.
+
+        The stream is replayed into a fresh file next to the live one (replay mode,
+        on its own DuckDB thread); the fresh file then follows the stream up to
+        what the live one has applied, the live projector pauses between two
+        batches for the last few events, and the fresh file is swapped in
+        (``os.replace``). Queries wait for the swap; nothing is applied twice or
+        skipped because both files carry their checkpoint.
+        ``progress(phase, seq, target)`` is called with phase ``replay``,
+        ``catch-up`` and ``swapped``.
+        """
+        if self.rebuilding is None or self.rebuilding.task.done():
+            self.rebuilding = BackgroundRebuild(self)
+        if progress is not None:
+            self.rebuilding.listeners.append(progress)
+        return self.rebuilding
+
+
+class BackgroundRebuild:
+    """One rebuild-and-swap of a live projector's file (see Projector.rebuild_in_background)."""
+
+    def __init__(self, live: Projector) -> None:
+        self.live = live
+        self.listeners: list[Callable[[str, int, int], None]] = []
+        self.phase = "starting"
+        self.seq = 0
+        self.target = 0
+        self.started = time.perf_counter()
+        self.swapped = False
+        self.error: str | None = None
+        self.task: asyncio.Task[dict[str, Any]] = asyncio.create_task(self._run())
+
+    def _report(self, phase: str, seq: int) -> None:
+        self.phase, self.seq = phase, seq
+        for listener in list(self.listeners):
+            try:
+                listener(phase, seq, self.target)
+            except Exception:  # a listener must never break the rebuild
+                log.exception("rebuild progress listener failed")
+
+    async def _run(self) -> dict[str, Any]:
+        live = self.live
+        path = live.db_path
+        tmp = path.with_name(f"{path.name}.rebuild-bg-{os.getpid()}")
+        for leftover in (tmp, _wal(tmp)):
+            leftover.unlink(missing_ok=True)
+        shadow = Projector(live.log, tmp, batch_max=live.batch_max,
+                           max_event_bytes=live.max_event_bytes, replay=True)
+        shadow.on_batch(lambda seq: self._report(
+            "replay" if seq <= self.target else "catch-up", seq))
+        try:
+            return await self._replay_and_swap(shadow, tmp)
+        except Exception as exc:
+            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._report("failed", self.seq)
+            raise
+        finally:
+            await shadow.close()
+            if not self.swapped:
+                for leftover in (tmp, _wal(tmp)):
+                    leftover.unlink(missing_ok=True)
+
+    async def _replay_and_swap(self, shadow: Projector, tmp: Path) -> dict[str, Any]:
+        live = self.live
+        path = live.db_path
+        self.target = await live.log.stream_last_seq()
+        self._report("replay", 0)
+        await shadow.run(until_seq=self.target)
+        store = await shadow.open()
+        await shadow.db(store.finish)
+        # Follow the live file without holding it up, then pause it for the tail.
+        await shadow.run(until_seq=live.applied_seq)
+        async with live._apply_lock:
+            await shadow.run(until_seq=live.applied_seq)
+            events, quarantined = shadow.applied_events, shadow.quarantined
+            await shadow.close()
+            for before, _ in live._on_swap:
+                await before()
+            await live.close()
+            try:
+                _wal(path).unlink(missing_ok=True)
+                os.replace(tmp, path)
+                _wal(tmp).unlink(missing_ok=True)
+                self.swapped = True
+            finally:
+                await live.open()
+                for _, after in live._on_swap:
+                    await after()
+        self._report("swapped", live.applied_seq)
+        return {"path": str(path), "last_seq": live.applied_seq, "target": self.target,
+                "events": events, "quarantined": quarantined, "background": True,
+                "seconds": round(time.perf_counter() - self.started, 3)}
 
 
 async def run_projector(url: str, swarm: str, db_path: str | Path | None,
@@ -165,6 +278,10 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
         try:
             if service is not None:
                 await service.start()
+            async def on_rebuild(msg: Any) -> None:
+                await _on_rebuild_request(nc, projector, msg)
+
+            await nc.subscribe(rebuild_subject(swarm), cb=on_rebuild)
             if ready is not None:
                 ready(projector)
             runner = asyncio.create_task(projector.run())
@@ -182,11 +299,58 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
             if runner in done and runner.exception() is not None:
                 raise runner.exception()  # type: ignore[misc]
         finally:
+            if projector.rebuilding is not None:
+                await stop_tasks([projector.rebuilding.task])
             if service is not None:
                 await service.stop()
             await projector.close()
     finally:
         await nc.close()
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def rebuild_subject(swarm: str) -> str:
+    """Where ``cfctl projections rebuild`` asks a running projector to rebuild its file."""
+    return f"{query_subject(swarm)}.rebuild"
+
+
+async def _on_rebuild_request(nc: Any, projector: Projector, msg: Any) -> None:
+    """``{"db": path or null, "progress_to": subject or null}`` -> start (or join) a
+    background rebuild; progress goes to ``progress_to`` as JSON lines:
+    ``{"phase", "seq", "target"}``, then ``{"phase": "done", "result"}`` or
+    ``{"phase": "failed", "error"}``. A request naming another file is not answered."""
+    try:
+        request = json.loads(msg.data or b"{}")
+        db = request.get("db")
+        progress_to = request.get("progress_to")
+    except (ValueError, AttributeError):
+        await msg.respond(json.dumps({"ok": False, "error": "bad rebuild request"}).encode())
+        return
+    if db and not _same_path(db, projector.db_path):
+        return  # another projector's file
+
+    def send(body: dict[str, Any]) -> None:
+        if progress_to:
+            task = asyncio.ensure_future(nc.publish(progress_to, json.dumps(body).encode()))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    job = projector.rebuild_in_background(
+        lambda phase, seq, target: send({"phase": phase, "seq": seq, "target": target}))
+
+    def finished(task: asyncio.Task[dict[str, Any]]) -> None:
+        if task.cancelled():
+            send({"phase": "failed", "error": "the projector stopped during the rebuild"})
+        elif task.exception() is not None:
+            send({"phase": "failed", "error": job.error or "rebuild failed"})
+        else:
+            send({"phase": "done", "result": task.result()})
+
+    job.task.add_done_callback(finished)
+    await msg.respond(json.dumps({"ok": True, "path": str(projector.db_path),
+                                  "phase": job.phase}).encode())
 
 
 async def serve_for_up(running: Any) -> None:
@@ -237,6 +401,75 @@ async def _maintain(nc: Any, swarm: str, ident: str) -> None:
 
 def _wal(path: Path) -> Path:
     return path.with_name(path.name + ".wal")
+
+
+def file_in_use(path: str | Path) -> bool:
+    """Whether another process holds the database file (blocking: call on a thread)."""
+    from cflow.projections import store as store_mod
+
+    if not Path(path).exists():
+        return False
+    try:
+        con = store_mod.connect(path)
+    except CflowError:
+        return True
+    con.close()
+    return False
+
+
+async def rebuild_running(nc: Any, swarm: str, db_path: str | Path, *,
+                          progress: Callable[[int, int], None] | None = None,
+                          idle_s: float = 120.0) -> dict[str, Any]:
+    """Ask the running projector that holds ``db_path`` to rebuild it in the background
+    and swap it in (``Projector.rebuild_in_background``); follow its progress.
+
+    Raises:
+        InvalidState: no running projector of this swarm holds the file, or the rebuild failed.
+        Unavailable: the projector went silent for ``idle_s`` seconds.
+    """
+    import nats.errors
+
+    from cflow.errors import Unavailable
+
+    path = Path(db_path)
+    inbox = nc.new_inbox()
+    updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_update(msg: Any) -> None:
+        with contextlib.suppress(ValueError):
+            updates.put_nowait(json.loads(msg.data))
+
+    sub = await nc.subscribe(inbox, cb=on_update)
+    try:
+        body = json.dumps({"db": str(await anyio.to_thread.run_sync(path.resolve)),
+                           "progress_to": inbox}).encode()
+        try:
+            reply = json.loads((await nc.request(rebuild_subject(swarm), body, timeout=3.0)).data)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+            raise InvalidState(f"cannot rebuild {path}: it is open elsewhere, and no running "
+                               f"projector of swarm {swarm} holds it (stop that process "
+                               "first)", path=str(path)) from None
+        if not reply.get("ok"):
+            raise InvalidState(f"cannot rebuild {path}: {reply.get('error')}", path=str(path))
+        while True:
+            try:
+                async with asyncio.timeout(idle_s):
+                    update = await updates.get()
+            except TimeoutError:
+                raise Unavailable(f"the projector holding {path} sent no rebuild progress "
+                                  f"for {idle_s:g} s") from None
+            phase = update.get("phase")
+            if phase == "done":
+                result: dict[str, Any] = update["result"]
+                return result
+            if phase == "failed":
+                raise InvalidState(f"background rebuild of {path} failed: "
+                                   f"{update.get('error')}", path=str(path))
+            if progress is not None:
+                progress(int(update.get("seq", 0)), int(update.get("target", 0)))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 def _check_free(path: Path, tmp: Path) -> None:
@@ -292,4 +525,5 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
             "quarantined": quarantined, "seconds": round(time.perf_counter() - started, 3)}
 
 
-__all__ = ["DEFAULT_BATCH_MAX", "Projector", "default_db_path", "rebuild", "run_projector"]
+__all__ = ["DEFAULT_BATCH_MAX", "BackgroundRebuild", "Projector", "default_db_path",
+           "file_in_use", "rebuild", "rebuild_running", "rebuild_subject", "run_projector"]
