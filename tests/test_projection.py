@@ -221,6 +221,10 @@ def checkpoint_of(db: Path) -> int:
         return 0
     con = connect(db)  # replays the WAL a kill -9 left behind
     try:
+        found = con.execute("SELECT count(*) FROM duckdb_tables() "
+                            "WHERE table_name = 'checkpoint'").fetchone()
+        if found != (1,):
+            return 0  # killed before its schema was committed
         row = con.execute("SELECT last_seq FROM checkpoint").fetchone()
         return int(row[0]) if row else 0
     finally:
