@@ -287,11 +287,16 @@ class BatchFold:
                 self.rows[table][key] = value
                 self.dirty[table].add(key)
 
-    def changes(self) -> Changes:
+    def changes(self, *, rows_only: bool = False) -> Changes:
+        """The batch's rows; ``rows_only`` leaves ``upserts`` empty (a replay writes
+        keyed rows once, at its end, from ``rows``)."""
         out = self.out
         working: dict[str, dict[Any, Row]] = {
             "tasks": self.tasks, "task_attempts": self.attempts, **self.rows}
         for table, rows in working.items():
+            if rows_only:
+                out.rows[table] = {k: rows[k] for k in self.dirty[table]}
+                continue
             final = {k: rows[k] for k in sorted(self.dirty[table])}
             out.rows[table] = final
             out.upserts[table] = [row_tuple(table, row) for row in final.values()]
@@ -560,12 +565,13 @@ _ENDINGS: dict[type[ev.EventData], str] = {
 
 
 def fold_batch(items: Sequence[Item], snapshot: Snapshot, *, seen_at: datetime,
-               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Changes:
+               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               rows_only: bool = False) -> Changes:
     """Fold ``items`` (in stream order) over ``snapshot``; return the rows to write."""
     batch = BatchFold(snapshot, seen_at=seen_at, max_event_bytes=max_event_bytes)
     for item in items:
         batch.add(item)
-    return batch.changes()
+    return batch.changes(rows_only=rows_only)
 
 
 __all__ = [

@@ -202,9 +202,8 @@ class BackgroundRebuild:
         for leftover in (tmp, _wal(tmp)):
             leftover.unlink(missing_ok=True)
         shadow = Projector(live.log, tmp, batch_max=live.batch_max,
-                           max_event_bytes=live.max_event_bytes, replay=True)
-        shadow.on_batch(lambda seq: self._report(
-            "replay" if seq <= self.target else "catch-up", seq))
+                           max_event_bytes=live.max_event_bytes)
+        shadow.on_batch(lambda seq: self._report("catch-up", seq))
         try:
             return await self._replay_and_swap(shadow, tmp)
         except Exception as exc:
@@ -222,14 +221,17 @@ class BackgroundRebuild:
         path = live.db_path
         self.target = await live.log.stream_last_seq()
         self._report("replay", 0)
-        await shadow.run(until_seq=self.target)
-        store = await shadow.open()
-        await shadow.db(store.finish)
+        # The replay runs in a child process: this one keeps projecting meanwhile.
+        events, quarantined = await _replay(
+            live.log, tmp, self.target, batch_max=live.batch_max,
+            max_event_bytes=live.max_event_bytes, split=True,
+            progress=lambda seq, _target: self._report("replay", seq))
         # Follow the live file without holding it up, then pause it for the tail.
         await shadow.run(until_seq=live.applied_seq)
         async with live._apply_lock:
             await shadow.run(until_seq=live.applied_seq)
-            events, quarantined = shadow.applied_events, shadow.quarantined
+            events += shadow.applied_events
+            quarantined += shadow.quarantined
             await shadow.close()
             for before, _ in live._on_swap:
                 await before()
@@ -403,6 +405,30 @@ def _wal(path: Path) -> Path:
     return path.with_name(path.name + ".wal")
 
 
+async def _replay(log_: EventLog, tmp: Path, target: int, *, batch_max: int,
+                  max_event_bytes: int, split: bool,
+                  progress: Callable[[int, int], None] | None) -> tuple[int, int]:
+    """Replay sequences 1..target into the fresh file ``tmp``: (events, quarantined)."""
+    if split:
+        from cflow.projections.replay import replay_into
+
+        done = await replay_into(
+            log_, tmp, target, batch_max=batch_max, max_event_bytes=max_event_bytes,
+            progress=None if progress is None else (lambda seq: progress(seq, target)))
+        return done["events"], done["quarantined"]
+    projector = Projector(log_, tmp, batch_max=batch_max, max_event_bytes=max_event_bytes,
+                          replay=True)
+    if progress is not None:
+        projector.on_batch(lambda seq: progress(seq, target))
+    try:
+        await projector.run(until_seq=target)
+        store = await projector.open()
+        await projector.db(store.finish)
+        return projector.applied_events, projector.quarantined
+    finally:
+        await projector.close()
+
+
 def file_in_use(path: str | Path) -> bool:
     """Whether another process holds the database file (blocking: call on a thread)."""
     from cflow.projections import store as store_mod
@@ -489,11 +515,14 @@ def _check_free(path: Path, tmp: Path) -> None:
 
 async def rebuild(log_: EventLog, db_path: str | Path, *,
                   progress: Callable[[int, int], None] | None = None,
-                  batch_max: int = DEFAULT_BATCH_MAX) -> dict[str, Any]:
+                  batch_max: int = DEFAULT_BATCH_MAX,
+                  split: bool = True) -> dict[str, Any]:
     """Replay the stream from sequence 1 into a fresh file, then swap it in atomically.
 
     The target is the stream's last sequence when the rebuild starts; the live
-    projector (if any) must not hold the file.
+    projector (if any) must not hold the file. With ``split`` (the default) this
+    process reads the stream and a child process folds and writes
+    (:mod:`cflow.projections.replay`); without, both happen here.
 
     Raises:
         InvalidState: the database is open in another process.
@@ -504,17 +533,16 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
     await anyio.to_thread.run_sync(_check_free, path, tmp)
     target = await log_.stream_last_seq()
     started = time.perf_counter()
-    projector = Projector(log_, tmp, batch_max=batch_max, replay=True)
     if progress is not None:
         progress(0, target)
-        projector.on_batch(lambda seq: progress(seq, target))
     try:
-        await projector.run(until_seq=target)
-        store = await projector.open()
-        await projector.db(store.finish)
-        applied, quarantined = projector.applied_events, projector.quarantined
-    finally:
-        await projector.close()
+        applied, quarantined = await _replay(log_, tmp, target, batch_max=batch_max,
+                                             max_event_bytes=fold.DEFAULT_MAX_EVENT_BYTES,
+                                             split=split, progress=progress)
+    except BaseException:
+        for leftover in (tmp, _wal(tmp)):
+            leftover.unlink(missing_ok=True)
+        raise
     # Drop the old WAL first: the new file must never be replayed with it. A crash
     # between the two steps leaves the old file without its unflushed tail, which
     # is still consistent (its checkpoint went with the same commits).

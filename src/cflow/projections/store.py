@@ -335,7 +335,8 @@ class ProjectionStore:
         try:
             snap = self.snapshot(items)
             changes = fold.fold_batch(items, snap, seen_at=seen_at,
-                                      max_event_bytes=self.max_event_bytes)
+                                      max_event_bytes=self.max_event_bytes,
+                                      rows_only=self.replay)
             self._write(changes, seen_at, snap)
             con.execute("COMMIT")
         except BaseException:

@@ -441,6 +441,19 @@ class BadMessage:
     time_ms: int = 0
 
 
+RawDelivery = tuple[int, str, bytes, int]  # (stream seq, subject, data, server time ms)
+
+
+def decode_delivery(seq: int, subject: str, data: bytes, time_ms: int = 0
+                    ) -> StoredEvent | BadMessage:
+    """One delivered message as a stored event, or a bad message to quarantine (no I/O)."""
+    try:
+        event = ev.decode(data, subject)
+    except MalformedEvent as exc:
+        return BadMessage(seq, subject, data, str(exc), time_ms)
+    return StoredEvent(seq, subject, event, time_ms)
+
+
 @dataclass(frozen=True)
 class KvEntry:
     key: str
@@ -1143,6 +1156,33 @@ class EventLog:
         A batch holds at most ``max_batch`` items; while ``4 * max_batch`` wait
         unread, the callback waits, which holds back the consumer's flow control.
         """
+        raw_batches = self.follow_raw_batches(filter_subject, start_seq=start_seq,
+                                              caught_up=caught_up, max_batch=max_batch)
+        try:
+            async for raw in raw_batches:
+                batch = [decode_delivery(seq, subject, data, time_ms)
+                         for seq, subject, data, time_ms in raw]
+                newest_ms = max(item[3] for item in raw)
+                if newest_ms:
+                    self.server_clock.observe(newest_ms)
+                self._observe_batch(batch)
+                yield batch
+        finally:
+            await raw_batches.aclose()
+
+    async def follow_raw_batches(
+        self,
+        filter_subject: str | None = None,
+        *,
+        start_seq: int = 1,
+        caught_up: asyncio.Event | None = None,
+        max_batch: int = 5000,
+    ) -> AsyncGenerator[list[RawDelivery], None]:
+        """:meth:`follow_batches` undecoded: lists of ``(seq, subject, data, time_ms)``.
+
+        Nothing is decoded and no HLC is observed (a rebuild decodes in another
+        process); the buffering, batching and flow control are the same.
+        """
         subject = filter_subject or names.events_filter(self.swarm)
 
         def config() -> ConsumerConfig:
@@ -1197,8 +1237,7 @@ class EventLog:
                 del buffer[:max_batch]
                 if len(buffer) < limit:
                     room.set()
-                batch: list[StoredEvent | BadMessage] = []
-                newest_ms = 0
+                batch: list[RawDelivery] = []
                 caught = False
                 for msg in msgs:
                     meta = msg.metadata
@@ -1208,17 +1247,7 @@ class EventLog:
                     if seq <= last:
                         continue
                     last = seq
-                    time_ms = datetime_ms(meta.timestamp)
-                    newest_ms = max(newest_ms, time_ms)
-                    try:
-                        event = ev.decode(msg.data, msg.subject)
-                    except MalformedEvent as exc:
-                        batch.append(BadMessage(seq, msg.subject, msg.data, str(exc), time_ms))
-                        continue
-                    batch.append(StoredEvent(seq, msg.subject, event, time_ms))
-                if newest_ms:
-                    self.server_clock.observe(newest_ms)
-                self._observe_batch(batch)
+                    batch.append((seq, msg.subject, msg.data, datetime_ms(meta.timestamp)))
                 if caught and caught_up is not None:
                     caught_up.set()
                 if batch:
