@@ -516,13 +516,14 @@ def _check_free(path: Path, tmp: Path) -> None:
 async def rebuild(log_: EventLog, db_path: str | Path, *,
                   progress: Callable[[int, int], None] | None = None,
                   batch_max: int = DEFAULT_BATCH_MAX,
-                  split: bool = True) -> dict[str, Any]:
+                  split: bool = False) -> dict[str, Any]:
     """Replay the stream from sequence 1 into a fresh file, then swap it in atomically.
 
     The target is the stream's last sequence when the rebuild starts; the live
-    projector (if any) must not hold the file. With ``split`` (the default) this
-    process reads the stream and a child process folds and writes
-    (:mod:`cflow.projections.replay`); without, both happen here.
+    projector (if any) must not hold the file. With ``split`` this process reads
+    the stream and a child process folds and writes (:mod:`cflow.projections.replay`);
+    by default both happen here: on this 2-core machine under load the split was
+    measured no faster (5.6-11 s vs 6.5-13 s for 100k events, alternating runs).
 
     Raises:
         InvalidState: the database is open in another process.
