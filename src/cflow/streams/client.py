@@ -1153,8 +1153,7 @@ class EventLog:
         message), and the HLC receive rule is applied once per batch to its
         latest stamp (stamps sort as time; a batch whose latest stamp is refused
         is observed event by event, so refusals are still counted one by one).
-        A batch holds at most ``max_batch`` items; while ``4 * max_batch`` wait
-        unread, the callback waits, which holds back the consumer's flow control.
+        A batch holds at most ``max_batch`` items.
         """
         raw_batches = self.follow_raw_batches(filter_subject, start_seq=start_seq,
                                               caught_up=caught_up, max_batch=max_batch)
@@ -1194,20 +1193,17 @@ class EventLog:
             )
 
         loop = asyncio.get_running_loop()
+        # Unbounded, like follow()'s queue: a callback that waited for room would
+        # hold back the ordered consumer's flow-control replies and heartbeats,
+        # and a 1M-event replay stalled that way.
         buffer: list[Msg] = []
         arrived = asyncio.Event()
-        room = asyncio.Event()
-        room.set()
-        limit = 4 * max_batch
 
         async def on_msg(msg: Msg) -> None:
             buffer.append(msg)
             if (len(buffer) == 1 or len(buffer) >= max_batch
                     or msg.metadata.num_pending == 0):
                 arrived.set()
-            if len(buffer) >= limit:
-                room.clear()
-                await room.wait()
 
         sub, info = await self._ordered_subscription(subject, self.stream, on_msg, config,
                                                      with_info=caught_up is not None)
@@ -1235,8 +1231,6 @@ class EventLog:
                         break
                 msgs = buffer[:max_batch]
                 del buffer[:max_batch]
-                if len(buffer) < limit:
-                    room.set()
                 batch: list[RawDelivery] = []
                 caught = False
                 for msg in msgs:
@@ -1253,7 +1247,6 @@ class EventLog:
                 if batch:
                     yield batch
         finally:
-            room.set()
             with contextlib.suppress(nats.errors.Error, OSError):
                 await sub.unsubscribe()
 
