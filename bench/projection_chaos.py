@@ -4,7 +4,7 @@
 ``tests/test_projection.py::test_kill_9_under_the_batched_path`` with
 ``CFLOW_CHAOS_EVENTS=N`` (default 200,000): ten kill -9s of a projector process
 while the events are appended, then the final database must equal a fresh
-rebuild, every event applied once. The suite runs the same test with 60,000
+rebuild, every event applied once. The suite runs the same test with 30,000
 events to stay inside its time budget. Prints the pytest outcome and duration.
 """
 
