@@ -300,7 +300,8 @@ async def kill_9_run(log: EventLog, nats_url: str, tmp_path: Path, *, total: int
         for _ in range(100):  # the service answers once the final projector is up
             try:
                 result = await client.query("SELECT last_seq FROM checkpoint", limit=1,
-                                            wait_for_seq=last, timeout_s=20)
+                                            wait_for_seq=last,
+                                            timeout_s=min(120, max(20, total / 2000)))
                 break
             except Unavailable:  # until the final projector subscribed
                 await asyncio.sleep(0.1)
