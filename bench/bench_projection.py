@@ -11,11 +11,17 @@ projection``. Figures (all from the same run):
   table's rows of the same events through ``executemany`` in one transaction.
   ``events_appender_rows_per_s`` is the same rows through the appender.
 * ``ingest_e2e_events_per_s`` = ``rebuild_events / rebuild_s``: a rebuild from
-  NATS (ordered push consumer, decode, HLC receive rule, fold, DuckDB) into a
-  fresh file, including the atomic swap. 1M events (``--quick``: 100k).
+  NATS (batched ordered consumer, bulk decode, replay-mode fold and appends) into
+  a fresh file, including the atomic swap. 1M events (``--quick``: 100k).
+  Beside it, same stream and run: ``rebuild_split_s`` (this process reads, a
+  child process decodes, folds and writes: ``split=True``) and
+  ``raw_read_events_per_s`` (the reading side alone, nothing decoded).
 * ``lag_p50_ms``, ``lag_p99_ms``, ``lag_max_ms``: a live projector while events
-  are appended at a steady 1,000 events/s (10 every 10 ms); lag = commit of the
-  batch holding an event minus the moment its append was sent.
+  are appended at a steady 1,000 events/s (10 every 10 ms) from this same
+  process; lag = commit of the batch holding an event minus the moment its
+  append was sent.
+* ``lag_1k_*``, ``lag_10k_*``, ``query_*``: ``bench/projection_live.py`` (the
+  producer in its own process; query round trips with read-your-writes).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench import projection_live
 from cflow import events as ev
 from cflow.hlc import HybridClock
 from cflow.projections import fold, schema
@@ -158,6 +165,19 @@ async def fill(log: EventLog, items: list[tuple[ev.EventData, str]]) -> None:
         await log.append_many([(log.event(d, e), None) for d, e in items[i:i + chunk]])
 
 
+async def raw_read(log: EventLog, n: int) -> float:
+    """Events/s of the rebuild's reading side alone (ordered consumer, batched, undecoded)."""
+    started = time.perf_counter()
+    batches = log.follow_raw_batches(max_batch=20_000)
+    try:
+        async for batch in batches:
+            if batch[-1][0] >= n:
+                break
+    finally:
+        await batches.aclose()
+    return n / (time.perf_counter() - started)
+
+
 async def lag(log: EventLog, tmp: Path, seconds: float, rate: int = 1000) -> list[float]:
     items = workload(int(seconds * rate) + 10, seed=3)
     sent: dict[int, float] = {}
@@ -236,10 +256,14 @@ async def run(url: str | None = None, quick: bool = False,
             started = time.perf_counter()
             await fill(log, workload(n_rebuild))
             out["append_events_per_s"] = n_rebuild / (time.perf_counter() - started)
+            out["raw_read_events_per_s"] = await raw_read(log, n_rebuild)
+            split = await rebuild(log, tmp / "rebuilt-split.duckdb", split=True)
+            out["rebuild_split_s"] = float(split["seconds"])
             result = await rebuild(log, tmp / "rebuilt.duckdb")
             out["rebuild_s"] = float(result["seconds"])
             out["rebuild_events"] = float(result["events"])
             out["ingest_e2e_events_per_s"] = result["events"] / max(result["seconds"], 1e-9)
+            out["rebuild_1m_projected_s"] = 1_000_000 / out["ingest_e2e_events_per_s"]
 
             lag_swarm = f"benchlag{os.getpid()}"
             await ensure_swarm(nc, lag_swarm)
@@ -251,6 +275,7 @@ async def run(url: str | None = None, quick: bool = False,
             out["lag_events"] = float(len(lags))
         finally:
             await nc.close()
+        out.update(await projection_live.run(url, quick, tmp))
     finally:
         if server is not None:
             server.stop()

@@ -19,7 +19,7 @@ from cflow import events as ev
 from cflow.errors import InvalidState, Unavailable
 from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
-from cflow.projections.query import QueryClient
+from cflow.projections.query import QueryClient, QueryService
 from cflow.projections.store import ProjectionStore, connect, table_rows
 from cflow.streams import EventLog
 
@@ -118,6 +118,59 @@ async def test_rebuild_refuses_a_file_in_use(log: EventLog, tmp_path: Path) -> N
             holder.stdout.close()
 
 
+async def test_background_rebuild_swaps_under_a_running_projector(
+        log: EventLog, tmp_path: Path) -> None:
+    """Rebuild-and-swap while the projector applies new events and answers queries."""
+    base = await log.stream_last_seq()
+    items = history(base, 5000, seed=9)
+    for i in range(0, 3000, 500):
+        await log.append_many([(log.event(d, e), None) for d, e in items[i:i + 500]])
+    path = tmp_path / "live.duckdb"
+    p = Projector(log, path, batch_max=500)
+    service = QueryService(log.nc, log.swarm, p, server_id="live")
+    await service.start()
+    runner = asyncio.create_task(p.run())
+    try:
+        assert await p.wait_for(base + 3000, 30)
+        before = os.stat(path).st_ino
+        seen: list[tuple[str, int, int]] = []
+        job = p.rebuild_in_background(lambda phase, seq, target: seen.append(
+            (phase, seq, target)))
+        assert p.rebuild_in_background() is job  # a second request joins the running one
+        client = QueryClient(log.nc, log.swarm)
+        for i in range(3000, 5000, 250):  # the stream moves on during the rebuild
+            await log.append_many([(log.event(d, e), None) for d, e in items[i:i + 250]])
+            result = await client.query("SELECT count(*) FROM events")
+            assert result.rows[0][0] >= 3000
+        result_of_job = await asyncio.wait_for(job.task, 60)
+        assert os.stat(path).st_ino != before
+        assert not list(tmp_path.glob("*.rebuild-*"))
+        phases = [phase for phase, _, _ in seen]
+        assert phases[0] == "replay" and phases[-1] == "swapped" and "failed" not in phases
+        seqs = [seq for _, seq, _ in seen]
+        assert seqs == sorted(seqs)
+        assert seen[0][2] >= base + 3000 and result_of_job["target"] == seen[0][2]
+        last = base + 5000
+        result = await client.query("SELECT count(*), max(seq) FROM events",
+                                    wait_for_seq=last, timeout_s=20)
+        assert result.rows == [[5000, last]]  # nothing lost or doubled across the swap
+        store = await p.open()
+        live_rows = await p.db(lambda: {t: table_rows(store.con, t) for t in schema.TABLES})
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await service.stop()
+        await p.close()
+    fresh = tmp_path / "fresh.duckdb"
+    await rebuild(log, fresh)
+    b = ProjectionStore(fresh)
+    try:
+        for table in schema.TABLES:
+            assert live_rows[table] == table_rows(b.con, table), table
+    finally:
+        b.close()
+
+
 # ----------------------------------------------------------------------- chaos
 
 
@@ -166,20 +219,49 @@ def history(base_seq: int, n_events: int, seed: int) -> list[ev.EventData | tupl
 def checkpoint_of(db: Path) -> int:
     if not db.exists():
         return 0
-    store = ProjectionStore(db)  # replays the WAL a kill -9 left behind
+    con = connect(db)  # replays the WAL a kill -9 left behind
     try:
-        return store.read_checkpoint()
+        found = con.execute("SELECT count(*) FROM duckdb_tables() "
+                            "WHERE table_name = 'checkpoint'").fetchone()
+        if found != (1,):
+            return 0  # killed before its schema was committed
+        row = con.execute("SELECT last_seq FROM checkpoint").fetchone()
+        return int(row[0]) if row else 0
     finally:
-        store.close()
+        con.close()
 
 
 @pytest.mark.chaos
 async def test_kill_9_never_skips_or_repeats(
         log: EventLog, nats_url: str, tmp_path: Path) -> None:
-    total, chunk, kills = 20_000, 500, 10
+    await kill_9_run(log, nats_url, tmp_path, total=20_000, chunk=500, pause_s=0.35,
+                     batch=400, budget_s=60)
+
+
+@pytest.mark.chaos
+async def test_kill_9_under_the_batched_path(
+        log: EventLog, nats_url: str, tmp_path: Path) -> None:
+    """The same invariant with the default (5,000) batches filled from a backlog.
+
+    30,000 events here (the suite's time budget); ``python -m bench.projection_chaos``
+    runs this test with 200,000 (``CFLOW_CHAOS_EVENTS``).
+    """
+    total = int(os.environ.get("CFLOW_CHAOS_EVENTS", "30000"))
+    await kill_9_run(log, nats_url, tmp_path, total=total, chunk=5000, pause_s=0.05,
+                     batch=5000, budget_s=60 + total / 1000, min_completed=total // 20,
+                     kill_after_s=(0.2, 0.8))
+
+
+async def kill_9_run(log: EventLog, nats_url: str, tmp_path: Path, *, total: int, chunk: int,
+                     pause_s: float, batch: int, budget_s: float,
+                     min_completed: int = 1000,
+                     kill_after_s: tuple[float, float] = (0.3, 1.5)) -> None:
+    """Ten kill -9s of a projector process while ``total`` events are appended; then the
+    final database equals a fresh rebuild, with every event applied exactly once."""
+    kills = 10
     db = tmp_path / "chaos.duckdb"
     env = {**os.environ, "CFLOW_URL": nats_url, "CFLOW_SWARM": log.swarm}
-    cmd = [sys.executable, "-m", "cflow.projections", "--db", str(db), "--batch", "400",
+    cmd = [sys.executable, "-m", "cflow.projections", "--db", str(db), "--batch", str(batch),
            "--no-reap"]  # a reaper would add its own events to the count
     base = await log.stream_last_seq()
     items = history(base, total, seed=5)
@@ -189,7 +271,7 @@ async def test_kill_9_never_skips_or_repeats(
     async def produce() -> None:
         for i in range(0, total, chunk):
             await log.append_many([(log.event(d, e), None) for d, e in items[i:i + chunk]])
-            await asyncio.sleep(0.35)
+            await asyncio.sleep(pause_s)
 
     producer = asyncio.create_task(produce())
     procs: list[subprocess.Popen[bytes]] = []
@@ -201,7 +283,7 @@ async def test_kill_9_never_skips_or_repeats(
             assert proc.stderr is not None
             line = await asyncio.to_thread(proc.stderr.readline)
             assert line.startswith(b"projector ready"), line
-            await asyncio.sleep(rng.uniform(0.3, 1.5))
+            await asyncio.sleep(rng.uniform(*kill_after_s))
             proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
             checkpoints.append(await asyncio.to_thread(checkpoint_of, db))
@@ -218,14 +300,15 @@ async def test_kill_9_never_skips_or_repeats(
         for _ in range(100):  # the service answers once the final projector is up
             try:
                 result = await client.query("SELECT last_seq FROM checkpoint", limit=1,
-                                            wait_for_seq=last, timeout_s=20)
+                                            wait_for_seq=last,
+                                            timeout_s=min(120, max(20, total / 2000)))
                 break
             except Unavailable:  # until the final projector subscribed
                 await asyncio.sleep(0.1)
         assert result.rows == [[last]]
         final.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(final.wait, 20) == 0
-        assert time.monotonic() - started < 60  # the chaos phase stays bounded
+        assert time.monotonic() - started < budget_s  # the chaos phase stays bounded
     finally:
         producer.cancel()
         for proc in procs:
@@ -244,7 +327,8 @@ async def test_kill_9_never_skips_or_repeats(
         for table in schema.TABLES:
             assert table_rows(a.con, table) == table_rows(b.con, table), table
         assert a.fetch("SELECT count(*) FROM quarantine") == [(0,)]
-        assert a.fetch("SELECT count(*) FROM tasks WHERE status = 'completed'")[0][0] > 1000
+        completed = a.fetch("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        assert completed[0][0] > min_completed
     finally:
         a.close()
         b.close()
@@ -267,6 +351,15 @@ async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[s
         assert line.startswith(b"projector: swarm " + log.swarm.encode()), line
         result = await QueryClient(log.nc, log.swarm).query(
             "SELECT count(*) FROM tasks", wait_for_seq=last)
+        assert result.rows == [[5]]
+        before = os.stat(db).st_ino
+        done = await asyncio.to_thread(
+            subprocess.run, [*cfctl, "--json", "projections", "rebuild", "--db", str(db)],
+            env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert '"background": true' in done.stdout and '"events": 5' in done.stdout
+        assert os.stat(db).st_ino != before  # the running projector swapped the file
+        result = await QueryClient(log.nc, log.swarm).query("SELECT count(*) FROM tasks")
         assert result.rows == [[5]]
     finally:
         if proc.returncode is None:

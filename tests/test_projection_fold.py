@@ -270,7 +270,7 @@ def test_task_rows_match_the_state_machine(steps: list[tuple[str, bool, int]], d
         state = expected
         reclaims += isinstance(data, ev.TaskLeaseExpired)
         failures += isinstance(data, ev.TaskFailed)
-        assert fold._tuple("tasks", row) == fold.task_row(
+        assert fold.row_tuple("tasks", row) == fold.task_row(
             fold.TaskRecord(state, reclaims, failures))
 
 

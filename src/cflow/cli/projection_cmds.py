@@ -94,10 +94,15 @@ def projector_cmd(
 
 @projections_app.command("rebuild")
 def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
-    """Replay the whole stream into a fresh file and swap it in atomically."""
+    """Replay the whole stream into a fresh file and swap it in atomically.
+
+    If a running projector holds the file, it rebuilds in the background and swaps
+    the fresh file in itself (it keeps projecting and answering queries meanwhile).
+    """
+    import anyio.to_thread
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from cflow.projections.projector import rebuild
+    from cflow.projections.projector import file_in_use, rebuild, rebuild_running
     from cflow.swarm import Swarm
 
     c = state(ctx)
@@ -114,11 +119,16 @@ def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
                 def progress(seq: int, total: int) -> None:
                     bar.update(task, completed=seq, total=total)
 
+                if await anyio.to_thread.run_sync(file_in_use, path):
+                    bar.update(task, description="rebuilding in the running projector")
+                    return await rebuild_running(swarm.log.nc, c.swarm, path,
+                                                 progress=progress)
                 return await rebuild(swarm.log, path, progress=progress)
 
     result = run(ctx, body)
-    emit(ctx, result, f"rebuilt {result['path']}: {result['events']} events up to sequence "
-                      f"{result['last_seq']} ({result['quarantined']} quarantined) in "
+    where = " by the running projector, swapped in" if result.get("background") else ""
+    emit(ctx, result, f"rebuilt {result['path']}{where}: {result['events']} events up to "
+                      f"sequence {result['last_seq']} ({result['quarantined']} quarantined) in "
                       f"{result['seconds']} s")
 
 

@@ -112,7 +112,8 @@ def task_row(rec: TaskRecord) -> tuple[Any, ...]:
 _ROW_GETTERS = {table: itemgetter(*cols) for table, cols in schema.COLUMNS.items()}
 
 
-def _tuple(table: str, row: Row) -> tuple[Any, ...]:
+def row_tuple(table: str, row: Row) -> tuple[Any, ...]:
+    """A keyed row (a dict) as a tuple in the table's column order."""
     values: tuple[Any, ...] = _ROW_GETTERS[table](row)
     return values
 
@@ -286,14 +287,19 @@ class BatchFold:
                 self.rows[table][key] = value
                 self.dirty[table].add(key)
 
-    def changes(self) -> Changes:
+    def changes(self, *, rows_only: bool = False) -> Changes:
+        """The batch's rows; ``rows_only`` leaves ``upserts`` empty (a replay writes
+        keyed rows once, at its end, from ``rows``)."""
         out = self.out
         working: dict[str, dict[Any, Row]] = {
             "tasks": self.tasks, "task_attempts": self.attempts, **self.rows}
         for table, rows in working.items():
+            if rows_only:
+                out.rows[table] = {k: rows[k] for k in self.dirty[table]}
+                continue
             final = {k: rows[k] for k in sorted(self.dirty[table])}
             out.rows[table] = final
-            out.upserts[table] = [_tuple(table, row) for row in final.values()]
+            out.upserts[table] = [row_tuple(table, row) for row in final.values()]
         return out
 
     def _quarantine(self, seq: int, subject: str, raw: bytes, error: str) -> None:
@@ -561,12 +567,13 @@ _ENDINGS: dict[type[ev.EventData], str] = {
 
 
 def fold_batch(items: Sequence[Item], snapshot: Snapshot, *, seen_at: datetime,
-               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Changes:
+               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               rows_only: bool = False) -> Changes:
     """Fold ``items`` (in stream order) over ``snapshot``; return the rows to write."""
     batch = BatchFold(snapshot, seen_at=seen_at, max_event_bytes=max_event_bytes)
     for item in items:
         batch.add(item)
-    return batch.changes()
+    return batch.changes(rows_only=rows_only)
 
 
 __all__ = [
@@ -582,5 +589,6 @@ __all__ = [
     "hlc_wall_ms",
     "keys_of",
     "ms_of",
+    "row_tuple",
     "task_row",
 ]

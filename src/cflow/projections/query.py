@@ -216,9 +216,8 @@ class QueryService:
         self._decoder = msgspec.json.Decoder(QueryRequest)
 
     async def start(self) -> None:
-        store = await self.projector.open()
-        for _ in range(QUERY_THREADS):
-            self._cursors.put_nowait(await self.projector.db(store.cursor))
+        await self._renew_cursors()
+        self.projector.on_swap(self._release_cursors, self._renew_cursors)
         self._sub = await self.nc.subscribe(self.subject, queue=self.queue, cb=self._on_request)
         await self.nc.flush()
 
@@ -233,6 +232,17 @@ class QueryService:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         while not self._cursors.empty():
             cursor = self._cursors.get_nowait()
+            await self.projector.db(cursor.close)
+
+    async def _renew_cursors(self) -> None:
+        store = await self.projector.open()
+        for _ in range(QUERY_THREADS):
+            self._cursors.put_nowait(await self.projector.db(store.cursor))
+
+    async def _release_cursors(self) -> None:
+        """Before a rebuilt file is swapped in: wait for running queries, close their cursors."""
+        for _ in range(QUERY_THREADS):
+            cursor = await self._cursors.get()
             await self.projector.db(cursor.close)
 
     async def _on_request(self, msg: Msg) -> None:
