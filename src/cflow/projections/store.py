@@ -149,7 +149,7 @@ class ProjectionStore:
         # Replay (a rebuild into a fresh, private file): keyed rows stay in memory
         # and are appended once by finish(); only a finished file is ever used.
         self.replay = replay
-        self._unwritten: dict[str, dict[Any, dict[str, Any]]] = {
+        self._unwritten: dict[str, dict[Any, tuple[Any, ...]]] = {
             t: {} for t in schema.UPSERTED}
         # A cancelled caller may leave a batch running on the DuckDB thread; close()
         # must wait for it rather than hit DuckDB's "connection is busy".
@@ -276,7 +276,7 @@ class ProjectionStore:
         """After a commit: the rows written are the rows in the database."""
         for table, rows in changes.rows.items():
             if self.replay:
-                self._unwritten[table].update(rows)
+                self._unwritten[table].update(zip(rows, changes.upserts[table], strict=True))
             cache = self._cache[table]
             if table == "task_attempts":
                 for k, row in rows.items():
@@ -357,6 +357,8 @@ class ProjectionStore:
                 appender = self._appenders[table]
                 appender.append_rows(rows)
                 appender.flush()
+        if self.replay:
+            self._check_rows(changes)
         for table, rows in changes.upserts.items():
             if rows and not self.replay:
                 # Only keys that exist need deleting: with a complete cache, those
@@ -375,6 +377,25 @@ class ProjectionStore:
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
                          [changes.last_seq, seen_at, self.projection])
 
+    def _check_rows(self, changes: fold.Changes) -> None:
+        """Replay: convert the batch's keyed rows as DuckDB will at the end, now.
+
+        Each row goes through its table's appender and is cleared, never flushed
+        (DuckDB converts a value when it is appended), so a value DuckDB refuses
+        fails this batch, which is then retried one event at a time and the
+        event quarantined, as the live projector does. The tuples are kept
+        (``changes.upserts``) for the final write.
+        """
+        for table, rows in changes.rows.items():
+            if rows:
+                values = [fold.row_tuple(table, r) for r in rows.values()]
+                upserter = self._upserters[table]
+                try:
+                    upserter.append_rows(values)
+                finally:
+                    upserter.clear()
+                changes.upserts[table] = values
+
     def finish(self) -> int:
         """Replay only: append every keyed row kept in memory, in one transaction.
 
@@ -390,7 +411,7 @@ class ProjectionStore:
                 for table, rows in self._unwritten.items():
                     if rows:
                         upserter = self._upserters[table]
-                        upserter.append_rows([fold.row_tuple(table, r) for r in rows.values()])
+                        upserter.append_rows(list(rows.values()))
                         upserter.flush()
                         written += len(rows)
                 self.con.execute("COMMIT")

@@ -1,0 +1,69 @@
+"""Replay mode (rebuilds) against a real nats-server and real DuckDB files: a value
+DuckDB refuses is quarantined, the checkpoint never runs ahead of the rows, the
+keyed rows are written in bounded flushes, the background swap wakes waiters."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cflow import events as ev
+from cflow.projections import schema
+from cflow.projections.projector import Projector, rebuild
+from cflow.projections.store import ProjectionStore, table_rows
+from cflow.streams import EventLog
+
+pytestmark = pytest.mark.integration
+
+
+def rows_of(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    store = ProjectionStore(path)
+    try:
+        return {t: table_rows(store.con, t) for t in schema.TABLES}
+    finally:
+        store.close()
+
+
+async def append_with_a_refused_value(log: EventLog) -> int:
+    for i in range(20):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    # priority is an INTEGER column: DuckDB refuses 2**40 (the fold accepts it).
+    bad = await log.append(ev.TaskCreated(title="too big", priority=2**40), "big", expected=0)
+    for i in range(20, 30):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    return bad.seq
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "child"])
+async def test_a_rebuild_quarantines_a_value_duckdb_refuses(
+        log: EventLog, tmp_path: Path, split: bool) -> None:
+    bad = await append_with_a_refused_value(log)
+    last = await log.stream_last_seq()
+    live = Projector(log, tmp_path / "live.duckdb", batch_max=500)
+    await live.run(until_seq=last)
+    await live.close()
+    assert live.quarantined == 1
+    result = await rebuild(log, tmp_path / "rebuilt.duckdb", split=split)
+    assert result["quarantined"] == 1 and result["last_seq"] == last
+    rebuilt, expected = rows_of(tmp_path / "rebuilt.duckdb"), rows_of(tmp_path / "live.duckdb")
+    assert [r[0] for r in rebuilt["quarantine"]] == [bad]
+    for table in schema.TABLES:
+        assert rebuilt[table] == expected[table], table
+
+
+def test_the_replay_child_fails_in_one_line(tmp_path: Path) -> None:
+    """A frame the child cannot read: one JSON error line, exit 1, no traceback."""
+    garbage = b"\xc1not msgpack"
+    done = subprocess.run(
+        [sys.executable, "-m", "cflow.projections.replay", str(tmp_path / "r.duckdb"), "1000"],
+        input=struct.pack("!I", len(garbage)) + garbage, capture_output=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 1 and "error" in json.loads(lines[0]), lines
+    assert b"Traceback" not in done.stderr
