@@ -4,6 +4,7 @@ keyed rows are written in bounded flushes, the background swap wakes waiters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import subprocess
@@ -11,12 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from cflow import events as ev
 from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
-from cflow.projections.store import ProjectionStore, table_rows
+from cflow.projections.store import ProjectionStore, connect, table_rows
 from cflow.streams import EventLog
 
 pytestmark = pytest.mark.integration
@@ -67,3 +69,41 @@ def test_the_replay_child_fails_in_one_line(tmp_path: Path) -> None:
     lines = done.stdout.decode().splitlines()
     assert len(lines) == 1 and "error" in json.loads(lines[0]), lines
     assert b"Traceback" not in done.stderr
+
+
+async def test_a_replay_killed_midway_has_no_checkpoint_ahead_of_its_rows(
+        log: EventLog, tmp_path: Path) -> None:
+    """kill -9 the replay child after it answered two batches: the file it leaves
+    says checkpoint 0 and holds no keyed row (they are written with the checkpoint)."""
+    for i in range(30):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    frames: list[bytes] = []
+    batches = log.follow_raw_batches(max_batch=10)
+    try:
+        async for batch in batches:
+            frame = msgspec.msgpack.encode(batch)
+            frames.append(struct.pack("!I", len(frame)) + frame)
+            if batch[-1][0] >= 30:
+                break
+    finally:
+        await batches.aclose()
+    path = tmp_path / "r.duckdb"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cflow.projections.replay", str(path), "100000",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        for frame in frames[:2]:
+            child.stdin.write(frame)
+            await child.stdin.drain()
+            answer = json.loads(await asyncio.wait_for(child.stdout.readline(), 30))
+            assert answer["seq"] > 0  # the batch is committed
+    finally:
+        child.kill()
+        await child.wait()
+    con = connect(path)
+    try:
+        assert con.execute("SELECT last_seq FROM checkpoint").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
+    finally:
+        con.close()

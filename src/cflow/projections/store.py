@@ -22,7 +22,7 @@ import gc
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -374,8 +374,12 @@ class ProjectionStore:
                 upserter = self._upserters[table]
                 upserter.append_rows(rows)
                 upserter.flush()
+        if not self.replay:  # a replay's checkpoint moves with its keyed rows (finish)
+            self._move_checkpoint(changes.last_seq, seen_at)
+
+    def _move_checkpoint(self, last_seq: int, seen_at: datetime) -> None:
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
-                         [changes.last_seq, seen_at, self.projection])
+                         [last_seq, seen_at, self.projection])
 
     def _check_rows(self, changes: fold.Changes) -> None:
         """Replay: convert the batch's keyed rows as DuckDB will at the end, now.
@@ -397,10 +401,12 @@ class ProjectionStore:
                 changes.upserts[table] = values
 
     def finish(self) -> int:
-        """Replay only: append every keyed row kept in memory, in one transaction.
+        """Replay only: append every keyed row kept in memory and move the
+        checkpoint, in one transaction.
 
         Returns the number of keyed rows written. Until this ran, a replayed file
-        holds only its append-only tables, so only a finished file may be used.
+        holds only its append-only tables and checkpoint 0 (a kill leaves no
+        checkpoint ahead of the rows), so only a finished file may be used.
         """
         if not self.replay:
             return 0
@@ -414,6 +420,7 @@ class ProjectionStore:
                         upserter.append_rows(list(rows.values()))
                         upserter.flush()
                         written += len(rows)
+                self._move_checkpoint(self.last_seq, datetime.now(UTC).replace(tzinfo=None))
                 self.con.execute("COMMIT")
             except BaseException:
                 self._abort()
