@@ -18,6 +18,7 @@ import pytest
 from cflow import events as ev
 from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
+from cflow.projections.query import QueryClient, QueryService
 from cflow.projections.store import ProjectionStore, connect, table_rows
 from cflow.streams import EventLog
 
@@ -107,3 +108,33 @@ async def test_a_replay_killed_midway_has_no_checkpoint_ahead_of_its_rows(
         assert con.execute("SELECT count(*) FROM tasks").fetchone() == (0,)
     finally:
         con.close()
+
+
+async def test_a_query_waiting_for_what_the_swap_brought_is_answered_at_the_swap(
+        log: EventLog, tmp_path: Path) -> None:
+    """The live file stops at N; the stream goes on to M; a background rebuild
+    replays to M and swaps in: a query waiting for M is answered then, without a
+    further batch (no projector loop runs here to bring one)."""
+    for i in range(10):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    p = Projector(log, tmp_path / "live.duckdb", batch_max=500)
+    await p.run(until_seq=10)
+    for i in range(10, 20):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    service = QueryService(log.nc, log.swarm, p, server_id="live")
+    await service.start()
+    try:
+        client = QueryClient(log.nc, log.swarm)
+        query = asyncio.create_task(client.query("SELECT count(*) FROM tasks",
+                                                 wait_for_seq=20, timeout_s=20))
+        async with asyncio.timeout(10):
+            while not p._progress._waiters:  # the query waits for seq 20
+                await asyncio.sleep(0.01)
+        job = p.rebuild_in_background()
+        result = await asyncio.wait_for(job.task, 60)
+        assert result["last_seq"] == 20 and p.applied_seq == 20
+        answer = await asyncio.wait_for(query, 5)  # not the 20 s time limit
+        assert answer.rows == [[20]]
+    finally:
+        await service.stop()
+        await p.close()

@@ -245,6 +245,10 @@ class BackgroundRebuild:
                 await live.open()
                 for _, after in live._on_swap:
                     await after()
+                # The swapped-in file may be ahead of the old one: wake the waiters
+                # now, not at the next batch (a quiet stream brings none).
+                async with live._progress:
+                    live._progress.notify_all()
         self._report("swapped", live.applied_seq)
         return {"path": str(path), "last_seq": live.applied_seq, "target": self.target,
                 "events": events, "quarantined": quarantined, "background": True,
