@@ -138,3 +138,40 @@ async def test_a_query_waiting_for_what_the_swap_brought_is_answered_at_the_swap
     finally:
         await service.stop()
         await p.close()
+
+
+def test_a_long_replay_writes_its_keyed_rows_in_bounded_flushes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REPLAY_FLUSH_ROWS the unwritten rows go to the file with the checkpoint:
+    memory stays bounded, every committed checkpoint matches the keyed rows of a
+    live store at that sequence, and the finished file equals the live one."""
+    from cflow.projections import store as store_mod
+    from test_projection_fold import SEEN, apply_in_batches, build_history
+
+    items = build_history().items
+    expected = apply_in_batches(tmp_path / "live.duckdb", items, 4)
+    expected.close()
+    monkeypatch.setattr(store_mod, "REPLAY_FLUSH_ROWS", 5)
+    monkeypatch.setattr(store_mod, "CACHE_MAX_ROWS", 3)  # dropped after a flush: misses read
+    replay = ProjectionStore(tmp_path / "replay.duckdb", replay=True)
+    checkpoints = []
+    try:
+        for i in range(0, len(items), 4):
+            replay.apply(items[i:i + 4], SEEN)
+            assert sum(len(rows) for rows in replay._unwritten.values()) <= 5
+            cp = replay.read_checkpoint()
+            checkpoints.append(cp)
+            if cp:
+                at_cp = apply_in_batches(tmp_path / f"at-{cp}.duckdb", items[:cp], 4)
+                try:
+                    for table in schema.UPSERTED:
+                        assert (table_rows(replay.con, table)
+                                == table_rows(at_cp.con, table)), (cp, table)
+                finally:
+                    at_cp.close()
+        assert len(set(checkpoints) - {0}) >= 2, checkpoints  # flushed more than once
+        replay.finish()
+        assert replay.read_checkpoint() == len(items)
+    finally:
+        replay.close()
+    assert rows_of(tmp_path / "replay.duckdb") == rows_of(tmp_path / "live.duckdb")

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 
 CACHE_MAX_ROWS = 200_000  # per table; beyond it the cache is dropped and misses are read
+# A replay keeps at most about this many keyed rows in memory; then it writes them
+# (and its checkpoint) with the batch, as upserts, and its row cache obeys CACHE_MAX_ROWS.
+REPLAY_FLUSH_ROWS = 200_000
 
 # Snapshot attribute holding each keyed table's rows.
 _SNAPSHOT_FIELD = {"tasks": "tasks", "task_attempts": "attempts", "agents": "agents",
@@ -147,10 +150,13 @@ class ProjectionStore:
         self.projection = projection
         self.max_event_bytes = max_event_bytes
         # Replay (a rebuild into a fresh, private file): keyed rows stay in memory
-        # and are appended once by finish(); only a finished file is ever used.
+        # (up to REPLAY_FLUSH_ROWS) and are written with the checkpoint at a flush or
+        # by finish(); only a finished file is ever used.
         self.replay = replay
         self._unwritten: dict[str, dict[Any, tuple[Any, ...]]] = {
             t: {} for t in schema.UPSERTED}
+        self._flushing = False  # this batch writes the unwritten rows too
+        self._flushed = False  # some keyed rows are in the file already
         # A cancelled caller may leave a batch running on the DuckDB thread; close()
         # must wait for it rather than hit DuckDB's "connection is busy".
         self._busy = threading.Lock()
@@ -274,8 +280,12 @@ class ProjectionStore:
 
     def _remember(self, changes: fold.Changes) -> None:
         """After a commit: the rows written are the rows in the database."""
+        flushed, self._flushing = self._flushing, False
+        if flushed:
+            self._unwritten = {t: {} for t in schema.UPSERTED}
+            self._flushed = True
         for table, rows in changes.rows.items():
-            if self.replay:
+            if self.replay and not flushed:
                 self._unwritten[table].update(zip(rows, changes.upserts[table], strict=True))
             cache = self._cache[table]
             if table == "task_attempts":
@@ -286,7 +296,8 @@ class ProjectionStore:
                         cache.pop(k, None)
                 continue
             cache.update(rows)
-            if len(cache) > CACHE_MAX_ROWS and not self.replay:
+            # A replay's cache holds its unwritten rows: dropped only once they are written.
+            if len(cache) > CACHE_MAX_ROWS and (flushed or not self.replay):
                 cache.clear()
                 self._complete[table] = False
 
@@ -359,6 +370,9 @@ class ProjectionStore:
                 appender.flush()
         if self.replay:
             self._check_rows(changes)
+            pending = sum(len(rows) for rows in self._unwritten.values())
+            if pending + sum(len(rows) for rows in changes.rows.values()) > REPLAY_FLUSH_ROWS:
+                self._flush_unwritten(changes, seen_at)
         for table, rows in changes.upserts.items():
             if rows and not self.replay:
                 # Only keys that exist need deleting: with a complete cache, those
@@ -380,6 +394,26 @@ class ProjectionStore:
     def _move_checkpoint(self, last_seq: int, seen_at: datetime) -> None:
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
                          [last_seq, seen_at, self.projection])
+
+    def _flush_unwritten(self, changes: fold.Changes, seen_at: datetime) -> None:
+        """Replay: write the unwritten keyed rows and this batch's, and the checkpoint,
+        in the batch's transaction (memory stays bounded; the file stays consistent)."""
+        for table in schema.UPSERTED:
+            rows = self._unwritten[table].copy()
+            rows.update(zip(changes.rows[table], changes.upserts[table], strict=True))
+            self._upsert(table, rows)
+        self._move_checkpoint(changes.last_seq, seen_at)
+        self._flushing = True
+
+    def _upsert(self, table: str, rows: dict[Any, tuple[Any, ...]]) -> None:
+        """Replay: write keyed rows, deleting their older versions if any were written."""
+        if not rows:
+            return
+        if self._flushed:
+            self.con.execute(self._deletes[table], _key_lists(table, list(rows)))
+        upserter = self._upserters[table]
+        upserter.append_rows(list(rows.values()))
+        upserter.flush()
 
     def _check_rows(self, changes: fold.Changes) -> None:
         """Replay: convert the batch's keyed rows as DuckDB will at the end, now.
@@ -405,8 +439,9 @@ class ProjectionStore:
         checkpoint, in one transaction.
 
         Returns the number of keyed rows written. Until this ran, a replayed file
-        holds only its append-only tables and checkpoint 0 (a kill leaves no
-        checkpoint ahead of the rows), so only a finished file may be used.
+        holds its append-only tables and, with the checkpoint of the last flush (0
+        if none), the keyed rows up to it: a kill leaves no checkpoint ahead of the
+        keyed rows, yet only a finished file may be used.
         """
         if not self.replay:
             return 0
@@ -415,11 +450,8 @@ class ProjectionStore:
             self.con.execute("BEGIN")
             try:
                 for table, rows in self._unwritten.items():
-                    if rows:
-                        upserter = self._upserters[table]
-                        upserter.append_rows(list(rows.values()))
-                        upserter.flush()
-                        written += len(rows)
+                    self._upsert(table, rows)
+                    written += len(rows)
                 self._move_checkpoint(self.last_seq, datetime.now(UTC).replace(tzinfo=None))
                 self.con.execute("COMMIT")
             except BaseException:
@@ -431,6 +463,7 @@ class ProjectionStore:
         return written
 
     def _abort(self) -> None:
+        self._flushing = False
         for appender in (*self._appenders.values(), *self._upserters.values()):
             appender.clear()
         # The failed statement may already have ended the transaction.
