@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -175,3 +176,26 @@ def test_a_long_replay_writes_its_keyed_rows_in_bounded_flushes(
     finally:
         replay.close()
     assert rows_of(tmp_path / "replay.duckdb") == rows_of(tmp_path / "live.duckdb")
+
+
+async def test_raw_batches_read_slower_than_they_arrive_skip_nothing(
+        log: EventLog, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader that leaves 4 * max_batch messages unread pauses the subscription and
+    resumes after the last buffered one: every sequence once, in order."""
+    base = await log.stream_last_seq()
+    for i in range(0, 2000, 500):
+        await log.append_many([(log.event(ev.TaskCreated(title=f"t{j}"), f"t{j}"), None)
+                               for j in range(i, i + 500)])
+    last = base + 2000
+    caplog.set_level(logging.DEBUG, logger="cflow.streams.client")
+    seqs: list[int] = []
+    batches = log.follow_raw_batches(max_batch=10, start_seq=base + 1)
+    try:
+        async for batch in batches:
+            seqs.extend(seq for seq, _, _, _ in batch)
+            if seqs[-1] >= last:
+                break
+    finally:
+        await batches.aclose()
+    assert seqs == list(range(base + 1, last + 1))
+    assert "paused until they are read" in caplog.text  # the pause really happened
