@@ -53,7 +53,10 @@ async def test_a_rebuild_quarantines_a_value_duckdb_refuses(
     await live.run(until_seq=last)
     await live.close()
     assert live.quarantined == 1
+    dead = tmp_path / "rebuilt.duckdb.rebuild-999999999"  # left by a killed rebuild
+    dead.write_bytes(b"junk")
     result = await rebuild(log, tmp_path / "rebuilt.duckdb", split=split)
+    assert not dead.exists()
     assert result["quarantined"] == 1 and result["last_seq"] == last
     rebuilt, expected = rows_of(tmp_path / "rebuilt.duckdb"), rows_of(tmp_path / "live.duckdb")
     assert [r[0] for r in rebuilt["quarantine"]] == [bad]
@@ -131,8 +134,12 @@ async def test_a_query_waiting_for_what_the_swap_brought_is_answered_at_the_swap
         async with asyncio.timeout(10):
             while not p._progress._waiters:  # the query waits for seq 20
                 await asyncio.sleep(0.01)
+        for junk in ("live.duckdb.rebuild-bg", "live.duckdb.rebuild-bg-999999999",
+                     "live.duckdb.rebuild-bg-999999999.wal"):  # left by killed projectors
+            (tmp_path / junk).write_bytes(b"junk")
         job = p.rebuild_in_background()
         result = await asyncio.wait_for(job.task, 60)
+        assert not list(tmp_path.glob("*.rebuild-*"))
         assert result["last_seq"] == 20 and p.applied_seq == 20
         answer = await asyncio.wait_for(query, 5)  # not the 20 s time limit
         assert answer.rows == [[20]]
