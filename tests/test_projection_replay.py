@@ -34,32 +34,35 @@ def rows_of(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         store.close()
 
 
-async def append_with_a_refused_value(log: EventLog) -> int:
+async def append_refused_values(log: EventLog) -> list[int]:
     for i in range(20):
         await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
     # priority is an INTEGER column: DuckDB refuses 2**40 (the fold accepts it).
     bad = await log.append(ev.TaskCreated(title="too big", priority=2**40), "big", expected=0)
     for i in range(20, 30):
         await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
-    return bad.seq
+    # version is a BIGINT column: DuckDB refuses 2**70.
+    huge = await log.append(ev.MemoryStored(namespace="n", key="k", value="v", version=2**70),
+                            "mem")
+    return [bad.seq, huge.seq]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-process", "child"])
 async def test_a_rebuild_quarantines_a_value_duckdb_refuses(
         log: EventLog, tmp_path: Path, split: bool) -> None:
-    bad = await append_with_a_refused_value(log)
+    bad = await append_refused_values(log)
     last = await log.stream_last_seq()
     live = Projector(log, tmp_path / "live.duckdb", batch_max=500)
     await live.run(until_seq=last)
     await live.close()
-    assert live.quarantined == 1
+    assert live.quarantined == 2
     dead = tmp_path / "rebuilt.duckdb.rebuild-999999999"  # left by a killed rebuild
     dead.write_bytes(b"junk")
     result = await rebuild(log, tmp_path / "rebuilt.duckdb", split=split)
     assert not dead.exists()
-    assert result["quarantined"] == 1 and result["last_seq"] == last
+    assert result["quarantined"] == 2 and result["last_seq"] == last
     rebuilt, expected = rows_of(tmp_path / "rebuilt.duckdb"), rows_of(tmp_path / "live.duckdb")
-    assert [r[0] for r in rebuilt["quarantine"]] == [bad]
+    assert [r[0] for r in rebuilt["quarantine"]] == bad
     for table in schema.TABLES:
         assert rebuilt[table] == expected[table], table
 
