@@ -4,7 +4,7 @@
 ``tests/test_projection.py::test_kill_9_under_the_batched_path`` with
 ``CFLOW_CHAOS_EVENTS=N`` (default 200,000): ten kill -9s of a projector process
 while the events are appended, then the final database must equal a fresh
-rebuild, every event applied once. The suite runs the same test with 60,000
+rebuild, every event applied once. The suite runs the same test with 30,000
 events to stay inside its time budget. Prints the pytest outcome and duration.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,11 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "CFLOW_CHAOS_EVENTS": str(args.events)}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", TEST, "-q", "-s"],
-                          cwd=ROOT, env=env, check=False)
+    with tempfile.TemporaryDirectory(prefix="cflow-chaos-") as base:
+        # Its own base temp dir: the shared /tmp/pytest-of-<user> may be cleaned
+        # by another session meanwhile.
+        done = subprocess.run([sys.executable, "-m", "pytest", TEST, "-q", "-s",
+                               f"--basetemp={base}/t"], cwd=ROOT, env=env, check=False)
     print(f"kill -9 equality at {args.events:,} events: "
           f"{'passed' if done.returncode == 0 else 'FAILED'} in {time.monotonic() - started:.1f} s")
     sys.exit(done.returncode)

@@ -243,10 +243,10 @@ async def test_kill_9_under_the_batched_path(
         log: EventLog, nats_url: str, tmp_path: Path) -> None:
     """The same invariant with the default (5,000) batches filled from a backlog.
 
-    40,000 events here (the suite's time budget); ``python -m bench.projection_chaos``
+    30,000 events here (the suite's time budget); ``python -m bench.projection_chaos``
     runs this test with 200,000 (``CFLOW_CHAOS_EVENTS``).
     """
-    total = int(os.environ.get("CFLOW_CHAOS_EVENTS", "40000"))
+    total = int(os.environ.get("CFLOW_CHAOS_EVENTS", "30000"))
     await kill_9_run(log, nats_url, tmp_path, total=total, chunk=5000, pause_s=0.05,
                      batch=5000, budget_s=60 + total / 1000, min_completed=total // 20,
                      kill_after_s=(0.2, 0.8))
@@ -300,7 +300,8 @@ async def kill_9_run(log: EventLog, nats_url: str, tmp_path: Path, *, total: int
         for _ in range(100):  # the service answers once the final projector is up
             try:
                 result = await client.query("SELECT last_seq FROM checkpoint", limit=1,
-                                            wait_for_seq=last, timeout_s=20)
+                                            wait_for_seq=last,
+                                            timeout_s=min(120, max(20, total / 2000)))
                 break
             except Unavailable:  # until the final projector subscribed
                 await asyncio.sleep(0.1)
