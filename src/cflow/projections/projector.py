@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -198,9 +199,10 @@ class BackgroundRebuild:
     async def _run(self) -> dict[str, Any]:
         live = self.live
         path = live.db_path
-        tmp = path.with_name(f"{path.name}.rebuild-bg-{os.getpid()}")
-        for leftover in (tmp, _wal(tmp)):
-            leftover.unlink(missing_ok=True)
+        # One name: only the process holding the live file rebuilds it in the
+        # background, so what is there was left by a killed one.
+        tmp = path.with_name(f"{path.name}.rebuild-bg")
+        await anyio.to_thread.run_sync(_clear_leftovers, path, tmp)
         shadow = Projector(live.log, tmp, batch_max=live.batch_max,
                            max_event_bytes=live.max_event_bytes)
         shadow.on_batch(lambda seq: self._report("catch-up", seq))
@@ -245,6 +247,10 @@ class BackgroundRebuild:
                 await live.open()
                 for _, after in live._on_swap:
                     await after()
+                # The swapped-in file may be ahead of the old one: wake the waiters
+                # now, not at the next batch (a quiet stream brings none).
+                async with live._progress:
+                    live._progress.notify_all()
         self._report("swapped", live.applied_seq)
         return {"path": str(path), "last_seq": live.applied_seq, "target": self.target,
                 "events": events, "quarantined": quarantined, "background": True,
@@ -498,6 +504,27 @@ async def rebuild_running(nc: Any, swarm: str, db_path: str | Path, *,
             await sub.unsubscribe()
 
 
+def _clear_leftovers(path: Path, tmp: Path) -> None:
+    """Remove ``tmp`` and the temporary files of rebuilds whose process is gone."""
+    for leftover in (tmp, _wal(tmp)):
+        leftover.unlink(missing_ok=True)
+    for found in path.parent.glob(f"{glob_escape(path.name)}.rebuild-*"):
+        owner = found.name[len(path.name) + len(".rebuild-"):].removesuffix(".wal")
+        owner = owner.removeprefix("bg-")  # the name background rebuilds had
+        if owner.isdigit() and not _alive(int(owner)):
+            found.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, another user's
+    return True
+
+
 def _check_free(path: Path, tmp: Path) -> None:
     """Refuse to rebuild a file another process holds; clear a stale temp file."""
     from cflow.projections import store as store_mod
@@ -509,8 +536,7 @@ def _check_free(path: Path, tmp: Path) -> None:
             raise InvalidState(f"cannot rebuild {path}: it is open elsewhere (stop the "
                                f"projector first): {exc}") from exc
         con.close()
-    for leftover in (tmp, _wal(tmp)):
-        leftover.unlink(missing_ok=True)
+    _clear_leftovers(path, tmp)
 
 
 async def rebuild(log_: EventLog, db_path: str | Path, *,

@@ -141,8 +141,11 @@ def _serve(path: str, max_event_bytes: int) -> None:
 def main() -> None:
     try:
         _serve(sys.argv[1], int(sys.argv[2]))
-    except CflowError as exc:
-        print(json.dumps({"error": str(exc).splitlines()[0]}), flush=True)
+    except Exception as exc:  # one line for the reading process, never a traceback
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not isinstance(exc, CflowError):
+            text = f"{type(exc).__name__}: {text}"
+        print(json.dumps({"error": text}), flush=True)
         sys.exit(1)
 
 

@@ -22,7 +22,8 @@ import gc
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 
 CACHE_MAX_ROWS = 200_000  # per table; beyond it the cache is dropped and misses are read
+# A replay keeps at most about this many keyed rows in memory; then it writes them
+# (and its checkpoint) with the batch, as upserts, and its row cache obeys CACHE_MAX_ROWS.
+REPLAY_FLUSH_ROWS = 200_000
 
 # Snapshot attribute holding each keyed table's rows.
 _SNAPSHOT_FIELD = {"tasks": "tasks", "task_attempts": "attempts", "agents": "agents",
@@ -109,6 +113,20 @@ def _delete_keys(table: str) -> str:
     return f"DELETE FROM {table} USING (SELECT {_given_keys(table)}) g WHERE {match}"
 
 
+_NUMERIC = ("INTEGER", "BIGINT", "DOUBLE")
+
+
+def _numeric_columns(table: str) -> tuple[str, ...]:
+    return tuple(c for c, kind in schema.TABLES[table] if kind.split()[0] in _NUMERIC)
+
+
+def _getter(cols: Sequence[str]) -> Any:
+    """A row dict -> the tuple of ``cols`` (a tuple even for one column)."""
+    if len(cols) == 1:
+        return lambda row: (row[cols[0]],)
+    return itemgetter(*cols)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
@@ -147,10 +165,13 @@ class ProjectionStore:
         self.projection = projection
         self.max_event_bytes = max_event_bytes
         # Replay (a rebuild into a fresh, private file): keyed rows stay in memory
-        # and are appended once by finish(); only a finished file is ever used.
+        # (up to REPLAY_FLUSH_ROWS) and are written with the checkpoint at a flush or
+        # by finish(); only a finished file is ever used.
         self.replay = replay
         self._unwritten: dict[str, dict[Any, dict[str, Any]]] = {
             t: {} for t in schema.UPSERTED}
+        self._flushing = False  # this batch writes the unwritten rows too
+        self._flushed = False  # some keyed rows are in the file already
         # A cancelled caller may leave a batch running on the DuckDB thread; close()
         # must wait for it rather than hit DuckDB's "connection is busy".
         self._busy = threading.Lock()
@@ -166,6 +187,8 @@ class ProjectionStore:
             self.con.execute("COMMIT")
             self._appenders = {t: self.con.appender(t) for t in schema.APPEND_ONLY}
             self._upserters = {t: self.con.appender(t) for t in schema.UPSERTED}
+            self._checkers = {t: (self.con.appender(t, columns=list(cols)), _getter(cols))
+                              for t in schema.UPSERTED if (cols := _numeric_columns(t))}
             self._deletes = {t: _delete_keys(t) for t in schema.UPSERTED}
             self._selects = {t: _select_keys(t) for t in schema.UPSERTED}
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
@@ -274,8 +297,12 @@ class ProjectionStore:
 
     def _remember(self, changes: fold.Changes) -> None:
         """After a commit: the rows written are the rows in the database."""
+        flushed, self._flushing = self._flushing, False
+        if flushed:
+            self._unwritten = {t: {} for t in schema.UPSERTED}
+            self._flushed = True
         for table, rows in changes.rows.items():
-            if self.replay:
+            if self.replay and not flushed:
                 self._unwritten[table].update(rows)
             cache = self._cache[table]
             if table == "task_attempts":
@@ -286,7 +313,8 @@ class ProjectionStore:
                         cache.pop(k, None)
                 continue
             cache.update(rows)
-            if len(cache) > CACHE_MAX_ROWS and not self.replay:
+            # A replay's cache holds its unwritten rows: dropped only once they are written.
+            if len(cache) > CACHE_MAX_ROWS and (flushed or not self.replay):
                 cache.clear()
                 self._complete[table] = False
 
@@ -357,6 +385,11 @@ class ProjectionStore:
                 appender = self._appenders[table]
                 appender.append_rows(rows)
                 appender.flush()
+        if self.replay:
+            self._check_rows(changes)
+            pending = sum(len(rows) for rows in self._unwritten.values())
+            if pending + sum(len(rows) for rows in changes.rows.values()) > REPLAY_FLUSH_ROWS:
+                self._flush_unwritten(changes, seen_at)
         for table, rows in changes.upserts.items():
             if rows and not self.replay:
                 # Only keys that exist need deleting: with a complete cache, those
@@ -372,14 +405,61 @@ class ProjectionStore:
                 upserter = self._upserters[table]
                 upserter.append_rows(rows)
                 upserter.flush()
+        if not self.replay:  # a replay's checkpoint moves with its keyed rows (finish)
+            self._move_checkpoint(changes.last_seq, seen_at)
+
+    def _move_checkpoint(self, last_seq: int, seen_at: datetime) -> None:
         self.con.execute("UPDATE checkpoint SET last_seq = ?, updated_at = ? WHERE projection = ?",
-                         [changes.last_seq, seen_at, self.projection])
+                         [last_seq, seen_at, self.projection])
+
+    def _flush_unwritten(self, changes: fold.Changes, seen_at: datetime) -> None:
+        """Replay: write the unwritten keyed rows and this batch's, and the checkpoint,
+        in the batch's transaction (memory stays bounded; the file stays consistent)."""
+        for table in schema.UPSERTED:
+            rows = self._unwritten[table].copy()
+            rows.update(changes.rows[table])
+            self._upsert(table, rows)
+        self._move_checkpoint(changes.last_seq, seen_at)
+        self._flushing = True
+
+    def _upsert(self, table: str, rows: dict[Any, dict[str, Any]]) -> None:
+        """Replay: write keyed rows, deleting their older versions if any were written."""
+        if not rows:
+            return
+        if self._flushed:
+            self.con.execute(self._deletes[table], _key_lists(table, list(rows)))
+        upserter = self._upserters[table]
+        upserter.append_rows([fold.row_tuple(table, r) for r in rows.values()])
+        upserter.flush()
+
+    def _check_rows(self, changes: fold.Changes) -> None:
+        """Replay: convert the batch's numbers as DuckDB will when the rows are written.
+
+        The numeric columns of each keyed row go through an appender that is
+        cleared, never flushed (DuckDB converts a value when it is appended), so a
+        value DuckDB refuses (an integer out of range) fails this batch, which is
+        then retried one event at a time and the event quarantined, as the live
+        projector does. Only numbers: every other value is a string, list or
+        mapping msgspec decoded (valid UTF-8, no lone surrogate) or a time the
+        fold computed, which DuckDB takes; converting whole rows cost 30% of a
+        replay.
+        """
+        for table, (checker, values) in self._checkers.items():
+            rows = changes.rows[table]
+            if rows:
+                try:
+                    checker.append_rows([values(r) for r in rows.values()])
+                finally:
+                    checker.clear()
 
     def finish(self) -> int:
-        """Replay only: append every keyed row kept in memory, in one transaction.
+        """Replay only: append every keyed row kept in memory and move the
+        checkpoint, in one transaction.
 
         Returns the number of keyed rows written. Until this ran, a replayed file
-        holds only its append-only tables, so only a finished file may be used.
+        holds its append-only tables and, with the checkpoint of the last flush (0
+        if none), the keyed rows up to it: a kill leaves no checkpoint ahead of the
+        keyed rows, yet only a finished file may be used.
         """
         if not self.replay:
             return 0
@@ -388,11 +468,9 @@ class ProjectionStore:
             self.con.execute("BEGIN")
             try:
                 for table, rows in self._unwritten.items():
-                    if rows:
-                        upserter = self._upserters[table]
-                        upserter.append_rows([fold.row_tuple(table, r) for r in rows.values()])
-                        upserter.flush()
-                        written += len(rows)
+                    self._upsert(table, rows)
+                    written += len(rows)
+                self._move_checkpoint(self.last_seq, datetime.now(UTC).replace(tzinfo=None))
                 self.con.execute("COMMIT")
             except BaseException:
                 self._abort()
@@ -403,7 +481,9 @@ class ProjectionStore:
         return written
 
     def _abort(self) -> None:
-        for appender in (*self._appenders.values(), *self._upserters.values()):
+        self._flushing = False
+        checkers = (checker for checker, _ in self._checkers.values())
+        for appender in (*self._appenders.values(), *self._upserters.values(), *checkers):
             appender.clear()
         # The failed statement may already have ended the transaction.
         with contextlib.suppress(duckdb.Error):

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -64,6 +65,7 @@ FILL_WAIT_S = 0.02  # follow_batches: the longest wait for more of a backlog
 REPLICAS_TTL_S = 30.0  # how long a stream's replica count is trusted (R1 -> R3 upgrades)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def wall_ms() -> int:
@@ -149,6 +151,11 @@ def redact_url(url: str) -> str:
     userinfo, _, host = rest.rpartition("@")
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
+
+
+async def _unsubscribe(sub: Any) -> None:
+    with contextlib.suppress(nats.errors.Error, OSError):
+        await sub.unsubscribe()
 
 
 async def _quiet(exc: Exception) -> None:
@@ -1153,7 +1160,9 @@ class EventLog:
         message), and the HLC receive rule is applied once per batch to its
         latest stamp (stamps sort as time; a batch whose latest stamp is refused
         is observed event by event, so refusals are still counted one by one).
-        A batch holds at most ``max_batch`` items.
+        A batch holds at most ``max_batch`` items; once ``4 * max_batch`` wait
+        unread, the subscription ends and a new one starts after the last of them
+        when they are read (memory stays bounded; nothing is dropped or skipped).
         """
         raw_batches = self.follow_raw_batches(filter_subject, start_seq=start_seq,
                                               caught_up=caught_up, max_batch=max_batch)
@@ -1183,30 +1192,49 @@ class EventLog:
         process); the buffering, batching and flow control are the same.
         """
         subject = filter_subject or names.events_filter(self.swarm)
+        resume_seq = start_seq
 
         def config() -> ConsumerConfig:
             return ConsumerConfig(
-                deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if start_seq > 1
+                deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if resume_seq > 1
                                 else DeliverPolicy.ALL),
-                opt_start_seq=start_seq if start_seq > 1 else None,
+                opt_start_seq=resume_seq if resume_seq > 1 else None,
                 headers_only=False,
             )
 
         loop = asyncio.get_running_loop()
-        # Unbounded, like follow()'s queue: a callback that waited for room would
-        # hold back the ordered consumer's flow-control replies and heartbeats,
-        # and a 1M-event replay stalled that way.
         buffer: list[Msg] = []
         arrived = asyncio.Event()
+        limit = 4 * max_batch
+        # The callback never waits: nats-py answers a stalled consumer's flow control
+        # from its heartbeats anyway, so a waiting callback lets the subscription's
+        # queue grow until messages are dropped (and an ordered consumer skips them).
+        # A full buffer ends the subscription instead; once drained, a new one
+        # starts after the last buffered message.
+        paused: asyncio.Task[None] | None = None
+        subscribed = asyncio.Event()  # ``sub`` is the current subscription
+
+        async def stop() -> None:
+            await subscribed.wait()
+            await _unsubscribe(sub)
 
         async def on_msg(msg: Msg) -> None:
+            nonlocal paused, resume_seq
+            if paused is not None:
+                return  # after the last buffered one: delivered again on resuming
             buffer.append(msg)
             if (len(buffer) == 1 or len(buffer) >= max_batch
                     or msg.metadata.num_pending == 0):
                 arrived.set()
+            if len(buffer) >= limit:
+                resume_seq = msg.metadata.sequence.stream + 1
+                paused = asyncio.ensure_future(stop())
+                log.debug("follow %s: %d messages unread, paused until they are read",
+                          subject, len(buffer))
 
         sub, info = await self._ordered_subscription(subject, self.stream, on_msg, config,
                                                      with_info=caught_up is not None)
+        subscribed.set()
         try:
             if caught_up is not None and info is not None:
                 delivered = info.delivered.consumer_seq if info.delivered else 0
@@ -1231,6 +1259,13 @@ class EventLog:
                         break
                 msgs = buffer[:max_batch]
                 del buffer[:max_batch]
+                if paused is not None and len(buffer) < max_batch:
+                    await paused
+                    subscribed.clear()
+                    paused = None
+                    sub, _ = await self._ordered_subscription(subject, self.stream, on_msg,
+                                                              config)
+                    subscribed.set()
                 batch: list[RawDelivery] = []
                 caught = False
                 for msg in msgs:
@@ -1247,8 +1282,12 @@ class EventLog:
                 if batch:
                     yield batch
         finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
+            if paused is not None:
+                paused.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await paused
+            if subscribed.is_set():
+                await _unsubscribe(sub)
 
     def _observe_batch(self, batch: Sequence[StoredEvent | BadMessage]) -> None:
         """The receive rule for a batch: its latest stamp, or each stamp if that one is refused."""
