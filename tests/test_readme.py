@@ -262,6 +262,9 @@ def parse_cfctl(args: list[str]) -> None:
     from cflow.cli.app import app, hoist_global_flags
 
     _register()
+    # What a worker's environment holds (the README shows `"$CFLOW_EPOCH"` and such).
+    sample = {"CFLOW_TASK_ID": "01a23508-9799-788a-ab88-42b1c0ffee00", "CFLOW_EPOCH": "7"}
+    args = [sample.get(a[1:], a) if a.startswith("$CFLOW_") else a for a in args]
     command: Any = typer.main.get_command(app)
     ctx = command.make_context("cfctl", hoist_global_flags(args), resilient_parsing=False)
     while hasattr(command, "resolve_command") and _pending(ctx):
