@@ -100,3 +100,21 @@ async def test_sixteen_claimers_share_the_offers_without_a_double_claim(
 
     await asyncio.gather(*(claimer(i) for i in range(16)))
     assert sorted(got) == sorted(ids)  # every task once, none twice
+
+
+@pytest.mark.integration
+async def test_an_offer_another_process_prefetched_is_still_claimable_at_once(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    for i in range(2):
+        await swarm.tasks.create(f"t{i}")
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="b") as other:
+        await other.tasks.offers.subjects(fresh=True)
+        first = await swarm.tasks.claim(agent="a")
+        assert first is not None
+        # Completing pulls this process's next offer ahead of time (it usually claims
+        # again at once) and holds it for a moment: another agent asking now, without
+        # waiting, must still get that task rather than "nothing to claim".
+        await first.complete("ok")
+        second = await other.tasks.claim(agent="b")
+        assert second is not None and second.task_id != first.task_id
+        await second.complete("ok")

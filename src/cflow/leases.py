@@ -522,21 +522,33 @@ class TaskService:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
+        # Offers other claimers hold (a prefetch comes back within PREFETCH_HOLD_S):
+        # even a claim that does not wait looks again once they are back.
+        on_loan_until = loop.time() + offers_mod.PREFETCH_HOLD_S + 0.1
         while True:
-            lease = await self._take_an_offer(owner, caps)
+            lease, on_loan = await self._take_an_offer(owner, caps)
             if lease is not None:
                 return lease
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            now = loop.time()
+            on_loan = on_loan and self._offer_due <= now  # not an offer we handed back
+            remaining = deadline - now
+            if remaining <= 0 and not (on_loan and now < on_loan_until):
                 return None
             # An offer we handed back for its backoff is due again at a known time.
-            due = self._offer_due - loop.time()
-            look_again = min(remaining, offers_mod.IDLE_RECHECK_S, max(0.01, due))
+            due = self._offer_due - now
+            look_again = min(max(remaining, 0.0) or offers_mod.IDLE_RECHECK_S,
+                             offers_mod.IDLE_RECHECK_S, max(0.01, due))
+            if on_loan:
+                look_again = min(look_again, max(0.01, on_loan_until - now))
             await self.offers.wait(caps, look_again)
             for guard in self.claim_guards:
                 await guard(owner, caps)
 
-    async def _take_an_offer(self, owner: str, caps: tuple[str, ...]) -> Lease | None:
+    async def _take_an_offer(self, owner: str, caps: tuple[str, ...]
+                             ) -> tuple[Lease | None, bool]:
+        """A claim on the best offer, or None and whether offers exist that were
+        not handed to us (held by another claimer right now: on loan)."""
+        on_loan = False
         for fresh in (False, True):
             before = self.offers.refreshes
             subjects = offers_mod.eligible(await self.offers.subjects(fresh=fresh), caps)
@@ -545,14 +557,15 @@ class TaskService:
                     msg = await self.offers.fetch(subject)
                     if msg is None:
                         self.offers.forget(subject)
+                        on_loan = on_loan or self.offers.refreshes != before or fresh
                         break
                     lease = await self._take(msg, owner)
                     if lease is not None:
                         self._last_offer_subject = subject
-                        return lease
+                        return lease, False
             if self.offers.refreshes != before:
                 break  # that was a fresh look already
-        return None
+        return None, on_loan
 
     async def _take(self, msg: Any, owner: str) -> Lease | None:
         """Claim the task of one offer; the offer is settled whatever happens."""
