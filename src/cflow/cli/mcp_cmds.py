@@ -130,7 +130,7 @@ def _pending(swarm: Any) -> Any:
             request = parse_request(m.text) if m.topic == PERMISSION_TOPIC else None
             if request is not None:
                 out.append({"id": request["permission_request"], "message_id": m.id,
-                            "agent": request.get("agent", m.sender),
+                            "agent": m.sender,  # who relayed it, not what the text claims
                             "tool_name": request.get("tool_name", ""),
                             "description": request.get("description", ""),
                             "input_preview": request.get("input_preview", ""),

@@ -125,6 +125,24 @@ class Channel:
         log.info("permission request %s relayed as message %s", request_id, message_id)
         return message_id
 
+    def answer(self, sender: str, reply_to: str | None, behavior: str,
+               request_id: str) -> bool:
+        """Pass an operator's decision to Claude Code, once, if it answers our relayed prompt.
+
+        A decision counts only as a reply to the message this process relayed
+        for that request id; anything else (a forged text, a second answer, an
+        answer meant for an earlier session) is dropped without acting.
+        """
+        relayed = self._requests.get(request_id)
+        if relayed is None or reply_to != relayed:
+            log.warning("ignored permission %s for %s from %s: not an open request of "
+                        "this session", behavior, request_id, sender)
+            return False
+        del self._requests[request_id]
+        self.send(notification(PERMISSION, {"request_id": request_id, "behavior": behavior}))
+        log.info("permission %s for %s by %s", behavior, request_id, sender)
+        return True
+
     # ----------------------------------------------------------------- loops
 
     async def run(self) -> None:
@@ -166,9 +184,7 @@ class Channel:
         async for item in messages.subscribe(self.a.agent):
             decision = parse_decision(item.text)
             if decision is not None:
-                behavior, request_id = decision
-                self.send(notification(PERMISSION, {"request_id": request_id,
-                                                    "behavior": behavior}))
+                self.answer(item.sender, item.reply_to, *decision)
                 continue
             self.send(channel_push(
                 f"cflow message from {item.sender}: {item.text}",
