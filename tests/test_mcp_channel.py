@@ -12,6 +12,7 @@ operator with the real ``cfctl permissions`` commands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from typing import Any
@@ -131,3 +132,36 @@ async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: st
                                  capture_output=True, text=True, timeout=60, check=False)
         assert missing.returncode != 0 and missing.stderr.startswith("error: ")
         assert len(missing.stderr.strip().splitlines()) == 1
+
+
+async def test_pushes_survive_an_outage(nats_url: str, swarm_name: str) -> None:
+    """NATS goes away and comes back: every push loop is restarted, none ends the others."""
+    from cflow.mcp.channel import Channel
+    from faults import Proxy
+    from test_mcp_tools import mcp_client
+
+    got: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    with Proxy(nats_url) as proxy:
+        async with mcp_client(proxy.url, swarm_name, "chan-out") as (_, adapter), \
+                Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead:
+            channel = Channel(adapter, got.put_nowait)
+            running = asyncio.create_task(channel.run())
+            try:
+                await lead.messages.send("chan-out", "before")
+                assert "before" in (await asyncio.wait_for(got.get(), START_S))["params"][
+                    "content"]
+                proxy.down()
+                while not channel.restarts:  # some loop notices the outage and fails
+                    assert not running.done(), running
+                    await asyncio.sleep(0.05)
+                proxy.heal()
+                await lead.messages.send("chan-out", "after")
+                while True:
+                    params = (await asyncio.wait_for(got.get(), START_S))["params"]
+                    if params["meta"].get("kind") == "message":
+                        break
+                assert "after" in params["content"]
+            finally:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ READY_REPEAT_S = 120.0  # the same ready work is announced again at most this of
 READY_GAP_S = 30.0  # and any ready work at most this often (a busy swarm is not a chat)
 READY_WAIT_S = 30.0
 CONTENT_CAP = 2_000
+RESTART_MIN_S = 0.5  # a failed push loop is started again after this, doubling
+RESTART_MAX_S = 10.0
 _DECISION = re.compile(r"^permission (allow|deny) ([A-Za-z0-9_-]{1,64})$")
 
 Push = Callable[[dict[str, Any]], None]
@@ -100,6 +102,8 @@ class Channel:
         self.pushed: list[dict[str, Any]] = []
         self._announced: tuple[tuple[str, ...], float] | None = None
         self._requests: dict[str, str] = {}  # Claude Code request id -> swarm message id
+        self._gates_next: int | None = None  # the first task event the gate loop has not seen
+        self.restarts: dict[str, int] = {}  # push loop -> times restarted after a failure
 
     def send(self, message: dict[str, Any]) -> None:
         self.pushed.append(message)
@@ -146,7 +150,28 @@ class Channel:
     # ----------------------------------------------------------------- loops
 
     async def run(self) -> None:
-        await asyncio.gather(self._inbox(), self._ready_work(), self._gates())
+        """Run the three push loops, each restarted on its own after a failure."""
+        await asyncio.gather(self._supervised("inbox", self._inbox),
+                             self._supervised("ready work", self._ready_work),
+                             self._supervised("gates", self._gates))
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one push loop forever: an outage or a bad event restarts it, with backoff."""
+        backoff = RESTART_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one loop's failure must not end the others
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                log.warning("channel %s stopped (%s); restarting in %.1f s", name, exc, backoff)
+            if time.monotonic() - started > RESTART_MAX_S:
+                backoff = RESTART_MIN_S
+            await asyncio.sleep(backoff)  # a restart backoff is a timer by nature
+            backoff = min(RESTART_MAX_S, backoff * 2)
 
     def waits_for(self, gate: Any) -> bool:
         """Whether this agent waits for ``gate``: it created it, or holds a task needing it."""
@@ -156,18 +181,25 @@ class Channel:
 
     async def _gates(self) -> None:
         from cflow import events as ev
+        from cflow.errors import NotFound
 
         feed = self.a.swarm.feed
         tasks = self.a.swarm.tasks
-        start = (await tasks.ensure_board()).last_seq + 1
-        async with feed.subscribe(f"mcp-gates-{self.a.agent}", start_seq=start) as events:
+        if self._gates_next is None:  # a restart goes on where the last run stopped
+            self._gates_next = (await tasks.ensure_board()).last_seq + 1
+        async with feed.subscribe(f"mcp-gates-{self.a.agent}",
+                                  start_seq=self._gates_next) as events:
             async for item in events:
+                self._gates_next = item.seq + 1
                 data = item.event.data
                 if not isinstance(data, ev.TaskCompleted | ev.TaskFailed):
                     continue
                 gate = (await tasks.ensure_board()).tasks.get(item.event.entity_id)
                 if gate is None:  # the board has not folded its creation yet
-                    gate = await tasks.get(item.event.entity_id)
+                    try:
+                        gate = await tasks.get(item.event.entity_id)
+                    except NotFound:
+                        continue
                 if gate.kind != "gate" or not self.waits_for(gate):
                     continue
                 approved = isinstance(data, ev.TaskCompleted)
