@@ -25,7 +25,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
 from pydantic import Field, ValidationError
 
-from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
+from cflow.errors import CflowError, InvalidInput, InvalidState, LeaseLost, NotFound, Unavailable
 from cflow.mcp.catalog import INSTRUCTIONS
 from cflow.mcp.faults import CODES, describe, describe_error
 
@@ -551,9 +551,14 @@ class _Tools:
                                            cost_usd=cost_usd)
                 else:
                     state = await svc.release(task_id, epoch, text or "")
-            finally:
+            except (LeaseLost, InvalidState):  # the lease is gone for good: stop renewing it
                 if mine is not None and mine.epoch == epoch:
                     self.a.drop(task_id)
+                raise
+            # Any other failure (a timeout: "may have been stored; retry is safe")
+            # keeps the lease renewed, so the retry still holds it.
+            if mine is not None and mine.epoch == epoch:
+                self.a.drop(task_id)
             out = {"task_id": task_id, "status": state.status}
             if action == "fail" and state.status == "ready":
                 out["retry"] = f"attempt {state.attempt}/{state.max_attempts} will be retried"
