@@ -72,11 +72,17 @@ async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: st
 
         # A message for this agent.
         mid = await lead.messages.send("chan-1", "please look at the parser", importance="high")
+        for n in range(3):  # a burst right after it
+            await lead.messages.send("chan-1", f"burst {n}")
         msg = await pushed(srv, "notifications/claude/channel", kind="message")
         assert "please look at the parser" in msg["content"]
         assert msg["meta"] == {"kind": "message", "message_id": mid, "sender": "lead",
                                "importance": "high"}
         assert all(isinstance(v, str) for v in msg["meta"].values())  # the binary's schema
+        # The burst is summed up in one push (the session is not flooded), none lost.
+        burst = await pushed(srv, "notifications/claude/channel", kind="messages")
+        assert burst["meta"]["count"] == "3"
+        assert all(f"burst {n}" in burst["content"] for n in range(3))
 
         # A decision on a gate this agent asked for (created as the agent, as a hook would).
         async with Swarm.connect(nats_url, swarm=swarm_name, agent="chan-1") as same:
@@ -151,9 +157,15 @@ async def test_pushes_survive_an_outage(nats_url: str, swarm_name: str) -> None:
                 assert "before" in (await asyncio.wait_for(got.get(), START_S))["params"][
                     "content"]
                 proxy.down()
-                while not channel.restarts:  # some loop notices the outage and fails
-                    assert not running.done(), running
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 20
+                while adapter.swarm.nc.is_connected:  # the client notices the outage
+                    assert loop.time() < deadline, "client never noticed the outage"
                     await asyncio.sleep(0.05)
+                deadline = loop.time() + 3  # a loop usually fails on it (not always)
+                while not channel.restarts and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                assert not running.done(), running
                 proxy.heal()
                 await lead.messages.send("chan-out", "after")
                 while True:

@@ -86,3 +86,43 @@ async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
         with pytest.raises(NotFound):
             await watcher.agents.get("health-check")
         assert (await watcher.agents.get("sig-term")).runtime == "mcp"  # a session registers
+
+
+def test_a_client_that_stops_reading_never_blocks_the_writer() -> None:
+    """Claude Code stops reading stdout: writes return at once (heartbeats go on), pushes
+    beyond the bound are dropped, answers are kept and come out whole and in order."""
+    import os
+    import threading
+    import time
+
+    from cflow.mcp.front import OUT_QUEUE_MAX, Front
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    front = Front(in_r, out_w, divert=False)
+    push = json.dumps({"jsonrpc": "2.0", "method": "notifications/claude/channel",
+                       "params": {"content": "x" * 1000, "meta": {}}})
+    done = threading.Event()
+
+    def flood() -> None:
+        for _ in range(OUT_QUEUE_MAX * 4):  # far beyond what the pipe buffer holds
+            front.write(push, droppable=True)
+        front.write('{"jsonrpc":"2.0","id":7,"result":{}}')
+        done.set()
+
+    started = time.monotonic()
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        assert done.wait(5.0), "write blocked on a client that does not read"
+        assert time.monotonic() - started < 2.0
+        assert front.dropped > 0
+        got = b""
+        while not got.endswith(b'"id":7,"result":{}}\n'):
+            got += os.read(out_r, 1 << 20)
+        lines = got.decode().splitlines()
+        assert all(json.loads(line) for line in lines)  # whole messages only
+        assert len(lines) == OUT_QUEUE_MAX * 4 - front.dropped + 1
+        assert front.flush(5.0)
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)

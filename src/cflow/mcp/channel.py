@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cflow.leases import Lease
     from cflow.mcp.adapter import Adapter
+    from cflow.messages import InboxMessage
 
 log = logging.getLogger("cflow.mcp")
 
@@ -45,11 +46,12 @@ READY_REPEAT_S = 120.0  # the same ready work is announced again at most this of
 READY_GAP_S = 30.0  # and any ready work at most this often (a busy swarm is not a chat)
 READY_WAIT_S = 30.0
 CONTENT_CAP = 2_000
+INBOX_GAP_S = 2.0  # messages are pushed at most this often; more are summed up in one push
 RESTART_MIN_S = 0.5  # a failed push loop is started again after this, doubling
 RESTART_MAX_S = 10.0
 _DECISION = re.compile(r"^permission (allow|deny) ([A-Za-z0-9_-]{1,64})$")
 
-Push = Callable[[dict[str, Any]], None]
+Push = Callable[[dict[str, Any]], object]
 
 
 def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +105,9 @@ class Channel:
         self._announced: tuple[tuple[str, ...], float] | None = None
         self._requests: dict[str, str] = {}  # Claude Code request id -> swarm message id
         self._gates_next: int | None = None  # the first task event the gate loop has not seen
+        self._held: list[InboxMessage] = []  # messages waiting for the next inbox push
+        self._held_flush: asyncio.TimerHandle | None = None
+        self._last_message = float("-inf")
         self.restarts: dict[str, int] = {}  # push loop -> times restarted after a failure
 
     def send(self, message: dict[str, Any]) -> None:
@@ -218,11 +223,37 @@ class Channel:
             if decision is not None:
                 self.answer(item.sender, item.reply_to, *decision)
                 continue
+            self._message(item)
+
+    def _message(self, item: InboxMessage) -> None:
+        """Push a message at once, or hold it: at most one push per :data:`INBOX_GAP_S`."""
+        now = time.monotonic()
+        if self._held_flush is None and now - self._last_message >= INBOX_GAP_S:
+            self._last_message = now
+            self._push_message(item)
+            return
+        self._held.append(item)
+        if self._held_flush is None:
+            wait = max(0.0, INBOX_GAP_S - (now - self._last_message))
+            self._held_flush = asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        held, self._held, self._held_flush = self._held, [], None
+        self._last_message = time.monotonic()
+        if len(held) == 1:
+            self._push_message(held[0])
+        elif held:
+            lines = [f"- {m.sender} [{m.id}]: {m.text[:300]}" for m in held]
             self.send(channel_push(
-                f"cflow message from {item.sender}: {item.text}",
-                kind="message", message_id=item.id, sender=item.sender,
-                importance=item.importance,
-                ack="call query or reply with the id" if item.ack_required else None))
+                f"cflow: {len(held)} new messages for you:\n" + "\n".join(lines),
+                kind="messages", count=len(held)))
+
+    def _push_message(self, item: InboxMessage) -> None:
+        self.send(channel_push(
+            f"cflow message from {item.sender}: {item.text}",
+            kind="message", message_id=item.id, sender=item.sender,
+            importance=item.importance,
+            ack="call query or reply with the id" if item.ack_required else None))
 
     async def _ready_work(self) -> None:
         from cflow.streams.client import wall_ms

@@ -21,6 +21,7 @@ lock at exit.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -42,6 +43,7 @@ CAPABILITIES: dict[str, Any] = {
 }
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 FORWARDED_INIT_ID = "cflow-front-initialize"
+OUT_QUEUE_MAX = 256  # pushes waiting for stdout beyond this are dropped
 
 
 class Front:
@@ -61,7 +63,11 @@ class Front:
         self.client: dict[str, Any] = {}
         self.initialized = threading.Event()
         self.closed = threading.Event()
-        self._write_lock = threading.Lock()
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_ready = threading.Condition()
+        self._writing = False
+        self._writer: threading.Thread | None = None
+        self.dropped = 0  # pushes dropped because the client stopped reading
         self._lock = threading.Lock()
         self._pending: list[bytes | None] = []
         # Client notifications handled here, not by the SDK (Claude Code's channel relay).
@@ -75,19 +81,52 @@ class Front:
 
     # ------------------------------------------------------------------ output
 
-    def write(self, line: str | bytes) -> None:
-        """One JSON-RPC message, newline-terminated, written whole (thread-safe)."""
+    def write(self, line: str | bytes, *, droppable: bool = False) -> bool:
+        """Queue one JSON-RPC message for stdout; never blocks (thread-safe).
+
+        A writer thread does the blocking writes, so a client that stops reading
+        stdout stalls only that thread, never the event loop (heartbeats go on).
+        A ``droppable`` message (a push) is dropped, and False returned, while
+        :data:`OUT_QUEUE_MAX` messages already wait; answers are always kept.
+        """
         data = line.encode() if isinstance(line, str) else line
         if not data.endswith(b"\n"):
             data += b"\n"
-        with self._write_lock:
+        with self._out_ready:
+            if droppable and len(self._out) >= OUT_QUEUE_MAX:
+                self.dropped += 1
+                return False
+            self._out.append(data)
+            self._out_ready.notify()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_out, name="mcp-front-out",
+                                                daemon=True)
+                self._writer.start()
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued was written (or the pipe broke)."""
+        with self._out_ready:
+            return self._out_ready.wait_for(lambda: not self._out and not self._writing,
+                                            timeout)
+
+    def _write_out(self) -> None:
+        while True:
+            with self._out_ready:
+                self._writing = False
+                self._out_ready.notify_all()
+                self._out_ready.wait_for(lambda: bool(self._out))
+                data = self._out.popleft()
+                self._writing = True
             view = memoryview(data)
             while view:
                 try:
                     sent = os.write(self.out_fd, view)
-                except BrokenPipeError:
+                except OSError:  # the client is gone: nothing more can be written
                     self.closed.set()
-                    return
+                    with self._out_ready:
+                        self._out.clear()
+                    break
                 view = view[sent:]
 
     def _answer(self, ident: Any, result: dict[str, Any]) -> None:

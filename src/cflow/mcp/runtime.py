@@ -171,7 +171,7 @@ def _open_channel(adapter: Any, front: Front) -> None:
 
     loop = asyncio.get_running_loop()
     channel = Channel(adapter, lambda message: front.write(
-        json.dumps(message, separators=(",", ":"), ensure_ascii=False)))
+        json.dumps(message, separators=(",", ":"), ensure_ascii=False), droppable=True))
     adapter.channel = channel
     relays: set[asyncio.Task[str]] = set()
 
@@ -333,7 +333,11 @@ def run(opts: Options) -> None:
         from cflow.mcp.adapter import ENGAGE_AFTER_S
 
         opts.engage_after_s = ENGAGE_AFTER_S
-    asyncio.run(_until_signalled(opts, front))
+    try:
+        asyncio.run(_until_signalled(opts, front))
+    finally:
+        if front is not None:
+            front.flush(1.0)  # what was answered still goes out (the writer is a daemon)
 
 
 def resolve_agent(explicit: str | None, env: dict[str, str] | None = None) -> str:
