@@ -75,6 +75,8 @@ async def test_argument_errors_and_capabilities(cli_env: dict[str, str], nats_ur
                              {"task_id": task_id, "action": "complete",
                               "epoch": claim["epoch"] + 1000})
         assert str(claim["epoch"]) in text
+        await refused(client, "task_update", "INVALID_ARGUMENT",  # below, never issued either
+                      {"task_id": task_id, "action": "complete", "epoch": claim["epoch"] - 1})
         await refused(client, "task_update", "INVALID_ARGUMENT",
                       {"task_id": task_id, "action": "complete", "epoch": -1})
         done = await ok(client, "task_update", task_id=task_id, action="complete",

@@ -525,7 +525,8 @@ class _Tools:
         if epoch is not None and (mine is None or epoch != mine.epoch):
             current = (mine.epoch if mine is not None
                        else (await self.swarm.tasks.get(task_id)).epoch)
-            if epoch > current:
+            if epoch > current or (epoch < current
+                                   and epoch not in await self._claim_epochs(task_id)):
                 raise InvalidInput(f"epoch {epoch} was never issued for {task_id} (its latest "
                                    f"claim is epoch {current}); pass the epoch task_claim "
                                    "returned, or omit it to use your lease's")
@@ -563,6 +564,13 @@ class _Tools:
             if action == "fail" and state.status == "ready":
                 out["retry"] = f"attempt {state.attempt}/{state.max_attempts} will be retried"
         return result(self.a.remember("task_update", idempotency_key, out))
+
+    async def _claim_epochs(self, task_id: str) -> set[int]:
+        """Every epoch ever issued for the task (a claim's epoch is its event's sequence)."""
+        from cflow import events as ev
+
+        return {item.seq for item in await self.swarm.tasks.history(task_id)
+                if isinstance(item.event.data, ev.TaskClaimed)}
 
     async def task_cancel(self, task_id: str, reason: str = "",
                           idempotency_key: str | None = None) -> CallToolResult:
