@@ -126,3 +126,38 @@ def test_a_client_that_stops_reading_never_blocks_the_writer() -> None:
     finally:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
+
+
+@pytest.mark.integration
+async def test_edit_hook_during_an_outage_returns_at_once(cli_env: dict[str, str],
+                                                          nats_url: str) -> None:
+    """The session's cfctl mcp relays edit notes; after a permission prompt the edit clears
+    "waiting on a human"; when NATS goes down the in-line PostToolUse hook still returns
+    within about a second (the relay answers, the hook does not try NATS itself)."""
+    import time
+
+    from faults import Proxy
+
+    def hook(env: dict[str, str], event: str, fixture: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cfctl(), "hook", event], env=env, text=True, timeout=60,
+                              input=(FIXTURES / f"{fixture}.json").read_text(),
+                              capture_output=True, check=False)
+
+    with Proxy(nats_url) as proxy:
+        env = {**agent_env(cli_env, "edit-out"), "CFLOW_URL": proxy.url}
+        async with Swarm.connect(nats_url, swarm=env["CFLOW_SWARM"], agent="w") as watcher, \
+                raw_server(env) as srv:
+            await srv.initialize()
+            task = await watcher.tasks.create("edited in an outage")
+            await srv.call("task_claim", task_id=task.task_id)
+            await asyncio.to_thread(hook, env, "PermissionRequest", "PermissionRequest")
+            assert (await watcher.agents.get("edit-out")).reason.startswith("waiting on")
+            edit = await asyncio.to_thread(hook, env, "PostToolUse", "PostToolUse_Edit")
+            assert (edit.returncode, edit.stderr) == (0, "")
+            assert (await watcher.agents.get("edit-out")).reason == "working"
+            proxy.down()
+            started = time.monotonic()
+            edit = await asyncio.to_thread(hook, env, "PostToolUse", "PostToolUse_Edit")
+            took = time.monotonic() - started
+            assert edit.returncode == 0 and edit.stdout == ""
+            assert took < 3.0, f"the in-line edit hook took {took:.1f} s in an outage"

@@ -31,6 +31,7 @@ log = logging.getLogger("cflow.mcp")
 
 CONNECT_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0
+RELAY_NOTE_S = 1.0  # an edit note relayed for a hook takes at most this (the hook waits)
 STOP_GRACE_S = 0.4  # a signalled server that has not exited by then leaves at once
 LOOPBACK_NAMES = ("localhost",)
 DEFAULT_URL = "nats://127.0.0.1:4222"  # as the CLI's --url
@@ -246,9 +247,20 @@ async def _hook_relay(adapter: Any, swarm: str) -> Any:
     when nobody listens). Best effort: no socket, no relay.
     """
     from cflow.errors import CflowError
-    from cflow.hooks import EDIT_NOTE, hook_socket_path
+    from cflow.hooks import EDIT_NOTE, clear_waiting, hook_socket_path
 
     path = hook_socket_path(swarm, adapter.agent)
+
+    async def note(request: dict[str, Any], paths: list[str]) -> int:
+        noted = 0
+        for task_id, lease in list(adapter.leases.items()):
+            if not lease.lost.is_set():
+                await adapter.swarm.tasks.note(
+                    task_id, EDIT_NOTE.format(tool=request.get("tool_name", "?")),
+                    epoch=lease.epoch, paths=paths)
+                noted += 1
+        await clear_waiting(adapter.swarm, adapter.agent)
+        return noted
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply: dict[str, Any]
@@ -257,15 +269,13 @@ async def _hook_relay(adapter: Any, swarm: str) -> Any:
             paths = [str(p) for p in request.get("paths") or []][:100]
             noted = 0
             if request.get("event") == "PostToolUse" and paths:
-                for task_id, lease in list(adapter.leases.items()):
-                    if not lease.lost.is_set():
-                        await adapter.swarm.tasks.note(
-                            task_id, EDIT_NOTE.format(tool=request.get("tool_name", "?")),
-                            epoch=lease.epoch, paths=paths)
-                        noted += 1
+                if not adapter.swarm.nc.is_connected:  # an outage: answer at once
+                    raise CflowError("the backend is unreachable; edit not noted")
+                # PostToolUse runs in-line: the session waits for this answer.
+                noted = await asyncio.wait_for(note(request, paths), RELAY_NOTE_S)
             reply = {"ok": True, "noted": noted}
         except (CflowError, ValueError, TimeoutError, AttributeError) as exc:
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
