@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cflow.mcp.channel import request_text
+from cflow.mcp.channel import parse_request, request_text
 from cflow.swarm import Swarm
 from test_mcp_stdio import START_S, RawServer, agent_env, cfctl, raw_server
 
@@ -177,3 +177,29 @@ async def test_pushes_survive_an_outage(nats_url: str, swarm_name: str) -> None:
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
+
+
+async def test_a_late_initialize_still_opens_the_channel(cli_env: dict[str, str],
+                                                         nats_url: str, swarm_name: str) -> None:
+    """initialize arrives after NATS is connected and a permission prompt right after it,
+    before the channel is open: the channel opens and the prompt is relayed, not dropped."""
+    env = agent_env(cli_env, "chan-late")
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead, \
+            raw_server(env) as srv:
+        await lead.messages.join("ops-late", "permissions")
+        await asyncio.sleep(1.0)  # a slow client: the server connects to NATS meanwhile
+        await srv.request("initialize", {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "claude-code", "version": "2.1.197"}})
+        await srv.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        await srv.send({"jsonrpc": "2.0",
+                        "method": "notifications/claude/channel/permission_request",
+                        "params": {"request_id": "early1", "tool_name": "Bash",
+                                   "description": "d", "input_preview": "{}"}})
+        relayed = await lead.messages.inbox("ops-late", wait_s=START_S)
+        assert [parse_request(m.text)["permission_request"] for m in relayed  # type: ignore[index]
+                ] == ["early1"]
+        await srv.call("swarm_status")
+        await lead.messages.send("chan-late", "hello")
+        got = await pushed(srv, "notifications/claude/channel", kind="message")
+        assert "hello" in got["content"]

@@ -43,6 +43,10 @@ CAPABILITIES: dict[str, Any] = {
 }
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 FORWARDED_INIT_ID = "cflow-front-initialize"
+# Client notifications kept until their handler is set (a permission prompt sent
+# before the channel opened must not be lost).
+HELD_NOTIFICATIONS = frozenset({"notifications/claude/channel/permission_request"})
+INIT_WAIT_S = 2.0  # how long the server waits for initialize to learn who its client is
 OUT_QUEUE_MAX = 256  # pushes waiting for stdout beyond this are dropped
 
 
@@ -70,6 +74,7 @@ class Front:
         self.dropped = 0  # pushes dropped because the client stopped reading
         self._lock = threading.Lock()
         self._pending: list[bytes | None] = []
+        self._held: list[tuple[str, dict[str, Any]]] = []  # notifications for a late handler
         # Client notifications handled here, not by the SDK (Claude Code's channel relay).
         self.on_notification: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._sink: Callable[[bytes | None], None] | None = None
@@ -143,6 +148,16 @@ class Front:
         for item in pending:
             sink(item)
 
+    def handle_notification(self, method: str,
+                            handler: Callable[[dict[str, Any]], None]) -> None:
+        """Hand ``method`` notifications to ``handler``, first those held until now."""
+        with self._lock:
+            self.on_notification[method] = handler
+            held = [params for m, params in self._held if m == method]
+            self._held = [(m, p) for m, p in self._held if m != method]
+        for params in held:
+            handler(params)
+
     def _forward(self, item: bytes | None) -> None:
         with self._lock:
             sink = self._sink
@@ -177,9 +192,15 @@ class Front:
             self._forward(line)  # the SDK answers a parse error
             return
         if isinstance(message, dict) and "id" not in message:
-            handler = self.on_notification.get(str(message.get("method")))
+            name = str(message.get("method"))
+            given = message.get("params")
+            with self._lock:
+                handler = self.on_notification.get(name)
+                if handler is None and name in HELD_NOTIFICATIONS:
+                    # Before the channel is open (NATS still connecting): kept for it.
+                    self._held.append((name, given if isinstance(given, dict) else {}))
+                    return
             if handler is not None:
-                given = message.get("params")
                 handler(given if isinstance(given, dict) else {})
                 return
         if not isinstance(message, dict) or "id" not in message:

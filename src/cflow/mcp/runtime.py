@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cflow.errors import InvalidInput
-from cflow.mcp.front import Front, is_claude_code, is_forwarded_init_answer
+from cflow.mcp.front import INIT_WAIT_S, Front, is_claude_code, is_forwarded_init_answer
 
 log = logging.getLogger("cflow.mcp")
 
@@ -184,7 +184,7 @@ def _open_channel(adapter: Any, front: Front) -> None:
 
         loop.call_soon_threadsafe(start)
 
-    front.on_notification[PERMISSION_REQUEST] = relay
+    front.handle_notification(PERMISSION_REQUEST, relay)
 
 
 async def serve(opts: Options, stop: asyncio.Event | None = None,
@@ -208,6 +208,9 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
         swarm = await open_swarm(stack, opts.url, opts.swarm, opts.agent,
                                  timeout_s=opts.connect_timeout_s)
         adapter = Adapter(swarm, capabilities=opts.capabilities, labels=default_labels())
+        if front is not None and not front.initialized.is_set():
+            # Connected before the client said who it is: wait a moment for initialize.
+            await asyncio.to_thread(front.initialized.wait, INIT_WAIT_S)
         if front is not None and (is_claude_code(front.client)
                                   or os.environ.get("CFLOW_CHANNELS") == "1"):
             _open_channel(adapter, front)
