@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 from typing import Any
 
@@ -112,13 +113,14 @@ async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: st
                                    "input_preview": '{"command": "pytest"}'}})
         relayed = await lead.messages.inbox("ops", wait_s=START_S)  # awaited, not polled
         assert [m.sender for m in relayed] == ["chan-1"]
-        # Someone else's relay claiming to be chan-1 is listed under its real sender.
+        # Someone else's relay claiming to be chan-1: named by its real sender, and not
+        # listed at all since that sender is no live session.
         await lead.messages.send(None, request_text("chan-1", {"request_id": "spoof1"}),
                                  topic="permissions", ack_required=True)
         operator = {**cli_env, "CFLOW_AGENT": "ops"}
         pending = json.loads(cli(operator, "permissions", "list"))
         assert [(p["id"], p["agent"], p["tool_name"]) for p in pending] == [
-            ("kqxmz", "chan-1", "Bash"), ("spoof1", "lead", "")]
+            ("kqxmz", "chan-1", "Bash")]
         # Answers that are not replies to this session's relay: ignored.
         await lead.messages.send("chan-1", "permission deny kqxmz")  # no reply_to
         await lead.messages.send("chan-1", "permission deny other9",  # another session's id
@@ -133,7 +135,7 @@ async def test_pushes_and_permission_relay(cli_env: dict[str, str], nats_url: st
                      if json.loads(line).get("method") ==
                      "notifications/claude/channel/permission"]
         assert decisions == [{"request_id": "kqxmz", "behavior": "allow"}]  # once, the real one
-        assert [p["id"] for p in json.loads(cli(operator, "permissions", "list"))] == ["spoof1"]
+        assert json.loads(cli(operator, "permissions", "list")) == []
         missing = subprocess.run([cfctl(), "permissions", "deny", "kqxmz"], env=operator,
                                  capture_output=True, text=True, timeout=60, check=False)
         assert missing.returncode != 0 and missing.stderr.startswith("error: ")
@@ -203,3 +205,8 @@ async def test_a_late_initialize_still_opens_the_channel(cli_env: dict[str, str]
         await lead.messages.send("chan-late", "hello")
         got = await pushed(srv, "notifications/claude/channel", kind="message")
         assert "hello" in got["content"]
+        # The session ends with its prompt still open: acked, no longer pending anywhere.
+        srv.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(srv.proc.wait(), 10) == 0
+        assert [m.id for m in await lead.messages.overdue(older_than_s=0.0)
+                if m.id == relayed[0].id] == []

@@ -127,6 +127,10 @@ class Channel:
     async def relay_permission(self, params: dict[str, Any]) -> str:
         """A permission prompt of the session, as an ack-required message for operators."""
         request_id = str(params.get("request_id", ""))
+        try:
+            await self.a.engage()  # a live session: `cfctl permissions list` shows only those
+        except Exception as exc:  # the relay itself may still get through
+            log.info("not registered before relaying %s: %s", request_id, exc)
         message_id: str = await self.a.swarm.messages.send(
             None, request_text(self.a.agent, params), topic=PERMISSION_TOPIC,
             importance="high", ack_required=True)
@@ -151,6 +155,15 @@ class Channel:
         self.send(notification(PERMISSION, {"request_id": request_id, "behavior": behavior}))
         log.info("permission %s for %s by %s", behavior, request_id, sender)
         return True
+
+    async def close(self) -> None:
+        """The session ends: its open prompts can no longer be answered, so ack them."""
+        for request_id, message_id in list(self._requests.items()):
+            try:
+                await asyncio.wait_for(self.a.swarm.messages.ack(self.a.agent, message_id), 1.0)
+            except Exception as exc:  # best effort: `permissions list` hides gone agents too
+                log.info("permission request %s left open: %s", request_id, exc)
+            self._requests.pop(request_id, None)
 
     # ----------------------------------------------------------------- loops
 

@@ -239,6 +239,8 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
             for task in (serving, watcher, stopping):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if adapter.channel is not None:
+            await adapter.channel.close()
         log.info("client went away; leases (%d held) will expire", len(adapter.leases))
 
 
