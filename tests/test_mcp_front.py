@@ -79,6 +79,8 @@ async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
         state = await watcher.tasks.get(task.task_id)
         assert state.status == "claimed" and state.owner == "sig-term"  # nothing released
         assert state.epoch == claimed["epoch"]
+        view = await watcher.tasks.lease_view(state)  # the lease key itself is still live
+        assert view is not None and view.op == "PUT" and view.epoch in (None, state.epoch)
         notes = [i.event for i in await watcher.tasks.history(task.task_id)
                  if isinstance(i.event.data, ev.TaskNoted)]
         assert [(n.actor, n.data.text, n.data.paths) for n in notes] == [
