@@ -214,6 +214,7 @@ def test_presence_states() -> None:
 async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url: str,
                                               swarm_name: str) -> None:
     from cflow.agents import Agent, presence_state
+    from cflow.status import collect_status
     from cflow.streams import names
 
     env = hook_env(cli_env)
@@ -236,6 +237,7 @@ async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url:
                 agent_events = await swarm.log.read(names.events_filter(swarm_name, "agent"))
                 assert waiting_gauge(agent_events) == (want == "waiting_on_human")
                 assert waiting_gauge(agent_events, want) == 1, event
+                assert (await collect_status(swarm))["agents"][want] == 1, event  # cfctl status
             assert (await swarm.agents.get(SESSION_AGENT)).reason == "session waits for a prompt"
         assert await presence() == "offline"  # presence gone, holding nothing
 

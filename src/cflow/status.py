@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from cflow.swarm import Swarm
 
 STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section"),
-                                          ("maintenance", "cflow.leases:maintenance_status")]
+                                          ("maintenance", "cflow.leases:maintenance_status"),
+                                          ("agents", "cflow.agents:presence_section")]
 STATUS_TIMEOUT_S = 2.0  # a stream whose leader is being elected must not stall the status
 
 
