@@ -163,3 +163,31 @@ async def test_edit_hook_during_an_outage_returns_at_once(cli_env: dict[str, str
             took = time.monotonic() - started
             assert edit.returncode == 0 and edit.stdout == ""
             assert took < 3.0, f"the in-line edit hook took {took:.1f} s in an outage"
+
+
+@pytest.mark.integration
+async def test_calls_after_the_tool_list_are_answered_during_an_outage(
+        cli_env: dict[str, str], nats_url: str) -> None:
+    """NATS is unreachable after the early tool list: calls get BACKEND_UNAVAILABLE (not
+    silence and exit 6), and once NATS is back the same process serves them."""
+    from faults import Proxy
+
+    with Proxy(nats_url) as proxy:
+        proxy.down()
+        async with raw_server({**agent_env(cli_env, "late-nats"), "CFLOW_URL": proxy.url}) as srv:
+            await srv.initialize()
+            await srv.request("tools/list")
+            down = await srv.request("tools/call", {"name": "task_find", "arguments": {}})
+            assert down["isError"]
+            assert down["content"][0]["text"].startswith("BACKEND_UNAVAILABLE: ")
+            proxy.heal()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:  # the process reconnects by itself (backoff at most 5 s)
+                got = await srv.request("tools/call", {"name": "task_find", "arguments": {}})
+                if not got.get("isError"):
+                    break
+                assert loop.time() < deadline, got
+                await asyncio.sleep(0.2)
+            assert got["structuredContent"]["tasks"] == []
+            assert srv.proc.returncode is None

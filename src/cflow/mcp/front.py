@@ -158,6 +158,12 @@ class Front:
         for params in held:
             handler(params)
 
+    def detach(self, keep: list[bytes | None]) -> None:
+        """Stop forwarding; ``keep`` goes first to the next :meth:`attach`."""
+        with self._lock:
+            self._sink = None
+            self._pending = [*keep, *self._pending]
+
     def _forward(self, item: bytes | None) -> None:
         with self._lock:
             sink = self._sink
