@@ -179,14 +179,17 @@ async def test_session_lifecycle_with_recorded_payloads(
         assert agent.status == "offline" and agent.reason == "prompt_input_exit"
 
 
-def waiting_gauge(items: Any) -> int:
-    """``cflow_agents_waiting_on_human`` as the metrics fold renders it from agent events."""
+def waiting_gauge(items: Any, state: str | None = None) -> int:
+    """``cflow_agents_waiting_on_human`` (or ``cflow_agents_presence{state}``) as the
+    metrics fold renders it from agent events."""
     from cflow.metrics import MetricsFold, parse_text, value_of
 
     fold = MetricsFold()
     for item in items:
         fold.apply(item.seq, item.event)
     text = fold.render(swarm="s", stream_last_seq=None, projected_seq=None, now_ms=0)
+    if state is not None:
+        return int(value_of(parse_text(text), "cflow_agents_presence", state=state))
     return int(value_of(parse_text(text), "cflow_agents_waiting_on_human"))
 
 
@@ -211,6 +214,7 @@ def test_presence_states() -> None:
 async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url: str,
                                               swarm_name: str) -> None:
     from cflow.agents import Agent, presence_state
+    from cflow.status import collect_status
     from cflow.streams import names
 
     env = hook_env(cli_env)
@@ -230,8 +234,10 @@ async def test_presence_and_agent_team_events(cli_env: dict[str, str], nats_url:
                 done = run_hook(event, fixture, env)
                 assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done.stderr
                 assert await presence() == want, event
-                assert waiting_gauge(await swarm.log.read(
-                    names.events_filter(swarm_name, "agent"))) == (want == "waiting_on_human")
+                agent_events = await swarm.log.read(names.events_filter(swarm_name, "agent"))
+                assert waiting_gauge(agent_events) == (want == "waiting_on_human")
+                assert waiting_gauge(agent_events, want) == 1, event
+                assert (await collect_status(swarm))["agents"][want] == 1, event  # cfctl status
             assert (await swarm.agents.get(SESSION_AGENT)).reason == "session waits for a prompt"
         assert await presence() == "offline"  # presence gone, holding nothing
 

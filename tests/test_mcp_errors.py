@@ -75,6 +75,8 @@ async def test_argument_errors_and_capabilities(cli_env: dict[str, str], nats_ur
                              {"task_id": task_id, "action": "complete",
                               "epoch": claim["epoch"] + 1000})
         assert str(claim["epoch"]) in text
+        await refused(client, "task_update", "INVALID_ARGUMENT",  # below, never issued either
+                      {"task_id": task_id, "action": "complete", "epoch": claim["epoch"] - 1})
         await refused(client, "task_update", "INVALID_ARGUMENT",
                       {"task_id": task_id, "action": "complete", "epoch": -1})
         done = await ok(client, "task_update", task_id=task_id, action="complete",
@@ -195,3 +197,26 @@ async def test_answers_from_cached_state_say_so(nats_url: str, swarm_name: str) 
                 assert loop.time() < deadline + 20, "client never reconnected"
                 await asyncio.sleep(0.05)
             assert "stale" not in await ok(client, "task_find")
+
+
+async def test_timed_out_update_keeps_the_lease(nats_url: str, swarm_name: str) -> None:
+    """A task_update that times out ("may have been stored; retry is safe") keeps renewing
+    the lease, so the retry still holds it; LEASE_LOST does stop renewing."""
+    from faults import Proxy
+    from test_mcp_tools import mcp_client
+
+    with Proxy(nats_url) as proxy:
+        async with mcp_client(proxy.url, swarm_name, "upd-1") as (client, adapter):
+            await ok(client, "task_create", title="finish me")
+            claim = await ok(client, "task_claim")
+            task_id = claim["task"]["id"]
+            adapter.swarm.log.retry_s, adapter.swarm.log.request_timeout_s = 1.0, 0.5  # fast
+            proxy.blackhole()
+            res = await client.call_tool("task_update", {"task_id": task_id,
+                                                         "action": "complete"})
+            text: str = res.content[0].text  # type: ignore[union-attr]
+            assert res.is_error and text.startswith("BACKEND_UNAVAILABLE: "), text
+            assert adapter.held(task_id) is not None  # still renewed
+            proxy.heal()
+            done = await ok(client, "task_update", task_id=task_id, action="complete")
+            assert done["status"] == "completed" and adapter.held(task_id) is None

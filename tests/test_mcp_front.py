@@ -79,6 +79,8 @@ async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
         state = await watcher.tasks.get(task.task_id)
         assert state.status == "claimed" and state.owner == "sig-term"  # nothing released
         assert state.epoch == claimed["epoch"]
+        view = await watcher.tasks.lease_view(state)  # the lease key itself is still live
+        assert view is not None and view.op == "PUT" and view.epoch in (None, state.epoch)
         notes = [i.event for i in await watcher.tasks.history(task.task_id)
                  if isinstance(i.event.data, ev.TaskNoted)]
         assert [(n.actor, n.data.text, n.data.paths) for n in notes] == [
@@ -86,3 +88,106 @@ async def test_health_checks_and_signals(cli_env: dict[str, str], nats_url: str,
         with pytest.raises(NotFound):
             await watcher.agents.get("health-check")
         assert (await watcher.agents.get("sig-term")).runtime == "mcp"  # a session registers
+
+
+def test_a_client_that_stops_reading_never_blocks_the_writer() -> None:
+    """Claude Code stops reading stdout: writes return at once (heartbeats go on), pushes
+    beyond the bound are dropped, answers are kept and come out whole and in order."""
+    import os
+    import threading
+    import time
+
+    from cflow.mcp.front import OUT_QUEUE_MAX, Front
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    front = Front(in_r, out_w, divert=False)
+    push = json.dumps({"jsonrpc": "2.0", "method": "notifications/claude/channel",
+                       "params": {"content": "x" * 1000, "meta": {}}})
+    done = threading.Event()
+
+    def flood() -> None:
+        for _ in range(OUT_QUEUE_MAX * 4):  # far beyond what the pipe buffer holds
+            front.write(push, droppable=True)
+        front.write('{"jsonrpc":"2.0","id":7,"result":{}}')
+        done.set()
+
+    started = time.monotonic()
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        assert done.wait(5.0), "write blocked on a client that does not read"
+        assert time.monotonic() - started < 2.0
+        assert front.dropped > 0
+        got = b""
+        while not got.endswith(b'"id":7,"result":{}}\n'):
+            got += os.read(out_r, 1 << 20)
+        lines = got.decode().splitlines()
+        assert all(json.loads(line) for line in lines)  # whole messages only
+        assert len(lines) == OUT_QUEUE_MAX * 4 - front.dropped + 1
+        assert front.flush(5.0)
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
+
+
+@pytest.mark.integration
+async def test_edit_hook_during_an_outage_returns_at_once(cli_env: dict[str, str],
+                                                          nats_url: str) -> None:
+    """The session's cfctl mcp relays edit notes; after a permission prompt the edit clears
+    "waiting on a human"; when NATS goes down the in-line PostToolUse hook still returns
+    within about a second (the relay answers, the hook does not try NATS itself)."""
+    import time
+
+    from faults import Proxy
+
+    def hook(env: dict[str, str], event: str, fixture: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cfctl(), "hook", event], env=env, text=True, timeout=60,
+                              input=(FIXTURES / f"{fixture}.json").read_text(),
+                              capture_output=True, check=False)
+
+    with Proxy(nats_url) as proxy:
+        env = {**agent_env(cli_env, "edit-out"), "CFLOW_URL": proxy.url}
+        async with Swarm.connect(nats_url, swarm=env["CFLOW_SWARM"], agent="w") as watcher, \
+                raw_server(env) as srv:
+            await srv.initialize()
+            task = await watcher.tasks.create("edited in an outage")
+            await srv.call("task_claim", task_id=task.task_id)
+            await asyncio.to_thread(hook, env, "PermissionRequest", "PermissionRequest")
+            assert (await watcher.agents.get("edit-out")).reason.startswith("waiting on")
+            edit = await asyncio.to_thread(hook, env, "PostToolUse", "PostToolUse_Edit")
+            assert (edit.returncode, edit.stderr) == (0, "")
+            assert (await watcher.agents.get("edit-out")).reason == "working"
+            proxy.down()
+            started = time.monotonic()
+            edit = await asyncio.to_thread(hook, env, "PostToolUse", "PostToolUse_Edit")
+            took = time.monotonic() - started
+            assert edit.returncode == 0 and edit.stdout == ""
+            assert took < 3.0, f"the in-line edit hook took {took:.1f} s in an outage"
+
+
+@pytest.mark.integration
+async def test_calls_after_the_tool_list_are_answered_during_an_outage(
+        cli_env: dict[str, str], nats_url: str) -> None:
+    """NATS is unreachable after the early tool list: calls get BACKEND_UNAVAILABLE (not
+    silence and exit 6), and once NATS is back the same process serves them."""
+    from faults import Proxy
+
+    with Proxy(nats_url) as proxy:
+        proxy.down()
+        async with raw_server({**agent_env(cli_env, "late-nats"), "CFLOW_URL": proxy.url}) as srv:
+            await srv.initialize()
+            await srv.request("tools/list")
+            down = await srv.request("tools/call", {"name": "task_find", "arguments": {}})
+            assert down["isError"]
+            assert down["content"][0]["text"].startswith("BACKEND_UNAVAILABLE: ")
+            proxy.heal()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:  # the process reconnects by itself (backoff at most 5 s)
+                got = await srv.request("tools/call", {"name": "task_find", "arguments": {}})
+                if not got.get("isError"):
+                    break
+                assert loop.time() < deadline, got
+                await asyncio.sleep(0.2)
+            assert got["structuredContent"]["tasks"] == []
+            assert srv.proc.returncode is None

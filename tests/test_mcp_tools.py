@@ -332,8 +332,9 @@ async def test_error_codes(mcp: tuple[Client, Adapter], nats_url: str, swarm_nam
         assert rival_lease is not None
         text = await refused(client, "task_claim", "CONFLICT", task_id=t["id"])
         assert "rival" in text
-        await refused(client, "task_update", "LEASE_LOST", task_id=t["id"], action="complete",
-                      epoch=rival_lease.epoch - 1)
+        # An epoch no claim of this task ever had is a mistake, not a lost lease.
+        await refused(client, "task_update", "INVALID_ARGUMENT", task_id=t["id"],
+                      action="complete", epoch=rival_lease.epoch - 1)
         await rival_lease.complete("theirs")
     await refused(client, "task_cancel", "INVALID_STATE", task_id=t["id"])
 

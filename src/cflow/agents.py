@@ -444,3 +444,13 @@ __all__ = [
     "fold_agents",
     "presence_state",
 ]
+
+
+async def presence_section(swarm: Any) -> dict[str, int]:
+    """`cfctl status`: how many agents are in each presence state (live presence)."""
+    board = await swarm.tasks.ensure_board()
+    holders = {s.owner for s in board.claimed()}
+    out = dict.fromkeys(PRESENCE_STATES, 0)
+    for agent in await swarm.agents.list():
+        out[presence_state(agent, agent.name in holders)] += 1
+    return out

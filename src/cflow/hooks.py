@@ -204,7 +204,8 @@ def hook_socket_path(swarm: str, agent: str) -> str:
 
 
 def relay(path: str, request: dict[str, Any], timeout_s: float = 3.0) -> dict[str, Any] | None:
-    """Send one request to the session's ``cfctl mcp``; None if nobody listens there."""
+    """Send one request to the session's ``cfctl mcp``; its answer (``ok`` true or false),
+    or None if nobody listens there."""
     if not os.path.exists(path):
         return None
     try:
@@ -221,7 +222,7 @@ def relay(path: str, request: dict[str, Any], timeout_s: float = 3.0) -> dict[st
         answer = json.loads(data or b"null")
     except (OSError, ValueError):
         return None
-    return answer if isinstance(answer, dict) and answer.get("ok") else None
+    return answer if isinstance(answer, dict) else None
 
 
 # ---------------------------------------------------------------------- outputs
@@ -347,6 +348,14 @@ async def _presence(swarm: Swarm, agent: str, status: str, reason: str) -> None:
                                       reason=reason, force=True)
 
 
+async def clear_waiting(swarm: Swarm, agent: str) -> None:
+    """A tool ran, so the permission prompt was answered: working again (if it waited)."""
+    info = await _registered(swarm, agent)
+    if info is not None and (info.reason or "").startswith(WAITING):
+        await swarm.agents.set_status(agent, "busy", info.task_id,
+                                      reason="working", force=True)
+
+
 def team_topic(team: str) -> str:
     return "team-" + (_token(team)[:48] or "default")
 
@@ -386,6 +395,7 @@ async def handle_async(hook: HookInput, env: Mapping[str, str]) -> HookResult:
                 for h in await held_tasks(swarm, agent, titles=False):
                     await swarm.tasks.note(h.task_id, EDIT_NOTE.format(tool=hook.tool_name),
                                            epoch=h.epoch, paths=paths)
+                await clear_waiting(swarm, agent)
                 return HookResult()
             case "Stop":
                 held = await held_tasks(swarm, agent)
@@ -448,7 +458,9 @@ def handle(event: str, raw: str, env: Mapping[str, str] | None = None) -> HookRe
         if relay(path, {"event": "PostToolUse", "tool_name": hook.tool_name,
                         "paths": touched_paths(hook, env.get("CLAUDE_PROJECT_DIR"))},
                  timeout) is not None:
-            return HookResult()  # the session's cfctl mcp noted it
+            # The session's cfctl mcp answered: it noted the edit, or the backend is
+            # down for it too (then trying NATS here would only add seconds in-line).
+            return HookResult()
 
     import asyncio  # only events that reach the backend pay for it
 

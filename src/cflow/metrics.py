@@ -195,6 +195,25 @@ class MetricsFold:
             self._recent.popleft()
         return len(self._recent) / RATE_WINDOW_S
 
+    def presence_counts(self) -> dict[str, int]:
+        """Agents per presence state, from their status events and the claims they hold."""
+        from cflow.agents import PRESENCE_STATES
+
+        holders = {t.owner for t in self.board.tasks.values() if t.status == "claimed"}
+        out = dict.fromkeys(PRESENCE_STATES, 0)
+        for name, status in self.agents.items():
+            gone = status == "offline"
+            if gone:
+                state = "dead" if name in holders else "offline"
+            elif name in self.waiting_on_human:
+                state = "waiting_on_human"
+            elif status == "busy" or name in holders:
+                state = "working"
+            else:
+                state = "idle"
+            out[state] += 1
+        return out
+
     def by_capability(self) -> dict[tuple[str, str], int]:
         out: Counter[tuple[str, str]] = Counter()
         for state in self.board.tasks.values():
@@ -250,6 +269,10 @@ class MetricsFold:
         metric("cflow_agents_waiting_on_human", "gauge",
                "Agents stopped at a permission prompt (Claude Code hooks).",
                [({}, len(self.waiting_on_human))])
+        metric("cflow_agents_presence", "gauge",
+               "Agents by presence (working, waiting_on_human, idle, offline, dead), as their "
+               "events tell it: an agent killed without a word counts until its status changes.",
+               (({"state": st}, n) for st, n in self.presence_counts().items()))
         metric("cflow_swarm_paused", "gauge", "1 while the swarm is paused or stopped.",
                [({"mode": self.mode}, 0 if self.mode == "running" else 1)])
         metric("cflow_scopes_paused", "gauge", "Parent-task scopes paused.",

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 STATUS_SECTIONS: list[tuple[str, str]] = [("control", "cflow.control:status_section"),
                                           ("maintenance", "cflow.leases:maintenance_status"),
-                                          ("queries", "cflow.status:query_status")]
+                                          ("queries", "cflow.status:query_status"),
+                                          ("agents", "cflow.agents:presence_section")]
 STATUS_TIMEOUT_S = 2.0  # a stream whose leader is being elected must not stall the status
 
 

@@ -126,11 +126,14 @@ def _pending(swarm: Any) -> Any:
         from cflow.mcp.channel import PERMISSION_TOPIC, parse_request
 
         out = []
+        # A prompt of a session that is gone can never be answered: not listed.
+        present = {a.name for a in await swarm.agents.list()
+                   if a.present and a.status != "offline"}
         for m in await swarm.messages.overdue(older_than_s=0.0):
             request = parse_request(m.text) if m.topic == PERMISSION_TOPIC else None
-            if request is not None:
+            if request is not None and m.sender in present:
                 out.append({"id": request["permission_request"], "message_id": m.id,
-                            "agent": request.get("agent", m.sender),
+                            "agent": m.sender,  # who relayed it, not what the text claims
                             "tool_name": request.get("tool_name", ""),
                             "description": request.get("description", ""),
                             "input_preview": request.get("input_preview", ""),

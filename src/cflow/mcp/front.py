@@ -21,6 +21,7 @@ lock at exit.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -42,6 +43,11 @@ CAPABILITIES: dict[str, Any] = {
 }
 PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 FORWARDED_INIT_ID = "cflow-front-initialize"
+# Client notifications kept until their handler is set (a permission prompt sent
+# before the channel opened must not be lost).
+HELD_NOTIFICATIONS = frozenset({"notifications/claude/channel/permission_request"})
+INIT_WAIT_S = 2.0  # how long the server waits for initialize to learn who its client is
+OUT_QUEUE_MAX = 256  # pushes waiting for stdout beyond this are dropped
 
 
 class Front:
@@ -61,9 +67,14 @@ class Front:
         self.client: dict[str, Any] = {}
         self.initialized = threading.Event()
         self.closed = threading.Event()
-        self._write_lock = threading.Lock()
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_ready = threading.Condition()
+        self._writing = False
+        self._writer: threading.Thread | None = None
+        self.dropped = 0  # pushes dropped because the client stopped reading
         self._lock = threading.Lock()
         self._pending: list[bytes | None] = []
+        self._held: list[tuple[str, dict[str, Any]]] = []  # notifications for a late handler
         # Client notifications handled here, not by the SDK (Claude Code's channel relay).
         self.on_notification: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._sink: Callable[[bytes | None], None] | None = None
@@ -75,19 +86,52 @@ class Front:
 
     # ------------------------------------------------------------------ output
 
-    def write(self, line: str | bytes) -> None:
-        """One JSON-RPC message, newline-terminated, written whole (thread-safe)."""
+    def write(self, line: str | bytes, *, droppable: bool = False) -> bool:
+        """Queue one JSON-RPC message for stdout; never blocks (thread-safe).
+
+        A writer thread does the blocking writes, so a client that stops reading
+        stdout stalls only that thread, never the event loop (heartbeats go on).
+        A ``droppable`` message (a push) is dropped, and False returned, while
+        :data:`OUT_QUEUE_MAX` messages already wait; answers are always kept.
+        """
         data = line.encode() if isinstance(line, str) else line
         if not data.endswith(b"\n"):
             data += b"\n"
-        with self._write_lock:
+        with self._out_ready:
+            if droppable and len(self._out) >= OUT_QUEUE_MAX:
+                self.dropped += 1
+                return False
+            self._out.append(data)
+            self._out_ready.notify()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_out, name="mcp-front-out",
+                                                daemon=True)
+                self._writer.start()
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued was written (or the pipe broke)."""
+        with self._out_ready:
+            return self._out_ready.wait_for(lambda: not self._out and not self._writing,
+                                            timeout)
+
+    def _write_out(self) -> None:
+        while True:
+            with self._out_ready:
+                self._writing = False
+                self._out_ready.notify_all()
+                self._out_ready.wait_for(lambda: bool(self._out))
+                data = self._out.popleft()
+                self._writing = True
             view = memoryview(data)
             while view:
                 try:
                     sent = os.write(self.out_fd, view)
-                except BrokenPipeError:
+                except OSError:  # the client is gone: nothing more can be written
                     self.closed.set()
-                    return
+                    with self._out_ready:
+                        self._out.clear()
+                    break
                 view = view[sent:]
 
     def _answer(self, ident: Any, result: dict[str, Any]) -> None:
@@ -103,6 +147,22 @@ class Front:
             self._sink = sink
         for item in pending:
             sink(item)
+
+    def handle_notification(self, method: str,
+                            handler: Callable[[dict[str, Any]], None]) -> None:
+        """Hand ``method`` notifications to ``handler``, first those held until now."""
+        with self._lock:
+            self.on_notification[method] = handler
+            held = [params for m, params in self._held if m == method]
+            self._held = [(m, p) for m, p in self._held if m != method]
+        for params in held:
+            handler(params)
+
+    def detach(self, keep: list[bytes | None]) -> None:
+        """Stop forwarding; ``keep`` goes first to the next :meth:`attach`."""
+        with self._lock:
+            self._sink = None
+            self._pending = [*keep, *self._pending]
 
     def _forward(self, item: bytes | None) -> None:
         with self._lock:
@@ -138,9 +198,15 @@ class Front:
             self._forward(line)  # the SDK answers a parse error
             return
         if isinstance(message, dict) and "id" not in message:
-            handler = self.on_notification.get(str(message.get("method")))
+            name = str(message.get("method"))
+            given = message.get("params")
+            with self._lock:
+                handler = self.on_notification.get(name)
+                if handler is None and name in HELD_NOTIFICATIONS:
+                    # Before the channel is open (NATS still connecting): kept for it.
+                    self._held.append((name, given if isinstance(given, dict) else {}))
+                    return
             if handler is not None:
-                given = message.get("params")
                 handler(given if isinstance(given, dict) else {})
                 return
         if not isinstance(message, dict) or "id" not in message:

@@ -25,12 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cflow.errors import InvalidInput
-from cflow.mcp.front import Front, is_claude_code, is_forwarded_init_answer
+from cflow.mcp.front import (
+    FORWARDED_INIT_ID,
+    INIT_WAIT_S,
+    Front,
+    is_claude_code,
+    is_forwarded_init_answer,
+)
 
 log = logging.getLogger("cflow.mcp")
 
 CONNECT_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0
+RECONNECT_MIN_S = 0.5  # a cfctl mcp that answered its client retries NATS this often, doubling
+RECONNECT_MAX_S = 5.0
+RELAY_NOTE_S = 1.0  # an edit note relayed for a hook takes at most this (the hook waits)
 STOP_GRACE_S = 0.4  # a signalled server that has not exited by then leaves at once
 LOOPBACK_NAMES = ("localhost",)
 DEFAULT_URL = "nats://127.0.0.1:4222"  # as the CLI's --url
@@ -171,7 +180,7 @@ def _open_channel(adapter: Any, front: Front) -> None:
 
     loop = asyncio.get_running_loop()
     channel = Channel(adapter, lambda message: front.write(
-        json.dumps(message, separators=(",", ":"), ensure_ascii=False)))
+        json.dumps(message, separators=(",", ":"), ensure_ascii=False), droppable=True))
     adapter.channel = channel
     relays: set[asyncio.Task[str]] = set()
 
@@ -183,7 +192,66 @@ def _open_channel(adapter: Any, front: Front) -> None:
 
         loop.call_soon_threadsafe(start)
 
-    front.on_notification[PERMISSION_REQUEST] = relay
+    front.handle_notification(PERMISSION_REQUEST, relay)
+
+
+async def _connect(stack: contextlib.AsyncExitStack, opts: Options, front: Front | None) -> Any:
+    """Connect to NATS. A client that already got its tool list is not left hanging:
+    while NATS is unreachable its calls are answered BACKEND_UNAVAILABLE and the
+    connection is retried in the background (without a client: Unavailable at once)."""
+    from cflow.errors import Unavailable
+    from cflow.hooks import open_swarm
+
+    backoff = RECONNECT_MIN_S
+    degraded = False
+    kept: list[bytes | None] = []
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                return await open_swarm(stack, opts.url, opts.swarm, opts.agent,
+                                        timeout_s=opts.connect_timeout_s)
+            except Unavailable as exc:
+                if front is None or not front.initialized.is_set():
+                    raise
+                if not degraded:
+                    degraded = True
+                    log.warning("NATS unreachable (%s); answering BACKEND_UNAVAILABLE "
+                                "and retrying", exc)
+
+                    def sink(item: bytes | None, reason: str = str(exc),
+                             on: Front = front) -> None:
+                        loop.call_soon_threadsafe(_answer_unavailable, on, item, kept, reason)
+
+                    front.attach(sink)
+                if front.closed.is_set():
+                    raise
+            await asyncio.sleep(backoff)  # a reconnect backoff is a timer by nature
+            backoff = min(RECONNECT_MAX_S, backoff * 2)
+    finally:
+        if degraded:
+            front.detach(kept)  # type: ignore[union-attr]
+
+
+def _answer_unavailable(front: Front, item: bytes | None, kept: list[bytes | None],
+                        reason: str) -> None:
+    """While NATS is unreachable: calls get BACKEND_UNAVAILABLE, the handshake is kept."""
+    try:
+        message = json.loads(item) if item is not None else None
+    except ValueError:
+        message = None
+    if not isinstance(message, dict) or "id" not in message \
+            or message.get("id") == FORWARDED_INIT_ID:
+        kept.append(item)  # end of input, notifications, the handshake: for the server
+        return
+    text = (f"BACKEND_UNAVAILABLE: the swarm's NATS server is unreachable ({reason}). "
+            "Hint: retry in a few seconds; cfctl mcp reconnects by itself.")
+    if message.get("method") == "tools/call":
+        answer: dict[str, Any] = {"result": {"content": [{"type": "text", "text": text}],
+                                             "isError": True}}
+    else:
+        answer = {"error": {"code": -32603, "message": text}}
+    front.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], **answer}))
 
 
 async def serve(opts: Options, stop: asyncio.Event | None = None,
@@ -196,7 +264,6 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
         InvalidInput: a bad swarm or agent name.
     """
     from cflow.events import check_token
-    from cflow.hooks import open_swarm
     from cflow.mcp.adapter import Adapter, default_labels
     from cflow.mcp.server import build_server
 
@@ -204,9 +271,11 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
     ppid = os.getppid()
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
-        swarm = await open_swarm(stack, opts.url, opts.swarm, opts.agent,
-                                 timeout_s=opts.connect_timeout_s)
+        swarm = await _connect(stack, opts, front)
         adapter = Adapter(swarm, capabilities=opts.capabilities, labels=default_labels())
+        if front is not None and not front.initialized.is_set():
+            # Connected before the client said who it is: wait a moment for initialize.
+            await asyncio.to_thread(front.initialized.wait, INIT_WAIT_S)
         if front is not None and (is_claude_code(front.client)
                                   or os.environ.get("CFLOW_CHANNELS") == "1"):
             _open_channel(adapter, front)
@@ -235,6 +304,8 @@ async def serve(opts: Options, stop: asyncio.Event | None = None,
             for task in (serving, watcher, stopping):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if adapter.channel is not None:
+            await adapter.channel.close()
         log.info("client went away; leases (%d held) will expire", len(adapter.leases))
 
 
@@ -246,9 +317,20 @@ async def _hook_relay(adapter: Any, swarm: str) -> Any:
     when nobody listens). Best effort: no socket, no relay.
     """
     from cflow.errors import CflowError
-    from cflow.hooks import EDIT_NOTE, hook_socket_path
+    from cflow.hooks import EDIT_NOTE, clear_waiting, hook_socket_path
 
     path = hook_socket_path(swarm, adapter.agent)
+
+    async def note(request: dict[str, Any], paths: list[str]) -> int:
+        noted = 0
+        for task_id, lease in list(adapter.leases.items()):
+            if not lease.lost.is_set():
+                await adapter.swarm.tasks.note(
+                    task_id, EDIT_NOTE.format(tool=request.get("tool_name", "?")),
+                    epoch=lease.epoch, paths=paths)
+                noted += 1
+        await clear_waiting(adapter.swarm, adapter.agent)
+        return noted
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reply: dict[str, Any]
@@ -257,15 +339,13 @@ async def _hook_relay(adapter: Any, swarm: str) -> Any:
             paths = [str(p) for p in request.get("paths") or []][:100]
             noted = 0
             if request.get("event") == "PostToolUse" and paths:
-                for task_id, lease in list(adapter.leases.items()):
-                    if not lease.lost.is_set():
-                        await adapter.swarm.tasks.note(
-                            task_id, EDIT_NOTE.format(tool=request.get("tool_name", "?")),
-                            epoch=lease.epoch, paths=paths)
-                        noted += 1
+                if not adapter.swarm.nc.is_connected:  # an outage: answer at once
+                    raise CflowError("the backend is unreachable; edit not noted")
+                # PostToolUse runs in-line: the session waits for this answer.
+                noted = await asyncio.wait_for(note(request, paths), RELAY_NOTE_S)
             reply = {"ok": True, "noted": noted}
         except (CflowError, ValueError, TimeoutError, AttributeError) as exc:
-            reply = {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
@@ -333,7 +413,11 @@ def run(opts: Options) -> None:
         from cflow.mcp.adapter import ENGAGE_AFTER_S
 
         opts.engage_after_s = ENGAGE_AFTER_S
-    asyncio.run(_until_signalled(opts, front))
+    try:
+        asyncio.run(_until_signalled(opts, front))
+    finally:
+        if front is not None:
+            front.flush(1.0)  # what was answered still goes out (the writer is a daemon)
 
 
 def resolve_agent(explicit: str | None, env: dict[str, str] | None = None) -> str:

@@ -25,7 +25,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
 from pydantic import Field, ValidationError
 
-from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
+from cflow.errors import CflowError, InvalidInput, InvalidState, LeaseLost, NotFound, Unavailable
 from cflow.mcp.catalog import INSTRUCTIONS
 from cflow.mcp.faults import CODES, describe, describe_error
 
@@ -525,7 +525,8 @@ class _Tools:
         if epoch is not None and (mine is None or epoch != mine.epoch):
             current = (mine.epoch if mine is not None
                        else (await self.swarm.tasks.get(task_id)).epoch)
-            if epoch > current:
+            if epoch > current or (epoch < current
+                                   and epoch not in await self._claim_epochs(task_id)):
                 raise InvalidInput(f"epoch {epoch} was never issued for {task_id} (its latest "
                                    f"claim is epoch {current}); pass the epoch task_claim "
                                    "returned, or omit it to use your lease's")
@@ -551,13 +552,25 @@ class _Tools:
                                            cost_usd=cost_usd)
                 else:
                     state = await svc.release(task_id, epoch, text or "")
-            finally:
+            except (LeaseLost, InvalidState):  # the lease is gone for good: stop renewing it
                 if mine is not None and mine.epoch == epoch:
                     self.a.drop(task_id)
+                raise
+            # Any other failure (a timeout: "may have been stored; retry is safe")
+            # keeps the lease renewed, so the retry still holds it.
+            if mine is not None and mine.epoch == epoch:
+                self.a.drop(task_id)
             out = {"task_id": task_id, "status": state.status}
             if action == "fail" and state.status == "ready":
                 out["retry"] = f"attempt {state.attempt}/{state.max_attempts} will be retried"
         return result(self.a.remember("task_update", idempotency_key, out))
+
+    async def _claim_epochs(self, task_id: str) -> set[int]:
+        """Every epoch ever issued for the task (a claim's epoch is its event's sequence)."""
+        from cflow import events as ev
+
+        return {item.seq for item in await self.swarm.tasks.history(task_id)
+                if isinstance(item.event.data, ev.TaskClaimed)}
 
     async def task_cancel(self, task_id: str, reason: str = "",
                           idempotency_key: str | None = None) -> CallToolResult:
