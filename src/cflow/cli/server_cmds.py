@@ -603,10 +603,15 @@ def _render_status(d: dict[str, Any]) -> None:
         typer.echo(f"queries  answered by a projector, projected up to event {q['checkpoint']}"
                    if q.get("serving") else
                    "queries  no projector answering (`cfctl up` or `cfctl projector` runs one)")
+    agents = d.get("agents")
+    if isinstance(agents, dict) and "error" not in agents:
+        shown = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in agents.items() if n)
+        typer.echo(f"agents   {shown or 'none registered'}")
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
-                       "control", "maintenance", "queries"):
-            typer.echo(f"{key:<8} {value}")
+                       "control", "maintenance", "queries", "agents"):
+            text = value.get("error", value) if isinstance(value, dict) else value
+            typer.echo(f"{key:<8} {text}")
 
 
 def maintenance_lines(section: Any) -> list[str]:
