@@ -7,6 +7,7 @@ swarm is seeded through the facade and checked through the event log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -177,7 +178,11 @@ async def test_relayed_permission_prompts_are_listed_and_answered(
     from cflow.mcp.channel import PERMISSION_TOPIC, parse_decision, request_text
 
     rid = uuid.uuid4().hex[:8]
-    async with Swarm.connect(nats_url, swarm=console.swarm, agent="perm-agent") as session:
+    async with (Swarm.connect(nats_url, swarm=console.swarm, agent="perm-agent") as session,
+                contextlib.AsyncExitStack() as stack):
+        # Only prompts of a session that is present can be answered, so only they are listed.
+        registered = await session.agents.register("perm-agent", [])
+        await stack.enter_async_context(registered.present())
         for n in ("1", "2"):
             await session.messages.send(None, request_text("perm-agent", {
                 "request_id": rid + n, "tool_name": "Bash", "description": f"run <b>{n}</b>",
@@ -502,7 +507,7 @@ def test_cfctl_up_serves_the_console_with_ui_port(tmp_path: Path) -> None:
             assert r.status_code == 200 and r.json()["actor"].startswith("ui:")
     finally:
         stop(proc)
-    assert proc.returncode == 0
+    assert proc.returncode == 130  # stopped by a signal (documented exit code)
     detached = subprocess.run(cfctl("up", "--detach", "--ui-port", "0", "--port", "1"), env=env,
                               capture_output=True, text=True, timeout=30, check=False)
     assert detached.returncode == 2 and "--ui-port serves the console" in detached.stderr

@@ -46,7 +46,7 @@ import nats.errors
 
 from cflow.errors import Unavailable
 from cflow.streams import names
-from cflow.streams.client import api_request
+from cflow.streams.client import Outgoing, api_request
 from cflow.streams.errors import nats_errors
 from cflow.tasks import TaskState
 
@@ -162,15 +162,15 @@ class OfferDesk:
         self._handing_back: set[asyncio.Future[None]] = set()
 
     async def publish(self, state: TaskState) -> None:
-        """Offer a ready task (idempotent per task and sequence).
+        """Offer a ready task (idempotent per task and sequence), through an election.
 
         Raises:
             Unavailable: not stored; a maintainer's sweep offers it again.
         """
         headers = {"Nats-Msg-Id": offer_msg_id(state.task_id, state.seq)}
+        out = Outgoing(offer_subject(self.swarm, state), headers, encode_offer(state))
         with nats_errors(self.stream):
-            await self.log.js.publish(offer_subject(self.swarm, state), encode_offer(state),
-                                      headers=headers, timeout=5.0)
+            await self.log.send(out, stream=self.stream)
 
     async def subjects(self, *, fresh: bool = False) -> list[str]:
         """Offer subjects that hold messages (cached for ``REFRESH_S``)."""

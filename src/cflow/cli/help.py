@@ -18,10 +18,14 @@ PANELS: list[tuple[str, list[tuple[str, str]]]] = [
         ("down", "Stop the node `cfctl up --detach` started"),
         ("status", "Servers, streams, pauses and maintaining processes"),
         ("top", "Live view of the swarm"),
+        ("ui", "The web console; prints its URL and the token actions need"),
     ]),
     ("Work", [
         ("task", "Create, claim, finish and inspect tasks"),
         ("worker", "Claim tasks and run them (command, container, claude -p)"),
+        ("merge-queue", "Merge finished task branches, one merger at a time"),
+        ("merges", "The merge queue: waiting, merged and rejected requests"),
+        ("merge-gate", "A gate that opens once a task's work is merged"),
         ("agent", "Agents: registry, presence, what they hold"),
         ("memory", "Shared memory with namespaces, TTL, history and search"),
         ("msg", "Messages between agents: direct, topics, threads"),
@@ -50,6 +54,7 @@ PANELS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Claude Code and other tools", [
         ("setup", "Wire cflow into Claude Code and git"),
         ("mcp", "Serve the swarm over MCP (stdio or HTTP)"),
+        ("permissions", "Answer permission prompts relayed from Claude Code"),
         ("hook", "Record a Claude Code hook event"),
         ("import", "Import data from claude-flow"),
     ]),

@@ -16,6 +16,7 @@ import typer
 
 from cflow.cli.app import EXIT_USAGE, app, exit_code_for, fail, group, state
 from cflow.errors import CflowError
+from cflow.permissions import answer_permission, pending_permissions
 
 setup_app = group("setup", "Wire cflow into agent tools (Claude Code, git).")
 
@@ -121,28 +122,6 @@ def hook(
 permissions_app = group("permissions", "Permission prompts relayed from Claude Code sessions.")
 
 
-def _pending(swarm: Any) -> Any:
-    async def pending() -> list[dict[str, Any]]:
-        from cflow.mcp.channel import PERMISSION_TOPIC, parse_request
-
-        out = []
-        # A prompt of a session that is gone can never be answered: not listed.
-        present = {a.name for a in await swarm.agents.list()
-                   if a.present and a.status != "offline"}
-        for m in await swarm.messages.overdue(older_than_s=0.0):
-            request = parse_request(m.text) if m.topic == PERMISSION_TOPIC else None
-            if request is not None and m.sender in present:
-                out.append({"id": request["permission_request"], "message_id": m.id,
-                            "agent": m.sender,  # who relayed it, not what the text claims
-                            "tool_name": request.get("tool_name", ""),
-                            "description": request.get("description", ""),
-                            "input_preview": request.get("input_preview", ""),
-                            "waiting_s": round(m.overdue_ms / 1000)})
-        return out
-
-    return pending()
-
-
 @permissions_app.command("list")
 def permissions_list(ctx: typer.Context) -> None:
     """Permission prompts waiting for an answer, oldest first."""
@@ -153,7 +132,7 @@ def permissions_list(ctx: typer.Context) -> None:
 
     async def body() -> list[dict[str, Any]]:
         async with Swarm.connect(c.url, swarm=c.swarm, agent="cfctl") as swarm:
-            found: list[dict[str, Any]] = await _pending(swarm)
+            found: list[dict[str, Any]] = await pending_permissions(swarm)
             return found
 
     pending = run(ctx, body)
@@ -166,34 +145,6 @@ def permissions_list(ctx: typer.Context) -> None:
                        f"  ({p['waiting_s']}s)")
 
     emit(ctx, pending, human)
-
-
-pending_permissions = _pending  # the web console lists them with the same code
-
-
-async def answer_permission(swarm: Any, request_id: str, behavior: str, *,
-                            actor: str) -> dict[str, Any]:
-    """Send ``behavior`` (allow / deny) for a pending prompt, as ``actor``, and ack it.
-
-    Raises:
-        NotFound: no pending prompt with that id (answered already, or never asked).
-    """
-    import re
-
-    from cflow.mcp.channel import decision_text
-
-    match = [p for p in await _pending(swarm) if p["id"] == request_id]
-    if not match:
-        from cflow.errors import NotFound
-
-        raise NotFound("pending permission prompt", request_id)
-    p = match[0]
-    await swarm.messages.send(p["agent"], decision_text(behavior, request_id),
-                              reply_to=p["message_id"], importance="high", sender=actor)
-    # Acks name a subject token: ui:alice acks as ui-alice.
-    await swarm.messages.ack(re.sub(r"[^A-Za-z0-9_-]+", "-", actor).strip("-") or "operator",
-                             p["message_id"])
-    return {"id": request_id, "agent": p["agent"], "behavior": behavior}
 
 
 def _answer(ctx: typer.Context, request_id: str, behavior: str) -> None:

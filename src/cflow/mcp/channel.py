@@ -31,6 +31,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from cflow.permissions import PERMISSION_TOPIC, decision_text, parse_request
+
 if TYPE_CHECKING:
     from cflow.leases import Lease
     from cflow.mcp.adapter import Adapter
@@ -41,7 +43,6 @@ log = logging.getLogger("cflow.mcp")
 CHANNEL = "notifications/claude/channel"
 PERMISSION = "notifications/claude/channel/permission"
 PERMISSION_REQUEST = "notifications/claude/channel/permission_request"
-PERMISSION_TOPIC = "permissions"
 READY_REPEAT_S = 120.0  # the same ready work is announced again at most this often
 READY_GAP_S = 30.0  # and any ready work at most this often (a busy swarm is not a chat)
 READY_WAIT_S = 30.0
@@ -65,10 +66,6 @@ def channel_push(content: str, **meta: object) -> dict[str, Any]:
                                   "meta": {k: str(v) for k, v in meta.items() if v is not None}})
 
 
-def decision_text(behavior: str, request_id: str) -> str:
-    return f"permission {behavior} {request_id}"
-
-
 def parse_decision(text: str) -> tuple[str, str] | None:
     """``("allow" | "deny", request_id)`` if ``text`` is an operator's answer (pure)."""
     match = _DECISION.match(text.strip())
@@ -83,16 +80,6 @@ def request_text(agent: str, params: dict[str, Any]) -> str:
                        "description": str(params.get("description", ""))[:500],
                        "input_preview": str(params.get("input_preview", ""))[:500]},
                       ensure_ascii=False)
-
-
-def parse_request(text: str) -> dict[str, str] | None:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or "permission_request" not in data:
-        return None
-    return {k: str(v) for k, v in data.items()}
 
 
 class Channel:

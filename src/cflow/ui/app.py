@@ -459,7 +459,7 @@ def create_app(console: Console) -> Starlette:
 
     async def _permissions() -> list[dict[str, Any]]:
         # The same code as `cfctl permissions list`: relayed prompts nobody answered yet.
-        from cflow.cli.mcp_cmds import pending_permissions
+        from cflow.permissions import pending_permissions
 
         found: list[dict[str, Any]] = await pending_permissions(console.s)
         return found
@@ -619,7 +619,7 @@ def create_app(console: Console) -> Starlette:
 
     async def permission_answer(request: Request, f: dict[str, str]
                                 ) -> tuple[str, dict[str, Any]]:
-        from cflow.cli.mcp_cmds import answer_permission
+        from cflow.permissions import answer_permission
 
         who = actor_of(request)
         request_id, verb = request.path_params["request_id"], request.path_params["verb"]
