@@ -370,6 +370,9 @@ def node_services(
             for _name, target in FOREGROUND_SERVICES:
                 module, _, attr = target.partition(":")
                 tg.start_soon(getattr(importlib.import_module(module), attr), running)
+            await _until_server_gone(data_dir, port)
+            exit_soon("the node's server is gone: stopped its services")
+            tg.cancel_scope.cancel()
 
     try:
         run(ctx, body)
@@ -377,6 +380,20 @@ def node_services(
         path = _services_pid_path(data_dir, port)
         if path.exists() and path.read_text().strip() == str(os.getpid()):
             path.unlink()
+
+
+async def _until_server_gone(data_dir: Path, port: int, every_s: float = 1.0) -> None:
+    """Return once the nats-server recorded for ``port`` in ``data_dir`` is gone (stopped
+    by anything, even kill -9): a node's services never outlive their server."""
+    import anyio
+
+    from cflow.server import is_nats_server, recorded_servers
+
+    while True:
+        pids = [pid for p, pid in recorded_servers(data_dir) if p == port]
+        if not pids or not any(is_nats_server(pid) for pid in pids):
+            return
+        await anyio.sleep(every_s)
 
 
 _PORT = typer.Option(4222, "--port", help="Client port.")
