@@ -237,8 +237,9 @@ async def run(url: str | None = None, quick: bool = False,
         server.start()
         url = server.url
     out: dict[str, float] = {}
+    smoke = os.environ.get("CFLOW_BENCH_SMOKE") == "1"  # the test suite: sizes, not figures
     try:
-        n_ingest = 20_000 if quick else 200_000
+        n_ingest = 5_000 if smoke else 20_000 if quick else 200_000
         events = decoded(workload(n_ingest))
         out["fold_events_per_s"] = fold_only(events)
         out["ingest_events_per_s"] = ingest(events, tmp, runs=1 if quick else 3)
@@ -252,7 +253,7 @@ async def run(url: str | None = None, quick: bool = False,
             swarm = f"benchproj{os.getpid()}"
             await ensure_swarm(nc, swarm)
             log = EventLog(nc, swarm, actor="bench")
-            n_rebuild = 100_000 if quick else 1_000_000
+            n_rebuild = 20_000 if smoke else 100_000 if quick else 1_000_000
             started = time.perf_counter()
             await fill(log, workload(n_rebuild))
             out["append_events_per_s"] = n_rebuild / (time.perf_counter() - started)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -175,7 +176,8 @@ async def run(url: str | None = None, quick: bool = False,
     try:
         nc = await connect(url, name="cflow:bench-projection-live")
         try:
-            seconds = 3.0 if quick else 10.0
+            seconds = 1.0 if os.environ.get("CFLOW_BENCH_SMOKE") == "1" else (
+                3.0 if quick else 10.0)
             for rate, name in ((1000, "1k"), (10_000, "10k")):
                 figures = await lag(nc, url, tmp, rate, seconds)
                 for key, value in figures.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_bench_quick_writes_every_figure(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--markdown", str(md)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "CFLOW_BENCH_SMOKE": "1"},  # smaller projection sizes
     )
     assert out.exists(), proc.stderr[-3000:]
     result = json.loads(out.read_text())
