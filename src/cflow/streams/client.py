@@ -153,9 +153,14 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
 
 
+UNSUBSCRIBE_S = 2.0  # a follower's teardown never waits longer than this on NATS
+
+
 async def _unsubscribe(sub: Any) -> None:
-    with contextlib.suppress(nats.errors.Error, OSError):
-        await sub.unsubscribe()
+    """Drop a subscription, best effort and bounded: a teardown (cancellation, shutdown)
+    must not hang on a connection that is stalled or gone."""
+    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+        await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_S)
 
 
 async def _quiet(exc: Exception) -> None:
@@ -1141,8 +1146,7 @@ class EventLog:
                     caught_up.set()
                 yield item
         finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     async def follow_batches(
         self,
