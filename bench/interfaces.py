@@ -100,4 +100,4 @@ async def mcp(ctx: Ctx) -> None:
                 goals=[Goal("value", "<=", 2000.0, "<= 2,000 tokens")],
                 note=f"{len(result.tools)} tools; JSON characters / 4")
     ctx.rec.add("mcp.tools_list.count", len(result.tools), label="MCP tools", unit="tools",
-                section="9 mcp", goals=[Goal("value", "<=", 10.0, "<= 10 tools")])
+                section="9 mcp", goals=[Goal("value", "<=", 12.0, "<= 12 tools")])
