@@ -50,6 +50,7 @@ NOTE_OUTPUT_MAX = 512 * 1024
 DEFAULT_CLAIM_WAIT_S = 30.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 CLAIM_SETTLE_S = 0.5
+SLOT_STOP_SLACK_S = 5.0  # past the grace period, a slot that has not stopped is cancelled
 RECORD_RETRY_MAX_S = 5.0
 _T = TypeVar("_T")
 
@@ -176,7 +177,7 @@ class Worker:
                 await self.draining.wait()
                 grace = asyncio.create_task(self._grace_period())
                 try:
-                    await asyncio.gather(*slots)
+                    await self._stop_slots(slots)
                 finally:
                     grace.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -187,6 +188,22 @@ class Worker:
                 if closer is not None:
                     await closer()
         return self.stats
+
+    async def _stop_slots(self, slots: list[asyncio.Task[None]]) -> None:
+        """Wait for the slots to finish after a drain; a slot still stuck well past
+        the grace period is cancelled (and named in the log with where it hung)."""
+        limit = (self.opts.drain_grace_s if self.running else 0.0) + SLOT_STOP_SLACK_S
+        _, stuck = await asyncio.wait(slots, timeout=limit)
+        for slot in stuck:
+            where = "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                            for f in slot.get_stack(limit=12))
+            log.warning("worker %s: %s did not stop within %.0f s; cancelled at:%s",
+                        self.opts.name, slot.get_name(), limit, where)
+            slot.cancel()
+        results = await asyncio.gather(*slots, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
 
     async def _exit_on_swarm_stop(self) -> None:
         # `cfctl swarm stop`: workers exit (drain). With --now the tasks are also
@@ -233,8 +250,10 @@ class Worker:
             claim.cancel()
             # Should the cancel still hit the write step, the claim has no lease
             # and the reapers expire it after its TTL plus a margin.
-            with contextlib.suppress(asyncio.CancelledError, CflowError):
-                await claim
+            await asyncio.wait({claim}, timeout=SLOT_STOP_SLACK_S)
+            if claim.done() and not claim.cancelled():
+                with contextlib.suppress(CflowError):
+                    claim.result()
             return None
         try:
             lease = claim.result()
