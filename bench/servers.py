@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+from cflow import server as server_mod
 from cflow.server import EmbeddedServer, ServerOptions, binary, free_port
 
 # How each sync setting is printed next to a write figure.
@@ -38,26 +39,19 @@ def start_single(base: Path, sync: str) -> EmbeddedServer:
 
 def start_cluster(base: Path, size: int = 3, sync: str = "default") -> list[EmbeddedServer]:
     """``size`` nats-servers on loopback, each routed to all the others."""
-    ports = [free_port() for _ in range(size)]
-    cports = [free_port() for _ in range(size)]
-    routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cports)
-    servers: list[EmbeddedServer] = []
-    try:
-        for i in range(size):
-            opts = ServerOptions(
-                port=ports[i], data_dir=base / f"cluster-{i}", sync=sync,
-                server_name=f"bench-c{i}", cluster_name="bench", cluster_port=cports[i],
-                cluster_host="127.0.0.1",
-                routes=tuple(r for j, r in enumerate(routes) if j != i),
-            )
-            srv = EmbeddedServer(opts)
-            srv.start()
-            servers.append(srv)
-    except BaseException:
-        for srv in servers:
-            srv.stop()
-        raise
-    return servers
+
+    def build() -> list[EmbeddedServer]:
+        ports = [free_port() for _ in range(size)]
+        cports = [free_port() for _ in range(size)]
+        routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cports)
+        return [EmbeddedServer(ServerOptions(
+            port=ports[i], data_dir=base / f"cluster-{i}", sync=sync,
+            server_name=f"bench-c{i}", cluster_name="bench", cluster_port=cports[i],
+            cluster_host="127.0.0.1",
+            routes=tuple(r for j, r in enumerate(routes) if j != i),
+        )) for i in range(size)]
+
+    return server_mod.start_cluster(build)
 
 
 async def wait_jetstream_ready(url: str | list[str], timeout: float = 30.0) -> None:

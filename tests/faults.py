@@ -54,7 +54,7 @@ import pytest
 
 from cflow import events as ev
 from cflow.errors import CflowError
-from cflow.server import EmbeddedServer, ServerOptions, free_port
+from cflow.server import EmbeddedServer, ServerOptions, free_port, start_cluster
 from cflow.streams import EventLog, StoredEvent, names
 from cflow.streams.client import api_request
 
@@ -425,15 +425,25 @@ class RestartableServer:
 class Cluster:
     """Three servers on loopback with distinct client and route ports."""
 
+    name = "faults"
+    monitored = False  # serve /jsz etc. on an http port
+
     def __init__(self, base: Path, size: int = 3, *, sync: str = "default") -> None:
-        ports = [(free_port(), free_port()) for _ in range(size)]
-        self.servers: list[EmbeddedServer] = []
+        self.base, self.size, self.sync = base, size, sync
+        self.servers: list[EmbeddedServer] = self._build()
+
+    def _build(self) -> list[EmbeddedServer]:
+        """Servers on freshly picked ports (called again if a port was taken meanwhile)."""
+        ports = [(free_port(), free_port()) for _ in range(self.size)]
+        self.servers = []
         for i, (port, cport) in enumerate(ports):
             routes = tuple(f"nats://127.0.0.1:{c}" for j, (_, c) in enumerate(ports) if j != i)
             self.servers.append(EmbeddedServer(ServerOptions(
-                port=port, data_dir=base / f"n{i}", sync=sync, server_name=f"n{i}",
-                cluster_name="faults", cluster_port=cport, routes=routes,
+                port=port, data_dir=self.base / f"n{i}", sync=self.sync, server_name=f"n{i}",
+                cluster_name=self.name, cluster_port=cport, routes=routes,
+                http_port=free_port() if self.monitored else None,
             )))
+        return self.servers
 
     @property
     def urls(self) -> str:
@@ -443,8 +453,7 @@ class Cluster:
         return next(s for s in self.servers if s.opts.server_name == name)
 
     def start(self) -> Cluster:
-        for s in self.servers:
-            s.start()
+        self.servers = start_cluster(self._build)
         return self
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import faults
 from cflow import creds
 from cflow import events as ev
 from cflow.errors import CflowError, ConcurrencyConflict, NotFound, Unavailable
@@ -34,29 +35,11 @@ from cflow.streams.client import api_request
 CFCTL = str(Path(sys.executable).parent / "cfctl")
 
 
-class Cluster:
-    """Three servers on loopback with distinct client and route ports."""
+class Cluster(faults.Cluster):
+    """Three servers on loopback with distinct client, route and monitoring ports."""
 
-    def __init__(self, base: Path, size: int = 3) -> None:
-        ports = [(free_port(), free_port()) for _ in range(size)]
-        self.servers = []
-        for i, (port, cport) in enumerate(ports):
-            routes = tuple(f"nats://127.0.0.1:{c}" for j, (_, c) in enumerate(ports) if j != i)
-            self.servers.append(EmbeddedServer(ServerOptions(
-                port=port, data_dir=base / f"n{i}", sync="default", server_name=f"n{i}",
-                cluster_name="chaos", cluster_port=cport, routes=routes, http_port=free_port(),
-            )))
-
-    @property
-    def urls(self) -> str:
-        return ",".join(s.url for s in self.servers)
-
-    def by_name(self, name: str) -> EmbeddedServer:
-        return next(s for s in self.servers if s.opts.server_name == name)
-
-    def start(self) -> None:
-        for s in self.servers:
-            s.start()
+    name = "chaos"
+    monitored = True
 
     def jsz(self, server: EmbeddedServer) -> dict[str, Any]:
         """The server's JetStream monitoring page (``/jsz``): meta leader, peers."""
@@ -73,10 +56,6 @@ class Cluster:
                     leader = (self.jsz(s).get("meta_cluster") or {}).get("leader")
                     return str(leader) if leader else None
         return None
-
-    def stop(self) -> None:
-        for s in self.servers:
-            s.stop()
 
 
 @pytest.fixture

@@ -291,3 +291,45 @@ async def test_foreground_runs_registered_services(tmp_path: Path,
         await asyncio.wait_for(fg, 10)
     finally:
         server.stop()
+
+
+def test_a_taken_route_port_is_a_start_error_and_a_cluster_start_picks_new_ports(
+        tmp_path: Path) -> None:
+    """nats-server says "ready" before it binds its route port, then exits if that fails."""
+    from cflow.server import start_cluster
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        def clashing(i: int) -> EmbeddedServer:
+            return EmbeddedServer(ServerOptions(
+                port=free_port(), data_dir=tmp_path / f"n{i}", sync="default",
+                server_name=f"n{i}", cluster_name="c", cluster_port=port,
+                routes=("nats://127.0.0.1:1",)))
+
+        server = clashing(0)
+        with pytest.raises(ServerStartError, match="router port") as caught:
+            server.start()
+        assert caught.value.port == port
+        assert server.proc is not None and server.proc.poll() is not None
+
+        builds: list[list[EmbeddedServer]] = []
+
+        def build() -> list[EmbeddedServer]:
+            # the first build clashes; the retry gets a free route port
+            servers = [clashing(len(builds))]
+            if builds:
+                servers[0].opts.cluster_port = free_port()
+            builds.append(servers)
+            return servers
+
+        started = start_cluster(build)
+        try:
+            assert len(builds) == 2 and started is builds[1]
+            assert started[0].proc is not None and started[0].proc.poll() is None
+            assert builds[0][0].proc is not None and builds[0][0].proc.poll() is not None
+        finally:
+            for s in started:
+                s.stop()

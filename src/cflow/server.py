@@ -31,9 +31,15 @@ from typing import TYPE_CHECKING
 from cflow.errors import CflowError, InvalidInput, Unavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from nats.aio.client import Client as NATS
 
 READY_LINE = "Server is ready"
+# A clustered server logs READY_LINE before it binds its route port; if that bind
+# fails it exits right after ("[FTL] Error listening on router port").
+ROUTES_READY_LINE = "Listening for route connections on"
+FATAL_MARK = "[FTL] "
 
 
 class ServerStartError(CflowError):
@@ -252,13 +258,18 @@ class EmbeddedServer:
         finally:
             log.close()
         deadline = time.monotonic() + timeout
+        ready = [READY_LINE.encode()]
+        if self.opts.cluster_port:
+            ready.append(ROUTES_READY_LINE.encode())
         with open(self.log_path, "rb") as reader:
             seen = b""
             while time.monotonic() < deadline:
                 chunk = reader.read()
                 if chunk:
                     seen += chunk
-                    if READY_LINE.encode() in seen:
+                    if FATAL_MARK.encode() in seen:
+                        self._fail_started(seen)
+                    if all(line in seen for line in ready):
                         return self.proc.pid
                     continue
                 if self.proc.poll() is not None:
@@ -267,6 +278,15 @@ class EmbeddedServer:
                 time.sleep(0.02)  # waiting on a file another process writes; no event to await
         self.stop()
         raise ServerStartError(f"nats-server not ready after {timeout:.0f} s (see {self.log_path})")
+
+    def _fail_started(self, log: bytes) -> None:
+        """A fatal line in the log: stop the half-started server and say why."""
+        fatal = next(ln for ln in log.decode(errors="replace").splitlines() if FATAL_MARK in ln)
+        self.stop()
+        why = fatal.split(FATAL_MARK, 1)[1].strip()
+        port = self.opts.cluster_port if "router port" in why else None
+        hint = " (pick another --cluster-port)" if port else ""
+        raise ServerStartError(f"nats-server stopped: {why}{hint}", port=port)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -397,6 +417,35 @@ async def wait_jetstream(nc: NATS, within_s: float = 30.0) -> None:
             last = type(exc).__name__
         await asyncio.sleep(0.1)  # JetStream publishes no "leader elected" event to clients
     raise Unavailable(f"JetStream not available after {within_s:.0f} s ({last})")
+
+
+def start_cluster(build: Callable[[], list[EmbeddedServer]],
+                  attempts: int = 3) -> list[EmbeddedServer]:
+    """Start every server ``build`` returns; on a start failure, rebuild and retry.
+
+    Ports picked by ``free_port`` are free when picked, not when bound: another
+    process (an outgoing connection takes an ephemeral port too) can get there
+    first, and a clustered nats-server then exits right after saying it is ready.
+    ``build`` picks fresh ports on every call; the last failure is raised.
+    """
+    for attempt in range(attempts):
+        servers = build()
+        started: list[EmbeddedServer] = []
+        try:
+            for server in servers:
+                server.start()
+                started.append(server)
+            return servers
+        except ServerStartError:
+            for server in started:
+                server.stop()
+            if attempt == attempts - 1:
+                raise
+        except BaseException:
+            for server in started:
+                server.stop()
+            raise
+    raise AssertionError("unreachable")
 
 
 NO_SUITABLE_PEERS = 10005  # JetStream: not enough servers (yet) to place the replicas
