@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cflow.server import EmbeddedServer, ServerOptions, free_port
+from cflow.server import EmbeddedServer, ServerOptions, free_port, start_cluster
 from cflow.streams import EventLog, connect, ensure_swarm
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     data = tmp_path_factory.mktemp("nats")
-    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=Path(data), sync="default"))
-    server.start()
+    [server] = start_cluster(lambda: [EmbeddedServer(ServerOptions(
+        port=free_port(), data_dir=Path(data), sync="default"))])  # retried on a port clash
     try:
         yield server
     finally:
