@@ -274,9 +274,9 @@ async def test_declared_paths_are_reserved_for_the_attempt(
     t = await swarm.tasks.create("edit src", labels={"paths": "src/a.py"})
     async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
                           "mkdir -p src && echo a > src/a.py") as w:
-        await until_claimed(swarm, t.task_id, "w1")
-        # the attempt waits for the paths (no attempt burnt); a release wakes it
-        assert (await swarm.tasks.get(t.task_id)).status == "claimed"
+        # not claimed while another owner holds the paths (tests/test_gitflow_paths.py);
+        # claimed once they are released, no attempt burnt
+        await w.started.wait()
         await swarm.reservations.release("someone", reservation_id=held.id)
         done = await until(swarm, t.task_id, lambda s: s.status == "completed")
     assert w.stats.completed == 1 and done.attempt == 1 and done.error is None

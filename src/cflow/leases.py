@@ -49,10 +49,12 @@ from cflow.errors import (
     NotFound,
     NotHolder,
     Paused,
+    ReservationConflict,
     Unavailable,
 )
 from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
+from cflow.reservations import declared_paths
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
     Appended,
@@ -79,6 +81,7 @@ log = logging.getLogger("cflow.leases")
 
 BOARD_CATCH_UP_S = 60.0
 OFFER_REFUSED_DELAY_S = 2.0  # an offer under a paused scope comes back after this
+PATHS_RECHECK_S = 0.5  # an offer whose declared paths another owner holds comes back after this
 OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by maintainers
 OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
 LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
@@ -509,6 +512,8 @@ class TaskService:
             await guard(owner, caps)
         if task_id is not None:
             state = await self._reap_if_gone(await self.get(task_id))
+            if state.status == "ready":
+                await self._paths_free(state, owner, strict=True)
             return await self._claim_one(state, owner, strict=True)
         return await self._claim_offered(owner, caps, wait)
 
@@ -587,6 +592,10 @@ class TaskService:
         if self._refused(state) is not None:
             await offers_mod.settle(msg, "nak", OFFER_REFUSED_DELAY_S)
             return None
+        if not await self._paths_free(state, owner):
+            await offers_mod.settle(msg, "nak", PATHS_RECHECK_S)
+            self._due_in(PATHS_RECHECK_S)
+            return None
         try:
             lease = await self._claim_one(state, owner, strict=False, now_ms=now)
         except ConcurrencyConflict:
@@ -656,6 +665,32 @@ class TaskService:
                 raise lease_try
             raise Unavailable(f"lease of task {state.task_id} not written: {lease_try}")
         return Lease(self, claimed, lease_try, sent, _lease_encoder.encode(record))
+
+    async def _paths_free(self, state: TaskState, owner: str, *, strict: bool = False) -> bool:
+        """A task whose declared paths another owner reserved is not claimed until they are
+        free (released or expired); its offer comes back every PATHS_RECHECK_S meanwhile.
+
+        Raises:
+            ReservationConflict: ``strict`` (a claim by id) and the paths are held.
+        """
+        paths = declared_paths(state.labels)
+        if not paths:
+            return True
+        try:
+            await self.swarm.reservations.ensure_free(paths, owner=owner)
+        except ReservationConflict:
+            if strict:
+                raise
+            return False
+        return True
+
+    def _due_in(self, delay_s: float) -> None:
+        """An offer handed back is due again in ``delay_s``: a waiting claim looks then."""
+        loop = asyncio.get_running_loop()
+        if self._offer_due < loop.time():
+            self._offer_due = loop.time() + delay_s
+        else:
+            self._offer_due = min(self._offer_due, loop.time() + delay_s)
 
     def _refused(self, state: TaskState) -> Paused | None:
         for check in self.claim_filters:

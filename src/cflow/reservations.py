@@ -55,7 +55,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +329,26 @@ def _reservation(rec: ReservationRecord, revision: int,
                        revision=revision, sent_mono=sent_mono)
 
 
+def declared_paths(labels: Mapping[str, str]) -> list[str]:
+    """The paths a task declares it will touch: its label ``paths``, comma-separated."""
+    return [p.strip() for p in labels.get("paths", "").split(",") if p.strip()]
+
+
+def _refuse_overlap(mine: ReservationRecord,
+                    live: Sequence[tuple[ReservationRecord, KvEntry]]) -> None:
+    """Raise ReservationConflict naming the first live reservation ``mine`` overlaps."""
+    found = conflicts(mine, (rec for rec, _ in live))
+    if not found:
+        return
+    first = found[0]
+    held = first.held
+    kv = next(kv for rec, kv in live if rec.id == held.id)
+    raise ReservationConflict(
+        holder=held.owner, reservation_id=held.id, pattern=first.pattern,
+        held_pattern=first.held_pattern, exclusive=held.exclusive,
+        expires_ms=_reservation(held, kv.revision).expires_ms, task_id=held.task_id)
+
+
 # ---------------------------------------------------------------------- adapter
 
 
@@ -413,15 +433,7 @@ class ReservationService:
         for round_ in range(MAX_RACE_ROUNDS):
             entries, index_rev = await self._index()
             live = await self._live_entries(e for e in entries if e.id != mine.id)
-            found = conflicts(mine, (rec for rec, _ in live))
-            if found:
-                first = found[0]
-                held = first.held
-                kv = next(kv for rec, kv in live if rec.id == held.id)
-                raise ReservationConflict(
-                    holder=held.owner, reservation_id=held.id, pattern=first.pattern,
-                    held_pattern=first.held_pattern, exclusive=held.exclusive,
-                    expires_ms=_reservation(held, kv.revision).expires_ms, task_id=held.task_id)
+            _refuse_overlap(mine, live)
             index = ReservationIndex(entries=(*(rec for rec, _ in live), mine))
             try:
                 await self.log.kv_put(self.bucket, INDEX_KEY, _encoder.encode(index),
@@ -432,6 +444,20 @@ class ReservationService:
                 # jitter keeps a crowd of racers from colliding in lockstep.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(round_ + 1, 10)))  # noqa: S311
         raise ConflictError("reservation index kept changing; try again")
+
+    async def ensure_free(self, patterns: Iterable[str], *, owner: str | None = None) -> None:
+        """Whether an exclusive reservation of ``patterns`` by ``owner`` would be granted now.
+
+        Read-only (nothing is reserved): the claim path asks it before claiming a task
+        whose declared paths (:func:`declared_paths`) another owner holds.
+
+        Raises:
+            ReservationConflict: another owner holds an overlapping live reservation.
+        """
+        mine = ReservationRecord(id="", owner=owner or self.swarm.agent,
+                                 patterns=tuple(normalize_pattern(p) for p in patterns))
+        entries, _ = await self._index()
+        _refuse_overlap(mine, await self._live_entries(entries))
 
     async def renew(self, reservation_id: str, revision: int,
                     ttl_s: float | None = None) -> Reservation:
@@ -626,6 +652,7 @@ __all__ = [
     "ReservationRecord",
     "ReservationService",
     "conflicts",
+    "declared_paths",
     "glob_match",
     "glob_matches_below",
     "is_glob",

@@ -10,8 +10,9 @@
    the branch head they left and the last generic checkpoint in its environment
    (``CFLOW_BRANCH``, ``CFLOW_PREVIOUS``, ``CFLOW_BRANCH_HEAD``,
    ``CFLOW_CHECKPOINT``, ``CFLOW_CONFLICTS``), and the task's declared paths
-   (label ``paths``) reserved exclusively for the attempt (waiting for another
-   owner's overlapping reservation first);
+   (label ``paths``) reserved exclusively for the attempt (the claim path does
+   not claim such a task while another owner holds its paths; two claims that
+   raced past that check wait here for the other's reservation);
 3. commits and pushes work in progress every ``wip_every_s`` while it runs and
    once at the end, each push fenced on the commit this attempt pushed last;
 4. when the attempt succeeded with changes, asks for a merge
@@ -33,6 +34,7 @@ from cflow.errors import CflowError, ConflictError, LeaseLost, ReservationConfli
 from cflow.gitflow.branch import BranchAttempt, start_attempt
 from cflow.gitflow.git import GitError, PushRefused
 from cflow.gitflow.worktrees import WorkArea
+from cflow.reservations import declared_paths
 from cflow.streams import names
 from cflow.worker.executor import Executor, Outcome, TaskContext
 
@@ -46,7 +48,7 @@ DEFAULT_WIP_EVERY_S = 10.0
 CONTEXT_CAP = 8 * 1024  # characters of previous notes handed to the next attempt
 FINAL_PUSH_S = 10.0  # how long a cancelled attempt may spend saving its work
 DEFAULT_RESERVE_WAIT_S = 60.0  # an attempt waits this long for its declared paths
-RESERVATION_TTL_S = 30.0  # renewed while the attempt runs
+MIN_RESERVATION_TTL_S = 2.0  # an attempt's paths live as long as its lease, renewed meanwhile
 
 
 class GitExecutor:
@@ -117,9 +119,11 @@ class GitExecutor:
         lease kept alive), woken by reservation events, for up to ``reserve_wait_s``;
         then it fails (and is retried after its backoff).
         """
-        paths = [p.strip() for p in ctx.labels.get("paths", "").split(",") if p.strip()]
+        paths = declared_paths(ctx.labels)
         if not paths:
             return None
+        # As long-lived as the claim: a holder killed -9 frees its paths when its lease ends.
+        ttl_s = max(MIN_RESERVATION_TTL_S, (await self.swarm.tasks.get(ctx.task_id)).lease_ttl_s)
         changed = asyncio.Event()
         watcher: asyncio.Task[None] | None = None
         deadline = time.monotonic() + self.reserve_wait_s
@@ -128,7 +132,7 @@ class GitExecutor:
                 try:
                     return await self.swarm.reservations.reserve(
                         paths, owner=ctx.agent, exclusive=True, task_id=ctx.task_id,
-                        ttl_s=RESERVATION_TTL_S)
+                        ttl_s=ttl_s)
                 except ReservationConflict as exc:
                     left = deadline - time.monotonic()
                     if left <= 0:
