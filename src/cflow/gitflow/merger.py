@@ -154,6 +154,7 @@ class MergerStats:
     merged: int = 0
     rejected: int = 0
     recovered: int = 0  # found already in the target (a merger died before recording)
+    branches_deleted: int = 0  # merged branches deleted from the remote (--delete-merged)
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -165,7 +166,7 @@ class Merger:
     def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
                  check: str | None = None, check_timeout_s: float = 600.0,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
-                 max_rejections: int = DEFAULT_MAX_REJECTIONS,
+                 max_rejections: int = DEFAULT_MAX_REJECTIONS, delete_merged: bool = False,
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.swarm = swarm
         self.target = target
@@ -173,6 +174,7 @@ class Merger:
         self.check_timeout_s = check_timeout_s
         self.lease_ttl_s = lease_ttl_s
         self.max_rejections = max(1, max_rejections)
+        self.delete_merged = delete_merged
         self.area = area or WorkArea(remote)
         self.stats = MergerStats()
         self.stopping = asyncio.Event()
@@ -303,6 +305,8 @@ class Merger:
         await self._caught_up()
         await self._open_gates()
         await self._finish_rejections()
+        if self.delete_merged:
+            await self._delete_merged_branches()
         while not self.stopping.is_set():
             if check_deadline(held):
                 return False
@@ -480,6 +484,29 @@ class Merger:
         self.stats.merged += 1
         self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
                    f"{after[:12]}")
+        if self.delete_merged:
+            await self._delete_branches([request])
+
+    async def _delete_merged_branches(self) -> None:
+        """At takeover: branches of merges recorded by a merger that died before deleting."""
+        await self._delete_branches([r for r in self.queue.values()
+                                     if r.status == "merged" and r.target == self.target])
+
+    async def _delete_branches(self, merged: list[MergeRequest]) -> None:
+        """Delete the remote branches still at the head that was merged (a fenced delete:
+        a branch someone pushed to since is kept); best effort, the next takeover retries."""
+        if not merged:
+            return
+        refs = {f"refs/heads/{r.branch}": r.head for r in merged}
+        try:
+            heads = await self.area.heads(*refs)
+            for ref, head in refs.items():
+                if heads[ref] == head:
+                    with contextlib.suppress(PushRefused):
+                        await push_fenced(self.area.repo, "", ref, head)
+                        self.stats.branches_deleted += 1
+        except GitError as exc:
+            self._emit("git-error", f"deleting merged branches: {exc}")
 
     async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
         """Record the verdict (fenced), then create the retry it names (or fail the chain)."""
