@@ -18,16 +18,19 @@ from cflow.gitflow.merger import Merger, read_queue
 from cflow.gitflow.queue import fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
 from cflow.swarm import Swarm
-from cflow.tasks import TaskState
-from support import until
-from test_gitflow import git_worker, main_files, make_remote, merger, sh, until_decided
+from test_gitflow import (
+    finished,
+    forge_intent,
+    main_files,
+    make_remote,
+    merger,
+    sh,
+    until_decided,
+)
 from test_gitflow_chaos import kill_pid, merge_events
 from test_worker import CFCTL, stop, wait_file
 
 pytestmark = [pytest.mark.integration]
-
-WRITE_TITLE = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
-
 
 def _ev(data: ev.EventData, task: str, actor: str = "w") -> ev.Event:
     return ev.make_event(data, swarm="s", entity_id=task, hlc="0" * 20, actor=actor)
@@ -53,17 +56,6 @@ def test_fold_remove_skip_requeue_and_no_removal_under_an_intent() -> None:
                                  commit="q", tree="t", merger="m1"), "b")
     queue = fold_merges([*items, (6, intent, 6), (7, op(ev.MergeRemoved, "b"), 7)])
     assert queue["b"].status == "queued" and queue["b"].pushing  # the intent stands
-
-
-async def finished(swarm: Swarm, nats_url: str, swarm_name: str, remote: Path, root: Path,
-                   *titles: str, priorities: tuple[int, ...] = ()) -> list[TaskState]:
-    """Tasks that wrote ``<title>.txt``, completed by a real git worker (merge requested)."""
-    tasks = [await swarm.tasks.create(t, priority=p)
-             for t, p in zip(titles, priorities or (0,) * len(titles), strict=True)]
-    async with git_worker(nats_url, swarm_name, remote, root, "w1", WRITE_TITLE):
-        for t in tasks:
-            await until(swarm, t.task_id, lambda s: s.status == "completed")
-    return tasks
 
 
 def cfctl(cli_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -142,17 +134,7 @@ async def test_no_removal_once_a_merger_recorded_its_intent(
     removal (or skip) is refused with one line; the next merger pushes it, once."""
     remote = make_remote(tmp_path)
     (t,) = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "T")
-    clone = tmp_path / "dead"
-    sh("clone", "--quiet", str(remote), str(clone))
-    before = sh("rev-parse", "main", cwd=clone)
-    sh("merge", "--no-ff", "-m", "the dead merger's merge", f"origin/cflow/{t.task_id}",
-       cwd=clone)
-    request = (await read_queue(swarm))[t.task_id]
-    await swarm.log.append(ev.MergeStarted(
-        task_id=t.task_id, head=request.head, target="main", previous=before,
-        commit=sh("rev-parse", "HEAD", cwd=clone), tree=sh("rev-parse", "HEAD^{tree}",
-                                                           cwd=clone), merger="m0"),
-        t.task_id, expected=request.last_seq)
+    await forge_intent(swarm, remote, tmp_path / "dead", t.task_id, merger="m0")
     refused = cfctl(cli_env, "merges", "remove", t.task_id)
     assert refused.returncode != 0 and refused.stderr.count("\n") == 1
     assert "merger m0 recorded its intent to push it" in refused.stderr

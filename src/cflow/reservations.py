@@ -486,8 +486,11 @@ class ReservationService:
     @contextlib.asynccontextmanager
     async def keep_alive(self, reservation: Reservation, interval_s: float | None = None,
                          on_lost: Callable[[Reservation], None] | None = None
-                         ) -> AsyncIterator[Reservation]:
+                         ) -> AsyncIterator[Holding]:
         """Renew every TTL/3 while the block runs; ``on_lost`` is called once if it is lost.
+
+        Yields the holder's clock: :func:`cflow.keepalive.check_deadline` on it says
+        whether the reservation may still be relied on (a merger checks it before a push).
 
         The shared keep-alive loop (:mod:`cflow.keepalive`): lost when a renewal is
         refused (expired, released, taken over) or when none succeeded for the TTL
@@ -509,7 +512,7 @@ class ReservationService:
 
         async with kept_alive(held, renew, name=f"reservation {reservation.id}",
                               interval_s=interval_s, on_lost=lost):
-            yield reservation
+            yield held
 
     async def list(self, owner: str | None = None) -> builtins.list[Reservation]:
         """Live reservations of record, oldest first."""

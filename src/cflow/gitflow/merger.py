@@ -46,7 +46,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,14 +58,12 @@ from cflow.errors import (
     InvalidState,
     NotFound,
     ReservationConflict,
-    ReservationLost,
     Unavailable,
 )
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
-from cflow.keepalive import Holding, check_deadline, kept_alive, renewal
-from cflow.lease_policy import LeasePolicy
+from cflow.keepalive import Holding, check_deadline
 from cflow.leases import task_id_for_key
 from cflow.streams import StoredEvent, names
 
@@ -222,7 +220,8 @@ class Merger:
                     reservation = await self._acquire()
                     if reservation is None:
                         break
-                    async with self._kept(reservation) as held:
+                    async with self.swarm.reservations.keep_alive(
+                            reservation, on_lost=lambda _: self._wake.set()) as held:
                         self.holding.set()
                         self._emit("holding", f"merge queue of {self.target!r}")
                         try:
@@ -245,23 +244,6 @@ class Merger:
         finally:
             self.area.close()
         return self.stats
-
-    @contextlib.asynccontextmanager
-    async def _kept(self, reservation: Reservation) -> AsyncIterator[Holding]:
-        """Renew the queue's reservation while the block runs; the holder's clock is the
-        fence: :func:`check_deadline` on it says whether the queue may still be held."""
-        held = Holding(LeasePolicy(reservation.ttl_s), reservation.sent_mono or time.monotonic())
-        current = reservation
-
-        async def renew() -> None:
-            nonlocal current
-            current = await renewal(
-                held, lambda: self.swarm.reservations.renew(current.id, current.revision),
-                refused=(ReservationLost,))
-
-        async with kept_alive(held, renew, name=f"merge queue {self.target}",
-                              interval_s=self.lease_ttl_s / 3, on_lost=self._wake.set):
-            yield held
 
     async def _acquire(self) -> Reservation | None:
         waited = False
@@ -315,18 +297,20 @@ class Merger:
             if request is not None:
                 try:
                     await self.process(request, held)
-                except _RequestGitError as exc:  # a hook declined the push, a bad head, ...
+                except (_RequestGitError, GitError) as exc:
+                    error = exc.error if isinstance(exc, _RequestGitError) else exc
+                    # Counted per head only when the request's own work failed (a hook
+                    # declined the push, a bad head); an unreachable remote is retried.
                     key = (request.task_id, request.head)
-                    self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
+                    failures = 0
+                    if isinstance(exc, _RequestGitError):
+                        self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
                     if failures >= GIT_FAILURES:
                         request = self.queue[request.task_id]  # its own intents since
-                        await self._reject(request, "git", f"{exc.error}\n"
-                                           f"{exc.error.facts.get('output', '')}")
+                        await self._reject(request, "git", f"{error}\n"
+                                           f"{error.facts.get('output', '')}")
                         continue
-                    self._emit("git-error", f"{request.task_id}: {exc.error}; retrying in 1 s")
-                    await self._pause(1.0)
-                except GitError as exc:  # the remote unreachable, a broken clone, ...
-                    self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
+                    self._emit("git-error", f"{request.task_id}: {error}; retrying in 1 s")
                     await self._pause(1.0)
                 continue
             if until_idle and await self._idle():
@@ -410,17 +394,12 @@ class Merger:
             merged, tree, check_s = verdict
             if check_deadline(held):
                 return  # fenced off before the push: the next holder redoes it
-            try:
-                appended = await self.swarm.log.append(
-                    ev.MergeStarted(task_id=request.task_id, head=request.head,
-                                    target=self.target, previous=before, commit=merged,
-                                    tree=tree, merger=self.swarm.agent),
-                    request.task_id, expected=request.last_seq)
-            except ConcurrencyConflict:
-                await self._reread(request.task_id)  # another merger got there: look again
-                return
-            apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
-            request = self.queue[request.task_id]
+            intent = await self._append(request, ev.MergeStarted(
+                task_id=request.task_id, head=request.head, target=self.target,
+                previous=before, commit=merged, tree=tree, merger=self.swarm.agent))
+            if intent is None:
+                return  # another merger, or a person (removed, skipped), got there first
+            request = intent
             if check_deadline(held):
                 return  # the intent stands: the next holder pushes the same merge
             try:
@@ -469,17 +448,13 @@ class Merger:
 
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:
-        try:
-            appended = await self.swarm.log.append(
-                ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
-                          previous=before, commit=after, merger=self.swarm.agent,
-                          check_s=check_s),
-                request.task_id, expected=request.last_seq,
-                msg_id=f"merged-{request.task_id}-{request.head}")
-        except ConcurrencyConflict:
-            await self._reread(request.task_id)  # decided by another merger
+        decided = await self._append(
+            request, ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
+                               previous=before, commit=after, merger=self.swarm.agent,
+                               check_s=check_s),
+            msg_id=f"merged-{request.task_id}-{request.head}")
+        if decided is None:
             return
-        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
         await self._open_gate(request)
         self.stats.merged += 1
         self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
@@ -522,18 +497,13 @@ class Merger:
             with contextlib.suppress(NotFound):
                 await self.swarm.tasks.get(request.task_id)  # a retry copies the task
                 retry = task_id_for_key(self.swarm.name, _retry_key(request))
-        try:
-            appended = await self.swarm.log.append(
-                ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
-                                 cause=cause, output=output,  # type: ignore[arg-type]
-                                 merger=self.swarm.agent, retry_task=retry),
-                request.task_id, expected=request.last_seq,
-                msg_id=f"merge-rejected-{request.task_id}-{request.head}")
-        except ConcurrencyConflict:
-            await self._reread(request.task_id)
+        decided = await self._append(
+            request, ev.MergeRejected(task_id=request.task_id, head=request.head,
+                                      target=self.target, cause=cause,  # type: ignore[arg-type]
+                                      output=output, merger=self.swarm.agent, retry_task=retry),
+            msg_id=f"merge-rejected-{request.task_id}-{request.head}")
+        if decided is None:
             return
-        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
-        decided = self.queue[request.task_id]
         await self._finish_rejection(decided)
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
@@ -553,12 +523,18 @@ class Merger:
             if request.status == "rejected" and request.target == self.target:
                 await self._finish_rejection(request)
 
-    async def _reject_gate(self, request: MergeRequest) -> None:
+    async def _open_merge_gate(self, request: MergeRequest) -> str | None:
+        """The id of the request's chain's merge gate while it waits for a decision."""
         gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
                                                                   or request.task_id))
-        board = await self.swarm.tasks.ensure_board()
-        gate = board.get(gate_id)
+        gate = (await self.swarm.tasks.ensure_board()).get(gate_id)
         if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return None
+        return gate_id
+
+    async def _reject_gate(self, request: MergeRequest) -> None:
+        gate_id = await self._open_merge_gate(request)
+        if gate_id is None:
             return
         first = request.output.strip().splitlines()[0] if request.output.strip() else ""
         with contextlib.suppress(InvalidState, ConcurrencyConflict, NotFound):
@@ -567,11 +543,8 @@ class Merger:
 
     async def _open_gate(self, request: MergeRequest) -> None:
         """Approve the merge gate of the request's task chain, if someone made one."""
-        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
-                                                                  or request.task_id))
-        board = await self.swarm.tasks.ensure_board()
-        gate = board.get(gate_id)
-        if gate is None or gate.kind != "gate" or gate.status != "ready":
+        gate_id = await self._open_merge_gate(request)
+        if gate_id is None:
             return
         try:
             await self.swarm.control.approve(gate_id, f"merged: {request.branch}")
@@ -585,9 +558,19 @@ class Merger:
             if request.status == "merged":
                 await self._open_gate(request)
 
-    async def _reread(self, task_id: str) -> None:
-        for item in await self.swarm.log.entity_events("merge", task_id):
-            apply_merge(self.queue, item.seq, item.event, item.time_ms)
+    async def _append(self, request: MergeRequest, data: ev.EventData,
+                      msg_id: str | None = None) -> MergeRequest | None:
+        """Append an intent or a verdict expecting the request's last sequence: the request
+        as it is now, or None when another merger or a person moved it first (re-read)."""
+        try:
+            appended = await self.swarm.log.append(data, request.task_id,
+                                                   expected=request.last_seq, msg_id=msg_id)
+        except ConcurrencyConflict:
+            for item in await self.swarm.log.entity_events("merge", request.task_id):
+                apply_merge(self.queue, item.seq, item.event, item.time_ms)
+            return None
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        return self.queue[request.task_id]
 
     async def _reopen(self, request: MergeRequest) -> None:
         """Create the retry the rejection names (idempotent: its id is the key's), with the
