@@ -33,6 +33,10 @@ def merge_queue(
     max_rejections: int = typer.Option(
         3, "--max-rejections", min=1,
         help="Rejections of one task's chain before it fails instead of being retried."),
+    mode: str = typer.Option(
+        "merge", "--mode", help="merge: a --no-ff merge commit per task; rebase: the "
+        "branch's commits replayed on the target (linear history; a branch with merge "
+        "commits is squashed into one)."),
     delete_merged: bool = typer.Option(
         False, "--delete-merged", help="Delete a merged task branch from the remote "
         "(only if still at the merged commit)."),
@@ -45,6 +49,8 @@ def merge_queue(
     """
     c = state(ctx)
     who = agent_name(name)
+    if mode not in ("merge", "rebase"):
+        fail(f"--mode must be merge or rebase, not {mode!r}", EXIT_USAGE)
 
     def show(kind: str, text: str) -> None:
         if not c.json:
@@ -59,6 +65,7 @@ def merge_queue(
             merger = Merger(swarm, repo, target=target, check=check,
                             check_timeout_s=check_timeout, lease_ttl_s=lease_ttl,
                             max_rejections=max_rejections, delete_merged=delete_merged,
+                            mode="rebase" if mode == "rebase" else "merge",
                             on_event=show)
             merger.install_signal_handlers()
             stats = await merger.run(until_idle=until_idle)

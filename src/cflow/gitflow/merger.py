@@ -11,11 +11,13 @@ A merger that loses its reservation stops before its next push.
 *One request at a time*, in the order of :func:`cflow.gitflow.queue.queue_order`
 (the task's priority, then arrival), once the requesting claim has completed:
 
-1. fetch the target and the branch; when the requested head is already in the
-   target (a merger died after pushing, before recording), record ``Merged``
-   without merging again;
+1. fetch the target and the branch; when the requested head (or the intent's
+   commit: a rebase) is already in the target (a merger died after pushing, before
+   recording), record ``Merged`` without merging again;
 2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
-   commit names the task); a conflict rejects it with the conflicted hunks;
+   commit names the task), or in rebase mode replay the branch's commits on it
+   (squashed into one when the branch holds merge commits); a conflict rejects it
+   with the conflicted hunks;
 3. run the check command there; a red check rejects it with its output's tail;
 4. check the lease on the holder's clock, record the intent (``MergeStarted``,
    fenced on the request's last sequence), check the clock again, push the target
@@ -49,7 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cflow import events as ev
 from cflow.errors import (
@@ -77,6 +79,7 @@ DEFAULT_LEASE_TTL_S = 10.0
 DEFAULT_MAX_REJECTIONS = 3  # rejections of one chain before it fails instead of retrying
 OUTPUT_CAP = 8 * 1024
 IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+MergeMode = Literal["merge", "rebase"]
 GIT_FAILURES = 3  # git errors on one request (the remote reachable) before it is rejected
 
 
@@ -165,6 +168,7 @@ class Merger:
                  check: str | None = None, check_timeout_s: float = 600.0,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
                  max_rejections: int = DEFAULT_MAX_REJECTIONS, delete_merged: bool = False,
+                 mode: MergeMode = "merge",
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.swarm = swarm
         self.target = target
@@ -173,6 +177,7 @@ class Merger:
         self.lease_ttl_s = lease_ttl_s
         self.max_rejections = max(1, max_rejections)
         self.delete_merged = delete_merged
+        self.mode = mode
         self.area = area or WorkArea(remote)
         self.stats = MergerStats()
         self.stopping = asyncio.Event()
@@ -378,8 +383,10 @@ class Merger:
                 await self._reject(request, "missing", f"commit {request.head} of "
                                    f"{request.branch} is not on the remote")
                 return
-            if await _is_ancestor(self.area, request.head, before):
-                self.stats.recovered += 1
+            if await _is_ancestor(self.area, request.head, before) or (
+                    request.intent_commit is not None
+                    and await _is_ancestor(self.area, request.intent_commit, before)):
+                self.stats.recovered += 1  # pushed by a merger that died before recording
                 await self._record_merged(request, before, before, None)
                 return
             path = await self.area.reuse("merge", before)  # one worktree, reset per request
@@ -392,6 +399,10 @@ class Merger:
                 await self._reject(request, verdict.cause, verdict.output)
                 return
             merged, tree, check_s = verdict
+            if merged == before:  # rebase mode: every change is in the target already
+                self.stats.recovered += 1
+                await self._record_merged(request, before, before, None)
+                return
             if check_deadline(held):
                 return  # fenced off before the push: the next holder redoes it
             intent = await self._append(request, ev.MergeStarted(
@@ -421,19 +432,15 @@ class Merger:
         The check is skipped when the merge's tree is ``trusted_tree`` (an intent's, whose
         check passed)."""
         title = request.title or request.task_id
-        code, out, err = await git_status(
-            "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
-            "-m", f"Cflow-Task: {request.task_id}", request.head, cwd=path, env=IDENTITY)
-        if code != 0:
-            conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path,
-                                   check=False)
-            if not conflicted.strip():
-                raise GitError(f"merge of {request.branch} failed: {(out + err).strip()[-300:]}")
-            hunks = await git("diff", cwd=path, check=False)
-            await git_status("merge", "--abort", cwd=path)
-            text = (f"merge conflict in {', '.join(conflicted.split())} merging "
-                    f"{request.branch} into {self.target}\n{hunks}")
-            return Refusal("conflict", text[:OUTPUT_CAP])
+        if self.mode == "rebase":
+            refusal = await self._rebase(request, path)
+        else:
+            refusal = await self._integrate(
+                request, path, ("merge", "--abort"), "merge", "--no-ff", "--no-edit",
+                "-m", f"Merge {request.branch}: {title}",
+                "-m", f"Cflow-Task: {request.task_id}", request.head)
+        if refusal is not None:
+            return refusal
         merged = await git("rev-parse", "HEAD", cwd=path)
         tree = await git("rev-parse", "HEAD^{tree}", cwd=path)
         if not self.check_cmd or tree == trusted_tree:
@@ -445,6 +452,44 @@ class Merger:
         if not ok:
             return Refusal("check", output[-OUTPUT_CAP:])
         return merged, tree, round(time.monotonic() - started, 3)
+
+    async def _integrate(self, request: MergeRequest, path: Path, abort: tuple[str, ...],
+                         *args: str) -> Refusal | None:
+        """Run one integrating git command (merge, rebase, squash) in ``path``; a conflict
+        is a refusal with the conflicted hunks (the command undone by ``abort``)."""
+        code, out, err = await git_status(*args, cwd=path, env=IDENTITY)
+        if code == 0:
+            return None
+        conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path, check=False)
+        if not conflicted.strip():
+            raise GitError(f"{args[0]} of {request.branch} failed: "
+                           f"{(out + err).strip()[-300:]}")
+        hunks = await git("diff", cwd=path, check=False)
+        await git_status(*abort, cwd=path)
+        text = (f"{args[0]} conflict in {', '.join(conflicted.split())} "
+                f"{'rebasing' if args[0] == 'rebase' else 'merging'} {request.branch} "
+                f"{'onto' if args[0] == 'rebase' else 'into'} {self.target}\n{hunks}")
+        return Refusal("conflict", text[:OUTPUT_CAP])
+
+    async def _rebase(self, request: MergeRequest, path: Path) -> Refusal | None:
+        """Rebase mode: the branch's commits replayed on the target (HEAD of ``path``), for a
+        fast-forward. A branch with merge commits (a retry that merged the target in to
+        resolve a conflict) becomes one squashed commit: replaying its commits one by one
+        would lose the resolution, which only its merge commit holds."""
+        onto = await git("rev-parse", "HEAD", cwd=path)
+        await git_status("rebase", "--quit", cwd=path)  # a dead merger's, in this worktree
+        if await git("rev-list", "--merges", f"{onto}..{request.head}", cwd=path):
+            refusal = await self._integrate(request, path, ("reset", "--hard", "--quiet"),
+                                            "merge", "--squash", request.head)
+            staged, _, _ = await git_status("diff", "--cached", "--quiet", cwd=path)
+            if refusal is None and staged != 0:  # nothing staged: all in the target already
+                await git("commit", "--quiet", "--no-verify", "-m",
+                          f"{request.title or request.task_id} ({request.branch}, squashed)",
+                          "-m", f"Cflow-Task: {request.task_id}", cwd=path, env=IDENTITY)
+            return refusal
+        await git("checkout", "--quiet", "--detach", request.head, cwd=path)
+        return await self._integrate(request, path, ("rebase", "--abort"),
+                                     "rebase", "--quiet", onto)
 
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:

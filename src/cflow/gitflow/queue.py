@@ -49,6 +49,7 @@ class MergeRequest:
     intent_previous: str | None = None
     intent_tree: str | None = None
     intent_merger: str | None = None
+    intent_commit: str | None = None
     removed_by: str | None = None  # who took it out of the queue (its reason in ``output``)
 
     @property
@@ -86,7 +87,8 @@ def apply_merge(out: dict[str, MergeRequest], seq: int, event: ev.Event, at: int
                 origin=data.origin, seq=seq, last_seq=seq, requested_ms=at)
         case ev.MergeStarted() if old is not None:
             out[key] = replace(old, last_seq=seq, intent_previous=data.previous,
-                               intent_tree=data.tree, intent_merger=data.merger)
+                               intent_tree=data.tree, intent_merger=data.merger,
+                               intent_commit=data.commit)
         case ev.Merged() if old is not None:
             out[key] = replace(old, status="merged", last_seq=seq, decided_ms=at,
                                commit=data.commit, merger=data.merger)
