@@ -34,7 +34,8 @@ may be reported where no real path matches both, never the reverse.
 
 Shared reservations conflict only with another owner's exclusive ones;
 exclusive ones with any of another owner's. One owner never conflicts with
-itself.
+itself, except that reservations it took for two different tasks do (a worker
+running several tasks at once must not run two on the same paths).
 
 Release on task completion: a reservation may carry the ``task_id`` it was
 taken for. Whoever finishes the task may call
@@ -282,10 +283,14 @@ class Overlap:
 
 
 def conflicts(mine: ReservationRecord, held: Iterable[ReservationRecord]) -> list[Overlap]:
-    """Every overlap of ``mine`` with reservations of other owners it cannot share."""
+    """Every overlap of ``mine`` with reservations of other owners it cannot share (and
+    with the owner's own reservations for another task: one worker running two tasks
+    must not run both on the same paths)."""
     out = []
     for other in held:
-        if other.owner == mine.owner or other.id == mine.id:
+        if other.id == mine.id or (other.owner == mine.owner and (
+                mine.task_id is None or other.task_id is None
+                or other.task_id == mine.task_id)):
             continue
         if not (mine.exclusive or other.exclusive):
             continue
@@ -361,6 +366,8 @@ class ReservationService:
         self.log = swarm.log
         self.feed = feed
         self.bucket = swarm.log.bucket(names.RESERVATIONS)
+        # (monotonic time it was taken, live reservations): ensure_free's recent view
+        self._snapshot: tuple[float, list[tuple[ReservationRecord, KvEntry]]] | None = None
 
     async def _live_record(self, reservation_id: str) -> tuple[ReservationRecord, KvEntry] | None:
         kv = await self.log.kv_last(self.bucket, reservation_key(reservation_id))
@@ -415,6 +422,7 @@ class ReservationService:
                                  ttl_s=ttl_s, reserved_ms=now, renewed_ms=now)
         key = reservation_key(mine.id)
         sent = time.monotonic()
+        self._snapshot = None
         revision = await self.log.kv_put(self.bucket, key, _encoder.encode(mine),
                                          expected_revision=0, ttl_s=ttl_s)
         try:
@@ -445,19 +453,26 @@ class ReservationService:
                 await asyncio.sleep(random.uniform(0, 0.002 * min(round_ + 1, 10)))  # noqa: S311
         raise ConflictError("reservation index kept changing; try again")
 
-    async def ensure_free(self, patterns: Iterable[str], *, owner: str | None = None) -> None:
+    async def ensure_free(self, patterns: Iterable[str], *, owner: str | None = None,
+                          task_id: str | None = None, max_age_s: float = 0.0) -> None:
         """Whether an exclusive reservation of ``patterns`` by ``owner`` would be granted now.
 
         Read-only (nothing is reserved): the claim path asks it before claiming a task
-        whose declared paths (:func:`declared_paths`) another owner holds.
+        whose declared paths (:func:`declared_paths`) another owner holds. ``max_age_s``:
+        a view of the live reservations this process read that recently will do (a claimer
+        going through many blocked offers reads them once; this process's own reserve and
+        release drop the view).
 
         Raises:
             ReservationConflict: another owner holds an overlapping live reservation.
         """
-        mine = ReservationRecord(id="", owner=owner or self.swarm.agent,
+        mine = ReservationRecord(id="", owner=owner or self.swarm.agent, task_id=task_id,
                                  patterns=tuple(normalize_pattern(p) for p in patterns))
-        entries, _ = await self._index()
-        _refuse_overlap(mine, await self._live_entries(entries))
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot[0] > max_age_s:
+            entries, _ = await self._index()
+            self._snapshot = (now, await self._live_entries(entries))
+        _refuse_overlap(mine, self._snapshot[1])
 
     async def renew(self, reservation_id: str, revision: int,
                     ttl_s: float | None = None) -> Reservation:
@@ -552,6 +567,7 @@ class ReservationService:
                                    reason)
 
     async def _release(self, held: Iterable[Reservation], reason: str) -> builtins.list[str]:
+        self._snapshot = None
         released = []
         for r in held:
             if await self._delete(r.id, r.revision):
