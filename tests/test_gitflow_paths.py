@@ -12,6 +12,7 @@ import pytest
 
 from cflow import events as ev
 from cflow.errors import ReservationConflict
+from cflow.reservations import ReservationRecord, conflicts
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
 from support import until
@@ -47,6 +48,19 @@ def never_overlap(order: list[tuple[str, str]]) -> None:
         else:
             assert running == title, order
             running = None
+
+
+def test_one_owners_reservations_for_two_tasks_conflict() -> None:
+    """A worker running two tasks at once must not run both on the same paths; an owner's
+    own reservations otherwise never conflict (a person, an agent without a task)."""
+    def held(rid: str, task: str | None, owner: str = "w1") -> ReservationRecord:
+        return ReservationRecord(id=rid, owner=owner, patterns=("src/a.py",), task_id=task)
+
+    assert conflicts(held("1", "t1"), [held("2", "t2")])
+    assert not conflicts(held("1", "t1"), [held("2", "t1")])
+    assert not conflicts(held("1", None), [held("2", "t2")])
+    assert not conflicts(held("1", "t1"), [held("2", None)])
+    assert conflicts(held("1", None), [held("2", None, owner="w2")])
 
 
 async def reservation_events(swarm: Swarm) -> list[StoredEvent]:
