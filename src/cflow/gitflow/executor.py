@@ -31,7 +31,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cflow import events as ev
-from cflow.errors import CflowError, ConflictError, LeaseLost, ReservationConflict
+from cflow.errors import (
+    CflowError,
+    ConflictError,
+    LeaseLost,
+    ReservationConflict,
+    ReservationLost,
+)
 from cflow.gitflow.branch import BranchAttempt, start_attempt
 from cflow.gitflow.git import GitError, PushRefused
 from cflow.gitflow.worktrees import WorkArea
@@ -232,7 +238,12 @@ async def attempt_paths(swarm: Swarm, ctx: TaskContext,
     svc = swarm.reservations
     claimed = max((r for r in await svc.list(owner=ctx.agent) if r.task_id == ctx.task_id),
                   key=lambda r: r.reserved_ms, default=None)
-    held = claimed if claimed is not None else await _reserve(swarm, ctx, paths, wait_s)
+    held: Reservation | Outcome | None = None
+    if claimed is not None:
+        with contextlib.suppress(ReservationLost):  # renewed now: the holder's clock starts
+            held = await svc.renew(claimed.id, claimed.revision)
+    if held is None:
+        held = await _reserve(swarm, ctx, paths, wait_s)
     if isinstance(held, Outcome):
         yield held
         return
