@@ -767,3 +767,57 @@ async def test_kv_writes_carry_a_msg_id_and_a_retry_is_deduplicated(log: EventLo
     gone = await log.kv_last(bucket, "k")
     assert gone is not None
     assert (gone.revision, gone.operation) == (deleted, "DEL")
+
+
+# ------------------------------------------------------------------ cancellation
+
+
+async def test_a_cancel_landing_with_the_awaited_result_is_not_swallowed() -> None:
+    # Python 3.11's own wait_for returned the result here and dropped the cancel
+    # (gh-86296); cflow.streams installs 3.12's, which raises CancelledError.
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.create_task(asyncio.wait_for(reply, 10))
+    await asyncio.sleep(0)  # now waiting for the reply
+    reply.set_result(1)  # the reply arrives ...
+    waiting.cancel()  # ... and the cancel in the same loop iteration
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+@integration
+@pytest.mark.parametrize("replies", [1, 2], ids=["consumer-create", "consumer-info"])
+async def test_a_follower_cancelled_as_its_consumer_is_made_stops_and_unsubscribes(
+        log: EventLog, nats_url: str, replies: int) -> None:
+    # A follower on a fresh swarm is cancelled in the loop iteration its consumer's
+    # create (or info) reply arrives in: it stops at once and leaves no subscription.
+    # The cancel was lost before (the follower hung in its read loop, subscribed).
+    conn = await connect(nats_url)
+    follower: asyncio.Task[None] | None = None
+    try:
+        answered = 0
+        reply_handler = conn._request_sub_callback
+
+        async def cancel_on_reply(msg: object) -> None:
+            nonlocal answered
+            await reply_handler(msg)  # type: ignore[arg-type]
+            answered += 1
+            if answered == replies and follower is not None:
+                follower.cancel()
+
+        conn._request_sub_callback = cancel_on_reply  # type: ignore[method-assign]
+        own = EventLog(conn, log.swarm, actor="test")
+
+        async def follow() -> None:
+            async for _ in own.follow(caught_up=asyncio.Event()):
+                pass
+
+        follower = asyncio.create_task(follow())
+        done, _ = await asyncio.wait({follower}, timeout=5)
+        assert follower in done and follower.cancelled()
+        assert answered == replies
+        assert len(conn._subs) == 1  # only nats-py's reply subscription
+    finally:
+        if follower is not None and not follower.done():
+            follower.cancel()
+        await conn.close()

@@ -41,7 +41,7 @@ from cflow.errors import (
     Unavailable,
 )
 from cflow.hlc import LOGICAL_MAX, HybridClock, Timestamp
-from cflow.streams import names
+from cflow.streams import cancel_safe, names
 from cflow.streams.definitions import StreamSpec, swarm_resources
 from cflow.streams.errors import (
     NO_MESSAGE_FOUND,
@@ -66,6 +66,7 @@ REPLICAS_TTL_S = 30.0  # how long a stream's replica count is trusted (R1 -> R3 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+cancel_safe.install()  # nats-py awaits replies with wait_for: a cancel must not be lost
 
 
 def wall_ms() -> int:
@@ -159,8 +160,17 @@ UNSUBSCRIBE_S = 2.0  # a follower's teardown never waits longer than this on NAT
 async def _unsubscribe(sub: Any) -> None:
     """Drop a subscription, best effort and bounded: a teardown (cancellation, shutdown)
     must not hang on a connection that is stalled or gone."""
-    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-        await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_S)
+    try:
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_S)
+    finally:
+        # nats-py stops an ordered consumer's heartbeat monitor only once its
+        # unsubscribe succeeded; left running, it would "reset" the consumer after
+        # two missed heartbeats: subscribe again and create a new server consumer.
+        jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+        for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None)):
+            if isinstance(task, asyncio.Task):
+                task.cancel()
 
 
 async def _quiet(exc: Exception) -> None:
@@ -1329,10 +1339,13 @@ class EventLog:
                                              config=config(), stream=stream)
                     info = await sub.consumer_info() if with_info else None
                 return sub, info
+            except asyncio.CancelledError:
+                if sub is not None:  # cancelled while asking for its info
+                    await _unsubscribe(sub)
+                raise
             except Unavailable as exc:
                 if sub is not None:
-                    with contextlib.suppress(nats.errors.Error, OSError):
-                        await sub.unsubscribe()
+                    await _unsubscribe(sub)
                 if not retryable(exc):
                     raise
                 if not await attempts.pause():
@@ -1496,8 +1509,7 @@ class EventLog:
         try:
             yield queue, sub
         finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
+            await _unsubscribe(sub)
 
     @contextlib.asynccontextmanager
     async def kv_entries(
