@@ -821,3 +821,41 @@ async def test_a_follower_cancelled_as_its_consumer_is_made_stops_and_unsubscrib
         if follower is not None and not follower.done():
             follower.cancel()
         await conn.close()
+
+
+@integration
+async def test_a_follower_gets_the_event_pushed_as_its_connection_dropped(
+        log: EventLog, nats_url: str) -> None:
+    # The server pushes an event into a connection that then drops (the proxy holds
+    # the bytes, then cuts): to the ordered consumer it was delivered. The follower
+    # had seen nothing yet, so nats-py's checks (next event, heartbeat's last
+    # delivered) never noticed; it now resumes after its last event on reconnect.
+    from faults import Proxy
+
+    with Proxy(nats_url, name="follow-drop") as proxy:
+        conn = await connect(proxy.url)
+        follower: asyncio.Task[int] | None = None
+        try:
+            caught_up = asyncio.Event()
+
+            async def first() -> int:
+                async for item in EventLog(conn, log.swarm, actor="f").follow(
+                        caught_up=caught_up):
+                    return item.seq
+                raise AssertionError("follow ended")
+
+            follower = asyncio.create_task(first())
+            await asyncio.wait_for(caught_up.wait(), 10)
+            proxy.blackhole()
+            seq = (await log.append(ev.TaskReady(), "t-drop")).seq
+            async with asyncio.timeout(10):  # until the server has pushed it
+                while not any(c.delivered.stream_seq >= seq
+                              for c in await log.nc.jsm().consumers_info(log.stream)):
+                    await asyncio.sleep(0.05)
+            proxy.cut()
+            proxy.heal()
+            assert await asyncio.wait_for(follower, 10) == seq
+        finally:
+            if follower is not None and not follower.done():
+                follower.cancel()
+            await conn.close()
