@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -823,6 +824,16 @@ async def test_a_follower_cancelled_as_its_consumer_is_made_stops_and_unsubscrib
         await conn.close()
 
 
+async def _pushed_then_cut(proxy: Any, log: EventLog, stream: str, seq: int) -> None:
+    """Once the server has pushed ``seq`` into the (held) connection, cut it and heal."""
+    async with asyncio.timeout(10):
+        while not any(c.delivered.stream_seq >= seq
+                      for c in await log.nc.jsm().consumers_info(stream)):
+            await asyncio.sleep(0.05)
+    proxy.cut()
+    proxy.heal()
+
+
 @integration
 async def test_a_follower_gets_the_event_pushed_as_its_connection_dropped(
         log: EventLog, nats_url: str) -> None:
@@ -846,16 +857,37 @@ async def test_a_follower_gets_the_event_pushed_as_its_connection_dropped(
 
             follower = asyncio.create_task(first())
             await asyncio.wait_for(caught_up.wait(), 10)
+            await conn.flush()  # its subscription has reached the server
             proxy.blackhole()
             seq = (await log.append(ev.TaskReady(), "t-drop")).seq
-            async with asyncio.timeout(10):  # until the server has pushed it
-                while not any(c.delivered.stream_seq >= seq
-                              for c in await log.nc.jsm().consumers_info(log.stream)):
-                    await asyncio.sleep(0.05)
-            proxy.cut()
-            proxy.heal()
+            await _pushed_then_cut(proxy, log, log.stream, seq)
             assert await asyncio.wait_for(follower, 10) == seq
         finally:
             if follower is not None and not follower.done():
                 follower.cancel()
+            await conn.close()
+
+
+@integration
+async def test_a_kv_watch_gets_the_entry_pushed_as_its_connection_dropped(
+        log: EventLog, nats_url: str) -> None:
+    # The same for a KV watch (the control cache, presence, leases): a put pushed into
+    # a dropping connection reaches the watcher once it is back, exactly once.
+    from faults import Proxy
+
+    bucket = log.bucket(names.CONTROL)
+    with Proxy(nats_url, name="kv-drop") as proxy:
+        conn = await connect(proxy.url)
+        try:
+            async with EventLog(conn, log.swarm, actor="f").kv_entries(bucket) as entries:
+                await conn.flush()  # its subscription has reached the server
+                proxy.blackhole()
+                revision = await log.kv_put(bucket, "k", b"v1")
+                await _pushed_then_cut(proxy, log, names.kv_stream(bucket), revision)
+                entry = await asyncio.wait_for(anext(entries), 10)
+                assert (entry.key, entry.value, entry.revision) == ("k", b"v1", revision)
+                second = await log.kv_put(bucket, "k", b"v2")
+                entry = await asyncio.wait_for(anext(entries), 10)
+                assert (entry.value, entry.revision) == (b"v2", second)  # no repeat
+        finally:
             await conn.close()

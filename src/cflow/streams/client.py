@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cflow import events as ev
+from cflow.background import stop_tasks
 from cflow.errors import (
     CflowError,
     ClockOffsetError,
@@ -1547,20 +1548,65 @@ class EventLog:
 
         Delivers new messages only, or with ``last_per_subject`` the current entry of
         every key first. A key removed by its TTL arrives as a message with a
-        ``Nats-Marker-Reason`` header (the server's marker).
+        ``Nats-Marker-Reason`` header (the server's marker). After a reconnect a new
+        consumer is placed after the last message queued (see :meth:`follow`), so an
+        entry pushed as the connection dropped is not lost; the queue never repeats.
         """
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def on_msg(msg: Msg) -> None:
-            await queue.put(msg)
-
         subject = f"$KV.{bucket}.>"
-        policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.NEW
-        sub, _ = await self._ordered_subscription(subject, names.kv_stream(bucket), on_msg,
-                                                  lambda: ConsumerConfig(deliver_policy=policy))
+        stream = names.kv_stream(bucket)
+        generation = 1
+        # The stream sequence of the last message queued, or of the last one stored
+        # before a "new only" watch began (it starts after that one).
+        last: int | None = None
+        if not last_per_subject:
+            last = int((await self.stream_info(stream))["state"]["last_seq"])
+
+        def receiver(gen: int) -> Callable[[Msg], Awaitable[None]]:
+            async def on_msg(msg: Msg) -> None:
+                nonlocal last
+                seq = int(msg.metadata.sequence.stream)
+                if gen == generation and (last is None or seq > last):  # not an older sub's
+                    last = seq
+                    queue.put_nowait(msg)
+            return on_msg
+
+        def config() -> ConsumerConfig:
+            if last is None:
+                return ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+            return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                  opt_start_seq=last + 1)
+
+        sub, _ = await self._ordered_subscription(subject, stream, receiver(generation), config)
+
+        async def resubscribe() -> None:
+            nonlocal sub, generation
+            generation += 1
+            await _unsubscribe(sub)
+            while True:
+                try:
+                    sub, _ = await self._ordered_subscription(subject, stream,
+                                                              receiver(generation), config)
+                    return
+                except CflowError as exc:
+                    log.warning("watch of %s: no new consumer after a reconnect (%s); "
+                                "trying again", bucket, exc)
+                    await asyncio.sleep(1.0)
+
+        resubscribing: asyncio.Task[None] | None = None
+
+        def reconnected() -> None:
+            nonlocal resubscribing
+            if resubscribing is not None:
+                resubscribing.cancel()
+            resubscribing = asyncio.ensure_future(resubscribe())
+
         try:
-            yield queue, sub
+            with on_reconnect(self.nc, reconnected):
+                yield queue, sub
         finally:
+            if resubscribing is not None:
+                await stop_tasks([resubscribing])
             await _unsubscribe(sub)
 
     @contextlib.asynccontextmanager
