@@ -50,7 +50,7 @@ from cflow.errors import (
     Unavailable,
 )
 from cflow.hlc import LOGICAL_MAX, HybridClock, Timestamp
-from cflow.streams import cancel_safe, names
+from cflow.streams import names
 from cflow.streams.definitions import StreamSpec, swarm_resources
 from cflow.streams.errors import (
     NO_MESSAGE_FOUND,
@@ -75,7 +75,6 @@ REPLICAS_TTL_S = 30.0  # how long a stream's replica count is trusted (R1 -> R3 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-cancel_safe.install()  # nats-py awaits replies with wait_for: a cancel must not be lost
 
 
 def wall_ms() -> int:
