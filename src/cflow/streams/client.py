@@ -1188,7 +1188,7 @@ class EventLog:
                         await _unsubscribe(sub)
                         generation += 1
                         resume_seq = last + 1
-                        sub, _ = await self._ordered_subscription(
+                        sub = await self._ordered_subscription_again(
                             subject, self.stream, receiver(generation), config)
                         continue
                     if gen != generation:
@@ -1403,6 +1403,27 @@ class EventLog:
                 if not await attempts.pause():
                     raise await self._explain(stream, exc, attempts.waited_s()) from exc
 
+    async def _ordered_subscription_again(
+        self, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]],
+        config: Callable[[], ConsumerConfig],
+    ) -> Any:
+        """:meth:`_ordered_subscription` after a reconnect, tried until made: the
+        connection is back but JetStream may still be recovering (a restarted server).
+
+        Raises:
+            NotFound: the stream is gone.
+        """
+        while True:
+            try:
+                sub, _ = await self._ordered_subscription(subject, stream, cb, config)
+                return sub
+            except NotFound:
+                raise
+            except CflowError as exc:
+                log.warning("%s: no new consumer after a reconnect (%s); trying again",
+                            subject, exc)
+                await asyncio.sleep(1.0)
+
     async def read(self, filter_subject: str | None = None, *, start_seq: int = 1
                    ) -> list[StoredEvent | BadMessage]:
         """Everything stored now (from ``start_seq``), then stop."""
@@ -1582,15 +1603,8 @@ class EventLog:
             nonlocal sub, generation
             generation += 1
             await _unsubscribe(sub)
-            while True:
-                try:
-                    sub, _ = await self._ordered_subscription(subject, stream,
-                                                              receiver(generation), config)
-                    return
-                except CflowError as exc:
-                    log.warning("watch of %s: no new consumer after a reconnect (%s); "
-                                "trying again", bucket, exc)
-                    await asyncio.sleep(1.0)
+            sub = await self._ordered_subscription_again(subject, stream, receiver(generation),
+                                                         config)
 
         resubscribing: asyncio.Task[None] | None = None
 
