@@ -27,12 +27,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,39 +38,12 @@ from bench.bulk import load_tasks
 from bench.servers import start_single
 from cflow import events as ev
 from cflow.swarm import Swarm
+from cflow.ui.processes import cfctl, start_projector, start_ui, stop
 
 CHROMIUM = os.environ.get("CFLOW_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-CFCTL = str(Path(sys.executable).parent / "cfctl")
 SWARM = "uibench"
-
-
-def _wait_line(proc: subprocess.Popen[str], stream: Any, want: str, within: float) -> str:
-    found: list[str] = []
-    done = threading.Event()
-
-    def read() -> None:
-        for line in stream:
-            if want in line and not found:
-                found.append(line)
-                done.set()
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(within) or not found:
-        raise RuntimeError(f"no {want!r} from {proc.args} (exit {proc.poll()})")
-    return found[0]
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -215,16 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "CFLOW_URL": server.url, "CFLOW_SWARM": SWARM,
                "XDG_DATA_HOME": str(base)}
         env.pop("CFLOW_UI_TOKEN", None)
-        subprocess.run([CFCTL, "init"], env=env, check=True, capture_output=True)
-        projector = subprocess.Popen([CFCTL, "projector", "--db", str(base / "p.duckdb")],
-                                     env=env, stderr=subprocess.PIPE, text=True)
-        procs.append(projector)
-        _wait_line(projector, projector.stderr, "projector: swarm", 60)
+        subprocess.run(cfctl("init"), env=env, check=True, capture_output=True)
+        procs.append(start_projector(env, base, within=60))
         seeded = asyncio.run(seed(server.url, args.tasks))
-        ui = subprocess.Popen([CFCTL, "--json", "ui", "--port", "0", "--operator", "bench"],
-                              env=env, stdout=subprocess.PIPE, text=True)
+        ui, info = start_ui(env, "--operator", "bench", within=60)
         procs.append(ui)
-        info = json.loads(_wait_line(ui, ui.stdout, '"login"', 60))
         figures = asyncio.run(measure(server.url, info["url"], info["login"], seeded["parent"],
                                       args.updates, args.screenshots))
         figures["bulk_load_s"] = round(seeded["loaded_s"], 2)
@@ -237,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         (results / "ui.json").write_text(json.dumps(figures, indent=2) + "\n")
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         server.stop()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -767,3 +768,126 @@ async def test_kv_writes_carry_a_msg_id_and_a_retry_is_deduplicated(log: EventLo
     gone = await log.kv_last(bucket, "k")
     assert gone is not None
     assert (gone.revision, gone.operation) == (deleted, "DEL")
+
+
+# ------------------------------------------------------------------ cancellation
+
+
+async def test_a_cancel_landing_with_the_awaited_result_is_not_swallowed() -> None:
+    # Python 3.11's own wait_for returned the result here and dropped the cancel
+    # (gh-86296); cflow.streams installs 3.12's, which raises CancelledError.
+    loop = asyncio.get_running_loop()
+    reply: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.create_task(asyncio.wait_for(reply, 10))
+    await asyncio.sleep(0)  # now waiting for the reply
+    reply.set_result(1)  # the reply arrives ...
+    waiting.cancel()  # ... and the cancel in the same loop iteration
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+@integration
+@pytest.mark.parametrize("replies", [1, 2], ids=["consumer-create", "consumer-info"])
+async def test_a_follower_cancelled_as_its_consumer_is_made_stops_and_unsubscribes(
+        log: EventLog, nats_url: str, replies: int) -> None:
+    # A follower on a fresh swarm is cancelled in the loop iteration its consumer's
+    # create (or info) reply arrives in: it stops at once and leaves no subscription.
+    # The cancel was lost before (the follower hung in its read loop, subscribed).
+    conn = await connect(nats_url)
+    follower: asyncio.Task[None] | None = None
+    try:
+        answered = 0
+        reply_handler = conn._request_sub_callback
+
+        async def cancel_on_reply(msg: object) -> None:
+            nonlocal answered
+            await reply_handler(msg)  # type: ignore[arg-type]
+            answered += 1
+            if answered == replies and follower is not None:
+                follower.cancel()
+
+        conn._request_sub_callback = cancel_on_reply  # type: ignore[method-assign]
+        own = EventLog(conn, log.swarm, actor="test")
+
+        async def follow() -> None:
+            async for _ in own.follow(caught_up=asyncio.Event()):
+                pass
+
+        follower = asyncio.create_task(follow())
+        done, _ = await asyncio.wait({follower}, timeout=5)
+        assert follower in done and follower.cancelled()
+        assert answered == replies
+        assert len(conn._subs) == 1  # only nats-py's reply subscription
+    finally:
+        if follower is not None and not follower.done():
+            follower.cancel()
+        await conn.close()
+
+
+async def _pushed_then_cut(proxy: Any, log: EventLog, stream: str, seq: int) -> None:
+    """Once the server has pushed ``seq`` into the (held) connection, cut it and heal."""
+    async with asyncio.timeout(10):
+        while not any(c.delivered.stream_seq >= seq
+                      for c in await log.nc.jsm().consumers_info(stream)):
+            await asyncio.sleep(0.05)
+    proxy.cut()
+    proxy.heal()
+
+
+@integration
+async def test_a_follower_gets_the_event_pushed_as_its_connection_dropped(
+        log: EventLog, nats_url: str) -> None:
+    # The server pushes an event into a connection that then drops (the proxy holds
+    # the bytes, then cuts): to the ordered consumer it was delivered. The follower
+    # had seen nothing yet, so nats-py's checks (next event, heartbeat's last
+    # delivered) never noticed; it now resumes after its last event on reconnect.
+    from faults import Proxy
+
+    with Proxy(nats_url, name="follow-drop") as proxy:
+        conn = await connect(proxy.url)
+        follower: asyncio.Task[int] | None = None
+        try:
+            caught_up = asyncio.Event()
+
+            async def first() -> int:
+                async for item in EventLog(conn, log.swarm, actor="f").follow(
+                        caught_up=caught_up):
+                    return item.seq
+                raise AssertionError("follow ended")
+
+            follower = asyncio.create_task(first())
+            await asyncio.wait_for(caught_up.wait(), 10)
+            await conn.flush()  # its subscription has reached the server
+            proxy.blackhole()
+            seq = (await log.append(ev.TaskReady(), "t-drop")).seq
+            await _pushed_then_cut(proxy, log, log.stream, seq)
+            assert await asyncio.wait_for(follower, 10) == seq
+        finally:
+            if follower is not None and not follower.done():
+                follower.cancel()
+            await conn.close()
+
+
+@integration
+async def test_a_kv_watch_gets_the_entry_pushed_as_its_connection_dropped(
+        log: EventLog, nats_url: str) -> None:
+    # The same for a KV watch (the control cache, presence, leases): a put pushed into
+    # a dropping connection reaches the watcher once it is back, exactly once.
+    from faults import Proxy
+
+    bucket = log.bucket(names.CONTROL)
+    with Proxy(nats_url, name="kv-drop") as proxy:
+        conn = await connect(proxy.url)
+        try:
+            async with EventLog(conn, log.swarm, actor="f").kv_entries(bucket) as entries:
+                await conn.flush()  # its subscription has reached the server
+                proxy.blackhole()
+                revision = await log.kv_put(bucket, "k", b"v1")
+                await _pushed_then_cut(proxy, log, names.kv_stream(bucket), revision)
+                entry = await asyncio.wait_for(anext(entries), 10)
+                assert (entry.key, entry.value, entry.revision) == ("k", b"v1", revision)
+                second = await log.kv_put(bucket, "k", b"v2")
+                entry = await asyncio.wait_for(anext(entries), 10)
+                assert (entry.value, entry.revision) == (b"v2", second)  # no repeat
+        finally:
+            await conn.close()

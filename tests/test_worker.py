@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,6 +295,40 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 async def until_claimed(swarm: Swarm, task_id: str, owner: str | None = None) -> TaskState:
     return await until(swarm, task_id, lambda s: s.status == "claimed"
                        and (owner is None or s.owner == owner))
+
+
+@pytest.mark.integration
+async def test_a_claim_cancelled_as_a_nats_reply_arrives_stops_at_once(swarm: Swarm) -> None:
+    """The drain hang: a worker draining cancels its waiting claim; a cancel landing in
+    the loop iteration of one of the claim's NATS replies was swallowed (Python 3.11's
+    wait_for in nats-py), and the claim waited out its whole wait (30 s by default,
+    the tests gave a drain 20). Each claim here is cancelled on its n-th reply."""
+    await swarm.tasks.ensure_board()
+    nc: Any = swarm.nc
+    prefix = bytes(nc._resp_sub_prefix).decode()
+    replies = next(sub for sub in nc._subs.values() if sub._subject.startswith(prefix))
+    handler = replies._cb
+    at = {"reply": 0, "cancel_on": 0}
+    claims: list[asyncio.Task[object]] = []
+
+    async def cancel_on_reply(msg: object) -> None:
+        await handler(msg)
+        at["reply"] += 1
+        if at["reply"] == at["cancel_on"]:
+            claims[-1].cancel()
+
+    replies._cb = cancel_on_reply
+    try:
+        for n in range(1, 7):
+            at.update(reply=0, cancel_on=n)
+            claims.append(asyncio.create_task(
+                swarm.tasks.claim(agent="w1", capabilities=(), wait=20)))
+            done, _ = await asyncio.wait({claims[-1]}, timeout=5)
+            assert claims[-1] in done and claims[-1].cancelled(), (n, claims[-1])
+    finally:
+        replies._cb = handler
+        for claim in claims:
+            claim.cancel()
 
 
 @pytest.mark.integration

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cflow.ui.processes import (
+    cfctl,
+    first_line,
+    projector_ready,
+    spawn_projector,
+    start_projector,
+    start_ui,
+    stop,
+    ui,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("CFLOW_TEST_ARTIFACTS", ROOT / ".test-artifacts")) / "ui"
@@ -23,10 +29,6 @@ CHROMIUM = (os.environ.get("CFLOW_CHROMIUM") or shutil.which("chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def cfctl(*args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "cfctl"), *args]
 
 
 @dataclass
@@ -52,61 +54,6 @@ class Console:
         return done.stdout.strip()
 
 
-def first_line(proc: subprocess.Popen[str], stream: str, within: float, want: str) -> str:
-    """The first line of ``stream`` containing ``want`` (a reader thread; no polling)."""
-    lines: queue.Queue[str | None] = queue.Queue()
-    pipe = getattr(proc, stream)
-
-    def read() -> None:
-        for line in pipe:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    _readers.setdefault(id(proc), []).append(reader)
-    seen = []
-    while True:
-        try:
-            line = lines.get(timeout=within)
-        except queue.Empty:
-            raise AssertionError(f"no {want!r} within {within} s: {seen}") from None
-        if line is None:
-            raise AssertionError(f"process exited ({proc.wait()}): {seen}")
-        seen.append(line)
-        if want in line:
-            return line
-
-
-_readers: dict[int, list[threading.Thread]] = {}
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    for reader in _readers.pop(id(proc), []):
-        reader.join(5)
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
-
-
-def start_ui(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    proc = subprocess.Popen(cfctl("--json", "ui", "--port", "0", *args), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        info = json.loads(first_line(proc, "stdout", 30.0, '"login"'))
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, info
-
-
 async def _init(nats_url: str, swarm: str) -> None:
     from cflow.streams import connect, ensure_swarm
 
@@ -115,26 +62,6 @@ async def _init(nats_url: str, swarm: str) -> None:
         await ensure_swarm(nc, swarm)
     finally:
         await nc.close()
-
-
-def spawn_projector(env: dict[str, str], workdir: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(cfctl("projector", "--db", str(workdir / "p.duckdb")), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def projector_ready(proc: subprocess.Popen[str]) -> None:
-    first_line(proc, "stderr", 30.0, "projector: swarm")
-
-
-def start_projector(env: dict[str, str], workdir: Path) -> subprocess.Popen[str]:
-    """`cfctl projector` on the console's swarm, once its query service answers."""
-    proc = spawn_projector(env, workdir)
-    try:
-        projector_ready(proc)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc
 
 
 @contextlib.contextmanager
@@ -167,3 +94,22 @@ def chromium_missing() -> str | None:
     if not Path(CHROMIUM).exists():
         return f"no Chromium at {CHROMIUM} (`apt-get install chromium`; .ci/run does it in CI)"
     return None
+
+
+__all__ = [
+    "ARTIFACTS",
+    "CHROMIUM",
+    "CHROMIUM_ARGS",
+    "ROOT",
+    "Console",
+    "cfctl",
+    "chromium_missing",
+    "first_line",
+    "projector_ready",
+    "running_console",
+    "spawn_projector",
+    "start_projector",
+    "start_ui",
+    "stop",
+    "ui",
+]

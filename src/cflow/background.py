@@ -1,8 +1,11 @@
 """Stopping background asyncio tasks for sure.
 
-A cancellation that lands inside a nats-py request can be absorbed by the client
-library; the task then carries on (for example into a wait that never ends), so
-one ``cancel()`` followed by an unbounded ``await`` can hang a shutdown forever.
+A cancellation that lands inside a nats-py request could be absorbed: Python
+3.11's ``asyncio.wait_for`` dropped a cancel arriving with the reply (fixed for
+the whole process by :mod:`cflow.streams.cancel_safe`). nats-py still swallows one
+in a rare path (a forced flush of a full write buffer), and the task then carries
+on (for example into a wait that never ends), so one ``cancel()`` followed by an
+unbounded ``await`` could still hang a shutdown: hence the rounds below.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """JetStream resources: stream and bucket definitions, append/read/follow, raw KV."""
 
+from cflow.streams import cancel_safe
 from cflow.streams.client import (
     Appended,
     BadMessage,
@@ -14,6 +15,9 @@ from cflow.streams.client import (
     ensure_swarm,
 )
 from cflow.streams.definitions import StreamSpec, swarm_resources
+
+# nats-py awaits every reply with asyncio.wait_for: on 3.11 a cancel must not be lost there.
+cancel_safe.install()
 
 __all__ = [
     "Appended",

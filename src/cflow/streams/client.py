@@ -17,7 +17,15 @@ import os
 import random
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+import weakref
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -31,6 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cflow import events as ev
+from cflow.background import stop_tasks
 from cflow.errors import (
     CflowError,
     ClockOffsetError,
@@ -96,12 +105,18 @@ async def connect(
     servers = split_urls(url)
     shown = ",".join(redact_url(s) for s in servers)
     user_error_cb = options.pop("error_cb", _quiet)
+    user_reconnected_cb = options.pop("reconnected_cb", _quiet_noargs)
     connecting: list[BaseException] = []
 
     async def on_error(exc: Exception) -> None:
         if not connected:
             connecting.append(exc)
         await user_error_cb(exc)
+
+    async def on_reconnected() -> None:
+        for wake in list(_reconnect_waiters.get(nc, ())):
+            wake()
+        await user_reconnected_cb()
 
     connected = False
     try:
@@ -117,7 +132,8 @@ async def connect(
             ping_interval=5,
             max_outstanding_pings=3,
             dont_randomize=False,
-            **{"error_cb": on_error, "disconnected_cb": _quiet_noargs, **options},
+            **{"error_cb": on_error, "disconnected_cb": _quiet_noargs,
+               "reconnected_cb": on_reconnected, **options},
         )
     except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error):
         if any(_is_auth_failure(e) for e in connecting):
@@ -132,6 +148,24 @@ async def connect(
     connected = True
     nc.options["max_reconnect_attempts"] = -1
     return nc
+
+
+# Per connection made by :func:`connect`: what to call once it has reconnected.
+_reconnect_waiters: weakref.WeakKeyDictionary[NATS, set[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary())
+
+
+@contextlib.contextmanager
+def on_reconnect(nc: NATS, wake: Callable[[], None]) -> Iterator[None]:
+    """Call ``wake`` (synchronously, from nats-py's callback) each time ``nc``
+    reconnects, while inside the block. Connections not made by :func:`connect`
+    never call it."""
+    waiters = _reconnect_waiters.setdefault(nc, set())
+    waiters.add(wake)
+    try:
+        yield
+    finally:
+        waiters.discard(wake)
 
 
 def _is_auth_failure(exc: BaseException) -> bool:
@@ -159,8 +193,17 @@ UNSUBSCRIBE_S = 2.0  # a follower's teardown never waits longer than this on NAT
 async def _unsubscribe(sub: Any) -> None:
     """Drop a subscription, best effort and bounded: a teardown (cancellation, shutdown)
     must not hang on a connection that is stalled or gone."""
-    with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-        await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_S)
+    try:
+        with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+            await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_S)
+    finally:
+        # nats-py stops an ordered consumer's heartbeat monitor only once its
+        # unsubscribe succeeded; left running, it would "reset" the consumer after
+        # two missed heartbeats: subscribe again and create a new server consumer.
+        jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+        for task in (getattr(jsi, "_hbtask", None), getattr(jsi, "_fctask", None)):
+            if isinstance(task, asyncio.Task):
+                task.cancel()
 
 
 async def _quiet(exc: Exception) -> None:
@@ -1100,51 +1143,70 @@ class EventLog:
 
         ``caught_up`` is set together with the last item stored when the consumer
         was created: just before that item is yielded (at once if there is none).
-        The ordered consumer recreates itself after gaps or
-        reconnects, so the sequence seen here never skips or repeats.
+        The ordered consumer recreates itself after gaps, and after a reconnect
+        this follower places a new one after the last event it saw (one pushed as
+        the connection dropped is lost to the old consumer, and nats-py would only
+        notice at the next event or heartbeat, or never if none had arrived yet),
+        so the sequence seen here never skips or repeats.
         """
         subject = filter_subject or names.events_filter(self.swarm)
+        resume_seq = start_seq
 
         def config() -> ConsumerConfig:
             return ConsumerConfig(
-                deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if start_seq > 1
+                deliver_policy=(DeliverPolicy.BY_START_SEQUENCE if resume_seq > 1
                                 else DeliverPolicy.ALL),
-                opt_start_seq=start_seq if start_seq > 1 else None,
+                opt_start_seq=resume_seq if resume_seq > 1 else None,
                 headers_only=False,
             )
 
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # (generation, message); generation 0 is "reconnected": resubscribe. Messages
+        # of an older subscription still queued are dropped (the new one has them).
+        queue: asyncio.Queue[tuple[int, Msg | None]] = asyncio.Queue()
+        generation = 1
 
-        async def on_msg(msg: Msg) -> None:
-            await queue.put(msg)
+        def receiver(gen: int) -> Callable[[Msg], Awaitable[None]]:
+            async def on_msg(msg: Msg) -> None:
+                queue.put_nowait((gen, msg))
+            return on_msg
 
-        sub, info = await self._ordered_subscription(subject, self.stream, on_msg, config,
-                                                     with_info=caught_up is not None)
+        sub, info = await self._ordered_subscription(subject, self.stream, receiver(generation),
+                                                     config, with_info=caught_up is not None)
         try:
-            if caught_up is not None and info is not None:
-                # Only "nothing pending and nothing delivered yet" means empty: with
-                # everything already delivered but not yet queued, num_pending is 0
-                # too; then the last message's own num_pending == 0 sets it below.
-                delivered = info.delivered.consumer_seq if info.delivered else 0
-                if info.num_pending == 0 and not delivered and queue.empty():
-                    caught_up.set()
-            last = start_seq - 1
-            while True:
-                msg = await queue.get()
-                meta = msg.metadata
-                seq = int(meta.sequence.stream)
-                if seq <= last:
-                    if caught_up is not None and meta.num_pending == 0:
-                        caught_up.set()  # a redelivered tail still means "caught up"
-                    continue
-                last = seq
-                time_ms = msg_time_ms(msg)
-                self.server_clock.observe(time_ms)
-                item = self._decode(seq, msg.subject, msg.data, time_ms)
-                # Set before yielding, so the consumer sees it with the last stored item.
-                if caught_up is not None and not caught_up.is_set() and meta.num_pending == 0:
-                    caught_up.set()
-                yield item
+            with on_reconnect(self.nc, lambda: queue.put_nowait((0, None))):
+                if caught_up is not None and info is not None:
+                    # Only "nothing pending and nothing delivered yet" means empty: with
+                    # everything already delivered but not yet queued, num_pending is 0
+                    # too; then the last message's own num_pending == 0 sets it below.
+                    delivered = info.delivered.consumer_seq if info.delivered else 0
+                    if info.num_pending == 0 and not delivered and queue.empty():
+                        caught_up.set()
+                last = start_seq - 1
+                while True:
+                    gen, msg = await queue.get()
+                    if msg is None:
+                        await _unsubscribe(sub)
+                        generation += 1
+                        resume_seq = last + 1
+                        sub = await self._ordered_subscription_again(
+                            subject, self.stream, receiver(generation), config)
+                        continue
+                    if gen != generation:
+                        continue
+                    meta = msg.metadata
+                    seq = int(meta.sequence.stream)
+                    if seq <= last:
+                        if caught_up is not None and meta.num_pending == 0:
+                            caught_up.set()  # a redelivered tail still means "caught up"
+                        continue
+                    last = seq
+                    time_ms = msg_time_ms(msg)
+                    self.server_clock.observe(time_ms)
+                    item = self._decode(seq, msg.subject, msg.data, time_ms)
+                    # Set before yielding, so the consumer sees it with the last stored item.
+                    if caught_up is not None and not caught_up.is_set() and meta.num_pending == 0:
+                        caught_up.set()
+                    yield item
         finally:
             await _unsubscribe(sub)
 
@@ -1329,14 +1391,38 @@ class EventLog:
                                              config=config(), stream=stream)
                     info = await sub.consumer_info() if with_info else None
                 return sub, info
+            except asyncio.CancelledError:
+                if sub is not None:  # cancelled while asking for its info
+                    await _unsubscribe(sub)
+                raise
             except Unavailable as exc:
                 if sub is not None:
-                    with contextlib.suppress(nats.errors.Error, OSError):
-                        await sub.unsubscribe()
+                    await _unsubscribe(sub)
                 if not retryable(exc):
                     raise
                 if not await attempts.pause():
                     raise await self._explain(stream, exc, attempts.waited_s()) from exc
+
+    async def _ordered_subscription_again(
+        self, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]],
+        config: Callable[[], ConsumerConfig],
+    ) -> Any:
+        """:meth:`_ordered_subscription` after a reconnect, tried until made: the
+        connection is back but JetStream may still be recovering (a restarted server).
+
+        Raises:
+            NotFound: the stream is gone.
+        """
+        while True:
+            try:
+                sub, _ = await self._ordered_subscription(subject, stream, cb, config)
+                return sub
+            except NotFound:
+                raise
+            except CflowError as exc:
+                log.warning("%s: no new consumer after a reconnect (%s); trying again",
+                            subject, exc)
+                await asyncio.sleep(1.0)
 
     async def read(self, filter_subject: str | None = None, *, start_seq: int = 1
                    ) -> list[StoredEvent | BadMessage]:
@@ -1482,22 +1568,59 @@ class EventLog:
 
         Delivers new messages only, or with ``last_per_subject`` the current entry of
         every key first. A key removed by its TTL arrives as a message with a
-        ``Nats-Marker-Reason`` header (the server's marker).
+        ``Nats-Marker-Reason`` header (the server's marker). After a reconnect a new
+        consumer is placed after the last message queued (see :meth:`follow`), so an
+        entry pushed as the connection dropped is not lost; the queue never repeats.
         """
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def on_msg(msg: Msg) -> None:
-            await queue.put(msg)
-
         subject = f"$KV.{bucket}.>"
-        policy = DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.NEW
-        sub, _ = await self._ordered_subscription(subject, names.kv_stream(bucket), on_msg,
-                                                  lambda: ConsumerConfig(deliver_policy=policy))
+        stream = names.kv_stream(bucket)
+        generation = 1
+        # The stream sequence of the last message queued, or of the last one stored
+        # before a "new only" watch began (it starts after that one).
+        last: int | None = None
+        if not last_per_subject:
+            last = int((await self.stream_info(stream))["state"]["last_seq"])
+
+        def receiver(gen: int) -> Callable[[Msg], Awaitable[None]]:
+            async def on_msg(msg: Msg) -> None:
+                nonlocal last
+                seq = int(msg.metadata.sequence.stream)
+                if gen == generation and (last is None or seq > last):  # not an older sub's
+                    last = seq
+                    queue.put_nowait(msg)
+            return on_msg
+
+        def config() -> ConsumerConfig:
+            if last is None:
+                return ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+            return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                  opt_start_seq=last + 1)
+
+        sub, _ = await self._ordered_subscription(subject, stream, receiver(generation), config)
+
+        async def resubscribe() -> None:
+            nonlocal sub, generation
+            generation += 1
+            await _unsubscribe(sub)
+            sub = await self._ordered_subscription_again(subject, stream, receiver(generation),
+                                                         config)
+
+        resubscribing: asyncio.Task[None] | None = None
+
+        def reconnected() -> None:
+            nonlocal resubscribing
+            if resubscribing is not None:
+                resubscribing.cancel()
+            resubscribing = asyncio.ensure_future(resubscribe())
+
         try:
-            yield queue, sub
+            with on_reconnect(self.nc, reconnected):
+                yield queue, sub
         finally:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await sub.unsubscribe()
+            if resubscribing is not None:
+                await stop_tasks([resubscribing])
+            await _unsubscribe(sub)
 
     @contextlib.asynccontextmanager
     async def kv_entries(

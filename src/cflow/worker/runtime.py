@@ -51,6 +51,8 @@ DEFAULT_CLAIM_WAIT_S = 30.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 CLAIM_SETTLE_S = 0.5
 SLOT_STOP_SLACK_S = 5.0  # past the grace period, a slot that has not stopped is cancelled
+# (a safety net: the drain hang seen in CI was a claim that lost its cancel, see
+# cflow.streams.cancel_safe)
 RECORD_RETRY_MAX_S = 5.0
 _T = TypeVar("_T")
 
