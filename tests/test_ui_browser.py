@@ -204,8 +204,10 @@ async def test_pages_ride_out_a_projector_restart(page: Any, console: Console,
     it is stale; once a projector is back the missed task appears without a reload."""
     from ui_support import start_projector, stop
 
+    shown = await swarm.tasks.create("on the board before the projector stops", priority=500)
     await page.goto(f"{console.url}/board")
     await page.wait_for_selector("body[data-live=on]")
+    await page.wait_for_selector(f'#board tr[data-task="{shown.task_id}"]', timeout=10_000)
     stop(console.procs["projector"])
     task = await swarm.tasks.create("made while no projector ran", priority=500)
     await page.wait_for_selector("body[data-stale=true]", timeout=10_000)

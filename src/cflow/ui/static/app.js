@@ -61,6 +61,9 @@
       window.cfSeq = JSON.parse(e.data).seq;
       document.body.dataset.live = "on";
       if (dot) { dot.classList.add("on"); }
+      // Events stored between rendering this page (or losing the stream) and this
+      // hello are announced by no update: re-read once at the hello's sequence.
+      refresh();
     });
     source.addEventListener("update", function (e) {
       const data = JSON.parse(e.data);
