@@ -153,11 +153,13 @@ def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]],
 
     ``reraise``: our errors the command handles itself.
     """
-    import anyio
+    import asyncio
 
     c = state(ctx)
     try:
-        return anyio.run(fn)
+        # asyncio itself, not anyio.run: anyio's backend costs ~50 ms of a cold start
+        # and most commands never use it (those that do load it on their first call).
+        return asyncio.run(fn())  # type: ignore[arg-type]
     except reraise:
         raise
     except CflowError as err:
