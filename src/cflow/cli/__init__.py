@@ -45,10 +45,10 @@ def main() -> None:
         from cflow.cli import help as cli_help
         from cflow.cli.app import app, hoist_global_flags
 
-        argv = hoist_global_flags(sys.argv[1:])
         commands.plain_coercion()
-        commands.load(commands.command_name(argv))  # only the modules this line needs
+        commands.load(commands.command_name(sys.argv[1:]))  # only the modules this line needs
         command = typer.main.get_command(app)
+        argv = hoist_global_flags(sys.argv[1:], commands.own_options(command, sys.argv[1:]))
         cli_help.tidy(command)
         command.format_commands = (  # type: ignore[attr-defined]
             lambda ctx, formatter: cli_help.format_commands(command, ctx, formatter))

@@ -74,6 +74,28 @@ def command_name(argv: Sequence[str]) -> str | None:
     return None
 
 
+def own_options(root: Any, argv: Sequence[str]) -> set[str]:
+    """The options of the (sub)command ``argv`` invokes (``creds create`` has its own
+    ``--swarm``); empty when the line names no known command."""
+    name = command_name(argv)
+    command = getattr(root, "commands", {}).get(name)
+    if command is None:
+        return set()
+    rest = iter(argv[list(argv).index(str(name)) + 1:])
+    for arg in rest:
+        if not hasattr(command, "commands"):
+            break
+        if arg in VALUED_ROOT_OPTIONS:
+            next(rest, None)
+        elif not arg.startswith("-"):
+            sub = command.commands.get(arg)
+            if sub is None:
+                break
+            command = sub
+    return {opt for param in command.params
+            for opt in (*param.opts, *param.secondary_opts)}
+
+
 def load(name: str | None) -> None:
     """Import the modules defining ``name`` (all of them for None or an unknown name)."""
     for module in COMMANDS.get(name or "", MODULES):
