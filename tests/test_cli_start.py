@@ -72,10 +72,13 @@ def test_a_command_loads_only_its_modules_and_no_pydantic() -> None:
     assert not {m for m in modules if m.startswith("pydantic")}, modules
     assert "cflow.cli.task_cmds" in modules and "cflow.cli.merge_cmds" in modules
     assert not modules & {"cflow.cli.worker_cmds", "cflow.cli.ui_cmds", "cflow.cli.ops_cmds"}
-    # no command name: every module, for the grouped help
+    # no command name: every module, for the grouped help; none for the version
     proc, modules = loaded("--help")
     assert proc.returncode == 0 and "Operating:" in proc.stdout
     assert {f"cflow.cli.{m}" for m in commands.MODULES} <= modules
+    proc, modules = loaded("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("cfctl ")
+    assert not {f"cflow.cli.{m}" for m in commands.MODULES} & modules
 
 
 def test_bad_values_are_usage_errors_as_before() -> None:

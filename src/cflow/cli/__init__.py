@@ -46,7 +46,8 @@ def main() -> None:
         from cflow.cli.app import app, hoist_global_flags
 
         commands.plain_coercion()
-        commands.load(commands.command_name(sys.argv[1:]))  # only the modules this line needs
+        # only the modules this line needs
+        commands.load(commands.command_name(sys.argv[1:]), sys.argv[1:])
         command = typer.main.get_command(app)
         argv = hoist_global_flags(sys.argv[1:], commands.own_options(command, sys.argv[1:]))
         cli_help.tidy(command)

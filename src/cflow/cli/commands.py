@@ -8,7 +8,7 @@ modules costs more than the goal by itself, so ``main`` reads the command name f
 the line first and imports only the modules that define it (``COMMANDS``); the
 definitions stay where they are, one source of truth for options and help. Only a
 line without a known command name (``cfctl``, ``cfctl --help``, a typo) loads
-them all, for the grouped help and click's error.
+them all, for the grouped help and click's error; ``cfctl --version`` none.
 
 Typer 0.29 coerces every parameter value through a pydantic ``TypeAdapter``:
 importing pydantic and building the schemas is some 200 ms per process. Our
@@ -96,8 +96,11 @@ def own_options(root: Any, argv: Sequence[str]) -> set[str]:
             for opt in (*param.opts, *param.secondary_opts)}
 
 
-def load(name: str | None) -> None:
-    """Import the modules defining ``name`` (all of them for None or an unknown name)."""
+def load(name: str | None, argv: Sequence[str] = ()) -> None:
+    """Import the modules defining ``name`` (all of them for None or an unknown name;
+    none for ``cfctl --version``, which the root answers alone)."""
+    if name is None and "--version" in argv:
+        return
     for module in COMMANDS.get(name or "", MODULES):
         importlib.import_module(f"cflow.cli.{module}")
 
