@@ -72,13 +72,29 @@ def test_a_command_loads_only_its_modules_and_no_pydantic() -> None:
     assert not {m for m in modules if m.startswith("pydantic")}, modules
     assert "cflow.cli.task_cmds" in modules and "cflow.cli.merge_cmds" in modules
     assert not modules & {"cflow.cli.worker_cmds", "cflow.cli.ui_cmds", "cflow.cli.ops_cmds"}
-    # no command name: every module, for the grouped help; none for the version
-    proc, modules = loaded("--help")
-    assert proc.returncode == 0 and "Operating:" in proc.stdout
+    # no command name: no module, the panels list every command; a typo: all of them
+    for line in (["--help"], [], ["--version"]):
+        proc, modules = loaded(*line)
+        assert proc.returncode == (2 if not line else 0), proc.stderr
+        assert not {f"cflow.cli.{m}" for m in commands.MODULES} & modules
+    proc, modules = loaded("tsk")
+    assert proc.returncode == 2 and "No such command 'tsk'" in proc.stderr
     assert {f"cflow.cli.{m}" for m in commands.MODULES} <= modules
-    proc, modules = loaded("--version")
-    assert proc.returncode == 0 and proc.stdout.startswith("cfctl ")
-    assert not {f"cflow.cli.{m}" for m in commands.MODULES} & modules
+
+
+def test_top_level_help_lists_every_command_without_loading_one() -> None:
+    from cflow.cli import _register, help
+    from cflow.cli.app import app
+
+    _register()
+    hidden = {i.name for i in app.registered_commands if i.hidden}
+    hidden |= {g.name for g in app.registered_groups if g.hidden}
+    assert hidden == commands.HIDDEN
+    in_panels = {name for _, rows in help.PANELS for name, _ in rows}
+    assert set(commands.COMMANDS) - commands.HIDDEN == in_panels
+    proc, _ = loaded("--help")
+    for name in in_panels:
+        assert f"  {name} " in proc.stdout, name
 
 
 def test_bad_values_are_usage_errors_as_before() -> None:

@@ -46,9 +46,11 @@ def main() -> None:
         from cflow.cli.app import app, hoist_global_flags
 
         commands.plain_coercion()
-        # only the modules this line needs
-        commands.load(commands.command_name(sys.argv[1:]), sys.argv[1:])
+        name = commands.command_name(sys.argv[1:])
+        if name is not None:
+            commands.load(name)  # only the modules this line needs
         command = typer.main.get_command(app)
+        commands.lazy_root(command, lambda: typer.main.get_command(app), cli_help.tidy)
         argv = hoist_global_flags(sys.argv[1:], commands.own_options(command, sys.argv[1:]))
         cli_help.tidy(command)
         command.format_commands = (  # type: ignore[attr-defined]

@@ -6,9 +6,10 @@ when imported, and Typer builds click commands for everything registered. Buildi
 all 37 top-level commands (about 90 with their subcommands) and importing the 14
 modules costs more than the goal by itself, so ``main`` reads the command name from
 the line first and imports only the modules that define it (``COMMANDS``); the
-definitions stay where they are, one source of truth for options and help. Only a
-line without a known command name (``cfctl``, ``cfctl --help``, a typo) loads
-them all, for the grouped help and click's error; ``cfctl --version`` none.
+definitions stay where they are, one source of truth for options and help. A line
+without a command name (``cfctl``, ``cfctl --help``, ``--version``) loads none:
+the root lists every name (``lazy_root``) and the panels come from ``help.PANELS``;
+an unknown name loads them all, for click's error.
 
 Typer 0.29 coerces every parameter value through a pydantic ``TypeAdapter``:
 importing pydantic and building the schemas is some 200 ms per process. Our
@@ -54,6 +55,9 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "ui": ("ui_cmds",),
 }
 
+# Registered but not shown in `cfctl --help` (checked by the same test).
+HIDDEN = frozenset({"node-services"})
+
 # Root options that take a value (the command name comes after them).
 VALUED_ROOT_OPTIONS = ("--url", "--swarm")
 ROOT_FLAGS = ("--json", "--debug")
@@ -96,13 +100,31 @@ def own_options(root: Any, argv: Sequence[str]) -> set[str]:
             for opt in (*param.opts, *param.secondary_opts)}
 
 
-def load(name: str | None, argv: Sequence[str] = ()) -> None:
-    """Import the modules defining ``name`` (all of them for None or an unknown name;
-    none for ``cfctl --version``, which the root answers alone)."""
-    if name is None and "--version" in argv:
-        return
+def load(name: str | None) -> None:
+    """Import the modules defining ``name`` (all of them for None or an unknown name)."""
     for module in COMMANDS.get(name or "", MODULES):
         importlib.import_module(f"cflow.cli.{module}")
+
+
+def lazy_root(root: Any, build: Callable[[], Any], tidy: Callable[[Any], None]) -> None:
+    """Let ``root`` (built from the modules loaded so far) name every command and build
+    one on first use: ``cfctl --help`` lists the panels without importing a module.
+
+    ``build`` builds the root again from what is registered; ``tidy`` fixes the help
+    of a command built late as ``main`` fixed the rest.
+    """
+    built = root.get_command
+
+    def get_command(ctx: Any, name: str) -> Any:
+        if name not in root.commands and name in COMMANDS:
+            load(name)
+            late = build().commands[name]
+            tidy(late)
+            root.commands[name] = late
+        return built(ctx, name)
+
+    root.get_command = get_command
+    root.list_commands = lambda ctx: sorted(set(root.commands) | set(COMMANDS))
 
 
 # ------------------------------------------------------------------ coercion
