@@ -48,6 +48,7 @@ def test_the_command_map_matches_what_each_module_registers() -> None:
             assert sub.callback is not None
             found.setdefault(group.name, set()).add(sub.callback.__module__)
     assert set(found) == set(commands.COMMANDS), "update cflow.cli.commands.COMMANDS"
+    found["report"].add("cflow.cli.merge_cmds")  # it adds `report merges` to REPORTS
     for name, modules in found.items():
         short = {m.removeprefix("cflow.cli.") for m in modules}
         # in registration order: the module creating a shared group comes first
@@ -105,6 +106,8 @@ def test_bad_values_are_usage_errors_as_before() -> None:
     assert proc.returncode == 2
     assert "Invalid value for '--limit': 0 is not in the range x>=1" in proc.stderr
     assert not {m for m in modules if m.startswith("pydantic")}
+    proc, _ = loaded("report", "nosuch")  # `report merges` is known without the rest
+    assert proc.returncode == 2 and "merges" in proc.stderr.split("one of:")[1]
 
 
 def descriptor(annotation: Any, **info: Any) -> Any:

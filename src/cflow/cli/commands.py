@@ -33,14 +33,14 @@ MODULES = (
     "mcp_cmds", "ops_cmds", "merge_cmds", "ui_cmds",
 )
 
-# Top-level command -> the modules that register it (tests/test_cli_start.py checks
-# this against what importing each module registers).
+# Top-level command -> the modules that register it, or add to it (tests/test_cli_start.py
+# checks this against what importing each module registers).
 COMMANDS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("status", "up", "down", "join", "init", "creds", "node-services"),
                     ("server_cmds",)),
     "task": ("task_cmds", "merge_cmds"),
-    **dict.fromkeys(("projector", "projections", "query", "report", "export"),
-                    ("projection_cmds",)),
+    **dict.fromkeys(("projector", "projections", "query", "export"), ("projection_cmds",)),
+    "report": ("projection_cmds", "merge_cmds"),  # merge_cmds adds `report merges`
     "bench": ("bench_cmds",),
     "agent": ("agent_cmds",),
     "demo": ("worker_cmds",), "worker": ("worker_cmds",),
