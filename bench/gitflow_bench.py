@@ -6,7 +6,11 @@ Figures, each beside a same-run baseline on the same machine:
   remote (take the branch, run, commit, fenced push, merge request), against the
   same N edits done by plain ``git`` in one clone (commit + push per branch);
 - the merge queue merging those N branches (merge, fenced push, ``Merged``),
-  against a plain ``git merge --no-ff`` + push of the same branches in a loop.
+  against a plain ``git merge --no-ff`` + push of the same branches in a loop;
+- reserved paths: N tasks that all declare one path, W workers: the handoff from
+  one task's release of the path to the next task's claim (server timestamps),
+  against the handoff from one completion to the next claim of N tasks without
+  paths run by one worker (the claim path alone).
 
 Starts its own nats-server on a free port with a temporary store; stops it and
 removes every directory at the end.
@@ -19,10 +23,15 @@ import asyncio
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cflow.swarm import Swarm
 
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b",
            "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
@@ -68,35 +77,45 @@ def plain_git(base: Path, tasks: int) -> tuple[float, float]:
     return edits, time.monotonic() - started
 
 
-async def cflow_run(url: str, base: Path, tasks: int, workers: int) -> tuple[float, float]:
+async def drain(url: str, swarm: Swarm, remote: Path, base: Path, ids: list[str],
+                workers: int, cmd: str) -> float:
+    """Seconds for ``workers`` git workers to complete the tasks ``ids``."""
     from cflow.gitflow.executor import GitExecutor
-    from cflow.gitflow.merger import Merger, read_queue
     from cflow.gitflow.worktrees import WorkArea
     from cflow.swarm import Swarm
     from cflow.worker.runtime import Worker, WorkerOptions
     from cflow.worker.subprocess_exec import SubprocessExecutor
 
+    started = time.monotonic()
+    async with contextlib.AsyncExitStack() as stack:
+        runs = []
+        for w in range(workers):
+            s = await stack.enter_async_context(
+                Swarm.connect(url, swarm=swarm.name, agent=f"w{w}"))
+            exe = GitExecutor(SubprocessExecutor(cmd), s, str(remote),
+                              area=WorkArea(str(remote), base / "areas"))
+            worker = Worker(s, exe, WorkerOptions(name=f"w{w}", claim_wait_s=1.0))
+            runs.append((worker, asyncio.create_task(worker.run())))
+        while not all(s == "completed" for s in [
+                (await swarm.tasks.get(i)).status for i in ids]):
+            await asyncio.sleep(0.05)
+        drained = time.monotonic() - started
+        for worker, _ in runs:
+            worker.drain()
+        await asyncio.gather(*(run for _, run in runs))
+    return drained
+
+
+async def cflow_run(url: str, base: Path, tasks: int, workers: int) -> tuple[float, float]:
+    from cflow.gitflow.merger import Merger, read_queue
+    from cflow.gitflow.worktrees import WorkArea
+    from cflow.swarm import Swarm
+
     remote = make_remote(base)
     cmd = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
     async with Swarm.connect(url, swarm="gitbench", agent="bench") as swarm:
         ids = [(await swarm.tasks.create(f"f{i}")).task_id for i in range(tasks)]
-        started = time.monotonic()
-        async with contextlib.AsyncExitStack() as stack:
-            runs = []
-            for w in range(workers):
-                s = await stack.enter_async_context(
-                    Swarm.connect(url, swarm="gitbench", agent=f"w{w}"))
-                exe = GitExecutor(SubprocessExecutor(cmd), s, str(remote),
-                                  area=WorkArea(str(remote), base / "areas"))
-                worker = Worker(s, exe, WorkerOptions(name=f"w{w}", claim_wait_s=1.0))
-                runs.append((worker, asyncio.create_task(worker.run())))
-            while not all(s == "completed" for s in [
-                    (await swarm.tasks.get(i)).status for i in ids]):
-                await asyncio.sleep(0.05)
-            drained = time.monotonic() - started
-            for worker, _ in runs:
-                worker.drain()
-            await asyncio.gather(*(run for _, run in runs))
+        drained = await drain(url, swarm, remote, base, ids, workers, cmd)
         started = time.monotonic()
         merger = Merger(swarm, str(remote), area=WorkArea(str(remote), base / "merger"))
         await merger.run(until_idle=True)
@@ -104,6 +123,30 @@ async def cflow_run(url: str, base: Path, tasks: int, workers: int) -> tuple[flo
         queue = await read_queue(swarm)
         assert sum(r.status == "merged" for r in queue.values()) == tasks
     return drained, merged
+
+
+async def handoffs(url: str, base: Path, tasks: int, workers: int, *, paths: bool
+                   ) -> list[float]:
+    """Milliseconds from each task's end (its path released, else its completion) to the
+    next task's claim, by the server's timestamps."""
+    from cflow.streams import StoredEvent, names
+    from cflow.swarm import Swarm
+
+    remote = make_remote(base)
+    name = "pathbench" if paths else "serialbench"
+    async with Swarm.connect(url, swarm=name, agent="bench") as swarm:
+        labels = {"paths": "shared.txt"} if paths else {}
+        ids = [(await swarm.tasks.create(f"t{i}", labels=labels)).task_id
+               for i in range(tasks)]
+        await drain(url, swarm, remote, base, ids, workers,
+                    'echo "$CFLOW_TASK_TITLE" > shared.txt')
+        items = [i for i in await swarm.log.read(names.events_filter(name))
+                 if isinstance(i, StoredEvent)]
+    ends = sorted(i.time_ms for i in items if i.event.type == (
+        "PathsReleased" if paths else "TaskCompleted"))
+    claims = sorted(i.time_ms for i in items if i.event.type == "TaskClaimed")
+    # with one path (or one worker) the runs are serial: claim k+1 follows end k
+    return [float(claims[k + 1] - ends[k]) for k in range(min(len(ends), len(claims) - 1))]
 
 
 def main() -> None:
@@ -121,6 +164,10 @@ def main() -> None:
         plain_edits, plain_merges = plain_git(base / "plain", args.tasks)
         drained, merged = asyncio.run(cflow_run(server.url, base / "cflow", args.tasks,
                                                 args.workers))
+        shared = asyncio.run(handoffs(server.url, base / "paths", args.tasks, args.workers,
+                                      paths=True))
+        serial = asyncio.run(handoffs(server.url, base / "serial", args.tasks, 1,
+                                      paths=False))
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -132,6 +179,10 @@ def main() -> None:
     print(f"merges: cflow merge queue  {merged:6.2f} s ({merged / n * 1000:4.0f} ms/merge)"
           f"                 plain git merge+push loop {plain_merges:6.2f} s "
           f"({plain_merges / n * 1000:4.0f} ms/merge)")
+    print(f"paths:  {n} tasks on one path, {args.workers} workers: release -> next claim "
+          f"median {statistics.median(shared):4.0f} ms, max {max(shared):4.0f} ms   "
+          f"no paths, 1 worker: completion -> next claim median "
+          f"{statistics.median(serial):4.0f} ms, max {max(serial):4.0f} ms")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from cflow.gitflow.worktrees import WorkArea
 from cflow.projections.projector import Projector
 from cflow.streams import names
 from cflow.swarm import Swarm
+from cflow.tasks import TaskState
 from cflow.worker.runtime import Worker, WorkerOptions
 from cflow.worker.subprocess_exec import SubprocessExecutor
 from support import until
@@ -110,6 +111,37 @@ async def merger(nats_url: str, swarm_name: str, remote: Path, root: Path, name:
             finally:
                 if not run.done():
                     run.cancel()
+
+
+WRITE_TITLE = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
+
+
+async def finished(swarm: Swarm, nats_url: str, swarm_name: str, remote: Path, root: Path,
+                   *titles: str, command: str = WRITE_TITLE,
+                   priorities: tuple[int, ...] = ()) -> list[TaskState]:
+    """Tasks completed by a real git worker running ``command`` (each requested a merge)."""
+    tasks = [await swarm.tasks.create(t, priority=p)
+             for t, p in zip(titles, priorities or (0,) * len(titles), strict=True)]
+    async with git_worker(nats_url, swarm_name, remote, root, "w1", command):
+        for t in tasks:
+            await until(swarm, t.task_id, lambda s: s.status == "completed")
+    return tasks
+
+
+async def forge_intent(swarm: Swarm, remote: Path, clone: Path, task_id: str,
+                       merger: str = "m0") -> tuple[str, str, str]:
+    """What a merger that died (or paused) between its intent and its push left: its merge
+    in ``clone`` and a ``MergeStarted`` in the log. Returns (target before, commit, tree)."""
+    sh("clone", "--quiet", str(remote), str(clone))
+    before = sh("rev-parse", "main", cwd=clone)
+    sh("merge", "--no-ff", "-m", f"{merger}'s merge", f"origin/cflow/{task_id}", cwd=clone)
+    commit, tree = sh("rev-parse", "HEAD", cwd=clone), sh("rev-parse", "HEAD^{tree}", cwd=clone)
+    request = (await read_queue(swarm))[task_id]
+    await swarm.log.append(ev.MergeStarted(task_id=task_id, head=request.head, target="main",
+                                           previous=before, commit=commit, tree=tree,
+                                           merger=merger),
+                           task_id, expected=request.last_seq)
+    return before, commit, tree
 
 
 async def until_decided(swarm: Swarm, count: int, within: float = 60.0
@@ -488,9 +520,8 @@ async def test_a_push_declined_by_a_hook_is_rejected_with_gits_line(
     hook.write_text('#!/bin/sh\nwhile read old new ref; do [ "$ref" = refs/heads/main ] && '
                     '{ echo "main is frozen" >&2; exit 1; }; done; exit 0\n')
     hook.chmod(0o755)
-    t = await swarm.tasks.create("frozen")
-    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1", "echo x > x.txt"):
-        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    (t,) = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "frozen",
+                          command="echo x > x.txt")
     async with merger(nats_url, swarm_name, remote, tmp_path / "m"):
         queue = await until_decided(swarm, 1, within=30)
     rejected = queue[t.task_id]

@@ -17,12 +17,20 @@ import pytest
 from cflow import events as ev
 from cflow.errors import LeaseLost, NotHolder
 from cflow.gitflow.executor import WithPrevious
-from cflow.gitflow.merger import read_queue
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
 from cflow.worker.subprocess_exec import SubprocessExecutor
 from support import until
-from test_gitflow import git_worker, main_files, make_remote, merger, sh, until_decided
+from test_gitflow import (
+    finished,
+    forge_intent,
+    git_worker,
+    main_files,
+    make_remote,
+    merger,
+    sh,
+    until_decided,
+)
 from test_worker import CFCTL, running_worker, start_worker, stop, until_claimed, wait_file
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -108,11 +116,7 @@ async def test_merger_killed_mid_merge_another_takes_over(
         swarm: Swarm, cli_env: dict[str, str], nats_url: str, swarm_name: str,
         tmp_path: Path) -> None:
     remote = make_remote(tmp_path)
-    cmd = 'echo "$CFLOW_TASK_TITLE" > "$CFLOW_TASK_TITLE.txt"'
-    tasks = [await swarm.tasks.create(f"f{i}") for i in range(3)]
-    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1", cmd):
-        for t in tasks:
-            await until(swarm, t.task_id, lambda s: s.status == "completed")
+    tasks = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "f0", "f1", "f2")
     count, checking = tmp_path / "count", tmp_path / "checking"
     # The second check (the second merge) hangs: the merger is killed during it.
     check = (f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; '
@@ -158,10 +162,8 @@ async def test_merger_records_a_merge_pushed_before_it_died(
         swarm: Swarm, nats_url: str, swarm_name: str, tmp_path: Path) -> None:
     """The push landed, the Merged record did not: the next merger records it, merging nothing."""
     remote = make_remote(tmp_path)
-    t = await swarm.tasks.create("pushed")
-    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
-                          "echo x > x.txt"):
-        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    (t,) = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "pushed",
+                          command="echo x > x.txt")
     clone = tmp_path / "clone"
     sh("clone", "--quiet", str(remote), str(clone))
     sh("merge", "--no-ff", "-m", "merged by a merger that then died",
@@ -179,22 +181,10 @@ async def test_successor_pushes_a_stale_mergers_intent_instead_of_deciding_anew(
     """A merger recorded MergeStarted (check green) and paused before its push. The next
     holder, whose check would now be red, pushes the same merge; the late push is refused."""
     remote = make_remote(tmp_path)
-    t = await swarm.tasks.create("intent")
-    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
-                          "echo x > x.txt"):
-        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    (t,) = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "intent",
+                          command="echo x > x.txt")
     clone = tmp_path / "stale"  # what the paused merger had done
-    sh("clone", "--quiet", str(remote), str(clone))
-    before = sh("rev-parse", "main", cwd=clone)
-    sh("merge", "--no-ff", "-m", "the stale merger's merge", f"origin/cflow/{t.task_id}",
-       cwd=clone)
-    stale_commit, tree = sh("rev-parse", "HEAD", cwd=clone), sh("rev-parse", "HEAD^{tree}",
-                                                                cwd=clone)
-    request = (await read_queue(swarm))[t.task_id]
-    await swarm.log.append(ev.MergeStarted(task_id=t.task_id, head=request.head, target="main",
-                                           previous=before, commit=stale_commit, tree=tree,
-                                           merger="m0"),
-                           t.task_id, expected=request.last_seq)
+    before, stale_commit, tree = await forge_intent(swarm, remote, clone, t.task_id)
     async with merger(nats_url, swarm_name, remote, tmp_path / "m", check="exit 1"):
         queue = await until_decided(swarm, 1)
     assert queue[t.task_id].status == "merged"  # not rejected by the now red check
@@ -211,10 +201,8 @@ async def test_merger_paused_past_its_lease_does_not_push_when_it_wakes(
     """SIGSTOP the merger during its (green) check, past its lease: the successor rejects
     the request (its check is red); SIGCONT: the woken merger must not push."""
     remote = make_remote(tmp_path)
-    t = await swarm.tasks.create("paused")
-    async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
-                          "echo x > x.txt"):
-        await until(swarm, t.task_id, lambda s: s.status == "completed")
+    (t,) = await finished(swarm, nats_url, swarm_name, remote, tmp_path / "w", "paused",
+                          command="echo x > x.txt")
     count, checking, go = tmp_path / "count", tmp_path / "checking", tmp_path / "go"
     check = (f'n=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}; '
              f'if [ $n = 1 ]; then echo $$ > {checking}; '
@@ -274,9 +262,9 @@ async def test_declared_paths_are_reserved_for_the_attempt(
     t = await swarm.tasks.create("edit src", labels={"paths": "src/a.py"})
     async with git_worker(nats_url, swarm_name, remote, tmp_path / "w", "w1",
                           "mkdir -p src && echo a > src/a.py") as w:
-        await until_claimed(swarm, t.task_id, "w1")
-        # the attempt waits for the paths (no attempt burnt); a release wakes it
-        assert (await swarm.tasks.get(t.task_id)).status == "claimed"
+        # not claimed while another owner holds the paths (tests/test_gitflow_paths.py);
+        # claimed once they are released, no attempt burnt
+        await w.started.wait()
         await swarm.reservations.release("someone", reservation_id=held.id)
         done = await until(swarm, t.task_id, lambda s: s.status == "completed")
     assert w.stats.completed == 1 and done.attempt == 1 and done.error is None

@@ -375,6 +375,30 @@ class MergeRejected(EventData, frozen=True, kw_only=True):
     retry_task: str | None = None  # the new attempt that starts from the branch
 
 
+class MergeRemoved(EventData, frozen=True, kw_only=True):
+    """A person took the request out of the queue (``cfctl merges remove``): never merged.
+
+    Appended with the request's last sequence as the expected one, so a merger that was
+    checking it cannot record its intent afterwards; refused once an intent is recorded."""
+
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    head: str
+    by: str  # who removed it (the acting agent)
+    reason: str = ""
+
+
+class MergeDeferred(EventData, frozen=True, kw_only=True):
+    """A queued request goes to the back of its priority band (``cfctl merges skip``), or a
+    removed one back into the queue (``cfctl merges requeue``), arriving anew."""
+
+    KIND: ClassVar[str] = "merge"
+    task_id: str
+    head: str
+    by: str
+    reason: str = ""
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.__name__: cls
     for cls in (
@@ -409,6 +433,8 @@ EVENT_TYPES: dict[str, type[EventData]] = {
         MergeStarted,
         Merged,
         MergeRejected,
+        MergeRemoved,
+        MergeDeferred,
     )
 }
 
@@ -559,7 +585,9 @@ __all__ = [
     "EventData",
     "MemoryDeleted",
     "MemoryStored",
+    "MergeDeferred",
     "MergeRejected",
+    "MergeRemoved",
     "MergeRequested",
     "MergeStarted",
     "Merged",

@@ -49,10 +49,12 @@ from cflow.errors import (
     NotFound,
     NotHolder,
     Paused,
+    ReservationConflict,
     Unavailable,
 )
 from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
+from cflow.reservations import declared_paths
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
     Appended,
@@ -79,6 +81,9 @@ log = logging.getLogger("cflow.leases")
 
 BOARD_CATCH_UP_S = 60.0
 OFFER_REFUSED_DELAY_S = 2.0  # an offer under a paused scope comes back after this
+PATHS_RECHECK_S = 0.5  # an offer whose declared paths another owner holds comes back after this
+PATHS_SNAPSHOT_S = 0.2  # how old a claimer's view of the live reservations may be
+PATHS_MIN_TTL_S = 2.0  # a claim's reservation of its task's paths lives at least this
 OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by maintainers
 OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
 LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
@@ -509,6 +514,8 @@ class TaskService:
             await guard(owner, caps)
         if task_id is not None:
             state = await self._reap_if_gone(await self.get(task_id))
+            if state.status == "ready":
+                await self._paths_free(state, owner)
             return await self._claim_one(state, owner, strict=True)
         return await self._claim_offered(owner, caps, wait)
 
@@ -588,7 +595,11 @@ class TaskService:
             await offers_mod.settle(msg, "nak", OFFER_REFUSED_DELAY_S)
             return None
         try:
-            lease = await self._claim_one(state, owner, strict=False, now_ms=now)
+            lease = await self._claim_with_paths(state, owner, now)
+        except ReservationConflict:
+            await offers_mod.settle(msg, "nak", PATHS_RECHECK_S)
+            self._due_in(PATHS_RECHECK_S)
+            return None
         except ConcurrencyConflict:
             await offers_mod.settle(msg, "term")  # stale: the task moved on since the offer
             return None
@@ -656,6 +667,53 @@ class TaskService:
                 raise lease_try
             raise Unavailable(f"lease of task {state.task_id} not written: {lease_try}")
         return Lease(self, claimed, lease_try, sent, _lease_encoder.encode(record))
+
+    async def _claim_with_paths(self, state: TaskState, owner: str, now_ms: int
+                                ) -> Lease | None:
+        """Claim an offered task, its declared paths (label ``paths``) reserved for the
+        claimer first: exclusive, tied to the task, as long-lived as its lease (the attempt
+        renews them, :func:`cflow.gitflow.executor.attempt_paths`). Of two claimers of tasks
+        sharing a path one gets the reservation, the other hands its offer back; a claim
+        that is not made gives them back.
+
+        Raises:
+            ReservationConflict: another task's holder has them (released or expired,
+                the offer is claimed when it comes back, every PATHS_RECHECK_S).
+        """
+        paths = declared_paths(state.labels)
+        if not paths:
+            return await self._claim_one(state, owner, strict=False, now_ms=now_ms)
+        svc = self.swarm.reservations
+        await svc.ensure_free(paths, owner=owner, task_id=state.task_id,
+                              max_age_s=PATHS_SNAPSHOT_S)  # reads only: cheap when held
+        held = await svc.reserve(paths, owner=owner, task_id=state.task_id,
+                                 ttl_s=max(PATHS_MIN_TTL_S, state.lease_ttl_s))
+        lease = None
+        try:
+            lease = await self._claim_one(state, owner, strict=False, now_ms=now_ms)
+        finally:
+            if lease is None:  # only this one: a stale offer may find the task held by us
+                with contextlib.suppress(CflowError):
+                    await svc.release(owner, reservation_id=held.id, reason="not claimed")
+        return lease
+
+    async def _paths_free(self, state: TaskState, owner: str) -> None:
+        """A claim by id of a task whose declared paths another task's holder has is refused.
+
+        Raises:
+            ReservationConflict: they are held.
+        """
+        paths = declared_paths(state.labels)
+        if paths:
+            await self.swarm.reservations.ensure_free(paths, owner=owner, task_id=state.task_id)
+
+    def _due_in(self, delay_s: float) -> None:
+        """An offer handed back is due again in ``delay_s``: a waiting claim looks then."""
+        loop = asyncio.get_running_loop()
+        if self._offer_due < loop.time():
+            self._offer_due = loop.time() + delay_s
+        else:
+            self._offer_due = min(self._offer_due, loop.time() + delay_s)
 
     def _refused(self, state: TaskState) -> Paused | None:
         for check in self.claim_filters:

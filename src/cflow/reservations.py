@@ -34,7 +34,8 @@ may be reported where no real path matches both, never the reverse.
 
 Shared reservations conflict only with another owner's exclusive ones;
 exclusive ones with any of another owner's. One owner never conflicts with
-itself.
+itself, except that reservations it took for two different tasks do (a worker
+running several tasks at once must not run two on the same paths).
 
 Release on task completion: a reservation may carry the ``task_id`` it was
 taken for. Whoever finishes the task may call
@@ -55,7 +56,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -282,10 +283,14 @@ class Overlap:
 
 
 def conflicts(mine: ReservationRecord, held: Iterable[ReservationRecord]) -> list[Overlap]:
-    """Every overlap of ``mine`` with reservations of other owners it cannot share."""
+    """Every overlap of ``mine`` with reservations of other owners it cannot share (and
+    with the owner's own reservations for another task: one worker running two tasks
+    must not run both on the same paths)."""
     out = []
     for other in held:
-        if other.owner == mine.owner or other.id == mine.id:
+        if other.id == mine.id or (other.owner == mine.owner and (
+                mine.task_id is None or other.task_id is None
+                or other.task_id == mine.task_id)):
             continue
         if not (mine.exclusive or other.exclusive):
             continue
@@ -329,6 +334,26 @@ def _reservation(rec: ReservationRecord, revision: int,
                        revision=revision, sent_mono=sent_mono)
 
 
+def declared_paths(labels: Mapping[str, str]) -> list[str]:
+    """The paths a task declares it will touch: its label ``paths``, comma-separated."""
+    return [p.strip() for p in labels.get("paths", "").split(",") if p.strip()]
+
+
+def _refuse_overlap(mine: ReservationRecord,
+                    live: Sequence[tuple[ReservationRecord, KvEntry]]) -> None:
+    """Raise ReservationConflict naming the first live reservation ``mine`` overlaps."""
+    found = conflicts(mine, (rec for rec, _ in live))
+    if not found:
+        return
+    first = found[0]
+    held = first.held
+    kv = next(kv for rec, kv in live if rec.id == held.id)
+    raise ReservationConflict(
+        holder=held.owner, reservation_id=held.id, pattern=first.pattern,
+        held_pattern=first.held_pattern, exclusive=held.exclusive,
+        expires_ms=_reservation(held, kv.revision).expires_ms, task_id=held.task_id)
+
+
 # ---------------------------------------------------------------------- adapter
 
 
@@ -341,6 +366,8 @@ class ReservationService:
         self.log = swarm.log
         self.feed = feed
         self.bucket = swarm.log.bucket(names.RESERVATIONS)
+        # (monotonic time it was taken, live reservations): ensure_free's recent view
+        self._snapshot: tuple[float, list[tuple[ReservationRecord, KvEntry]]] | None = None
 
     async def _live_record(self, reservation_id: str) -> tuple[ReservationRecord, KvEntry] | None:
         kv = await self.log.kv_last(self.bucket, reservation_key(reservation_id))
@@ -395,6 +422,7 @@ class ReservationService:
                                  ttl_s=ttl_s, reserved_ms=now, renewed_ms=now)
         key = reservation_key(mine.id)
         sent = time.monotonic()
+        self._snapshot = None
         revision = await self.log.kv_put(self.bucket, key, _encoder.encode(mine),
                                          expected_revision=0, ttl_s=ttl_s)
         try:
@@ -413,15 +441,7 @@ class ReservationService:
         for round_ in range(MAX_RACE_ROUNDS):
             entries, index_rev = await self._index()
             live = await self._live_entries(e for e in entries if e.id != mine.id)
-            found = conflicts(mine, (rec for rec, _ in live))
-            if found:
-                first = found[0]
-                held = first.held
-                kv = next(kv for rec, kv in live if rec.id == held.id)
-                raise ReservationConflict(
-                    holder=held.owner, reservation_id=held.id, pattern=first.pattern,
-                    held_pattern=first.held_pattern, exclusive=held.exclusive,
-                    expires_ms=_reservation(held, kv.revision).expires_ms, task_id=held.task_id)
+            _refuse_overlap(mine, live)
             index = ReservationIndex(entries=(*(rec for rec, _ in live), mine))
             try:
                 await self.log.kv_put(self.bucket, INDEX_KEY, _encoder.encode(index),
@@ -432,6 +452,27 @@ class ReservationService:
                 # jitter keeps a crowd of racers from colliding in lockstep.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(round_ + 1, 10)))  # noqa: S311
         raise ConflictError("reservation index kept changing; try again")
+
+    async def ensure_free(self, patterns: Iterable[str], *, owner: str | None = None,
+                          task_id: str | None = None, max_age_s: float = 0.0) -> None:
+        """Whether an exclusive reservation of ``patterns`` by ``owner`` would be granted now.
+
+        Read-only (nothing is reserved): the claim path asks it before claiming a task
+        whose declared paths (:func:`declared_paths`) another owner holds. ``max_age_s``:
+        a view of the live reservations this process read that recently will do (a claimer
+        going through many blocked offers reads them once; this process's own reserve and
+        release drop the view).
+
+        Raises:
+            ReservationConflict: another owner holds an overlapping live reservation.
+        """
+        mine = ReservationRecord(id="", owner=owner or self.swarm.agent, task_id=task_id,
+                                 patterns=tuple(normalize_pattern(p) for p in patterns))
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot[0] > max_age_s:
+            entries, _ = await self._index()
+            self._snapshot = (now, await self._live_entries(entries))
+        _refuse_overlap(mine, self._snapshot[1])
 
     async def renew(self, reservation_id: str, revision: int,
                     ttl_s: float | None = None) -> Reservation:
@@ -460,8 +501,11 @@ class ReservationService:
     @contextlib.asynccontextmanager
     async def keep_alive(self, reservation: Reservation, interval_s: float | None = None,
                          on_lost: Callable[[Reservation], None] | None = None
-                         ) -> AsyncIterator[Reservation]:
+                         ) -> AsyncIterator[Holding]:
         """Renew every TTL/3 while the block runs; ``on_lost`` is called once if it is lost.
+
+        Yields the holder's clock: :func:`cflow.keepalive.check_deadline` on it says
+        whether the reservation may still be relied on (a merger checks it before a push).
 
         The shared keep-alive loop (:mod:`cflow.keepalive`): lost when a renewal is
         refused (expired, released, taken over) or when none succeeded for the TTL
@@ -483,7 +527,7 @@ class ReservationService:
 
         async with kept_alive(held, renew, name=f"reservation {reservation.id}",
                               interval_s=interval_s, on_lost=lost):
-            yield reservation
+            yield held
 
     async def list(self, owner: str | None = None) -> builtins.list[Reservation]:
         """Live reservations of record, oldest first."""
@@ -523,6 +567,7 @@ class ReservationService:
                                    reason)
 
     async def _release(self, held: Iterable[Reservation], reason: str) -> builtins.list[str]:
+        self._snapshot = None
         released = []
         for r in held:
             if await self._delete(r.id, r.revision):
@@ -626,6 +671,7 @@ __all__ = [
     "ReservationRecord",
     "ReservationService",
     "conflicts",
+    "declared_paths",
     "glob_match",
     "glob_matches_below",
     "is_glob",

@@ -1,4 +1,5 @@
-"""`cfctl merge-queue` (run a merger), `cfctl merges` (the queue), `cfctl task checkpoint`,
+"""`cfctl merge-queue` (run a merger), `cfctl merges` (the queue; remove, skip, requeue),
+`cfctl task checkpoint`,
 and the ``merges`` kind of `cfctl report`."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, group, run, state
+from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, group, identity, run, state
 from cflow.cli.projection_cmds import REPORTS
 from cflow.gitflow.report import MERGES_SQL
 
@@ -32,6 +33,13 @@ def merge_queue(
     max_rejections: int = typer.Option(
         3, "--max-rejections", min=1,
         help="Rejections of one task's chain before it fails instead of being retried."),
+    mode: str = typer.Option(
+        "merge", "--mode", help="merge: a --no-ff merge commit per task; rebase: the "
+        "branch's commits replayed on the target (linear history; a branch with merge "
+        "commits is squashed into one)."),
+    delete_merged: bool = typer.Option(
+        False, "--delete-merged", help="Delete a merged task branch from the remote "
+        "(only if still at the merged commit)."),
 ) -> None:
     """Run the merge queue: merge finished task branches one at a time, check, push.
 
@@ -41,6 +49,8 @@ def merge_queue(
     """
     c = state(ctx)
     who = agent_name(name)
+    if mode not in ("merge", "rebase"):
+        fail(f"--mode must be merge or rebase, not {mode!r}", EXIT_USAGE)
 
     def show(kind: str, text: str) -> None:
         if not c.json:
@@ -54,7 +64,9 @@ def merge_queue(
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
             merger = Merger(swarm, repo, target=target, check=check,
                             check_timeout_s=check_timeout, lease_ttl_s=lease_ttl,
-                            max_rejections=max_rejections, on_event=show)
+                            max_rejections=max_rejections, delete_merged=delete_merged,
+                            mode="rebase" if mode == "rebase" else "merge",
+                            on_event=show)
             merger.install_signal_handlers()
             stats = await merger.run(until_idle=until_idle)
             return {"agent": who, **stats.to_dict()}
@@ -66,14 +78,21 @@ def merge_queue(
     emit(ctx, run(ctx, body), human)
 
 
-@app.command("merges")
+merges_app = typer.Typer(help="The merge queue: list it, remove, skip or requeue a request.",
+                         invoke_without_command=True, no_args_is_help=False)
+app.add_typer(merges_app, name="merges")
+
+
+@merges_app.callback()
 def merges(
     ctx: typer.Context,
-    show_all: bool = typer.Option(False, "--all", help="Also merged and rejected requests."),
+    show_all: bool = typer.Option(False, "--all", help="Also merged, rejected, removed."),
     summary: bool = typer.Option(
         False, "--summary", help="Lead time, rejection rate and causes instead of the list."),
 ) -> None:
     """List the merge queue (priority, then arrival), or its summary."""
+    if ctx.invoked_subcommand is not None:
+        return
     c = state(ctx)
 
     async def body() -> list[Any]:
@@ -97,10 +116,66 @@ def merges(
             sys.stdout.write("merge queue empty\n")
         for r in items:
             extra = r["commit"][:12] if r["commit"] else (r["cause"] or "")
+            if r["removed_by"]:
+                extra = f"removed by {r['removed_by']}"
             sys.stdout.write(f"{r['status']:<9} {r['task_id']}  {r['branch']} "
                              f"{r['head'][:12]} -> {r['target']}  {extra}  {r['title']}\n")
 
     emit(ctx, [r.to_dict() for r in rows], human)
+
+
+def _queue_op(ctx: typer.Context, verb: str, task_ref: str, reason: str,
+              agent: str | None) -> None:
+    c = state(ctx)
+    who = identity(agent)
+
+    async def body() -> dict[str, Any]:
+        from cflow.cli.task_cmds import resolve
+        from cflow.gitflow import queue_ops
+        from cflow.swarm import Swarm
+
+        operate = {"remove": queue_ops.remove_request, "skip": queue_ops.skip_request,
+                   "requeue": queue_ops.requeue_request}[verb]
+        async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
+            task_id = await resolve(swarm, task_ref)
+            return (await operate(swarm, task_id, reason)).to_dict()
+
+    r = run(ctx, body)
+    done = {"remove": "removed from", "skip": "sent to the back of",
+            "requeue": "put back in"}[verb]
+    emit(ctx, {**r, "by": who}, f"{r['task_id']} ({r['branch']}) {done} the merge queue "
+         f"of {r['target']} by {who}")
+
+
+REASON = typer.Option("", "--reason", help="Why (recorded with the event).")
+AGENT = typer.Option(None, "--agent", help="Who acts (default $CFLOW_AGENT, else user-host).")
+TASK = typer.Argument(..., help="The task whose merge request it is (id or unique prefix).")
+
+
+@merges_app.command("remove")
+def merges_remove(ctx: typer.Context, task_id: str = TASK, reason: str = REASON,
+                  agent: str | None = AGENT) -> None:
+    """Take a request out of the queue: it is not merged (unless requeued).
+
+    Refused once a merger recorded its intent to push it (the push may have landed).
+    A merger checking it when the removal is stored drops it.
+    """
+    _queue_op(ctx, "remove", task_id, reason, agent)
+
+
+@merges_app.command("skip")
+def merges_skip(ctx: typer.Context, task_id: str = TASK, reason: str = REASON,
+                agent: str | None = AGENT) -> None:
+    """Send a queued request behind the others of its priority (a merger checking it
+    drops it and takes the next one first)."""
+    _queue_op(ctx, "skip", task_id, reason, agent)
+
+
+@merges_app.command("requeue")
+def merges_requeue(ctx: typer.Context, task_id: str = TASK, reason: str = REASON,
+                   agent: str | None = AGENT) -> None:
+    """Put a removed request back at the end of the queue."""
+    _queue_op(ctx, "requeue", task_id, reason, agent)
 
 
 @app.command("merge-gate")

@@ -10,8 +10,9 @@
    the branch head they left and the last generic checkpoint in its environment
    (``CFLOW_BRANCH``, ``CFLOW_PREVIOUS``, ``CFLOW_BRANCH_HEAD``,
    ``CFLOW_CHECKPOINT``, ``CFLOW_CONFLICTS``), and the task's declared paths
-   (label ``paths``) reserved exclusively for the attempt (waiting for another
-   owner's overlapping reservation first);
+   (label ``paths``) held exclusively for the attempt (the claim reserved them:
+   a task whose paths another task's holder has is not claimed; see
+   :func:`attempt_paths`);
 3. commits and pushes work in progress every ``wip_every_s`` while it runs and
    once at the end, each push fenced on the commit this attempt pushed last;
 4. when the attempt succeeded with changes, asks for a merge
@@ -25,14 +26,23 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from cflow import events as ev
-from cflow.errors import CflowError, ConflictError, LeaseLost, ReservationConflict
+from cflow.errors import (
+    CflowError,
+    ConflictError,
+    LeaseLost,
+    ReservationConflict,
+    ReservationLost,
+)
 from cflow.gitflow.branch import BranchAttempt, start_attempt
 from cflow.gitflow.git import GitError, PushRefused
 from cflow.gitflow.worktrees import WorkArea
+from cflow.leases import PATHS_MIN_TTL_S
+from cflow.reservations import declared_paths
 from cflow.streams import names
 from cflow.worker.executor import Executor, Outcome, TaskContext
 
@@ -46,7 +56,6 @@ DEFAULT_WIP_EVERY_S = 10.0
 CONTEXT_CAP = 8 * 1024  # characters of previous notes handed to the next attempt
 FINAL_PUSH_S = 10.0  # how long a cancelled attempt may spend saving its work
 DEFAULT_RESERVE_WAIT_S = 60.0  # an attempt waits this long for its declared paths
-RESERVATION_TTL_S = 30.0  # renewed while the attempt runs
 
 
 class GitExecutor:
@@ -87,19 +96,10 @@ class GitExecutor:
     async def run(self, ctx: TaskContext) -> Outcome:
         if not self._opened:
             await self.check()
-        held = await self._reserve(ctx)
-        if isinstance(held, Outcome):
-            return held
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if held is not None:
-                    await stack.enter_async_context(self.swarm.reservations.keep_alive(held))
-                return await self._attempt(ctx)
-        finally:
-            if held is not None:
-                with contextlib.suppress(CflowError):
-                    await self.swarm.reservations.release(held.owner, task_id=ctx.task_id,
-                                                          reason="attempt ended")
+        async with attempt_paths(self.swarm, ctx, self.reserve_wait_s) as refused:
+            if refused is not None:
+                return refused
+            return await self._attempt(ctx)
 
     async def _attempt(self, ctx: TaskContext) -> Outcome:
         branch = await start_attempt(
@@ -109,48 +109,6 @@ class GitExecutor:
             return await self._run_in(branch, ctx)
         finally:
             await asyncio.shield(branch.close())
-
-    async def _reserve(self, ctx: TaskContext) -> Reservation | Outcome | None:
-        """The task's declared paths (label ``paths``, comma-separated), exclusive.
-
-        While another owner holds an overlapping reservation the attempt waits (its
-        lease kept alive), woken by reservation events, for up to ``reserve_wait_s``;
-        then it fails (and is retried after its backoff).
-        """
-        paths = [p.strip() for p in ctx.labels.get("paths", "").split(",") if p.strip()]
-        if not paths:
-            return None
-        changed = asyncio.Event()
-        watcher: asyncio.Task[None] | None = None
-        deadline = time.monotonic() + self.reserve_wait_s
-        try:
-            while True:
-                try:
-                    return await self.swarm.reservations.reserve(
-                        paths, owner=ctx.agent, exclusive=True, task_id=ctx.task_id,
-                        ttl_s=RESERVATION_TTL_S)
-                except ReservationConflict as exc:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return Outcome(ok=False, error=f"paths reserved: {exc}")
-                    if watcher is None:
-                        watcher = asyncio.create_task(self._reservation_news(changed))
-                    # Expiry leaves no event: look again at least every second.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(min(1.0, left)):
-                            await changed.wait()
-                    changed.clear()
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-
-    async def _reservation_news(self, changed: asyncio.Event) -> None:
-        start = await self.swarm.log.stream_last_seq() + 1
-        async for _ in self.swarm.log.follow(names.events_filter(self.swarm.name, "reservation"),
-                                             start_seq=start):
-            changed.set()
 
     async def _run_in(self, branch: BranchAttempt, ctx: TaskContext) -> Outcome:
         extra = await self._context_env(branch, ctx)
@@ -262,8 +220,81 @@ async def previous_attempts(swarm: Swarm, ctx: TaskContext) -> tuple[str, str | 
     return text[-CONTEXT_CAP:], checkpoint
 
 
+@contextlib.asynccontextmanager
+async def attempt_paths(swarm: Swarm, ctx: TaskContext,
+                        wait_s: float = DEFAULT_RESERVE_WAIT_S) -> AsyncIterator[Outcome | None]:
+    """The task's declared paths (label ``paths``), held exclusively while the block runs.
+
+    The claim reserved them for this claimer (:meth:`cflow.leases.TaskService.claim`); the
+    attempt adopts that reservation and renews it. Without one (a claim by id, or it
+    lapsed) the attempt reserves them itself, waiting for another holder (woken by
+    reservation events) up to ``wait_s``; then it yields the failed outcome to return
+    (the task is retried after its backoff). Released when the block ends.
+    """
+    paths = declared_paths(ctx.labels)
+    if not paths:
+        yield None
+        return
+    svc = swarm.reservations
+    claimed = max((r for r in await svc.list(owner=ctx.agent) if r.task_id == ctx.task_id),
+                  key=lambda r: r.reserved_ms, default=None)
+    held: Reservation | Outcome | None = None
+    if claimed is not None:
+        with contextlib.suppress(ReservationLost):  # renewed now: the holder's clock starts
+            held = await svc.renew(claimed.id, claimed.revision)
+    if held is None:
+        held = await _reserve(swarm, ctx, paths, wait_s)
+    if isinstance(held, Outcome):
+        yield held
+        return
+    try:
+        async with svc.keep_alive(held):
+            yield None
+    finally:
+        with contextlib.suppress(CflowError):
+            await svc.release(held.owner, task_id=ctx.task_id, reason="attempt ended")
+
+
+async def _reserve(swarm: Swarm, ctx: TaskContext, paths: list[str], wait_s: float
+                   ) -> Reservation | Outcome:
+    # As long-lived as the claim: a holder killed -9 frees its paths when its lease ends.
+    ttl_s = max(PATHS_MIN_TTL_S, (await swarm.tasks.get(ctx.task_id)).lease_ttl_s)
+    changed = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                return await swarm.reservations.reserve(
+                    paths, owner=ctx.agent, exclusive=True, task_id=ctx.task_id, ttl_s=ttl_s)
+            except ReservationConflict as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return Outcome(ok=False, error=f"paths reserved: {exc}")
+                if watcher is None:
+                    watcher = asyncio.create_task(_reservation_news(swarm, changed))
+                # Expiry leaves no event: look again at least every second.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(1.0, left)):
+                        await changed.wait()
+                changed.clear()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+async def _reservation_news(swarm: Swarm, changed: asyncio.Event) -> None:
+    start = await swarm.log.stream_last_seq() + 1
+    async for _ in swarm.log.follow(names.events_filter(swarm.name, "reservation"),
+                                    start_seq=start):
+        changed.set()
+
+
 class WithPrevious:
-    """Any executor (no ``--repo``): ``CFLOW_PREVIOUS`` and ``CFLOW_CHECKPOINT`` added."""
+    """Any executor (no ``--repo``): ``CFLOW_PREVIOUS`` and ``CFLOW_CHECKPOINT`` added, the
+    task's declared paths held while it runs (:func:`attempt_paths`)."""
 
     def __init__(self, inner: Executor, swarm: Swarm) -> None:
         self.inner = inner
@@ -285,7 +316,11 @@ class WithPrevious:
             extra["CFLOW_PREVIOUS"] = previous
         if checkpoint is not None:
             extra["CFLOW_CHECKPOINT"] = checkpoint
-        return await self.inner.run(replace(ctx, extra_env={**ctx.extra_env, **extra}))
+        async with attempt_paths(self.swarm, ctx) as refused:
+            if refused is not None:
+                return refused
+            return await self.inner.run(replace(ctx, extra_env={**ctx.extra_env, **extra}))
 
 
-__all__ = ["DEFAULT_WIP_EVERY_S", "GitExecutor", "WithPrevious", "previous_attempts"]
+__all__ = ["DEFAULT_WIP_EVERY_S", "GitExecutor", "WithPrevious", "attempt_paths",
+           "previous_attempts"]

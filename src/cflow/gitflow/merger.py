@@ -11,11 +11,13 @@ A merger that loses its reservation stops before its next push.
 *One request at a time*, in the order of :func:`cflow.gitflow.queue.queue_order`
 (the task's priority, then arrival), once the requesting claim has completed:
 
-1. fetch the target and the branch; when the requested head is already in the
-   target (a merger died after pushing, before recording), record ``Merged``
-   without merging again;
+1. fetch the target and the branch; when the requested head (or the intent's
+   commit: a rebase) is already in the target (a merger died after pushing, before
+   recording), record ``Merged`` without merging again;
 2. merge the head into the target in a fresh worktree (``--no-ff``, the merge
-   commit names the task); a conflict rejects it with the conflicted hunks;
+   commit names the task), or in rebase mode replay the branch's commits on it
+   (squashed into one when the branch holds merge commits); a conflict rejects it
+   with the conflicted hunks;
 3. run the check command there; a red check rejects it with its output's tail;
 4. check the lease on the holder's clock, record the intent (``MergeStarted``,
    fenced on the request's last sequence), check the clock again, push the target
@@ -46,10 +48,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cflow import events as ev
 from cflow.errors import (
@@ -58,14 +60,12 @@ from cflow.errors import (
     InvalidState,
     NotFound,
     ReservationConflict,
-    ReservationLost,
     Unavailable,
 )
 from cflow.gitflow.git import IDENTITY, GitError, PushRefused, git, git_status, push_fenced
 from cflow.gitflow.queue import MergeRequest, apply_merge, fold_merges, queue_order
 from cflow.gitflow.worktrees import WorkArea
-from cflow.keepalive import Holding, check_deadline, kept_alive, renewal
-from cflow.lease_policy import LeasePolicy
+from cflow.keepalive import Holding, check_deadline
 from cflow.leases import task_id_for_key
 from cflow.streams import StoredEvent, names
 
@@ -79,6 +79,7 @@ DEFAULT_LEASE_TTL_S = 10.0
 DEFAULT_MAX_REJECTIONS = 3  # rejections of one chain before it fails instead of retrying
 OUTPUT_CAP = 8 * 1024
 IDLE_WAKE_S = 2.0  # a safety net: new requests wake the merger at once
+MergeMode = Literal["merge", "rebase"]
 GIT_FAILURES = 3  # git errors on one request (the remote reachable) before it is rejected
 
 
@@ -154,6 +155,7 @@ class MergerStats:
     merged: int = 0
     rejected: int = 0
     recovered: int = 0  # found already in the target (a merger died before recording)
+    branches_deleted: int = 0  # merged branches deleted from the remote (--delete-merged)
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -165,7 +167,8 @@ class Merger:
     def __init__(self, swarm: Swarm, remote: str, *, target: str = "main",
                  check: str | None = None, check_timeout_s: float = 600.0,
                  lease_ttl_s: float = DEFAULT_LEASE_TTL_S, area: WorkArea | None = None,
-                 max_rejections: int = DEFAULT_MAX_REJECTIONS,
+                 max_rejections: int = DEFAULT_MAX_REJECTIONS, delete_merged: bool = False,
+                 mode: MergeMode = "merge",
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.swarm = swarm
         self.target = target
@@ -173,6 +176,8 @@ class Merger:
         self.check_timeout_s = check_timeout_s
         self.lease_ttl_s = lease_ttl_s
         self.max_rejections = max(1, max_rejections)
+        self.delete_merged = delete_merged
+        self.mode = mode
         self.area = area or WorkArea(remote)
         self.stats = MergerStats()
         self.stopping = asyncio.Event()
@@ -220,7 +225,8 @@ class Merger:
                     reservation = await self._acquire()
                     if reservation is None:
                         break
-                    async with self._kept(reservation) as held:
+                    async with self.swarm.reservations.keep_alive(
+                            reservation, on_lost=lambda _: self._wake.set()) as held:
                         self.holding.set()
                         self._emit("holding", f"merge queue of {self.target!r}")
                         try:
@@ -243,23 +249,6 @@ class Merger:
         finally:
             self.area.close()
         return self.stats
-
-    @contextlib.asynccontextmanager
-    async def _kept(self, reservation: Reservation) -> AsyncIterator[Holding]:
-        """Renew the queue's reservation while the block runs; the holder's clock is the
-        fence: :func:`check_deadline` on it says whether the queue may still be held."""
-        held = Holding(LeasePolicy(reservation.ttl_s), reservation.sent_mono or time.monotonic())
-        current = reservation
-
-        async def renew() -> None:
-            nonlocal current
-            current = await renewal(
-                held, lambda: self.swarm.reservations.renew(current.id, current.revision),
-                refused=(ReservationLost,))
-
-        async with kept_alive(held, renew, name=f"merge queue {self.target}",
-                              interval_s=self.lease_ttl_s / 3, on_lost=self._wake.set):
-            yield held
 
     async def _acquire(self) -> Reservation | None:
         waited = False
@@ -303,6 +292,8 @@ class Merger:
         await self._caught_up()
         await self._open_gates()
         await self._finish_rejections()
+        if self.delete_merged:
+            await self._delete_merged_branches()
         while not self.stopping.is_set():
             if check_deadline(held):
                 return False
@@ -311,18 +302,20 @@ class Merger:
             if request is not None:
                 try:
                     await self.process(request, held)
-                except _RequestGitError as exc:  # a hook declined the push, a bad head, ...
+                except (_RequestGitError, GitError) as exc:
+                    error = exc.error if isinstance(exc, _RequestGitError) else exc
+                    # Counted per head only when the request's own work failed (a hook
+                    # declined the push, a bad head); an unreachable remote is retried.
                     key = (request.task_id, request.head)
-                    self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
+                    failures = 0
+                    if isinstance(exc, _RequestGitError):
+                        self._git_failures[key] = failures = self._git_failures.get(key, 0) + 1
                     if failures >= GIT_FAILURES:
                         request = self.queue[request.task_id]  # its own intents since
-                        await self._reject(request, "git", f"{exc.error}\n"
-                                           f"{exc.error.facts.get('output', '')}")
+                        await self._reject(request, "git", f"{error}\n"
+                                           f"{error.facts.get('output', '')}")
                         continue
-                    self._emit("git-error", f"{request.task_id}: {exc.error}; retrying in 1 s")
-                    await self._pause(1.0)
-                except GitError as exc:  # the remote unreachable, a broken clone, ...
-                    self._emit("git-error", f"{request.task_id}: {exc}; retrying in 1 s")
+                    self._emit("git-error", f"{request.task_id}: {error}; retrying in 1 s")
                     await self._pause(1.0)
                 continue
             if until_idle and await self._idle():
@@ -390,8 +383,10 @@ class Merger:
                 await self._reject(request, "missing", f"commit {request.head} of "
                                    f"{request.branch} is not on the remote")
                 return
-            if await _is_ancestor(self.area, request.head, before):
-                self.stats.recovered += 1
+            if await _is_ancestor(self.area, request.head, before) or (
+                    request.intent_commit is not None
+                    and await _is_ancestor(self.area, request.intent_commit, before)):
+                self.stats.recovered += 1  # pushed by a merger that died before recording
                 await self._record_merged(request, before, before, None)
                 return
             path = await self.area.reuse("merge", before)  # one worktree, reset per request
@@ -404,19 +399,18 @@ class Merger:
                 await self._reject(request, verdict.cause, verdict.output)
                 return
             merged, tree, check_s = verdict
+            if merged == before:  # rebase mode: every change is in the target already
+                self.stats.recovered += 1
+                await self._record_merged(request, before, before, None)
+                return
             if check_deadline(held):
                 return  # fenced off before the push: the next holder redoes it
-            try:
-                appended = await self.swarm.log.append(
-                    ev.MergeStarted(task_id=request.task_id, head=request.head,
-                                    target=self.target, previous=before, commit=merged,
-                                    tree=tree, merger=self.swarm.agent),
-                    request.task_id, expected=request.last_seq)
-            except ConcurrencyConflict:
-                await self._reread(request.task_id)  # another merger got there: look again
-                return
-            apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
-            request = self.queue[request.task_id]
+            intent = await self._append(request, ev.MergeStarted(
+                task_id=request.task_id, head=request.head, target=self.target,
+                previous=before, commit=merged, tree=tree, merger=self.swarm.agent))
+            if intent is None:
+                return  # another merger, or a person (removed, skipped), got there first
+            request = intent
             if check_deadline(held):
                 return  # the intent stands: the next holder pushes the same merge
             try:
@@ -438,19 +432,15 @@ class Merger:
         The check is skipped when the merge's tree is ``trusted_tree`` (an intent's, whose
         check passed)."""
         title = request.title or request.task_id
-        code, out, err = await git_status(
-            "merge", "--no-ff", "--no-edit", "-m", f"Merge {request.branch}: {title}",
-            "-m", f"Cflow-Task: {request.task_id}", request.head, cwd=path, env=IDENTITY)
-        if code != 0:
-            conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path,
-                                   check=False)
-            if not conflicted.strip():
-                raise GitError(f"merge of {request.branch} failed: {(out + err).strip()[-300:]}")
-            hunks = await git("diff", cwd=path, check=False)
-            await git_status("merge", "--abort", cwd=path)
-            text = (f"merge conflict in {', '.join(conflicted.split())} merging "
-                    f"{request.branch} into {self.target}\n{hunks}")
-            return Refusal("conflict", text[:OUTPUT_CAP])
+        if self.mode == "rebase":
+            refusal = await self._rebase(request, path)
+        else:
+            refusal = await self._integrate(
+                request, path, ("merge", "--abort"), "merge", "--no-ff", "--no-edit",
+                "-m", f"Merge {request.branch}: {title}",
+                "-m", f"Cflow-Task: {request.task_id}", request.head)
+        if refusal is not None:
+            return refusal
         merged = await git("rev-parse", "HEAD", cwd=path)
         tree = await git("rev-parse", "HEAD^{tree}", cwd=path)
         if not self.check_cmd or tree == trusted_tree:
@@ -463,23 +453,83 @@ class Merger:
             return Refusal("check", output[-OUTPUT_CAP:])
         return merged, tree, round(time.monotonic() - started, 3)
 
+    async def _integrate(self, request: MergeRequest, path: Path, abort: tuple[str, ...],
+                         *args: str) -> Refusal | None:
+        """Run one integrating git command (merge, rebase, squash) in ``path``; a conflict
+        is a refusal with the conflicted hunks (the command undone by ``abort``)."""
+        code, out, err = await git_status(*args, cwd=path, env=IDENTITY)
+        if code == 0:
+            return None
+        conflicted = await git("diff", "--name-only", "--diff-filter=U", cwd=path, check=False)
+        if not conflicted.strip():
+            raise GitError(f"{args[0]} of {request.branch} failed: "
+                           f"{(out + err).strip()[-300:]}")
+        hunks = await git("diff", cwd=path, check=False)
+        await git_status(*abort, cwd=path)
+        text = (f"{args[0]} conflict in {', '.join(conflicted.split())} "
+                f"{'rebasing' if args[0] == 'rebase' else 'merging'} {request.branch} "
+                f"{'onto' if args[0] == 'rebase' else 'into'} {self.target}\n{hunks}")
+        return Refusal("conflict", text[:OUTPUT_CAP])
+
+    async def _rebase(self, request: MergeRequest, path: Path) -> Refusal | None:
+        """Rebase mode: the branch's commits replayed on the target (HEAD of ``path``), for a
+        fast-forward. A branch with merge commits (a retry that merged the target in to
+        resolve a conflict) becomes one squashed commit: replaying its commits one by one
+        would lose the resolution, which only its merge commit holds."""
+        onto = await git("rev-parse", "HEAD", cwd=path)
+        await git_status("rebase", "--quit", cwd=path)  # a dead merger's, in this worktree
+        if await git("rev-list", "--merges", f"{onto}..{request.head}", cwd=path):
+            refusal = await self._integrate(request, path, ("reset", "--hard", "--quiet"),
+                                            "merge", "--squash", request.head)
+            staged, _, _ = await git_status("diff", "--cached", "--quiet", cwd=path)
+            if refusal is None and staged != 0:  # nothing staged: all in the target already
+                await git("commit", "--quiet", "--no-verify", "-m",
+                          f"{request.title or request.task_id} ({request.branch}, squashed)",
+                          "-m", f"Cflow-Task: {request.task_id}", cwd=path, env=IDENTITY)
+            return refusal
+        await git("checkout", "--quiet", "--detach", request.head, cwd=path)
+        return await self._integrate(request, path, ("rebase", "--abort"),
+                                     "rebase", "--quiet", onto)
+
     async def _record_merged(self, request: MergeRequest, before: str, after: str,
                              check_s: float | None) -> None:
-        try:
-            appended = await self.swarm.log.append(
-                ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
-                          previous=before, commit=after, merger=self.swarm.agent,
-                          check_s=check_s),
-                request.task_id, expected=request.last_seq,
-                msg_id=f"merged-{request.task_id}-{request.head}")
-        except ConcurrencyConflict:
-            await self._reread(request.task_id)  # decided by another merger
+        decided = await self._append(
+            request, ev.Merged(task_id=request.task_id, head=request.head, target=self.target,
+                               previous=before, commit=after, merger=self.swarm.agent,
+                               check_s=check_s),
+            msg_id=f"merged-{request.task_id}-{request.head}")
+        if decided is None:
             return
-        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
         await self._open_gate(request)
         self.stats.merged += 1
         self._emit("merged", f"{request.task_id} ({request.branch}) -> {self.target} "
                    f"{after[:12]}")
+        if self.delete_merged:
+            await self._delete_branches([request])
+
+    async def _delete_merged_branches(self) -> None:
+        """At takeover: branches of merges recorded by a merger that died before deleting."""
+        await self._delete_branches([r for r in self.queue.values()
+                                     if r.status == "merged" and r.target == self.target])
+
+    async def _delete_branches(self, merged: list[MergeRequest]) -> None:
+        """Delete the remote branches still at the head that was merged (a fenced delete:
+        a branch someone pushed to since is kept); best effort, the next takeover retries."""
+        if not merged:
+            return
+        refs = {f"refs/heads/{r.branch}": r.head for r in merged}
+        try:  # one listing of the task branches left, however long the queue's history
+            listing = await git("ls-remote", "origin", "refs/heads/cflow/*",
+                                cwd=self.area.repo)
+            heads = {name: sha for sha, _, name in (line.partition("\t")
+                                                     for line in listing.splitlines())}
+            for ref, head in refs.items():
+                if heads.get(ref) == head:
+                    with contextlib.suppress(PushRefused):
+                        await push_fenced(self.area.repo, "", ref, head)
+                        self.stats.branches_deleted += 1
+        except GitError as exc:
+            self._emit("git-error", f"deleting merged branches: {exc}")
 
     async def _reject(self, request: MergeRequest, cause: str, output: str) -> None:
         """Record the verdict (fenced), then create the retry it names (or fail the chain)."""
@@ -495,18 +545,13 @@ class Merger:
             with contextlib.suppress(NotFound):
                 await self.swarm.tasks.get(request.task_id)  # a retry copies the task
                 retry = task_id_for_key(self.swarm.name, _retry_key(request))
-        try:
-            appended = await self.swarm.log.append(
-                ev.MergeRejected(task_id=request.task_id, head=request.head, target=self.target,
-                                 cause=cause, output=output,  # type: ignore[arg-type]
-                                 merger=self.swarm.agent, retry_task=retry),
-                request.task_id, expected=request.last_seq,
-                msg_id=f"merge-rejected-{request.task_id}-{request.head}")
-        except ConcurrencyConflict:
-            await self._reread(request.task_id)
+        decided = await self._append(
+            request, ev.MergeRejected(task_id=request.task_id, head=request.head,
+                                      target=self.target, cause=cause,  # type: ignore[arg-type]
+                                      output=output, merger=self.swarm.agent, retry_task=retry),
+            msg_id=f"merge-rejected-{request.task_id}-{request.head}")
+        if decided is None:
             return
-        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
-        decided = self.queue[request.task_id]
         await self._finish_rejection(decided)
         self.stats.rejected += 1
         first = output.strip().splitlines()[0] if output.strip() else cause
@@ -526,12 +571,18 @@ class Merger:
             if request.status == "rejected" and request.target == self.target:
                 await self._finish_rejection(request)
 
-    async def _reject_gate(self, request: MergeRequest) -> None:
+    async def _open_merge_gate(self, request: MergeRequest) -> str | None:
+        """The id of the request's chain's merge gate while it waits for a decision."""
         gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
                                                                   or request.task_id))
-        board = await self.swarm.tasks.ensure_board()
-        gate = board.get(gate_id)
+        gate = (await self.swarm.tasks.ensure_board()).get(gate_id)
         if gate is None or gate.kind != "gate" or gate.status != "ready":
+            return None
+        return gate_id
+
+    async def _reject_gate(self, request: MergeRequest) -> None:
+        gate_id = await self._open_merge_gate(request)
+        if gate_id is None:
             return
         first = request.output.strip().splitlines()[0] if request.output.strip() else ""
         with contextlib.suppress(InvalidState, ConcurrencyConflict, NotFound):
@@ -540,11 +591,8 @@ class Merger:
 
     async def _open_gate(self, request: MergeRequest) -> None:
         """Approve the merge gate of the request's task chain, if someone made one."""
-        gate_id = task_id_for_key(self.swarm.name, merge_gate_key(request.origin
-                                                                  or request.task_id))
-        board = await self.swarm.tasks.ensure_board()
-        gate = board.get(gate_id)
-        if gate is None or gate.kind != "gate" or gate.status != "ready":
+        gate_id = await self._open_merge_gate(request)
+        if gate_id is None:
             return
         try:
             await self.swarm.control.approve(gate_id, f"merged: {request.branch}")
@@ -558,9 +606,19 @@ class Merger:
             if request.status == "merged":
                 await self._open_gate(request)
 
-    async def _reread(self, task_id: str) -> None:
-        for item in await self.swarm.log.entity_events("merge", task_id):
-            apply_merge(self.queue, item.seq, item.event, item.time_ms)
+    async def _append(self, request: MergeRequest, data: ev.EventData,
+                      msg_id: str | None = None) -> MergeRequest | None:
+        """Append an intent or a verdict expecting the request's last sequence: the request
+        as it is now, or None when another merger or a person moved it first (re-read)."""
+        try:
+            appended = await self.swarm.log.append(data, request.task_id,
+                                                   expected=request.last_seq, msg_id=msg_id)
+        except ConcurrencyConflict:
+            for item in await self.swarm.log.entity_events("merge", request.task_id):
+                apply_merge(self.queue, item.seq, item.event, item.time_ms)
+            return None
+        apply_merge(self.queue, appended.seq, appended.event, self.swarm.log.server_now_ms())
+        return self.queue[request.task_id]
 
     async def _reopen(self, request: MergeRequest) -> None:
         """Create the retry the rejection names (idempotent: its id is the key's), with the

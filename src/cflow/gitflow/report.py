@@ -61,6 +61,7 @@ def merge_summary(requests: Iterable[MergeRequest]) -> dict[str, object]:
         "queued": sum(1 for r in items if r.status == "queued"),
         "merged": len(merged),
         "rejected": len(rejected),
+        "removed": sum(1 for r in items if r.status == "removed"),
         "rejection_rate": round(len(rejected) / decided, 3) if decided else 0.0,
         "causes": dict(sorted(causes.items())),
         "lead_time_median_s": round(statistics.median(leads), 3) if leads else None,
