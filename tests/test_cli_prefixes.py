@@ -50,6 +50,12 @@ def test_gate_scope_and_message_prefixes(cli_env: dict[str, str]) -> None:
     assert (unknown.returncode, unknown.stderr) == (5, "error: gate not found: ffff\n")
 
     parent = cfctl(cli_env, "task", "add", "epic").stdout.strip()
+    merged = cfctl(cli_env, "--json", "merge-gate", parent[:13]).stdout
+    assert f'"task_id": "{parent}"' in merged
+    epoch = cfctl(cli_env, "task", "claim", parent[:13], "--agent", "ann").stdout.split()[1]
+    saved = cfctl(cli_env, "task", "checkpoint", parent[:13], "half", "--epoch", epoch,
+                  "--agent", "ann")
+    assert saved.stdout.startswith(f"checkpoint of {parent} stored")
     paused = cfctl(cli_env, "swarm", "pause", "--scope", parent[:13], "-r", "lunch")
     assert paused.stdout.startswith(f"scope {parent} paused by ")
 
