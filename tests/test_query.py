@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -198,8 +199,19 @@ def test_cfctl_query_report_and_export(cli_env: dict[str, str], tmp_path: Path) 
         assert "top errors" in out.stdout
         out = subprocess.run([*cfctl, "report", "timeline", "no-such-task"],
                              env=cli_env, capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stderr) == (5, "error: task not found: no-such-task\n")
+        task = subprocess.run([*cfctl, "task", "add", "timed"], env=cli_env,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+        out = subprocess.run([*cfctl, "--json", "task", "show", task], env=cli_env,
+                             capture_output=True, text=True, timeout=60)
+        last = max(e["seq"] for e in json.loads(out.stdout)["timeline"])
+        out = subprocess.run([*cfctl, "query", "SELECT 1", "--wait-for", str(last)],
+                             env=cli_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert "timeline of no-such-task" in out.stdout
+        out = subprocess.run([*cfctl, "report", "timeline", task[:13]],  # a unique prefix
+                             env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert f"timeline of {task}" in out.stdout and "TaskCreated" in out.stdout
         out = subprocess.run([*cfctl, "report", "timeline", "x' OR 1=1 --"],
                              env=cli_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and "task id" in out.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 
 # Typer's rich help formatter imports half of rich and pygments (~1 s on a busy
@@ -19,28 +18,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Each module registers its commands on `app` when imported.
-_COMMAND_MODULES = (
-    "server_cmds",
-    "task_cmds",
-    "projection_cmds",
-    "bench_cmds",
-    "agent_cmds",
-    "worker_cmds",
-    "memory_cmds",
-    "msg_cmds",
-    "reserve_cmds",
-    "import_cmds",
-    "mcp_cmds",
-    "ops_cmds",
-    "merge_cmds",
-    "ui_cmds",
-)
-
-
 def _register() -> None:
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f"cflow.cli.{name}")
+    """Import every command module (each registers its commands on `app`)."""
+    from cflow.cli.commands import load
+
+    load(None)
 
 
 def main() -> None:
@@ -59,15 +41,21 @@ def main() -> None:
     try:
         import typer.main
 
+        from cflow.cli import commands
         from cflow.cli import help as cli_help
         from cflow.cli.app import app, hoist_global_flags
 
-        _register()
+        commands.plain_coercion()
+        name = commands.command_name(sys.argv[1:])
+        if name is not None:
+            commands.load(name)  # only the modules this line needs
         command = typer.main.get_command(app)
+        commands.lazy_root(command, lambda: typer.main.get_command(app), cli_help.tidy)
+        argv = hoist_global_flags(sys.argv[1:], commands.own_options(command, sys.argv[1:]))
         cli_help.tidy(command)
         command.format_commands = (  # type: ignore[attr-defined]
             lambda ctx, formatter: cli_help.format_commands(command, ctx, formatter))
-        command.main(args=hoist_global_flags(sys.argv[1:]), prog_name="cfctl")
+        command.main(args=argv, prog_name="cfctl")
     except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None

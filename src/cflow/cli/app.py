@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -99,13 +99,36 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise typer.Exit(code)
 
 
-def hoist_global_flags(argv: list[str]) -> list[str]:
-    """``--json`` and ``--debug`` work anywhere on the line: moved in front of the
-    subcommand, where the global callback reads them (not past a ``--``)."""
+GLOBAL_FLAGS = ("--json", "--debug")
+GLOBAL_VALUED = ("--url", "--swarm")  # take a value: ``--url X`` or ``--url=X``
+
+
+def hoist_global_flags(argv: list[str], own: Collection[str] = ()) -> list[str]:
+    """The global options work anywhere on the line: ``--json``, ``--debug``, ``--url X``
+    and ``--swarm X`` are moved in front of the subcommand, where the global callback
+    reads them. Not past a ``--``, and not an option the subcommand has itself (``own``,
+    e.g. ``creds create --swarm``)."""
     end = argv.index("--") if "--" in argv else len(argv)
-    flags = [a for a in argv[:end] if a in ("--json", "--debug")]
-    rest = [a for a in argv[:end] if a not in ("--json", "--debug")]
-    return [*dict.fromkeys(flags), *rest, *argv[end:]]
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < end:
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in own:
+            rest.append(arg)
+        elif arg in GLOBAL_FLAGS:
+            if arg not in front:
+                front.append(arg)
+        elif arg in GLOBAL_VALUED and i + 1 < end:
+            front += [arg, argv[i + 1]]
+            i += 1
+        elif name in GLOBAL_VALUED and "=" in arg:
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return [*front, *rest, *argv[end:]]
 
 
 def exit_code_for(err: CflowError) -> int:
@@ -153,11 +176,13 @@ def run(ctx: typer.Context, fn: Callable[[], Awaitable[T]],
 
     ``reraise``: our errors the command handles itself.
     """
-    import anyio
+    import asyncio
 
     c = state(ctx)
     try:
-        return anyio.run(fn)
+        # asyncio itself, not anyio.run: anyio's backend costs ~50 ms of a cold start
+        # and most commands never use it (those that do load it on their first call).
+        return asyncio.run(fn())  # type: ignore[arg-type]
     except reraise:
         raise
     except CflowError as err:

@@ -105,8 +105,11 @@ def tidy(command: Any) -> None:
 
 def format_commands(group: Any, ctx: Any, formatter: Any) -> None:
     """The top-level command list, in panels; the rest of a group's help is Typer's."""
-    names = {n for n in group.list_commands(ctx)
-             if not getattr(group.get_command(ctx, n), "hidden", False)}
+    from cflow.cli.commands import HIDDEN
+
+    # Not get_command for each: that would import every command module.
+    names = {n for n in group.list_commands(ctx) if n not in HIDDEN
+             and not getattr(group.commands.get(n), "hidden", False)}
     listed: set[str] = set()
     for panel, entries in PANELS:
         rows = [(name, line) for name, line in entries if name in names]

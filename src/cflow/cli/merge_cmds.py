@@ -191,10 +191,13 @@ def merge_gate(
     c = state(ctx)
 
     async def body() -> str:
+        from cflow.cli.task_cmds import resolve
         from cflow.gitflow.merger import create_merge_gate
         from cflow.swarm import Swarm
 
+        nonlocal task_id
         async with Swarm.connect(c.url, swarm=c.swarm, agent=agent_name(None)) as swarm:
+            task_id = await resolve(swarm, task_id)  # a unique prefix will do
             return await create_merge_gate(swarm, task_id)
 
     gate = run(ctx, body)
@@ -220,9 +223,12 @@ def task_checkpoint(
     who = agent_name(agent)
 
     async def body() -> dict[str, Any]:
+        from cflow.cli.task_cmds import resolve
         from cflow.swarm import Swarm
 
+        nonlocal task_id
         async with Swarm.connect(c.url, swarm=c.swarm, agent=who) as swarm:
+            task_id = await resolve(swarm, task_id)  # a unique prefix will do
             seq = await swarm.tasks.note(task_id, text, epoch=epoch, artifact="checkpoint")
             return {"task_id": task_id, "epoch": epoch, "seq": seq}
 

@@ -47,7 +47,8 @@ def send(
     args: list[str] = typer.Argument(..., help="TO TEXT, or just TEXT with --topic."),
     topic: str | None = typer.Option(None, "--topic", help="Broadcast to this topic."),
     thread: str | None = typer.Option(None, "--thread", help="Thread id."),
-    reply_to: str | None = typer.Option(None, "--reply-to", help="Answer this message id."),
+    reply_to: str | None = typer.Option(None, "--reply-to",
+                                        help="Answer this message id (or a unique prefix)."),
     importance: str = typer.Option("normal", "--importance", help="low|normal|high|urgent."),
     ack_required: bool = typer.Option(False, "--ack-required", help="Recipient must ack."),
     agent: str | None = AGENT_OPTION,
@@ -64,9 +65,13 @@ def send(
     sender = me(agent)
 
     async def body() -> str:
+        from cflow.cli.ids import resolve_entity
+
         async with _swarm(ctx, sender) as swarm:
+            answered = (await resolve_entity(swarm.log, "message", reply_to)
+                        if reply_to else None)
             mid: str = await swarm.messages.send(
-                to, text, topic=topic, thread_id=thread, reply_to=reply_to,
+                to, text, topic=topic, thread_id=thread, reply_to=answered,
                 importance=importance, ack_required=ack_required)
             return mid
 
@@ -115,11 +120,15 @@ def inbox(
 
 @msg_app.command("ack")
 def ack(ctx: typer.Context, message_id: str, agent: str | None = AGENT_OPTION) -> None:
-    """Acknowledge a message (ends its ack-required overdue clock)."""
+    """Acknowledge a message (ends its ack-required overdue clock); a unique id prefix will do."""
     who = me(agent)
 
     async def body() -> int:
+        from cflow.cli.ids import resolve_entity
+
+        nonlocal message_id
         async with _swarm(ctx, who) as swarm:
+            message_id = await resolve_entity(swarm.log, "message", message_id)
             seq: int = await swarm.messages.ack(who, message_id)
             return seq
 

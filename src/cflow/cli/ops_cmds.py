@@ -49,6 +49,19 @@ async def _with_swarm(ctx: typer.Context, actor: str, fn: Any) -> Any:
         return await fn(swarm)
 
 
+async def _scope_id(swarm: Swarm, scope: str) -> str:
+    """``swarm``, or the whole id of the parent task ``scope`` names (a unique prefix will do)."""
+    from cflow.cli.task_cmds import resolve
+
+    return scope if scope == "swarm" else await resolve(swarm, scope)
+
+
+async def _gate_id(swarm: Swarm, ref: str) -> str:
+    from cflow.cli.task_cmds import resolve
+
+    return await resolve(swarm, ref, kind="gate")
+
+
 # ------------------------------------------------------------------- swarm
 
 
@@ -57,7 +70,13 @@ def pause_cmd(ctx: typer.Context, scope: str = _SCOPE, reason: str = _REASON,
               actor: str | None = _AS) -> None:
     """Stop all claiming: agents see it at their next claim and take no new work."""
     who = human_actor(actor)
-    out = run(ctx, lambda: _with_swarm(ctx, who, lambda s: s.control.pause(scope, reason)))
+
+    async def body(s: Swarm) -> Any:
+        nonlocal scope
+        scope = await _scope_id(s, scope)
+        return await s.control.pause(scope, reason)
+
+    out = run(ctx, lambda: _with_swarm(ctx, who, body))
     emit(ctx, out, f"{_where(scope)} paused by {who}" + (f": {reason}" if reason else ""))
 
 
@@ -66,7 +85,13 @@ def resume_cmd(ctx: typer.Context, scope: str = _SCOPE, reason: str = _REASON,
                actor: str | None = _AS) -> None:
     """Let claiming start again (after pause, stop, or an exceeded budget)."""
     who = human_actor(actor)
-    out = run(ctx, lambda: _with_swarm(ctx, who, lambda s: s.control.resume(scope, reason)))
+
+    async def body(s: Swarm) -> Any:
+        nonlocal scope
+        scope = await _scope_id(s, scope)
+        return await s.control.resume(scope, reason)
+
+    out = run(ctx, lambda: _with_swarm(ctx, who, body))
     emit(ctx, out, f"{_where(scope)} resumed by {who}")
 
 
@@ -127,25 +152,37 @@ def control_lines(d: dict[str, Any]) -> list[str]:
 
 
 @gate_app.command("approve")
-def approve_cmd(ctx: typer.Context, task_id: str = typer.Argument(..., help="The gate."),
+def approve_cmd(ctx: typer.Context, task_id: str = typer.Argument(
+                    ..., help="The gate (a unique id prefix will do)."),
                 note: str = typer.Option("", "--note", "-n", help="Recorded as the result."),
                 actor: str | None = _AS) -> None:
     """Approve a gate: its dependents become ready."""
     who = human_actor(actor)
-    out = run(ctx, lambda: _with_swarm(ctx, who,
-                                       lambda s: s.control.approve(task_id, note)))
+
+    async def body(s: Swarm) -> Any:
+        nonlocal task_id
+        task_id = await _gate_id(s, task_id)
+        return await s.control.approve(task_id, note)
+
+    out = run(ctx, lambda: _with_swarm(ctx, who, body))
     emit(ctx, out.to_dict(), f"gate {task_id} approved by {who}")
 
 
 @gate_app.command("reject")
-def reject_cmd(ctx: typer.Context, task_id: str = typer.Argument(..., help="The gate."),
+def reject_cmd(ctx: typer.Context, task_id: str = typer.Argument(
+                    ..., help="The gate (a unique id prefix will do)."),
                note: str = typer.Option("", "--note", "-n", help="Why (dependents are "
                                         "blocked with it)."),
                actor: str | None = _AS) -> None:
     """Reject a gate: its dependents are blocked with the reason."""
     who = human_actor(actor)
-    out = run(ctx, lambda: _with_swarm(ctx, who,
-                                       lambda s: s.control.reject(task_id, note)))
+
+    async def body(s: Swarm) -> Any:
+        nonlocal task_id
+        task_id = await _gate_id(s, task_id)
+        return await s.control.reject(task_id, note)
+
+    out = run(ctx, lambda: _with_swarm(ctx, who, body))
     emit(ctx, out.to_dict(), f"gate {task_id} rejected by {who}: {out.error}")
 
 
@@ -194,8 +231,13 @@ def budget_set_cmd(
     if not limits and not replace:
         fail("give at least one limit (see --help)", EXIT_USAGE)
     who = human_actor(actor)
-    out = run(ctx, lambda: _with_swarm(
-        ctx, who, lambda s: s.control.set_budget(scope, limits, replace_all=replace)))
+
+    async def body(s: Swarm) -> Any:
+        nonlocal scope
+        scope = await _scope_id(s, scope)
+        return await s.control.set_budget(scope, limits, replace_all=replace)
+
+    out = run(ctx, lambda: _with_swarm(ctx, who, body))
     text = ", ".join(f"{k}={v:g}" for k, v in sorted(out["limits"].items())) or "none"
     emit(ctx, out, f"budget of {_where(scope)}: {text}")
 

@@ -152,6 +152,18 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
         await nc.close()
 
 
+async def _task_id(ctx: typer.Context, ref: str) -> str:
+    """The whole task id for ``ref`` (a checked token), or a unique prefix of one, from the
+    projection's ``tasks`` table."""
+    from cflow.cli.ids import WHOLE_ID_LENGTH, pick
+
+    if len(ref) >= WHOLE_ID_LENGTH:
+        return ref
+    found = await _query(ctx, f"SELECT task_id FROM tasks WHERE starts_with(task_id, '{ref}')",
+                         limit=1000)
+    return pick("task", ref, [str(row[0]) for row in found.rows])
+
+
 def _table(result: QueryResult, title: str | None = None) -> None:
     from rich.table import Table
 
@@ -222,22 +234,18 @@ def report_cmd(
     ctx: typer.Context,
     kind: str = typer.Argument(..., help="cycle-time | throughput | agents | failures | "
                                "timeline"),
-    task_id: str | None = typer.Argument(None, help="Task id (for timeline)."),
+    task_id: str | None = typer.Argument(None, help="Task id or a unique prefix (for "
+                                          "timeline)."),
     limit: int = typer.Option(200, "--limit", min=1),
 ) -> None:
     """Print an analytics view as a table."""
     from cflow.events import check_token
 
-    queries: list[tuple[str, str]]
+    queries: list[tuple[str, str]] = []
     if kind == "timeline":
         if not task_id:
-            fail("report timeline needs a TASK_ID", 2)
+            fail("report timeline needs a TASK_ID (a unique prefix will do)", 2)
         check_token(task_id, "task id")
-        # People read times; the exact HLC stamp is for --json.
-        stamp = "hlc, " if state(ctx).json else ""
-        queries = [(f"timeline of {task_id}",
-                    f"SELECT seq, ts, type, actor, {stamp}refused, data FROM task_timeline "
-                    f"WHERE task_id = '{task_id}' ORDER BY seq")]  # a checked token
     elif kind == "failures":
         queries = [REPORTS["failures"], ("top errors", "SELECT * FROM top_errors")]
     elif kind in REPORTS:
@@ -246,6 +254,13 @@ def report_cmd(
         fail(f"unknown report {kind!r}; one of: {', '.join([*REPORTS, 'timeline'])}", 2)
 
     async def body() -> list[tuple[str, QueryResult]]:
+        if task_id and kind == "timeline":
+            whole = await _task_id(ctx, task_id)  # a checked token
+            # People read times; the exact HLC stamp is for --json.
+            stamp = "hlc, " if state(ctx).json else ""
+            queries.append((f"timeline of {whole}",
+                            f"SELECT seq, ts, type, actor, {stamp}refused, data "
+                            f"FROM task_timeline WHERE task_id = '{whole}' ORDER BY seq"))
         return [(title, await _query(ctx, sql, limit=limit)) for title, sql in queries]
 
     results = run(ctx, body)

@@ -38,9 +38,6 @@ def _swarm(ctx: typer.Context, agent: str | None = None) -> Any:
     return Swarm.connect(c.url, swarm=c.swarm, agent=identity(agent or c.agent))
 
 
-TASK_ID_LENGTH = 36  # a whole task id (a UUIDv7); anything shorter is a prefix
-
-
 async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
     """The whole task id for ``ref``: a whole id, or a unique prefix of one (as git does).
 
@@ -48,21 +45,12 @@ async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
         NotFound: no task id starts with ``ref``.
         InvalidInput: several do (they are named).
     """
-    from cflow.errors import InvalidInput, NotFound
+    from cflow.cli.ids import WHOLE_ID_LENGTH, pick
 
-    if len(ref) >= TASK_ID_LENGTH and kind == "task":
+    if len(ref) >= WHOLE_ID_LENGTH and kind == "task":
         return ref  # the command itself says "task not found"
     await swarm.tasks.ensure_board()
-    if ref in swarm.tasks.board.tasks:
-        return ref
-    matches = sorted(t for t in swarm.tasks.board.tasks if t.startswith(ref))
-    if len(matches) == 1:
-        return str(matches[0])
-    if not matches:
-        raise NotFound(kind, ref)
-    shown = ", ".join(matches[:3]) + (", ..." if len(matches) > 3 else "")
-    raise InvalidInput(f"task id prefix {ref!r} is ambiguous: {len(matches)} tasks match "
-                       f"({shown}); give more characters")
+    return pick(kind, ref, swarm.tasks.board.tasks, noun="task")
 
 
 def human_value(value: Any) -> str:
