@@ -247,6 +247,17 @@ async def claims(ctx: Ctx) -> None:
                                 label=f"complete p50, cflow {sync}, {n} procs", unit="ms",
                                 section="2 claims", durability=DURABILITY[sync],
                                 note="lease.complete(): fenced append, lease delete, re-read")
+                    sent = sum(r.get("messages", {}).get("out_msgs", 0) for r in results)
+                    got = sum(r.get("messages", {}).get("in_msgs", 0) for r in results)
+                    if lat:
+                        ctx.rec.add(f"claims.cflow.{sync}.n{n}.messages_per_cycle",
+                                    (sent + got) / len(lat),
+                                    label=f"NATS messages per claim+complete, cflow {sync}, "
+                                          f"{n} procs", unit="msgs", section="2 claims",
+                                    durability=DURABILITY[sync],
+                                    note=f"sent {sent / len(lat):.2f} + received "
+                                         f"{got / len(lat):.2f}, counted on the agents' "
+                                         "connections")
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}

@@ -43,6 +43,17 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _profiler() -> Any:
+    """A running cProfile when ``CFLOW_BENCH_PROFILE`` names a directory (off by default)."""
+    if not os.environ.get("CFLOW_BENCH_PROFILE"):
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
 async def read_line() -> str:
     return await asyncio.to_thread(sys.stdin.readline)
 
@@ -87,6 +98,9 @@ class Agent:
         done_lat: list[float] = []
         ids: list[str] = []
         errors = 0
+        stats0 = dict(sw.log.nc.stats)
+        refreshes0 = sw.tasks.offers.refreshes
+        prof = _profiler()
         start = time.time()
         deadline = time.perf_counter() + float(cmd["duration"])
         while time.perf_counter() < deadline:
@@ -106,8 +120,15 @@ class Agent:
             except CflowError:
                 errors += 1
             done_lat.append(time.perf_counter() - t1)
-        emit({"start": start, "end": time.time(), "latencies": lat, "complete": done_lat,
-              "ids": ids, "conflicts": self.conflicts, "errors": errors})
+        end = time.time()
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(f"{os.environ['CFLOW_BENCH_PROFILE']}/{cmd['agent']}.prof")
+        stats = {k: v - stats0.get(k, 0) for k, v in sw.log.nc.stats.items()
+                 if k in ("in_msgs", "out_msgs")}
+        emit({"start": start, "end": end, "latencies": lat, "complete": done_lat,
+              "ids": ids, "conflicts": self.conflicts, "errors": errors,
+              "messages": {**stats, "offer_refreshes": sw.tasks.offers.refreshes - refreshes0}})
 
     async def pickup(self, cmd: dict[str, Any]) -> None:
         """Idle claimer: ``claim(wait=...)``, report when it got the task, complete it."""
@@ -323,6 +344,11 @@ class Agent:
 
 
 def main() -> None:
+    if os.environ.get("CFLOW_BENCH_UVLOOP"):  # measuring uvloop (not a dependency of cflow)
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+
+        uvloop.run(Agent().serve())
+        return
     asyncio.run(Agent().serve())
 
 
