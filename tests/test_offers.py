@@ -118,3 +118,20 @@ async def test_an_offer_another_process_prefetched_is_still_claimable_at_once(
         second = await other.tasks.claim(agent="b")
         assert second is not None and second.task_id != first.task_id
         await second.complete("ok")
+
+
+@pytest.mark.integration
+async def test_an_idle_waiting_claim_does_not_poll(swarm: Swarm) -> None:
+    """Nothing to claim: the claimer waits for a pushed offer and looks again only every
+    IDLE_RECHECK_S, not in a loop (it once spun at ~80 requests/s: a backoff deadline
+    in the past counted as 'due now')."""
+    from cflow import offers
+
+    await swarm.tasks.ensure_board()
+    sent = swarm.nc.stats["out_msgs"]
+    started = time.monotonic()
+    assert await swarm.tasks.claim(agent="idle", wait=1.5) is None
+    waited = time.monotonic() - started
+    looks = waited / offers.IDLE_RECHECK_S + 2
+    # each look: one STREAM.INFO and one offers subscription, plus the first look's setup
+    assert swarm.nc.stats["out_msgs"] - sent <= 4 * looks + 10, swarm.nc.stats

@@ -541,10 +541,13 @@ class TaskService:
             remaining = deadline - now
             if remaining <= 0 and not (on_loan and now < on_loan_until):
                 return None
-            # An offer we handed back for its backoff is due again at a known time.
-            due = self._offer_due - now
             look_again = min(max(remaining, 0.0) or offers_mod.IDLE_RECHECK_S,
-                             offers_mod.IDLE_RECHECK_S, max(0.01, due))
+                             offers_mod.IDLE_RECHECK_S)
+            # An offer we handed back for its backoff is due again at a known time
+            # (one due in the past was there to take just now: it sets no deadline).
+            due = self._offer_due - now
+            if due > 0:
+                look_again = min(look_again, max(0.01, due))
             if on_loan:
                 look_again = min(look_again, max(0.01, on_loan_until - now))
             await self.offers.wait(caps, look_again)
