@@ -44,6 +44,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_MAX = 5000
+REPLAY_BATCH_FACTOR = 4  # a replay's batches: 20,000 events a transaction by default
 DB_FILE = "projection.duckdb"
 
 
@@ -413,22 +414,35 @@ def _wal(path: Path) -> Path:
 
 async def _replay(log_: EventLog, tmp: Path, target: int, *, batch_max: int,
                   max_event_bytes: int, split: bool,
-                  progress: Callable[[int, int], None] | None) -> tuple[int, int]:
+                  progress: Callable[[int, int], None] | None,
+                  reader: str = "raw") -> tuple[int, int]:
     """Replay sequences 1..target into the fresh file ``tmp``: (events, quarantined)."""
     if split:
         from cflow.projections.replay import replay_into
 
         done = await replay_into(
             log_, tmp, target, batch_max=batch_max, max_event_bytes=max_event_bytes,
+            reader=reader,
             progress=None if progress is None else (lambda seq: progress(seq, target)))
         return done["events"], done["quarantined"]
+    from cflow.streams.client import decode_delivery
+    from cflow.streams.raw import replay_source
+
     projector = Projector(log_, tmp, batch_max=batch_max, max_event_bytes=max_event_bytes,
                           replay=True)
     if progress is not None:
         projector.on_batch(lambda seq: progress(seq, target))
     try:
-        await projector.run(until_seq=target)
         store = await projector.open()
+        # Undecoded batches (read by our own NATS protocol reader where the
+        # connection allows), decoded here in bulk; no HLC receive rule for history.
+        source = replay_source(log_, start_seq=projector.applied_seq + 1, until_seq=target,
+                               max_batch=batch_max * REPLAY_BATCH_FACTOR, reader=reader)
+        try:
+            async for raw in source:
+                await projector.apply([decode_delivery(*item) for item in raw])
+        finally:
+            await source.aclose()
         await projector.db(store.finish)
         return projector.applied_events, projector.quarantined
     finally:
@@ -542,7 +556,7 @@ def _check_free(path: Path, tmp: Path) -> None:
 async def rebuild(log_: EventLog, db_path: str | Path, *,
                   progress: Callable[[int, int], None] | None = None,
                   batch_max: int = DEFAULT_BATCH_MAX,
-                  split: bool = False) -> dict[str, Any]:
+                  split: bool = False, reader: str = "raw") -> dict[str, Any]:
     """Replay the stream from sequence 1 into a fresh file, then swap it in atomically.
 
     The target is the stream's last sequence when the rebuild starts; the live
@@ -565,7 +579,8 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
     try:
         applied, quarantined = await _replay(log_, tmp, target, batch_max=batch_max,
                                              max_event_bytes=fold.DEFAULT_MAX_EVENT_BYTES,
-                                             split=split, progress=progress)
+                                             split=split, progress=progress,
+                                             reader=reader)
     except BaseException:
         for leftover in (tmp, _wal(tmp)):
             leftover.unlink(missing_ok=True)
