@@ -25,11 +25,11 @@ import asyncio
 import multiprocessing
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.servers import bench_server
 from cflow import events as ev
 from cflow.projections.projector import Projector
 from cflow.projections.query import QueryClient, QueryService
@@ -160,20 +160,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(url: str | None = None, quick: bool = False,
               tmp: Path | None = None) -> dict[str, float]:
-    own_tmp = None
-    if tmp is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="cflow-bench-live-")
-        tmp = Path(own_tmp.name)
-    server = None
-    if url is None:
-        from cflow.server import EmbeddedServer, ServerOptions, free_port
-
-        server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp / "nats",
-                                              sync="default"))
-        server.start()
-        url = server.url
     out: dict[str, float] = {}
-    try:
+    async with bench_server(url, tmp, "cflow-bench-live-") as (url, tmp):
         nc = await connect(url, name="cflow:bench-projection-live")
         try:
             seconds = 1.0 if os.environ.get("CFLOW_BENCH_SMOKE") == "1" else (
@@ -187,11 +175,6 @@ async def run(url: str | None = None, quick: bool = False,
                 out[f"query_{key}_ms"] = value
         finally:
             await nc.close()
-    finally:
-        if server is not None:
-            server.stop()
-        if own_tmp is not None:
-            own_tmp.cleanup()
     return out
 
 
