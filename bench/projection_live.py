@@ -65,12 +65,13 @@ def _produce(url: str, swarm: str, rate: int, seconds: float, out: Any) -> None:
     out.send(asyncio.run(main()))
 
 
-async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float) -> dict[str, float]:
+async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
+              reader: str = "raw") -> dict[str, float]:
     """Lag figures (ms) of a live projector while another process appends at ``rate``/s."""
-    swarm = f"benchlag{rate}x{int(time.time() * 1000) % 100000}"
+    swarm = f"benchlag{rate}x{int(time.time() * 1000) % 100000}{reader[0]}"
     await ensure_swarm(nc, swarm)
     log = EventLog(nc, swarm, actor="bench")
-    projector = Projector(log, tmp / f"lag{rate}.duckdb")
+    projector = Projector(log, tmp / f"{swarm}.duckdb", reader=reader)
     committed: list[tuple[int, float]] = []  # (last seq of a batch, commit time)
     projector.on_batch(lambda last: committed.append((last, time.monotonic())))
     runner = asyncio.create_task(projector.run())
@@ -82,7 +83,9 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float) -> dict[s
         assert await asyncio.to_thread(parent.recv) == "ready"
         sent: list[tuple[int, float]] = await asyncio.to_thread(parent.recv)
         last = max(seq for seq, _ in sent)
-        await projector.wait_for(last, 60.0)
+        if not await projector.wait_for(last, 60.0):
+            raise RuntimeError(f"the projector ({reader}) applied {projector.applied_seq} of "
+                               f"{last} events within 60 s of the last append")
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

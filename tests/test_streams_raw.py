@@ -19,7 +19,13 @@ from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
 from cflow.projections.store import ProjectionStore, table_rows
 from cflow.streams import EventLog, names
-from cflow.streams.raw import ReplayReader, raw_capable, replay_batches, replay_source
+from cflow.streams.raw import (
+    ReplayReader,
+    _Wire,
+    raw_capable,
+    replay_batches,
+    replay_source,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +66,63 @@ async def test_every_sequence_once_through_a_dropped_connection_and_a_lost_deliv
                 wire.transport.abort()  # the connection drops: reconnect, resume after it
             elif dropped and not lost and len(got) >= 1000:
                 lost = True
-                wire.expected_cseq += 1  # as if a delivery were lost on the way
+                wire.gap = True  # as the parser marks a lost delivery (test_the_parser_...)
     finally:
         await reader.close()
     assert reader.resets == 2
     assert [item[0] for item in got] == list(range(base + 1, last + 1))
     assert [item[:3] for item in got] == await nats_py_read(log, last)
     assert all(item[3] > 0 for item in got)  # the server's storage time, ms
+
+
+class Written:
+    """What the parser writes back (PONG, flow-control answers); no server needed."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def delivery(cseq: int, sseq: int, pending: int, body: bytes = b"{}") -> bytes:
+    reply = f"$JS.ACK.S.C.1.{sseq}.{cseq}.1767225600123456789.{pending}"
+    head = b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n"
+    return (f"HMSG cf.s.evt.task.t1 2 {reply} {len(head)} {len(head) + len(body)}\r\n"
+            .encode() + head + body + b"\r\n")
+
+
+async def test_the_parser_finds_lost_deliveries_and_holds_flow_control() -> None:
+    wire = _Wire(asyncio.get_running_loop())
+    wire.transport = Written()  # type: ignore[assignment]
+    wire.sid, wire.hold = b"2", 1
+    frames = delivery(1, 10, 2) + b"PING\r\n" + delivery(2, 11, 1)
+    wire.data_received(frames[:37])  # frames arrive cut anywhere
+    wire.data_received(frames[37:])
+    assert [d[:2] for d in wire.out] == [(10, "cf.s.evt.task.t1"), (11, "cf.s.evt.task.t1")]
+    assert wire.out[0][2:] == (b"{}", 1767225600123)
+    assert wire.transport.data == b"PONG\r\n"  # type: ignore[attr-defined]
+    fc = b"NATS/1.0 100 FlowControl Request\r\n\r\n"
+    wire.data_received(f"HMSG x 2 $JS.FC.S.C.1 {len(fc)} {len(fc)}\r\n".encode() + fc
+                       + b"\r\n")
+    assert wire.deferred == [b"$JS.FC.S.C.1"]  # two unread > hold: answered later
+    del wire.out[:]
+    wire.drained()
+    assert wire.transport.data.endswith(b"PUB $JS.FC.S.C.1 0\r\n\r\n")  # type: ignore[attr-defined]
+    hb = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 2\r\n\r\n"
+    wire.data_received(f"HMSG x 2 {len(hb)} {len(hb)}\r\n".encode() + hb + b"\r\n")
+    assert not wire.gap  # the heartbeat agrees: consumer sequence 2 was the last
+    wire.data_received(delivery(4, 13, 0))  # 3 never came
+    assert wire.gap and not wire.out
+    wire.gap, wire.expected_cseq = False, 3
+    lying = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 5\r\n\r\n"
+    wire.data_received(f"HMSG x 2 {len(lying)} {len(lying)}\r\n".encode() + lying + b"\r\n")
+    assert wire.gap  # the server delivered 3..5 that never arrived
+    wire.data_received(delivery(1, 99, 0).replace(b" 2 $JS", b" 7 $JS"))
+    assert not wire.out  # another (abandoned) consumer's delivery is dropped
 
 
 async def test_a_replay_of_a_missing_stream_is_not_found(log: EventLog) -> None:
@@ -127,3 +183,38 @@ async def test_a_rebuild_killed_while_it_reads_raw_leaves_nothing_in_the_way(
     result = await rebuild(log, target)
     assert result["last_seq"] == last and result["events"] == last
     assert rows_of(target) == rows_of(tmp_path / "live.duckdb")
+
+
+async def test_a_live_projector_reading_raw_survives_a_dropped_connection(
+        log: EventLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The projector's follower (raw reader) loses its connection while events keep
+    coming: every event is applied once (events.seq is 1..last, no gap)."""
+    real_next = ReplayReader.next_batch
+    dropped: list[int] = []
+
+    async def dropping(self: ReplayReader) -> list[tuple[int, str, bytes, int]]:
+        batch = await real_next(self)
+        if not dropped and self.last >= 300 and self.wire is not None:
+            dropped.append(self.last)
+            assert self.wire.transport is not None
+            self.wire.transport.abort()  # a real socket drop, under the follower
+        return batch
+
+    monkeypatch.setattr(ReplayReader, "next_batch", dropping)
+    projector = Projector(log, tmp_path / "live.duckdb", batch_max=50)
+    runner = asyncio.create_task(projector.run())
+    try:
+        await asyncio.wait_for(projector.caught_up.wait(), 30)  # an empty stream: at once
+        last = 0
+        for i in range(0, 1000, 100):
+            last = (await log.append_many([(log.event(ev.TaskCreated(title=f"t{j}"), f"t{j}"),
+                                            None) for j in range(i, i + 100)]))[-1]
+        assert await projector.wait_for(last, 30)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        await projector.close()
+    assert dropped
+    rows = rows_of(tmp_path / "live.duckdb")
+    assert [r[0] for r in rows["events"]] == list(range(1, last + 1))
+    assert len(rows["tasks"]) == 1000

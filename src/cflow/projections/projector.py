@@ -65,9 +65,10 @@ class Projector:
     def __init__(self, log_: EventLog, db_path: str | Path, *,
                  batch_max: int = DEFAULT_BATCH_MAX,
                  max_event_bytes: int = fold.DEFAULT_MAX_EVENT_BYTES,
-                 replay: bool = False) -> None:
+                 replay: bool = False, reader: str = "raw") -> None:
         self.log = log_
         self.replay = replay
+        self.reader = reader  # "raw": cflow.streams.raw where it can; "nats-py"
         self.db_path = Path(db_path)
         self.batch_max = batch_max
         self.max_event_bytes = max_event_bytes
@@ -144,8 +145,11 @@ class Projector:
         await self.open()
         if until_seq is not None and self.applied_seq >= until_seq:
             return
-        batches = self.log.follow_batches(start_seq=self.applied_seq + 1,
-                                          caught_up=self.caught_up, max_batch=self.batch_max)
+        from cflow.streams.raw import follow_batches
+
+        batches = follow_batches(self.log, start_seq=self.applied_seq + 1,
+                                 caught_up=self.caught_up, max_batch=self.batch_max,
+                                 reader=self.reader)
         try:
             async for batch in batches:
                 await self.apply(batch)
@@ -205,7 +209,7 @@ class BackgroundRebuild:
         tmp = path.with_name(f"{path.name}.rebuild-bg")
         await anyio.to_thread.run_sync(_clear_leftovers, path, tmp)
         shadow = Projector(live.log, tmp, batch_max=live.batch_max,
-                           max_event_bytes=live.max_event_bytes)
+                           max_event_bytes=live.max_event_bytes, reader=live.reader)
         shadow.on_batch(lambda seq: self._report("catch-up", seq))
         try:
             return await self._replay_and_swap(shadow, tmp)

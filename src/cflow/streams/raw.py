@@ -46,7 +46,7 @@ from cflow.errors import CflowError, NotFound, Unavailable
 from cflow.streams import names
 
 if TYPE_CHECKING:
-    from cflow.streams.client import EventLog
+    from cflow.streams.client import BadMessage, EventLog, StoredEvent
 
 RawDelivery = tuple[int, str, bytes, int]  # (stream seq, subject, data, server time ms)
 
@@ -268,6 +268,7 @@ class ReplayReader:
         self.consumer: str | None = None
         self.inbox = f"_CFRAW.{secrets.token_hex(8)}"
         self.counter = 0
+        self.pending_at_start = 0
         self.caught_up = False  # the last batch ended with nothing pending on the server
         self.resets = 0  # consumers started again after a gap or a dropped connection
 
@@ -296,7 +297,18 @@ class ReplayReader:
         wire.replies[reply.encode()] = fut
         data = json.dumps(body).encode()
         wire._send(f"PUB {subject} {reply} {len(data)}\r\n".encode() + data + b"\r\n")
-        answer: dict[str, Any] = json.loads(await asyncio.wait_for(fut, 5.0))
+        got = await asyncio.wait_for(fut, 5.0)
+        if got.startswith(b"NATS/1.0"):  # a status only: 503 is "no responders"
+            head, _, got = got.partition(b"\r\n\r\n")
+            if not got:
+                raise Unavailable(f"no JetStream responder for {subject} ("
+                                  f"{head.decode(errors='replace').splitlines()[0]})",
+                                  reason="no-responders")
+        try:
+            answer: dict[str, Any] = json.loads(got)
+        except ValueError as exc:
+            raise Unavailable(f"JetStream answered {subject} with something other than "
+                              "JSON", reason="not-ready") from exc
         return answer
 
     async def _start_consumer(self, wire: _Wire) -> None:
@@ -330,6 +342,7 @@ class ReplayReader:
             raise Unavailable(f"cannot start a replay consumer on {self.stream}: "
                               f"{error.get('description')}", reason="not-ready")
         self.consumer = answer.get("name") or (answer.get("config") or {}).get("name")
+        self.pending_at_start = int(answer.get("num_pending") or 0)
 
     async def _drop_consumer(self, wire: _Wire) -> None:
         name, self.consumer = self.consumer, None
@@ -366,6 +379,12 @@ class ReplayReader:
                                       f"{type(exc).__name__}", reason="disconnected") from exc
                 await asyncio.sleep(delay)  # nothing to await: the server is away
                 delay = min(delay * 2, 1.0)
+
+    async def start(self) -> int:
+        """Connect and start the consumer now; how many messages it has to deliver."""
+        if self.wire is None:
+            self.wire = await self._restart()
+        return self.pending_at_start
 
     async def next_batch(self) -> list[RawDelivery]:
         """The next deliveries in order (at most ``max_batch``), after a reset if one was needed."""
@@ -469,5 +488,44 @@ async def replay_source(log: EventLog, *, until_seq: int, start_seq: int = 1,
         await batches.aclose()
 
 
-__all__ = ["READERS", "RawDelivery", "ReplayReader", "raw_capable", "replay_batches",
-           "replay_source"]
+
+async def follow_batches(log: EventLog, *, start_seq: int = 1,
+                         caught_up: asyncio.Event | None = None, max_batch: int = 5000,
+                         reader: str = "raw"
+                         ) -> AsyncGenerator[list[StoredEvent | BadMessage], None]:
+    """``EventLog.follow_batches`` (decoded, the HLC receive rule per batch, ``caught_up``
+    set with the batch holding the last stored event) read by :class:`ReplayReader`
+    when ``reader="raw"`` and the connection allows it; otherwise nats-py's."""
+    from cflow.streams.client import decode_delivery
+
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
+    if reader != "raw" or not raw_capable(log.nc):
+        batches = log.follow_batches(start_seq=start_seq, caught_up=caught_up,
+                                     max_batch=max_batch)
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            await batches.aclose()
+        return
+    follower = ReplayReader(log.nc, log.stream, names.events_filter(log.swarm),
+                            start_seq=start_seq, max_batch=max_batch)
+    try:
+        pending = await follower.start()
+        if caught_up is not None and pending == 0:
+            caught_up.set()  # nothing stored after start_seq - 1
+        while True:
+            raw = await follower.next_batch()
+            batch = [decode_delivery(*item) for item in raw]
+            log.server_clock.observe(max(item[3] for item in raw))
+            log._observe_batch(batch)
+            if caught_up is not None and follower.caught_up:
+                caught_up.set()
+            yield batch
+    finally:
+        await follower.close()
+
+
+__all__ = ["READERS", "RawDelivery", "ReplayReader", "follow_batches", "raw_capable",
+           "replay_batches", "replay_source"]
