@@ -4,12 +4,14 @@
 nats-server without ``--url``); ``bench/bench_projection.py`` runs it too, so
 ``python -m bench --only projection`` has these figures beside the others.
 
-* Lag: a producer **process** appends at a steady rate (``append_many`` every
-  10 ms) and records, per stream sequence, the moment it sent the append; this
-  process runs the projector and records when the batch holding each sequence
-  committed. Both clocks are ``time.monotonic`` (CLOCK_MONOTONIC, shared by the
-  processes of one machine). The producer runs apart so its appends do not share
-  this process's interpreter lock with the projector, as in a real swarm.
+* Lag (``lag_1k_*``, ``lag_10k_*``; the same with nats-py's reader just before,
+  as baseline: ``lag_1k_nats_py_*``): a producer **process** appends at a steady
+  rate (``append_many`` every 10 ms) and records, per stream sequence, the
+  moment it sent the append; this process runs the projector and records when
+  the batch holding each sequence committed. Both clocks are ``time.monotonic``
+  (CLOCK_MONOTONIC, shared by the processes of one machine). The producer runs
+  apart so its appends do not share this process's interpreter lock with the
+  projector, as in a real swarm.
 * Query: ``QueryClient.query`` (what ``cfctl query`` sends) against a live
   projector's ``QueryService``: a point lookup by task id, (a) alone and (b) with
   read-your-writes (append an event, then query with ``wait_for_seq`` = its
@@ -170,10 +172,12 @@ async def run(url: str | None = None, quick: bool = False,
             seconds = 1.0 if os.environ.get("CFLOW_BENCH_SMOKE") == "1" else (
                 3.0 if quick else 10.0)
             for rate, name in ((1000, "1k"), (10_000, "10k")):
-                figures = await lag(nc, url, tmp, rate, seconds)
-                for key, value in figures.items():
-                    out[f"lag_{name}_{key}" + ("_ms" if key not in ("events", "batches")
-                                                else "")] = value
+                # nats-py's reader first (the baseline), then the default, back to back.
+                for reader, suffix in (("nats-py", "_nats_py"), ("raw", "")):
+                    figures = await lag(nc, url, tmp, rate, seconds, reader=reader)
+                    for key, value in figures.items():
+                        unit = "" if key in ("events", "batches") else "_ms"
+                        out[f"lag_{name}{suffix}_{key}{unit}"] = value
             for key, value in (await queries(nc, tmp, 200 if quick else 1000)).items():
                 out[f"query_{key}_ms"] = value
         finally:

@@ -24,8 +24,9 @@ Theory of operation (the ordered consumer, as nats-py's, on our own socket):
   callback has seen them): the server never runs further ahead than its
   flow-control window, so memory stays bounded while DuckDB is busy.
 * No heartbeat and no message for two heartbeat intervals, a dropped socket,
-  or a ``-ERR``: reconnect and start a new consumer after the last kept
-  sequence, retrying for ``retry_s``.
+  or a ``-ERR``: reconnect (to the next server of the connection's pool after
+  a failed try) and start a new consumer after the last kept sequence,
+  retrying for ``retry_s`` (a replay: 30 s; a live follower: for ever).
 
 Only plain connections (optionally user/password or a token) are spoken here;
 for TLS, credentials files or nkeys :func:`raw_capable` says no and the caller
@@ -37,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import math
 import re
 import secrets
 from collections.abc import AsyncGenerator
@@ -48,6 +51,7 @@ from cflow.streams import names
 if TYPE_CHECKING:
     from cflow.streams.client import BadMessage, EventLog, StoredEvent
 
+logger = logging.getLogger(__name__)
 RawDelivery = tuple[int, str, bytes, int]  # (stream seq, subject, data, server time ms)
 
 HEARTBEAT_S = 2.0
@@ -70,7 +74,18 @@ def raw_capable(nc: Any) -> bool:
     return url is not None and (url.scheme or "nats") == "nats"
 
 
-def _auth(nc: Any) -> tuple[str, int, dict[str, Any]]:
+def _addresses(nc: Any) -> list[tuple[str, int]]:
+    """The server ``nc`` is connected to first, then the rest of its pool (a cluster)."""
+    out: list[tuple[str, int]] = []
+    for url in [nc.connected_url, *getattr(nc, "servers", [])]:
+        if url is not None and url.hostname:
+            address = (url.hostname, int(url.port or 4222))
+            if address not in out:
+                out.append(address)
+    return out or [("127.0.0.1", 4222)]
+
+
+def _auth(nc: Any) -> dict[str, Any]:
     url = nc.connected_url
     opts = nc.options or {}
     fields: dict[str, Any] = {}
@@ -83,7 +98,7 @@ def _auth(nc: Any) -> tuple[str, int, dict[str, Any]]:
         fields.update(user=user, **({"pass": password} if password is not None else {}))
     if token:
         fields["auth_token"] = token
-    return url.hostname or "127.0.0.1", int(url.port or 4222), fields
+    return fields
 
 
 class _Wire(asyncio.Protocol):
@@ -257,7 +272,8 @@ class ReplayReader:
     def __init__(self, nc: Any, stream: str, subject: str, *, start_seq: int = 1,
                  max_batch: int = 20_000, retry_s: float = 30.0,
                  heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.host, self.port, self.auth = _auth(nc)
+        self.addresses, self.auth = _addresses(nc), _auth(nc)
+        self.turn = 0  # which address the next connection tries
         self.stream = stream
         self.subject = subject
         self.max_batch = max_batch
@@ -274,8 +290,11 @@ class ReplayReader:
 
     async def _connect(self) -> _Wire:
         loop = asyncio.get_running_loop()
+        host, port = self.addresses[self.turn % len(self.addresses)]
+        self.turn += 1  # a failed server is not tried twice in a row
         _, wire = await asyncio.wait_for(
-            loop.create_connection(lambda: _Wire(loop), self.host, self.port), 5.0)
+            loop.create_connection(lambda: _Wire(loop), host, port), 5.0)
+        self.turn -= 1  # connected: stay with this one
         try:
             await asyncio.wait_for(wire.info, 5.0)
             connect = {"verbose": False, "pedantic": False, "headers": True,
@@ -372,6 +391,8 @@ class ReplayReader:
                 if self.wire is not None:
                     self.wire.close()
                     self.wire = None
+                logger.warning("reading %s: %s; trying again", self.stream,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 if loop.time() + delay > deadline:
                     if isinstance(exc, Unavailable):
                         raise
@@ -509,8 +530,9 @@ async def follow_batches(log: EventLog, *, start_seq: int = 1,
         finally:
             await batches.aclose()
         return
+    # A live follower outlasts any server outage, as nats-py's reconnects do.
     follower = ReplayReader(log.nc, log.stream, names.events_filter(log.swarm),
-                            start_seq=start_seq, max_batch=max_batch)
+                            start_seq=start_seq, max_batch=max_batch, retry_s=math.inf)
     try:
         pending = await follower.start()
         if caught_up is not None and pending == 0:
