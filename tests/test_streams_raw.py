@@ -218,3 +218,50 @@ async def test_a_live_projector_reading_raw_survives_a_dropped_connection(
     rows = rows_of(tmp_path / "live.duckdb")
     assert [r[0] for r in rows["events"]] == list(range(1, last + 1))
     assert len(rows["tasks"]) == 1000
+
+
+async def test_an_agent_user_follows_raw_within_its_permissions(tmp_path: Path) -> None:
+    """With user/password auth and an agent's permissions (cflow.creds), the raw
+    reader's inboxes, consumer and flow control are all allowed."""
+    from cflow import creds
+    from cflow.server import EmbeddedServer, ServerOptions, free_port
+    from cflow.streams import connect, ensure_swarm
+
+    auth = tmp_path / "auth"
+    creds.create(auth, "admin", "alpha", admin=True)
+    creds.create(auth, "w1", "alpha")
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
+                                          sync="default",
+                                          auth_include=str(auth / creds.AUTH_CONF)))
+    server.start()
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    try:
+        registry = creds.load(auth)
+        admin_user, agent_user = registry.find("alpha.admin"), registry.find("alpha.w1")
+        assert admin_user is not None and agent_user is not None
+        admin = await connect(creds.client_url(admin_user, server.url))
+        try:
+            await ensure_swarm(admin, "alpha")
+        finally:
+            await admin.close()
+        nc = await connect(creds.client_url(agent_user, server.url), error_cb=on_error)
+        try:
+            log = EventLog(nc, "alpha", actor="w1")
+            assert raw_capable(nc)
+            last = await fill(log, 1000) + 1000
+            projector = Projector(log, tmp_path / "p.duckdb", batch_max=100)
+            await asyncio.wait_for(projector.run(until_seq=last), 30)
+            await projector.close()
+            assert projector.applied_events == last
+            got = [seq async for batch in replay_source(log, until_seq=last)
+                   for seq, _, _, _ in batch]
+            assert got == list(range(1, last + 1))
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    assert errors == []

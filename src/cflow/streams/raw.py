@@ -282,7 +282,7 @@ class ReplayReader:
         self.last = start_seq - 1
         self.wire: _Wire | None = None
         self.consumer: str | None = None
-        self.inbox = f"_CFRAW.{secrets.token_hex(8)}"
+        self.inbox = f"_INBOX.{secrets.token_hex(11)}"  # what permissions let replies use
         self.counter = 0
         self.pending_at_start = 0
         self.caught_up = False  # the last batch ended with nothing pending on the server
