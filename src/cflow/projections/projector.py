@@ -1,7 +1,9 @@
 """The projector: follows a swarm's event stream and applies it to DuckDB in batches.
 
-The loop reads :meth:`EventLog.follow_batches` from ``checkpoint + 1`` (the log
-decodes in bulk and applies the HLC receive rule per batch): each batch is what
+The loop reads :func:`cflow.streams.raw.follow_batches` from ``checkpoint + 1``
+(its own NATS protocol reader, or nats-py's :meth:`EventLog.follow_batches` where
+the connection needs TLS or credentials; decoded in bulk, the HLC receive rule
+applied per batch): each batch is what
 arrived while the previous one was applied (up to ``batch_max``), handed to
 :class:`ProjectionStore` on the one DuckDB thread. Batches grow with load and
 shrink to one event when the stream is quiet, so lag stays low at low rates and
