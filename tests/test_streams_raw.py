@@ -265,3 +265,46 @@ async def test_an_agent_user_follows_raw_within_its_permissions(tmp_path: Path) 
     finally:
         server.stop()
     assert errors == []
+
+
+@pytest.mark.chaos
+async def test_a_silent_server_is_noticed_by_missed_heartbeats(tmp_path: Path) -> None:
+    """The server stops answering (SIGSTOP) while the reader waits for new events:
+    two missed heartbeats, a new connection once it answers again, and the next
+    event read is the one after the last, nothing skipped or repeated."""
+    from cflow.server import EmbeddedServer, ServerOptions, free_port
+    from cflow.streams import connect, ensure_swarm
+
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
+                                          sync="default"))
+    server.start()
+    try:
+        nc = await connect(server.url)
+        try:
+            await ensure_swarm(nc, "quiet")
+            log = EventLog(nc, "quiet", actor="t")
+            last = await fill(log, 200) + 200
+            reader = ReplayReader(nc, log.stream, names.events_filter("quiet"),
+                                  max_batch=1000, heartbeat_s=0.5)
+            try:
+                while reader.last < last:
+                    await reader.next_batch()
+                waiting = asyncio.create_task(reader.next_batch())
+                assert server.proc is not None
+                server.proc.send_signal(signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(2.0)  # the outage: four heartbeat intervals
+                finally:
+                    server.proc.send_signal(signal.SIGCONT)
+                await fill(log, 50)
+                batch = await asyncio.wait_for(waiting, 30)
+                while reader.last < last + 50:
+                    batch += await reader.next_batch()
+            finally:
+                await reader.close()
+            assert reader.resets >= 1
+            assert [item[0] for item in batch] == list(range(last + 1, last + 51))
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
