@@ -473,8 +473,6 @@ async def replay_batches(nc: Any, stream: str, subject: str, *, start_seq: int =
         await reader.close()
 
 
-
-
 READERS = ("raw", "nats-py")
 
 
