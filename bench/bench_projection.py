@@ -13,9 +13,13 @@ projection``. Figures (all from the same run):
 * ``ingest_e2e_events_per_s`` = ``rebuild_events / rebuild_s``: a rebuild from
   NATS (batched ordered consumer, bulk decode, replay-mode fold and appends) into
   a fresh file, including the atomic swap. 1M events (``--quick``: 100k).
-  Beside it, same stream and run: ``rebuild_split_s`` (this process reads, a
-  child process decodes, folds and writes: ``split=True``) and
-  ``raw_read_events_per_s`` (the reading side alone, nothing decoded).
+  Beside it, same stream and run: ``rebuild_nats_py_s`` (the same rebuild
+  reading through nats-py's ordered consumer, run just before), the CPU each
+  used per event (``*_cpu_us_per_event``, this process and its children) and the
+  1-minute load average (``load_avg_1m``), ``rebuild_split_s`` (this process
+  reads, a child process decodes, folds and writes: ``split=True``), and the
+  reading side alone, nothing decoded: ``raw_read_events_per_s`` (nats-py) and
+  ``raw_read_native_events_per_s`` (``cflow.streams.raw``).
 * ``lag_p50_ms``, ``lag_p99_ms``, ``lag_max_ms``: a live projector while events
   are appended at a steady 1,000 events/s (10 every 10 ms) from this same
   process; lag = commit of the batch holding an event minus the moment its
@@ -30,14 +34,15 @@ import argparse
 import asyncio
 import os
 import random
+import resource
 import statistics
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bench import projection_live
+from bench.servers import bench_server
 from cflow import events as ev
 from cflow.hlc import HybridClock
 from cflow.projections import fold, schema
@@ -45,6 +50,7 @@ from cflow.projections.projector import Projector, rebuild
 from cflow.projections.store import ProjectionStore
 from cflow.streams import EventLog, connect, ensure_swarm
 from cflow.streams.client import StoredEvent
+from cflow.streams.raw import replay_source
 
 BATCH = 5000
 BASE_MS = 1_767_225_600_000
@@ -165,17 +171,34 @@ async def fill(log: EventLog, items: list[tuple[ev.EventData, str]]) -> None:
         await log.append_many([(log.event(d, e), None) for d, e in items[i:i + chunk]])
 
 
-async def raw_read(log: EventLog, n: int) -> float:
-    """Events/s of the rebuild's reading side alone (ordered consumer, batched, undecoded)."""
+async def raw_read(log: EventLog, n: int, reader: str = "nats-py") -> float:
+    """Events/s of the rebuild's reading side alone (batched, undecoded): nats-py's
+    ordered consumer or our own protocol reader (``reader="raw"``)."""
     started = time.perf_counter()
-    batches = log.follow_raw_batches(max_batch=20_000)
-    try:
-        async for batch in batches:
-            if batch[-1][0] >= n:
-                break
-    finally:
-        await batches.aclose()
+    async for _ in replay_source(log, until_seq=n, reader=reader):
+        pass
     return n / (time.perf_counter() - started)
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+async def rebuild_ab(log: EventLog, tmp: Path, n: int) -> dict[str, float]:
+    """The rebuild with nats-py's reader (the baseline), then with our own, back to back."""
+    out: dict[str, float] = {"load_avg_1m": os.getloadavg()[0]}
+    for reader, name in (("nats-py", "rebuild_nats_py"), ("raw", "rebuild")):
+        spent = cpu_s()
+        result = await rebuild(log, tmp / f"rebuilt-{reader}.duckdb", reader=reader)
+        out[f"{name}_s"] = float(result["seconds"])
+        out[f"{name}_cpu_us_per_event"] = (cpu_s() - spent) / max(n, 1) * 1e6
+        if reader == "raw":
+            out["rebuild_events"] = float(result["events"])
+            out["ingest_e2e_events_per_s"] = result["events"] / max(result["seconds"], 1e-9)
+    return out
 
 
 async def lag(log: EventLog, tmp: Path, seconds: float, rate: int = 1000) -> list[float]:
@@ -224,21 +247,9 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(url: str | None = None, quick: bool = False,
               tmp: Path | None = None) -> dict[str, float]:
-    own_tmp = None
-    if tmp is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="cflow-bench-projection-")
-        tmp = Path(own_tmp.name)
-    server = None
-    if url is None:
-        from cflow.server import EmbeddedServer, ServerOptions, free_port
-
-        server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp / "nats",
-                                              sync="default"))
-        server.start()
-        url = server.url
     out: dict[str, float] = {}
     smoke = os.environ.get("CFLOW_BENCH_SMOKE") == "1"  # the test suite: sizes, not figures
-    try:
+    async with bench_server(url, tmp, "cflow-bench-projection-") as (url, tmp):
         n_ingest = 5_000 if smoke else 20_000 if quick else 200_000
         events = decoded(workload(n_ingest))
         out["fold_events_per_s"] = fold_only(events)
@@ -257,13 +268,11 @@ async def run(url: str | None = None, quick: bool = False,
             started = time.perf_counter()
             await fill(log, workload(n_rebuild))
             out["append_events_per_s"] = n_rebuild / (time.perf_counter() - started)
-            out["raw_read_events_per_s"] = await raw_read(log, n_rebuild)
+            out["raw_read_events_per_s"] = await raw_read(log, n_rebuild, "nats-py")
+            out["raw_read_native_events_per_s"] = await raw_read(log, n_rebuild, "raw")
             split = await rebuild(log, tmp / "rebuilt-split.duckdb", split=True)
             out["rebuild_split_s"] = float(split["seconds"])
-            result = await rebuild(log, tmp / "rebuilt.duckdb")
-            out["rebuild_s"] = float(result["seconds"])
-            out["rebuild_events"] = float(result["events"])
-            out["ingest_e2e_events_per_s"] = result["events"] / max(result["seconds"], 1e-9)
+            out.update(await rebuild_ab(log, tmp, n_rebuild))
             out["rebuild_1m_projected_s"] = 1_000_000 / out["ingest_e2e_events_per_s"]
 
             lag_swarm = f"benchlag{os.getpid()}"
@@ -277,11 +286,6 @@ async def run(url: str | None = None, quick: bool = False,
         finally:
             await nc.close()
         out.update(await projection_live.run(url, quick, tmp))
-    finally:
-        if server is not None:
-            server.stop()
-        if own_tmp is not None:
-            own_tmp.cleanup()
     return out
 
 

@@ -4,12 +4,14 @@
 nats-server without ``--url``); ``bench/bench_projection.py`` runs it too, so
 ``python -m bench --only projection`` has these figures beside the others.
 
-* Lag: a producer **process** appends at a steady rate (``append_many`` every
-  10 ms) and records, per stream sequence, the moment it sent the append; this
-  process runs the projector and records when the batch holding each sequence
-  committed. Both clocks are ``time.monotonic`` (CLOCK_MONOTONIC, shared by the
-  processes of one machine). The producer runs apart so its appends do not share
-  this process's interpreter lock with the projector, as in a real swarm.
+* Lag (``lag_1k_*``, ``lag_10k_*``; the same with nats-py's reader just before,
+  as baseline: ``lag_1k_nats_py_*``): a producer **process** appends at a steady
+  rate (``append_many`` every 10 ms) and records, per stream sequence, the
+  moment it sent the append; this process runs the projector and records when
+  the batch holding each sequence committed. Both clocks are ``time.monotonic``
+  (CLOCK_MONOTONIC, shared by the processes of one machine). The producer runs
+  apart so its appends do not share this process's interpreter lock with the
+  projector, as in a real swarm.
 * Query: ``QueryClient.query`` (what ``cfctl query`` sends) against a live
   projector's ``QueryService``: a point lookup by task id, (a) alone and (b) with
   read-your-writes (append an event, then query with ``wait_for_seq`` = its
@@ -25,11 +27,11 @@ import asyncio
 import multiprocessing
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.servers import bench_server
 from cflow import events as ev
 from cflow.projections.projector import Projector
 from cflow.projections.query import QueryClient, QueryService
@@ -65,12 +67,13 @@ def _produce(url: str, swarm: str, rate: int, seconds: float, out: Any) -> None:
     out.send(asyncio.run(main()))
 
 
-async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float) -> dict[str, float]:
+async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
+              reader: str = "raw") -> dict[str, float]:
     """Lag figures (ms) of a live projector while another process appends at ``rate``/s."""
-    swarm = f"benchlag{rate}x{int(time.time() * 1000) % 100000}"
+    swarm = f"benchlag{rate}x{int(time.time() * 1000) % 100000}{reader[0]}"
     await ensure_swarm(nc, swarm)
     log = EventLog(nc, swarm, actor="bench")
-    projector = Projector(log, tmp / f"lag{rate}.duckdb")
+    projector = Projector(log, tmp / f"{swarm}.duckdb", reader=reader)
     committed: list[tuple[int, float]] = []  # (last seq of a batch, commit time)
     projector.on_batch(lambda last: committed.append((last, time.monotonic())))
     runner = asyncio.create_task(projector.run())
@@ -82,7 +85,9 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float) -> dict[s
         assert await asyncio.to_thread(parent.recv) == "ready"
         sent: list[tuple[int, float]] = await asyncio.to_thread(parent.recv)
         last = max(seq for seq, _ in sent)
-        await projector.wait_for(last, 60.0)
+        if not await projector.wait_for(last, 60.0):
+            raise RuntimeError(f"the projector ({reader}) applied {projector.applied_seq} of "
+                               f"{last} events within 60 s of the last append")
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -160,38 +165,23 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(url: str | None = None, quick: bool = False,
               tmp: Path | None = None) -> dict[str, float]:
-    own_tmp = None
-    if tmp is None:
-        own_tmp = tempfile.TemporaryDirectory(prefix="cflow-bench-live-")
-        tmp = Path(own_tmp.name)
-    server = None
-    if url is None:
-        from cflow.server import EmbeddedServer, ServerOptions, free_port
-
-        server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp / "nats",
-                                              sync="default"))
-        server.start()
-        url = server.url
     out: dict[str, float] = {}
-    try:
+    async with bench_server(url, tmp, "cflow-bench-live-") as (url, tmp):
         nc = await connect(url, name="cflow:bench-projection-live")
         try:
             seconds = 1.0 if os.environ.get("CFLOW_BENCH_SMOKE") == "1" else (
                 3.0 if quick else 10.0)
             for rate, name in ((1000, "1k"), (10_000, "10k")):
-                figures = await lag(nc, url, tmp, rate, seconds)
-                for key, value in figures.items():
-                    out[f"lag_{name}_{key}" + ("_ms" if key not in ("events", "batches")
-                                                else "")] = value
+                # nats-py's reader first (the baseline), then the default, back to back.
+                for reader, suffix in (("nats-py", "_nats_py"), ("raw", "")):
+                    figures = await lag(nc, url, tmp, rate, seconds, reader=reader)
+                    for key, value in figures.items():
+                        unit = "" if key in ("events", "batches") else "_ms"
+                        out[f"lag_{name}{suffix}_{key}{unit}"] = value
             for key, value in (await queries(nc, tmp, 200 if quick else 1000)).items():
                 out[f"query_{key}_ms"] = value
         finally:
             await nc.close()
-    finally:
-        if server is not None:
-            server.stop()
-        if own_tmp is not None:
-            own_tmp.cleanup()
     return out
 
 

@@ -4,13 +4,16 @@ and the description of the machine that every result file carries."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -151,3 +154,21 @@ def machine(base: Path) -> dict[str, Any]:
         "filesystem": _fs_type(base),
         "temp_dir": str(base),
     }
+
+
+@contextlib.asynccontextmanager
+async def bench_server(url: str | None, tmp: Path | None, prefix: str
+                       ) -> AsyncIterator[tuple[str, Path]]:
+    """``(url, tmp)`` for a bench module run on its own: a temporary directory
+    (unless ``tmp`` is given) and an embedded nats-server, sync default (unless
+    ``url`` is given); both gone afterwards."""
+    with contextlib.ExitStack() as stack:
+        if tmp is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        if url is None:
+            server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp / "nats",
+                                                  sync="default"))
+            server.start()
+            stack.callback(server.stop)
+            url = server.url
+        yield url, tmp

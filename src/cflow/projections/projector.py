@@ -1,7 +1,9 @@
 """The projector: follows a swarm's event stream and applies it to DuckDB in batches.
 
-The loop reads :meth:`EventLog.follow_batches` from ``checkpoint + 1`` (the log
-decodes in bulk and applies the HLC receive rule per batch): each batch is what
+The loop reads :func:`cflow.streams.raw.follow_batches` from ``checkpoint + 1``
+(its own NATS protocol reader, or nats-py's :meth:`EventLog.follow_batches` where
+the connection needs TLS or credentials; decoded in bulk, the HLC receive rule
+applied per batch): each batch is what
 arrived while the previous one was applied (up to ``batch_max``), handed to
 :class:`ProjectionStore` on the one DuckDB thread. Batches grow with load and
 shrink to one event when the stream is quiet, so lag stays low at low rates and
@@ -44,6 +46,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_MAX = 5000
+REPLAY_BATCH_FACTOR = 4  # a replay's batches: 20,000 events a transaction by default
 DB_FILE = "projection.duckdb"
 
 
@@ -64,9 +67,10 @@ class Projector:
     def __init__(self, log_: EventLog, db_path: str | Path, *,
                  batch_max: int = DEFAULT_BATCH_MAX,
                  max_event_bytes: int = fold.DEFAULT_MAX_EVENT_BYTES,
-                 replay: bool = False) -> None:
+                 replay: bool = False, reader: str = "raw") -> None:
         self.log = log_
         self.replay = replay
+        self.reader = reader  # "raw": cflow.streams.raw where it can; "nats-py"
         self.db_path = Path(db_path)
         self.batch_max = batch_max
         self.max_event_bytes = max_event_bytes
@@ -143,8 +147,11 @@ class Projector:
         await self.open()
         if until_seq is not None and self.applied_seq >= until_seq:
             return
-        batches = self.log.follow_batches(start_seq=self.applied_seq + 1,
-                                          caught_up=self.caught_up, max_batch=self.batch_max)
+        from cflow.streams.raw import follow_batches
+
+        batches = follow_batches(self.log, start_seq=self.applied_seq + 1,
+                                 caught_up=self.caught_up, max_batch=self.batch_max,
+                                 reader=self.reader)
         try:
             async for batch in batches:
                 await self.apply(batch)
@@ -204,7 +211,7 @@ class BackgroundRebuild:
         tmp = path.with_name(f"{path.name}.rebuild-bg")
         await anyio.to_thread.run_sync(_clear_leftovers, path, tmp)
         shadow = Projector(live.log, tmp, batch_max=live.batch_max,
-                           max_event_bytes=live.max_event_bytes)
+                           max_event_bytes=live.max_event_bytes, reader=live.reader)
         shadow.on_batch(lambda seq: self._report("catch-up", seq))
         try:
             return await self._replay_and_swap(shadow, tmp)
@@ -413,22 +420,35 @@ def _wal(path: Path) -> Path:
 
 async def _replay(log_: EventLog, tmp: Path, target: int, *, batch_max: int,
                   max_event_bytes: int, split: bool,
-                  progress: Callable[[int, int], None] | None) -> tuple[int, int]:
+                  progress: Callable[[int, int], None] | None,
+                  reader: str = "raw") -> tuple[int, int]:
     """Replay sequences 1..target into the fresh file ``tmp``: (events, quarantined)."""
     if split:
         from cflow.projections.replay import replay_into
 
         done = await replay_into(
             log_, tmp, target, batch_max=batch_max, max_event_bytes=max_event_bytes,
+            reader=reader,
             progress=None if progress is None else (lambda seq: progress(seq, target)))
         return done["events"], done["quarantined"]
+    from cflow.streams.client import decode_delivery
+    from cflow.streams.raw import replay_source
+
     projector = Projector(log_, tmp, batch_max=batch_max, max_event_bytes=max_event_bytes,
                           replay=True)
     if progress is not None:
         projector.on_batch(lambda seq: progress(seq, target))
     try:
-        await projector.run(until_seq=target)
         store = await projector.open()
+        # Undecoded batches (read by our own NATS protocol reader where the
+        # connection allows), decoded here in bulk; no HLC receive rule for history.
+        source = replay_source(log_, start_seq=projector.applied_seq + 1, until_seq=target,
+                               max_batch=batch_max * REPLAY_BATCH_FACTOR, reader=reader)
+        try:
+            async for raw in source:
+                await projector.apply([decode_delivery(*item) for item in raw])
+        finally:
+            await source.aclose()
         await projector.db(store.finish)
         return projector.applied_events, projector.quarantined
     finally:
@@ -542,7 +562,7 @@ def _check_free(path: Path, tmp: Path) -> None:
 async def rebuild(log_: EventLog, db_path: str | Path, *,
                   progress: Callable[[int, int], None] | None = None,
                   batch_max: int = DEFAULT_BATCH_MAX,
-                  split: bool = False) -> dict[str, Any]:
+                  split: bool = False, reader: str = "raw") -> dict[str, Any]:
     """Replay the stream from sequence 1 into a fresh file, then swap it in atomically.
 
     The target is the stream's last sequence when the rebuild starts; the live
@@ -565,7 +585,8 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
     try:
         applied, quarantined = await _replay(log_, tmp, target, batch_max=batch_max,
                                              max_event_bytes=fold.DEFAULT_MAX_EVENT_BYTES,
-                                             split=split, progress=progress)
+                                             split=split, progress=progress,
+                                             reader=reader)
     except BaseException:
         for leftover in (tmp, _wal(tmp)):
             leftover.unlink(missing_ok=True)

@@ -41,7 +41,7 @@ _frames = msgspec.msgpack.Encoder()
 
 
 async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
-                      max_event_bytes: int,
+                      max_event_bytes: int, reader: str = "raw",
                       progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Replay the stream from sequence 1 to ``target`` into a fresh file ``path``.
 
@@ -52,6 +52,8 @@ async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
         CflowError: the child failed (its one-line error).
         Unavailable: NATS is unreachable.
     """
+    from cflow.streams.raw import replay_source
+
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cflow.projections.replay", str(path), str(max_event_bytes),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
@@ -70,11 +72,12 @@ async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
         if not outcome.done():
             outcome.set_result({"error": f"replay process exited ({await child.wait()})"})
 
-    reader = asyncio.create_task(answers())
+    answering = asyncio.create_task(answers())
     try:
         if target > 0:
             # Larger batches than live: a replay's cost per commit is spread wider.
-            batches = log.follow_raw_batches(max_batch=batch_max * REPLAY_BATCH_FACTOR)
+            batches = replay_source(log, until_seq=target,
+                                    max_batch=batch_max * REPLAY_BATCH_FACTOR, reader=reader)
             try:
                 async for batch in batches:
                     if outcome.done():
@@ -82,8 +85,6 @@ async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
                     frame = _frames.encode(batch)
                     child.stdin.write(_HEADER.pack(len(frame)) + frame)
                     await child.stdin.drain()
-                    if batch[-1][0] >= target:
-                        break
             finally:
                 await batches.aclose()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -100,9 +101,9 @@ async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
         if child.returncode is None:
             child.kill()
             await child.wait()
-        reader.cancel()
+        answering.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await reader
+            await answering
 
 
 def _serve(path: str, max_event_bytes: int) -> None:
