@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cflow import events as ev
@@ -225,6 +225,9 @@ TASK_EVENTS = st.sampled_from([
 
 
 @settings(max_examples=300, deadline=None)
+# found by CI: a non-final failure after an expiry is final in the state machine
+@example(steps=[("claim", False, 0), ("expire", True, 0), ("fail", True, 0)], deps=False,
+         gate=False, gaps=[0] * 12)
 @given(steps=st.lists(st.tuples(TASK_EVENTS, st.booleans(), st.integers(0, 3)), max_size=12),
        deps=st.booleans(), gate=st.booleans(),
        gaps=st.lists(st.integers(0, 5000), min_size=12, max_size=12))

@@ -535,7 +535,9 @@ def _task_step(before: Row | None, event: ev.Event, seq: int, when: datetime) ->
         case ev.TaskFailed():
             row["failures"] += 1
             row.update(error=data.error, cost_usd=_add_cost(row["cost_usd"], data.cost_usd))
-            if data.final:
+            # The transition table decides, as in tasks.apply: after an expiry a
+            # failure is final whatever its payload says.
+            if data.final or tasks.TRANSITIONS[(status, event.type)] == "failed":
                 row.update(status="failed", finished_at=when)
             else:
                 row.update(status="ready", owner=None, ready_at=when,
