@@ -109,8 +109,10 @@ async def test_a_gate_approved_by_clicking_makes_its_dependent_ready(
         page: Any, console: Console, swarm: Swarm) -> None:
     gate = await swarm.tasks.create("approve the release", kind="gate")
     dep = await swarm.tasks.create("publish the release", depends_on=[gate.task_id])
+    # Live: the board re-reads once the projector has the gate (slow on a loaded CI box;
+    # the 1 s update goal is measured in bench/ui_bench.py, not here).
     button = await page.wait_for_selector(
-        f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=5000)
+        f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=15_000)
     await page.fill(f"#note-{gate.task_id}", "looks good")
     await button.click()  # the confirmation dialog is accepted by the fixture
     await page.wait_for_selector(
