@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,13 @@ class Ctx:
     children: Children
     rec: Record
     agents: list[Child] = field(default_factory=list)  # reused agent processes
+    # The test suite's smoke run (CFLOW_BENCH_SMOKE=1): every figure once, not its spread.
+    smoke: bool = field(default_factory=lambda: os.environ.get("CFLOW_BENCH_SMOKE") == "1")
 
     def reps(self, quick: int, full: int) -> int:
-        return quick if self.quick else full
+        if not self.quick:
+            return full
+        return 1 if self.smoke else quick
 
     def pick(self, quick: float, full: float) -> float:
         return quick if self.quick else full
