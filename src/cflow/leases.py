@@ -739,8 +739,10 @@ class TaskService:
         return None
 
     async def poke(self) -> None:
-        """Wake claimers waiting for work: control state changed (resume, breaker closed)."""
+        """Wake claimers waiting for work: control state changed (a pause refuses them at
+        once, a resume or a closed breaker lets them look again)."""
         self._version += 1
+        self.offers.wake.set()
         async with self._changed:
             self._changed.notify_all()
 

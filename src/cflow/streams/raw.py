@@ -45,7 +45,7 @@ import secrets
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from cflow.errors import CflowError, NotFound, Unavailable
+from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
 from cflow.streams import names
 
 if TYPE_CHECKING:
@@ -487,7 +487,7 @@ async def replay_source(log: EventLog, *, until_seq: int, start_seq: int = 1,
     (``EventLog.follow_raw_batches``): the same sequence either way.
     """
     if reader not in READERS:
-        raise ValueError(f"unknown replay reader {reader!r} (one of {', '.join(READERS)})")
+        raise InvalidInput(f"unknown replay reader {reader!r} (one of {', '.join(READERS)})")
     if until_seq < start_seq:
         return
     if reader == "raw" and raw_capable(log.nc):
@@ -518,7 +518,7 @@ async def follow_batches(log: EventLog, *, start_seq: int = 1,
     from cflow.streams.client import decode_delivery
 
     if reader not in READERS:
-        raise ValueError(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
+        raise InvalidInput(f"unknown reader {reader!r} (one of {', '.join(READERS)})")
     if reader != "raw" or not raw_capable(log.nc):
         batches = log.follow_batches(start_seq=start_seq, caught_up=caught_up,
                                      max_batch=max_batch)
