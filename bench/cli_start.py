@@ -6,7 +6,8 @@ command ``--runs`` times as a fresh process (the venv's ``cfctl`` entry point, a
 a user runs it) and prints median and spread in milliseconds with the goal
 (<= 300 ms), and the median CPU time (user + system) of the process, which a
 loaded machine disturbs far less than the wall time. Commands that talk to the
-server do their whole round trip.
+server do their whole round trip; ``msgs`` is how many messages (requests and
+publishes) one run sent to the server (its monitoring ``in_msgs`` before and after).
 
 With ``PYTHONDONTWRITEBYTECODE`` set (as on the team's machines) and no compiled
 dependencies, every start compiles each module it imports from source; the header
@@ -17,6 +18,7 @@ cache (in a temporary directory, filled by the first run of each command).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 GOAL_MS = 300.0
@@ -44,6 +47,12 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     return took, (usage.ru_utime + usage.ru_stime) * 1000
 
 
+def sent_msgs(monitor: str) -> int:
+    """Messages the server has received from clients so far."""
+    with urllib.request.urlopen(f"{monitor}/varz", timeout=5) as reply:
+        return int(json.load(reply)["in_msgs"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
@@ -54,7 +63,10 @@ def main() -> None:
     from cflow.server import EmbeddedServer, ServerOptions, free_port
 
     store = Path(tempfile.mkdtemp(prefix="cflow-bench-cli-"))
-    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=store, sync="default"))
+    http_port = free_port()
+    monitor = f"http://127.0.0.1:{http_port}"
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=store, sync="default",
+                                          http_port=http_port))
     server.start()
     env = {**os.environ, "CFLOW_URL": server.url, "CFLOW_SWARM": "clistart",
            "XDG_DATA_HOME": str(store)}
@@ -86,14 +98,16 @@ def main() -> None:
             ("cfctl status", [CFCTL, "status"]),
             ("cfctl setup claude --help", [CFCTL, "setup", "claude", "--help"]),
         ]
-        results: list[tuple[str, float, float, float, float]] = []
+        results: list[tuple[str, float, float, float, float, int]] = []
         for label, argv in cases:
             if args.bytecode:
                 timed(argv, env)  # fills the cache
+            before = sent_msgs(monitor)
             runs = [timed(argv, env) for _ in range(args.runs)]
+            msgs = round((sent_msgs(monitor) - before) / args.runs)
             times = [wall for wall, _ in runs]
             results.append((label, statistics.median(times), min(times), max(times),
-                            statistics.median(cpu for _, cpu in runs)))
+                            statistics.median(cpu for _, cpu in runs), msgs))
     finally:
         server.stop()
         shutil.rmtree(store, ignore_errors=True)
@@ -101,12 +115,13 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"CLI cold start, {args.runs} runs each, load average {load:.1f}, "
           f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, bytecode {bytecode}")
-    print(f"{'command':<38} {'median':>8} {'spread':>15} {'x baseline':>10} {'CPU':>8}  goal")
-    for label, median, low, high, cpu in results:
+    print(f"{'command':<38} {'median':>8} {'spread':>15} {'x baseline':>10} {'CPU':>8} "
+          f"{'msgs':>5}  goal")
+    for label, median, low, high, cpu, msgs in results:
         goal = "" if label.startswith("python") else (
             f"<= {GOAL_MS:.0f} ms: {'met' if median <= GOAL_MS else 'MISSED'}")
         print(f"{label:<38} {median:>6.0f} ms {low:>6.0f}-{high:<6.0f}ms "
-              f"{median / base:>9.1f}x {cpu:>5.0f} ms  {goal}")
+              f"{median / base:>9.1f}x {cpu:>5.0f} ms {msgs:>5}  {goal}")
 
 
 if __name__ == "__main__":

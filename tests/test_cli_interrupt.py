@@ -237,3 +237,17 @@ def test_ctrl_c_leaves_top(cli_env: dict[str, str]) -> None:
         assert json.loads(last) == {"interrupted": "left the live view", "exit_code": 130}
     finally:
         s.close()
+
+
+def test_a_hung_shutdown_is_still_bounded_and_says_it_was_forced() -> None:
+    # The clean stops above end well under 2 s; `exit_soon` stays only as the last
+    # resort for a shutdown step that hangs (here: one that sleeps), and says so.
+    hung = ("from cflow.cli.app import exit_soon; exit_soon('stopped the projector', 0.2); "
+            "import time; time.sleep(30)")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", hung], capture_output=True, text=True,
+                          timeout=30)
+    assert time.monotonic() - started < 10
+    assert done.returncode == 130
+    assert done.stderr == ("interrupted: stopped the projector (forced after 0.2 s: "
+                           "a shutdown step hung)\n")

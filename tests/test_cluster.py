@@ -99,8 +99,19 @@ async def test_r3_streams_and_replicas_never_shrink(cluster: Cluster) -> None:
         await ensure_swarm_when_placeable(nc, "r3", 3)
         info = await stream_info(nc, names.events_stream("r3"))
         assert info["config"]["num_replicas"] == 3
-        # A client that connects with the default (1) must not shrink it.
+        # A client that connects with the default (1) must not shrink it, and finds
+        # nothing to write: one look (listings), where it used to create, fail, read
+        # and update each of the 8 resources (24 requests per connect).
+        seen: list[str] = []
+
+        async def note(msg: Any) -> None:
+            seen.append(msg.subject)
+
+        sub = await nc.subscribe("$JS.API.STREAM.>", cb=note)
         await ensure_swarm(nc, "r3", 1)
+        await nc.flush()
+        await sub.unsubscribe()
+        assert seen and set(seen) == {"$JS.API.STREAM.LIST"}, seen
         info = await stream_info(nc, names.events_stream("r3"))
         assert info["config"]["num_replicas"] == 3
         await wait_until(lambda: _current(nc, "r3"), 20, "R3 replicas current")

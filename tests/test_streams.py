@@ -41,6 +41,7 @@ from cflow.streams.client import (
     TTL,
     api_request,
     ensure_stream,
+    satisfies,
     ttl_header,
 )
 from cflow.streams.errors import (
@@ -500,6 +501,56 @@ async def test_ensure_swarm_is_idempotent(nc: NATS, swarm_name: str) -> None:
     for name in expected:
         info = await api_request(nc, f"$JS.API.STREAM.INFO.{name}")
         assert info["config"]["num_replicas"] == 1
+
+
+def test_a_stream_as_specified_satisfies_and_more_replicas_still_do() -> None:
+    spec = swarm_resources("s1")[3]  # a bucket: TTLs and markers set
+    current = {**spec.config(), "metadata": {"_nats.req.level": "0"}, "max_bytes": -1}
+    assert satisfies(current, spec)
+    assert satisfies({**current, "num_replicas": 3}, spec)  # R3 is never shrunk
+    assert satisfies({**current, "storage": "memory"}, spec)  # storage is kept as it is
+    assert not satisfies(current, dataclasses.replace(spec, replicas=3))
+    assert not satisfies({**current, "description": "other"}, spec)
+    assert not satisfies({**current, "allow_msg_ttl": False}, spec)
+    events = swarm_resources("s1")[0]  # no TTLs: the server's false/absent match
+    assert satisfies({**events.config(), "allow_msg_ttl": False}, events)
+
+
+@integration
+async def test_ensure_swarm_looks_once_and_repairs_only_what_differs(
+        nc: NATS, swarm_name: str) -> None:
+    specs = swarm_resources(swarm_name)
+    await ensure_swarm(nc, swarm_name)  # fresh: creates everything
+    seen: list[str] = []
+
+    async def note(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    sub = await nc.subscribe("$JS.API.STREAM.>", cb=note)
+    try:
+        await ensure_swarm(nc, swarm_name)
+        await nc.flush()
+        # All there, as specified: only the listings (sent together), no writes.
+        assert seen and all(s == "$JS.API.STREAM.LIST" for s in seen), seen
+        assert len(seen) < len(specs)
+        seen.clear()
+        # A deleted bucket and a changed stream are put back; nothing else is touched.
+        await api_request(nc, f"$JS.API.STREAM.DELETE.{specs[4].name}")
+        await api_request(nc, f"$JS.API.STREAM.UPDATE.{specs[0].name}",
+                          {**specs[0].config(), "description": "changed"})
+        seen.clear()
+        await ensure_swarm(nc, swarm_name)
+        await nc.flush()
+        writes = sorted(s for s in seen if s != "$JS.API.STREAM.LIST")
+        assert writes == sorted([f"$JS.API.STREAM.CREATE.{specs[0].name}",
+                                 f"$JS.API.STREAM.INFO.{specs[0].name}",
+                                 f"$JS.API.STREAM.UPDATE.{specs[0].name}",
+                                 f"$JS.API.STREAM.CREATE.{specs[4].name}"]), writes
+    finally:
+        await sub.unsubscribe()
+    for spec in specs:
+        info = await api_request(nc, f"$JS.API.STREAM.INFO.{spec.name}")
+        assert satisfies(info["config"], spec)
 
 
 @integration

@@ -307,12 +307,65 @@ async def ensure_stream(nc: NATS, spec: StreamSpec) -> dict[str, Any]:
 
 
 async def ensure_swarm(nc: NATS, swarm: str, replicas: int = 1) -> list[str]:
-    """Create or update every stream and bucket of ``swarm``; returns their names."""
-    made = []
-    for spec in swarm_resources(swarm, replicas):
-        await ensure_stream(nc, spec)
-        made.append(spec.name)
-    return made
+    """Create or update every stream and bucket of ``swarm``; returns their names.
+
+    One look first: stream listings sent together (one for the swarm's own
+    subjects, one per KV bucket, so a server holding many swarms answers small),
+    so the usual case (all there, as configured) costs one round trip instead of
+    a create per resource in turn. Only a resource that is missing, or differs
+    from its spec, goes through :func:`ensure_stream`.
+    """
+    specs = swarm_resources(swarm, replicas)
+    own = f"{names.PREFIX}.{swarm}."
+    filters = [f"{own}>", *(spec.subjects[0] for spec in specs
+                            if not spec.subjects[0].startswith(own))]
+    have = await _listed_streams(nc, filters)
+    for spec in specs:
+        current = have.get(spec.name)
+        if current is None or not satisfies(current, spec):
+            await ensure_stream(nc, spec)
+    return [spec.name for spec in specs]
+
+
+async def _listed_streams(nc: NATS, filters: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Configurations by name of the streams whose subjects meet ``filters``.
+
+    Best effort: a failed listing, or a page beyond the first, only leaves names
+    out, which the caller then creates or updates one by one as before.
+    """
+    replies = await asyncio.gather(
+        *(api_request(nc, "$JS.API.STREAM.LIST", {"subject": f}) for f in filters),
+        return_exceptions=True)
+    found: dict[str, dict[str, Any]] = {}
+    for reply in replies:
+        if isinstance(reply, CflowError):
+            continue
+        if isinstance(reply, BaseException):
+            raise reply
+        for stream in reply.get("streams") or ():
+            config = stream.get("config") or {}
+            found[str(config.get("name"))] = config
+    return found
+
+
+def satisfies(current: dict[str, Any], spec: StreamSpec) -> bool:
+    """Whether a stream's configuration already is what ``ensure_stream`` would make.
+
+    Replicas may be more than asked (R3 never shrinks) and the storage type is
+    kept whatever it is (JetStream cannot change it), as in ``ensure_stream``.
+    """
+    want = spec.config()
+    want.setdefault("allow_msg_ttl", False)
+    want.setdefault("subject_delete_marker_ttl", 0)
+    for key, value in want.items():
+        if key == "storage":
+            continue
+        if key == "num_replicas":
+            if int(current.get(key) or 1) < int(value):  # type: ignore[call-overload]
+                return False
+        elif (current.get(key) or type(value)()) != value:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------ pure builders
