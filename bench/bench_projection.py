@@ -264,7 +264,7 @@ async def run(url: str | None = None, quick: bool = False,
             swarm = f"benchproj{os.getpid()}"
             await ensure_swarm(nc, swarm)
             log = EventLog(nc, swarm, actor="bench")
-            n_rebuild = 20_000 if smoke else 100_000 if quick else 1_000_000
+            n_rebuild = 5_000 if smoke else 100_000 if quick else 1_000_000
             started = time.perf_counter()
             await fill(log, workload(n_rebuild))
             out["append_events_per_s"] = n_rebuild / (time.perf_counter() - started)

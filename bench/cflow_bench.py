@@ -195,7 +195,7 @@ async def _run_claimers(active: list[Child], duration: float) -> list[dict[str, 
 
 async def claims(ctx: Ctx) -> None:
     levels = [1, 4, 16] if ctx.quick else [1, 4, 16, 32]
-    duration = ctx.pick(1.0, 5.0)
+    duration = ctx.seconds(1.0, 5.0)
     reps = ctx.reps(1, 3)
     for mode in ("strict", "default"):
         for n in levels:
@@ -458,7 +458,7 @@ async def _marks(loads: list[Child]) -> tuple[int, float]:
 async def scale(ctx: Ctx) -> None:
     n_agents = 1000
     per_proc = n_agents // LOAD_PROCS
-    duration = ctx.pick(3.0, 8.0)
+    duration = ctx.seconds(3.0, 8.0)
     reps = ctx.reps(1, 3)
     syncs = ("default",) if ctx.quick else SYNCS
     how = (f"load: {n_agents} simulated agents in {LOAD_PROCS} processes x {per_proc} "

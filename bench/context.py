@@ -27,5 +27,11 @@ class Ctx:
             return full
         return 1 if self.smoke else quick
 
+    def seconds(self, quick: float, full: float) -> float:
+        """How long a timed phase runs (a third of the quick time in the smoke run)."""
+        if not self.quick:
+            return full
+        return quick / 3 if self.smoke else quick
+
     def pick(self, quick: float, full: float) -> float:
         return quick if self.quick else full
