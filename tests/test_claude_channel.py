@@ -32,7 +32,15 @@ from typing import Any
 
 import pytest
 
-from anthropic_stub import AnthropicStub, claude_binary, claude_env, prompt_text, text
+from anthropic_stub import (
+    AnthropicStub,
+    claude_binary,
+    claude_env,
+    prompt_text,
+    text,
+    tool_results,
+    tool_use,
+)
 from cflow.swarm import Swarm
 from test_claude_e2e import BIN, project
 
@@ -59,7 +67,7 @@ def channel_env(cli_env: dict[str, str], model_url: str, home: Path, root: Path
     (home / ".claude.json").write_text(json.dumps({
         "hasCompletedOnboarding": True, "theme": "dark", "numStartups": 5,
         "customApiKeyResponses": {"approved": [KEY[-20:]], "rejected": []},
-        "cachedGrowthBookFeatures": {"tengu_harbor": True},
+        "cachedGrowthBookFeatures": {"tengu_harbor": True, "tengu_harbor_permissions": True},
         "projects": {str(root): {"hasTrustDialogAccepted": True,
                                  "hasCompletedProjectOnboarding": True}}}))
     return env
@@ -133,16 +141,18 @@ def channel_blocks(body: dict[str, Any]) -> list[str]:
     return re.findall(r"<channel [^>]*>.*?</channel>", prompt_text(body), re.S)
 
 
-async def test_a_message_reaches_the_model_as_a_channel_push(
+async def test_a_channel_push_reaches_the_model_and_a_relayed_prompt_is_allowed(
         tmp_path: Path, cli_env: dict[str, str], nats_url: str, swarm_name: str) -> None:
     root = project(tmp_path, cli_env)
     pushed = threading.Event()
 
     def script(body: dict[str, Any]) -> list[dict[str, Any]]:
-        if channel_blocks(body):
-            pushed.set()
-            return [text("read the channel")]
-        return [text("nothing pushed yet")]
+        if not channel_blocks(body):
+            return [text("nothing pushed yet")]
+        pushed.set()
+        if not tool_results(body):  # Write is not allowed: its prompt goes to the channel
+            return [tool_use("Write", file_path=str(root / "parser.txt"), content="fixed\n")]
+        return [text(f"wrote it: {tool_results(body)[-1][1]}")]
 
     assert CLAUDE is not None
     loop = asyncio.get_running_loop()
@@ -156,18 +166,40 @@ async def test_a_message_reaches_the_model_as_a_channel_push(
             tty.write("\r")  # the binary's own confirmation of a development channel
             tty.expect("Channels (experimental) messages from server:cflow", RUN_S)
             agent = await registered(nats_url, swarm_name, root)
-            sent = await asyncio.to_thread(
-                subprocess.run, [f"{BIN}/cfctl", "msg", "send", "--agent", "lead", agent,
-                                 "please look at the parser"],
-                env=cli_env, capture_output=True, text=True, timeout=RUN_S, check=False)
-            assert sent.returncode == 0, sent.stderr
-            message_id = sent.stdout.strip()
-            assert await loop.run_in_executor(None, pushed.wait, RUN_S), tty.screen()[-3000:]
-            body = next(b for b in stub.main_requests() if channel_blocks(b))
-            (block,) = channel_blocks(body)
-            assert block.startswith('<channel source="cflow" kind="message" '
-                                    f'message_id="{message_id}" sender="lead"'), block
-            assert "please look at the parser" in block
-            tty.expect("read the channel", RUN_S)  # the model's answer shown in the session
+            async with Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead:
+                await lead.messages.join("ops", "permissions")
+                sent = await asyncio.to_thread(
+                    subprocess.run, [f"{BIN}/cfctl", "msg", "send", "--agent", "lead", agent,
+                                     "please look at the parser"],
+                    env=cli_env, capture_output=True, text=True, timeout=RUN_S, check=False)
+                assert sent.returncode == 0, sent.stderr
+                message_id = sent.stdout.strip()
+                assert await loop.run_in_executor(None, pushed.wait, RUN_S), (
+                    tty.screen()[-3000:])
+                body = next(b for b in stub.main_requests() if channel_blocks(b))
+                (block,) = channel_blocks(body)
+                assert block.startswith('<channel source="cflow" kind="message" '
+                                        f'message_id="{message_id}" sender="lead"'), block
+                assert "please look at the parser" in block
+
+                # The model answers with a Write the session may not do on its own: the
+                # binary's permission prompt is relayed to the swarm, an operator allows it.
+                relayed = await lead.messages.inbox("ops", wait_s=RUN_S)
+                assert [m.sender for m in relayed] == [agent]
+            operator = {**cli_env, "CFLOW_AGENT": "ops"}
+            listed = await asyncio.to_thread(
+                subprocess.run, [f"{BIN}/cfctl", "--json", "permissions", "list"],
+                env=operator, capture_output=True, text=True, timeout=RUN_S, check=True)
+            (pending,) = json.loads(listed.stdout)
+            assert (pending["agent"], pending["tool_name"]) == (agent, "Write"), pending
+            assert not (root / "parser.txt").exists()  # nothing ran before the answer
+            allowed = await asyncio.to_thread(
+                subprocess.run, [f"{BIN}/cfctl", "permissions", "allow", pending["id"]],
+                env=operator, capture_output=True, text=True, timeout=RUN_S, check=False)
+            assert allowed.returncode == 0, allowed.stderr
+            tty.expect("wrote it", RUN_S)  # the session went on: the tool ran, the model saw it
+            assert (root / "parser.txt").read_text() == "fixed\n"
+            name, result, failed = tool_results(stub.main_requests()[-1])[-1]
+            assert name == "Write" and not failed, result
         finally:
             tty.close()
