@@ -11,8 +11,10 @@ session's channel list, and (6) a ``server:`` entry is a *development* channel
 (``--dangerously-load-development-channels``). That option is ignored under
 ``-p`` (it is applied only after an interactive confirmation dialog), and ``-p``
 registers channels only for marketplace plugins (the SDK's ``channel_enable``), so
-the session here is an interactive one on a pseudo-terminal. All outbound traffic
-other than the loopback stub goes to a dead proxy.
+the session here is an interactive one on a pseudo-terminal. The permission relay
+(``notifications/claude/channel/permission_request`` to servers declaring
+``claude/channel/permission``) needs the GrowthBook feature ``tengu_harbor_permissions``
+as well. All outbound traffic other than the loopback stub goes to a dead proxy.
 """
 
 from __future__ import annotations
