@@ -166,7 +166,8 @@ async def test_a_channel_push_reaches_the_model_and_a_relayed_prompt_is_allowed(
             await loop.run_in_executor(None, tty.expect, "I am using this for local development",
                                        RUN_S)
             tty.write("\r")  # the binary's own confirmation of a development channel
-            tty.expect("Channels (experimental) messages from server:cflow", RUN_S)
+            await loop.run_in_executor(None, tty.expect,
+                                       "Channels (experimental) messages from server:cflow", RUN_S)
             agent = await registered(nats_url, swarm_name, root)
             async with Swarm.connect(nats_url, swarm=swarm_name, agent="lead") as lead:
                 await lead.messages.join("ops", "permissions")
@@ -199,7 +200,8 @@ async def test_a_channel_push_reaches_the_model_and_a_relayed_prompt_is_allowed(
                 subprocess.run, [f"{BIN}/cfctl", "permissions", "allow", pending["id"]],
                 env=operator, capture_output=True, text=True, timeout=RUN_S, check=False)
             assert allowed.returncode == 0, allowed.stderr
-            tty.expect("wrote it", RUN_S)  # the session went on: the tool ran, the model saw it
+            # The session went on: the tool ran and the model saw its result.
+            await loop.run_in_executor(None, tty.expect, "wrote it", RUN_S)
             assert (root / "parser.txt").read_text() == "fixed\n"
             name, result, failed = tool_results(stub.main_requests()[-1])[-1]
             assert name == "Write" and not failed, result
