@@ -1,8 +1,8 @@
 """Claude Code channels, against the protocol exactly as the `claude` binary defines it.
 
-The offline binary refuses channels before any server is asked (its check reads
-a server-side feature flag, "channels feature is not currently available", and
-needs --channels / a claude.ai login), so `cfctl mcp` is driven here the way
+A push and the permission relay also run through the real binary
+(test_claude_channel.py, where its channel gates are described); the rest of the
+shapes are checked here, with `cfctl mcp` driven the way
 Claude Code drives a channel server: raw JSON-RPC with clientInfo ``claude-code``,
 ``notifications/claude/channel`` pushes read off stdout, and
 ``notifications/claude/channel/permission_request`` sent in, answered by an
