@@ -32,11 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from anthropic_stub import (
     AnthropicStub,
-    claude_binary,
     claude_env,
     prompt_text,
     text,
@@ -44,15 +41,9 @@ from anthropic_stub import (
     tool_use,
 )
 from cflow.swarm import Swarm
-from test_claude_e2e import BIN, project
+from test_claude_e2e import BIN, CLAUDE, project
+from test_claude_e2e import pytestmark as pytestmark  # the same marks and skip reason
 
-CLAUDE = claude_binary()
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.integration,
-    pytest.mark.skipif(CLAUDE is None, reason="no `claude` binary (npm @anthropic-ai/claude-code; "
-                                              ".ci/run installs it as root in CI)"),
-]
 RUN_S = 30.0
 KEY = "sk-ant-stub-key"
 

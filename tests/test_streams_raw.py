@@ -9,15 +9,12 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cflow import events as ev
 from cflow.errors import NotFound
-from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
-from cflow.projections.store import ProjectionStore, table_rows
 from cflow.streams import EventLog, names
 from cflow.streams.raw import (
     ReplayReader,
@@ -26,6 +23,7 @@ from cflow.streams.raw import (
     replay_batches,
     replay_source,
 )
+from test_projection_replay import rows_of
 
 pytestmark = pytest.mark.integration
 
@@ -132,14 +130,6 @@ async def test_a_replay_of_a_missing_stream_is_not_found(log: EventLog) -> None:
     with pytest.raises(NotFound, match="stream"):
         async for _ in batches:
             pass
-
-
-def rows_of(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    store = ProjectionStore(path)
-    try:
-        return {t: table_rows(store.con, t) for t in schema.TABLES}
-    finally:
-        store.close()
 
 
 CHILD = """
