@@ -22,10 +22,19 @@ from cflow.server import free_port
 
 pytestmark = pytest.mark.e2e
 
-# SIGUSR1 dumps the stacks of a cfctl that did not stop (shown in the failure).
-CFCTL = [sys.executable, "-c", "import faulthandler, signal; "
-         "faulthandler.register(signal.SIGUSR1, all_threads=True); "
-         "from cflow.cli import main; main()"]
+# SIGUSR1 dumps the threads' stacks of a cfctl that did not stop, SIGUSR2 the stacks of
+# its asyncio tasks (an idle event loop shows only `select` in the first).
+CFCTL = [sys.executable, "-c", """
+import asyncio, faulthandler, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+def tasks(*_):
+    loop = asyncio.events._get_running_loop()
+    for task in asyncio.all_tasks(loop) if loop else ():
+        task.print_stack(limit=12, file=sys.stderr)
+signal.signal(signal.SIGUSR2, tasks)
+from cflow.cli import main
+main()
+"""]
 
 
 def descendants(pid: int) -> set[int]:
@@ -106,6 +115,8 @@ class Session:
         took = time.monotonic() - sent
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGUSR1)  # faulthandler: where it hangs
+            self.pump(0.5)
+            self.proc.send_signal(signal.SIGUSR2)  # and where its tasks wait
             until = time.monotonic() + 3
             while time.monotonic() < until:
                 self.pump(0.2)
