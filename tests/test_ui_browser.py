@@ -111,8 +111,17 @@ async def test_a_gate_approved_by_clicking_makes_its_dependent_ready(
     dep = await swarm.tasks.create("publish the release", depends_on=[gate.task_id])
     # Live: the board re-reads once the projector has the gate (slow on a loaded CI box;
     # the 1 s update goal is measured in bench/ui_bench.py, not here).
-    button = await page.wait_for_selector(
-        f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=15_000)
+    try:
+        button = await page.wait_for_selector(
+            f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=15_000)
+    except Exception as exc:  # say what the page and the console showed instead
+        from cflow.ui.processes import tail
+
+        board = await page.inner_html("#board")
+        raise AssertionError(
+            f"{exc}\nseq shown {await page.evaluate('document.body.dataset.seq')}, "
+            f"live {await page.evaluate('document.body.dataset.live')}\n{board[:3000]}\n"
+            f"console stderr:\n{tail(console.procs['ui'])}") from None
     await page.fill(f"#note-{gate.task_id}", "looks good")
     await button.click()  # the confirmation dialog is accepted by the fixture
     await page.wait_for_selector(

@@ -6,6 +6,7 @@ product never starts itself this way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import queue
@@ -50,6 +51,29 @@ def first_line(proc: subprocess.Popen[str], stream: str, within: float, want: st
             return line
 
 
+_tails: dict[int, collections.deque[str]] = {}
+
+
+def drain(proc: subprocess.Popen[str], stream: str) -> None:
+    """Read ``stream`` to its end in a thread, keeping its last lines (:func:`tail`):
+    a pipe nobody reads fills up and blocks the child's next write."""
+    kept: collections.deque[str] = _tails.setdefault(id(proc), collections.deque(maxlen=200))
+    pipe = getattr(proc, stream)
+
+    def read() -> None:
+        for line in pipe:
+            kept.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _readers.setdefault(id(proc), []).append(reader)
+
+
+def tail(proc: subprocess.Popen[str]) -> str:
+    """The last lines a :func:`drain` kept (for a failing test's message)."""
+    return "".join(_tails.get(id(proc), ()))
+
+
 def stop(proc: subprocess.Popen[str]) -> None:
     """SIGTERM, then SIGKILL after 10 s; its reader threads joined, its pipes closed."""
     if proc.poll() is None:
@@ -61,6 +85,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(5)
     for reader in _readers.pop(id(proc), []):
         reader.join(5)
+    _tails.pop(id(proc), None)
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
@@ -71,6 +96,7 @@ def start_ui(env: dict[str, str], *args: str, within: float = 30.0
     """`cfctl --json ui --port 0 ARGS` and its start-up line (url, token, login)."""
     proc = subprocess.Popen(cfctl("--json", "ui", "--port", "0", *args), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drain(proc, "stderr")
     try:
         info = json.loads(first_line(proc, "stdout", within, '"login"'))
     except BaseException:
