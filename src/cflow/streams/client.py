@@ -309,17 +309,14 @@ async def ensure_stream(nc: NATS, spec: StreamSpec) -> dict[str, Any]:
 async def ensure_swarm(nc: NATS, swarm: str, replicas: int = 1) -> list[str]:
     """Create or update every stream and bucket of ``swarm``; returns their names.
 
-    One look first: stream listings sent together (one for the swarm's own
-    subjects, one per KV bucket, so a server holding many swarms answers small),
-    so the usual case (all there, as configured) costs one round trip instead of
-    a create per resource in turn. Only a resource that is missing, or differs
+    One look first: a ``STREAM.INFO`` per resource, sent together (the requests
+    an agent's credentials allow; ``STREAM.LIST`` would show it every swarm), so
+    the usual case (all there, as configured) costs one round trip instead of a
+    create per resource in turn. Only a resource that is missing, or differs
     from its spec, goes through :func:`ensure_stream`.
     """
     specs = swarm_resources(swarm, replicas)
-    own = f"{names.PREFIX}.{swarm}."
-    filters = [f"{own}>", *(spec.subjects[0] for spec in specs
-                            if not spec.subjects[0].startswith(own))]
-    have = await _listed_streams(nc, filters)
+    have = await _stream_configs(nc, [spec.name for spec in specs])
     for spec in specs:
         current = have.get(spec.name)
         if current is None or not satisfies(current, spec):
@@ -327,24 +324,22 @@ async def ensure_swarm(nc: NATS, swarm: str, replicas: int = 1) -> list[str]:
     return [spec.name for spec in specs]
 
 
-async def _listed_streams(nc: NATS, filters: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Configurations by name of the streams whose subjects meet ``filters``.
+async def _stream_configs(nc: NATS, streams: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Configurations by name of those of ``streams`` that exist.
 
-    Best effort: a failed listing, or a page beyond the first, only leaves names
-    out, which the caller then creates or updates one by one as before.
+    Best effort: a stream not found, or an info request that failed, is left
+    out, and the caller then creates or updates it as before.
     """
     replies = await asyncio.gather(
-        *(api_request(nc, "$JS.API.STREAM.LIST", {"subject": f}) for f in filters),
+        *(api_request(nc, f"$JS.API.STREAM.INFO.{name}") for name in streams),
         return_exceptions=True)
     found: dict[str, dict[str, Any]] = {}
-    for reply in replies:
+    for name, reply in zip(streams, replies, strict=True):
         if isinstance(reply, CflowError):
             continue
         if isinstance(reply, BaseException):
             raise reply
-        for stream in reply.get("streams") or ():
-            config = stream.get("config") or {}
-            found[str(config.get("name"))] = config
+        found[name] = reply.get("config") or {}
     return found
 
 
