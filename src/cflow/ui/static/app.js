@@ -20,6 +20,9 @@
   const lastRefresh = {};
   const trailing = {};
   const dot = document.getElementById("live");
+  const CATCH_UP_MS = 300;
+  let catchUp = null;
+  let catchUpMs = CATCH_UP_MS;
 
   async function refresh() {
     if (busy) { pending = true; return; }
@@ -49,6 +52,17 @@
       }));
       document.body.dataset.seq = String(window.cfSeq);
       document.dispatchEvent(new CustomEvent("cf-refreshed", { detail: { seq: window.cfSeq } }));
+      // A projector that had not reached the sequence yet answered with what it had
+      // (its data-checkpoint says how far it was): look again shortly, or the page
+      // would stay behind until some later event.
+      const behind = Array.from(document.querySelectorAll("[data-checkpoint]")).some(
+        function (el) { return parseInt(el.dataset.checkpoint || "0", 10) < window.cfSeq; });
+      if (!behind) {
+        catchUpMs = CATCH_UP_MS;
+      } else if (!catchUp) {  // backing off while the projector stays behind (or down)
+        catchUp = setTimeout(function () { catchUp = null; refresh(); }, catchUpMs);
+        catchUpMs = Math.min(catchUpMs * 2, 5000);
+      }
     } finally {
       busy = false;
       if (pending) { refresh(); }
