@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,19 @@ async def projector(nats_url: str, swarm_name: str, tmp_path: Path) -> AsyncIter
     await service.start()
     task = asyncio.create_task(proj.run())
     try:
+        # Ready means answering: one query through NATS before the test's first (a
+        # "no responders" was seen once in CI right after start).
+        from cflow.errors import Unavailable
+        from cflow.projections.query import QueryClient
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await QueryClient(nc, swarm_name).query("SELECT 1", timeout_s=5.0)
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the query service never answered"
+                await asyncio.sleep(0.1)  # interest reaching the server sends no event
         yield proj
     finally:
         task.cancel()
