@@ -248,6 +248,12 @@ class Lease:
             yield self
 
 
+# An offer another process holds (its prefetch) comes back within PREFETCH_HOLD_S,
+# later on a loaded machine; a claim looks again this often until then plus the slack.
+ON_LOAN_RECHECK_S = 0.02
+ON_LOAN_SLACK_S = 0.4
+
+
 class TaskService:
     """Tasks and leases of one swarm, for one agent identity (``swarm.agent``)."""
 
@@ -531,7 +537,7 @@ class TaskService:
         deadline = loop.time() + max(0.0, wait)
         # Offers other claimers hold (a prefetch comes back within PREFETCH_HOLD_S):
         # even a claim that does not wait looks again once they are back.
-        on_loan_until = loop.time() + offers_mod.PREFETCH_HOLD_S + 0.1
+        on_loan_until = loop.time() + offers_mod.PREFETCH_HOLD_S + ON_LOAN_SLACK_S
         while True:
             lease, on_loan = await self._take_an_offer(owner, caps)
             if lease is not None:
@@ -548,8 +554,8 @@ class TaskService:
             due = self._offer_due - now
             if due > 0:
                 look_again = min(look_again, max(0.01, due))
-            if on_loan:
-                look_again = min(look_again, max(0.01, on_loan_until - now))
+            if on_loan:  # handed back by its holder at no known instant: look often, briefly
+                look_again = min(look_again, max(0.01, on_loan_until - now), ON_LOAN_RECHECK_S)
             await self.offers.wait(caps, look_again)
             for guard in self.claim_guards:
                 await guard(owner, caps)
