@@ -108,6 +108,7 @@ class AnthropicStub:
         self.requests: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -184,8 +185,9 @@ class AnthropicStub:
         return f"http://{host}:{port}"
 
     def _record(self, path: str, headers: dict[str, str], body: dict[str, Any] | None) -> None:
-        with self._lock:
+        with self._recorded:
             self.requests.append({"path": path, "headers": headers, "body": body})
+            self._recorded.notify_all()
 
     def reply(self, body: dict[str, Any]) -> list[Block]:
         if not body.get("tools"):
@@ -195,9 +197,22 @@ class AnthropicStub:
     def main_requests(self) -> list[dict[str, Any]]:
         """Bodies of the session's main-loop requests (the ones that carried tools)."""
         with self._lock:
-            return [r["body"] for r in self.requests
-                    if r["body"] and r["path"].split("?")[0].endswith("/v1/messages")
-                    and r["body"].get("tools")]
+            return self._main_requests()
+
+    def wait_main_request(self, found: Callable[[dict[str, Any]], bool],
+                          within: float) -> dict[str, Any] | None:
+        """The first main-loop request ``found`` accepts, waiting up to ``within`` seconds
+        for one to arrive (None if none did)."""
+        def first() -> dict[str, Any] | None:
+            return next((b for b in self._main_requests() if found(b)), None)
+
+        with self._recorded:
+            return self._recorded.wait_for(first, within)
+
+    def _main_requests(self) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests
+                if r["body"] and r["path"].split("?")[0].endswith("/v1/messages")
+                and r["body"].get("tools")]
 
     def __enter__(self) -> AnthropicStub:
         self._thread.start()

@@ -199,14 +199,12 @@ async def test_a_channel_push_reaches_the_model_and_a_relayed_prompt_is_allowed(
                 env=operator, capture_output=True, text=True, timeout=RUN_S, check=False)
             assert allowed.returncode == 0, allowed.stderr
             # The session went on: the tool ran and the model saw its result.
-            deadline = time.monotonic() + RUN_S
-            while not any(r[0] == "Write" for b in stub.main_requests()
-                          for r in tool_results(b)):
-                assert time.monotonic() < deadline, tty.screen()[-3000:]
-                await asyncio.sleep(0.1)  # the stub records requests; it signals none
+            answered = await asyncio.to_thread(
+                stub.wait_main_request, lambda b: any(r[0] == "Write" for r in tool_results(b)),
+                RUN_S)
+            assert answered is not None, tty.screen()[-3000:]
             assert (root / "parser.txt").read_text() == "fixed\n"
-            _, result, failed = next(r for b in stub.main_requests()
-                                     for r in tool_results(b) if r[0] == "Write")
+            _, result, failed = next(r for r in tool_results(answered) if r[0] == "Write")
             assert not failed, result
         finally:
             tty.close()
