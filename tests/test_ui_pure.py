@@ -171,3 +171,17 @@ def test_sessions_expire_and_are_capped(monkeypatch: pytest.MonkeyPatch) -> None
     now = time.monotonic()
     monkeypatch.setattr(time, "monotonic", lambda: now + auth.SESSION_TTL_S + 1)
     assert access.presented({}, later[-1]) is None  # 8 h later
+
+
+def test_no_template_carries_an_inline_event_handler() -> None:
+    # The console's CSP is script-src 'self': the browser refuses inline handlers
+    # (onsubmit=..., onclick=...) and logs the refusal, so behaviour must live in app.js.
+    import re
+    from pathlib import Path
+
+    import cflow.ui
+
+    templates = Path(cflow.ui.__file__).parent / "templates"
+    inline = {path.name: hits for path in sorted(templates.glob("*.html"))
+              if (hits := re.findall(r"<[^>]*\son[a-z]+\s*=", path.read_text()))}
+    assert inline == {}
