@@ -217,20 +217,22 @@ async def test_outage_right_after_an_expiry_is_repaired(
                 await asyncio.gather(*(w.wait_ready() for w in workers))
                 for p in ps:  # room to cut in right after the write is stored
                     p.delay(300)
-                await until(s, first.task_id, lambda st: st.status == "expired",
-                            within=TTL_S + 15)
-                for p in ps:
-                    p.down()
-                await asyncio.sleep(2.0)
-                for p in ps:
-                    p.heal()
                 try:
+                    await until(s, first.task_id, lambda st: st.status == "expired",
+                                within=TTL_S + 15)
+                    for p in ps:
+                        p.down()
+                    await asyncio.sleep(2.0)
+                    for p in ps:
+                        p.heal()
                     await wait_completed(s, [first.task_id, then.task_id], within=20)
                 finally:
                     items = await task_events(s.log)
                     history = by_task(items)
                     print("\nafter a 2 s outage right after the expiry:\n"
                           + "\n".join(timeline(v) for v in history.values()))
+                    for w in workers:  # what each maintainer did (and when) if it failed
+                        print(f"--- {w.name}\n{w.log_path.read_text(errors='replace')[-3000:]}")
     done = completions(items)
     assert done == {first.task_id: 1, then.task_id: 1}
 
