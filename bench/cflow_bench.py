@@ -258,6 +258,27 @@ async def claims(ctx: Ctx) -> None:
                                     note=f"sent {sent / len(lat):.2f} + received "
                                          f"{got / len(lat):.2f}, counted on the agents' "
                                          "connections")
+                    costs = [r.get("costs") or {} for r in results]
+                    if lat and all(costs):
+                        total = {k: sum(c[k] for c in costs) for k in costs[0]}
+                        cpu = total["cpu_user_s"] + total["cpu_sys_s"]
+                        ctx.rec.add(f"claims.cflow.{sync}.n{n}.client_cpu_per_cycle",
+                                    cpu / len(lat) * 1000,
+                                    label=f"client CPU per claim+complete, cflow {sync}, "
+                                          f"{n} procs", unit="ms", section="2 claims",
+                                    durability=DURABILITY[sync],
+                                    note=f"user {total['cpu_user_s'] / len(lat) * 1000:.2f} + "
+                                         f"sys {total['cpu_sys_s'] / len(lat) * 1000:.2f} ms, "
+                                         "getrusage of the agent processes")
+                        for key, what in (("loop_iterations", "event-loop iterations"),
+                                          ("voluntary_switches", "voluntary context switches"),
+                                          ("involuntary_switches",
+                                           "involuntary context switches")):
+                            ctx.rec.add(f"claims.cflow.{sync}.n{n}.{key}_per_cycle",
+                                        total[key] / len(lat),
+                                        label=f"{what} per claim+complete, cflow {sync}, "
+                                              f"{n} procs", unit="count", section="2 claims",
+                                        durability=DURABILITY[sync])
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}
