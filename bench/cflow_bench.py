@@ -11,6 +11,7 @@ heartbeating agents (4 niced generator processes) vs idle; 8 R3 vs R1 on a local
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sys
 import time
@@ -553,6 +554,15 @@ async def scale(ctx: Ctx) -> None:
                              f"{t1 - t0:.0f} s of measuring (claim runs and top-ups); "
                              f"{sum(s['leases_lost'] for s in stats)} leases lost, "
                              f"{sum(s['presence_lapses'] for s in stats)} presence lapses")
+            ctx.rec.add(f"scale.load.{sync}.leases_lost", sum(s["leases_lost"] for s in stats),
+                        label=f"leases lost by the {n_agents} heartbeating holders, sync {sync}",
+                        unit="count", section="6 scale", durability=DURABILITY[sync],
+                        goals=[Goal("value", "<=", 0, "must be 0")],
+                        note="a holder renewing every 1 s with a 3 s TTL must never lose it "
+                             "(also checks that the in-memory leases bucket writes no expiry "
+                             "marker for a key being renewed); why: "
+                             + json.dumps(sum((Counter(s.get("lost_reasons") or {})
+                                               for s in stats), Counter())))
             ctx.rec.add(f"scale.load.{sync}.writes_offered", 2.0 * n_agents,
                         label="heartbeat writes/s offered", unit="writes/s",
                         section="6 scale", is_baseline=True, better="higher")

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -262,10 +263,10 @@ class Agent:
             emit({"ready": True, "setup_s": setup_s, "niceness": os.nice(0)})
             while (await read_line()).strip() == "mark":
                 emit({"puts": puts, "t": time.time()})
-            lost = sum(1 for _, lease in pairs if lease.lost.is_set())
+            lost = Counter(lease.lost_reason for _, lease in pairs if lease.lost.is_set())
             lapses = sum(agent.lapses for agent, _ in pairs)
-            emit({"setup_s": setup_s, "puts": puts, "leases_lost": lost,
-                  "presence_lapses": lapses})
+            emit({"setup_s": setup_s, "puts": puts, "leases_lost": sum(lost.values()),
+                  "lost_reasons": dict(lost), "presence_lapses": lapses})
             t_down = time.perf_counter()
         print(f"load teardown took {time.perf_counter() - t_down:.1f} s", file=sys.stderr,
               flush=True)
