@@ -11,6 +11,7 @@ heartbeating agents (4 niced generator processes) vs idle; 8 R3 vs R1 on a local
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sys
 import time
@@ -258,6 +259,27 @@ async def claims(ctx: Ctx) -> None:
                                     note=f"sent {sent / len(lat):.2f} + received "
                                          f"{got / len(lat):.2f}, counted on the agents' "
                                          "connections")
+                    costs = [r.get("costs") or {} for r in results]
+                    if lat and all(costs):
+                        total = {k: sum(c[k] for c in costs) for k in costs[0]}
+                        cpu = total["cpu_user_s"] + total["cpu_sys_s"]
+                        ctx.rec.add(f"claims.cflow.{sync}.n{n}.client_cpu_per_cycle",
+                                    cpu / len(lat) * 1000,
+                                    label=f"client CPU per claim+complete, cflow {sync}, "
+                                          f"{n} procs", unit="ms", section="2 claims",
+                                    durability=DURABILITY[sync],
+                                    note=f"user {total['cpu_user_s'] / len(lat) * 1000:.2f} + "
+                                         f"sys {total['cpu_sys_s'] / len(lat) * 1000:.2f} ms, "
+                                         "getrusage of the agent processes")
+                        for key, what in (("loop_iterations", "event-loop iterations"),
+                                          ("voluntary_switches", "voluntary context switches"),
+                                          ("involuntary_switches",
+                                           "involuntary context switches")):
+                            ctx.rec.add(f"claims.cflow.{sync}.n{n}.{key}_per_cycle",
+                                        total[key] / len(lat),
+                                        label=f"{what} per claim+complete, cflow {sync}, "
+                                              f"{n} procs", unit="count", section="2 claims",
+                                        durability=DURABILITY[sync])
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}
@@ -532,6 +554,15 @@ async def scale(ctx: Ctx) -> None:
                              f"{t1 - t0:.0f} s of measuring (claim runs and top-ups); "
                              f"{sum(s['leases_lost'] for s in stats)} leases lost, "
                              f"{sum(s['presence_lapses'] for s in stats)} presence lapses")
+            ctx.rec.add(f"scale.load.{sync}.leases_lost", sum(s["leases_lost"] for s in stats),
+                        label=f"leases lost by the {n_agents} heartbeating holders, sync {sync}",
+                        unit="count", section="6 scale", durability=DURABILITY[sync],
+                        goals=[Goal("value", "<=", 0, "must be 0")],
+                        note="a holder renewing every 1 s with a 3 s TTL must never lose it "
+                             "(also checks that the in-memory leases bucket writes no expiry "
+                             "marker for a key being renewed); why: "
+                             + json.dumps(sum((Counter(s.get("lost_reasons") or {})
+                                               for s in stats), Counter())))
             ctx.rec.add(f"scale.load.{sync}.writes_offered", 2.0 * n_agents,
                         label="heartbeat writes/s offered", unit="writes/s",
                         section="6 scale", is_baseline=True, better="higher")

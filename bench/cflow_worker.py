@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,37 @@ def _profiler() -> Any:
 
 async def read_line() -> str:
     return await asyncio.to_thread(sys.stdin.readline)
+
+
+class Costs:
+    """This process's CPU time, context switches and event-loop iterations since it was
+    made: the per-cycle costs that decide claims/s when many processes share two cores.
+
+    Loop iterations are counted by wrapping the running loop's selector (one
+    ``select`` per iteration); voluntary switches are mostly the loop going idle."""
+
+    def __init__(self) -> None:
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        if not hasattr(selector, "cflow_iterations"):
+            select = selector.select
+
+            def counted(timeout: float | None = None) -> Any:
+                selector.cflow_iterations += 1
+                return select(timeout)
+
+            selector.cflow_iterations = 0
+            selector.select = counted
+        self.selector = selector
+        self.start = self.now()
+
+    def now(self) -> dict[str, float]:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {"cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
+                "voluntary_switches": ru.ru_nvcsw, "involuntary_switches": ru.ru_nivcsw,
+                "loop_iterations": self.selector.cflow_iterations}
+
+    def since(self) -> dict[str, float]:
+        return {k: v - self.start[k] for k, v in self.now().items()}
 
 
 class Agent:
@@ -101,6 +133,7 @@ class Agent:
         stats0 = dict(sw.log.nc.stats)
         refreshes0 = sw.tasks.offers.refreshes
         prof = _profiler()
+        costs = Costs() if not os.environ.get("CFLOW_BENCH_UVLOOP") else None
         start = time.time()
         deadline = time.perf_counter() + float(cmd["duration"])
         while time.perf_counter() < deadline:
@@ -121,13 +154,14 @@ class Agent:
                 errors += 1
             done_lat.append(time.perf_counter() - t1)
         end = time.time()
+        spent = costs.since() if costs is not None else {}
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{os.environ['CFLOW_BENCH_PROFILE']}/{cmd['agent']}.prof")
         stats = {k: v - stats0.get(k, 0) for k, v in sw.log.nc.stats.items()
                  if k in ("in_msgs", "out_msgs")}
         emit({"start": start, "end": end, "latencies": lat, "complete": done_lat,
-              "ids": ids, "conflicts": self.conflicts, "errors": errors,
+              "ids": ids, "conflicts": self.conflicts, "errors": errors, "costs": spent,
               "messages": {**stats, "offer_refreshes": sw.tasks.offers.refreshes - refreshes0}})
 
     async def pickup(self, cmd: dict[str, Any]) -> None:
@@ -229,10 +263,10 @@ class Agent:
             emit({"ready": True, "setup_s": setup_s, "niceness": os.nice(0)})
             while (await read_line()).strip() == "mark":
                 emit({"puts": puts, "t": time.time()})
-            lost = sum(1 for _, lease in pairs if lease.lost.is_set())
+            lost = Counter(lease.lost_reason for _, lease in pairs if lease.lost.is_set())
             lapses = sum(agent.lapses for agent, _ in pairs)
-            emit({"setup_s": setup_s, "puts": puts, "leases_lost": lost,
-                  "presence_lapses": lapses})
+            emit({"setup_s": setup_s, "puts": puts, "leases_lost": sum(lost.values()),
+                  "lost_reasons": dict(lost), "presence_lapses": lapses})
             t_down = time.perf_counter()
         print(f"load teardown took {time.perf_counter() - t_down:.1f} s", file=sys.stderr,
               flush=True)
