@@ -211,14 +211,23 @@ async def test_outage_right_after_an_expiry_is_repaired(
             first = await s.tasks.create("first", body=log.body(0.5), **retry)
             then = await s.tasks.create("then", body=log.body(0.2),
                                         depends_on=[first.task_id], **retry)
-            # A holder that dies at once: its lease runs out, a maintainer expires it.
-            assert await s.tasks.claim(first.task_id, agent="ghost") is not None
+            ghost = await s.tasks.claim(first.task_id, agent="ghost")
+            assert ghost is not None
             with fleet(workers, log):
-                await asyncio.gather(*(w.wait_ready() for w in workers))
-                for p in ps:  # room to cut in right after the write is stored
-                    p.delay(300)
+                # The ghost renews until both maintainers are up and slowed down, then
+                # dies: its lease runs out a TTL later and a maintainer expires it.
+                # (Had it died at once, a loaded machine could start the second worker
+                # after the first had already expired, requeued and run the task:
+                # "expired" was then never seen and the wait below timed out.)
+                async with ghost.keep_alive():
+                    await asyncio.gather(*(w.wait_ready() for w in workers))
+                    for p in ps:  # room to cut in right after the write is stored
+                        p.delay(300)
                 try:
-                    await until(s, first.task_id, lambda st: st.status == "expired",
+                    # Until the ghost's claim is over ("expired" itself lasts only until
+                    # the requeue, one slowed round trip: a loaded test process may miss it).
+                    await until(s, first.task_id,
+                                lambda st: (st.status, st.epoch) != ("claimed", ghost.epoch),
                                 within=TTL_S + 15)
                     for p in ps:
                         p.down()
@@ -235,6 +244,8 @@ async def test_outage_right_after_an_expiry_is_repaired(
                         print(f"--- {w.name}\n{w.log_path.read_text(errors='replace')[-3000:]}")
     done = completions(items)
     assert done == {first.task_id: 1, then.task_id: 1}
+    assert [i.event.data.epoch for i in of_type(history[first.task_id], ev.TaskLeaseExpired)
+            ] == [ghost.epoch], timeline(history[first.task_id])  # type: ignore[attr-defined]
 
 
 async def test_claims_resume_promptly_after_a_server_restart(
