@@ -217,6 +217,39 @@ def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
         again.close()
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_live_store_still_collects_cyclic_garbage(tmp_path: Path) -> None:
+    """A live store freezes what survives each batch (the collector stays off its row
+    cache) but, every FULL_COLLECTION_EVERY_S, unfreezes and collects: a cycle that was
+    garbage during a batch is not kept for good."""
+    import gc
+    import weakref
+
+    items = build_history().items
+    store = ProjectionStore(tmp_path / "p.duckdb")
+    gc.disable()  # only the collections asked for below
+    try:
+        store.apply(items[:5], SEEN)
+        assert gc.get_freeze_count() > 0  # the batch's survivors are out of the collector's way
+        cycle = _Cycle()
+        gone = weakref.ref(cycle)
+        del cycle
+        store.apply(items[5:10], SEEN)
+        gc.collect()
+        assert gone() is not None  # frozen with the batch: no collection reaches it
+        store._next_collection = 0.0  # FULL_COLLECTION_EVERY_S has passed
+        store.apply(items[10:], SEEN)
+        assert gone() is None
+    finally:
+        gc.enable()
+        store.close()
+    assert gc.get_freeze_count() == 0
+
+
 # ------------------------------------------- the fold matches cflow.tasks.apply
 
 TASK_EVENTS = st.sampled_from([
