@@ -86,6 +86,23 @@ KNOWN: dict[str, dict[str, Any]] = {
     "query_ryw_with_append_p50_ms": {"label": "append + read-your-writes query p50",
                                      "unit": "ms"},
 }
+# What a live batch took (projection_live: Projector.last_batch), beside its lag.
+for _rate in ("1k", "10k"):
+    KNOWN |= {
+        f"lag_{_rate}_apply_p50_ms": {"label": f"batch apply p50 at {_rate} events/s (wall)",
+                                      "unit": "ms"},
+        f"lag_{_rate}_apply_p99_ms": {"label": f"batch apply p99 at {_rate} events/s (wall)",
+                                      "unit": "ms"},
+        f"lag_{_rate}_apply_cpu_p50_ms": {
+            "label": f"batch apply p50 at {_rate} events/s, DuckDB thread CPU", "unit": "ms"},
+        f"lag_{_rate}_apply_cpu_p99_ms": {
+            "label": f"batch apply p99 at {_rate} events/s, DuckDB thread CPU", "unit": "ms"},
+        f"lag_{_rate}_batch_events_p50": {"label": f"events per batch p50 at {_rate} events/s",
+                                          "unit": "events"},
+        f"lag_{_rate}_cpu_us_per_event": {
+            "label": f"projector process CPU per event at {_rate} events/s", "unit": "us",
+            "baseline": f"projection.lag_{_rate}_nats_py_cpu_us_per_event"},
+    }
 
 
 async def projection(ctx: Ctx) -> None:

@@ -12,6 +12,11 @@ nats-server without ``--url``); ``bench/bench_projection.py`` runs it too, so
   (CLOCK_MONOTONIC, shared by the processes of one machine). The producer runs
   apart so its appends do not share this process's interpreter lock with the
   projector, as in a real swarm.
+  Beside the lag, what each batch took on the DuckDB thread
+  (``Projector.last_batch``): ``*_apply_p50/p99_ms`` (wall),
+  ``*_apply_cpu_p50/p99_ms`` (that thread's CPU; the gap to the wall is waiting
+  for a core, DuckDB's workers or the GIL), ``*_batch_events_p50``, and this
+  process's CPU per event (``*_cpu_us_per_event``, reader and decoding included).
 * Query: ``QueryClient.query`` (what ``cfctl query`` sends) against a live
   projector's ``QueryService``: a point lookup by task id, (a) alone and (b) with
   read-your-writes (append an event, then query with ``wait_for_seq`` = its
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -33,7 +39,7 @@ from typing import Any
 
 from bench.servers import bench_server
 from cflow import events as ev
-from cflow.projections.projector import Projector
+from cflow.projections.projector import BatchTiming, Projector
 from cflow.projections.query import QueryClient, QueryService
 from cflow.streams import EventLog, connect, ensure_swarm
 
@@ -75,7 +81,15 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
     log = EventLog(nc, swarm, actor="bench")
     projector = Projector(log, tmp / f"{swarm}.duckdb", reader=reader)
     committed: list[tuple[int, float]] = []  # (last seq of a batch, commit time)
-    projector.on_batch(lambda last: committed.append((last, time.monotonic())))
+    timings: list[BatchTiming] = []
+
+    def batch_done(last: int) -> None:
+        committed.append((last, time.monotonic()))
+        if projector.last_batch is not None:
+            timings.append(projector.last_batch)
+
+    projector.on_batch(batch_done)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     runner = asyncio.create_task(projector.run())
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -88,6 +102,7 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
         if not await projector.wait_for(last, 60.0):
             raise RuntimeError(f"the projector ({reader}) applied {projector.applied_seq} of "
                                f"{last} events within 60 s of the last append")
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -101,9 +116,19 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
         while committed[i][0] < seq:
             i += 1
         lags.append((committed[i][1] - at) * 1000)
-    batches = [b for b in committed if b[0] >= min(s for s, _ in sent)]
+    first = min(s for s, _ in sent)
+    batches = [b for b in committed if b[0] >= first]
+    applies = timings[len(committed) - len(batches):]
+    seconds = [t.seconds * 1000 for t in applies]
+    cpu = [t.cpu_s * 1000 for t in applies]
+    process_cpu = (cpu_after.ru_utime + cpu_after.ru_stime
+                   - cpu_before.ru_utime - cpu_before.ru_stime)
     return {"p50": statistics.median(lags), "p99": pct(lags, 0.99), "max": max(lags),
-            "events": float(len(lags)), "batches": float(len(batches))}
+            "events": float(len(lags)), "batches": float(len(batches)),
+            "batch_events_p50": statistics.median(t.events for t in applies),
+            "apply_p50": statistics.median(seconds), "apply_p99": pct(seconds, 0.99),
+            "apply_cpu_p50": statistics.median(cpu), "apply_cpu_p99": pct(cpu, 0.99),
+            "cpu_us_per_event": process_cpu / len(lags) * 1e6}
 
 
 async def queries(nc: Any, tmp: Path, n: int) -> dict[str, float]:
@@ -176,7 +201,8 @@ async def run(url: str | None = None, quick: bool = False,
                 for reader, suffix in (("nats-py", "_nats_py"), ("raw", "")):
                     figures = await lag(nc, url, tmp, rate, seconds, reader=reader)
                     for key, value in figures.items():
-                        unit = "" if key in ("events", "batches") else "_ms"
+                        unit = "" if key in ("events", "batches", "batch_events_p50",
+                                             "cpu_us_per_event") else "_ms"
                         out[f"lag_{name}{suffix}_{key}{unit}"] = value
             for key, value in (await queries(nc, tmp, 200 if quick else 1000)).items():
                 out[f"query_{key}_ms"] = value

@@ -217,6 +217,45 @@ def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
         again.close()
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_live_store_still_collects_cyclic_garbage(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live store freezes what survives each batch (the collector stays off its row
+    cache) but, once the frozen objects grew by FULL_COLLECTION_GROWTH (plus the slack),
+    unfreezes and collects: a cycle that was garbage during a batch is not kept for good."""
+    import gc
+    import weakref
+
+    from cflow.projections import store as store_mod
+
+    monkeypatch.setattr(store_mod, "FULL_COLLECTION_MIN_INTERVAL_S", 0.0)
+    items = build_history().items
+    store = ProjectionStore(tmp_path / "p.duckdb")
+    gc.disable()  # only the collections asked for below
+    try:
+        store.apply(items[:5], SEEN)
+        assert gc.get_freeze_count() > 0  # the batch's survivors are out of the collector's way
+        cycle = _Cycle()
+        gone = weakref.ref(cycle)
+        del cycle
+        store.apply(items[5:10], SEEN)
+        gc.collect()
+        assert gone() is not None  # frozen with the batch: no collection reaches it
+        grown = int(gc.get_freeze_count() * (store_mod.FULL_COLLECTION_GROWTH - 1))
+        kept: list[list[int]] = [[] for _ in range(grown + store_mod.FULL_COLLECTION_SLACK)]
+        store.apply(items[10:], SEEN)  # frozen objects past the mark: a full collection
+        assert gone() is None
+        del kept
+    finally:
+        gc.enable()
+        store.close()
+    assert gc.get_freeze_count() == 0
+
+
 # ------------------------------------------- the fold matches cflow.tasks.apply
 
 TASK_EVENTS = st.sampled_from([

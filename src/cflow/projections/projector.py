@@ -24,6 +24,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from glob import escape as glob_escape
 from pathlib import Path
@@ -61,6 +62,22 @@ def wall_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+@dataclass(frozen=True)
+class BatchTiming:
+    """One applied batch: its events, the seconds its transaction took on the DuckDB
+    thread (fold, statements, commit) and that thread's CPU seconds meanwhile."""
+
+    events: int
+    seconds: float
+    cpu_s: float
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    started, cpu = time.perf_counter(), time.thread_time()
+    result = fn(*args)
+    return result, time.perf_counter() - started, time.thread_time() - cpu
+
+
 class Projector:
     """Applies one swarm's events to one DuckDB file; serves reads on its cursors."""
 
@@ -80,6 +97,7 @@ class Projector:
         self.applied_events = 0
         self.quarantined = 0
         self.batches = 0
+        self.last_batch: BatchTiming | None = None
         self.caught_up = asyncio.Event()
         self._progress = asyncio.Condition()
         self._on_batch: list[Callable[[int], None]] = []
@@ -94,7 +112,8 @@ class Projector:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     def on_batch(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(last_seq)`` after every committed batch."""
+        """Call ``callback(last_seq)`` after every committed batch (``last_batch`` says
+        what it took)."""
         self._on_batch.append(callback)
 
     async def open(self) -> ProjectionStore:
@@ -131,7 +150,10 @@ class Projector:
 
     async def _apply(self, batch: Sequence[Item]) -> fold.Changes:
         store = await self.open()
-        changes = await self.db(store.apply, batch, wall_now())
+        timed: tuple[fold.Changes, float, float] = await self.db(
+            _timed, store.apply, batch, wall_now())
+        changes, seconds, cpu_s = timed
+        self.last_batch = BatchTiming(len(batch), seconds, cpu_s)
         self.applied_seq = store.last_seq
         self.applied_events += changes.count
         self.quarantined += changes.quarantined
@@ -601,5 +623,5 @@ async def rebuild(log_: EventLog, db_path: str | Path, *,
             "quarantined": quarantined, "seconds": round(time.perf_counter() - started, 3)}
 
 
-__all__ = ["DEFAULT_BATCH_MAX", "BackgroundRebuild", "Projector", "default_db_path",
+__all__ = ["DEFAULT_BATCH_MAX", "BackgroundRebuild", "BatchTiming", "Projector", "default_db_path",
            "file_in_use", "rebuild", "rebuild_running", "rebuild_subject", "run_projector"]
