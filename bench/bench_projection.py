@@ -16,8 +16,9 @@ projection``. Figures (all from the same run):
   Beside it, same stream and run: ``rebuild_nats_py_s`` (the same rebuild
   reading through nats-py's ordered consumer, run just before), the CPU each
   used per event (``*_cpu_us_per_event``, this process and its children) and the
-  1-minute load average (``load_avg_1m``), ``rebuild_split_s`` (this process
-  reads, a child process decodes, folds and writes: ``split=True``), and the
+  1-minute load average (``load_avg_1m``), ``rebuild_split_s`` and
+  ``rebuild_split_cpu_us_per_event`` (this process reads, a child process
+  decodes, folds and writes: ``split=True``; the child's CPU counted), and the
   reading side alone, nothing decoded: ``raw_read_events_per_s`` (nats-py) and
   ``raw_read_native_events_per_s`` (``cflow.streams.raw``).
 * ``lag_p50_ms``, ``lag_p99_ms``, ``lag_max_ms``: a live projector while events
@@ -270,8 +271,10 @@ async def run(url: str | None = None, quick: bool = False,
             out["append_events_per_s"] = n_rebuild / (time.perf_counter() - started)
             out["raw_read_events_per_s"] = await raw_read(log, n_rebuild, "nats-py")
             out["raw_read_native_events_per_s"] = await raw_read(log, n_rebuild, "raw")
+            spent = cpu_s()
             split = await rebuild(log, tmp / "rebuilt-split.duckdb", split=True)
             out["rebuild_split_s"] = float(split["seconds"])
+            out["rebuild_split_cpu_us_per_event"] = (cpu_s() - spent) / max(n_rebuild, 1) * 1e6
             out.update(await rebuild_ab(log, tmp, n_rebuild))
             out["rebuild_1m_projected_s"] = 1_000_000 / out["ingest_e2e_events_per_s"]
 

@@ -34,6 +34,9 @@ KNOWN: dict[str, dict[str, Any]] = {
                                      "baseline": "projection.raw_read_events_per_s"},
     "rebuild_split_s": {"label": "rebuild time, reader + replay child process (split=True)",
                         "unit": "s", "baseline": "projection.rebuild_s"},
+    "rebuild_split_cpu_us_per_event": {"label": "rebuild CPU per event, split=True (both "
+                                       "processes)", "unit": "us",
+                                       "baseline": "projection.rebuild_cpu_us_per_event"},
     "raw_read_events_per_s": {"label": "reading the stream alone, nats-py (undecoded)",
                               "unit": "events/s", "better": "higher", "is_baseline": True},
     "rebuild_1m_projected_s": {"label": "rebuild time projected to 1M events", "unit": "s",

@@ -453,7 +453,7 @@ async def _replay(log_: EventLog, tmp: Path, target: int, *, batch_max: int,
             reader=reader,
             progress=None if progress is None else (lambda seq: progress(seq, target)))
         return done["events"], done["quarantined"]
-    from cflow.streams.client import decode_delivery
+    from cflow.projections.replay import decode_replayed
     from cflow.streams.raw import replay_source
 
     projector = Projector(log_, tmp, batch_max=batch_max, max_event_bytes=max_event_bytes,
@@ -468,7 +468,7 @@ async def _replay(log_: EventLog, tmp: Path, target: int, *, batch_max: int,
                                max_batch=batch_max * REPLAY_BATCH_FACTOR, reader=reader)
         try:
             async for raw in source:
-                await projector.apply([decode_delivery(*item) for item in raw])
+                await projector.apply([decode_replayed(*item) for item in raw])
         finally:
             await source.aclose()
         await projector.db(store.finish)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import struct
 import sys
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from cflow import events as ev
 from cflow.errors import CflowError
+from cflow.streams.client import BadMessage, StoredEvent, decode_delivery
 
 if TYPE_CHECKING:
     from cflow.streams.client import EventLog
@@ -38,6 +41,73 @@ if TYPE_CHECKING:
 _HEADER = struct.Struct("!I")
 REPLAY_BATCH_FACTOR = 4  # 20,000 events a frame (and a transaction) by default
 _frames = msgspec.msgpack.Encoder()
+
+
+# -- decoding a replay: one pass per message, the same result as decode_delivery
+#
+# ``ev.decode`` reads the envelope with ``data`` left raw, then the data, and
+# msgspec checks the token and HLC patterns with a regex call each: 60% of a
+# decode. A replay finds the type in the bytes, decodes envelope and data at
+# once with that type's envelope (the same fields, no patterns), then checks the
+# patterns itself, remembering the tokens it saw (a swarm, its kinds, a task's
+# id recur). Anything unusual (type not found or not the decoded one, another
+# version to upcast, another entity kind, a pattern not matched, a decode
+# error) goes through decode_delivery, so events and errors are its own.
+
+_TYPE_KEY = b'"type":"'
+_TOKEN = re.compile(ev.TOKEN_PATTERN)
+_HLC = re.compile(r"^[0-9a-f]{32}$")  # the pattern of ev.HlcText
+_HEX = "0123456789abcdef"
+
+
+def _replayed_envelope(name: str, cls: type[ev.EventData]) -> msgspec.json.Decoder[ev.Event]:
+    struct_type = msgspec.defstruct(
+        f"Replayed{name}", [("swarm", str), ("entity_kind", str), ("entity_id", str),
+                            ("hlc", str), ("data", cls)],
+        bases=(ev.Event,), frozen=True, kw_only=True)
+    return msgspec.json.Decoder(struct_type)
+
+
+_ENVELOPES = {name.encode(): (name, cls, _replayed_envelope(name, cls))
+              for name, cls in ev.EVENT_TYPES.items()}
+_seen_tokens: set[str] = set()
+
+
+def _token(value: str) -> bool:
+    if value in _seen_tokens:
+        return True
+    if _TOKEN.search(value) is None:
+        return False
+    if len(_seen_tokens) < 100_000:
+        _seen_tokens.add(value)
+    return True
+
+
+def _hlc(value: str) -> bool:
+    return (len(value) == 32 and not value.strip(_HEX)) or _HLC.search(value) is not None
+
+
+def decode_replayed(seq: int, subject: str, data: bytes, time_ms: int = 0
+                    ) -> StoredEvent | BadMessage:
+    """:func:`cflow.streams.client.decode_delivery`, faster on the events cflow writes.
+
+    The event is an instance of a subclass of :class:`cflow.events.Event` with
+    the same fields and values (``ev.encode`` gives the same bytes).
+    """
+    start = data.find(_TYPE_KEY) + len(_TYPE_KEY)
+    found = _ENVELOPES.get(data[start:data.find(b'"', start)]) if start >= len(_TYPE_KEY) else None
+    if found is not None:
+        name, cls, decoder = found
+        try:
+            event = decoder.decode(data)
+        except (msgspec.MsgspecError, ValueError, TypeError, RecursionError):
+            pass
+        else:
+            if (event.type == name and event.v == cls.V and event.entity_kind == cls.KIND
+                    and _token(event.swarm) and _token(event.entity_id)
+                    and _token(event.entity_kind) and _hlc(event.hlc)):
+                return StoredEvent(seq, subject, event, time_ms)
+    return decode_delivery(seq, subject, data, time_ms)
 
 
 async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
@@ -109,7 +179,6 @@ async def replay_into(log: EventLog, path: Path, target: int, *, batch_max: int,
 def _serve(path: str, max_event_bytes: int) -> None:
     """The child: frames on stdin -> replayed file; JSON lines on stdout."""
     from cflow.projections.store import ProjectionStore
-    from cflow.streams.client import decode_delivery
 
     decoder = msgspec.msgpack.Decoder(list[tuple[int, str, bytes, int]])
     source, out = sys.stdin.buffer, sys.stdout
@@ -124,7 +193,7 @@ def _serve(path: str, max_event_bytes: int) -> None:
             if size == 0:
                 break
             raw = decoder.decode(source.read(size))
-            changes = store.apply([decode_delivery(*item) for item in raw],
+            changes = store.apply([decode_replayed(*item) for item in raw],
                                   datetime.now(UTC).replace(tzinfo=None))
             events += changes.count
             quarantined += changes.quarantined
@@ -154,4 +223,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["replay_into"]
+__all__ = ["decode_replayed", "replay_into"]
