@@ -1,5 +1,6 @@
 """``uv run python -m bench.cli_start [--runs N] [--bytecode]``: CLI cold start of every
-kind of `cfctl` command, each figure beside ``python -c pass`` measured in the same run.
+kind of `cfctl` command, each figure beside ``python -c pass`` measured in the same run
+(and ``python -c 'import nats'``: what a command that talks to NATS pays first).
 
 Starts its own nats-server (free port, temporary store, sync default), runs each
 command ``--runs`` times as a fresh process (the venv's ``cfctl`` entry point, as
@@ -120,6 +121,8 @@ def main() -> None:
                               capture_output=True, text=True).stdout.strip()
         cases: list[tuple[str, list[str]]] = [
             ("python -c pass (baseline)", [sys.executable, "-c", "pass"]),
+            # What any command that talks to NATS pays before cflow's own code runs.
+            ("python -c 'import nats' (nats-py)", [sys.executable, "-c", "import nats"]),
             ("cfctl --help", [CFCTL, "--help"]),
             ("cfctl --version", [CFCTL, "--version"]),
             ("cfctl task add --help", [CFCTL, "task", "add", "--help"]),
