@@ -40,9 +40,12 @@ def test_command_help_has_no_python_types_or_placeholders(command: list[str]) ->
     assert "{" not in out.stdout.splitlines()[0], out.stdout
 
 
-def test_version() -> None:
+def test_version_is_the_installed_distribution_version() -> None:
+    from importlib.metadata import version
+
     out = cfctl("--version")
     assert out.returncode == 0 and re.fullmatch(r"cfctl \d+\.\d+\.\d+\S*\n", out.stdout)
+    assert out.stdout == f"cfctl {version('cflow')}\n"  # cflow.__version__ = pyproject's
 
 
 def test_docker_unreachable_has_its_own_exit_code(tmp_path: object) -> None:

@@ -48,7 +48,6 @@ def test_the_command_map_matches_what_each_module_registers() -> None:
             assert sub.callback is not None
             found.setdefault(group.name, set()).add(sub.callback.__module__)
     assert set(found) == set(commands.COMMANDS), "update cflow.cli.commands.COMMANDS"
-    found["report"].add("cflow.cli.merge_cmds")  # it adds `report merges` to REPORTS
     for name, modules in found.items():
         short = {m.removeprefix("cflow.cli.") for m in modules}
         # in registration order: the module creating a shared group comes first

@@ -218,6 +218,7 @@ KINDS = {"quickstart", "tour", "python", "commands", "layout", "json"}
 # Programs other than cfctl that `commands` blocks may name (they are not run here).
 OTHER_PROGRAMS = {
     ("pip", "install"): "installs uv",
+    ("uv", "sync"): "sets up the environment (.ci/run does the same)",
     ("uv", "run", "pytest"): "the test suite itself",
     ("uv", "run", "python", "-m", "bench"): "bench/, checked by tests/test_bench_smoke.py",
     ("uv", "run", "python", "-m", "bench.cli_start"): "bench/cli_start.py, a benchmark",

@@ -54,7 +54,6 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -221,16 +220,19 @@ def check_limits(limits: Mapping[str, float]) -> dict[str, float]:
 # ------------------------------------------------------------------ the view
 
 
-@dataclass
-class ControlView:
+# msgspec Structs, not dataclasses: a dataclass costs some 3 ms of every cold start
+# to define here (its methods are generated and compiled), a Struct a tenth (issue 18).
+class ControlView(msgspec.Struct):
     """Everything the control bucket says, folded from its entries (pure)."""
 
-    swarm: ScopeRecord = field(default_factory=lambda: ScopeRecord(scope=SWARM, mode="running"))
-    scopes: dict[str, ScopeRecord] = field(default_factory=dict)
-    budgets: dict[str, BudgetRecord] = field(default_factory=dict)
-    breakers: dict[str, BreakerRecord] = field(default_factory=dict)
-    usage: dict[str, ChildrenUsage | AttemptsUsage | SpendUsage] = field(default_factory=dict)
-    revisions: dict[str, int] = field(default_factory=dict)
+    swarm: ScopeRecord = msgspec.field(
+        default_factory=lambda: ScopeRecord(scope=SWARM, mode="running"))
+    scopes: dict[str, ScopeRecord] = msgspec.field(default_factory=dict)
+    budgets: dict[str, BudgetRecord] = msgspec.field(default_factory=dict)
+    breakers: dict[str, BreakerRecord] = msgspec.field(default_factory=dict)
+    usage: dict[str, ChildrenUsage | AttemptsUsage | SpendUsage] = msgspec.field(
+        default_factory=dict)
+    revisions: dict[str, int] = msgspec.field(default_factory=dict)
 
     def apply(self, key: str, revision: int, value: bytes | None) -> None:
         """Fold one KV entry; ``value`` None is a delete. Undecodable values are ignored."""
@@ -361,8 +363,7 @@ class ControlView:
         }
 
 
-@dataclass(frozen=True)
-class BreakerSettings:
+class BreakerSettings(msgspec.Struct, frozen=True):
     failures: int = DEFAULT_BREAKER_FAILURES
     window_s: float = DEFAULT_BREAKER_WINDOW_S
     cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S
@@ -371,8 +372,7 @@ class BreakerSettings:
 # ------------------------------------------------------------ budget checks
 
 
-@dataclass(frozen=True)
-class Violation:
+class Violation(msgspec.Struct, frozen=True):
     """A budget a step would exceed, and the scope to pause for it."""
 
     scope: str  # where the budget is set

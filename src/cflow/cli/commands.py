@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
                     ("server_cmds",)),
     "task": ("task_cmds", "merge_cmds"),
     **dict.fromkeys(("projector", "projections", "query", "export"), ("projection_cmds",)),
-    "report": ("projection_cmds", "merge_cmds"),  # merge_cmds adds `report merges`
+    "report": ("projection_cmds",),
     "bench": ("bench_cmds",),
     "agent": ("agent_cmds",),
     "demo": ("worker_cmds",), "worker": ("worker_cmds",),

@@ -1,6 +1,5 @@
-"""`cfctl merge-queue` (run a merger), `cfctl merges` (the queue; remove, skip, requeue),
-`cfctl task checkpoint`,
-and the ``merges`` kind of `cfctl report`."""
+"""`cfctl merge-queue` (run a merger), `cfctl merges` (the queue; remove, skip, requeue)
+and `cfctl task checkpoint`. The ``merges`` kind of `cfctl report` is in projection_cmds."""
 
 from __future__ import annotations
 
@@ -10,11 +9,6 @@ from typing import Any
 import typer
 
 from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, group, identity, run, state
-from cflow.cli.projection_cmds import REPORTS
-from cflow.gitflow.report import MERGES_SQL
-
-# `cfctl report merges`: SQL over the projection's events (see cflow.gitflow.report).
-REPORTS["merges"] = ("merges: lead time, rejection rate, causes", MERGES_SQL)
 
 
 @app.command("merge-queue")

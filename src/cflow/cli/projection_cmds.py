@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, state
+from cflow.gitflow.report import MERGES_SQL
 
 if TYPE_CHECKING:
     from cflow.projections.query import QueryResult
@@ -226,6 +227,8 @@ REPORTS = {
                "FROM agents a LEFT JOIN agent_utilisation u USING (agent_id) "
                "ORDER BY a.agent_id"),
     "failures": ("failures", "SELECT * FROM failure_stats"),
+    # SQL over the projection's events (see cflow.gitflow.report).
+    "merges": ("merges: lead time, rejection rate, causes", MERGES_SQL),
 }
 
 

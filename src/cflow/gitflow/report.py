@@ -9,11 +9,12 @@ rejections are counted per cause.
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from cflow.gitflow.queue import MergeRequest
+if TYPE_CHECKING:  # `cfctl report` needs only MERGES_SQL: no events, no dataclass
+    from cflow.gitflow.queue import MergeRequest
 
 # One row: the same figures as merge_summary, from the projection.
 MERGES_SQL = """
@@ -45,6 +46,8 @@ SELECT (SELECT count(*) FROM req) AS requests,
 
 def merge_summary(requests: Iterable[MergeRequest]) -> dict[str, object]:
     """Requests, merged, rejected, rejection rate, causes, lead times (seconds). Pure."""
+    import statistics
+
     items = list(requests)
     first: dict[str, int] = {}
     for r in items:
