@@ -173,6 +173,14 @@ def _claim_figures(ctx: Ctx, prefix: str, label: str, n: int, res: dict[str, Any
             note=conflicts_note)
 
 
+def _per_cycle(ctx: Any, sync: str, n: int, key: str, value: float, what: str, unit: str,
+               note: str = "") -> None:
+    """Record one cost per claim + complete cycle of the ``n``-process cflow run."""
+    ctx.rec.add(f"claims.cflow.{sync}.n{n}.{key}_per_cycle", value,
+                label=f"{what} per claim+complete, cflow {sync}, {n} procs", unit=unit,
+                section="2 claims", durability=DURABILITY[sync], note=note)
+
+
 async def _run_claimers(active: list[Child], duration: float) -> list[dict[str, Any]]:
     """Start barrier, then the run; an agent that fails (a NATS timeout on an overloaded
     machine) is left out of this run rather than aborting the whole section."""
@@ -251,35 +259,25 @@ async def claims(ctx: Ctx) -> None:
                     sent = sum(r.get("messages", {}).get("out_msgs", 0) for r in results)
                     got = sum(r.get("messages", {}).get("in_msgs", 0) for r in results)
                     if lat:
-                        ctx.rec.add(f"claims.cflow.{sync}.n{n}.messages_per_cycle",
-                                    (sent + got) / len(lat),
-                                    label=f"NATS messages per claim+complete, cflow {sync}, "
-                                          f"{n} procs", unit="msgs", section="2 claims",
-                                    durability=DURABILITY[sync],
-                                    note=f"sent {sent / len(lat):.2f} + received "
-                                         f"{got / len(lat):.2f}, counted on the agents' "
-                                         "connections")
+                        _per_cycle(ctx, sync, n, "messages", (sent + got) / len(lat),
+                                   "NATS messages", "msgs",
+                                   note=f"sent {sent / len(lat):.2f} + received "
+                                        f"{got / len(lat):.2f}, counted on the agents' "
+                                        "connections")
                     costs = [r.get("costs") or {} for r in results]
                     if lat and all(costs):
                         total = {k: sum(c[k] for c in costs) for k in costs[0]}
                         cpu = total["cpu_user_s"] + total["cpu_sys_s"]
-                        ctx.rec.add(f"claims.cflow.{sync}.n{n}.client_cpu_per_cycle",
-                                    cpu / len(lat) * 1000,
-                                    label=f"client CPU per claim+complete, cflow {sync}, "
-                                          f"{n} procs", unit="ms", section="2 claims",
-                                    durability=DURABILITY[sync],
-                                    note=f"user {total['cpu_user_s'] / len(lat) * 1000:.2f} + "
-                                         f"sys {total['cpu_sys_s'] / len(lat) * 1000:.2f} ms, "
-                                         "getrusage of the agent processes")
+                        _per_cycle(ctx, sync, n, "client_cpu", cpu / len(lat) * 1000,
+                                   "client CPU", "ms",
+                                   note=f"user {total['cpu_user_s'] / len(lat) * 1000:.2f} + "
+                                        f"sys {total['cpu_sys_s'] / len(lat) * 1000:.2f} ms, "
+                                        "getrusage of the agent processes")
                         for key, what in (("loop_iterations", "event-loop iterations"),
                                           ("voluntary_switches", "voluntary context switches"),
                                           ("involuntary_switches",
                                            "involuntary context switches")):
-                            ctx.rec.add(f"claims.cflow.{sync}.n{n}.{key}_per_cycle",
-                                        total[key] / len(lat),
-                                        label=f"{what} per claim+complete, cflow {sync}, "
-                                              f"{n} procs", unit="count", section="2 claims",
-                                        durability=DURABILITY[sync])
+                            _per_cycle(ctx, sync, n, key, total[key] / len(lat), what, "count")
                     res = {"rate": rate, "latencies": lat,
                            "double_claims": sum(c - 1 for c in ids.values() if c > 1),
                            "conflicts": sum(r["conflicts"] for r in results)}
