@@ -363,6 +363,12 @@ async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[s
         assert os.stat(db).st_ino != before  # the running projector swapped the file
         result = await QueryClient(log.nc, log.swarm).query("SELECT count(*) FROM tasks")
         assert result.rows == [[5]]
+    except BaseException:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.stderr.read(), 20)
+        print("projector's stderr:", rest.decode(errors="replace"))
+        raise
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

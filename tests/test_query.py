@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from cflow import events as ev
 from cflow.errors import InvalidInput, LimitExceeded, QueryRejected, Unavailable
 from cflow.projections.projector import Projector
 from cflow.projections.query import QueryClient, QueryService, check_read_only
-from cflow.streams import EventLog
+from cflow.streams import EventLog, connect
 
 
 @pytest.mark.parametrize("sql", [
@@ -143,6 +144,41 @@ async def test_wait_for_a_sequence_never_reached(log: EventLog, served: Projecto
 async def test_no_projector_is_unavailable(log: EventLog) -> None:
     with pytest.raises(Unavailable, match="no projector"):
         await QueryClient(log.nc, log.swarm).query("SELECT 1", timeout_s=0.5)
+
+
+@pytest.mark.integration
+async def test_a_read_your_writes_query_waits_out_a_moment_without_projector(
+        log: EventLog, nats_url: str, tmp_path: Path) -> None:
+    """A projector subscribing just after the request (reconnecting, or its interest
+    still reaching the other servers of a cluster) answers a wait_for_seq query."""
+    seq = (await log.append(ev.TaskCreated(title="x"), "x")).seq
+    projector = Projector(log, tmp_path / "late.duckdb")
+    await projector.open()
+    service = QueryService(log.nc, log.swarm, projector, server_id="late")
+    asker = await connect(nats_url)  # its own connection: its stats count this query only
+    sent = asker.stats["out_msgs"]
+    query = asyncio.create_task(QueryClient(asker, log.swarm).query(
+        "SELECT count(*) FROM tasks", wait_for_seq=seq))
+    run = None
+    try:
+        while asker.stats["out_msgs"] == sent:  # the first request is on its way
+            await asyncio.sleep(0)
+        await asker.flush()  # the server has handled it: nobody was subscribed yet
+        await service.start()
+        run = asyncio.create_task(projector.run())
+        result = await query
+        assert result.rows == [[1]] and result.server == "late"
+    finally:
+        for task in (query, run):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await service.stop()
+        await projector.close()
+        await asker.close()
+    with pytest.raises(Unavailable, match="no projector"):
+        await QueryClient(log.nc, log.swarm).query("SELECT 1", wait_for_seq=seq)
 
 
 @pytest.mark.integration

@@ -53,6 +53,11 @@ QUEUE_GROUP = "cflow-query"
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000
 DEFAULT_TIMEOUT_S = 10.0
+# A read that waits for the projection (``wait_for_seq``) also waits out a short
+# moment without responders: a projector reconnecting after a server restart, or
+# its subscription still travelling to the other servers of a cluster. No event
+# tells a client that a responder appeared, so it asks again, with a backoff.
+NO_RESPONDERS_GRACE_S = 0.5
 MAX_TIMEOUT_S = 120.0
 MAX_SQL_CHARS = 100_000
 MAX_CONCURRENT = 4
@@ -346,18 +351,28 @@ class QueryClient:
             QueryRejected: not a pure read, or reaches a file.
             LimitExceeded: the time limit passed, or the result is too large.
             InvalidInput: DuckDB refused the SQL.
-            Unavailable: no projector answered.
+            Unavailable: no projector answered (with ``wait_for_seq``: none
+                subscribed within ``NO_RESPONDERS_GRACE_S`` either).
         """
         import nats.errors
 
         body = msgspec.json.encode(QueryRequest(sql=sql, limit=limit, timeout_s=timeout_s,
                                                 wait_for_seq=wait_for_seq, params=list(params)))
         wait = timeout_s * (2 if wait_for_seq is not None else 1) + 5.0
+        grace_until = time.monotonic() + (NO_RESPONDERS_GRACE_S if wait_for_seq is not None
+                                          else 0.0)
+        pause = 0.02
         try:
-            msg = await self.nc.request(self.subject, body, timeout=wait)
-        except nats.errors.NoRespondersError:
-            raise Unavailable(f"no projector answers on {self.subject} "
-                              "(start one with `cfctl projector`)") from None
+            while True:
+                try:
+                    msg = await self.nc.request(self.subject, body, timeout=wait)
+                    break
+                except nats.errors.NoRespondersError:
+                    if time.monotonic() + pause > grace_until:
+                        raise Unavailable(f"no projector answers on {self.subject} "
+                                          "(start one with `cfctl projector`)") from None
+                    await asyncio.sleep(pause)
+                    pause *= 2
         except (nats.errors.TimeoutError, TimeoutError):
             raise Unavailable(f"no answer on {self.subject} within {wait:g} s") from None
         except nats.errors.Error as exc:
