@@ -15,8 +15,7 @@ import pytest
 from cflow import events as ev
 from cflow.errors import InvalidInput, LimitExceeded, QueryRejected, Unavailable
 from cflow.projections.projector import Projector
-from cflow.projections.query import QueryClient, QueryService, check_read_only, run_query
-from cflow.projections.store import ProjectionStore
+from cflow.projections.query import QueryClient, QueryService, check_read_only
 from cflow.streams import EventLog, connect
 
 
@@ -132,21 +131,6 @@ async def test_long_query_is_cut_at_its_time_limit(log: EventLog, served: Projec
         await client.query(slow, timeout_s=0.5)
     assert loop.time() - started < 5
     assert (await client.query("SELECT 42")).rows == [[42]]
-
-
-def test_an_interrupt_after_its_query_ended_does_not_cut_the_next(tmp_path: Path) -> None:
-    """The service's time limit is a timer of its loop, which may fire just after the
-    query finished: the cursor's next query must not be cut by it."""
-    store = ProjectionStore(tmp_path / "p.duckdb")
-    try:
-        cursor = store.cursor()
-        try:
-            cursor.interrupt()
-            assert run_query(cursor, "SELECT 42", limit=1, timeout_s=1.0)[2] == [(42,)]
-        finally:
-            cursor.close()
-    finally:
-        store.close()
 
 
 @pytest.mark.integration
