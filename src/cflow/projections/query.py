@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,23 +153,24 @@ def _json_value(value: Any) -> Any:
 _reply_encoder = msgspec.json.Encoder(enc_hook=_json_value)
 
 
-def run_query(cursor: duckdb.DuckDBPyConnection, statement: str, *, limit: int,
+def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
               timeout_s: float, params: Sequence[Any] = ()
               ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
-    """Run one read that :func:`check_read_only` passed (``statement`` is what it
-    returned) on ``cursor``, blocking; the caller interrupts ``cursor`` at
-    ``timeout_s`` (:class:`QueryService` does with a timer of its event loop).
-    Returns columns, types, rows, truncated.
+    """Run one checked read on ``cursor`` (blocking). Returns columns, types, rows, truncated.
 
     Raises:
-        QueryRejected: DuckDB refused a write or a file access.
-        LimitExceeded: it was interrupted (at ``timeout_s``).
+        QueryRejected: the statement is not a pure read, or touched a file.
+        LimitExceeded: it ran past ``timeout_s`` and was interrupted.
         InvalidInput: DuckDB refused it (unknown table, type error, ...).
     """
     import duckdb
 
+    statement = check_read_only(sql)
+    timer = threading.Timer(timeout_s, cursor.interrupt)
+    timer.daemon = True
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
+        timer.start()
         cursor.execute(statement, list(params) if params else None)
         description = cursor.description or []
         rows = cursor.fetchmany(limit + 1)
@@ -182,6 +184,7 @@ def run_query(cursor: duckdb.DuckDBPyConnection, statement: str, *, limit: int,
     except duckdb.Error as exc:
         raise InvalidInput(f"query failed: {str(exc).splitlines()[0]}") from None
     finally:
+        timer.cancel()
         with contextlib.suppress(duckdb.Error):
             cursor.execute("ROLLBACK")
     truncated = len(rows) > limit
@@ -280,7 +283,7 @@ class QueryService:
         started = time.perf_counter()
         limit = max(0, min(request.limit, self.max_limit))
         timeout_s = max(0.001, min(request.timeout_s, self.max_timeout_s))
-        statement = check_read_only(request.sql)
+        check_read_only(request.sql)
         if request.wait_for_seq is not None and not await self.projector.wait_for(
                 request.wait_for_seq, timeout_s):
             raise LimitExceeded(
@@ -288,17 +291,13 @@ class QueryService:
                 f"{request.wait_for_seq} within {timeout_s:g} s",
                 checkpoint=self.projector.applied_seq)
         cursor = await self._cursors.get()
-        # The time limit is a timer of this loop, not a thread per query: starting a
-        # thread waits until it runs, which a loaded machine delays.
-        watchdog = asyncio.get_running_loop().call_later(timeout_s, cursor.interrupt)
         try:
             checkpoint = self.projector.applied_seq
             cols, types, rows, truncated = await anyio.to_thread.run_sync(
-                lambda: run_query(cursor, statement, limit=limit, timeout_s=timeout_s,
+                lambda: run_query(cursor, request.sql, limit=limit, timeout_s=timeout_s,
                                   params=request.params),
                 limiter=self.limiter)
         finally:
-            watchdog.cancel()
             self._cursors.put_nowait(cursor)
         return {"ok": True, "columns": cols, "types": types, "rows": rows,
                 "truncated": truncated, "checkpoint": checkpoint, "server": self.server_id,
