@@ -24,7 +24,6 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from glob import escape as glob_escape
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import msgspec
 
 from cflow.background import stop_tasks
 from cflow.errors import CflowError, InvalidState
@@ -62,8 +62,7 @@ def wall_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-@dataclass(frozen=True)
-class BatchTiming:
+class BatchTiming(msgspec.Struct, frozen=True):
     """One applied batch: its events, the seconds its transaction took on the DuckDB
     thread (fold, statements, commit) and that thread's CPU seconds meanwhile."""
 
