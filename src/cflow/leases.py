@@ -53,7 +53,6 @@ from cflow.errors import (
 )
 from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
-from cflow.reservations import declared_paths
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
     Appended,
@@ -67,6 +66,7 @@ from cflow.tasks import (
     TaskBoard,
     TaskState,
     apply,
+    declared_paths,
     failure_outcome,
     fold,
     validate_create,
