@@ -82,6 +82,36 @@ def test_a_command_loads_only_its_modules_and_no_pydantic() -> None:
     assert {f"cflow.cli.{m}" for m in commands.MODULES} <= modules
 
 
+def test_typer_builds_only_the_invoked_command() -> None:
+    import typer.main
+
+    from cflow.cli import _register
+    from cflow.cli.app import app
+
+    _register()
+
+    def built(*argv: str) -> Any:
+        with commands.only_invoked(app, argv):
+            return typer.main.get_command(app)
+
+    everything = built()
+    assert len(everything.commands["task"].commands) > 10
+    root = built("--swarm", "s", "task", "--json", "add", "x", "--priority", "1")
+    assert list(root.commands) == ["task"]
+    assert list(root.commands["task"].commands) == ["add"]
+    assert list(built("status", "--json").commands) == ["status"]
+    # no subcommand named, help, an option first, a typo: the level keeps every command
+    for argv in (["task"], ["task", "--help"], ["merges", "--all", "remove", "x"],
+                 ["task", "ad"]):
+        group = built(*argv).commands[argv[0]]
+        assert set(group.commands) == set(everything.commands[argv[0]].commands), argv
+    assert set(built("tsk").commands) == set(everything.commands)
+    # the registrations are back for the next build
+    assert set(built().commands) == set(everything.commands)
+    proc, _ = loaded("task", "ad")
+    assert proc.returncode == 2 and "Did you mean 'add'?" in proc.stderr
+
+
 def test_top_level_help_lists_every_command_without_loading_one() -> None:
     from cflow.cli import _register, help
     from cflow.cli.app import app

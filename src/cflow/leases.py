@@ -31,7 +31,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -54,7 +53,6 @@ from cflow.errors import (
 )
 from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
-from cflow.reservations import declared_paths
 from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
     Appended,
@@ -68,6 +66,7 @@ from cflow.tasks import (
     TaskBoard,
     TaskState,
     apply,
+    declared_paths,
     failure_outcome,
     fold,
     validate_create,
@@ -1507,8 +1506,7 @@ async def maintenance_status(swarm: Swarm, within_s: float = 0.3) -> list[dict[s
     return sorted(replies, key=lambda r: (str(r.get("agent")), int(r.get("pid") or 0)))
 
 
-@dataclass
-class MaintenanceHealth:
+class MaintenanceHealth(msgspec.Struct):  # a Struct: cheap to define (issue 18)
     """What `cfctl status` and the metrics show of a process's maintenance loop."""
 
     running: bool = False

@@ -56,7 +56,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +76,7 @@ from cflow.keepalive import Holding, kept_alive, renewal
 from cflow.lease_policy import LeasePolicy
 from cflow.streams import KvEntry, names
 from cflow.streams.client import wall_ms
-from cflow.tasks import ends_task
+from cflow.tasks import declared_paths, ends_task
 
 if TYPE_CHECKING:
     from cflow.feed import TaskFeed
@@ -331,11 +331,6 @@ def _reservation(rec: ReservationRecord, revision: int,
                        exclusive=rec.exclusive, task_id=rec.task_id, ttl_s=rec.ttl_s,
                        reserved_ms=rec.reserved_ms, expires_ms=base + int(rec.ttl_s * 1000),
                        revision=revision, sent_mono=sent_mono)
-
-
-def declared_paths(labels: Mapping[str, str]) -> list[str]:
-    """The paths a task declares it will touch: its label ``paths``, comma-separated."""
-    return [p.strip() for p in labels.get("paths", "").split(",") if p.strip()]
 
 
 def _refuse_overlap(mine: ReservationRecord,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +131,8 @@ async def stream_status(nc: Any, name: str) -> dict[str, Any]:
 
 def monitor(url: str) -> dict[str, Any]:
     """Server and route facts from a nats-server monitoring endpoint (``/varz``, ``/routez``)."""
+    import urllib.request  # only with --monitor: about 15 M instructions of every status
+
     out: dict[str, Any] = {}
     for page in ("varz", "routez"):
         with urllib.request.urlopen(f"{url.rstrip('/')}/{page}", timeout=2) as resp:  # noqa: S310

@@ -24,7 +24,7 @@ and expected sequences, so several nodes doing the same action do it once.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -174,6 +174,15 @@ def ends_task(data: ev.EventData) -> bool:
     """
     return isinstance(data, ev.TaskCompleted | ev.TaskCancelled) or (
         isinstance(data, ev.TaskFailed) and data.final)
+
+
+def declared_paths(labels: Mapping[str, str]) -> list[str]:
+    """The paths a task declares it will touch: its label ``paths``, comma-separated.
+
+    Here, not in :mod:`cflow.reservations`: a claim asks every task, and a command that
+    claims or adds a task without paths then never imports the reservations (issue 18).
+    """
+    return [p.strip() for p in labels.get("paths", "").split(",") if p.strip()]
 
 
 def _refuse(state: TaskState | None, event: ev.Event) -> InvalidState:

@@ -49,7 +49,8 @@ def main() -> None:
         name = commands.command_name(sys.argv[1:])
         if name is not None:
             commands.load(name)  # only the modules this line needs
-        command = typer.main.get_command(app)
+        with commands.only_invoked(app, sys.argv[1:]):
+            command = typer.main.get_command(app)
         commands.lazy_root(command, lambda: typer.main.get_command(app), cli_help.tidy)
         argv = hoist_global_flags(sys.argv[1:], commands.own_options(command, sys.argv[1:]))
         cli_help.tidy(command)

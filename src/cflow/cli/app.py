@@ -256,10 +256,24 @@ def group(name: str, help: str) -> typer.Typer:
 
 def identity(explicit: str | None = None) -> str:
     """Who a person at this shell is, the same for every command: ``--agent``, else
-    ``$CFLOW_AGENT``, else ``<user>-<host>`` (inside Claude Code: its session's agent)."""
-    from cflow.cli.reserve_cmds import owner_name
+    ``$CFLOW_AGENT``, else ``<user>-<host>`` (inside Claude Code: its session's agent).
 
-    return owner_name(explicit)
+    A subject token. Inside a Claude Code session it is the name its MCP adapter uses,
+    so ``git commit`` from the session's shell is the agent holding the reservations.
+    """
+    name = explicit or os.environ.get("CFLOW_AGENT")
+    if name:
+        return name
+    if os.environ.get("CLAUDE_CODE_SESSION_ID"):
+        from cflow.hooks import claude_agent_name
+
+        return claude_agent_name()
+    import getpass
+    import re
+    import socket
+
+    fallback = f"{getpass.getuser()}-{socket.gethostname()}"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", fallback).strip("-")[:128] or "cfctl"
 
 
 def agent_name(explicit: str | None = None) -> str:

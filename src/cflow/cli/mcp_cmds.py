@@ -148,12 +148,11 @@ def permissions_list(ctx: typer.Context) -> None:
 
 
 def _answer(ctx: typer.Context, request_id: str, behavior: str) -> None:
-    from cflow.cli.app import emit, run
-    from cflow.cli.reserve_cmds import owner_name
+    from cflow.cli.app import emit, identity, run
     from cflow.swarm import Swarm
 
     c = state(ctx)
-    operator = owner_name(None)
+    operator = identity()
 
     async def body() -> dict[str, Any]:
         async with Swarm.connect(c.url, swarm=c.swarm, agent=operator) as swarm:

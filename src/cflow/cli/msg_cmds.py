@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, fail, run, state
+from cflow.cli.app import EXIT_USAGE, app, emit, fail, identity, run, state
 
 if TYPE_CHECKING:
     from cflow.messages import InboxMessage, OverdueMessage
@@ -20,9 +20,7 @@ AGENT_OPTION = typer.Option(None, "--agent", help="Who I am (default: $CFLOW_AGE
 
 
 def me(explicit: str | None) -> str:
-    from cflow.cli.reserve_cmds import owner_name
-
-    return owner_name(explicit)
+    return identity(explicit)
 
 
 def _swarm(ctx: typer.Context, agent: str) -> Any:

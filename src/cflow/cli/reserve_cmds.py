@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
-import os
-import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_ERROR, EXIT_UNAVAILABLE, app, emit, fail, group, plural, run, state
+from cflow.cli.app import (
+    EXIT_ERROR,
+    EXIT_UNAVAILABLE,
+    app,
+    emit,
+    fail,
+    group,
+    identity,
+    plural,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.reservations import Reservation
@@ -24,24 +31,6 @@ HOOK_MARKER = "# installed by `cfctl setup git-guard`"
 
 
 setup_app = group("setup", "Wire cflow into agent tools (Claude Code, git).")
-
-
-def owner_name(explicit: str | None) -> str:
-    """A stable identity for the shell, a subject token.
-
-    ``--agent``, else ``$CFLOW_AGENT``, else inside a Claude Code session the
-    same name its MCP adapter uses (so ``git commit`` from the session's shell is
-    the agent that holds the reservations), else ``<user>-<host>``.
-    """
-    name = explicit or os.environ.get("CFLOW_AGENT")
-    if name:
-        return name
-    if os.environ.get("CLAUDE_CODE_SESSION_ID"):
-        from cflow.hooks import claude_agent_name
-
-        return claude_agent_name()
-    fallback = f"{getpass.getuser()}-{socket.gethostname()}"
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", fallback).strip("-")[:128] or "cfctl"
 
 
 def _swarm(ctx: typer.Context, agent: str) -> Any:
@@ -75,7 +64,7 @@ def reserve(
     agent: str | None = AGENT_OPTION,
 ) -> None:
     """Reserve paths before editing them; refused if another agent holds them."""
-    who = owner_name(agent)
+    who = identity(agent)
     if not paths and renew is None:
         fail("give at least one PATH (or --renew ID)", 2)
 
@@ -117,7 +106,7 @@ def reservations(
     agent: str | None = AGENT_OPTION,
 ) -> None:
     """List live reservations, or check paths (exit 1 if another agent holds one)."""
-    who = owner_name(agent)
+    who = identity(agent)
     paths = list(check) + (_staged_paths() if check_staged else [])
     if check or check_staged:
         if not paths:
@@ -168,7 +157,7 @@ def release_paths(
     agent: str | None = AGENT_OPTION,
 ) -> None:
     """Release this agent's reservations (all, one, or one task's)."""
-    who = owner_name(agent)
+    who = identity(agent)
 
     async def body() -> list[str]:
         async with _swarm(ctx, who) as swarm:
