@@ -251,6 +251,7 @@ class Lease:
 # later on a loaded machine; a claim looks again this often until then plus the slack.
 ON_LOAN_RECHECK_S = 0.02
 ON_LOAN_SLACK_S = 0.4
+HEALTH_STALL_S = 0.05  # `cfctl status` stops gathering maintainers this long after the last
 
 
 class TaskService:
@@ -1485,21 +1486,37 @@ def health_subject(swarm: str) -> str:
     return f"{names.PREFIX}.{swarm}.maint.health"
 
 
-async def maintenance_status(swarm: Swarm, within_s: float = 0.3) -> list[dict[str, Any]]:
-    """Every maintaining process of the swarm, with its health (scatter-gather)."""
+async def maintenance_status(swarm: Swarm, within_s: float = 0.3,
+                             stall_s: float = HEALTH_STALL_S) -> list[dict[str, Any]]:
+    """Every maintaining process of the swarm, with its health (scatter-gather).
+
+    Replies come from an unknown number of processes, so the gathering ends
+    ``stall_s`` after the latest reply (NATS's "stall" strategy for a request to
+    many), or ``within_s`` after the question when none answers.
+    """
     nc = swarm.nc
     inbox = nc.new_inbox()
     replies: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
 
     async def collect(msg: Any) -> None:
         with contextlib.suppress(ValueError):
             replies.append(json.loads(msg.data))
+            arrived.set()
 
     sub = await nc.subscribe(inbox, cb=collect)
     try:
         await nc.publish(health_subject(swarm.name), b"", reply=inbox)
         await nc.flush()
-        await asyncio.sleep(within_s)  # replies arrive from an unknown number of processes
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while (left := deadline - loop.time()) > 0:
+            arrived.clear()
+            try:
+                async with asyncio.timeout(min(left, stall_s) if replies else left):
+                    await arrived.wait()
+            except TimeoutError:
+                break
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
