@@ -676,7 +676,8 @@ class MemoryService:
             try:
                 seq = await self.log.stream_last_seq()
                 result = await self.swarm.query(sql, limit=limit, wait_for_seq=seq,
-                                                timeout_s=PROJECTION_WAIT_S)
+                                                timeout_s=PROJECTION_WAIT_S,
+                                                fallback=source == "auto")
                 return hits_from_rows(result.rows, query)
             except (Unavailable, LimitExceeded):  # no projector, or it lags behind
                 if source == "projection":

@@ -193,7 +193,7 @@ class Swarm:
         return {"reaped": self._tasks.reaped, **self._tasks.health.to_dict()}
 
     async def query(self, sql: str, *, limit: int = 1000, wait_for_seq: int | None = None,
-                    timeout_s: float = 10.0) -> QueryResult:
+                    timeout_s: float = 10.0, fallback: bool = False) -> QueryResult:
         """Read-only SQL on the swarm's DuckDB projection, through the query service.
 
         Raises:
@@ -203,7 +203,7 @@ class Swarm:
         from cflow.projections.query import QueryClient
 
         return await QueryClient(self.nc, self.name).query(
-            sql, limit=limit, wait_for_seq=wait_for_seq, timeout_s=timeout_s)
+            sql, limit=limit, wait_for_seq=wait_for_seq, timeout_s=timeout_s, fallback=fallback)
 
     async def aclose(self) -> None:
         if self._control is not None:

@@ -265,7 +265,7 @@ async def _list_from_projection(swarm: Any, status: str | None, limit: int
     result = await QueryClient(swarm.nc, swarm.name).query(
         f"SELECT * FROM tasks {where} ORDER BY created_seq LIMIT {int(limit)}",
         limit=limit, wait_for_seq=await swarm.log.stream_last_seq(), timeout_s=5.0,
-        params=params)
+        params=params, fallback=True)
     rows: list[dict[str, Any]] = result.dicts()
     for row in rows:
         if isinstance(row.get("labels"), str):

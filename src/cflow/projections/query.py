@@ -337,7 +337,8 @@ class QueryClient:
     async def query(self, sql: str, *, limit: int = DEFAULT_LIMIT,
                     wait_for_seq: int | None = None,
                     timeout_s: float = DEFAULT_TIMEOUT_S,
-                    params: Sequence[Any] = ()) -> QueryResult:
+                    params: Sequence[Any] = (),
+                    fallback: bool = False) -> QueryResult:
         """Run one read on the projection.
 
         Args:
@@ -346,6 +347,8 @@ class QueryClient:
             wait_for_seq: first wait until the projection applied this stream sequence.
             timeout_s: the query's time limit (and how long to wait for ``wait_for_seq``).
             params: values for ``?`` / ``$1`` placeholders (JSON types).
+            fallback: the caller reads elsewhere when no projector answers, so a
+                ``wait_for_seq`` read does not wait out ``NO_RESPONDERS_GRACE_S``.
 
         Raises:
             QueryRejected: not a pure read, or reaches a file.
@@ -359,8 +362,8 @@ class QueryClient:
         body = msgspec.json.encode(QueryRequest(sql=sql, limit=limit, timeout_s=timeout_s,
                                                 wait_for_seq=wait_for_seq, params=list(params)))
         wait = timeout_s * (2 if wait_for_seq is not None else 1) + 5.0
-        grace_until = time.monotonic() + (NO_RESPONDERS_GRACE_S if wait_for_seq is not None
-                                          else 0.0)
+        grace = NO_RESPONDERS_GRACE_S if wait_for_seq is not None and not fallback else 0.0
+        grace_until = time.monotonic() + grace
         pause = 0.02
         try:
             while True:
