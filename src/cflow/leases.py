@@ -1492,14 +1492,20 @@ async def maintenance_status(swarm: Swarm, within_s: float = 0.3,
 
     Replies come from an unknown number of processes, so the gathering ends
     ``stall_s`` after the latest reply (NATS's "stall" strategy for a request to
-    many), or ``within_s`` after the question when none answers.
+    many), at once when the server says nobody listens (its "no responders"
+    status), or ``within_s`` after the question when none answers.
     """
     nc = swarm.nc
     inbox = nc.new_inbox()
     replies: list[dict[str, Any]] = []
     arrived = asyncio.Event()
+    nobody = False
 
     async def collect(msg: Any) -> None:
+        nonlocal nobody
+        if msg.headers and msg.headers.get("Status") == "503":
+            nobody = True
+            arrived.set()
         with contextlib.suppress(ValueError):
             replies.append(json.loads(msg.data))
             arrived.set()
@@ -1510,7 +1516,7 @@ async def maintenance_status(swarm: Swarm, within_s: float = 0.3,
         await nc.flush()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
-        while (left := deadline - loop.time()) > 0:
+        while not nobody and (left := deadline - loop.time()) > 0:
             arrived.clear()
             try:
                 async with asyncio.timeout(min(left, stall_s) if replies else left):
