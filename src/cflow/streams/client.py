@@ -1060,6 +1060,13 @@ class EventLog:
         log.warning("%s is missing (a restarted server forgets memory storage): "
                     "creating it again, empty", stream)
         await ensure_stream(self.nc, spec)
+        leases = self.bucket(names.LEASES)
+        if stream == names.kv_stream(leases):
+            # Its new life starts now: holders have a whole TTL from here to write
+            # their leases back (the first judge would otherwise start it later).
+            with contextlib.suppress(ConcurrencyConflict):
+                await self.kv_put(leases, names.LEASES_GENERATION_KEY, b"{}",
+                                  expected_revision=0)
         return True
 
     async def _bucket_info(self, stream: str) -> dict[str, Any]:
