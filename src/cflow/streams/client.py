@@ -1691,8 +1691,11 @@ class EventLog:
         # The stream sequence of the last message queued, or of the last one stored
         # before a "new only" watch began (it starts after that one).
         last: int | None = None
-        info = await self._bucket_info(stream)
-        created = info.get("created")  # which life of the stream ``last`` counts in
+        # A memory bucket may be created again (a restart forgot it): then its
+        # sequences start over, and ``created`` tells which life ``last`` counts in.
+        ephemeral = ephemeral_bucket(self.swarm, stream) is not None
+        info = await self._bucket_info(stream) if ephemeral or not last_per_subject else {}
+        created = info.get("created")
         if not last_per_subject:
             last = int(info["state"]["last_seq"])
 
@@ -1724,7 +1727,7 @@ class EventLog:
             generation += 1
             await _unsubscribe(sub)
             sub = await self._ordered_subscription_again(subject, stream, receiver(generation),
-                                                         config, same_stream)
+                                                         config, same_stream if ephemeral else None)
 
         resubscribing: asyncio.Task[None] | None = None
 
