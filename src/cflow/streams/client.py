@@ -1691,7 +1691,7 @@ class EventLog:
         # The stream sequence of the last message queued, or of the last one stored
         # before a "new only" watch began (it starts after that one).
         last: int | None = None
-        # A memory bucket may be created again (a restart forgot it): then its
+        # A memory bucket may be created again or emptied by a restart: then its
         # sequences start over, and ``created`` tells which life ``last`` counts in.
         ephemeral = ephemeral_bucket(self.swarm, stream) is not None
         info = await self._bucket_info(stream) if ephemeral or not last_per_subject else {}
@@ -1718,8 +1718,11 @@ class EventLog:
 
         async def same_stream() -> None:
             nonlocal last, created
-            now = (await self._bucket_info(stream)).get("created")
-            if now != created:  # created again since: everything in it is new
+            info = await self._bucket_info(stream)
+            now = info.get("created")
+            # Created again since (a single server forgot it), or emptied with its
+            # sequences starting over (a whole cluster restarted): all of it is new.
+            if now != created or (last is not None and int(info["state"]["last_seq"]) < last):
                 created, last = now, 0
 
         async def resubscribe() -> None:

@@ -113,7 +113,8 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
         # spec (`ephemeral_bucket`), holders write their leases back within a
         # TTL, and no missing lease is judged gone before a TTL after the
         # bucket's new generation (TaskService.lease_generation_ms). In a
-        # cluster, R3 memory streams survive the restart of one node.
+        # cluster, R3 memory streams keep their keys through the restart of one
+        # node; a restart of the whole cluster empties them (sequences from 1).
         _bucket(swarm, names.LEASES, "task leases: owner, epoch; server-side TTL",
                 history=1, ttl=True, replicas=replicas, storage="memory"),
         _bucket(swarm, names.PRESENCE, "agent presence; server-side TTL",
