@@ -12,13 +12,18 @@ executor's side) and on the event log (the record of truth):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from cflow import events as ev
 from cflow.errors import CflowError
+from cflow.leases import claim_lease_key
+from cflow.streams import names
+from cflow.streams.client import KvEntry
 from cflow.swarm import Swarm
 from faults import (
     ExecutionLog,
@@ -32,7 +37,7 @@ from faults import (
     task_events,
     timeline,
 )
-from support import until
+from support import maintained, until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -275,3 +280,96 @@ async def test_claims_resume_promptly_after_a_server_restart(
     assert run.start - created <= 2 * TTL_S, (
         f"a ready task waited {run.start - created:.1f} s for one of two idle workers: "
         + " | ".join(w.output()[-800:] for w in workers))
+
+
+async def _entry(entries: AsyncIterator[KvEntry], key: str, operation: str,
+                 within: float) -> KvEntry:
+    """The next entry of a bucket watch with ``key`` and ``operation``."""
+    async def find() -> KvEntry:
+        async for entry in entries:
+            if entry.key == key and entry.operation == operation:
+                return entry
+        raise AssertionError("the watch ended")
+    return await asyncio.wait_for(find(), within)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill9"])
+async def test_leases_and_presence_come_back_after_a_server_restart(
+        swarm_name: str, tmp_path: Path, how: str) -> None:
+    """Leases and presence live in memory storage, which a restarted server forgets.
+
+    Holders renewing across the restart keep their claims (they write their
+    leases back into the bucket created again), a holder that died just before
+    the restart loses its task only a whole TTL after the server is back (never
+    at once because the bucket came back empty), nobody claims a task twice,
+    presence comes back, and the bucket watches (the reaper's marker loop, the
+    presence observer) follow the new bucket: a lease written after the restart
+    and left to expire is reaped on its marker.
+    """
+    ttl = 5.0  # room for the restart within the holders' own deadline on a loaded machine
+    with RestartableServer(tmp_path / "nats") as server:
+        async with Swarm.connect(server.url, swarm=swarm_name, agent="chaos") as s, \
+                maintained(server.url, swarm_name) as reaper:
+            leases, presence = s.log.bucket(names.LEASES), s.log.bucket(names.PRESENCE)
+            for bucket in (leases, presence):
+                info = await s.log.stream_info(names.kv_stream(bucket))
+                assert info["config"]["storage"] == "memory", bucket
+            kept = [await s.tasks.create(f"kept {i}", lease_ttl_s=ttl) for i in range(3)]
+            dead_task = await s.tasks.create("holder dies before the restart", lease_ttl_s=ttl)
+            later_task = await s.tasks.create("holder dies after the restart", lease_ttl_s=ttl)
+            holders = [await s.tasks.claim(t.task_id, agent=f"holder{i}")
+                       for i, t in enumerate(kept)]
+            agent = await s.agents.register("present")
+            async with contextlib.AsyncExitStack() as stack:
+                for lease in holders:
+                    assert lease is not None
+                    await stack.enter_async_context(lease.keep_alive(interval_s=0.5))
+                await stack.enter_async_context(agent.present(ttl_s=ttl))
+                lease_watch = await stack.enter_async_context(s.log.kv_entries(leases))
+                presence_watch = await stack.enter_async_context(s.log.kv_entries(presence))
+                dead = await s.tasks.claim(dead_task.task_id, agent="dead")  # never renewed
+                assert dead is not None
+                if how == "stop":
+                    server.stop()
+                else:
+                    server.kill9()
+                await asyncio.to_thread(server.restart)
+                back = time.monotonic()
+                # Presence and every live holder's lease are written again, and the
+                # watches opened before the restart see it.
+                await _entry(presence_watch, "present", "PUT", within=ttl)
+                for lease in holders:
+                    assert lease is not None
+                    await _entry(lease_watch, claim_lease_key(lease.task), "PUT", within=ttl)
+                assert (await s.agents.get("present")).present
+                state = await until(reaper, dead_task.task_id,
+                                    lambda st: st.epoch != dead.epoch or st.status != "claimed",
+                                    within=4 * ttl)
+                dead_reaped_after = time.monotonic() - back
+                # A claim leased in the new bucket and left to expire: reaped on its marker.
+                later = await s.tasks.claim(later_task.task_id, agent="later")
+                assert later is not None
+                await _entry(lease_watch, claim_lease_key(later.task), "MARKER", within=3 * ttl)
+                await until(reaper, later_task.task_id,
+                            lambda st: st.epoch != later.epoch or st.status != "claimed",
+                            within=ttl)
+                for lease in holders:
+                    assert lease is not None
+                    assert not lease.lost.is_set(), lease.lost_reason
+                    assert (await lease.heartbeat()) == "ok"
+            items = await task_events(s.log)
+    history = by_task(items)
+    print(f"\nserver {how}: the dead holder's task reaped {dead_reaped_after:.1f} s after "
+          f"the server was back (TTL {ttl:.0f} s)")
+    for lease in holders:
+        assert lease is not None
+        claims = of_type(history[lease.task_id], ev.TaskClaimed)
+        assert [c.seq for c in claims] == [lease.epoch], timeline(history[lease.task_id])
+        assert not of_type(history[lease.task_id], ev.TaskLeaseExpired)
+    assert dead_reaped_after >= ttl, (
+        f"a lease lost with the restart was reaped {dead_reaped_after:.1f} s after it")
+    assert state.status in ("ready", "expired"), timeline(history[dead_task.task_id])
+    for task_id in (dead_task.task_id, later_task.task_id):
+        claims = of_type(history[task_id], ev.TaskClaimed)
+        expiries = of_type(history[task_id], ev.TaskLeaseExpired)
+        assert len(claims) == 1 and len(expiries) == 1, timeline(history[task_id])

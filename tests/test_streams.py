@@ -44,6 +44,7 @@ from cflow.streams.client import (
     satisfies,
     ttl_header,
 )
+from cflow.streams.definitions import ephemeral_bucket
 from cflow.streams.errors import (
     CONSUMER_NOT_FOUND,
     MESSAGE_TOO_LARGE,
@@ -136,6 +137,16 @@ def test_swarm_resources_declare_every_stream_and_bucket() -> None:
     assert leases["subject_delete_marker_ttl"] > 0
     assert leases["max_msgs_per_subject"] == 1
     assert "allow_msg_ttl" not in specs["KV_cf_sw_control"].config()
+    memory = {name for name, spec in specs.items() if spec.storage == "memory"}
+    assert memory == {"KV_cf_sw_leases", "KV_cf_sw_presence"}
+
+
+def test_only_memory_buckets_are_created_again_where_found_missing() -> None:
+    spec = ephemeral_bucket("sw", "KV_cf_sw_leases", replicas=3)
+    assert spec is not None and spec.storage == "memory" and spec.replicas == 3
+    assert ephemeral_bucket("sw", "KV_cf_sw_presence") is not None
+    for stream in ("CF_sw_EVENTS", "KV_cf_sw_memory", "KV_cf_sw_control", "KV_cf_other_leases"):
+        assert ephemeral_bucket("sw", stream) is None, stream
 
 
 @pytest.mark.parametrize("replicas", [0, 2, 5])

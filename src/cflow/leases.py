@@ -87,7 +87,6 @@ OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by ma
 OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
 LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
 DROP_DEFER_S = 0.02  # a finished claim's lease delete waits this long for a write to ride with
-GENERATION_KEY = "_generation"  # written once per life of the leases bucket's keys
 SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
 ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
 SUPERVISOR_BACKOFF_MIN_S = 0.5
@@ -814,11 +813,11 @@ class TaskService:
         counts as a dead holder.
         """
         for _ in range(3):
-            last = await self.log.kv_last(self.leases_bucket, GENERATION_KEY)
+            last = await self.log.kv_last(self.leases_bucket, names.LEASES_GENERATION_KEY)
             if last is not None and last.live:
                 return last.time_ms
             try:
-                await self.log.kv_put(self.leases_bucket, GENERATION_KEY, b"{}",
+                await self.log.kv_put(self.leases_bucket, names.LEASES_GENERATION_KEY, b"{}",
                                       expected_revision=last.revision if last else 0)
             except ConcurrencyConflict:
                 continue  # another reader wrote it: read theirs
@@ -1429,8 +1428,9 @@ class TaskService:
         elif verdict is Verdict.PENDING:
             # Within the holder's grace (a fresh claim, or a bucket just emptied by
             # a restart): look again when it has passed.
-            self._schedule(max(policy.never_leased_at_ms(state.claimed_ms or state.created_ms),
-                               await self.log.server_time_ms() + int(policy.ttl_s * 1000)),
+            since = max(state.claimed_ms or state.created_ms, await self.lease_generation_ms())
+            self._schedule(max(policy.never_leased_at_ms(since),
+                               await self.log.server_time_ms() + 100),
                            state.task_id, "lease", state.epoch)
 
     async def _marker_loop(self) -> None:

@@ -52,7 +52,7 @@ from cflow.errors import (
 from cflow.hlc import LOGICAL_MAX, HybridClock, Timestamp
 from cflow.streams import names
 from cflow.streams.acks import js_publish
-from cflow.streams.definitions import StreamSpec, swarm_resources
+from cflow.streams.definitions import StreamSpec, ephemeral_bucket, swarm_resources
 from cflow.streams.errors import (
     NO_MESSAGE_FOUND,
     STREAM_NAME_IN_USE,
@@ -1016,15 +1016,68 @@ class EventLog:
                     raise await self._explain(stream, exc, attempts.waited_s()) from exc
 
     async def _exists_once(self, stream: str, exc: CflowError, attempts: Attempts) -> None:
-        """At the first "no responders" of an operation, fail at once if the stream is missing.
+        """At a "no responders" of an operation, fail at once if the stream is missing.
+
+        Asked until the server answers once (a restarting server's JetStream may
+        not answer yet). A memory-storage bucket found missing is created again
+        (a restart forgot it) and the operation goes on.
 
         Raises:
             NotFound: ``stream`` does not exist (run ``cfctl init``).
         """
-        if getattr(exc, "reason", None) == "no-responders" and not attempts.checked:
-            attempts.checked = True
-            await self.stream_info(stream, retry_s=0.0, missing_only=True,
-                                   timeout=EXPLAIN_TIMEOUT_S)
+        if getattr(exc, "reason", None) != "no-responders" or attempts.checked:
+            return
+        try:
+            attempts.checked = bool(await self.stream_info(
+                stream, retry_s=0.0, missing_only=True, timeout=EXPLAIN_TIMEOUT_S))
+        except NotFound:
+            if ephemeral_bucket(self.swarm, stream) is None:
+                raise
+            with contextlib.suppress(Unavailable):
+                await self._recreate(stream)
+
+    async def _recreate(self, stream: str) -> bool:
+        """Create ``stream`` again, empty, if it is one of the swarm's memory buckets.
+
+        Returns False (and does nothing) for any other stream. The bucket gets
+        the events stream's replica count. Leases coming back empty is safe: see
+        ``TaskService.lease_generation_ms``.
+
+        Raises:
+            NotFound: the swarm's events stream is missing too (run ``cfctl init``).
+            Unavailable: JetStream did not answer.
+        """
+        if ephemeral_bucket(self.swarm, stream) is None:
+            return False
+        info = await self.stream_info(self.stream, retry_s=0.0, timeout=EXPLAIN_TIMEOUT_S)
+        replicas = 3 if int((info.get("config") or {}).get("num_replicas", 1)) > 1 else 1
+        spec = ephemeral_bucket(self.swarm, stream, replicas)
+        assert spec is not None
+        log.warning("%s is missing (a restarted server forgets memory storage): "
+                    "creating it again, empty", stream)
+        await ensure_stream(self.nc, spec)
+        leases = self.bucket(names.LEASES)
+        if stream == names.kv_stream(leases):
+            # Its new life starts now: holders have a whole TTL from here to write
+            # their leases back (the first judge would otherwise start it later).
+            with contextlib.suppress(ConcurrencyConflict):
+                await self.kv_put(leases, names.LEASES_GENERATION_KEY, b"{}",
+                                  expected_revision=0)
+        return True
+
+    async def _bucket_info(self, stream: str) -> dict[str, Any]:
+        """``STREAM.INFO`` of a bucket's stream; a forgotten memory bucket is created again.
+
+        Raises:
+            NotFound: the bucket does not exist and is not one to create again.
+            Unavailable: no answer within ``retry_s``.
+        """
+        try:
+            return await self.stream_info(stream)
+        except NotFound:
+            if not await self._recreate(stream):
+                raise
+        return await self.stream_info(stream)
 
     async def _leader_reads(self, stream: str) -> bool:
         """Whether reads of ``stream`` go to its leader: it has replicas that may lag."""
@@ -1454,15 +1507,19 @@ class EventLog:
     async def _ordered_subscription_again(
         self, subject: str, stream: str, cb: Callable[[Msg], Awaitable[None]],
         config: Callable[[], ConsumerConfig],
+        prepare: Callable[[], Awaitable[object]] | None = None,
     ) -> Any:
         """:meth:`_ordered_subscription` after a reconnect, tried until made: the
         connection is back but JetStream may still be recovering (a restarted server).
+        ``prepare`` is awaited before each try.
 
         Raises:
             NotFound: the stream is gone.
         """
         while True:
             try:
+                if prepare is not None:
+                    await prepare()
                 sub, _ = await self._ordered_subscription(subject, stream, cb, config)
                 return sub
             except NotFound:
@@ -1619,6 +1676,9 @@ class EventLog:
         ``Nats-Marker-Reason`` header (the server's marker). After a reconnect a new
         consumer is placed after the last message queued (see :meth:`follow`), so an
         entry pushed as the connection dropped is not lost; the queue never repeats.
+        A memory-storage bucket that a restarted server forgot is created again,
+        and the watch then follows it from its first message (its sequences start
+        over).
         """
         queue: asyncio.Queue[Msg] = asyncio.Queue()
         subject = f"$KV.{bucket}.>"
@@ -1627,8 +1687,13 @@ class EventLog:
         # The stream sequence of the last message queued, or of the last one stored
         # before a "new only" watch began (it starts after that one).
         last: int | None = None
+        # A memory bucket may be created again or emptied by a restart: then its
+        # sequences start over, and ``created`` tells which life ``last`` counts in.
+        ephemeral = ephemeral_bucket(self.swarm, stream) is not None
+        info = await self._bucket_info(stream) if ephemeral or not last_per_subject else {}
+        created = info.get("created")
         if not last_per_subject:
-            last = int((await self.stream_info(stream))["state"]["last_seq"])
+            last = int(info["state"]["last_seq"])
 
         def receiver(gen: int) -> Callable[[Msg], Awaitable[None]]:
             async def on_msg(msg: Msg) -> None:
@@ -1647,12 +1712,21 @@ class EventLog:
 
         sub, _ = await self._ordered_subscription(subject, stream, receiver(generation), config)
 
+        async def same_stream() -> None:
+            nonlocal last, created
+            info = await self._bucket_info(stream)
+            now = info.get("created")
+            # Created again since (a single server forgot it), or emptied with its
+            # sequences starting over (a whole cluster restarted): all of it is new.
+            if now != created or (last is not None and int(info["state"]["last_seq"]) < last):
+                created, last = now, 0
+
         async def resubscribe() -> None:
             nonlocal sub, generation
             generation += 1
             await _unsubscribe(sub)
             sub = await self._ordered_subscription_again(subject, stream, receiver(generation),
-                                                         config)
+                                                         config, same_stream if ephemeral else None)
 
         resubscribing: asyncio.Task[None] | None = None
 
@@ -1688,7 +1762,7 @@ class EventLog:
 
     async def kv_keys(self, bucket: str) -> list[KvEntry]:
         """Last entry of every key in a bucket (live or not)."""
-        info = await self.stream_info(names.kv_stream(bucket))
+        info = await self._bucket_info(names.kv_stream(bucket))
         if int(info["state"]["messages"]) == 0:
             return []
         out: list[KvEntry] = []

@@ -105,16 +105,20 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
             # A work queue: an offer is gone once a claimer acknowledged it.
             extra={"retention": "workqueue", "allow_direct": False},
         ),
-        # Leases and presence stay on file storage: measured with nats-server
-        # 2.15.1, a memory-storage bucket with per-message TTLs wrote an expiry
-        # marker for a key that was being renewed every second (its first
-        # message's TTL fired after newer messages had replaced it), which would
-        # reap a live holder. The claim path still tolerates a bucket emptied
-        # under it (see TaskService.lease_generation_ms).
+        # Leases and presence are soft state in memory: the claim of record is
+        # on the task's subject, and a renewal need not wait for a disk (with
+        # `sync: always` the disk could not fsync a thousand holders' renewals
+        # a second). A single server forgets a memory stream when it restarts;
+        # whoever next uses one of these buckets creates it again from this
+        # spec (`ephemeral_bucket`), holders write their leases back within a
+        # TTL, and no missing lease is judged gone before a TTL after the
+        # bucket's new generation (TaskService.lease_generation_ms). In a
+        # cluster, R3 memory streams keep their keys through the restart of one
+        # node; a restart of the whole cluster empties them (sequences from 1).
         _bucket(swarm, names.LEASES, "task leases: owner, epoch; server-side TTL",
-                history=1, ttl=True, replicas=replicas),
+                history=1, ttl=True, replicas=replicas, storage="memory"),
         _bucket(swarm, names.PRESENCE, "agent presence; server-side TTL",
-                history=1, ttl=True, replicas=replicas),
+                history=1, ttl=True, replicas=replicas, storage="memory"),
         # With history > 1 the server raises every message TTL to at least the
         # marker TTL (nats-server 2.15, measured), so memory's markers live 1 s.
         _bucket(swarm, names.MEMORY, "shared memory with history",
@@ -124,3 +128,15 @@ def swarm_resources(swarm: str, replicas: int = 1) -> list[StreamSpec]:
         _bucket(swarm, names.CONTROL, "pause/stop flags, budgets, breakers",
                 history=16, ttl=False, replicas=replicas),
     ]
+
+
+def ephemeral_bucket(swarm: str, stream: str, replicas: int = 1) -> StreamSpec | None:
+    """The spec of ``stream`` if it is one of ``swarm``'s memory-storage buckets.
+
+    Those are created again, empty, wherever they are found missing (a server
+    restart forgets them); any other missing stream needs ``cfctl init``.
+    """
+    for spec in swarm_resources(swarm, replicas):
+        if spec.name == stream and spec.kv and spec.storage == "memory":
+            return spec
+    return None

@@ -48,6 +48,9 @@ def query_subject(swarm: str) -> str:
 
 
 LEASES = "leases"
+# The leases-bucket key whose timestamp starts a new life of the bucket's keys
+# (TaskService.lease_generation_ms).
+LEASES_GENERATION_KEY = "_generation"
 PRESENCE = "presence"
 MEMORY = "memory"
 RESERVATIONS = "reservations"
