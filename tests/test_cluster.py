@@ -26,6 +26,7 @@ from cflow.server import (
     ServerOptions,
     ensure_swarm_when_placeable,
     free_port,
+    free_ports,
     stop_recorded,
     wait_jetstream,
 )
@@ -292,8 +293,8 @@ def test_cfctl_join_forms_a_cluster(tmp_path: Path) -> None:
     env = {**os.environ, "CFLOW_SWARM": "joined", "XDG_DATA_HOME": str(tmp_path / "xdg")}
     auth_dir = tmp_path / "auth"
     dirs = [tmp_path / f"m{i}" for i in range(3)]
-    ports = [free_port() for _ in range(3)]
-    cports = [free_port() for _ in range(3)]
+    found = free_ports(6)  # client and cluster ports, all distinct
+    ports, cports = found[:3], found[3:]
 
     def cfctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([CFCTL, *args], capture_output=True, text=True, env=env,

@@ -129,14 +129,14 @@ def nats_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
 @pytest.mark.integration
 async def test_docker_three_node_cluster(nats_image: tuple[Any, str]) -> None:
     """The compose topology by hand: 3 containers from the scratch image, R3 streams."""
-    from cflow.server import ensure_swarm_when_placeable, free_port
+    from cflow.server import ensure_swarm_when_placeable, free_ports
     from cflow.status import stream_status
     from cflow.streams import connect, names
 
     client, tag = nats_image
     net = client.networks.create(f"cflow-test-{uuid.uuid4().hex[:8]}")
     containers = []
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     try:
         for i in (1, 2, 3):
             containers.append(client.containers.run(
