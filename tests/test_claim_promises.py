@@ -274,3 +274,24 @@ async def test_an_emptied_leases_bucket_keeps_live_holders_and_reaps_dead_ones(
     assert kept.status == "claimed" and kept.epoch == alive.epoch and kept.owner == "alive"
     assert state.attempt == 0  # its lease vanished without a trace: refunded, not burnt
     assert reaped_after >= 3.0, f"a missing lease was reaped {reaped_after:.1f} s after the purge"
+
+
+async def test_a_retried_failure_whose_first_try_was_stored_still_offers_the_task(
+        swarm: Swarm) -> None:
+    """A holder retrying its failure after a lost ack finds the first try stored (a
+    duplicate); the offer that try never sent is sent now, not left to a sweep."""
+    t = await swarm.tasks.create("retry me", max_attempts=3, backoff_initial_s=0.0)
+    lease = await swarm.tasks.claim(t.task_id, agent="w")
+    assert lease is not None
+    # The first try as stored before its ack was lost: the same write, nothing after it.
+    msg_id = f"fail-{t.task_id}-{lease.epoch}"
+    await swarm.log.append(
+        ev.TaskFailed(epoch=lease.epoch, error="boom", final=False, retry_after_ms=0),
+        t.task_id, expected=lease.epoch, actor="w", msg_id=msg_id, after_hlc=lease.task.hlc,
+        event_id=ev.intent_id(swarm.name, msg_id))
+    again = await lease.fail("boom")
+    assert again.status == "ready"
+    taken = await swarm.tasks.claim(agent="rescuer", wait=1.0)
+    assert taken is not None and taken.task_id == t.task_id
+    failures = [e for e in await _history(swarm, t.task_id) if e.type == "TaskFailed"]
+    assert len(failures) == 1

@@ -962,18 +962,27 @@ class TaskService:
         except ConcurrencyConflict:
             raise LeaseLost(task_id, epoch, await self._why_lost(task_id, epoch)) from None
         if appended.duplicate:
-            # An earlier try of ours is stored: report what was stored, not this retry.
+            # An earlier try of ours is stored (its ack was lost): report what was
+            # stored, not this retry, and do what that try may not have lived to do.
             with contextlib.suppress(CflowError):
-                return await self.get(task_id)
+                stored = await self.get(task_id)
+                await self._after_finish(before, stored, kind)
+                return stored
         state = self._applied(before, appended)
+        await self._after_finish(before, state, kind)
+        return state
+
+    async def _after_finish(self, before: TaskState, state: TaskState, kind: str) -> None:
+        """Drop the finished claim's lease and offer or evaluate what the result left
+        (idempotent: offers are named by task and sequence)."""
         # The result is stored: nothing after this point may report it as failed.
         # What is left undone here, every maintainer redoes from the event.
         try:
             self._drop_lease_soon(claim_lease_key(before))
             await self._after_write(state)
         except CflowError as exc:
-            log.warning("after %s of %s: %s (maintenance will finish it)", kind, task_id, exc)
-        return state
+            log.warning("after %s of %s: %s (maintenance will finish it)", kind,
+                        state.task_id, exc)
 
     async def _after_write(self, state: TaskState) -> None:
         """What a write that changed a task's status owes the others.
