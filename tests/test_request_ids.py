@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mcp.server.mcpserver.exceptions import ToolError
 
+from cflow import events as ev
+from cflow.leases import task_id_for_key
 from cflow.mcp.adapter import Adapter
 from cflow.mcp.server import _Tools, mapped
 from cflow.memory import MemoryRecord, build_memory_put, key_token, request_msg_id
@@ -175,3 +177,16 @@ async def test_a_put_that_lands_twice_is_stored_once(swarm: Swarm) -> None:
     second, dup2 = await publish(swarm.log.js, out)
     assert (second, dup1, dup2) == (first, False, True)
 
+
+
+async def test_a_create_retried_after_its_creator_died_offers_the_task(swarm: Swarm) -> None:
+    """The first try was stored and its process died before offering it: the retry
+    with the same request id offers the ready task (claim-any needs an offer)."""
+    task_id = task_id_for_key(swarm.name, "request\x00req-died")
+    await swarm.log.append(ev.TaskCreated(title="build"), task_id, expected=0,
+                           msg_id=f"create-{task_id}", actor="died")
+    again = await swarm.tasks.create("build", request_id="req-died")
+    assert again.task_id == task_id and again.status == "ready"
+    taken = await swarm.tasks.claim(agent="w", wait=1.0)
+    assert taken is not None and taken.task_id == task_id
+    assert (await task_events(swarm)).count("TaskCreated") == 1

@@ -388,7 +388,7 @@ class TaskService:
         ev.check_token(task_id, "task id")
         if idempotency_key is not None or request_id is not None:
             with contextlib.suppress(NotFound):
-                return await self.get(task_id)
+                return await self._created_before(task_id)
         if data.depends_on:
             board = await self.ensure_board()
             await self._wait_for_tasks(data.depends_on)
@@ -399,7 +399,7 @@ class TaskService:
             appended = await self.log.append(data, task_id, expected=0,
                                              msg_id=f"create-{task_id}", actor=actor)
         except ConcurrencyConflict:
-            return await self.get(task_id)  # created before, by us or a retry
+            return await self._created_before(task_id)  # by us or a retry
         except Unavailable as exc:
             if request_id is None and idempotency_key is None:
                 raise
@@ -416,6 +416,16 @@ class TaskService:
             await self._after_write(state)
         except CflowError as exc:  # the task is stored; maintainers offer it again
             log.warning("offering new task %s failed: %s", task_id, exc)
+        return state
+
+    async def _created_before(self, task_id: str) -> TaskState:
+        """A task an earlier try created (maybe a process that died before offering
+        it): offered again if still ready (offers are named by task and sequence)."""
+        state = await self.get(task_id)
+        try:
+            await self._after_write(state)
+        except CflowError as exc:
+            log.warning("offering task %s again failed: %s", task_id, exc)
         return state
 
     def swarm_create_guards(self) -> list[Callable[[ev.TaskCreated, str], Any]]:
