@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 
 from cflow.errors import InvalidState
 from cflow.hooks import Held, briefing, stop_reminder
 from cflow.swarm import Swarm
+
+CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
+
+
+def cfctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``cfctl`` as a user runs it, its stdout and stderr pipes."""
+    proc = subprocess.run([*CFCTL, *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def test_briefing_and_reminder_use_real_plurals() -> None:
@@ -28,3 +43,27 @@ async def test_a_decided_gate_says_the_past_tense(swarm: Swarm, first: str, seco
     await getattr(swarm.control, first)(gate.task_id, "first")
     with pytest.raises(InvalidState, match=f"; {said}$"):
         await getattr(swarm.control, second)(gate.task_id, "second")
+
+
+@pytest.mark.integration
+async def test_agent_show_prints_labelled_human_lines(swarm: Swarm,
+                                                      cli_env: dict[str, str]) -> None:
+    import asyncio
+
+    await asyncio.to_thread(cfctl, cli_env, "agent", "register", "w1", "-c", "python,go")
+    task = await swarm.tasks.create("parse the logs")
+    lease = await swarm.tasks.claim(agent="w1")
+    assert lease is not None
+    text = (await asyncio.to_thread(cfctl, cli_env, "agent", "show", "w1")).stdout
+    lines = text.splitlines()
+    assert "capabilities: go, python" in lines
+    assert f"leases:       {task.task_id} (epoch {lease.epoch}, attempt 1): parse the logs" \
+        in lines
+    assert "stats:        0 completed, 0 failed, cost $0.0000" in lines
+    assert re.search(r"^registered: +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", text, re.M)
+    assert re.search(r"AgentRegistered +by w1 +name=w1 capabilities=go,python ", text)
+    for raw in ("{", "('", "None", "True", "False", "_ms"):
+        assert raw not in text, raw
+    shown = json.loads((await asyncio.to_thread(cfctl, cli_env, "--json", "agent", "show",
+                                                "w1")).stdout)
+    assert shown["capabilities"] == ["go", "python"] and shown["task_id"] is None
