@@ -67,3 +67,32 @@ async def test_agent_show_prints_labelled_human_lines(swarm: Swarm,
     shown = json.loads((await asyncio.to_thread(cfctl, cli_env, "--json", "agent", "show",
                                                 "w1")).stdout)
     assert shown["capabilities"] == ["go", "python"] and shown["task_id"] is None
+
+
+NOTHING = [  # (command, what it says on stderr, its --json result on stdout)
+    (["agent", "list"], "no agents", []),
+    (["reservations"], "no reservations", []),
+    (["reservations", "--check", "src/a.py"], "ok: none of 1 path is reserved by another agent",
+     {"blocked": []}),
+    (["release-paths"], "released 0 reservations", {"released": []}),
+    (["msg", "inbox"], "no new messages", []),
+    (["msg", "overdue"], "nothing overdue", []),
+    (["memory", "list"], "no entries", []),
+    (["memory", "search", "naming style"], "no matches", []),
+    (["gate", "list"], "no pending gates", []),
+    (["budget", "show"], "no budgets", {}),
+    (["breaker", "list"], "no breakers", []),
+    (["merges"], "merge queue empty", []),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "said", "empty"), NOTHING,
+                         ids=[" ".join(a) for a, _, _ in NOTHING])
+def test_nothing_found_is_said_on_stderr(cli_env: dict[str, str], args: list[str], said: str,
+                                         empty: object) -> None:
+    human = cfctl(cli_env, *args)
+    assert (human.stdout, human.stderr.strip()) == ("", said)
+    machine = cfctl(cli_env, "--json", *args)
+    assert json.loads(machine.stdout) == empty
+    assert said not in machine.stderr

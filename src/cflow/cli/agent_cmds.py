@@ -76,7 +76,10 @@ def list_agents(ctx: typer.Context) -> None:
             table.add_row(a["name"], a["status"], "yes" if a["present"] else "no",
                           a["task_id"] or "-", ",".join(a["capabilities"]) or "-",
                           a["runtime"] or "-", a["host"] or "-", _when(a["changed_ms"]))
-        Console().print(table if rows else "no agents")
+        if rows:
+            Console().print(table)
+        else:
+            sys.stderr.write("no agents\n")
 
     emit(ctx, agents, human)
 

@@ -107,7 +107,7 @@ def merges(
 
     def human(items: list[dict[str, Any]]) -> None:
         if not items:
-            sys.stdout.write("merge queue empty\n")
+            sys.stderr.write("merge queue empty\n")
         for r in items:
             extra = r["commit"][:12] if r["commit"] else (r["cause"] or "")
             if r["removed_by"]:

@@ -116,6 +116,14 @@ def state_cmd(ctx: typer.Context) -> None:
     emit(ctx, out, lambda d: typer.echo("\n".join(control_lines(d))))
 
 
+def _lines(lines: list[str], none: str) -> None:
+    """The result lines on stdout; when there are none, saying so on stderr."""
+    if lines:
+        typer.echo("\n".join(lines))
+    else:
+        typer.echo(none, err=True)
+
+
 def _where(scope: str) -> str:
     return "swarm" if scope == "swarm" else f"scope {scope}"
 
@@ -191,8 +199,8 @@ def gates_cmd(ctx: typer.Context) -> None:
     """Gates waiting for a human."""
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control",
                                        lambda s: s.control.pending_gates()))
-    emit(ctx, out, lambda gates: typer.echo("\n".join(
-        f"{g['task_id']}  {g['status']:<8} {g['title']}" for g in gates) or "no pending gates"))
+    emit(ctx, out, lambda gates: _lines([f"{g['task_id']}  {g['status']:<8} {g['title']}"
+                                         for g in gates], "no pending gates"))
 
 
 # ------------------------------------------------------------------ budgets
@@ -246,9 +254,9 @@ def budget_set_cmd(
 def budget_show_cmd(ctx: typer.Context) -> None:
     """Every budget set in the swarm."""
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", lambda s: s.control.budgets()))
-    emit(ctx, out, lambda d: typer.echo("\n".join(
+    emit(ctx, out, lambda d: _lines([
         f"{scope}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(limits.items()))
-        for scope, limits in sorted(d.items())) or "no budgets"))
+        for scope, limits in sorted(d.items())], "no budgets"))
 
 
 @breaker_app.command("list")
@@ -261,8 +269,8 @@ def breaker_list_cmd(ctx: typer.Context) -> None:
         return [msgspec.to_builtins(b) for b in view.breakers.values()]
 
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", body))
-    emit(ctx, out, lambda rows: typer.echo("\n".join(
-        f"{b['capability']}: {b['state']} ({b['reason']})" for b in rows) or "no breakers"))
+    emit(ctx, out, lambda rows: _lines([f"{b['capability']}: {b['state']} ({b['reason']})"
+                                        for b in rows], "no breakers"))
 
 
 @breaker_app.command("close")
