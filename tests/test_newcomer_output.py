@@ -96,3 +96,17 @@ def test_nothing_found_is_said_on_stderr(cli_env: dict[str, str], args: list[str
     machine = cfctl(cli_env, "--json", *args)
     assert json.loads(machine.stdout) == empty
     assert said not in machine.stderr
+
+
+@pytest.mark.integration
+def test_tables_in_a_pipe_keep_cells_whole_and_lines_unpadded(cli_env: dict[str, str]) -> None:
+    name = "a-worker-with-a-rather-long-descriptive-name"
+    cfctl(cli_env, "agent", "register", name, "-c", "python,rust,typescript,documentation")
+    cfctl(cli_env, "agent", "register", "w2", "-c", "go")
+    out = cfctl(cli_env, "agent", "list").stdout  # stdout is a pipe here
+    lines = out.splitlines()
+    assert len(lines) == 3, out  # the header and one line per agent
+    [row] = [line for line in lines if name in line]
+    assert "documentation,python,rust,typescript" in row
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", row)
+    assert [line for line in lines if line != line.rstrip()] == []

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import app, emit, identity, run, state
+from cflow.cli.app import app, console, emit, identity, run, state
 
 agent_app = typer.Typer(help="Agents: registry, presence, what they hold.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
@@ -67,7 +67,6 @@ def list_agents(ctx: typer.Context) -> None:
     agents = run(ctx, body)
 
     def human(rows: list[dict[str, Any]]) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("agent", "status", "present", "task", "capabilities", "runtime", "host",
@@ -77,7 +76,7 @@ def list_agents(ctx: typer.Context) -> None:
                           a["task_id"] or "-", ",".join(a["capabilities"]) or "-",
                           a["runtime"] or "-", a["host"] or "-", _when(a["changed_ms"]))
         if rows:
-            Console().print(table)
+            console().print(table)
         else:
             sys.stderr.write("no agents\n")
 
