@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from cflow.cli.ops_cmds import budget_words
 from cflow.errors import InvalidState
 from cflow.hooks import Held, briefing, stop_reminder
 from cflow.swarm import Swarm
@@ -110,3 +111,28 @@ def test_tables_in_a_pipe_keep_cells_whole_and_lines_unpadded(cli_env: dict[str,
     assert "documentation,python,rust,typescript" in row
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$", row)
     assert [line for line in lines if line != line.rstrip()] == []
+
+
+def test_budget_limits_read_as_words() -> None:
+    assert budget_words({"max_spend_usd": 20.0, "window_s": 3600.0}) == (
+        "at most $20.00 spent; claims counted per 1 h")
+    assert budget_words({"max_children": 1.0, "max_attempts": 200.0, "window_s": 600.0}) == (
+        "at most 1 task under one parent, 200 claims per 10 min")
+    assert budget_words({"max_attempts": 5.0, "breaker_failures": 3.0,
+                         "breaker_window_s": 90.0}) == (
+        "at most 5 claims per 1 h; a capability's breaker opens after 3 failures in a row, "
+        "counts failures at most 90 s apart")
+    assert budget_words({}) == "no limits"
+
+
+@pytest.mark.integration
+def test_budget_set_and_show_say_it_in_words(cli_env: dict[str, str]) -> None:
+    swarm = cli_env["CFLOW_SWARM"]
+    said = cfctl(cli_env, "budget", "set", "--max-spend", "20", "--max-attempts", "200",
+                 "--window", "3600").stdout
+    assert said == f"budget of swarm {swarm}: at most 200 claims per 1 h, $20.00 spent\n"
+    assert cfctl(cli_env, "budget", "show").stdout == said
+    assert "_s" not in cfctl(cli_env, "swarm", "state").stdout
+    exact = json.loads(cfctl(cli_env, "--json", "budget", "show").stdout)
+    assert exact == {"swarm": {"max_spend_usd": 20.0, "max_attempts": 200.0,
+                               "window_s": 3600.0}}

@@ -124,6 +124,52 @@ def _lines(lines: list[str], none: str) -> None:
         typer.echo(none, err=True)
 
 
+def _duration(s: float) -> str:
+    """``3600`` -> ``1 h``, ``600`` -> ``10 min``, ``90`` -> ``90 s``."""
+    if s >= 3600 and s % 3600 == 0:
+        return f"{s / 3600:g} h"
+    if s >= 60 and s % 60 == 0:
+        return f"{s / 60:g} min"
+    return f"{s:g} s"
+
+
+def budget_words(limits: dict[str, float]) -> str:
+    """A scope's budget limits in words (``at most $20.00 spent, 200 claims per 1 h``)."""
+    from cflow.control import DEFAULT_WINDOW_S
+
+    parts = []
+    if "max_children" in limits:
+        parts.append(f"{plural(int(limits['max_children']), 'task')} under one parent")
+    if "max_depth" in limits:
+        parts.append(f"sub-tasks {plural(int(limits['max_depth']), 'level')} deep")
+    if "max_attempts" in limits:
+        window = limits.get("window_s", DEFAULT_WINDOW_S)
+        parts.append(f"{plural(int(limits['max_attempts']), 'claim')} per {_duration(window)}")
+    if "max_spend_usd" in limits:
+        parts.append(f"${limits['max_spend_usd']:,.2f} spent")
+    words = [f"at most {', '.join(parts)}"] if parts else []
+    if "window_s" in limits and "max_attempts" not in limits:
+        words.append(f"claims counted per {_duration(limits['window_s'])}")
+    breaker = []
+    if "breaker_failures" in limits:
+        failures = plural(int(limits["breaker_failures"]), "failure")
+        breaker.append(f"opens after {failures} in a row")
+    if "breaker_window_s" in limits:
+        breaker.append(f"counts failures at most {_duration(limits['breaker_window_s'])} "
+                       "apart")
+    if "breaker_cooldown_s" in limits:
+        breaker.append(f"stays open {_duration(limits['breaker_cooldown_s'])}")
+    if breaker:
+        words.append(f"a capability's breaker {', '.join(breaker)}")
+    return "; ".join(words) or "no limits"
+
+
+def _budget_where(scope: str, swarm: str | None = None) -> str:
+    if scope == "swarm":
+        return f"swarm {swarm}" if swarm else "the swarm"
+    return f"task {scope}"
+
+
 def _where(scope: str) -> str:
     return "swarm" if scope == "swarm" else f"scope {scope}"
 
@@ -145,8 +191,7 @@ def control_lines(d: dict[str, Any]) -> list[str]:
     for b in d.get("open_breakers", []):
         lines.append(f"  breaker OPEN for capability {b['capability']}: {b['reason']}")
     for scope, limits in sorted(d.get("budgets", {}).items()):
-        text = ", ".join(f"{k}={v:g}" for k, v in sorted(limits.items()))
-        lines.append(f"  budget {scope}: {text}")
+        lines.append(f"  budget of {_budget_where(scope)}: {budget_words(limits)}")
     gates = d.get("pending_gates", [])
     if gates:
         lines.append(f"pending gates ({len(gates)}):")
@@ -246,16 +291,17 @@ def budget_set_cmd(
         return await s.control.set_budget(scope, limits, replace_all=replace)
 
     out = run(ctx, lambda: _with_swarm(ctx, who, body))
-    text = ", ".join(f"{k}={v:g}" for k, v in sorted(out["limits"].items())) or "none"
-    emit(ctx, out, f"budget of {_where(scope)}: {text}")
+    emit(ctx, out, f"budget of {_budget_where(scope, state(ctx).swarm)}: "
+                   f"{budget_words(out['limits'])}")
 
 
 @budget_app.command("show")
 def budget_show_cmd(ctx: typer.Context) -> None:
     """Every budget set in the swarm."""
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", lambda s: s.control.budgets()))
+    swarm = state(ctx).swarm
     emit(ctx, out, lambda d: _lines([
-        f"{scope}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(limits.items()))
+        f"budget of {_budget_where(scope, swarm)}: {budget_words(limits)}"
         for scope, limits in sorted(d.items())], "no budgets"))
 
 
