@@ -136,3 +136,23 @@ def test_budget_set_and_show_say_it_in_words(cli_env: dict[str, str]) -> None:
     exact = json.loads(cfctl(cli_env, "--json", "budget", "show").stdout)
     assert exact == {"swarm": {"max_spend_usd": 20.0, "max_attempts": 200.0,
                                "window_s": 3600.0}}
+
+
+def test_merge_summary_reads_as_sentences(capsys: pytest.CaptureFixture[str]) -> None:
+    from cflow.cli.merge_cmds import _summary_lines
+
+    _summary_lines({"requests": 3, "queued": 1, "merged": 1, "rejected": 1, "removed": 0,
+                    "rejection_rate": 0.5, "causes": {"conflict": 1},
+                    "lead_time_median_s": 1.003, "lead_time_max_s": 1.003})
+    assert capsys.readouterr().out == ("3 requests: 1 queued, 1 merged, 1 rejected, 0 removed\n"
+                                       "rejection rate: 50% (conflict 1)\n"
+                                       "lead time: median 1.003 s, max 1.003 s\n")
+
+
+@pytest.mark.integration
+def test_an_empty_merge_summary_has_no_nulls(cli_env: dict[str, str]) -> None:
+    human = cfctl(cli_env, "merges", "--summary").stdout
+    assert human.splitlines()[-1] == "lead time: nothing merged yet"
+    assert "null" not in human and "{" not in human
+    assert json.loads(cfctl(cli_env, "--json", "merges", "--summary").stdout)[
+        "lead_time_median_s"] is None
