@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cflow.cli.ops_cmds import budget_words
+from cflow.cli.ops_cmds import breaker_line, budget_words
 from cflow.errors import InvalidState
 from cflow.hooks import Held, briefing, stop_reminder
 from cflow.swarm import Swarm
@@ -156,3 +156,14 @@ def test_an_empty_merge_summary_has_no_nulls(cli_env: dict[str, str]) -> None:
     assert "null" not in human and "{" not in human
     assert json.loads(cfctl(cli_env, "--json", "merges", "--summary").stdout)[
         "lead_time_median_s"] is None
+
+
+def test_a_breaker_reads_as_a_sentence() -> None:
+    opened = {"capability": "python", "state": "open", "failures": 5, "opened_ms": 0,
+              "until_ms": 1_796_277_600_000, "reason": "5 consecutive failures"}
+    assert breaker_line(opened) == ("python: open until 2026-12-03 06:00:00 UTC: "
+                                    "5 consecutive failures")
+    assert breaker_line({**opened, "reason": ""}) == (
+        "python: open until 2026-12-03 06:00:00 UTC after 5 failures")
+    closed = {**opened, "state": "closed", "failures": 0, "reason": ""}
+    assert breaker_line(closed) == "python: closed"

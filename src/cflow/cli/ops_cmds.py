@@ -315,8 +315,20 @@ def breaker_list_cmd(ctx: typer.Context) -> None:
         return [msgspec.to_builtins(b) for b in view.breakers.values()]
 
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", body))
-    emit(ctx, out, lambda rows: _lines([f"{b['capability']}: {b['state']} ({b['reason']})"
-                                        for b in rows], "no breakers"))
+    emit(ctx, out, lambda rows: _lines([breaker_line(b) for b in rows], "no breakers"))
+
+
+def breaker_line(b: dict[str, Any]) -> str:
+    """``python: open until 2026-12-03 06:05:00 UTC: 5 consecutive failures``."""
+    import datetime
+
+    line = f"{b['capability']}: {b['state']}"
+    if b["state"] == "open" and b["until_ms"]:
+        until = datetime.datetime.fromtimestamp(b["until_ms"] / 1000, datetime.UTC)
+        line += f" until {until:%Y-%m-%d %H:%M:%S} UTC"
+    if b["reason"]:
+        return f"{line}: {b['reason']}"
+    return line + (f" after {plural(b['failures'], 'failure')}" if b["failures"] else "")
 
 
 @breaker_app.command("close")
