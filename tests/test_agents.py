@@ -187,6 +187,6 @@ async def test_cli_agent_register_list_show(swarm: Swarm, cli_env: dict[str, str
     assert shown["history"][0]["type"] == "AgentRegistered"
     await lease.complete("ok")
     text = (await asyncio.to_thread(cfctl, cli_env, "agent", "show", "cli-agent")).stdout
-    assert "completed 1, failed 0" in text and "AgentRegistered" in text
+    assert "1 completed, 0 failed" in text and "AgentRegistered" in text
     missing = await asyncio.to_thread(cfctl, cli_env, "agent", "show", "ghost")
     assert missing.returncode == 5 and missing.stderr.strip() == "error: agent not found: ghost"

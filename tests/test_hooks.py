@@ -74,7 +74,7 @@ def test_briefing_text() -> None:
 
     text = briefing("a1", "s1", [Held("t1", 7, "fix bug")], ready=3, gates=1)
     assert "'a1'" in text and "t1" in text and "epoch 7" in text
-    assert "3 task(s) ready" in text and "1 gate(s)" in text
+    assert "3 tasks ready" in text and "1 gate waiting" in text
     assert "no task ready" in briefing("a1", "s1", [], 0, 0)
 
 
@@ -143,7 +143,7 @@ async def test_session_lifecycle_with_recorded_payloads(
         again = run_hook("SessionStart", "SessionStart", env)
         context = json.loads(again.stdout)["hookSpecificOutput"]["additionalContext"]
         assert task.task_id in context and "fix the failing test" in context
-        assert "1 task(s) ready" in context
+        assert "1 task ready" in context
 
         for fixture in ("PostToolUse_Edit", "PostToolUse_Write", "PostToolUse_MultiEdit",
                         "PostToolUse_Bash"):

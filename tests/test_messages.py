@@ -171,10 +171,10 @@ def test_cli_send_inbox_ack_overdue(cli_env: dict[str, str]) -> None:
     assert [m["id"] for m in json.loads(late.stdout)] == [mid]
     box = _cfctl(cli_env, "--json", "msg", "inbox", agent="bob")
     assert [(m["id"], m["text"]) for m in json.loads(box.stdout)] == [(mid, "please review")]
-    assert "no new messages" in _cfctl(cli_env, "msg", "inbox", agent="bob").stdout
+    assert "no new messages" in _cfctl(cli_env, "msg", "inbox", agent="bob").stderr
     assert _cfctl(cli_env, "msg", "ack", mid, agent="bob").returncode == 0
     assert "nothing overdue" in _cfctl(cli_env, "msg", "overdue", "--older-than", "0",
-                                       agent="alice").stdout
+                                       agent="alice").stderr
     bad = _cfctl(cli_env, "msg", "send", "bob", agent="alice")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error:")

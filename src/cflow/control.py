@@ -1224,8 +1224,9 @@ class ControlService:
                        "TaskCancelled": "cancelled"}[event.type]
                 decision = f" ({how} by {event.actor})"
                 break
+        past = {"approve": "approved", "reject": "rejected"}
         return InvalidState(f"gate {task_id} is already {state.status}{decision}; "
-                            f"not {verb}d", task_id=task_id, status=state.status,
+                            f"not {past[verb]}", task_id=task_id, status=state.status,
                             decided_by=decision.strip(" ()") or None)
 
     async def _cascade(self, task_id: str) -> None:

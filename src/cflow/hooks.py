@@ -250,9 +250,10 @@ def briefing(agent: str, swarm: str, held: Sequence[Held], ready: int, gates: in
     for h in held:
         lines.append(f"You hold task {h.task_id} \"{h.title}\" (epoch {h.epoch}); finish it with "
                      "task_update (complete/fail/release) or it expires when this session ends.")
-    work = f"{ready} task(s) ready to claim" if ready else "no task ready to claim"
+    work = (f"{ready} {'task' if ready == 1 else 'tasks'} ready to claim" if ready
+            else "no task ready to claim")
     if gates:
-        work += f", {gates} gate(s) waiting for a human"
+        work += f", {gates} {'gate' if gates == 1 else 'gates'} waiting for a human"
     lines.append(f"Swarm: {work}. Use the cflow MCP tools: task_claim, task_update, "
                  "swarm_status, memory_search.")
     return " ".join(lines)
@@ -260,7 +261,8 @@ def briefing(agent: str, swarm: str, held: Sequence[Held], ready: int, gates: in
 
 def stop_reminder(held: Sequence[Held]) -> str:
     tasks = ", ".join(f"{h.task_id} \"{h.title}\" (epoch {h.epoch})" for h in held)
-    return (f"You still hold cflow task(s) {tasks}. Before stopping, record the outcome with "
+    noun = "task" if len(held) == 1 else "tasks"
+    return (f"You still hold cflow {noun} {tasks}. Before stopping, record the outcome with "
             "task_update: action=complete with a result, action=fail with the error, or "
             "action=release to hand it back.")
 

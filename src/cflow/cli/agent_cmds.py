@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import app, emit, identity, run, state
+from cflow.cli.app import app, console, emit, identity, run, state
 
 agent_app = typer.Typer(help="Agents: registry, presence, what they hold.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
@@ -67,7 +67,6 @@ def list_agents(ctx: typer.Context) -> None:
     agents = run(ctx, body)
 
     def human(rows: list[dict[str, Any]]) -> None:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table("agent", "status", "present", "task", "capabilities", "runtime", "host",
@@ -76,14 +75,17 @@ def list_agents(ctx: typer.Context) -> None:
             table.add_row(a["name"], a["status"], "yes" if a["present"] else "no",
                           a["task_id"] or "-", ",".join(a["capabilities"]) or "-",
                           a["runtime"] or "-", a["host"] or "-", _when(a["changed_ms"]))
-        Console().print(table if rows else "no agents")
+        if rows:
+            console().print(table)
+        else:
+            sys.stderr.write("no agents\n")
 
     emit(ctx, agents, human)
 
 
 @agent_app.command("show")
 def show(ctx: typer.Context, name: str = typer.Argument(..., help="Agent name.")) -> None:
-    """One agent: status, presence, current lease(s), history and stats."""
+    """One agent: status, presence, current leases, history and stats."""
     c = state(ctx)
 
     async def body() -> dict[str, Any]:
@@ -112,22 +114,58 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="Agent name.")
     info = run(ctx, body)
 
     def human(a: dict[str, Any]) -> None:
-        out = sys.stdout
-        out.write(f"{a['name']}: {a['status']}, {'present' if a['present'] else 'not present'}"
-                  f" ({a['runtime'] or 'unknown runtime'} on {a['host'] or '?'},"
-                  f" pid {a['pid']})\n")
-        out.write(f"  capabilities: {', '.join(a['capabilities']) or 'none'}\n")
+        where = ", ".join(part for part in (
+            " on ".join(p for p in (a["runtime"], a["host"]) if p),
+            f"pid {a['pid']}" if a["pid"] else "") if part)
+        presence = "present" if a["present"] else "not present"
+        lines = [
+            ("name", a["name"]),
+            ("status", a["status"] + (f" on {a['task_id']}" if a["task_id"] else "")),
+            ("presence", presence + (f" ({where})" if where else "")),
+            ("capabilities", ", ".join(a["capabilities"]) or "none"),
+        ]
+        if a["labels"]:
+            lines.append(("labels", ", ".join(f"{k}={v}" for k, v in sorted(
+                a["labels"].items()))))
+        change = _when(a["changed_ms"]) + " UTC"
+        lines.append(("last change", change + (f" ({a['reason']})" if a["reason"] else "")
+                      if a["changed_ms"] else "never"))
+        lines.append(("registered", _when(a["registered_ms"]) + " UTC" if a["registered_ms"]
+                      else "never"))
+        leases = [f"{lease['task_id']} (epoch {lease['epoch']}, attempt {lease['attempt']}):"
+                  f" {lease['title']}" for lease in a["leases"]]
+        lines.append(("leases", leases[0] if leases else "none"))
+        lines.extend(("", more) for more in leases[1:])
         s = a["stats"]
-        out.write(f"  completed {s['completed']}, failed {s['failed']}, "
-                  f"cost ${s['cost_usd']:.4f}\n")
-        for lease in a["leases"]:
-            out.write(f"  holds {lease['task_id']} (epoch {lease['epoch']}, attempt "
-                      f"{lease['attempt']}): {lease['title']}\n")
-        out.write("  history:\n")
+        lines.append(("stats", f"{s['completed']} completed, {s['failed']} failed, "
+                               f"cost ${s['cost_usd']:.4f}"))
+        out = sys.stdout
+        for label, value in lines:
+            out.write(f"{label + ':' if label else '':<14}{value}\n")
+        if a["history"]:
+            out.write("history:\n")
         for h in a["history"]:
-            out.write(f"    {h['seq']:>6} {h['type']:<20} {h['data']}\n")
+            line = f"  {h['seq']:>6}  {h['type']:<20}  by {h['actor']}  {_summary(h['data'])}"
+            out.write(line.rstrip() + "\n")
 
     emit(ctx, info, human)
+
+
+def _summary(data: dict[str, Any]) -> str:
+    """An event's fields for a person: ``key=value`` for those with a value, lists
+    comma-joined, a long value cut with an ellipsis."""
+    parts = []
+    for key, value in data.items():
+        if value in (None, "", [], {}):
+            continue
+        if isinstance(value, list | tuple):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            text = ",".join(f"{k}={v}" for k, v in value.items())
+        else:
+            text = str(value)
+        parts.append(f"{key}={text if len(text) <= 40 else text[:39] + '…'}")
+    return " ".join(parts)
 
 
 def _fields(data: Any) -> dict[str, Any]:

@@ -231,13 +231,34 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
 
 
 def console(*, stderr: bool = False) -> Any:
-    """A rich Console; to a pipe or file it never wraps (whole ids, no cut words)."""
+    """A rich Console; to a pipe or file it never wraps (whole ids, no cut words) and its
+    lines carry no trailing spaces (rich pads every table cell to its column's width)."""
+    import io
+    from typing import IO, cast
+
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     if stream.isatty():
         return Console(stderr=stderr)
-    return Console(stderr=stderr, width=100_000, soft_wrap=True)
+
+    class Trimmed(io.TextIOBase):
+        """Passes whole lines on to ``stream``, each without its trailing spaces."""
+
+        def __init__(self) -> None:
+            self.pending = ""
+
+        def write(self, text: str) -> int:
+            *lines, self.pending = (self.pending + text).split("\n")
+            stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+            return len(text)
+
+        def flush(self) -> None:
+            stream.write(self.pending)  # a print(end="") goes on later: kept as it is
+            self.pending = ""
+            stream.flush()
+
+    return Console(file=cast("IO[str]", Trimmed()), width=100_000, soft_wrap=True)
 
 
 def group(name: str, help: str) -> typer.Typer:

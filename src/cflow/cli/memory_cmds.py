@@ -111,7 +111,7 @@ def list_(
 
     def human(_: Any) -> None:
         if not entries:
-            typer.echo("no entries")
+            typer.echo("no entries", err=True)
         for e in entries:
             tags = f"  [{', '.join(e.tags)}]" if e.tags else ""
             value = " ".join(e.value.split())
@@ -141,7 +141,7 @@ def search(
 
     def human(_: Any) -> None:
         if not hits:
-            typer.echo("no matches")
+            typer.echo("no matches", err=True)
         for h in hits:
             typer.echo(f"{h.score:7.3f}  {h.namespace}/{h.key}  {h.snippet}")
 

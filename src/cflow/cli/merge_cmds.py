@@ -8,7 +8,18 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, agent_name, app, emit, fail, group, identity, run, state
+from cflow.cli.app import (
+    EXIT_USAGE,
+    agent_name,
+    app,
+    emit,
+    fail,
+    group,
+    identity,
+    plural,
+    run,
+    state,
+)
 
 
 @app.command("merge-queue")
@@ -72,6 +83,18 @@ def merge_queue(
     emit(ctx, run(ctx, body), human)
 
 
+def _summary_lines(d: dict[str, Any]) -> None:
+    """``merges --summary`` for a person."""
+    causes = ", ".join(f"{cause} {n}" for cause, n in d["causes"].items())
+    lead = (f"median {d['lead_time_median_s']:g} s, max {d['lead_time_max_s']:g} s"
+            if d["lead_time_median_s"] is not None else "nothing merged yet")
+    sys.stdout.write(
+        f"{plural(d['requests'], 'request')}: {d['queued']} queued, {d['merged']} merged, "
+        f"{d['rejected']} rejected, {d['removed']} removed\n"
+        f"rejection rate: {d['rejection_rate']:.0%}" + (f" ({causes})" if causes else "")
+        + f"\nlead time: {lead}\n")
+
+
 merges_app = typer.Typer(help="The merge queue: list it, remove, skip or requeue a request.",
                          invoke_without_command=True, no_args_is_help=False)
 app.add_typer(merges_app, name="merges")
@@ -100,14 +123,14 @@ def merges(
     if summary:
         from cflow.gitflow.report import merge_summary
 
-        emit(ctx, merge_summary(requests))
+        emit(ctx, merge_summary(requests), _summary_lines)
         return
     rows = sorted((r for r in requests if show_all or r.status == "queued"),
                   key=lambda r: (r.status != "queued", -r.priority, r.seq))
 
     def human(items: list[dict[str, Any]]) -> None:
         if not items:
-            sys.stdout.write("merge queue empty\n")
+            sys.stderr.write("merge queue empty\n")
         for r in items:
             extra = r["commit"][:12] if r["commit"] else (r["cause"] or "")
             if r["removed_by"]:

@@ -109,7 +109,7 @@ def inbox(
 
     def human(_: Any) -> None:
         if not got:
-            typer.echo("no new messages")
+            typer.echo("no new messages", err=True)
         for m in got:
             typer.echo(_line(m))
 
@@ -152,7 +152,7 @@ def overdue(
 
     def human(_: Any) -> None:
         if not late:
-            typer.echo("nothing overdue")
+            typer.echo("nothing overdue", err=True)
         for m in late:
             where = m.to or f"#{m.topic}"
             typer.echo(f"{m.id}  {m.sender} -> {where}  overdue {m.overdue_ms / 1000:.0f}s: "

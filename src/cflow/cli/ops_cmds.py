@@ -116,6 +116,60 @@ def state_cmd(ctx: typer.Context) -> None:
     emit(ctx, out, lambda d: typer.echo("\n".join(control_lines(d))))
 
 
+def _lines(lines: list[str], none: str) -> None:
+    """The result lines on stdout; when there are none, saying so on stderr."""
+    if lines:
+        typer.echo("\n".join(lines))
+    else:
+        typer.echo(none, err=True)
+
+
+def _duration(s: float) -> str:
+    """``3600`` -> ``1 h``, ``600`` -> ``10 min``, ``90`` -> ``90 s``."""
+    if s >= 3600 and s % 3600 == 0:
+        return f"{s / 3600:g} h"
+    if s >= 60 and s % 60 == 0:
+        return f"{s / 60:g} min"
+    return f"{s:g} s"
+
+
+def budget_words(limits: dict[str, float]) -> str:
+    """A scope's budget limits in words (``at most $20.00 spent, 200 claims per 1 h``)."""
+    from cflow.control import DEFAULT_WINDOW_S
+
+    parts = []
+    if "max_children" in limits:
+        parts.append(f"{plural(int(limits['max_children']), 'task')} under one parent")
+    if "max_depth" in limits:
+        parts.append(f"sub-tasks {plural(int(limits['max_depth']), 'level')} deep")
+    if "max_attempts" in limits:
+        window = limits.get("window_s", DEFAULT_WINDOW_S)
+        parts.append(f"{plural(int(limits['max_attempts']), 'claim')} per {_duration(window)}")
+    if "max_spend_usd" in limits:
+        parts.append(f"${limits['max_spend_usd']:,.2f} spent")
+    words = [f"at most {', '.join(parts)}"] if parts else []
+    if "window_s" in limits and "max_attempts" not in limits:
+        words.append(f"claims counted per {_duration(limits['window_s'])}")
+    breaker = []
+    if "breaker_failures" in limits:
+        failures = plural(int(limits["breaker_failures"]), "failure")
+        breaker.append(f"opens after {failures} in a row")
+    if "breaker_window_s" in limits:
+        breaker.append(f"counts failures at most {_duration(limits['breaker_window_s'])} "
+                       "apart")
+    if "breaker_cooldown_s" in limits:
+        breaker.append(f"stays open {_duration(limits['breaker_cooldown_s'])}")
+    if breaker:
+        words.append(f"a capability's breaker {', '.join(breaker)}")
+    return "; ".join(words) or "no limits"
+
+
+def _budget_where(scope: str, swarm: str | None = None) -> str:
+    if scope == "swarm":
+        return f"swarm {swarm}" if swarm else "the swarm"
+    return f"task {scope}"
+
+
 def _where(scope: str) -> str:
     return "swarm" if scope == "swarm" else f"scope {scope}"
 
@@ -137,8 +191,7 @@ def control_lines(d: dict[str, Any]) -> list[str]:
     for b in d.get("open_breakers", []):
         lines.append(f"  breaker OPEN for capability {b['capability']}: {b['reason']}")
     for scope, limits in sorted(d.get("budgets", {}).items()):
-        text = ", ".join(f"{k}={v:g}" for k, v in sorted(limits.items()))
-        lines.append(f"  budget {scope}: {text}")
+        lines.append(f"  budget of {_budget_where(scope)}: {budget_words(limits)}")
     gates = d.get("pending_gates", [])
     if gates:
         lines.append(f"pending gates ({len(gates)}):")
@@ -191,8 +244,8 @@ def gates_cmd(ctx: typer.Context) -> None:
     """Gates waiting for a human."""
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control",
                                        lambda s: s.control.pending_gates()))
-    emit(ctx, out, lambda gates: typer.echo("\n".join(
-        f"{g['task_id']}  {g['status']:<8} {g['title']}" for g in gates) or "no pending gates"))
+    emit(ctx, out, lambda gates: _lines([f"{g['task_id']}  {g['status']:<8} {g['title']}"
+                                         for g in gates], "no pending gates"))
 
 
 # ------------------------------------------------------------------ budgets
@@ -238,17 +291,18 @@ def budget_set_cmd(
         return await s.control.set_budget(scope, limits, replace_all=replace)
 
     out = run(ctx, lambda: _with_swarm(ctx, who, body))
-    text = ", ".join(f"{k}={v:g}" for k, v in sorted(out["limits"].items())) or "none"
-    emit(ctx, out, f"budget of {_where(scope)}: {text}")
+    emit(ctx, out, f"budget of {_budget_where(scope, state(ctx).swarm)}: "
+                   f"{budget_words(out['limits'])}")
 
 
 @budget_app.command("show")
 def budget_show_cmd(ctx: typer.Context) -> None:
     """Every budget set in the swarm."""
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", lambda s: s.control.budgets()))
-    emit(ctx, out, lambda d: typer.echo("\n".join(
-        f"{scope}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(limits.items()))
-        for scope, limits in sorted(d.items())) or "no budgets"))
+    swarm = state(ctx).swarm
+    emit(ctx, out, lambda d: _lines([
+        f"budget of {_budget_where(scope, swarm)}: {budget_words(limits)}"
+        for scope, limits in sorted(d.items())], "no budgets"))
 
 
 @breaker_app.command("list")
@@ -261,8 +315,20 @@ def breaker_list_cmd(ctx: typer.Context) -> None:
         return [msgspec.to_builtins(b) for b in view.breakers.values()]
 
     out = run(ctx, lambda: _with_swarm(ctx, "cfctl-control", body))
-    emit(ctx, out, lambda rows: typer.echo("\n".join(
-        f"{b['capability']}: {b['state']} ({b['reason']})" for b in rows) or "no breakers"))
+    emit(ctx, out, lambda rows: _lines([breaker_line(b) for b in rows], "no breakers"))
+
+
+def breaker_line(b: dict[str, Any]) -> str:
+    """``python: open until 2026-12-03 06:05:00 UTC: 5 consecutive failures``."""
+    import datetime
+
+    line = f"{b['capability']}: {b['state']}"
+    if b["state"] == "open" and b["until_ms"]:
+        until = datetime.datetime.fromtimestamp(b["until_ms"] / 1000, datetime.UTC)
+        line += f" until {until:%Y-%m-%d %H:%M:%S} UTC"
+    if b["reason"]:
+        return f"{line}: {b['reason']}"
+    return line + (f" after {plural(b['failures'], 'failure')}" if b["failures"] else "")
 
 
 @breaker_app.command("close")

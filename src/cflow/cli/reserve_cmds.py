@@ -21,6 +21,7 @@ from cflow.cli.app import (
     identity,
     plural,
     run,
+    say,
     state,
 )
 
@@ -110,7 +111,9 @@ def reservations(
     paths = list(check) + (_staged_paths() if check_staged else [])
     if check or check_staged:
         if not paths:
-            emit(ctx, {"blocked": []}, "nothing to check")
+            if state(ctx).json:
+                emit(ctx, {"blocked": []})
+            say(ctx, "nothing to check")
             return
 
         async def checking() -> list[tuple[str, Reservation]]:
@@ -128,7 +131,8 @@ def reservations(
                 typer.echo(f"{p}: reserved exclusively by {r.owner} until "
                            f"{_until(r.expires_ms)} ({r.id})", err=True)
         else:
-            typer.echo(f"ok: none of {plural(len(paths), 'path')} is reserved by another agent")
+            typer.echo(f"ok: none of {plural(len(paths), 'path')} is reserved by another agent",
+                       err=True)
         if blocked:
             raise typer.Exit(EXIT_ERROR)
         return
@@ -142,7 +146,7 @@ def reservations(
 
     def human(_: Any) -> None:
         if not rows:
-            typer.echo("no reservations")
+            typer.echo("no reservations", err=True)
         for r in rows:
             typer.echo(_line(r))
 
@@ -166,7 +170,9 @@ def release_paths(
             return done
 
     released = run(ctx, body)
-    emit(ctx, {"released": released}, f"released {plural(len(released), 'reservation')}")
+    if state(ctx).json:
+        emit(ctx, {"released": released})
+    say(ctx, f"released {plural(len(released), 'reservation')}")
 
 
 def hook_script(cfctl: str, url: str, swarm: str) -> str:
