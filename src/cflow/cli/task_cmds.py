@@ -12,11 +12,11 @@ import typer
 
 from cflow.cli.app import (
     EXIT_NOTHING,
-    app,
     console,
     emit,
     exit_code_for,
     fail,
+    group,
     identity,
     plural,
     run,
@@ -27,8 +27,7 @@ from cflow.cli.app import (
 if TYPE_CHECKING:
     from cflow.tasks import TaskState
 
-task_app = typer.Typer(help="Create, claim and finish tasks.", no_args_is_help=True)
-app.add_typer(task_app, name="task")
+task_app = group("task", "Create, claim and finish tasks.")
 
 
 def _swarm(ctx: typer.Context, agent: str | None = None) -> Any:
