@@ -118,7 +118,8 @@ def add(
     title: str,
     body: str = typer.Option("", "--body", "-b", help="Task description (the prompt)."),
     priority: int = typer.Option(0, "--priority", "-p", help="Higher runs first."),
-    needs: list[str] = typer.Option([], "--needs", help="Required capability (repeatable)."),
+    needs: list[str] = typer.Option(
+        [], "--needs", help="Required capability (repeat or comma-separate)."),
     after: list[str] = typer.Option([], "--after", help="Depends on TASK_ID (repeatable)."),
     parent: str | None = typer.Option(None, "--parent", help="Parent task id."),
     lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Lease TTL in seconds (>= 1)."),
@@ -133,6 +134,8 @@ def add(
     request_id: str | None = REQUEST_ID_OPTION,
 ) -> None:
     """Create a task; prints its id."""
+    from cflow.agents import capabilities_of
+
     labels = _labels(label)
     # An idempotency key names the task already; else the request id does.
     rid = request_id or (None if key else new_request_id())
@@ -143,8 +146,9 @@ def add(
             parent_id = await resolve(swarm, parent) if parent else None
             with maybe_stored("task", rid) if rid else contextlib.nullcontext():
                 created: TaskState = await swarm.tasks.create(
-                    title, body=body, priority=priority, capabilities=needs, depends_on=deps,
-                    parent_id=parent_id, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+                    title, body=body, priority=priority, capabilities=capabilities_of(needs),
+                    depends_on=deps, parent_id=parent_id, lease_ttl_s=lease_ttl,
+                    max_attempts=max_attempts,
                     backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
                     backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
                     labels=labels, kind="gate" if gate else "task", request_id=rid,
@@ -162,6 +166,7 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
     Every line is checked first (unknown fields and wrong types are refused,
     nothing is created if any line is bad). Re-importing is idempotent per line.
     """
+    from cflow.agents import capabilities_of
     from cflow.errors import CflowError
     from cflow.task_import import parse_task_lines
 
@@ -207,7 +212,8 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                 try:
                     made = await swarm.tasks.create(
                         line.title, body=line.body, priority=line.priority,
-                        capabilities=line.needs, depends_on=deps, parent_id=parent,
+                        capabilities=capabilities_of(line.needs), depends_on=deps,
+                        parent_id=parent,
                         lease_ttl_s=line.lease_ttl, max_attempts=line.max_attempts,
                         start_to_close_s=line.timeout, idempotency_key=key, labels=line.labels)
                 except InvalidInput as exc:
@@ -315,16 +321,18 @@ def claim(
     ctx: typer.Context,
     task_id: str | None = typer.Argument(None, help="Claim this task; else the best ready one."),
     agent: str | None = AGENT_OPTION,
-    capability: list[str] = typer.Option([], "--capability", "-c", help="What I can do."),
+    capability: list[str] = typer.Option(
+        [], "--capability", "-c", help="What I can do (repeat or comma-separate)."),
     wait: float = typer.Option(0.0, "--wait", help="Wait up to S seconds for work."),
 ) -> None:
     """Claim a task; prints `TASK_ID EPOCH`, exit code 3 when nothing was claimed."""
+    from cflow.agents import capabilities_of
 
     async def body_() -> dict[str, Any] | None:
         async with _swarm(ctx, agent) as swarm:
             wanted = await resolve(swarm, task_id) if task_id else None
             lease = await swarm.tasks.claim(wanted, agent=agent or swarm.agent,
-                                            capabilities=capability, wait=wait)
+                                            capabilities=capabilities_of(capability), wait=wait)
             if lease is None:
                 return None
             return {**_row(lease.task), "epoch": lease.epoch, "attempt": lease.attempt}
