@@ -45,3 +45,48 @@ def test_a_comma_in_capabilities_separates_them_everywhere(
     imported = cfctl(cli_env, "task", "import", str(jsonl)).stdout.strip()
     caps = json.loads(cfctl(cli_env, "--json", "task", "show", imported).stdout)["capabilities"]
     assert caps == ["python", "rust"]
+
+
+def claims_by(env: dict[str, str], task_ids: list[str], agent: str) -> dict[str, int]:
+    """TaskClaimed events by ``agent``, per task, from each task's event timeline."""
+    out = {}
+    for task_id in task_ids:
+        timeline = json.loads(cfctl(env, "--json", "task", "show", task_id).stdout)["timeline"]
+        out[task_id] = sum(1 for row in timeline
+                           if row["type"] == "TaskClaimed" and row["actor"] == agent)
+    return out
+
+
+@pytest.mark.parametrize(("concurrency", "max_tasks"), [(2, 1), (3, 2)])
+def test_max_tasks_caps_the_claims_of_concurrent_slots(
+        cli_env: dict[str, str], concurrency: int, max_tasks: int) -> None:
+    ids = [cfctl(cli_env, "task", "add", f"t{i}").stdout.strip() for i in range(5)]
+    worked = cfctl(cli_env, "worker", "--name", "w1", "--concurrency", str(concurrency),
+                   "--max-tasks", str(max_tasks), "--exec", "sleep 0.2; echo done")
+    assert f"stopped: {max_tasks} completed, 0 failed" in worked.stderr
+    claims = claims_by(cli_env, ids, "w1")
+    assert sum(claims.values()) == max_tasks and max(claims.values()) == 1
+    statuses = [json.loads(cfctl(cli_env, "--json", "task", "show", t).stdout)["status"]
+                for t in ids]
+    assert statuses.count("completed") == max_tasks
+    assert statuses.count("ready") == 5 - max_tasks
+
+
+def test_a_claim_that_came_back_empty_is_given_back_to_max_tasks(
+        cli_env: dict[str, str]) -> None:
+    worker = subprocess.Popen(
+        [*CFCTL, "worker", "--name", "w1", "--concurrency", "2", "--max-tasks", "1",
+         "--claim-wait", "0.2", "--exec", "echo done"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(1.5)  # several empty claims, none counted
+        ids = [cfctl(cli_env, "task", "add", f"t{i}").stdout.strip() for i in range(3)]
+        _, err = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, err
+    assert "stopped: 1 completed" in err
+    assert sum(claims_by(cli_env, ids, "w1").values()) == 1

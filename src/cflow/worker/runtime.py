@@ -107,7 +107,7 @@ class Worker:
         self.aborting = asyncio.Event()
         self.started = asyncio.Event()  # registered, present, slots claiming
         self._on_event = on_event
-        self._claims = 0
+        self._claims = 0  # claims made or being made (reserved before claiming)
         self._interrupts = 0
         self._last_claim_error: str | None = None
 
@@ -226,14 +226,29 @@ class Worker:
 
     async def _slot(self, index: int) -> None:
         while not self.draining.is_set():
-            if self.opts.max_tasks is not None and self._claims >= self.opts.max_tasks:
-                self.drain()
+            if not self._reserve_claim():
+                # Every claim max_tasks allows is made or being made. Once all are made,
+                # drain; else leave the rest to the slot making one (it claims again
+                # should its claim come back empty).
+                if self.stats.claimed >= (self.opts.max_tasks or 0):
+                    self.drain()
                 break
-            lease = await self._claim()
-            if lease is None:
-                continue
-            self._claims += 1
-            await self._run_one(lease)
+            lease = None
+            try:
+                lease = await self._claim()
+            finally:
+                if lease is None:
+                    self._claims -= 1  # nothing claimed: give the reservation back
+            if lease is not None:
+                await self._run_one(lease)
+
+    def _reserve_claim(self) -> bool:
+        """Count a claim before making it: slots claiming at once never make more
+        than ``max_tasks`` claims between them."""
+        if self.opts.max_tasks is not None and self._claims >= self.opts.max_tasks:
+            return False
+        self._claims += 1
+        return True
 
     async def _claim(self) -> Lease | None:
         claim = asyncio.create_task(self.swarm.tasks.claim(
