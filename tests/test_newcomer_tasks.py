@@ -29,6 +29,9 @@ def test_a_comma_in_capabilities_separates_them_everywhere(
     worked = cfctl(cli_env, "worker", "--name", "w1", "-c", "python,rust", "--max-tasks", "1",
                    "--exec", "echo done")
     assert "stopped: 1 completed" in worked.stderr
+    assert "[w1] start: w1 claiming with 1 slot\n" in worked.stderr
+    assert "[w1] drain: draining; 0 tasks running\n" in worked.stderr
+    assert "(s)" not in worked.stderr
     assert json.loads(cfctl(cli_env, "--json", "task", "show", both).stdout)["status"] == (
         "completed")
 
@@ -64,6 +67,7 @@ def test_max_tasks_caps_the_claims_of_concurrent_slots(
     worked = cfctl(cli_env, "worker", "--name", "w1", "--concurrency", str(concurrency),
                    "--max-tasks", str(max_tasks), "--exec", "sleep 0.2; echo done")
     assert f"stopped: {max_tasks} completed, 0 failed" in worked.stderr
+    assert f"claiming with {concurrency} slots\n" in worked.stderr
     claims = claims_by(cli_env, ids, "w1")
     assert sum(claims.values()) == max_tasks and max(claims.values()) == 1
     statuses = [json.loads(cfctl(cli_env, "--json", "task", "show", t).stdout)["status"]

@@ -116,7 +116,7 @@ class Worker:
     def drain(self) -> None:
         """Stop claiming; running tasks get ``drain_grace_s`` to finish."""
         if not self.draining.is_set():
-            self._emit("drain", f"draining; {len(self.running)} task(s) running")
+            self._emit("drain", f"draining; {_count(len(self.running), 'task')} running")
             self.draining.set()
 
     def abort(self) -> None:
@@ -175,7 +175,7 @@ class Worker:
                 slots = [asyncio.create_task(self._slot(i), name=f"slot-{i}")
                          for i in range(max(1, self.opts.concurrency))]
                 self.started.set()
-                self._emit("start", f"{self.opts.name} claiming with {len(slots)} slot(s)")
+                self._emit("start", f"{self.opts.name} claiming with {_count(len(slots), 'slot')}")
                 await self.draining.wait()
                 grace = asyncio.create_task(self._grace_period())
                 try:
@@ -417,6 +417,11 @@ class Worker:
         path = base / f"{lease.task_id}-{lease.epoch}.out"
         path.write_bytes(outcome.output)
         return f"file:{path}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``2 tasks`` (the runtime does not import the CLI's ``plural``)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def default_output_dir(swarm: str) -> Path:
