@@ -94,3 +94,23 @@ def test_a_claim_that_came_back_empty_is_given_back_to_max_tasks(
     assert worker.returncode == 0, err
     assert "stopped: 1 completed" in err
     assert sum(claims_by(cli_env, ids, "w1").values()) == 1
+
+
+def test_reimport_says_how_many_tasks_are_new(cli_env: dict[str, str], tmp_path: Path) -> None:
+    jsonl = tmp_path / "tasks.jsonl"
+    lines = [json.dumps({"id": "a", "title": "build"}),
+             json.dumps({"title": "test", "after": ["a"]})]
+    jsonl.write_text("\n".join(lines) + "\n")
+    first = cfctl(cli_env, "task", "import", str(jsonl))
+    assert first.stderr == f"imported 2 tasks from {jsonl}\n"
+    again = cfctl(cli_env, "task", "import", str(jsonl))
+    assert again.stderr == f"imported 0 new tasks from {jsonl} (2 already there)\n"
+    assert again.stdout == first.stdout and len(first.stdout.split()) == 2
+    jsonl.write_text("\n".join([*lines, json.dumps({"title": "docs"})]) + "\n")
+    more = cfctl(cli_env, "task", "import", str(jsonl))
+    assert more.stderr == f"imported 1 new task from {jsonl} (2 already there)\n"
+    ids = more.stdout.split()
+    assert ids[:2] == first.stdout.split() and len(ids) == 3
+    as_json = cfctl(cli_env, "--json", "task", "import", str(jsonl))
+    assert as_json.stderr == ""
+    assert json.loads(as_json.stdout) == {"created": ids, "new": 0, "existing": 3}

@@ -179,8 +179,9 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
     except CflowError as err:
         fail(str(err), exit_code_for(err))
 
-    async def body_() -> list[str]:
+    async def body_() -> tuple[list[str], int]:
         from cflow.errors import InvalidInput, NotFound
+        from cflow.leases import task_id_for_key
 
         refs: dict[str, str] = {}
         async with _swarm(ctx) as swarm:
@@ -206,7 +207,11 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                 if line.id is not None:
                     earlier.add(line.id)
             ids: list[str] = []
+            existing = 0  # lines whose task an earlier import created
             for number, line, key in lines:
+                with contextlib.suppress(NotFound):
+                    await swarm.tasks.get(task_id_for_key(swarm.name, key))
+                    existing += 1
                 deps = [refs.get(d) or outside[d] for d in line.after]
                 parent = (refs.get(line.parent) or outside[line.parent]) if line.parent else None
                 try:
@@ -221,11 +226,16 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                 if line.id is not None:
                     refs[line.id] = made.task_id
                 ids.append(made.task_id)
-        return ids
+        return ids, existing
 
-    ids = run(ctx, body_)
-    say(ctx, f"imported {plural(len(ids), 'task')} from {file}")
-    emit(ctx, {"created": ids}, "\n".join(ids))
+    ids, existing = run(ctx, body_)
+    new = len(ids) - existing
+    if existing:
+        say(ctx, f"imported {plural(new, 'new task')} from {file} ({existing} already there)")
+    else:
+        say(ctx, f"imported {plural(new, 'task')} from {file}")
+    # "created": every line's task id, in file order, new or not.
+    emit(ctx, {"created": ids, "new": new, "existing": existing}, "\n".join(ids))
 
 
 @task_app.command("list")
