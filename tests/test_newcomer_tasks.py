@@ -114,3 +114,21 @@ def test_reimport_says_how_many_tasks_are_new(cli_env: dict[str, str], tmp_path:
     as_json = cfctl(cli_env, "--json", "task", "import", str(jsonl))
     assert as_json.stderr == ""
     assert json.loads(as_json.stdout) == {"created": ids, "new": 0, "existing": 3}
+
+
+def test_an_unknown_dependency_in_an_import_is_not_found(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    jsonl = tmp_path / "tasks.jsonl"
+    jsonl.write_text("\n".join([json.dumps({"title": "fine"}),
+                                json.dumps({"title": "lost", "after": ["nosuch"]})]) + "\n")
+    out = cfctl(cli_env, "task", "import", str(jsonl), check=False)
+    assert out.returncode == 5, out.stderr
+    assert out.stderr == (f"error: {jsonl}:2: dependency not found: nosuch "
+                          "(no task, nor an earlier line's id)\n")
+    whole = "0" * 8 + "-0000-5000-8000-" + "0" * 12  # a whole id no task has
+    jsonl.write_text("\n".join([json.dumps({"title": "fine"}),
+                                json.dumps({"title": "orphan", "parent": whole})]) + "\n")
+    out = cfctl(cli_env, "task", "import", str(jsonl), check=False)
+    assert out.returncode == 5, out.stderr
+    assert out.stderr.startswith(f"error: {jsonl}:2: parent task not found: {whole} ")
+    assert json.loads(cfctl(cli_env, "--json", "task", "list").stdout) == []

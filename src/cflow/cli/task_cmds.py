@@ -189,14 +189,16 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
             outside: dict[str, str] = {}
             local = {line.id for _, line, _ in lines if line.id is not None}
             for number, line, _ in lines:
-                for ref in [*line.after, *([line.parent] if line.parent else [])]:
+                named = [*(("dependency", ref) for ref in line.after),
+                         *([("parent task", line.parent)] if line.parent else [])]
+                for kind, ref in named:
                     if ref in local or ref in outside:
                         continue
-                    try:
-                        outside[ref] = await resolve(swarm, ref)
-                    except NotFound as exc:
-                        raise InvalidInput(f"{file}:{number}: after/parent {ref!r}: no such "
-                                           "task (nor an earlier line's id)") from exc
+                    try:  # whole ids are looked up too (create would refuse them too late)
+                        outside[ref] = await resolve(swarm, ref, kind=kind)
+                    except NotFound:
+                        raise NotFound(f"{file}:{number}: {kind}",
+                                       f"{ref} (no task, nor an earlier line's id)") from None
                     except InvalidInput as exc:
                         raise InvalidInput(f"{file}:{number}: {exc}") from None
             earlier: set[str] = set()
