@@ -132,3 +132,27 @@ def test_an_unknown_dependency_in_an_import_is_not_found(
     assert out.returncode == 5, out.stderr
     assert out.stderr.startswith(f"error: {jsonl}:2: parent task not found: {whole} ")
     assert json.loads(cfctl(cli_env, "--json", "task", "list").stdout) == []
+
+
+def test_task_show_prints_labels_and_human_times(cli_env: dict[str, str]) -> None:
+    import datetime
+    import re
+
+    from cflow.hlc import Timestamp
+
+    task = cfctl(cli_env, "task", "add", "labelled", "--label", "area=core", "--label",
+                 "team=db").stdout.strip()
+    text = cfctl(cli_env, "task", "show", task).stdout
+    assert re.search(r"^ *labels +area=core, team=db *$", text, re.MULTILINE), text
+    assert "@" not in text  # no raw HLC stamp
+    shown = json.loads(cfctl(cli_env, "--json", "task", "show", task).stdout)
+    assert shown["labels"] == {"area": "core", "team": "db"}
+    created = shown["timeline"][0]
+    assert Timestamp.parse(created["hlc"]).readable() == created["at"]  # --json: exact stamp
+    wall_s = Timestamp.parse(created["hlc"]).wall_ms / 1000
+    when = datetime.datetime.fromtimestamp(wall_s, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    row = next(line for line in text.splitlines() if "TaskCreated" in line)
+    assert row.split()[-2:] == when.split()
+    unlabelled = cfctl(cli_env, "task", "add", "plain").stdout.strip()
+    text = cfctl(cli_env, "task", "show", unlabelled).stdout
+    assert re.search(r"^ *labels +- *$", text, re.MULTILINE), text

@@ -55,7 +55,7 @@ async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
 
 def human_value(value: Any) -> str:
     """A field as a person reads it: lists joined, nothing shown as '-', no reprs."""
-    if value is None or value == "" or value == () or value == []:
+    if value is None or (isinstance(value, (str, list, tuple, dict)) and not value):
         return "-"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
@@ -64,6 +64,21 @@ def human_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def human_time(hlc: str) -> str:
+    """An event's time as a person reads it, in UTC: ``2026-12-03 05:44:14Z`` (--json
+    keeps the whole HLC stamp)."""
+    import datetime
+
+    from cflow.hlc import Timestamp
+
+    stamp = Timestamp.parse(hlc)
+    try:
+        at = datetime.datetime.fromtimestamp(stamp.wall_ms / 1000, datetime.UTC)
+    except (ValueError, OverflowError, OSError):  # past year 9999: no calendar form
+        return stamp.readable()
+    return at.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -315,14 +330,14 @@ def show(ctx: typer.Context, task_id: str) -> None:
 
         out = console()
         fields = Table(box=None, show_header=False)
-        for name in ("task_id", "title", "status", "priority", "capabilities", "depends_on",
-                     "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s", "result",
-                     "error", "reason"):
+        for name in ("task_id", "title", "status", "priority", "capabilities", "labels",
+                     "depends_on", "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s",
+                     "result", "error", "reason"):
             fields.add_row(name.replace("_", " "), human_value(getattr(task, name)))
         out.print(fields)
         events = Table("seq", "event", "actor", "at", box=None)
         for row in timeline:
-            events.add_row(str(row["seq"]), row["type"], row["actor"], row["at"])
+            events.add_row(str(row["seq"]), row["type"], row["actor"], human_time(row["hlc"]))
         out.print(events)
 
     emit(ctx, {**_row(task), "timeline": timeline}, human)
