@@ -156,3 +156,35 @@ def test_task_show_prints_labels_and_human_times(cli_env: dict[str, str]) -> Non
     unlabelled = cfctl(cli_env, "task", "add", "plain").stdout.strip()
     text = cfctl(cli_env, "task", "show", unlabelled).stdout
     assert re.search(r"^ *labels +- *$", text, re.MULTILINE), text
+
+
+def test_sigterm_drains_a_worker_then_says_so_and_exits_130(
+        cli_env: dict[str, str], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    task = cfctl(cli_env, "task", "add", "short job").stdout.strip()
+    log = tmp_path / "worker.err"
+    with log.open("w") as err:
+        worker = subprocess.Popen(
+            [*CFCTL, "worker", "--name", "w1", "--exec", "sleep 1; echo done"],
+            env=cli_env, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "[w1] claimed:" not in log.read_text():  # a file: poll
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)  # a supervisor, not a terminal: the worker alone
+        out, _ = worker.communicate(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    text = log.read_text()
+    assert worker.returncode == 130, text
+    assert "[w1] drain: draining; 1 task running\n" in text and "Traceback" not in text
+    assert text.splitlines()[-1] == (
+        "interrupted: drained worker w1 (1 completed, 0 failed, 0 lost, 0 released)")
+    assert out == ""
+    assert json.loads(cfctl(cli_env, "--json", "task", "show", task).stdout)["status"] == (
+        "completed")
