@@ -163,8 +163,8 @@ def add(
                 created: TaskState = await swarm.tasks.create(
                     title, body=body, priority=priority, capabilities=capabilities_of(needs),
                     depends_on=deps, parent_id=parent_id, lease_ttl_s=lease_ttl,
-                    max_attempts=max_attempts,
-                    backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
+                    max_attempts=max_attempts, backoff_initial_s=backoff,
+                    backoff_multiplier=backoff_multiplier,
                     backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
                     labels=labels, kind="gate" if gate else "task", request_id=rid,
                 )
@@ -224,7 +224,7 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                 if line.id is not None:
                     earlier.add(line.id)
             ids: list[str] = []
-            existing = 0  # lines whose task an earlier import created
+            existing = 0  # lines whose task exists already (an earlier import made it)
             for number, line, key in lines:
                 with contextlib.suppress(NotFound):
                     await swarm.tasks.get(task_id_for_key(swarm.name, key))
@@ -235,9 +235,9 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                     made = await swarm.tasks.create(
                         line.title, body=line.body, priority=line.priority,
                         capabilities=capabilities_of(line.needs), depends_on=deps,
-                        parent_id=parent,
-                        lease_ttl_s=line.lease_ttl, max_attempts=line.max_attempts,
-                        start_to_close_s=line.timeout, idempotency_key=key, labels=line.labels)
+                        parent_id=parent, lease_ttl_s=line.lease_ttl,
+                        max_attempts=line.max_attempts, start_to_close_s=line.timeout,
+                        idempotency_key=key, labels=line.labels)
                 except InvalidInput as exc:
                     raise InvalidInput(f"{file}:{number}: {exc}") from None
                 if line.id is not None:
