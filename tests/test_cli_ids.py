@@ -68,8 +68,8 @@ def test_import_validates_first_and_is_idempotent_per_line(cli_env: dict[str, st
     ghost = tmp_path / "ghost.jsonl"
     ghost.write_text('{"title": "first"}\n{"title": "x", "after": ["nothing-like-it"]}\n')
     missing = cfctl(cli_env, "task", "import", str(ghost), check=False)
-    assert missing.returncode == 1
-    assert f"{ghost}:2: after/parent 'nothing-like-it'" in missing.stderr
+    assert missing.returncode == 5
+    assert f"{ghost}:2: dependency not found: nothing-like-it" in missing.stderr
     listed = json.loads(cfctl(cli_env, "task", "list", "--json").stdout)
     assert len(listed) == 2  # nothing was created by the bad files
     f.write_text(f.read_text().replace('"labels": ["a=b"]', '"labels": {"a": "b"}'))

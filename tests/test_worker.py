@@ -359,8 +359,9 @@ async def test_sigterm_drains_and_releases(
         proc.send_signal(signal.SIGTERM)
         rc = await asyncio.to_thread(proc.wait, 20)
         err = worker_log(cli_env)
-        assert rc == 0, err
+        assert rc == 130, err
         assert "draining" in err
+        assert err.strip().splitlines()[-1].startswith("interrupted: drained worker w1 (")
     finally:
         stop(proc)
     print(worker_log(cli_env))

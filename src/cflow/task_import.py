@@ -7,7 +7,8 @@ any other field is refused, so a typo is an error, not a silently ignored key)::
     id            string            a name for this line; later lines' ``after`` may use it
     body          string            the task's body (a worker's command reads it on stdin)
     priority      integer           higher is claimed first (default 0)
-    needs         list of strings   capabilities a claimer must have
+    needs         list of strings   capabilities a claimer must have (a comma separates
+                                    them, as on the command line)
     after         list of strings   ids of earlier lines, or existing task ids (or unique
                                     prefixes of them)
     parent        string            parent task id

@@ -54,7 +54,7 @@ async def resolve(swarm: Any, ref: str, kind: str = "task") -> str:
 
 def human_value(value: Any) -> str:
     """A field as a person reads it: lists joined, nothing shown as '-', no reprs."""
-    if value is None or value == "" or value == () or value == []:
+    if value is None or (isinstance(value, (str, list, tuple, dict)) and not value):
         return "-"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
@@ -63,6 +63,21 @@ def human_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def human_time(hlc: str) -> str:
+    """An event's time as a person reads it, in UTC: ``2026-12-03 05:44:14Z`` (--json
+    keeps the whole HLC stamp)."""
+    import datetime
+
+    from cflow.hlc import Timestamp
+
+    stamp = Timestamp.parse(hlc)
+    try:
+        at = datetime.datetime.fromtimestamp(stamp.wall_ms / 1000, datetime.UTC)
+    except (ValueError, OverflowError, OSError):  # past year 9999: no calendar form
+        return stamp.readable()
+    return at.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -117,7 +132,8 @@ def add(
     title: str,
     body: str = typer.Option("", "--body", "-b", help="Task description (the prompt)."),
     priority: int = typer.Option(0, "--priority", "-p", help="Higher runs first."),
-    needs: list[str] = typer.Option([], "--needs", help="Required capability (repeatable)."),
+    needs: list[str] = typer.Option(
+        [], "--needs", help="Required capability (repeat or comma-separate)."),
     after: list[str] = typer.Option([], "--after", help="Depends on TASK_ID (repeatable)."),
     parent: str | None = typer.Option(None, "--parent", help="Parent task id."),
     lease_ttl: float = typer.Option(30.0, "--lease-ttl", help="Lease TTL in seconds (>= 1)."),
@@ -132,6 +148,8 @@ def add(
     request_id: str | None = REQUEST_ID_OPTION,
 ) -> None:
     """Create a task; prints its id."""
+    from cflow.agents import capabilities_of
+
     labels = _labels(label)
     # An idempotency key names the task already; else the request id does.
     rid = request_id or (None if key else new_request_id())
@@ -142,9 +160,10 @@ def add(
             parent_id = await resolve(swarm, parent) if parent else None
             with maybe_stored("task", rid) if rid else contextlib.nullcontext():
                 created: TaskState = await swarm.tasks.create(
-                    title, body=body, priority=priority, capabilities=needs, depends_on=deps,
-                    parent_id=parent_id, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
-                    backoff_initial_s=backoff, backoff_multiplier=backoff_multiplier,
+                    title, body=body, priority=priority, capabilities=capabilities_of(needs),
+                    depends_on=deps, parent_id=parent_id, lease_ttl_s=lease_ttl,
+                    max_attempts=max_attempts, backoff_initial_s=backoff,
+                    backoff_multiplier=backoff_multiplier,
                     backoff_max_s=backoff_max, start_to_close_s=timeout, idempotency_key=key,
                     labels=labels, kind="gate" if gate else "task", request_id=rid,
                 )
@@ -161,6 +180,7 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
     Every line is checked first (unknown fields and wrong types are refused,
     nothing is created if any line is bad). Re-importing is idempotent per line.
     """
+    from cflow.agents import capabilities_of
     from cflow.errors import CflowError
     from cflow.task_import import parse_task_lines
 
@@ -173,8 +193,9 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
     except CflowError as err:
         fail(str(err), exit_code_for(err))
 
-    async def body_() -> list[str]:
+    async def body_() -> tuple[list[str], int]:
         from cflow.errors import InvalidInput, NotFound
+        from cflow.leases import task_id_for_key
 
         refs: dict[str, str] = {}
         async with _swarm(ctx) as swarm:
@@ -182,14 +203,16 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
             outside: dict[str, str] = {}
             local = {line.id for _, line, _ in lines if line.id is not None}
             for number, line, _ in lines:
-                for ref in [*line.after, *([line.parent] if line.parent else [])]:
+                named = [*(("dependency", ref) for ref in line.after),
+                         *([("parent task", line.parent)] if line.parent else [])]
+                for kind, ref in named:
                     if ref in local or ref in outside:
                         continue
-                    try:
-                        outside[ref] = await resolve(swarm, ref)
-                    except NotFound as exc:
-                        raise InvalidInput(f"{file}:{number}: after/parent {ref!r}: no such "
-                                           "task (nor an earlier line's id)") from exc
+                    try:  # whole ids are looked up too (create would refuse them too late)
+                        outside[ref] = await resolve(swarm, ref, kind=kind)
+                    except NotFound:
+                        raise NotFound(f"{file}:{number}: {kind}",
+                                       f"{ref} (no task, nor an earlier line's id)") from None
                     except InvalidInput as exc:
                         raise InvalidInput(f"{file}:{number}: {exc}") from None
             earlier: set[str] = set()
@@ -200,25 +223,35 @@ def import_(ctx: typer.Context, file: Path = typer.Argument(..., help="JSON Line
                 if line.id is not None:
                     earlier.add(line.id)
             ids: list[str] = []
+            existing = 0  # lines whose task exists already (an earlier import made it)
             for number, line, key in lines:
+                with contextlib.suppress(NotFound):
+                    await swarm.tasks.get(task_id_for_key(swarm.name, key))
+                    existing += 1
                 deps = [refs.get(d) or outside[d] for d in line.after]
                 parent = (refs.get(line.parent) or outside[line.parent]) if line.parent else None
                 try:
                     made = await swarm.tasks.create(
                         line.title, body=line.body, priority=line.priority,
-                        capabilities=line.needs, depends_on=deps, parent_id=parent,
-                        lease_ttl_s=line.lease_ttl, max_attempts=line.max_attempts,
-                        start_to_close_s=line.timeout, idempotency_key=key, labels=line.labels)
+                        capabilities=capabilities_of(line.needs), depends_on=deps,
+                        parent_id=parent, lease_ttl_s=line.lease_ttl,
+                        max_attempts=line.max_attempts, start_to_close_s=line.timeout,
+                        idempotency_key=key, labels=line.labels)
                 except InvalidInput as exc:
                     raise InvalidInput(f"{file}:{number}: {exc}") from None
                 if line.id is not None:
                     refs[line.id] = made.task_id
                 ids.append(made.task_id)
-        return ids
+        return ids, existing
 
-    ids = run(ctx, body_)
-    say(ctx, f"imported {plural(len(ids), 'task')} from {file}")
-    emit(ctx, {"created": ids}, "\n".join(ids))
+    ids, existing = run(ctx, body_)
+    new = len(ids) - existing
+    if existing:
+        say(ctx, f"imported {plural(new, 'new task')} from {file} ({existing} already there)")
+    else:
+        say(ctx, f"imported {plural(new, 'task')} from {file}")
+    # "created": every line's task id, in file order, new or not.
+    emit(ctx, {"created": ids, "new": new, "existing": existing}, "\n".join(ids))
 
 
 @task_app.command("list")
@@ -296,14 +329,14 @@ def show(ctx: typer.Context, task_id: str) -> None:
 
         out = console()
         fields = Table(box=None, show_header=False)
-        for name in ("task_id", "title", "status", "priority", "capabilities", "depends_on",
-                     "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s", "result",
-                     "error", "reason"):
+        for name in ("task_id", "title", "status", "priority", "capabilities", "labels",
+                     "depends_on", "owner", "epoch", "attempt", "max_attempts", "lease_ttl_s",
+                     "result", "error", "reason"):
             fields.add_row(name.replace("_", " "), human_value(getattr(task, name)))
         out.print(fields)
         events = Table("seq", "event", "actor", "at", box=None)
         for row in timeline:
-            events.add_row(str(row["seq"]), row["type"], row["actor"], row["at"])
+            events.add_row(str(row["seq"]), row["type"], row["actor"], human_time(row["hlc"]))
         out.print(events)
 
     emit(ctx, {**_row(task), "timeline": timeline}, human)
@@ -314,16 +347,18 @@ def claim(
     ctx: typer.Context,
     task_id: str | None = typer.Argument(None, help="Claim this task; else the best ready one."),
     agent: str | None = AGENT_OPTION,
-    capability: list[str] = typer.Option([], "--capability", "-c", help="What I can do."),
+    capability: list[str] = typer.Option(
+        [], "--capability", "-c", help="What I can do (repeat or comma-separate)."),
     wait: float = typer.Option(0.0, "--wait", help="Wait up to S seconds for work."),
 ) -> None:
     """Claim a task; prints `TASK_ID EPOCH`, exit code 3 when nothing was claimed."""
+    from cflow.agents import capabilities_of
 
     async def body_() -> dict[str, Any] | None:
         async with _swarm(ctx, agent) as swarm:
             wanted = await resolve(swarm, task_id) if task_id else None
             lease = await swarm.tasks.claim(wanted, agent=agent or swarm.agent,
-                                            capabilities=capability, wait=wait)
+                                            capabilities=capabilities_of(capability), wait=wait)
             if lease is None:
                 return None
             return {**_row(lease.task), "epoch": lease.epoch, "attempt": lease.attempt}

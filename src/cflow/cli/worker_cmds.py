@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,7 @@ def worker(
 
     Ctrl-C stops at once: running tasks are stopped and released. SIGTERM
     drains: stop claiming, let running tasks finish within --drain-grace, then
-    release them.
+    release them. Either way the last line is `interrupted: ...`, exit code 130.
     """
     c = state(ctx)
     from cflow.agents import capabilities_of
@@ -152,27 +153,31 @@ def worker(
                 drain_grace_s=drain_grace, max_tasks=max_tasks, claim_wait_s=claim_wait),
                 on_event=show)
             import asyncio
-            import signal
 
             loop = asyncio.get_running_loop()
 
-            def on_interrupt() -> None:
-                interrupts.append(1)
+            def on_terminate() -> None:  # a supervisor stopping it: let the work finish
+                signals.append(signal.SIGTERM)
+                w.drain()
+
+            def on_interrupt() -> None:  # a person wants it gone now
+                signals.append(signal.SIGINT)
                 w.abort()
 
-            loop.add_signal_handler(signal.SIGTERM, w.drain)
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)  # a person wants it gone now
+            loop.add_signal_handler(signal.SIGTERM, on_terminate)
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
             stats = await w.run()
             return {"agent": who, **stats.to_dict()}
 
-    interrupts: list[int] = []
+    signals: list[signal.Signals] = []
     result = run(ctx, body)
     summary = (f"{result['completed']} completed, {result['failed']} failed, "
                f"{result['lost']} lost, {result['released']} released")
-    if interrupts:
+    if signals:
         if c.json:
             emit(ctx, {**result, "interrupted": True})
-        interrupted(f"stopped worker {who} ({summary})")
+        how = "stopped" if signal.SIGINT in signals else "drained"
+        interrupted(f"{how} worker {who} ({summary})")
 
     def human(d: dict[str, object]) -> None:
         sys.stderr.write(f"[{who}] stopped: {summary}\n")

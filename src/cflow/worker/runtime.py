@@ -107,7 +107,7 @@ class Worker:
         self.aborting = asyncio.Event()
         self.started = asyncio.Event()  # registered, present, slots claiming
         self._on_event = on_event
-        self._claims = 0
+        self._claims = 0  # claims made or being made (reserved before claiming)
         self._interrupts = 0
         self._last_claim_error: str | None = None
 
@@ -116,7 +116,7 @@ class Worker:
     def drain(self) -> None:
         """Stop claiming; running tasks get ``drain_grace_s`` to finish."""
         if not self.draining.is_set():
-            self._emit("drain", f"draining; {len(self.running)} task(s) running")
+            self._emit("drain", f"draining; {_count(len(self.running), 'task')} running")
             self.draining.set()
 
     def abort(self) -> None:
@@ -175,7 +175,7 @@ class Worker:
                 slots = [asyncio.create_task(self._slot(i), name=f"slot-{i}")
                          for i in range(max(1, self.opts.concurrency))]
                 self.started.set()
-                self._emit("start", f"{self.opts.name} claiming with {len(slots)} slot(s)")
+                self._emit("start", f"{self.opts.name} claiming with {_count(len(slots), 'slot')}")
                 await self.draining.wait()
                 grace = asyncio.create_task(self._grace_period())
                 try:
@@ -226,14 +226,29 @@ class Worker:
 
     async def _slot(self, index: int) -> None:
         while not self.draining.is_set():
-            if self.opts.max_tasks is not None and self._claims >= self.opts.max_tasks:
-                self.drain()
+            if not self._reserve_claim():
+                # Every claim max_tasks allows is made or being made. Once all are made,
+                # drain; else leave the rest to the slot making one (it claims again
+                # should its claim come back empty).
+                if self.stats.claimed >= (self.opts.max_tasks or 0):
+                    self.drain()
                 break
-            lease = await self._claim()
-            if lease is None:
-                continue
-            self._claims += 1
-            await self._run_one(lease)
+            lease = None
+            try:
+                lease = await self._claim()
+            finally:
+                if lease is None:
+                    self._claims -= 1  # nothing claimed: give the reservation back
+            if lease is not None:
+                await self._run_one(lease)
+
+    def _reserve_claim(self) -> bool:
+        """Count a claim before making it: slots claiming at once never make more
+        than ``max_tasks`` claims between them."""
+        if self.opts.max_tasks is not None and self._claims >= self.opts.max_tasks:
+            return False
+        self._claims += 1
+        return True
 
     async def _claim(self) -> Lease | None:
         claim = asyncio.create_task(self.swarm.tasks.claim(
@@ -402,6 +417,11 @@ class Worker:
         path = base / f"{lease.task_id}-{lease.epoch}.out"
         path.write_bytes(outcome.output)
         return f"file:{path}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``2 tasks`` (the runtime does not import the CLI's ``plural``)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def default_output_dir(swarm: str) -> Path:
