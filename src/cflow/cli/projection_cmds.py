@@ -143,6 +143,7 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
                  timeout_s: float = 10.0) -> QueryResult:
     from cflow.projections.query import QueryClient
     from cflow.streams import connect
+    from cflow.swarm import close_quietly
 
     c = state(ctx)
     nc = await connect(c.url, name="cflow:cfctl-query")
@@ -150,7 +151,7 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
         return await QueryClient(nc, c.swarm).query(sql, limit=limit, wait_for_seq=wait_for,
                                                    timeout_s=timeout_s)
     finally:
-        await nc.close()
+        await close_quietly(nc)
 
 
 async def _task_id(ctx: typer.Context, ref: str) -> str:
@@ -297,12 +298,13 @@ def export_cmd(
             except Unavailable:
                 pass  # a projector holds the file: ask it instead
         from cflow.streams import connect
+        from cflow.swarm import close_quietly
 
         nc = await connect(c.url, name="cflow:cfctl-export")
         try:
             return await export_via_service(nc, c.swarm, parquet)
         finally:
-            await nc.close()
+            await close_quietly(nc)
 
     counts = run(ctx, body)
     emit(ctx, counts, "\n".join(f"{t}: {plural(n, 'row')} -> {parquet / (t + '.parquet')}"

@@ -97,13 +97,14 @@ def _client_url(server: EmbeddedServer, reg: Registry | None, swarm: str) -> str
 async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[str]:
     from cflow.server import ensure_swarm_when_placeable
     from cflow.streams import connect
+    from cflow.swarm import close_quietly
 
     nc = await connect(url, name="cfctl-up")
     try:
         return await ensure_swarm_when_placeable(nc, swarm, replicas,
                                                  60.0 if clustered else 20.0)
     finally:
-        await nc.close()
+        await close_quietly(nc)
 
 
 def _start(
@@ -541,6 +542,7 @@ def init(
     from cflow.server import ensure_swarm_when_placeable
     from cflow.streams import connect
     from cflow.streams.definitions import swarm_resources
+    from cflow.swarm import close_quietly
 
     c = state(ctx)
     swarm_resources(c.swarm, replicas)  # refuses replicas other than 1 or 3, before connecting
@@ -550,7 +552,7 @@ def init(
         try:
             return await ensure_swarm_when_placeable(nc, c.swarm, replicas, 30.0)
         finally:
-            await nc.close()
+            await close_quietly(nc)
 
     made = run(ctx, body)
     emit(ctx, {"swarm": c.swarm, "replicas": replicas, "streams": made},

@@ -1,0 +1,44 @@
+"""What a newcomer following the README ran into: a command that stops after its server
+went away, usage errors under ``--json``, which projection file a rebuild touches,
+``cfctl down`` hints, empty ids and bad swarm names, bad URLs, the status layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from faults import RestartableServer
+from test_cli_interrupt import CFCTL, Session, assert_clean_stop
+
+pytestmark = pytest.mark.e2e
+
+
+def cfctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CFCTL, *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_ctrl_c_leaves_top_cleanly_after_the_server_went_away(tmp_path: Path) -> None:
+    with RestartableServer(tmp_path / "nats", sync="default") as server:
+        env = {**os.environ, "CFLOW_URL": server.url, "CFLOW_SWARM": "gone",
+               "XDG_DATA_HOME": str(tmp_path)}
+        assert cfctl("init", env=env).returncode == 0
+        s = Session(["--json", "top"], env)
+        try:
+            s.wait_for("swarm")
+            server.stop()
+            s.wait_for('"connected": false', within=30)
+            time.sleep(10)  # nats-py is between reconnect attempts by then
+            s.pump(0.1)
+            took, below = s.interrupt()
+            assert s.proc.returncode == 130, s.text()
+            assert_clean_stop(s, took, below, None)
+            [line] = s.out["stderr"].decode().strip().splitlines()
+            assert json.loads(line) == {"interrupted": "left the live view", "exit_code": 130}
+        finally:
+            s.close()
