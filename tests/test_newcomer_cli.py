@@ -42,3 +42,36 @@ def test_ctrl_c_leaves_top_cleanly_after_the_server_went_away(tmp_path: Path) ->
             assert json.loads(line) == {"interrupted": "left the live view", "exit_code": 130}
         finally:
             s.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--json", "tsk"], "No such command 'tsk'. Did you mean 'task'?; see 'cfctl --help'"),
+    (["--json", "task", "add", "x", "--bogus"],
+     "No such option: --bogus (Possible options: --body); see 'cfctl task add --help'"),
+    (["task", "add", "x", "--bogus", "--json"],  # --json after the subcommand too
+     "No such option: --bogus (Possible options: --body); see 'cfctl task add --help'"),
+    (["task", "add", "--json"], "Missing argument 'TITLE'.; see 'cfctl task add --help'"),
+])
+def test_usage_errors_under_json_are_one_json_line(args: list[str], message: str,
+                                                   tmp_path: Path) -> None:
+    done = cfctl(*args, env={**os.environ, "XDG_DATA_HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert json.loads(done.stderr) == {"error": message, "exit_code": 2, "kind": "usage"}
+
+
+def test_usage_errors_without_json_keep_clicks_text(tmp_path: Path) -> None:
+    done = cfctl("task", "add", "x", "--bogus", env={**os.environ, "XDG_DATA_HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "Usage: cfctl task add [OPTIONS] TITLE", "Try 'cfctl task add --help' for help.", "",
+        "Error: No such option: --bogus (Possible options: --body)"]
+
+
+def test_exit_codes_under_json_are_unchanged(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
+    down = cfctl("--json", "--url", "nats://127.0.0.1:1", "status", env=env)
+    assert down.returncode == 6
+    assert json.loads(down.stderr)["kind"] == "unavailable"
+    assert cfctl("--json", "--version", env=env).returncode == 0
+    assert cfctl("--json", "task", "--help", env=env).returncode == 0
