@@ -75,3 +75,29 @@ def test_exit_codes_under_json_are_unchanged(tmp_path: Path) -> None:
     assert json.loads(down.stderr)["kind"] == "unavailable"
     assert cfctl("--json", "--version", env=env).returncode == 0
     assert cfctl("--json", "task", "--help", env=env).returncode == 0
+
+
+def test_rebuild_without_db_rebuilds_the_running_projectors_file(
+        cli_env: dict[str, str], swarm_name: str, tmp_path: Path) -> None:
+    served = tmp_path / "node" / "served.duckdb"
+    served.parent.mkdir()
+    assert cfctl("task", "add", "x", env=cli_env).returncode == 0
+    default = tmp_path / "cflow" / "projections" / swarm_name / "projection.duckdb"
+    s = Session(["projector", "--db", str(served)], cli_env)
+    try:
+        s.wait_for("projector: swarm")
+        done = cfctl("--json", "projections", "rebuild", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert Path(result["path"]).resolve() == served.resolve()
+        assert result["background"]
+        assert not default.exists()
+        s.interrupt()
+    finally:
+        s.close()
+    done = cfctl("projections", "rebuild", env=cli_env)  # no projector runs now
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"no projector of swarm {swarm_name} runs: rebuilding the default file {default}")
+    assert done.stdout.startswith(f"rebuilt {default}: ")
+    assert default.exists()

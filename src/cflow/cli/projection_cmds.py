@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, state
+from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, say, state
 from cflow.gitflow.report import MERGES_SQL
 
 if TYPE_CHECKING:
@@ -97,12 +97,14 @@ def projector_cmd(
 def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
     """Replay the whole stream into a fresh file and swap it in atomically.
 
-    If a running projector holds the file, it rebuilds in the background and swaps
+    Without --db: the file the swarm's running projector serves (the default file
+    when none runs). If a running projector holds the file, it rebuilds in the background and swaps
     the fresh file in itself (it keeps projecting and answering queries meanwhile).
     """
     import anyio.to_thread
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from cflow.errors import NotFound
     from cflow.projections.projector import file_in_use, rebuild, rebuild_running
     from cflow.swarm import Swarm
 
@@ -120,6 +122,15 @@ def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
                 def progress(seq: int, total: int) -> None:
                     bar.update(task, completed=seq, total=total)
 
+                if db is None:  # the file the swarm's running projector serves, if one runs
+                    bar.update(task, description="rebuilding in the running projector")
+                    try:
+                        return await rebuild_running(swarm.log.nc, c.swarm, None,
+                                                     progress=progress)
+                    except NotFound:
+                        bar.update(task, description="rebuilding")
+                        say(ctx, f"no projector of swarm {c.swarm} runs: rebuilding the "
+                                 f"default file {path}")
                 if await anyio.to_thread.run_sync(file_in_use, path):
                     bar.update(task, description="rebuilding in the running projector")
                     return await rebuild_running(swarm.log.nc, c.swarm, path,
