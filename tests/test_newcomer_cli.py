@@ -101,3 +101,31 @@ def test_rebuild_without_db_rebuilds_the_running_projectors_file(
         f"no projector of swarm {swarm_name} runs: rebuilding the default file {default}")
     assert done.stdout.startswith(f"rebuilt {default}: ")
     assert default.exists()
+
+
+def test_a_second_up_names_the_down_that_works_and_down_says_where_no_node_is(
+        tmp_path: Path) -> None:
+    from cflow.server import free_port
+
+    port, node, xdg = free_port(), tmp_path / "node", tmp_path / "xdg"
+    env = {**os.environ, "XDG_DATA_HOME": str(xdg), "CFLOW_URL": f"nats://127.0.0.1:{port}"}
+    up = cfctl("up", "--detach", "--port", str(port), "--data-dir", str(node), env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        for again in (["--data-dir", str(node)], []):  # the same dir, or the default one
+            second = cfctl("up", "--detach", "--port", str(port), *again, env=env)
+            assert second.returncode != 0
+            assert f"stop it with `cfctl down --data-dir {node}`" in second.stderr, second.stderr
+        down = cfctl("down", env=env)
+        assert down.returncode == 5
+        assert down.stderr == (
+            f"error: no cflow node was started with data dir {xdg / 'cflow'}; pass the "
+            f"--data-dir it was started with (`cfctl down --data-dir {node}` stops the one "
+            f"on port {port})\n")
+    finally:
+        down = cfctl("down", "--data-dir", str(node), env=env)
+    assert down.returncode == 0, down.stderr
+    gone = cfctl("down", "--data-dir", str(node), "--port", str(port), env=env)
+    assert gone.returncode == 5
+    assert gone.stderr == (f"error: no cflow node was started on port {port} with data dir "
+                           f"{node}; pass the --data-dir it was started with\n")

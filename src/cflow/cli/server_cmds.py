@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, run, state
+from cflow.cli.app import (
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    app,
+    emit,
+    exit_soon,
+    fail,
+    interrupted,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.creds import Registry, User
@@ -490,11 +500,16 @@ def down(
     port: int | None = typer.Option(None, "--port", help="Stop only this port's server."),
     data_dir: Path | None = _DATA,
 ) -> None:
-    """Stop the node(s) `cfctl up --detach` started with this data dir."""
+    """Stop the node(s) `cfctl up --detach` started with this data dir.
+
+    Exit 5 when no node was started with it (the line says which dirs do hold one).
+    """
     from cflow.errors import CflowError
-    from cflow.server import stop_recorded
+    from cflow.server import recorded_servers, stop_recorded
 
     where = _data_dir(data_dir)
+    if not [p for p, _ in recorded_servers(where) if port is None or p == port]:
+        fail(_no_node(where, port, state(ctx).url), EXIT_NOT_FOUND)
     services = _stop_services(where, port)
     try:
         stopped = stop_recorded(where, port)
@@ -506,6 +521,28 @@ def down(
          "\n".join(f"stopped nats-server pid {pid} (port {p})"
                    + (f" and its services pid {services[p]}" if p in services else "")
                    for p, pid in stopped))
+
+
+def _no_node(data_dir: Path, port: int | None, url: str) -> str:
+    """The line for `cfctl down` finding no node in ``data_dir``; it names the data dir
+    of the node on ``port`` (else on the ports of ``url``), found among this host's
+    processes."""
+    from urllib.parse import urlsplit
+
+    from cflow.server import running_nodes
+
+    on = f" on port {port}" if port is not None else ""
+    ports = {port} if port is not None else set()
+    for u in url.split(",") if port is None else ():
+        try:
+            ports.add(urlsplit(u.strip()).port or 4222)
+        except ValueError:  # not a URL: no port to look for
+            continue
+    nodes = {p: d for p, d in running_nodes().items() if p in ports}
+    known = "; ".join(f"`cfctl down --data-dir {d}` stops the one on port {p}"
+                      for p, d in sorted(nodes.items()))
+    return (f"no cflow node was started{on} with data dir {data_dir}; pass the --data-dir "
+            f"it was started with" + (f" ({known})" if known else ""))
 
 
 def _stop_services(data_dir: Path, port: int | None) -> dict[int, int]:
