@@ -129,3 +129,29 @@ def test_a_second_up_names_the_down_that_works_and_down_says_where_no_node_is(
     assert gone.returncode == 5
     assert gone.stderr == (f"error: no cflow node was started on port {port} with data dir "
                            f"{node}; pass the --data-dir it was started with\n")
+
+
+@pytest.mark.parametrize("args", [
+    ["task", "cancel", ""], ["task", "cancel", "  "], ["task", "show", ""],
+    ["msg", "ack", ""],
+])
+def test_an_empty_id_is_a_usage_error(args: list[str], cli_env: dict[str, str]) -> None:
+    for _ in range(2):  # several tasks: an empty prefix would match them all
+        assert cfctl("task", "add", "x", env=cli_env).returncode == 0
+    done = cfctl(*args, env=cli_env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("Error: an id is required (the ")
+    as_json = json.loads(cfctl("--json", *args, env=cli_env).stderr)
+    assert as_json["exit_code"] == 2 and as_json["kind"] == "usage"
+    assert as_json["error"].startswith("an id is required")
+
+
+@pytest.mark.parametrize("swarm", ["a.b", "", "x y"])
+def test_a_bad_swarm_name_is_a_one_line_usage_error(swarm: str, tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "CFLOW_URL": "nats://127.0.0.1:1"}
+    done = cfctl("--swarm", swarm, "task", "list", env=env)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: swarm {swarm!r} must be 1-128 characters of letters, "
+                           "digits, '-' or '_'\n")
+    from_env = cfctl("task", "list", env={**env, "CFLOW_SWARM": swarm or "-."})
+    assert from_env.returncode == 2

@@ -83,6 +83,13 @@ def _global(
 ) -> None:
     global _current
     ctx.obj = _current = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
+    from cflow.errors import InvalidInput
+    from cflow.events import check_token
+
+    try:
+        check_token(swarm, "swarm")  # a usage error, before anything connects
+    except InvalidInput as err:
+        fail(str(err), EXIT_USAGE)
 
 
 def state(ctx: typer.Context) -> Ctx:

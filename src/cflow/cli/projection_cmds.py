@@ -168,9 +168,9 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
 async def _task_id(ctx: typer.Context, ref: str) -> str:
     """The whole task id for ``ref`` (a checked token), or a unique prefix of one, from the
     projection's ``tasks`` table."""
-    from cflow.cli.ids import WHOLE_ID_LENGTH, pick
+    from cflow.cli.ids import WHOLE_ID_LENGTH, pick, require_id
 
-    if len(ref) >= WHOLE_ID_LENGTH:
+    if len(require_id(ref, "task")) >= WHOLE_ID_LENGTH:
         return ref
     found = await _query(ctx, f"SELECT task_id FROM tasks WHERE starts_with(task_id, '{ref}')",
                          limit=1000)
