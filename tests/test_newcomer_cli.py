@@ -155,3 +155,24 @@ def test_a_bad_swarm_name_is_a_one_line_usage_error(swarm: str, tmp_path: Path) 
                            "digits, '-' or '_'\n")
     from_env = cfctl("task", "list", env={**env, "CFLOW_SWARM": swarm or "-."})
     assert from_env.returncode == 2
+
+
+@pytest.mark.parametrize("url", ["bogus://x", "http://user:secret@host:4222",
+                                 "nats://127.0.0.1:4222,ftp://y"])
+def test_a_url_that_is_not_nats_is_a_usage_error(url: str, tmp_path: Path) -> None:
+    done = cfctl("--url", url, "status", env={**os.environ, "XDG_DATA_HOME": str(tmp_path)})
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.endswith("is not a NATS URL (schemes: nats://, tls://, ws://, wss://)"), line
+    assert "secret" not in line and "reachable" not in line
+
+
+def test_status_labels_line_up(cli_env: dict[str, str]) -> None:
+    assert cfctl("init", env=cli_env).returncode == 0
+    done = cfctl("status", env=cli_env)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line and not line.startswith(" ")]
+    labels = {line.split()[0] for line in rows}
+    assert {"server", "jetstream", "swarm", "control", "maint", "queries"} <= labels, rows
+    # every value starts in the same column, one past the longest label and a space
+    assert {len(line) - len(line[len(line.split()[0]):].lstrip()) for line in rows} == {11}, rows

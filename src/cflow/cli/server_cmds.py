@@ -625,22 +625,29 @@ def status(
     emit(ctx, run(ctx, body), _render_status)
 
 
+LABEL_WIDTH = len("jetstream") + 2  # `cfctl status`: every value starts in one column
+
+
+def _row(label: str, text: object) -> str:
+    return f"{label:<{LABEL_WIDTH - 1}} {text}"
+
+
 def _render_status(d: dict[str, Any]) -> None:
     s = d["server"]
-    typer.echo(f"server   {s['name']} {s['version']} at {s['connected_url']}"
-               + (f", cluster {s['cluster']}" if s["cluster"] else ""))
+    typer.echo(_row("server", f"{s['name']} {s['version']} at {s['connected_url']}"
+                    + (f", cluster {s['cluster']}" if s["cluster"] else "")))
     if len(d["servers"]) > 1:
-        typer.echo(f"servers  {', '.join(d['servers'])}")
+        typer.echo(_row("servers", ", ".join(d["servers"])))
     if "monitor" in d:
         m = d["monitor"]
-        typer.echo(f"monitor  {m.get('error') or m}")
+        typer.echo(_row("monitor", m.get("error") or m))
     js = d["jetstream"]
     if not js["enabled"]:
-        typer.echo(f"jetstream  off: {js['error']}")
+        typer.echo(_row("jetstream", f"off: {js['error']}"))
     else:
-        typer.echo(f"jetstream  {js['streams']} streams, {js['consumers']} consumers, "
-                   f"{js['storage']} bytes stored")
-    typer.echo(f"swarm    {d['swarm']}")
+        typer.echo(_row("jetstream", f"{js['streams']} streams, {js['consumers']} consumers, "
+                                     f"{js['storage']} bytes stored"))
+    typer.echo(_row("swarm", d["swarm"]))
     for st in d["streams"]:
         if not st["exists"]:
             typer.echo(f"  {st['name']:<32} missing (run `cfctl init`)")
@@ -651,33 +658,35 @@ def _render_status(d: dict[str, Any]) -> None:
     if "control" in d:
         from cflow.cli.ops_cmds import control_lines
 
-        typer.echo("\n".join(control_lines(d["control"])))
+        for line in control_lines(d["control"]):  # shared with `cfctl top`: realigned here
+            label, _, text = line.partition("  ")
+            typer.echo(_row(label, text) if label == "control" else line)
     if "maintenance" in d:
         typer.echo("\n".join(maintenance_lines(d["maintenance"])))
     q = d.get("queries")
     if isinstance(q, dict):
-        typer.echo(f"queries  answered by a projector, projected up to event {q['checkpoint']}"
-                   if q.get("serving") else
-                   "queries  no projector answering (`cfctl up` or `cfctl projector` runs one)")
+        typer.echo(_row("queries", f"answered by a projector, projected up to event "
+                                   f"{q['checkpoint']}" if q.get("serving") else
+                        "no projector answering (`cfctl up` or `cfctl projector` runs one)"))
     agents = d.get("agents")
     if isinstance(agents, dict) and "error" not in agents:
         shown = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in agents.items() if n)
-        typer.echo(f"agents   {shown or 'none registered'}")
+        typer.echo(_row("agents", shown or "none registered"))
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
                        "control", "maintenance", "queries", "agents"):
             text = value.get("error", value) if isinstance(value, dict) else value
-            typer.echo(f"{key:<8} {text}")
+            typer.echo(_row(key, text))
 
 
 def maintenance_lines(section: Any) -> list[str]:
     """Who maintains the swarm (reaps, sweeps) and how that is going."""
     if isinstance(section, dict):  # the section itself failed
-        return [f"maint    {section.get('error', section)}"]
+        return [_row("maint", section.get("error", section))]
     if not section:
-        return ["maint    no maintaining process answered (start a worker, `cfctl up` or a "
-                "projector; claims still reap dead holders themselves)"]
-    out = [f"maint    {len(section)} process{'es' if len(section) != 1 else ''}"]
+        return [_row("maint", "no maintaining process answered (start a worker, `cfctl up` "
+                              "or a projector; claims still reap dead holders themselves)")]
+    out = [_row("maint", f"{len(section)} process{'es' if len(section) != 1 else ''}")]
     for r in section:
         state = "running" if r.get("running") else "STOPPED"
         error = (f", last error {r['last_error_age_s']:g} s ago in {r['last_error_loop']}: "
