@@ -508,7 +508,8 @@ def down(
     from cflow.server import recorded_servers, stop_recorded
 
     where = _data_dir(data_dir)
-    if not [p for p, _ in recorded_servers(where) if port is None or p == port]:
+    recorded = [p for p, _ in recorded_servers(where) if port is None or p == port]
+    if not recorded and not list(where.glob("services-*.pid")):
         fail(_no_node(where, port, state(ctx).url), EXIT_NOT_FOUND)
     services = _stop_services(where, port)
     try:
