@@ -79,7 +79,7 @@ def test_import_validates_first_and_is_idempotent_per_line(cli_env: dict[str, st
 
 
 @pytest.mark.e2e
-def test_prefixes_whole_ids_and_json_anywhere(cli_env: dict[str, str]) -> None:
+def test_prefixes_whole_ids_and_json_anywhere(cli_env: dict[str, str], tmp_path: Path) -> None:
     first = cfctl(cli_env, "task", "add", "write the parser").stdout.strip()
     second = cfctl(cli_env, "task", "add", "test the parser", "--after", first[:13]).stdout.strip()
     listed = cfctl(cli_env, "task", "list").stdout  # a pipe: whole ids, no wrapping
@@ -94,11 +94,7 @@ def test_prefixes_whole_ids_and_json_anywhere(cli_env: dict[str, str]) -> None:
     assert noted.stdout == "" and noted.stderr.startswith(f"noted on task {first} (event ")
     assert cfctl(cli_env, "task", "complete", first[:13], "--epoch", claimed[1]
                  ).stdout.strip() == "completed"
-    # a prefix both ids share is ambiguous; one nobody has is not found
-    common = next(i for i in range(36) if first[i] != second[i])
-    ambiguous = cfctl(cli_env, "task", "show", first[:common], check=False)
-    assert ambiguous.returncode == 1 and "is ambiguous: 2 tasks match" in ambiguous.stderr
-    assert ambiguous.stderr.count("\n") == 1
+    # a prefix nobody has is not found
     unknown = cfctl(cli_env, "task", "show", "zz", "--json", check=False)
     assert unknown.returncode == 5 and unknown.stdout == ""
     assert json.loads(unknown.stderr) == {"error": "task not found: zz", "exit_code": 5,
@@ -109,3 +105,11 @@ def test_prefixes_whole_ids_and_json_anywhere(cli_env: dict[str, str]) -> None:
     assert nothing.stderr == "nothing to claim\n"
     dep = cfctl(cli_env, "task", "add", "x", "--after", "ghost", check=False)
     assert dep.returncode == 5 and dep.stderr == "error: dependency not found: ghost\n"
+    # a prefix two ids share is ambiguous (of 17 ids two share a first hex digit)
+    batch = tmp_path / "more.jsonl"
+    batch.write_text("".join(f'{{"title": "more {i}"}}\n' for i in range(15)))
+    ids = [first, second, *cfctl(cli_env, "task", "import", str(batch)).stdout.split()]
+    shared = next(a[0] for a in ids if sum(b.startswith(a[0]) for b in ids) > 1)
+    ambiguous = cfctl(cli_env, "task", "show", shared, check=False)
+    assert ambiguous.returncode == 1 and "is ambiguous: " in ambiguous.stderr
+    assert ambiguous.stderr.count("\n") == 1

@@ -249,9 +249,13 @@ class EmbeddedServer:
                 not become ready within ``timeout``.
         """
         if port_in_use(self.opts.host, self.opts.port):
+            holder = node_data_dir(self.opts.port)
+            stop = (f"stop it with `cfctl down --data-dir {holder}`" if holder is not None
+                    else "if a cflow node holds it, stop it with `cfctl down --data-dir "
+                         "DIR`, DIR the --data-dir it was started with")
             raise ServerStartError(
-                f"port {self.opts.port} on {self.opts.host} is already in use "
-                "(another nats-server? try `cfctl down`, or pick --port)",
+                f"port {self.opts.port} on {self.opts.host} is already in use ({stop}, "
+                "or pick --port)",
                 port=self.opts.port,
             )
         self.write_config()
@@ -345,6 +349,32 @@ def recorded_servers(data_dir: Path) -> list[tuple[int, int]]:
             continue
         found.append((port, pid))
     return found
+
+
+def running_nodes() -> dict[int, Path]:
+    """{port: data dir} of the nats-servers ``cfctl up`` started that run on this host.
+
+    Read from /proc: such a server runs ``nats-server --config DIR/nats-PORT.conf``.
+    Empty where there is no /proc.
+    """
+    found: dict[int, Path] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].endswith(b"nats-server") or b"--config" not in argv[:-1]:
+            continue
+        config = Path(os.fsdecode(argv[argv.index(b"--config") + 1]))
+        port = config.stem.removeprefix("nats-")
+        if config.suffix == ".conf" and config.stem.startswith("nats-") and port.isdigit():
+            found[int(port)] = config.parent
+    return found
+
+
+def node_data_dir(port: int) -> Path | None:
+    """The --data-dir of the running cflow node that serves ``port``, if known."""
+    return running_nodes().get(port)
 
 
 def is_nats_server(pid: int) -> bool:

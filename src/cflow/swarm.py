@@ -15,6 +15,7 @@ process runs inside ``swarm.tasks.maintain()`` are listed once, here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -112,7 +113,7 @@ class Swarm:
             finally:
                 await facade.aclose()
         finally:
-            await nc.close()
+            await close_quietly(nc)
 
     @property
     def tasks(self) -> TaskService:
@@ -213,3 +214,21 @@ class Swarm:
         if self._messages is not None:
             await self._messages.aclose()
         await self.feed.aclose()
+
+
+CLOSE_S = 2.0  # closing never waits longer than this on a server that is gone
+
+
+async def close_quietly(nc: NATS) -> None:
+    """Close ``nc``, bounded, and without raising when its server is gone.
+
+    nats-py flushes what is pending before it closes; with the server gone that
+    flush fails (``ConnectionResetError``) or waits. Either way the connection is
+    closed and nothing is left to deliver, so the failure is no news to the caller.
+    """
+    import asyncio
+
+    import nats.errors
+
+    with contextlib.suppress(OSError, TimeoutError, nats.errors.Error):
+        await asyncio.wait_for(nc.close(), CLOSE_S)

@@ -36,6 +36,7 @@ EXIT_NAMES = {EXIT_ERROR: "error", EXIT_USAGE: "usage", EXIT_NOTHING: "nothing",
               EXIT_INTERRUPTED: "interrupted"}
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 app = typer.Typer(
     name="cfctl",
@@ -83,6 +84,19 @@ def _global(
 ) -> None:
     global _current
     ctx.obj = _current = Ctx(url=url, swarm=swarm, json=as_json, debug=debug)
+    from cflow.errors import InvalidInput
+    from cflow.events import check_token
+
+    try:
+        check_token(swarm, "swarm")  # a usage error, before anything connects
+    except InvalidInput as err:
+        fail(str(err), EXIT_USAGE)
+    for one in url.split(","):
+        scheme, sep, rest = one.strip().partition("://")
+        if sep and scheme.lower() not in NATS_SCHEMES:  # no scheme: nats-py adds nats://
+            shown = f"{scheme}://{rest.rpartition('@')[2]}"  # never a password
+            fail(f"--url {shown!r} is not a NATS URL (schemes: "
+                 f"{', '.join(s + '://' for s in NATS_SCHEMES)})", EXIT_USAGE)
 
 
 def state(ctx: typer.Context) -> Ctx:

@@ -14,6 +14,19 @@ from typing import Any
 WHOLE_ID_LENGTH = 36  # a UUIDv7; anything shorter is a prefix
 
 
+def require_id(ref: str, noun: str) -> str:
+    """``ref`` unless it is empty or blank: as a prefix it would match every id.
+
+    Raises:
+        UsageError: (click's) an empty or blank id; exit 2, as a missing argument.
+    """
+    if not ref.strip():
+        from typer._click.exceptions import UsageError
+
+        raise UsageError(f"an id is required (the {noun} id given is empty)")
+    return ref
+
+
 def pick(kind: str, ref: str, candidates: Iterable[str], noun: str | None = None) -> str:
     """The one candidate ``ref`` names: itself, or the only id starting with it.
 
@@ -21,11 +34,13 @@ def pick(kind: str, ref: str, candidates: Iterable[str], noun: str | None = None
     (``task``, default ``kind``).
 
     Raises:
+        UsageError: (click's) ``ref`` is empty or blank.
         NotFound: no candidate starts with ``ref``.
         InvalidInput: several do (the first three are named).
     """
     from cflow.errors import InvalidInput, NotFound
 
+    require_id(ref, noun or kind)
     ids = set(candidates)
     if ref in ids:
         return ref
@@ -46,7 +61,7 @@ async def entity_ids(log: Any, kind: str, ref: str) -> list[str]:
     from cflow.streams import names
     from cflow.streams.client import api_request
 
-    check_token(ref, f"{kind} id")
+    check_token(require_id(ref, kind), f"{kind} id")
     prefix = names.event_subject(log.swarm, kind, "")
     subjects: dict[str, int] = {}
     while True:
@@ -62,6 +77,7 @@ async def entity_ids(log: Any, kind: str, ref: str) -> list[str]:
 
 async def resolve_entity(log: Any, kind: str, ref: str) -> str:
     """The whole id of a ``kind`` entity (``message``, ...) for ``ref``; see ``pick``."""
+    require_id(ref, kind)
     if len(ref) >= WHOLE_ID_LENGTH:
         return ref  # the command itself says "not found"
     return pick(kind, ref, await entity_ids(log, kind, ref))

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, state
+from cflow.cli.app import app, emit, exit_soon, fail, interrupted, plural, run, say, state
 from cflow.gitflow.report import MERGES_SQL
 
 if TYPE_CHECKING:
@@ -97,12 +97,14 @@ def projector_cmd(
 def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
     """Replay the whole stream into a fresh file and swap it in atomically.
 
-    If a running projector holds the file, it rebuilds in the background and swaps
+    Without --db: the file the swarm's running projector serves (the default file
+    when none runs). If a running projector holds the file, it rebuilds in the background and swaps
     the fresh file in itself (it keeps projecting and answering queries meanwhile).
     """
     import anyio.to_thread
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from cflow.errors import NotFound
     from cflow.projections.projector import file_in_use, rebuild, rebuild_running
     from cflow.swarm import Swarm
 
@@ -120,6 +122,15 @@ def rebuild_cmd(ctx: typer.Context, db: Path | None = DB_OPTION) -> None:
                 def progress(seq: int, total: int) -> None:
                     bar.update(task, completed=seq, total=total)
 
+                if db is None:  # the file the swarm's running projector serves, if one runs
+                    bar.update(task, description="rebuilding in the running projector")
+                    try:
+                        return await rebuild_running(swarm.log.nc, c.swarm, None,
+                                                     progress=progress)
+                    except NotFound:
+                        bar.update(task, description="rebuilding")
+                        say(ctx, f"no projector of swarm {c.swarm} runs: rebuilding the "
+                                 f"default file {path}")
                 if await anyio.to_thread.run_sync(file_in_use, path):
                     bar.update(task, description="rebuilding in the running projector")
                     return await rebuild_running(swarm.log.nc, c.swarm, path,
@@ -143,6 +154,7 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
                  timeout_s: float = 10.0) -> QueryResult:
     from cflow.projections.query import QueryClient
     from cflow.streams import connect
+    from cflow.swarm import close_quietly
 
     c = state(ctx)
     nc = await connect(c.url, name="cflow:cfctl-query")
@@ -150,15 +162,15 @@ async def _query(ctx: typer.Context, sql: str, *, limit: int, wait_for: int | No
         return await QueryClient(nc, c.swarm).query(sql, limit=limit, wait_for_seq=wait_for,
                                                    timeout_s=timeout_s)
     finally:
-        await nc.close()
+        await close_quietly(nc)
 
 
 async def _task_id(ctx: typer.Context, ref: str) -> str:
     """The whole task id for ``ref`` (a checked token), or a unique prefix of one, from the
     projection's ``tasks`` table."""
-    from cflow.cli.ids import WHOLE_ID_LENGTH, pick
+    from cflow.cli.ids import WHOLE_ID_LENGTH, pick, require_id
 
-    if len(ref) >= WHOLE_ID_LENGTH:
+    if len(require_id(ref, "task")) >= WHOLE_ID_LENGTH:
         return ref
     found = await _query(ctx, f"SELECT task_id FROM tasks WHERE starts_with(task_id, '{ref}')",
                          limit=1000)
@@ -297,12 +309,13 @@ def export_cmd(
             except Unavailable:
                 pass  # a projector holds the file: ask it instead
         from cflow.streams import connect
+        from cflow.swarm import close_quietly
 
         nc = await connect(c.url, name="cflow:cfctl-export")
         try:
             return await export_via_service(nc, c.swarm, parquet)
         finally:
-            await nc.close()
+            await close_quietly(nc)
 
     counts = run(ctx, body)
     emit(ctx, counts, "\n".join(f"{t}: {plural(n, 'row')} -> {parquet / (t + '.parquet')}"

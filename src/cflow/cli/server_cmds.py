@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cflow.cli.app import EXIT_USAGE, app, emit, exit_soon, fail, interrupted, run, state
+from cflow.cli.app import (
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    app,
+    emit,
+    exit_soon,
+    fail,
+    interrupted,
+    run,
+    state,
+)
 
 if TYPE_CHECKING:
     from cflow.creds import Registry, User
@@ -97,13 +107,14 @@ def _client_url(server: EmbeddedServer, reg: Registry | None, swarm: str) -> str
 async def _ensure(url: str, swarm: str, replicas: int, clustered: bool) -> list[str]:
     from cflow.server import ensure_swarm_when_placeable
     from cflow.streams import connect
+    from cflow.swarm import close_quietly
 
     nc = await connect(url, name="cfctl-up")
     try:
         return await ensure_swarm_when_placeable(nc, swarm, replicas,
                                                  60.0 if clustered else 20.0)
     finally:
-        await nc.close()
+        await close_quietly(nc)
 
 
 def _start(
@@ -489,11 +500,17 @@ def down(
     port: int | None = typer.Option(None, "--port", help="Stop only this port's server."),
     data_dir: Path | None = _DATA,
 ) -> None:
-    """Stop the node(s) `cfctl up --detach` started with this data dir."""
+    """Stop the node(s) `cfctl up --detach` started with this data dir.
+
+    Exit 5 when no node was started with it (the line says which dirs do hold one).
+    """
     from cflow.errors import CflowError
-    from cflow.server import stop_recorded
+    from cflow.server import recorded_servers, stop_recorded
 
     where = _data_dir(data_dir)
+    recorded = [p for p, _ in recorded_servers(where) if port is None or p == port]
+    if not recorded and not list(where.glob("services-*.pid")):
+        fail(_no_node(where, port, state(ctx).url), EXIT_NOT_FOUND)
     services = _stop_services(where, port)
     try:
         stopped = stop_recorded(where, port)
@@ -505,6 +522,28 @@ def down(
          "\n".join(f"stopped nats-server pid {pid} (port {p})"
                    + (f" and its services pid {services[p]}" if p in services else "")
                    for p, pid in stopped))
+
+
+def _no_node(data_dir: Path, port: int | None, url: str) -> str:
+    """The line for `cfctl down` finding no node in ``data_dir``; it names the data dir
+    of the node on ``port`` (else on the ports of ``url``), found among this host's
+    processes."""
+    from urllib.parse import urlsplit
+
+    from cflow.server import running_nodes
+
+    on = f" on port {port}" if port is not None else ""
+    ports = {port} if port is not None else set()
+    for u in url.split(",") if port is None else ():
+        try:
+            ports.add(urlsplit(u.strip()).port or 4222)
+        except ValueError:  # not a URL: no port to look for
+            continue
+    nodes = {p: d for p, d in running_nodes().items() if p in ports}
+    known = "; ".join(f"`cfctl down --data-dir {d}` stops the one on port {p}"
+                      for p, d in sorted(nodes.items()))
+    return (f"no cflow node was started{on} with data dir {data_dir}; pass the --data-dir "
+            f"it was started with" + (f" ({known})" if known else ""))
 
 
 def _stop_services(data_dir: Path, port: int | None) -> dict[int, int]:
@@ -541,6 +580,7 @@ def init(
     from cflow.server import ensure_swarm_when_placeable
     from cflow.streams import connect
     from cflow.streams.definitions import swarm_resources
+    from cflow.swarm import close_quietly
 
     c = state(ctx)
     swarm_resources(c.swarm, replicas)  # refuses replicas other than 1 or 3, before connecting
@@ -550,7 +590,7 @@ def init(
         try:
             return await ensure_swarm_when_placeable(nc, c.swarm, replicas, 30.0)
         finally:
-            await nc.close()
+            await close_quietly(nc)
 
     made = run(ctx, body)
     emit(ctx, {"swarm": c.swarm, "replicas": replicas, "streams": made},
@@ -586,22 +626,29 @@ def status(
     emit(ctx, run(ctx, body), _render_status)
 
 
+LABEL_WIDTH = len("jetstream") + 2  # `cfctl status`: every value starts in one column
+
+
+def _row(label: str, text: object) -> str:
+    return f"{label:<{LABEL_WIDTH - 1}} {text}"
+
+
 def _render_status(d: dict[str, Any]) -> None:
     s = d["server"]
-    typer.echo(f"server   {s['name']} {s['version']} at {s['connected_url']}"
-               + (f", cluster {s['cluster']}" if s["cluster"] else ""))
+    typer.echo(_row("server", f"{s['name']} {s['version']} at {s['connected_url']}"
+                    + (f", cluster {s['cluster']}" if s["cluster"] else "")))
     if len(d["servers"]) > 1:
-        typer.echo(f"servers  {', '.join(d['servers'])}")
+        typer.echo(_row("servers", ", ".join(d["servers"])))
     if "monitor" in d:
         m = d["monitor"]
-        typer.echo(f"monitor  {m.get('error') or m}")
+        typer.echo(_row("monitor", m.get("error") or m))
     js = d["jetstream"]
     if not js["enabled"]:
-        typer.echo(f"jetstream  off: {js['error']}")
+        typer.echo(_row("jetstream", f"off: {js['error']}"))
     else:
-        typer.echo(f"jetstream  {js['streams']} streams, {js['consumers']} consumers, "
-                   f"{js['storage']} bytes stored")
-    typer.echo(f"swarm    {d['swarm']}")
+        typer.echo(_row("jetstream", f"{js['streams']} streams, {js['consumers']} consumers, "
+                                     f"{js['storage']} bytes stored"))
+    typer.echo(_row("swarm", d["swarm"]))
     for st in d["streams"]:
         if not st["exists"]:
             typer.echo(f"  {st['name']:<32} missing (run `cfctl init`)")
@@ -612,33 +659,35 @@ def _render_status(d: dict[str, Any]) -> None:
     if "control" in d:
         from cflow.cli.ops_cmds import control_lines
 
-        typer.echo("\n".join(control_lines(d["control"])))
+        for line in control_lines(d["control"]):  # shared with `cfctl top`: realigned here
+            label, _, text = line.partition("  ")
+            typer.echo(_row(label, text) if label == "control" else line)
     if "maintenance" in d:
         typer.echo("\n".join(maintenance_lines(d["maintenance"])))
     q = d.get("queries")
     if isinstance(q, dict):
-        typer.echo(f"queries  answered by a projector, projected up to event {q['checkpoint']}"
-                   if q.get("serving") else
-                   "queries  no projector answering (`cfctl up` or `cfctl projector` runs one)")
+        typer.echo(_row("queries", f"answered by a projector, projected up to event "
+                                   f"{q['checkpoint']}" if q.get("serving") else
+                        "no projector answering (`cfctl up` or `cfctl projector` runs one)"))
     agents = d.get("agents")
     if isinstance(agents, dict) and "error" not in agents:
         shown = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in agents.items() if n)
-        typer.echo(f"agents   {shown or 'none registered'}")
+        typer.echo(_row("agents", shown or "none registered"))
     for key, value in d.items():
         if key not in ("swarm", "server", "servers", "monitor", "jetstream", "streams",
                        "control", "maintenance", "queries", "agents"):
             text = value.get("error", value) if isinstance(value, dict) else value
-            typer.echo(f"{key:<8} {text}")
+            typer.echo(_row(key, text))
 
 
 def maintenance_lines(section: Any) -> list[str]:
     """Who maintains the swarm (reaps, sweeps) and how that is going."""
     if isinstance(section, dict):  # the section itself failed
-        return [f"maint    {section.get('error', section)}"]
+        return [_row("maint", section.get("error", section))]
     if not section:
-        return ["maint    no maintaining process answered (start a worker, `cfctl up` or a "
-                "projector; claims still reap dead holders themselves)"]
-    out = [f"maint    {len(section)} process{'es' if len(section) != 1 else ''}"]
+        return [_row("maint", "no maintaining process answered (start a worker, `cfctl up` "
+                              "or a projector; claims still reap dead holders themselves)")]
+    out = [_row("maint", f"{len(section)} process{'es' if len(section) != 1 else ''}")]
     for r in section:
         state = "running" if r.get("running") else "STOPPED"
         error = (f", last error {r['last_error_age_s']:g} s ago in {r['last_error_loop']}: "

@@ -490,21 +490,23 @@ def file_in_use(path: str | Path) -> bool:
     return False
 
 
-async def rebuild_running(nc: Any, swarm: str, db_path: str | Path, *,
+async def rebuild_running(nc: Any, swarm: str, db_path: str | Path | None, *,
                           progress: Callable[[int, int], None] | None = None,
                           idle_s: float = 120.0) -> dict[str, Any]:
-    """Ask the running projector that holds ``db_path`` to rebuild it in the background
-    and swap it in (``Projector.rebuild_in_background``); follow its progress.
+    """Ask the running projector that holds ``db_path`` (None: the one that answers
+    first, whatever file it serves) to rebuild it in the background and swap it in
+    (``Projector.rebuild_in_background``); follow its progress.
 
     Raises:
+        NotFound: ``db_path`` is None and no projector of this swarm runs.
         InvalidState: no running projector of this swarm holds the file, or the rebuild failed.
         Unavailable: the projector went silent for ``idle_s`` seconds.
     """
     import nats.errors
 
-    from cflow.errors import Unavailable
+    from cflow.errors import NotFound, Unavailable
 
-    path = Path(db_path)
+    path = Path(db_path) if db_path is not None else None
     inbox = nc.new_inbox()
     updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -514,14 +516,18 @@ async def rebuild_running(nc: Any, swarm: str, db_path: str | Path, *,
 
     sub = await nc.subscribe(inbox, cb=on_update)
     try:
-        body = json.dumps({"db": str(await anyio.to_thread.run_sync(path.resolve)),
-                           "progress_to": inbox}).encode()
+        db = str(await anyio.to_thread.run_sync(path.resolve)) if path is not None else None
+        body = json.dumps({"db": db, "progress_to": inbox}).encode()
         try:
             reply = json.loads((await nc.request(rebuild_subject(swarm), body, timeout=3.0)).data)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+            if path is None:
+                raise NotFound("running projector", f"swarm {swarm}") from None
             raise InvalidState(f"cannot rebuild {path}: it is open elsewhere, and no running "
                                f"projector of swarm {swarm} holds it (stop that process "
                                "first)", path=str(path)) from None
+        if reply.get("path"):
+            path = Path(reply["path"])  # the file the projector serves
         if not reply.get("ok"):
             raise InvalidState(f"cannot rebuild {path}: {reply.get('error')}", path=str(path))
         while True:
