@@ -44,6 +44,23 @@ def test_ctrl_c_leaves_top_cleanly_after_the_server_went_away(tmp_path: Path) ->
             s.close()
 
 
+def test_ctrl_c_stops_a_projector_cleanly_after_the_server_went_away(tmp_path: Path) -> None:
+    with RestartableServer(tmp_path / "nats", sync="default") as server:
+        env = {**os.environ, "CFLOW_URL": server.url, "CFLOW_SWARM": "gone",
+               "XDG_DATA_HOME": str(tmp_path)}
+        s = Session(["projector", "--db", str(tmp_path / "p.duckdb")], env)
+        try:
+            s.wait_for("projector: swarm")
+            server.stop()
+            time.sleep(10)  # nats-py is between reconnect attempts by then
+            s.pump(0.1)
+            took, below = s.interrupt()
+            assert s.proc.returncode == 130, s.text()
+            assert_clean_stop(s, took, below, "interrupted: stopped the projector")
+        finally:
+            s.close()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--json", "tsk"], "No such command 'tsk'. Did you mean 'task'?; see 'cfctl --help'"),
     (["--json", "task", "add", "x", "--bogus"],

@@ -341,7 +341,9 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
                 await service.stop()
             await projector.close()
     finally:
-        await nc.close()
+        from cflow.swarm import close_quietly
+
+        await close_quietly(nc)  # the server may be gone: stopping is not an error then
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
