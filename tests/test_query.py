@@ -261,3 +261,69 @@ def test_cfctl_query_report_and_export(cli_env: dict[str, str], tmp_path: Path) 
         proc.wait(timeout=20)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.e2e
+def test_cfctl_report_timeline_reads_as_text_in_80_columns(cli_env: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "cflow.projections",
+                             "--db", str(tmp_path / "cli.duckdb")],
+                            env=cli_env, stderr=subprocess.PIPE)
+
+    def cfctl(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([sys.executable, "-c", "from cflow.cli import main; main()",
+                              *args], env=cli_env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith(b"projector ready")
+        task = cfctl("task", "add", "timeline " + "long title " * 20, "--body",
+                     "a body " * 30).stdout.strip()
+        epoch = cfctl("task", "claim", task, "--agent", "worker-1").stdout.split()[1]
+        cfctl("task", "note", task, "halfway " * 20, "--agent", "worker-1")
+        cfctl("task", "complete", task, "--epoch", epoch, "--agent", "worker-1")
+        shown = json.loads(cfctl("--json", "task", "show", task).stdout)
+        last = max(e["seq"] for e in shown["timeline"])
+        cfctl("query", "SELECT 1", "--wait-for", str(last))
+
+        lines = cfctl("report", "timeline", task).stdout.splitlines()
+        assert lines[0] == f"timeline of {task}"
+        assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+        text = "\n".join(lines)
+        for word in ("False", "None", "null", "{"):
+            assert word not in text, text
+        for kind in ("TaskCreated", "TaskClaimed", "TaskNoted", "TaskCompleted"):
+            assert kind in text
+        assert "worker-1" in text and "title=timeline long title" in text and "…" in text
+
+        report = json.loads(cfctl("--json", "report", "timeline", task).stdout)
+        rows = report[f"timeline of {task}"]
+        assert [r["type"] for r in rows] == ["TaskCreated", "TaskClaimed", "TaskNoted",
+                                             "TaskCompleted"]
+        assert all(list(r) == ["seq", "ts", "type", "actor", "hlc", "refused", "data"]
+                   for r in rows)
+        assert {r["refused"] for r in rows} == {False}
+        assert [line.split()[2:4] for line in lines[2:]] == [[r["type"], r["actor"]]
+                                                             for r in rows]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_timeline_marks_a_refused_event_and_never_shows_false(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cflow.cli.projection_cmds import _timeline
+    from cflow.projections.query import QueryResult
+
+    hlc = "01a23a8b04940000cd2c220f812c765a"
+    _timeline(QueryResult(["hlc", "type", "actor", "refused", "data"], [], [
+        [hlc, "TaskClaimed", "a1", False, '{"owner": "a1", "deadline_ms": null}'],
+        [hlc, "TaskCompleted", "a2", True, '{"epoch": 1, "result": null}'],
+    ], truncated=False, checkpoint=2), "timeline of t1")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2:] for line in lines[2:]] == [
+        ["TaskClaimed", "a1", "owner=a1"], ["TaskCompleted", "a2", "refused", "epoch=1"]]

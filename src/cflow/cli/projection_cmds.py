@@ -271,11 +271,12 @@ def report_cmd(
     async def body() -> list[tuple[str, QueryResult]]:
         if task_id and kind == "timeline":
             whole = await _task_id(ctx, task_id)  # a checked token
-            # People read times; the exact HLC stamp is for --json.
-            stamp = "hlc, " if state(ctx).json else ""
+            # --json keeps the exact values; _timeline renders its columns for a person.
+            columns = ("seq, ts, type, actor, hlc, refused, data" if state(ctx).json
+                       else "hlc, type, actor, refused, data")
             queries.append((f"timeline of {whole}",
-                            f"SELECT seq, ts, type, actor, {stamp}refused, data "
-                            f"FROM task_timeline WHERE task_id = '{whole}' ORDER BY seq"))
+                            f"SELECT {columns} FROM task_timeline "
+                            f"WHERE task_id = '{whole}' ORDER BY seq"))
         return [(title, await _query(ctx, sql, limit=limit)) for title, sql in queries]
 
     results = run(ctx, body)
@@ -283,7 +284,48 @@ def report_cmd(
         emit(ctx, {title: r.dicts() for title, r in results})
         return
     for title, result in results:
-        _table(result, title)
+        if kind == "timeline":
+            _timeline(result, title)
+        else:
+            _table(result, title)
+
+
+def _timeline(result: QueryResult, title: str) -> None:
+    """A task's events for a person: time, type, actor and a ``key=value`` summary of the
+    event's fields, cut with an ellipsis to fit the terminal (80 columns in a pipe)."""
+    from rich.table import Table
+
+    from cflow.cli.agent_cmds import _summary
+    from cflow.cli.app import console as cli_console
+    from cflow.cli.task_cmds import human_time
+
+    task_id = title.removeprefix("timeline of ")
+    rows = []
+    for hlc, type_, actor, refused, data in result.rows:
+        fields = json.loads(data) if isinstance(data, str) else dict(data or {})
+        if fields.get("task_id") == task_id:  # the title says whose timeline it is
+            del fields["task_id"]
+        summary = _summary(fields)
+        rows.append((human_time(hlc), str(type_), str(actor or ""),
+                     f"refused {summary}".rstrip() if refused else summary))
+    console = cli_console()
+    if not sys.stdout.isatty():
+        console.width = 80  # a pipe has no width of its own; console() would not cut
+    table = Table(title=title, box=None, pad_edge=False, title_justify="left")
+    # Time, type and actor stay whole (an actor up to 20 characters); the summary gets
+    # the rest of the line, cut with an ellipsis.
+    widths = [max([len(name), *(len(row[i]) for row in rows)])
+              for i, name in enumerate(("time", "type", "actor"))]
+    widths[2] = min(widths[2], 20)
+    for name, width in zip(("time", "type", "actor"), widths, strict=True):
+        table.add_column(name, no_wrap=True, overflow="ellipsis", width=width)
+    table.add_column("event", no_wrap=True, overflow="ellipsis",
+                     max_width=max(console.width - sum(widths) - 2 * len(widths), 10))
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if result.truncated:
+        console.print(f"[yellow]truncated at {plural(len(result.rows), 'row')} (use --limit)[/]")
 
 
 @app.command("export")
