@@ -162,6 +162,20 @@ def test_up_detach_status_down(tmp_path: Path) -> None:
         assert again.returncode != 0
         assert len(again.stderr.strip().splitlines()) == 1
         assert "already in use" in again.stderr
+        # the same data dir on another port: refused before a second server shares its store
+        other_port = free_port()
+        shared = cfctl("up", "--detach", "--port", str(other_port), "--data-dir", str(data),
+                       env=env)
+        assert shared.returncode != 0
+        assert shared.stderr.strip().splitlines() == [
+            f"error: data dir {data} is in use by the node on port {port} (pid {pid}); one "
+            f"node per data dir: stop it with `cfctl down --data-dir {data}`, or pick "
+            "another --data-dir"], shared.stderr
+        assert not port_in_use("127.0.0.1", other_port)
+        assert sorted(p.name for p in data.glob("nats-*.pid")) == [f"nats-{port}.pid"]
+        still = cfctl("--url", f"nats://127.0.0.1:{port}", "task", "add", "after the refusal",
+                      env=env)
+        assert still.returncode == 0, still.stderr
         down = cfctl("down", "--port", str(port), "--data-dir", str(data), env=env)
         assert down.returncode == 0, down.stderr
         assert str(pid) in down.stdout

@@ -258,6 +258,7 @@ class EmbeddedServer:
                 "or pick --port)",
                 port=self.opts.port,
             )
+        self._check_data_dir_free()
         self.write_config()
         self.log_path.write_bytes(b"")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -292,6 +293,21 @@ class EmbeddedServer:
                 time.sleep(0.02)  # waiting on a file another process writes; no event to await
         self.stop()
         raise ServerStartError(f"nats-server not ready after {timeout:.0f} s (see {self.log_path})")
+
+    def _check_data_dir_free(self) -> None:
+        """Refuse a second server on a data dir a running one uses: both would write
+        the same JetStream store, and the first one's streams would be damaged.
+
+        Raises:
+            ServerStartError: a server recorded in the data dir still runs.
+        """
+        for port, pid in recorded_servers(self.opts.data_dir):
+            if port != self.opts.port and is_nats_server(pid):
+                raise ServerStartError(
+                    f"data dir {self.opts.data_dir} is in use by the node on port {port} "
+                    f"(pid {pid}); one node per data dir: stop it with `cfctl down "
+                    f"--data-dir {self.opts.data_dir}`, or pick another --data-dir",
+                    port=self.opts.port)
 
     def _fail_started(self, log: bytes) -> None:
         """A fatal line in the log: stop the half-started server and say why."""
