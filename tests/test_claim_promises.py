@@ -295,3 +295,16 @@ async def test_a_retried_failure_whose_first_try_was_stored_still_offers_the_tas
     assert taken is not None and taken.task_id == t.task_id
     failures = [e for e in await _history(swarm, t.task_id) if e.type == "TaskFailed"]
     assert len(failures) == 1
+
+
+async def test_a_made_up_epoch_is_named_as_such(swarm: Swarm) -> None:
+    """A result with an epoch that was never a claim of the task says so, not that the
+    task 'moved on' with whatever event followed that sequence."""
+    t = await swarm.tasks.create("done once")
+    lease = await swarm.tasks.claim(t.task_id, agent="w")
+    assert lease is not None
+    await lease.complete("ok")
+    with pytest.raises(LeaseLost, match="epoch is not a claim of this task"):
+        await swarm.tasks.complete(t.task_id, 1, "again", agent="w")
+    with pytest.raises(LeaseLost, match="already completed"):
+        await swarm.tasks.complete(t.task_id, lease.epoch, "again", agent="w")

@@ -84,6 +84,7 @@ NOTHING = [  # (command, what it says on stderr, its --json result on stdout)
     (["budget", "show"], "no budgets", {}),
     (["breaker", "list"], "no breakers", []),
     (["merges"], "merge queue empty", []),
+    (["task", "list", "--status", "failed"], "no failed tasks", []),
 ]
 
 
@@ -115,7 +116,7 @@ def test_tables_in_a_pipe_keep_cells_whole_and_lines_unpadded(cli_env: dict[str,
 
 def test_budget_limits_read_as_words() -> None:
     assert budget_words({"max_spend_usd": 20.0, "window_s": 3600.0}) == (
-        "at most $20.00 spent; claims counted per 1 h")
+        "at most $20.00 of spending; claims counted per 1 h")
     assert budget_words({"max_children": 1.0, "max_attempts": 200.0, "window_s": 600.0}) == (
         "at most 1 task under one parent, 200 claims per 10 min")
     assert budget_words({"max_attempts": 5.0, "breaker_failures": 3.0,
@@ -130,7 +131,7 @@ def test_budget_set_and_show_say_it_in_words(cli_env: dict[str, str]) -> None:
     swarm = cli_env["CFLOW_SWARM"]
     said = cfctl(cli_env, "budget", "set", "--max-spend", "20", "--max-attempts", "200",
                  "--window", "3600").stdout
-    assert said == f"budget of swarm {swarm}: at most 200 claims per 1 h, $20.00 spent\n"
+    assert said == f"budget of swarm {swarm}: at most 200 claims per 1 h, $20.00 of spending\n"
     assert cfctl(cli_env, "budget", "show").stdout == said
     assert "_s" not in cfctl(cli_env, "swarm", "state").stdout
     exact = json.loads(cfctl(cli_env, "--json", "budget", "show").stdout)

@@ -921,6 +921,8 @@ class TaskService:
         items = await self.log.entity_events("task", task_id)
         if not items:
             raise NotFound("task", task_id)
+        if not any(i.seq == epoch and isinstance(i.event.data, ev.TaskClaimed) for i in items):
+            return "epoch is not a claim of this task"
         for item in items:
             if item.seq <= epoch:
                 continue
@@ -932,8 +934,6 @@ class TaskService:
             if isinstance(data, ev.TaskCompleted | ev.TaskFailed | ev.TaskReleased):
                 return f"already {item.event.type[4:].lower()}"
             return f"task moved on ({item.event.type})"
-        if items[-1].seq < epoch or not any(i.seq == epoch for i in items):
-            return "epoch is not a claim of this task"
         return "lease expired"
 
     # ----------------------------------------------------- complete / fail / release

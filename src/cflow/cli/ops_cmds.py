@@ -134,7 +134,7 @@ def _duration(s: float) -> str:
 
 
 def budget_words(limits: dict[str, float]) -> str:
-    """A scope's budget limits in words (``at most $20.00 spent, 200 claims per 1 h``)."""
+    """A scope's budget limits in words (``at most 200 claims per 1 h, $20.00 of spending``)."""
     from cflow.control import DEFAULT_WINDOW_S
 
     parts = []
@@ -146,7 +146,7 @@ def budget_words(limits: dict[str, float]) -> str:
         window = limits.get("window_s", DEFAULT_WINDOW_S)
         parts.append(f"{plural(int(limits['max_attempts']), 'claim')} per {_duration(window)}")
     if "max_spend_usd" in limits:
-        parts.append(f"${limits['max_spend_usd']:,.2f} spent")
+        parts.append(f"${limits['max_spend_usd']:,.2f} of spending")
     words = [f"at most {', '.join(parts)}"] if parts else []
     if "window_s" in limits and "max_attempts" not in limits:
         words.append(f"claims counted per {_duration(limits['window_s'])}")

@@ -655,7 +655,8 @@ def _render_status(d: dict[str, Any]) -> None:
             continue
         summary = st.get("summary") or (f"R{st['num_replicas']} {st['health']}"
                                         + (f", leader {st['leader']}" if st["leader"] else ""))
-        typer.echo(f"  {st['name']:<32} {st['messages']:>8} msgs  {summary}")
+        msgs = "msg " if st["messages"] == 1 else "msgs"
+        typer.echo(f"  {st['name']:<32} {st['messages']:>8} {msgs}  {summary}")
     if "control" in d:
         from cflow.cli.ops_cmds import control_lines
 

@@ -278,6 +278,9 @@ def list_(
     def human(_: Any) -> None:
         from rich.table import Table
 
+        if not rows:
+            say(ctx, f"no {status} tasks" if status else "no tasks")
+            return
         table = Table("id", "status", "pri", "title", "owner", "attempt", box=None)
         for r in rows:
             table.add_row(r["task_id"], r["status"], str(r["priority"]), r["title"],
