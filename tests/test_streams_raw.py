@@ -300,3 +300,48 @@ async def test_a_silent_server_is_noticed_by_missed_heartbeats(tmp_path: Path) -
             await nc.close()
     finally:
         server.stop()
+
+
+async def test_a_reader_whose_server_is_away_says_so_once_in_words(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A server away for a while: the reader retries without a line per retry (the
+    projector printed one every 0.6 s, with asyncio's address tuple in it), then says
+    when it reads again, and the next event read is the one after the last."""
+    from cflow.server import EmbeddedServer, ServerOptions, free_port
+    from cflow.streams import connect, ensure_swarm
+
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
+                                          sync="default"))
+    server.start()
+    try:
+        nc = await connect(server.url)
+        try:
+            await ensure_swarm(nc, "away")
+            log = EventLog(nc, "away", actor="t")
+            last = await fill(log, 20) + 20
+            reader = ReplayReader(nc, log.stream, names.events_filter("away"),
+                                  max_batch=1000, heartbeat_s=0.3)
+            try:
+                while reader.last < last:
+                    await reader.next_batch()
+                waiting = asyncio.create_task(reader.next_batch())
+                with caplog.at_level("WARNING", logger="cflow.streams.raw"):
+                    server.stop()
+                    await asyncio.sleep(4.0)  # heartbeats missed, then retries
+                    server.start()
+                    await fill(log, 5)
+                    batch = await asyncio.wait_for(waiting, 30)
+                    while reader.last < last + 5:
+                        batch += await reader.next_batch()
+            finally:
+                await reader.close()
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "cflow.streams.raw"]
+    away = [m for m in said if m.endswith("trying again")]
+    assert 1 <= len(away) <= 2, said  # once per reason (a refused connection, a timeout)
+    assert not any("('127.0.0.1'" in m for m in said), said
+    assert said[-1] == f"reading {log.stream} again", said
+    assert [item[0] for item in batch] == list(range(last + 1, last + 6))

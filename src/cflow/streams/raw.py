@@ -57,6 +57,7 @@ RawDelivery = tuple[int, str, bytes, int]  # (stream seq, subject, data, server 
 HEARTBEAT_S = 2.0
 FILL_WAIT_S = 0.02  # the longest wait for more of a backlog before a batch is taken
 STREAM_NOT_FOUND = 10059
+WARN_EVERY_S = 30.0  # a reader that cannot reach its server says so again this often
 
 _FRAME = re.compile(rb"(H?MSG) (\S+) (\d+) (?:(\S+) )?(?:(\d+) )?(\d+)\r\n")
 _STATUS_100 = b"NATS/1.0 100"
@@ -287,6 +288,7 @@ class ReplayReader:
         self.pending_at_start = 0
         self.caught_up = False  # the last batch ended with nothing pending on the server
         self.resets = 0  # consumers started again after a gap or a dropped connection
+        self._said: tuple[str, float] | None = None  # the outage's last warning, and when
 
     async def _connect(self) -> _Wire:
         loop = asyncio.get_running_loop()
@@ -386,13 +388,15 @@ class ReplayReader:
                 else:
                     await self._drop_consumer(wire)
                 await self._start_consumer(wire)
+                if self._said is not None:
+                    logger.warning("reading %s again", self.stream)
+                    self._said = None
                 return wire
             except (OSError, TimeoutError, ConnectionError, Unavailable) as exc:
                 if self.wire is not None:
                     self.wire.close()
                     self.wire = None
-                logger.warning("reading %s: %s; trying again", self.stream,
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                self._warn(_reason(exc), loop.time())
                 if loop.time() + delay > deadline:
                     if isinstance(exc, Unavailable):
                         raise
@@ -400,6 +404,13 @@ class ReplayReader:
                                       f"{type(exc).__name__}", reason="disconnected") from exc
                 await asyncio.sleep(delay)  # nothing to await: the server is away
                 delay = min(delay * 2, 1.0)
+
+    def _warn(self, reason: str, now: float) -> None:
+        """Say why reading stopped once, and again only when the reason changes or
+        every WARN_EVERY_S: a server away for minutes is not a line per retry."""
+        if self._said is None or self._said[0] != reason or now - self._said[1] >= WARN_EVERY_S:
+            logger.warning("reading %s: %s; trying again", self.stream, reason)
+            self._said = (reason, now)
 
     async def start(self) -> int:
         """Connect and start the consumer now; how many messages it has to deliver."""
@@ -471,6 +482,16 @@ async def replay_batches(nc: Any, stream: str, subject: str, *, start_seq: int =
                 return  # nothing more on ``subject`` (until_seq is on another subject)
     finally:
         await reader.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed, in words (not asyncio's address tuple)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text or type(exc).__name__
 
 
 READERS = ("raw", "nats-py")
