@@ -6,8 +6,10 @@ lost delivery, the same messages as nats-py's ordered consumer, a rebuild killed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ import pytest
 from cflow import events as ev
 from cflow.errors import NotFound
 from cflow.projections.projector import Projector, rebuild
-from cflow.streams import EventLog, names
+from cflow.server import EmbeddedServer, ServerOptions, free_port
+from cflow.streams import EventLog, connect, ensure_swarm, names
 from cflow.streams.raw import (
     ReplayReader,
     _Wire,
@@ -41,6 +44,35 @@ async def nats_py_read(log: EventLog, until: int) -> list[tuple[int, str, bytes]
     async for batch in replay_source(log, until_seq=until, reader="nats-py"):
         out.extend((seq, subject, data) for seq, subject, data, _ in batch)
     return out
+
+
+@contextlib.asynccontextmanager
+async def reader_on_its_own_server(
+        tmp_path: Path, swarm: str, events: int, heartbeat_s: float,
+) -> AsyncIterator[tuple[EmbeddedServer, EventLog, ReplayReader, int]]:
+    """A server of the test's own (to stop or freeze), ``events`` events on a swarm of
+    it, and a raw reader that has read them all: (server, log, reader, last seq)."""
+    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
+                                          sync="default"))
+    server.start()
+    try:
+        nc = await connect(server.url)
+        try:
+            await ensure_swarm(nc, swarm)
+            log = EventLog(nc, swarm, actor="t")
+            last = await fill(log, events) + events
+            reader = ReplayReader(nc, log.stream, names.events_filter(swarm),
+                                  max_batch=1000, heartbeat_s=heartbeat_s)
+            try:
+                while reader.last < last:
+                    await reader.next_batch()
+                yield server, log, reader, last
+            finally:
+                await reader.close()
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
 
 
 async def test_every_sequence_once_through_a_dropped_connection_and_a_lost_delivery(
@@ -264,42 +296,21 @@ async def test_a_silent_server_is_noticed_by_missed_heartbeats(tmp_path: Path) -
     """The server stops answering (SIGSTOP) while the reader waits for new events:
     two missed heartbeats, a new connection once it answers again, and the next
     event read is the one after the last, nothing skipped or repeated."""
-    from cflow.server import EmbeddedServer, ServerOptions, free_port
-    from cflow.streams import connect, ensure_swarm
-
-    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
-                                          sync="default"))
-    server.start()
-    try:
-        nc = await connect(server.url)
+    async with reader_on_its_own_server(tmp_path, "quiet", 200, 0.5) as (
+            server, log, reader, last):
+        waiting = asyncio.create_task(reader.next_batch())
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
         try:
-            await ensure_swarm(nc, "quiet")
-            log = EventLog(nc, "quiet", actor="t")
-            last = await fill(log, 200) + 200
-            reader = ReplayReader(nc, log.stream, names.events_filter("quiet"),
-                                  max_batch=1000, heartbeat_s=0.5)
-            try:
-                while reader.last < last:
-                    await reader.next_batch()
-                waiting = asyncio.create_task(reader.next_batch())
-                assert server.proc is not None
-                server.proc.send_signal(signal.SIGSTOP)
-                try:
-                    await asyncio.sleep(3.0)  # the outage: six heartbeat intervals
-                finally:
-                    server.proc.send_signal(signal.SIGCONT)
-                await fill(log, 50)
-                batch = await asyncio.wait_for(waiting, 30)
-                while reader.last < last + 50:
-                    batch += await reader.next_batch()
-            finally:
-                await reader.close()
-            assert reader.resets >= 1
-            assert [item[0] for item in batch] == list(range(last + 1, last + 51))
+            await asyncio.sleep(3.0)  # the outage: six heartbeat intervals
         finally:
-            await nc.close()
-    finally:
-        server.stop()
+            server.proc.send_signal(signal.SIGCONT)
+        await fill(log, 50)
+        batch = await asyncio.wait_for(waiting, 30)
+        while reader.last < last + 50:
+            batch += await reader.next_batch()
+    assert reader.resets >= 1
+    assert [item[0] for item in batch] == list(range(last + 1, last + 51))
 
 
 async def test_a_reader_whose_server_is_away_says_so_once_in_words(
@@ -307,38 +318,17 @@ async def test_a_reader_whose_server_is_away_says_so_once_in_words(
     """A server away for a while: the reader retries without a line per retry (the
     projector printed one every 0.6 s, with asyncio's address tuple in it), then says
     when it reads again, and the next event read is the one after the last."""
-    from cflow.server import EmbeddedServer, ServerOptions, free_port
-    from cflow.streams import connect, ensure_swarm
-
-    server = EmbeddedServer(ServerOptions(port=free_port(), data_dir=tmp_path / "data",
-                                          sync="default"))
-    server.start()
-    try:
-        nc = await connect(server.url)
-        try:
-            await ensure_swarm(nc, "away")
-            log = EventLog(nc, "away", actor="t")
-            last = await fill(log, 20) + 20
-            reader = ReplayReader(nc, log.stream, names.events_filter("away"),
-                                  max_batch=1000, heartbeat_s=0.3)
-            try:
-                while reader.last < last:
-                    await reader.next_batch()
-                waiting = asyncio.create_task(reader.next_batch())
-                with caplog.at_level("WARNING", logger="cflow.streams.raw"):
-                    server.stop()
-                    await asyncio.sleep(4.0)  # heartbeats missed, then retries
-                    server.start()
-                    await fill(log, 5)
-                    batch = await asyncio.wait_for(waiting, 30)
-                    while reader.last < last + 5:
-                        batch += await reader.next_batch()
-            finally:
-                await reader.close()
-        finally:
-            await nc.close()
-    finally:
-        server.stop()
+    async with reader_on_its_own_server(tmp_path, "away", 20, 0.3) as (
+            server, log, reader, last):
+        waiting = asyncio.create_task(reader.next_batch())
+        with caplog.at_level("WARNING", logger="cflow.streams.raw"):
+            server.stop()
+            await asyncio.sleep(4.0)  # the outage: heartbeats missed, then retries
+            server.start()
+            await fill(log, 5)
+            batch = await asyncio.wait_for(waiting, 30)
+            while reader.last < last + 5:
+                batch += await reader.next_batch()
     said = [r.getMessage() for r in caplog.records if r.name == "cflow.streams.raw"]
     away = [m for m in said if m.endswith("trying again")]
     assert 1 <= len(away) <= 2, said  # once per reason (a refused connection, a timeout)
