@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from test_cli_tasks import CFCTL, cfctl
+
 pytestmark = pytest.mark.e2e
 
-CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
-
-
-def cfctl(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CFCTL, *args], env=env, capture_output=True, text=True, timeout=60)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cfctl {args} -> {proc.returncode}: {proc.stderr}")
-    return proc
 
 
 def test_a_comma_in_capabilities_separates_them_everywhere(
@@ -161,30 +154,25 @@ def test_task_show_prints_labels_and_human_times(cli_env: dict[str, str]) -> Non
 def test_sigterm_drains_a_worker_then_says_so_and_exits_130(
         cli_env: dict[str, str], tmp_path: Path) -> None:
     import signal
-    import time
+
+    from test_cli_interrupt import Session
 
     task = cfctl(cli_env, "task", "add", "short job").stdout.strip()
-    log = tmp_path / "worker.err"
-    with log.open("w") as err:
-        worker = subprocess.Popen(
-            [*CFCTL, "worker", "--name", "w1", "--exec", "sleep 1; echo done"],
-            env=cli_env, stdout=subprocess.PIPE, stderr=err, text=True)
+    s = Session(["worker", "--name", "w1", "--exec", "sleep 1; echo done"], cli_env)
     try:
-        deadline = time.monotonic() + 30
-        while "[w1] claimed:" not in log.read_text():  # a file: poll
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        worker.send_signal(signal.SIGTERM)  # a supervisor, not a terminal: the worker alone
-        out, _ = worker.communicate(timeout=30)
+        s.wait_for("[w1] claimed:", within=30)
+        s.proc.send_signal(signal.SIGTERM)  # a supervisor, not a terminal: the worker alone
+        s.wait_for("interrupted: drained worker", within=30)
+        s.proc.wait(30)
+        while s.sel.get_map():
+            s.pump(1.0)
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-    text = log.read_text()
-    assert worker.returncode == 130, text
+        s.close()
+    text = s.out["stderr"].decode()
+    assert s.proc.returncode == 130, text
     assert "[w1] drain: draining; 1 task running\n" in text and "Traceback" not in text
     assert text.splitlines()[-1] == (
         "interrupted: drained worker w1 (1 completed, 0 failed, 0 lost, 0 released)")
-    assert out == ""
+    assert s.out["stdout"] == b""
     assert json.loads(cfctl(cli_env, "--json", "task", "show", task).stdout)["status"] == (
         "completed")
