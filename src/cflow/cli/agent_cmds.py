@@ -7,18 +7,14 @@ from typing import Any
 
 import typer
 
-from cflow.cli.app import app, console, emit, identity, run, state
+from cflow.cli.app import app, console, emit, fields_summary, identity, run, state, utc_text
 
 agent_app = typer.Typer(help="Agents: registry, presence, what they hold.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
 
 
 def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    import datetime
-
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return utc_text(ms) if ms else "-"
 
 
 @agent_app.command("register")
@@ -145,27 +141,10 @@ def show(ctx: typer.Context, name: str = typer.Argument(..., help="Agent name.")
         if a["history"]:
             out.write("history:\n")
         for h in a["history"]:
-            line = f"  {h['seq']:>6}  {h['type']:<20}  by {h['actor']}  {_summary(h['data'])}"
+            line = f"  {h['seq']:>6}  {h['type']:<20}  by {h['actor']}  {fields_summary(h['data'])}"
             out.write(line.rstrip() + "\n")
 
     emit(ctx, info, human)
-
-
-def _summary(data: dict[str, Any]) -> str:
-    """An event's fields for a person: ``key=value`` for those with a value, lists
-    comma-joined, a long value cut with an ellipsis."""
-    parts = []
-    for key, value in data.items():
-        if value in (None, "", [], {}):
-            continue
-        if isinstance(value, list | tuple):
-            text = ",".join(str(v) for v in value)
-        elif isinstance(value, dict):
-            text = ",".join(f"{k}={v}" for k, v in value.items())
-        else:
-            text = str(value)
-        parts.append(f"{key}={text if len(text) <= 40 else text[:39] + '…'}")
-    return " ".join(parts)
 
 
 def _fields(data: Any) -> dict[str, Any]:

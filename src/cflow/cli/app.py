@@ -244,6 +244,42 @@ def plural(n: int, noun: str, many: str | None = None) -> str:
     return f"{n} {noun if n == 1 else (many or noun + 's')}"
 
 
+def utc_text(ms: int) -> str:
+    """A time in ms since the epoch as a person reads it: ``2026-12-03 05:44:14`` (UTC)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human_time(hlc: str) -> str:
+    """An event's time from its HLC stamp: ``2026-12-03 05:44:14Z`` (--json keeps the
+    whole stamp)."""
+    from cflow.hlc import Timestamp
+
+    stamp = Timestamp.parse(hlc)
+    try:
+        return utc_text(stamp.wall_ms) + "Z"
+    except (ValueError, OverflowError, OSError):  # past year 9999: no calendar form
+        return stamp.readable()
+
+
+def fields_summary(data: dict[str, Any]) -> str:
+    """An event's fields for a person: ``key=value`` for those with a value, lists
+    comma-joined, a long value cut with an ellipsis."""
+    parts = []
+    for key, value in data.items():
+        if value in (None, "", [], {}):
+            continue
+        if isinstance(value, list | tuple):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            text = ",".join(f"{k}={v}" for k, v in value.items())
+        else:
+            text = str(value)
+        parts.append(f"{key}={text if len(text) <= 40 else text[:39] + '…'}")
+    return " ".join(parts)
+
+
 def console(*, stderr: bool = False) -> Any:
     """A rich Console; to a pipe or file it never wraps (whole ids, no cut words) and its
     lines carry no trailing spaces (rich pads every table cell to its column's width)."""

@@ -295,9 +295,8 @@ def _timeline(result: QueryResult, title: str) -> None:
     event's fields, cut with an ellipsis to fit the terminal (80 columns in a pipe)."""
     from rich.table import Table
 
-    from cflow.cli.agent_cmds import _summary
     from cflow.cli.app import console as cli_console
-    from cflow.cli.task_cmds import human_time
+    from cflow.cli.app import fields_summary, human_time
 
     task_id = title.removeprefix("timeline of ")
     rows = []
@@ -305,7 +304,7 @@ def _timeline(result: QueryResult, title: str) -> None:
         fields = json.loads(data) if isinstance(data, str) else dict(data or {})
         if fields.get("task_id") == task_id:  # the title says whose timeline it is
             del fields["task_id"]
-        summary = _summary(fields)
+        summary = fields_summary(fields)
         rows.append((human_time(hlc), str(type_), str(actor or ""),
                      f"refused {summary}".rstrip() if refused else summary))
     console = cli_console()

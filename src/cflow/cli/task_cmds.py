@@ -17,6 +17,7 @@ from cflow.cli.app import (
     exit_code_for,
     fail,
     group,
+    human_time,
     identity,
     plural,
     run,
@@ -63,21 +64,6 @@ def human_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
-
-
-def human_time(hlc: str) -> str:
-    """An event's time as a person reads it, in UTC: ``2026-12-03 05:44:14Z`` (--json
-    keeps the whole HLC stamp)."""
-    import datetime
-
-    from cflow.hlc import Timestamp
-
-    stamp = Timestamp.parse(hlc)
-    try:
-        at = datetime.datetime.fromtimestamp(stamp.wall_ms / 1000, datetime.UTC)
-    except (ValueError, OverflowError, OSError):  # past year 9999: no calendar form
-        return stamp.readable()
-    return at.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
