@@ -286,6 +286,7 @@ async def claims(ctx: Ctx) -> None:
                                    DURABILITY[sync], "claims.sqlite.strict",
                                    "expected-last-sequence refusals of TaskClaimed, "
                                    "counted in the agent processes")
+            await _floor(ctx, sw, workers, levels, sync, duration)
         violations = await log_violations(url, name)
         ctx.rec.add(f"claims.cflow.{sync}.log_double_claims", violations["double_claims"],
                     label=f"double claims in the event log, cflow {sync}, all runs",
@@ -298,6 +299,57 @@ async def claims(ctx: Ctx) -> None:
                     section="2 claims", durability=DURABILITY[sync],
                     goals=[Goal("value", "<=", 0, "must be 0")])
         await reset_agents(ctx)
+
+
+WRITES_PER_CYCLE = 3  # awaited per claim + complete: the lease, the claim, the completion
+
+
+async def _floor(ctx: Ctx, sw: Swarm, workers: list[Child], levels: list[int], sync: str,
+                 duration: float) -> None:
+    """The same processes doing nothing but awaited JetStream writes (cflow's ack path,
+    no cflow logic): what N processes on this machine can do at all, and so the most
+    claim + complete cycles a second that WRITES_PER_CYCLE writes each could reach."""
+    js = sw.log.nc.jetstream()
+    stream = f"BENCHFLOOR{uuid.uuid4().hex[:8].upper()}"
+    await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
+    try:
+        for n in levels:
+            if n not in (1, 16):
+                continue
+            active = workers[:n]
+            for i, w in enumerate(active):
+                await w.send({"op": "writes", "url": ctx.servers.url(sync),
+                              "swarm": sw.name, "agent": f"a{i}",
+                              "subject": f"{stream.lower()}.a{i}", "duration": duration})
+            results = await _run_claimers(active, duration)
+            if not results:
+                continue
+            writes = sum(r["writes"] for r in results)
+            elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+            rate = writes / elapsed if elapsed > 0 else 0.0
+            cpu = sum(r["costs"]["cpu_user_s"] + r["costs"]["cpu_sys_s"] for r in results)
+            progress(f"floor {sync} n={n}: {rate:.0f} awaited writes/s")
+            ctx.rec.add(f"claims.floor.{sync}.n{n}.writes", rate,
+                        label=f"awaited JetStream writes/s and nothing else, {n} procs",
+                        unit="writes/s", section="2 claims", better="higher",
+                        durability=DURABILITY[sync],
+                        note="the claim path's ack mux (js_publish) in a loop: the floor "
+                             "under any claim protocol on this machine")
+            ctx.rec.add(f"claims.floor.{sync}.n{n}.ceiling", rate / WRITES_PER_CYCLE,
+                        label=f"claim+complete ceiling at {WRITES_PER_CYCLE} awaited writes "
+                              f"a cycle, {n} procs",
+                        unit="cycles/s", section="2 claims", better="higher",
+                        baseline=f"claims.sqlite.strict.n{n}.rate",
+                        durability=DURABILITY[sync],
+                        note="writes/s divided by the lease, claim and completion writes; "
+                             "no offer, no event building, no fold")
+            ctx.rec.add(f"claims.floor.{sync}.n{n}.client_cpu_per_write",
+                        cpu / max(writes, 1) * 1e6,
+                        label=f"client CPU per awaited write, {n} procs", unit="us",
+                        section="2 claims", durability=DURABILITY[sync],
+                        note="getrusage of the writing processes (user + sys)")
+    finally:
+        await js.delete_stream(stream)
 
 
 # -------------------------------------------------------------------- 3 reclaim

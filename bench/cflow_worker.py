@@ -164,6 +164,25 @@ class Agent:
               "ids": ids, "conflicts": self.conflicts, "errors": errors, "costs": spent,
               "messages": {**stats, "offer_refreshes": sw.tasks.offers.refreshes - refreshes0}})
 
+    async def writes(self, cmd: dict[str, Any]) -> None:
+        """The floor under a claim: only awaited JetStream writes (cflow's ack path,
+        ``js_publish``) on this process's connection, in a loop for ``duration`` s."""
+        from cflow.streams.acks import js_publish
+
+        sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
+        nc, subject, payload = sw.log.nc, cmd["subject"], b"x" * int(cmd.get("size", 200))
+        await js_publish(nc, subject, payload, {}, 5.0)  # the inbox is made before "go"
+        emit({"ready": True})
+        await read_line()  # "go"
+        costs = Costs()
+        start = time.time()
+        deadline = time.perf_counter() + float(cmd["duration"])
+        n = 0
+        while time.perf_counter() < deadline:
+            await js_publish(nc, subject, payload, {}, 5.0)
+            n += 1
+        emit({"start": start, "end": time.time(), "writes": n, "costs": costs.since()})
+
     async def pickup(self, cmd: dict[str, Any]) -> None:
         """Idle claimer: ``claim(wait=...)``, report when it got the task, complete it."""
         sw = await self.swarm(cmd["url"], cmd["swarm"], cmd["agent"])
@@ -354,7 +373,7 @@ class Agent:
     async def serve(self) -> None:
         handlers = {"claims": self.claims, "pickup": self.pickup, "hold": self.hold,
                     "reclaim": self.reclaim, "load": self.load, "agents": self.agents,
-                    "board": self.board}
+                    "board": self.board, "writes": self.writes}
         try:
             while True:
                 line = await read_line()
