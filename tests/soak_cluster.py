@@ -383,6 +383,7 @@ def check_log(soak: Soak, items: list[StoredEvent], states: dict[str, Any]) -> d
             continue
         claims: dict[int, StoredEvent] = {}
         open_claim: StoredEvent | None = None
+        closed_epoch: int | None = None  # the claim an expiry just ended
         done: list[StoredEvent] = []
         finals: list[StoredEvent] = []
         for item in events:
@@ -394,6 +395,11 @@ def check_log(soak: Soak, items: list[StoredEvent], states: dict[str, Any]) -> d
                                    f"{open_claim.seq} open\n{faults.timeline(events)}")
                 open_claim = item
                 claims[item.seq] = item
+            elif (isinstance(data, ev.TaskFailed) and open_claim is None
+                  and data.epoch == closed_epoch):
+                # The reaper's "attempts exhausted" after its own expiry of that claim.
+                if data.final:
+                    finals.append(item)
             elif isinstance(data, ENDS_CLAIM):
                 epoch = getattr(data, "epoch", None)
                 if open_claim is None or epoch not in (None, open_claim.seq):
@@ -415,6 +421,7 @@ def check_log(soak: Soak, items: list[StoredEvent], states: dict[str, Any]) -> d
                                        f"to exit 0: {runs.get(task_id, [])}")
                 if isinstance(data, ev.TaskFailed) and data.final:
                     finals.append(item)
+                closed_epoch = open_claim.seq if open_claim is not None else None
                 open_claim = None
         st = states.get(task_id)
         status = st.status if st is not None else "?"
