@@ -28,6 +28,7 @@ it checks, from real executions and the event log:
 a. per task, no two executions overlap (beyond ``--overlap-limit`` seconds);
 b. every task completed exactly once, or failed for good after its attempts;
 c. nothing stranded (every task terminal within the drain wait);
+   and every execution whose lease expired ended before the expiry was stored;
 d. every accepted completion comes from the claim of record and an execution
    that really ran to exit 0 with that epoch and agent;
 e. the three servers agree on every stream's last sequence;
@@ -468,6 +469,45 @@ def check_overlaps(soak: Soak) -> float:
     return worst
 
 
+def check_stopped_before_expiry(soak: Soak, items: list[StoredEvent]) -> int:
+    """An execution whose lease expired ended before the expiry was stored.
+
+    The expiry is appended only after the server's TTL passed, and the holder
+    stops before that (its deadline is TTL minus a margin after the last renewal
+    it sent): an execution still running then outlived its lease, whether or not
+    someone else had claimed the task yet. Wall times map to the monotonic clock
+    through each execution's own start readings (one machine, one clock).
+    """
+    assert soak.log is not None
+    runs: dict[tuple[str, int], list[faults.Execution]] = {}
+    for r in soak.log.executions():
+        runs.setdefault((r.task_id, r.epoch), []).append(r)
+    checked = 0
+    for item in items:
+        data = item.event.data
+        if not isinstance(data, ev.TaskLeaseExpired) or not item.time_ms:
+            continue
+        for r in runs.get((item.event.entity_id, data.epoch), []):
+            checked += 1
+            expired_mono = item.time_ms / 1000 - (r.wall_start - r.start)
+            late = r.until() - expired_mono
+            if late > soak.args.overlap_limit:
+                soak.violation(f"task {r.task_id}: execution of epoch {r.epoch} by {r.agent} "
+                               f"ended {late:.2f} s after its lease's expiry was stored "
+                               f"({r.how}, ran {r.until() - r.start:.2f} s, TTL "
+                               f"{soak.spec.get(r.task_id, {}).get('ttl')})")
+    return checked
+
+
+def dump(soak: Soak, items: list[StoredEvent]) -> None:
+    """The run's record for a post-mortem: task options and every task event."""
+    (soak.base / "tasks.json").write_text(json.dumps(soak.spec, indent=1))
+    with open(soak.base / "events.txt", "w") as out:
+        for i in items:
+            out.write(f"{i.seq} {i.time_ms} {i.event.entity_id} {i.event.type} "
+                      f"{i.event.actor} {i.event.data}\n")
+
+
 def jsz(server: Any) -> dict[str, Any]:
     url = (f"http://127.0.0.1:{server.opts.http_port}/jsz?accounts=true&streams=true"
            "&config=true")
@@ -599,8 +639,10 @@ async def run(args: argparse.Namespace, base: Path) -> int:
             await check_r3(soak, admin, "at the end")
             elog = EventLog(admin, SWARM, actor="checker")
             items = await faults.task_events(elog)
+        dump(soak, items)
         stats = check_log(soak, items, states)
         worst = check_overlaps(soak)
+        stats["expiries_vs_executions"] = check_stopped_before_expiry(soak, items)
         agreement = await check_agreement(soak, admin)
         execs = soak.log.executions()
         still = [e for e in execs if e.end is None]
