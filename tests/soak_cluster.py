@@ -16,11 +16,11 @@ What it does, all on loopback with temporary store directories and free ports:
 - a prober writes memory entries and tasks and reads each one back at once
   (read-your-writes) through its own proxies;
 - a fault loop, every few seconds, picks one of: kill -9 a node (restarted
-  3-12 s later; never two down at once, and only once every replica is current
-  again), step down the leader of the events stream or of the leases bucket,
-  black-hole a worker's proxies for longer than a TTL then heal, delay a
-  worker's proxies, cut a worker's connections, kill -9 a worker and start a
-  replacement.
+  3-12 s later) or freeze one with SIGSTOP (thawed 2-8 s later; never two
+  down at once, and only once every replica is current again), step down
+  the leader of the events stream or of the leases bucket, black-hole a
+  worker's proxies for longer than a TTL then heal, delay a worker's proxies,
+  cut a worker's connections, kill -9 a worker and start a replacement.
 
 At the end (faults off, cluster whole, a bounded wait for the swarm to drain)
 it checks, from real executions and the event log:
@@ -102,7 +102,8 @@ class Soak:
     fault_lines: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    down: Any = None  # the node killed, until restarted
+    down: Any = None  # the node killed (or frozen), until restarted (or thawed)
+    frozen: bool = False
     restart_at: float = 0.0
     pending_heals: list[tuple[float, str, list[faults.Proxy]]] = field(default_factory=list)
     worker_seq: int = 0
@@ -276,15 +277,21 @@ class Soak:
     async def restart_due(self, force: bool = False) -> None:
         if self.down is not None and (force or now() >= self.restart_at):
             server = self.down
-            await asyncio.to_thread(_restart, server)
-            self.say(f"restart node {server.opts.server_name}")
+            if self.frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(server.proc.pid, signal.SIGCONT)
+                self.say(f"thaw node {server.opts.server_name}")
+            else:
+                await asyncio.to_thread(_restart, server)
+                self.say(f"restart node {server.opts.server_name}")
             self.down = None
+            self.frozen = False
 
     async def fault_loop(self, nc: Any, stop: asyncio.Event) -> None:
         assert self.cluster is not None
-        kinds = ["kill_node", "step_down_events", "step_down_leases", "blackhole_worker",
-                 "delay_worker", "cut_worker", "kill_worker"]
-        weights = [3, 2, 2, 3, 1, 2, 2]
+        kinds = ["kill_node", "freeze_node", "step_down_events", "step_down_leases",
+                 "blackhole_worker", "delay_worker", "cut_worker", "kill_worker"]
+        weights = [3, 2, 2, 2, 3, 1, 2, 2]
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.rng.uniform(2.0, 5.0))
@@ -301,7 +308,7 @@ class Soak:
     async def fault(self, nc: Any, kind: str) -> None:
         assert self.cluster is not None
         busy = {name for _, what, _ in self.pending_heals for name in [what.split()[-1]]}
-        if kind == "kill_node":
+        if kind in ("kill_node", "freeze_node"):
             if self.down is not None or not await self.replicas_current(nc):
                 self.say("kill_node skipped: a node is down or catching up")
                 return
@@ -313,8 +320,15 @@ class Soak:
             else:
                 victim = self.rng.choice(self.cluster.servers)
                 why = "random"
-            victim.kill()
             self.down = victim
+            if kind == "freeze_node":  # SIGSTOP: a leader that wakes up deposed
+                os.kill(victim.proc.pid, signal.SIGSTOP)
+                self.frozen = True
+                self.restart_at = now() + self.rng.uniform(2.0, 8.0)
+                self.say(f"freeze node {victim.opts.server_name} ({why})")
+                self.faults_done[kind] += 1
+                return
+            victim.kill()
             self.restart_at = now() + self.rng.uniform(3.0, 12.0)
             self.say(f"kill -9 node {victim.opts.server_name} ({why})")
         elif kind in ("step_down_events", "step_down_leases"):
@@ -677,6 +691,9 @@ async def run(args: argparse.Namespace, base: Path) -> int:
             with contextlib.suppress(Exception):
                 await admin.close()
         if soak.cluster is not None:
+            if soak.frozen and soak.down is not None and soak.down.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(soak.down.proc.pid, signal.SIGCONT)
             soak.cluster.stop()
         (base / "faults.log").write_text("\n".join(soak.fault_lines) + "\n")
     verdict = "OK" if not soak.violations else f"FAIL ({len(soak.violations)} violations)"
