@@ -373,3 +373,50 @@ async def test_leases_and_presence_come_back_after_a_server_restart(
         claims = of_type(history[task_id], ev.TaskClaimed)
         expiries = of_type(history[task_id], ev.TaskLeaseExpired)
         assert len(claims) == 1 and len(expiries) == 1, timeline(history[task_id])
+
+
+async def test_a_claim_that_comes_back_after_its_deadline_runs_nothing(
+        nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A claim whose answer arrives after the holder's own deadline starts no work.
+
+    Found by tests/soak_cluster.py: a worker on a slow link (1 s each way) got
+    its claim back after the lease had expired and another worker had taken
+    the task; it started the execution anyway and only stopped it once its
+    status write (before the keep-alive began) came back, 2 s later: two
+    executions of one task at once. Here every round trip of the worker takes
+    longer than the lease allows, so no claim it makes may run.
+    """
+    from cflow.worker import Worker, WorkerOptions
+    from cflow.worker.subprocess_exec import SubprocessExecutor
+
+    ran = tmp_path / "ran"
+    events: list[tuple[str, str]] = []
+    lost = asyncio.Event()
+
+    def on_event(kind: str, text: str) -> None:
+        events.append((kind, text))
+        if kind == "lost":
+            lost.set()
+
+    with proxies(nats_url, 1) as (proxy,):
+        async with Swarm.connect(proxy.url, swarm=swarm_name, agent="slow") as ws, \
+                Swarm.connect(nats_url, swarm=swarm_name, agent="chaos") as s:
+            worker = Worker(ws, SubprocessExecutor(f"echo $CFLOW_EPOCH >> {ran}; sleep 5"),
+                            WorkerOptions(name="slow", url=proxy.url), on_event=on_event)
+            run = asyncio.create_task(worker.run())
+            try:
+                await asyncio.wait_for(worker.started.wait(), 10)
+                # TTL 1 s: the holder's deadline is 0.75 s after the claim was sent,
+                # the claim's own round trip takes 1 s.
+                proxy.delay(500)
+                task = await s.tasks.create("slow claim", lease_ttl_s=1.0)
+                await asyncio.wait_for(lost.wait(), 20)
+                proxy.heal()
+            finally:
+                proxy.heal()
+                worker.drain()
+                await asyncio.wait_for(run, 20)
+    claimed = [text for kind, text in events if kind == "claimed"]
+    assert claimed and claimed[0].startswith(task.task_id), events
+    assert not ran.exists(), (
+        f"work started on a lease past its deadline (epochs {ran.read_text().split()}): {events}")

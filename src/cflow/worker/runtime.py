@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from cflow.background import stop_tasks
 from cflow.errors import CflowError, LeaseLost, Unavailable
+from cflow.keepalive import check_deadline
 from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
 
 if TYPE_CHECKING:
@@ -315,24 +316,36 @@ class Worker:
     async def _run_one(self, lease: Lease) -> None:
         self.stats.claimed += 1
         self._emit("claimed", f"{lease.task_id} attempt {lease.attempt} ({lease.task.title})")
-        work = asyncio.create_task(self.executor.run(self._context(lease)),
-                                   name=f"run-{lease.task_id}")
-        item = _Running(lease, work)
-        self.running[lease.task_id] = item
-        await self._set_status(True, lease.task_id)
+        if check_deadline(lease):
+            # The claim came back after this holder's own deadline (a slow link, a
+            # stalled process): the server may have expired the lease already and
+            # another agent be running the task. Start nothing; the reapers requeue it.
+            self.stats.lost += 1
+            self._emit("lost", f"{lease.task_id}: {lease.lost_reason}; not started")
+            return
+        running: list[_Running] = []
 
         def lost(_: Lease) -> None:
-            if not work.done():
-                self._stop(item, "lease lost" if not lease.cancelled else "task cancelled")
+            for item in running:
+                if not item.work.done():
+                    self._stop(item, "lease lost" if not lease.cancelled else "task cancelled")
 
         period = None
         if self.opts.lease_ttl_s:
             period = max(0.2, min(lease.ttl_s, self.opts.lease_ttl_s) / 3)
-        if self.aborting.is_set():
-            self._stop(item, "worker stopped")
         outcome: Outcome | None = None
         try:
+            # The keep-alive guards the work from its first instant: nothing is
+            # awaited between starting the executor and watching the deadline.
             async with lease.keep_alive(interval_s=period, on_lost=lost):
+                work = asyncio.create_task(self.executor.run(self._context(lease)),
+                                           name=f"run-{lease.task_id}")
+                item = _Running(lease, work)
+                running.append(item)
+                self.running[lease.task_id] = item
+                if self.aborting.is_set():
+                    self._stop(item, "worker stopped")
+                await self._set_status(True, lease.task_id)
                 try:
                     outcome = await work
                 except asyncio.CancelledError:
@@ -342,8 +355,9 @@ class Worker:
                     outcome = Outcome(ok=False, error=f"{self.executor.name} executor: {exc}")
             await self._record(item, outcome)
         finally:
-            self.running.pop(lease.task_id, None)
-            await self._set_status(False, None)
+            if running:
+                self.running.pop(lease.task_id, None)
+                await self._set_status(False, None)
 
     async def _record(self, item: _Running, outcome: Outcome | None) -> None:
         lease = item.lease
