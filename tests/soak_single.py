@@ -159,8 +159,9 @@ class Soak:
         return self.rng.choice(free) if free else None
 
     async def fault(self) -> None:
-        kinds = ["kill9", "blackhole", "cut", "down", "delay", "sigstop", "server"]
-        weights = [3, 3, 2, 1, 2, 3, 1]
+        kinds = ["kill9", "blackhole", "cut", "down", "delay", "sigstop", "server",
+                 "blackhole-at-start", "blackhole-at-end"]
+        weights = [3, 3, 2, 1, 2, 3, 1, 2, 2]
         if faketime_library() is not None:
             kinds.append("skew")
             weights.append(1)
@@ -195,10 +196,32 @@ class Soak:
                 self.killed_workers.append(w.name)
                 self.start_worker(slot, offset)
                 self.note(f"started {slot.worker.name if slot.worker else '?'} skewed")
-            elif kind in ("blackhole", "down"):
+            elif kind in ("blackhole", "down", "blackhole-at-start", "blackhole-at-end"):
                 hold = slot.ttl + self.rng.uniform(0.5, 4.0)
+                if kind != "down" and kind != "blackhole":
+                    # Right after one of its executions starts (the claim's follow-up
+                    # writes) or ends (the completion write): poll the recorder's log.
+                    word = "start" if kind.endswith("start") else "end"
+                    pids = {e.pid for e in self.log.executions() if e.agent == w.name}
+                    seen = len(self.log.lines())
+                    deadline = time.monotonic() + 10
+                    hit = False
+                    while not hit and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                        fresh = self.log.lines()[seen:]
+                        seen += len(fresh)
+                        for line in fresh:
+                            parts = line.split()
+                            if parts[0] == "start" and parts[-1] == w.name:
+                                pids.add(int(parts[2]))
+                                hit = word == "start"
+                            elif parts[0] == word and len(parts) > 2 and int(parts[2]) in pids:
+                                hit = True
+                    if not hit:
+                        return
+                    kind = "blackhole"
                 self.note(f"{kind} proxy of {w.name} for {hold:.1f} s")
-                getattr(slot.proxy, kind)()
+                getattr(slot.proxy, kind)()  # blackhole or down
                 await asyncio.sleep(hold)
                 slot.proxy.heal()
                 self.note(f"healed proxy of {w.name}")
