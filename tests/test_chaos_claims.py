@@ -25,8 +25,10 @@ from cflow.leases import claim_lease_key
 from cflow.streams import names
 from cflow.streams.client import KvEntry
 from cflow.swarm import Swarm
+from cflow.worker import Outcome, TaskContext
 from faults import (
     ExecutionLog,
+    Proxy,
     RestartableServer,
     WorkerProcess,
     by_task,
@@ -38,6 +40,7 @@ from faults import (
     timeline,
 )
 from support import maintained, until
+from test_worker import running_worker
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -420,3 +423,59 @@ async def test_a_claim_that_comes_back_after_its_deadline_runs_nothing(
     assert claimed and claimed[0].startswith(task.task_id), events
     assert not ran.exists(), (
         f"work started on a lease past its deadline (epochs {ran.read_text().split()}): {events}")
+
+
+class CutOffAtStart:
+    """An executor whose work cuts its worker off from NATS (black-holes the worker's
+    proxy) the moment it starts, then works until it is stopped."""
+
+    name = "cut-off"
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.started = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.ran_s: float | None = None
+
+    async def check(self) -> None:
+        return None
+
+    async def run(self, ctx: TaskContext) -> Outcome:
+        # Synchronously, before the worker's first write after the claim (its
+        # "busy" status) can have its answer: that write hangs in the partition.
+        self.proxy.blackhole()
+        began = time.monotonic()
+        self.started.set()
+        try:
+            await asyncio.Event().wait()  # works until stopped
+        finally:
+            self.ran_s = time.monotonic() - began
+            self.stopped.set()
+        raise AssertionError("unreachable")
+
+
+async def test_a_holder_cut_off_as_its_work_starts_stops_within_a_ttl(
+        nats_url: str, swarm_name: str) -> None:
+    """The partition begins the moment the work does, while the worker still writes its
+    status: the holder's deadline must stop the work all the same.
+
+    (The worker used to enter the lease's keep-alive only after its "busy" status
+    write returned, and that write retries for some 12 s through an outage: the
+    work ran unwatched past its deadline, while the task could be reclaimed.)
+    """
+    ttl = 2.0
+    with proxies(nats_url, 1) as [proxy]:
+        exe = CutOffAtStart(proxy)
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s, \
+                running_worker(proxy.url, swarm_name, exe, name="cut-off"):
+            try:
+                await s.tasks.create("cut off as it starts", lease_ttl_s=ttl)
+                await asyncio.wait_for(exe.started.wait(), 20)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(exe.stopped.wait(), ttl + 2.0)
+            finally:
+                proxy.heal()
+            ran = exe.ran_s
+    assert ran is not None and ran <= ttl, (
+        f"the cut-off holder's work ran on for {ran or f'more than {ttl + 2:g}'} s "
+        f"(lease TTL {ttl:g} s)")

@@ -23,7 +23,7 @@ from cflow import events as ev
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
 from cflow.tasks import TaskState
-from cflow.worker import RESULT_CAP_BYTES, TaskContext, Worker, WorkerOptions
+from cflow.worker import RESULT_CAP_BYTES, Outcome, TaskContext, Worker, WorkerOptions
 from cflow.worker.claude_exec import (
     ClaudeExecutor,
     ClaudeNotInstalled,
@@ -453,3 +453,34 @@ async def test_executor_error_fails_the_attempt_and_the_worker_goes_on(
         done = await until(swarm, t.task_id, lambda s: s.status == "failed")
         assert not w.draining.is_set()
     assert done.error == "broken executor: cannot start anything"
+
+
+class CountingExecutor:
+    """Counts the attempts it was asked to run; each succeeds at once."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def check(self) -> None:
+        return None
+
+    async def run(self, ctx: TaskContext) -> Outcome:
+        self.runs += 1
+        return Outcome(ok=True, output=b"ran")
+
+
+@pytest.mark.integration
+async def test_a_claim_past_its_holders_deadline_is_not_started(swarm: Swarm) -> None:
+    """A claim that comes back after the holder's deadline (a slow or retried claim
+    write, a paused process) is counted lost and its work never started: another
+    holder may have the task by then."""
+    t = await swarm.tasks.create("claimed too late", lease_ttl_s=1.0)
+    lease = await swarm.tasks.claim(t.task_id, agent="late")
+    assert lease is not None
+    await asyncio.sleep(max(0.0, lease.deadline - time.monotonic()) + 0.01)  # time itself
+    exe = CountingExecutor()
+    w = Worker(swarm, exe, WorkerOptions(name="late"))
+    await w._run_one(lease)
+    assert (exe.runs, w.stats.lost, w.stats.completed) == (0, 1, 0)
