@@ -10,6 +10,7 @@ from the claim of record).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -186,3 +187,57 @@ async def test_paused_holder_is_fenced_off_and_the_new_holder_wins(
     assert types.count("TaskCompleted") == 1 and types.count("TaskLeaseExpired") == 1
     completed = next(e for e in history if isinstance(e.data, ev.TaskCompleted))
     assert completed.actor == "rescuer" and completed.data.result == "rescued\n"  # type: ignore[attr-defined]
+
+
+async def _exited(pid: int, within: float) -> bool:
+    """Whether process ``pid`` (not our child) exits within ``within`` s: its pidfd
+    becomes readable when it does."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        async with asyncio.timeout(within):
+            await gone
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_a_killed_workers_command_dies_with_everything_it_started(
+        nats_url: str, swarm_name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """kill -9 of a worker ends its command's whole process group, not only the shell:
+    a background child of the command would otherwise work on after the lease
+    expires, beside the next holder's execution."""
+    pids = tmp_path / "pids"
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
+        t = await s.tasks.create("long build", lease_ttl_s=30.0)
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [*CFCTL, "worker", "--name", "builder", "--exec",
+                 f"sleep 120 & echo $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"],
+                env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        child = 0
+        try:
+            await until_claimed(s, t.task_id, "builder")
+            async with asyncio.timeout(15):
+                while not pids.exists():  # the command's own child: a file is the signal
+                    await asyncio.sleep(0.05)
+            child = int(pids.read_text())
+            assert not await _exited(child, 0.2)  # running in the background
+            worker.kill()
+            worker.wait(10)
+            assert await _exited(child, 10), "the command's background child outlived its worker"
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+            if child:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)

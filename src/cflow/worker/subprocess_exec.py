@@ -8,10 +8,11 @@ stopping) or times out, the whole process group gets SIGTERM, then SIGKILL after
 ``kill_grace_s``: nothing the command started outlives the attempt.
 
 When the worker itself dies without a chance to clean up (kill -9), Linux sends
-the command's shell SIGKILL (``PR_SET_PDEATHSIG``), so a task whose lease is
-about to expire does not keep working unseen. Its own children, if it started
-any in the background, are not covered by this; the lease fencing still refuses
-anything they report.
+the command's shell SIGKILL (``PR_SET_PDEATHSIG``), and the worker's watcher
+(:mod:`cflow.worker.guard`) kills the rest of its process group, so a task whose
+lease is about to expire does not keep working unseen. Only a process that left
+the group (``setsid``, a daemon) escapes; the lease fencing still refuses
+anything it reports.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 from cflow.errors import InvalidInput
 from cflow.worker.executor import Outcome, TaskContext, tail_text
+from cflow.worker.guard import guard
 
 KILL_GRACE_S = 2.0
 PR_SET_PDEATHSIG = 1
@@ -100,6 +102,7 @@ class SubprocessExecutor:
                 await self._kill(await spawning)
             raise
         self.pids.add(proc.pid)
+        guard.watch(proc.pid)  # its group dies with this process, even after kill -9
         limit = min(t for t in (self.timeout_s, ctx.timeout_s, float("inf")) if t is not None)
         try:
             try:
@@ -113,6 +116,7 @@ class SubprocessExecutor:
             raise
         finally:
             self.pids.discard(proc.pid)
+            guard.forget(proc.pid)
         return self.interpret(proc.returncode, out, err)
 
     def interpret(self, code: int | None, out: bytes, err: bytes) -> Outcome:
