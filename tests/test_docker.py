@@ -8,7 +8,9 @@ image: nothing is pulled from a registry. Without a reachable engine or without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from cflow.errors import NotFound
 from cflow.swarm import Swarm
 from cflow.worker import TaskContext, Worker, WorkerOptions
 from cflow.worker.docker_exec import DockerExecutor, container_config, parse_memory
+from test_worker import CFCTL
 
 IMAGE = "cflow-test-busybox:latest"
 BUSYBOX = Path("/bin/busybox")
@@ -236,3 +239,37 @@ async def test_worker_runs_tasks_in_containers(docker_image: str, nats_url: str,
         finally:
             w.drain()
             await asyncio.wait_for(run, 30)
+
+
+@pytest.mark.integration
+@pytest.mark.chaos
+async def test_a_killed_workers_container_is_removed(docker_image: str, nats_url: str,
+                                                     swarm_name: str, cli_env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """kill -9 of a `cfctl worker --docker` leaves no container working on: its watcher
+    force-removes it (otherwise it would run on beside the next holder's)."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
+        t = await s.tasks.create("long container task", lease_ttl_s=30.0)
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
+                 "--docker-cmd", "sleep 120"],
+                env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        made: list[Any] = []
+        try:
+            async with asyncio.timeout(60):
+                while not (made := [c for c in await asyncio.to_thread(containers_of, t.task_id)
+                                    if c.status == "running"]):
+                    await asyncio.sleep(0.1)  # no event for "container running" here
+            worker.kill()
+            worker.wait(10)
+            async with asyncio.timeout(20):
+                while await asyncio.to_thread(containers_of, t.task_id):
+                    await asyncio.sleep(0.1)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(10)
+            for container in made:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)

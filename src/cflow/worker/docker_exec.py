@@ -7,7 +7,8 @@ workspace directory mounted read-write at ``/workspace``. Exit 0 completes the
 task with the container's stdout; anything else fails it with the tail of
 stderr. The container is removed afterwards whatever happened; a cancelled
 attempt (task cancelled, lease lost, worker stopping) or a timeout stops it
-first (SIGTERM, then SIGKILL after ``kill_grace_s``).
+first (SIGTERM, then SIGKILL after ``kill_grace_s``). A worker killed -9 leaves
+it to its watcher (:mod:`cflow.worker.guard`), which force-removes it.
 
 The Docker SDK is blocking. Its API calls go through one dedicated thread (a
 ``CapacityLimiter(1)``), never the event loop. Waiting for a container to exit
@@ -29,6 +30,7 @@ import anyio.to_thread
 
 from cflow.errors import CflowError, InvalidInput, NotFound, Unavailable
 from cflow.worker.executor import Outcome, TaskContext, tail_text
+from cflow.worker.guard import guard
 
 T = TypeVar("T")
 WORKSPACE_MOUNT = "/workspace"
@@ -176,6 +178,7 @@ class DockerExecutor:
         def create() -> Any:
             with docker_errors(self.image):
                 container = client.containers.create(**config)
+                guard.watch_container(container.id)  # removed even if this process is killed -9
                 container.start()
                 return container
 
@@ -248,3 +251,4 @@ class DockerExecutor:
             await self._call(remove)
         finally:
             self.containers.discard(container.id)
+            guard.forget_container(container.id)

@@ -1,4 +1,4 @@
-"""A watcher that kills a worker's commands, whole process groups, when the worker dies.
+"""A watcher that kills a worker's commands (process groups, containers) when the worker dies.
 
 A ``--exec`` command runs in its own process group, and ``PR_SET_PDEATHSIG``
 kills its shell when the worker is killed -9. What the shell started (``cd repo
@@ -9,13 +9,17 @@ claims, two executions of one task at once.
 So each worker process starts one small watcher the first time it runs a
 command: ``python -S -E -c <_WATCHER>``, in a session of its own (a terminal's
 Ctrl-C does not reach it), reading lines from a pipe whose only writer is the
-worker. The worker writes ``+PGID`` when a command starts and ``-PGID`` when it
-is over. When the pipe reaches end of file, the worker is gone, however it
-died: the watcher sends SIGKILL to every group still listed, and exits. A
-worker that stops normally has listed none by then.
+worker. The worker writes ``+group PGID`` when a command starts and ``-group PGID``
+when it is over (``+container ID`` / ``-container ID`` for ``--docker``). When
+the pipe reaches end of file, the worker is gone, however it died: the watcher
+sends SIGKILL to every group still listed, force-removes every container still
+listed through Docker's API (``DOCKER_HOST``, a unix socket or plain TCP), and
+exits. A worker that stops normally has listed none by then.
 
-If the watcher cannot be started (no fork, no interpreter), commands run as
-before and the lease fencing still refuses whatever they report late.
+The same holds for ``--docker``: a container keeps running when the worker that
+waits for it is killed. If the watcher cannot be started (no fork, no
+interpreter), commands run as before and the lease fencing still refuses
+whatever they report late.
 """
 
 from __future__ import annotations
@@ -29,29 +33,42 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 _WATCHER = r"""
-import os, signal, sys
+import os, signal, socket, sys
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, signal.SIG_IGN)
-groups = set()
-for line in sys.stdin.buffer:
+held = {"group": set(), "container": set()}
+for line in sys.stdin.buffer:  # "+group 123", "-container abc..."
+    op, _, name = line.decode(errors="replace").strip().partition(" ")
+    if op[1:] in held and name:
+        (held[op[1:]].add if op[:1] == "+" else held[op[1:]].discard)(name)
+for pgid in held["group"]:
     try:
-        pgid = int(line[1:])
-    except ValueError:
-        continue
-    if line[:1] == b"+":
-        groups.add(pgid)
-    else:
-        groups.discard(pgid)
-for pgid in groups:
+        os.killpg(int(pgid), signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+for cid in held["container"]:
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
+        if host.startswith("unix://"):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.settimeout(10)
+            conn.connect(host[len("unix://"):])
+        elif host.startswith("tcp://") and not os.environ.get("DOCKER_TLS_VERIFY"):
+            address, _, port = host[len("tcp://"):].rstrip("/").rpartition(":")
+            conn = socket.create_connection((address, int(port)), timeout=10)
+        else:
+            continue
+        with conn:
+            conn.sendall(b"DELETE /containers/%s?force=1 HTTP/1.0\r\nHost: docker\r\n\r\n"
+                         % cid.encode())
+            conn.recv(1024)
+    except (OSError, ValueError):
         pass
 """
 
 
 class GroupGuard:
-    """This process's watcher (started on first use) and the groups it is told of."""
+    """This process's watcher (started on first use), told of the groups and containers."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -95,10 +112,18 @@ class GroupGuard:
 
     def watch(self, pgid: int) -> None:
         """Kill process group ``pgid`` if this process dies before :meth:`forget`."""
-        self._send(b"+%d\n" % pgid)
+        self._send(b"+group %d\n" % pgid)
 
     def forget(self, pgid: int) -> None:
-        self._send(b"-%d\n" % pgid)
+        self._send(b"-group %d\n" % pgid)
+
+    def watch_container(self, container_id: str) -> None:
+        """Force-remove the container (Docker's API at ``DOCKER_HOST``) if this process
+        dies before :meth:`forget_container`."""
+        self._send(b"+container %s\n" % container_id.encode())
+
+    def forget_container(self, container_id: str) -> None:
+        self._send(b"-container %s\n" % container_id.encode())
 
 
 guard = GroupGuard()
