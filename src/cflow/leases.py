@@ -53,7 +53,7 @@ from cflow.errors import (
 )
 from cflow.keepalive import kept_alive
 from cflow.lease_policy import HolderClock, LeaseOp, LeasePolicy, LeaseView, Verdict, judge
-from cflow.streams import StoredEvent, fastpath, names
+from cflow.streams import StoredEvent, names
 from cflow.streams.client import (
     Appended,
     Outgoing,
@@ -1075,7 +1075,7 @@ class TaskService:
         headers = {**out.headers, "Nats-TTL": ttl_header(LEASE_TOMBSTONE_TTL_S)}
         # A core publish: JetStream stores it, nobody waits for the ack.
         with contextlib.suppress(Exception):
-            await fastpath.publish(self.log.nc, out.subject, out.payload, headers=headers)
+            await self.log.nc.publish(out.subject, out.payload, headers=headers)
 
     def _drop_lease_soon(self, key: str) -> None:
         """:meth:`_drop_lease`, sent with this process's next lease write (a holder

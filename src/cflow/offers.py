@@ -45,7 +45,7 @@ import msgspec
 import nats.errors
 
 from cflow.errors import Unavailable
-from cflow.streams import fastpath, names
+from cflow.streams import names
 from cflow.streams.client import Outgoing, api_request
 from cflow.streams.errors import nats_errors
 from cflow.tasks import TaskState
@@ -256,8 +256,8 @@ class OfferDesk:
 
     async def _request(self, name: str, inbox: str, subject: str) -> None:
         with nats_errors(subject):
-            await fastpath.publish(self.nc, f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
-                                   _PULL_ONE, reply=inbox)
+            await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}",
+                                  _PULL_ONE, reply=inbox)
         self._outstanding += 1
 
     def _take_pulled(self) -> Msg | None:
@@ -299,8 +299,7 @@ class OfferDesk:
                 self._pulled.put_nowait(msg)
 
             with nats_errors(inbox):
-                sub = await self.nc.subscribe(inbox, cb=pulled)
-            fastpath.deliver_directly(sub, self._pulled.put_nowait)
+                await self.nc.subscribe(inbox, cb=pulled)
             self._inbox_subject = inbox
         return self._inbox_subject
 
@@ -337,17 +336,13 @@ async def settle(msg: Msg, how: str, delay_s: float | None = None) -> None:
     A lost ack only means the offer is handed out again after its ack wait and
     refused by the compare-and-set as stale.
     """
-    if how == "ack":
-        payload = b""  # +ACK
-    elif how == "term":
-        payload = b"+TERM"
-    else:
-        payload = b"-NAK" + (b' {"delay": %d}' % int(delay_s * 10**9) if delay_s else b"")
-    if not msg.reply or msg._ackd:
-        return  # not a JetStream delivery, or settled already
-    msg._ackd = True
     with contextlib.suppress(nats.errors.Error, OSError):
-        await fastpath.publish(msg._client, msg.reply, payload)
+        if how == "ack":
+            await msg.ack()
+        elif how == "term":
+            await msg.term()
+        else:
+            await msg.nak(delay=delay_s)
 
 
 __all__ = [

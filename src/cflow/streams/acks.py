@@ -7,10 +7,8 @@ into a ``PubAck`` dataclass and two subject validations. On the claim path that
 is a measurable share of a cycle (three awaited writes per claim + complete),
 and at 16 agent processes on two cores the client's CPU is what limits claims
 per second. :class:`AckMux` keeps one wildcard subscription per connection,
-names each request by a counter, resolves its future as the answer is parsed
-(:func:`cflow.streams.fastpath.deliver_directly`), writes the request without
-waiting for nats-py's flusher (:func:`cflow.streams.fastpath.publish`) and
-decodes the ack with msgspec. Errors are the nats-py
+names each request by a counter, resolves its future straight from the
+subscription callback and decodes the ack with msgspec. Errors are the nats-py
 ones (``TimeoutError``, ``NoRespondersError``, ``APIError``), so
 :func:`cflow.streams.errors.translate` maps them as before.
 """
@@ -25,8 +23,6 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats.errors
 import nats.js.errors
-
-from cflow.streams import fastpath
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -86,15 +82,11 @@ class AckMux:
             async with self._subscribing:
                 if self.prefix is None:
                     prefix = f"{self.nc.new_inbox()}."
-                    sub = await self.nc.subscribe(f"{prefix}*", cb=self._answered)
-                    fastpath.deliver_directly(sub, self._answer)
+                    await self.nc.subscribe(f"{prefix}*", cb=self._answered)
                     self.prefix = prefix
         return self.prefix
 
     async def _answered(self, msg: Msg) -> None:
-        self._answer(msg)
-
-    def _answer(self, msg: Msg) -> None:
         assert self.prefix is not None
         future = self.waiting.pop(msg.subject[len(self.prefix):], None)
         if future is not None and not future.done():
@@ -114,8 +106,7 @@ class AckMux:
         future: asyncio.Future[Msg] = loop.create_future()
         self.waiting[token] = future
         try:
-            await fastpath.publish(self.nc, subject, payload, reply=prefix + token,
-                                   headers=headers)
+            await self.nc.publish(subject, payload, reply=prefix + token, headers=headers)
             timer = loop.call_later(timeout, _expire, future)
             try:
                 return await future
