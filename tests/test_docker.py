@@ -179,6 +179,32 @@ def containers_of(task_id: str) -> list[Any]:
         client.close()
 
 
+class ContainerEvents:
+    """Docker's event stream for one task's containers, opened before what it awaits."""
+
+    def __init__(self, task_id: str) -> None:
+        import docker
+
+        self.client = docker.from_env()
+        self.stream = self.client.events(decode=True, filters={
+            "type": "container", "label": f"io.cflow.task={task_id}"})
+
+    async def next(self, action: str) -> dict[str, Any]:
+        """The next event whose action is ``action`` (``start``, ``destroy``...)."""
+
+        def read() -> dict[str, Any]:
+            for event in self.stream:
+                if event.get("Action") == action:
+                    return event
+            raise AssertionError(f"docker's event stream ended before {action!r}")
+
+        return await asyncio.to_thread(read)
+
+    def close(self) -> None:
+        self.stream.close()  # ends a read still waiting in its thread
+        self.client.close()
+
+
 async def test_cancel_during_creation_leaves_no_container(docker_image: str) -> None:
     exe = DockerExecutor(docker_image, command="sleep 60", kill_grace_s=1)
     await exe.check()  # the client exists: the cancel lands in the create step
@@ -250,26 +276,25 @@ async def test_a_killed_workers_container_is_removed(docker_image: str, nats_url
     force-removes it (otherwise it would run on beside the next holder's)."""
     async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
         t = await s.tasks.create("long container task", lease_ttl_s=30.0)
+        events = ContainerEvents(t.task_id)  # open before anything can happen
         with open(tmp_path / "worker.log", "wb") as log:
             worker = subprocess.Popen(
                 [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
                  "--docker-cmd", "sleep 120"],
                 env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        made: list[Any] = []
         try:
             async with asyncio.timeout(60):
-                while not (made := [c for c in await asyncio.to_thread(containers_of, t.task_id)
-                                    if c.status == "running"]):
-                    await asyncio.sleep(0.1)  # no event for "container running" here
+                await events.next("start")
             worker.kill()
             worker.wait(10)
             async with asyncio.timeout(20):
-                while await asyncio.to_thread(containers_of, t.task_id):
-                    await asyncio.sleep(0.1)
+                await events.next("destroy")
+            assert containers_of(t.task_id) == []
         finally:
+            events.close()
             if worker.poll() is None:
                 worker.kill()
                 worker.wait(10)
-            for container in made:
+            for container in containers_of(t.task_id):
                 with contextlib.suppress(Exception):
                     container.remove(force=True)

@@ -67,7 +67,7 @@ for cid in held["container"]:
 """
 
 
-class GroupGuard:
+class DeathWatch:
     """This process's watcher (started on first use), told of the groups and containers."""
 
     def __init__(self) -> None:
@@ -110,11 +110,11 @@ class GroupGuard:
                 except OSError:  # BrokenPipeError: it died
                     self._proc = None
 
-    def watch(self, pgid: int) -> None:
-        """Kill process group ``pgid`` if this process dies before :meth:`forget`."""
+    def watch_group(self, pgid: int) -> None:
+        """Kill process group ``pgid`` if this process dies before :meth:`forget_group`."""
         self._send(b"+group %d\n" % pgid)
 
-    def forget(self, pgid: int) -> None:
+    def forget_group(self, pgid: int) -> None:
         self._send(b"-group %d\n" % pgid)
 
     def watch_container(self, container_id: str) -> None:
@@ -126,6 +126,6 @@ class GroupGuard:
         self._send(b"-container %s\n" % container_id.encode())
 
 
-guard = GroupGuard()
+guard = DeathWatch()
 
-__all__ = ["GroupGuard", "guard"]
+__all__ = ["DeathWatch", "guard"]

@@ -102,7 +102,7 @@ class SubprocessExecutor:
                 await self._kill(await spawning)
             raise
         self.pids.add(proc.pid)
-        guard.watch(proc.pid)  # its group dies with this process, even after kill -9
+        guard.watch_group(proc.pid)  # its group dies with this process, even after kill -9
         limit = min(t for t in (self.timeout_s, ctx.timeout_s, float("inf")) if t is not None)
         try:
             try:
@@ -116,7 +116,7 @@ class SubprocessExecutor:
             raise
         finally:
             self.pids.discard(proc.pid)
-            guard.forget(proc.pid)
+            guard.forget_group(proc.pid)
         return self.interpret(proc.returncode, out, err)
 
     def interpret(self, code: int | None, out: bytes, err: bytes) -> Outcome:
