@@ -467,15 +467,23 @@ async def test_a_holder_cut_off_as_its_work_starts_stops_within_a_ttl(
     with proxies(nats_url, 1) as [proxy]:
         exe = CutOffAtStart(proxy)
         async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s, \
-                running_worker(proxy.url, swarm_name, exe, name="cut-off"):
+                running_worker(proxy.url, swarm_name, exe, name="cut-off") as w:
             try:
                 await s.tasks.create("cut off as it starts", lease_ttl_s=ttl)
                 await asyncio.wait_for(exe.started.wait(), 20)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(exe.stopped.wait(), ttl + 2.0)
+                # Its slot is free again while the partition lasts: nothing it does
+                # after the lease is lost (its status writes) may wait on NATS.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        while w.running or w.stats.lost < 1:
+                            await asyncio.sleep(0.05)
+                slot_freed = not w.running and w.stats.lost == 1
             finally:
                 proxy.heal()
             ran = exe.ran_s
+    assert slot_freed, "the worker still held the lost task's slot 2 s after its work stopped"
     assert ran is not None and ran <= ttl, (
         f"the cut-off holder's work ran on for {ran or f'more than {ttl + 2:g}'} s "
         f"(lease TTL {ttl:g} s)")

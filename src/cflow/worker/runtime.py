@@ -41,6 +41,7 @@ from cflow.keepalive import check_deadline
 from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
 
 if TYPE_CHECKING:
+    from cflow import events as ev
     from cflow.agents import Agent
     from cflow.leases import Lease
     from cflow.swarm import Swarm
@@ -111,6 +112,10 @@ class Worker:
         self._claims = 0  # claims made or being made (reserved before claiming)
         self._interrupts = 0
         self._last_claim_error: str | None = None
+        # The status the agent should show, written by _write_statuses: a write that
+        # hangs through an outage must not hold a slot (or a lost lease's cleanup).
+        self._status: tuple[ev.AgentStatus, str | None] = ("idle", None)
+        self._status_changed = asyncio.Event()
 
     # ----------------------------------------------------------------- control
 
@@ -169,6 +174,7 @@ class Worker:
             background = [
                 asyncio.create_task(self.swarm.tasks.maintain(), name="task-maintenance"),
                 asyncio.create_task(self._exit_on_swarm_stop(), name="swarm-stop"),
+                asyncio.create_task(self._write_statuses(), name="agent-status"),
             ]
             try:
                 await self.swarm.tasks.ensure_board()
@@ -302,16 +308,30 @@ class Worker:
             capabilities=task.capabilities, labels=dict(task.labels),
             timeout_s=task.start_to_close_s)
 
-    async def _set_status(self, busy: bool, task_id: str | None) -> None:
-        if self.agent is None:
+    def _set_status(self, busy: bool, task_id: str | None) -> None:
+        """Ask for "busy" with ``task_id``, or "idle" once nothing runs; never waits."""
+        if busy:
+            self._status = ("busy", task_id)
+        elif not self.running:
+            self._status = ("idle", None)
+        else:
             return
-        try:
-            if busy:
-                await self.agent.set_status("busy", task_id)
-            elif not self.running:
-                await self.agent.set_status("idle")
-        except CflowError as exc:
-            log.warning("status update failed: %s", exc)
+        self._status_changed.set()
+
+    async def _write_statuses(self) -> None:
+        """Write the latest status asked for; those asked for meanwhile are skipped."""
+        written = self._status
+        while True:
+            await self._status_changed.wait()
+            self._status_changed.clear()
+            wanted = self._status
+            if wanted == written or self.agent is None:
+                continue
+            try:
+                await self.agent.set_status(*wanted)
+                written = wanted
+            except CflowError as exc:
+                log.warning("status update failed: %s", exc)
 
     async def _run_one(self, lease: Lease) -> None:
         self.stats.claimed += 1
@@ -345,7 +365,7 @@ class Worker:
                 self.running[lease.task_id] = item
                 if self.aborting.is_set():
                     self._stop(item, "worker stopped")
-                await self._set_status(True, lease.task_id)
+                self._set_status(True, lease.task_id)
                 try:
                     outcome = await work
                 except asyncio.CancelledError:
@@ -357,7 +377,7 @@ class Worker:
         finally:
             if running:
                 self.running.pop(lease.task_id, None)
-                await self._set_status(False, None)
+                self._set_status(False, None)
 
     async def _record(self, item: _Running, outcome: Outcome | None) -> None:
         lease = item.lease
