@@ -211,6 +211,43 @@ async def test_claimed_but_never_leased_is_recovered(nats_url: str, swarm_name: 
     assert reasons == ["claimed but never leased"] and state is not None
 
 
+async def test_a_claim_stored_after_its_lease_expired_is_reaped(
+        nats_url: str, swarm_name: str, swarm: Swarm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by tests/soak_cluster.py (seed 12): the claim and its lease go out together
+    to two streams; the leases stream stored the lease at once while the events stream
+    (electing a leader) stored the TaskClaimed seconds later. The lease had expired by
+    then, so its holder started nothing and left the claim to the reapers, which judged
+    the claim's own expiry marker (older than the claim) "never leased", failed to
+    fence the key (the marker holds it) and gave up: the task stayed claimed until
+    the marker's own TTL (5 minutes) ran out.
+    """
+    t = await swarm.tasks.create("stalled claim", lease_ttl_s=1, backoff_initial_s=0)
+    async with reaper(nats_url, swarm_name) as r, \
+            Swarm.connect(nats_url, swarm=swarm_name, agent="late") as late:
+        append = late.log.append
+
+        async def stalled_claims(data: ev.EventData, *args: object, **kwargs: object
+                                 ) -> object:
+            if isinstance(data, ev.TaskClaimed):
+                await asyncio.sleep(3.0)  # the events stream has no leader for a while
+            return await append(data, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(late.log, "append", stalled_claims)
+        lease = await late.tasks.claim(t.task_id, agent="late")
+        assert lease is not None  # past its holder's deadline: the holder starts nothing
+        claimed = await r.tasks.get(t.task_id)
+        view = await r.tasks.lease_view(claimed)
+        assert claimed.status == "claimed" and view is not None and view.op == "MARKER"
+        assert view.stored_ms < (claimed.claimed_ms or 0)  # expired before the claim was stored
+        # Requeued within TTL plus the reap margin (and some slack), as any dead claim.
+        state = await until(r, t.task_id, lambda s: s.status == "ready", within=6.0)
+    assert state.attempt == 1
+    history = await swarm.tasks.history(t.task_id)
+    reasons = [x.event.data.reason for x in history
+               if isinstance(x.event.data, ev.TaskLeaseExpired)]
+    assert reasons == ["lease expired"]
+
+
 async def test_the_projector_is_a_reaper_too(nats_url: str, swarm_name: str, swarm: Swarm,
                                              tmp_path: object) -> None:
     from pathlib import Path

@@ -34,8 +34,9 @@ def test_every_verdict_follows_the_rules(view: LeaseView | None, ttl: float, ela
     policy = LeasePolicy(ttl)
     now = CLAIMED_MS + elapsed
     verdict = judge(view, epoch=EPOCH, claimed_ms=CLAIMED_MS, now_ms=now, policy=policy)
-    ours = view is not None and (view.epoch == EPOCH or (view.epoch is None and (
-        view.op == "PUT" or view.stored_ms >= CLAIMED_MS + 1000)))
+    # The key is the claim's own: a marker or delete on it ended this claim's lease,
+    # even one stored before the claim (the lease and the claim go out together).
+    ours = view is not None and view.epoch in (None, EPOCH)
     if view is not None and view.epoch is not None and view.epoch > EPOCH:
         assert verdict is Verdict.TAKEN_OVER
     elif not ours:
@@ -52,6 +53,20 @@ def test_every_verdict_follows_the_rules(view: LeaseView | None, ttl: float, ela
     else:
         assert verdict is Verdict.DROPPED
     assert verdict.gone == (verdict in (Verdict.EXPIRED, Verdict.DROPPED, Verdict.NEVER_LEASED))
+
+
+def test_a_lease_that_expired_before_its_claim_was_stored_is_expired() -> None:
+    """The claim and its lease go to two streams at once: with the events stream
+    electing a leader, the lease can be stored, and its TTL run out, seconds before
+    the TaskClaimed. The marker on the claim's own key ends that claim all the same
+    (judged "never leased", the reaper's fence would meet the marker and give up)."""
+    policy = LeasePolicy(2.5)
+    marker = LeaseView(op="MARKER", stored_ms=CLAIMED_MS - 1_500)
+    late = CLAIMED_MS + 5_000
+    assert judge(marker, epoch=EPOCH, claimed_ms=CLAIMED_MS, now_ms=late,
+                 policy=policy) is Verdict.EXPIRED
+    assert judge(marker, epoch=EPOCH, claimed_ms=CLAIMED_MS, now_ms=CLAIMED_MS,
+                 policy=policy) is Verdict.EXPIRED
 
 
 @settings(max_examples=300)

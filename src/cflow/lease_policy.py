@@ -30,7 +30,6 @@ from typing import Literal
 import msgspec
 
 LeaseOp = Literal["PUT", "DEL", "PURGE", "MARKER"]
-MIN_TTL_MS = 1000  # the shortest lease TTL (JetStream per-message TTLs are whole seconds)
 
 
 # msgspec Structs, not dataclasses: a dataclass costs some 3 ms of every cold start
@@ -117,17 +116,17 @@ def judge(view: LeaseView | None, *, epoch: int, claimed_ms: int, now_ms: int,
           policy: LeasePolicy, generation_ms: int = 0) -> Verdict:
     """The verdict on claim ``epoch``, claimed at server time ``claimed_ms``.
 
+    ``view`` is what the claim's own lease key holds (one key per claim), so a
+    marker or delete on it ended this claim's lease, whenever it was stored: the
+    lease and the ``TaskClaimed`` go to two streams at once, and the lease may be
+    stored, and expire, before the claim is (its holder then starts nothing).
     ``now_ms`` is the reader's estimate of server time (a lower bound).
     ``generation_ms`` is when the leases bucket last started empty (it lost its
     keys: a purge, a re-created stream): a missing key is judged from the later
     of the claim and that, so holders get a whole TTL to write their leases again.
     """
-    if view is None or (view.epoch is not None and view.epoch < epoch) or (
-            view.op != "PUT" and view.stored_ms < claimed_ms + MIN_TTL_MS):
-        # Nothing written for this claim (absent, or left over from an older one).
-        # A marker or delete carries no epoch; one of this claim's lease comes at
-        # least one minimal TTL after the claim (which also absorbs small offsets
-        # between the clocks of the servers leading the two streams).
+    if view is None or (view.epoch is not None and view.epoch < epoch):
+        # Nothing written for this claim (absent, or a record of an older one).
         if now_ms >= policy.never_leased_at_ms(max(claimed_ms, generation_ms)):
             return Verdict.NEVER_LEASED
         return Verdict.PENDING
