@@ -484,3 +484,8 @@ async def test_a_claim_past_its_holders_deadline_is_not_started(swarm: Swarm) ->
     w = Worker(swarm, exe, WorkerOptions(name="late"))
     await w._run_one(lease)
     assert (exe.runs, w.stats.lost, w.stats.completed) == (0, 1, 0)
+    # Given back at once, not left to expire; the attempt it never ran is not counted.
+    back = await swarm.tasks.get(t.task_id)
+    assert (back.status, back.attempt) == ("ready", 0), back
+    assert [type(e.data).__name__ for e in await task_events(swarm, t.task_id)][-1] == \
+        "TaskReleased"

@@ -339,9 +339,15 @@ class Worker:
         if check_deadline(lease):
             # The claim came back after this holder's own deadline (a slow link, a
             # stalled process): the server may have expired the lease already and
-            # another agent be running the task. Start nothing; the reapers requeue it.
+            # another agent be running the task. Start nothing, and give the task
+            # back (fenced by the epoch: refused if it was reaped or taken meanwhile;
+            # the attempt is not counted). A release that cannot be stored in a TTL
+            # is left to the reapers.
             self.stats.lost += 1
             self._emit("lost", f"{lease.task_id}: {lease.lost_reason}; not started")
+            with contextlib.suppress(CflowError, TimeoutError):
+                async with asyncio.timeout(lease.ttl_s):
+                    await lease.release("claim answered past its holder's deadline")
             return
         running: list[_Running] = []
 
