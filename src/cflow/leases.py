@@ -1438,7 +1438,16 @@ class TaskService:
         verdict, view = await self._judge(state)
         policy = LeasePolicy(state.lease_ttl_s)
         if verdict.gone:
-            await self.reap(state.task_id, state.epoch, verdict)
+            if not await self.reap(state.task_id, state.epoch, verdict):
+                # Not expired (written to just now, or over already): if the board
+                # still shows this claim, look again a TTL on rather than only at
+                # the next sweep.
+                now = self.board.get(state.task_id)
+                if now is not None and now.status == "claimed" and now.epoch == state.epoch:
+                    log.debug("claim %s epoch %d judged %s but not expired; looking again",
+                              state.task_id, state.epoch, verdict.name)
+                    self._schedule(await self.log.server_time_ms() + int(policy.ttl_s * 1000),
+                                   state.task_id, "lease", state.epoch)
         elif verdict is Verdict.ALIVE and view is not None:
             # Look again when this renewal could first have lapsed (the marker
             # normally wakes us before that).
