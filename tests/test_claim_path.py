@@ -248,6 +248,34 @@ async def test_a_claim_stored_after_its_lease_expired_is_reaped(
     assert reasons == ["lease expired"]
 
 
+
+async def test_a_standing_lease_judged_lapsed_is_taken_before_the_claim_is_expired(
+        swarm: Swarm) -> None:
+    """A reaper that judges a claim lapsed from a lease still standing (its reply late,
+    or its estimate of server time ahead) must not expire the claim behind the holder's
+    back: the holder would renew on untouched and work on beside the next holder.
+    The expiry takes the key at the revision judged: refused if the holder renewed
+    since, and otherwise the holder's next renewal is refused."""
+    from cflow.errors import LeaseLost as Lost
+    from cflow.lease_policy import Verdict
+
+    t = await swarm.tasks.create("judged from a stale view", lease_ttl_s=30)
+    lease = await swarm.tasks.claim(t.task_id, agent="holder")
+    assert lease is not None
+    claimed = await swarm.tasks.get(t.task_id)
+    stale = await swarm.tasks.lease_view(claimed)
+    assert stale is not None and stale.op == "PUT"
+    await lease.heartbeat()  # the holder renewed after that view was read
+    assert not await swarm.tasks.reap(t.task_id, lease.epoch, Verdict.EXPIRED, stale)
+    assert (await swarm.tasks.get(t.task_id)).status == "claimed"
+    # Judged from the current revision (a clock ahead): expired, and the holder is told.
+    current = await swarm.tasks.lease_view(claimed)
+    assert current is not None and current.revision > stale.revision
+    assert await swarm.tasks.reap(t.task_id, lease.epoch, Verdict.EXPIRED, current)
+    with pytest.raises(Lost):
+        await lease.heartbeat()
+    assert lease.lost.is_set()
+
 async def test_the_projector_is_a_reaper_too(nats_url: str, swarm_name: str, swarm: Swarm,
                                              tmp_path: object) -> None:
     from pathlib import Path

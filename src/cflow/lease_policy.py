@@ -110,6 +110,7 @@ class LeaseView(msgspec.Struct, frozen=True):
     op: LeaseOp
     stored_ms: int  # server timestamp of that message
     epoch: int | None = None  # from the record of a PUT, or the record a marker replaced
+    revision: int = 0  # that message's revision (stream sequence); 0 when unknown
 
 
 def judge(view: LeaseView | None, *, epoch: int, claimed_ms: int, now_ms: int,

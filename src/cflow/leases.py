@@ -795,7 +795,8 @@ class TaskService:
                                                             "MARKER") else "DEL"
         # The key is the claim's own; old records also name the epoch.
         return LeaseView(op=op, stored_ms=last.time_ms,
-                         epoch=record.epoch if record is not None and record.epoch else None)
+                         epoch=record.epoch if record is not None and record.epoch else None,
+                         revision=last.revision)
 
     async def verdict(self, state: TaskState) -> Verdict:
         """Whether the claim of record of a claimed task still has a live lease."""
@@ -1104,15 +1105,16 @@ class TaskService:
         for key in drops:
             await self._drop_lease(key)
 
-    async def _fence_lease(self, key: str) -> bool:
-        """Before reaping a claim as never leased, take its lease key: a late lease
-        write of that claim then fails (its holder learns it lost). False if the
-        lease was written after all."""
-        out = build_kv_delete(self.leases_bucket, key, expected_revision=0)
+    async def _fence_lease(self, key: str, revision: int = 0) -> bool:
+        """Before reaping a claim, take its lease key as it was judged (absent, or
+        at ``revision``): a late lease write or a renewal of that claim then fails
+        (its holder learns it lost). False if the key moved since (written or renewed
+        after all: the claim is alive)."""
+        out = build_kv_delete(self.leases_bucket, key, expected_revision=revision)
         fence = Outgoing(out.subject, {**out.headers, "Nats-TTL": ttl_header(
             LEASE_TOMBSTONE_TTL_S)}, out.payload)
         try:
-            await publish(self.log.js, fence, expected=0)
+            await publish(self.log.js, fence, expected=revision)
         except ConcurrencyConflict:
             return False
         return True
@@ -1220,11 +1222,13 @@ class TaskService:
         if after.status == "ready" and after.kind == "task":
             await self.offers.publish(after)
 
-    async def reap(self, task_id: str, epoch: int, reason: str | Verdict | None = None) -> bool:
+    async def reap(self, task_id: str, epoch: int, reason: str | Verdict | None = None,
+                   view: LeaseView | None = None) -> bool:
         """Expire the claim ``epoch`` of a task if its lease is really gone, then requeue it.
 
         Idempotent across processes (the expiry's Msg-Id and expected sequence are
-        the claim's). ``reason`` "start-to-close timeout" expires a live claim.
+        the claim's). ``reason`` "start-to-close timeout" expires a live claim; a
+        ``Verdict`` comes with the ``view`` it was judged from.
         Returns True if this call (or an identical earlier one) recorded the expiry.
         """
         state = self.board.get(task_id)
@@ -1235,12 +1239,22 @@ class TaskService:
         if reason == "start-to-close timeout":
             verdict_text, refund = "start-to-close timeout", False
         else:
-            verdict = reason if isinstance(reason, Verdict) else await self.verdict(state)
+            if isinstance(reason, Verdict):
+                verdict = reason
+            else:
+                verdict, view = await self._judge(state)
             if not verdict.gone:
                 return False  # still alive (or still within the claimer's grace)
             verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
             if refund and not await self._fence_lease(claim_lease_key(state)):
                 return False  # the lease was written just now: the claim is alive
+            if view is not None and view.op == "PUT" and not await self._fence_lease(
+                    claim_lease_key(state), view.revision):
+                # Judged lapsed from a lease still standing (the server's marker not
+                # seen: a late reply, a clock ahead): take the key at the revision
+                # judged, so a holder that renewed since keeps its claim, and one that
+                # did not learns at its next renewal that it lost it.
+                return False
         try:
             appended = await self.log.append(
                 ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,
@@ -1438,7 +1452,7 @@ class TaskService:
         verdict, view = await self._judge(state)
         policy = LeasePolicy(state.lease_ttl_s)
         if verdict.gone:
-            if not await self.reap(state.task_id, state.epoch, verdict):
+            if not await self.reap(state.task_id, state.epoch, verdict, view):
                 # Not expired (written to just now, or over already): if the board
                 # still shows this claim, look again a TTL on rather than only at
                 # the next sweep.
