@@ -31,7 +31,7 @@ from cflow.worker.claude_exec import (
     final_result,
 )
 from cflow.worker.subprocess_exec import SubprocessExecutor
-from support import until
+from support import maintained, until
 
 CFCTL = [sys.executable, "-c", "from cflow.cli import main; main()"]
 
@@ -489,3 +489,29 @@ async def test_a_claim_past_its_holders_deadline_is_not_started(swarm: Swarm) ->
     assert (back.status, back.attempt) == ("ready", 0), back
     assert [type(e.data).__name__ for e in await task_events(swarm, t.task_id)][-1] == \
         "TaskReleased"
+
+
+@pytest.mark.integration
+async def test_a_result_written_through_an_outage_keeps_its_lease(
+        swarm: Swarm, nats_url: str, swarm_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The events stream stalls (an election) while the holder writes its result, for
+    longer than the lease's TTL plus the reap margin; its leases stream answers. The
+    holder keeps renewing while it writes, so the finished work is recorded once
+    rather than refused and run again."""
+    exe = CountingExecutor()
+    async with running_worker(nats_url, swarm_name, exe, name="slow-writer") as w:
+        append = w.swarm.log.append
+        stalled: list[str] = []
+
+        async def stall_first_completion(data: ev.EventData, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(data, ev.TaskCompleted) and not stalled:
+                stalled.append(args[0])
+                await asyncio.sleep(5.0)  # TTL 2 s + reap margin 2 s, and some
+            return await append(data, *args, **kwargs)
+
+        monkeypatch.setattr(w.swarm.log, "append", stall_first_completion)
+        t = await swarm.tasks.create("result through an outage", lease_ttl_s=2)
+        async with maintained(nats_url, swarm_name):  # another reaper, watching
+            done = await until(swarm, t.task_id, lambda s: s.status == "completed", within=20)
+    assert stalled == [t.task_id]
+    assert (exe.runs, done.attempt, w.stats.completed, w.stats.lost) == (1, 1, 1, 0)

@@ -379,7 +379,10 @@ class Worker:
                         raise  # we are being cancelled ourselves
                 except (CflowError, OSError) as exc:  # the executor could not run it at all
                     outcome = Outcome(ok=False, error=f"{self.executor.name} executor: {exc}")
-            await self._record(item, outcome)
+                # Renewals go on while the result is written: a write retried through
+                # an election must not let the lease lapse and the finished work be
+                # refused and run again (the result stays fenced by the epoch).
+                await self._record(item, outcome)
         finally:
             if running:
                 self.running.pop(lease.task_id, None)
