@@ -151,3 +151,20 @@ def test_a_claim_that_never_got_a_lease_gives_its_attempt_back() -> None:
     board.tasks["T"] = s
     [action] = board.actions_for("T")
     assert action.kind == "requeue"  # not "fail": max_attempts=1 and it never ran
+
+
+def test_the_holder_stops_a_margin_before_its_start_to_close_timeout() -> None:
+    """Reapers expire a claim start-to-close after it was stored, however it renews;
+    the holder, counting from when it sent the claim, stops a margin before that."""
+    policy = LeasePolicy(30.0)
+    clock = HolderClock.start(policy, 100.0, start_to_close_s=3.0)
+    assert 102.0 <= clock.closes < 103.0 and clock.deadline == clock.closes
+    renewed = clock.after("renewed", sent_mono=101.0, now_mono=101.1)
+    assert renewed.deadline == clock.closes  # a renewal never carries it past
+    assert renewed.check(clock.closes - 0.01).lost is None
+    lost = renewed.check(clock.closes)
+    assert lost.lost is not None and lost.lost.startswith("start-to-close timeout")
+    # Without one, the lease alone decides.
+    free = HolderClock.start(policy, 100.0)
+    assert free.deadline == policy.holder_deadline(100.0)
+    assert free.check(free.deadline).lost.startswith("no successful renewal")  # type: ignore[union-attr]

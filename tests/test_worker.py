@@ -515,3 +515,45 @@ async def test_a_result_written_through_an_outage_keeps_its_lease(
             done = await until(swarm, t.task_id, lambda s: s.status == "completed", within=20)
     assert stalled == [t.task_id]
     assert (exe.runs, done.attempt, w.stats.completed, w.stats.lost) == (1, 1, 1, 0)
+
+
+class UntilStopped:
+    """Works until it is stopped (ignores the task's timeout, as an agent session
+    would); records when it stopped."""
+
+    name = "until-stopped"
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.stopped_at: float | None = None
+
+    async def check(self) -> None:
+        return None
+
+    async def run(self, ctx: TaskContext) -> Outcome:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.stopped_at = time.monotonic()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.integration
+async def test_the_holder_stops_before_its_start_to_close_timeout_expires_the_claim(
+        swarm: Swarm, nats_url: str, swarm_name: str) -> None:
+    """Reapers expire a claim start-to-close after it was stored and requeue it, however
+    its lease is renewed: the holder must have stopped by then, not at its next renewal
+    (the lease's own TTL is long here)."""
+    exe = UntilStopped()
+    async with running_worker(nats_url, swarm_name, exe, name="bounded") as w:
+        t = await swarm.tasks.create("bounded work", lease_ttl_s=30, start_to_close_s=2)
+        await asyncio.wait_for(exe.started.wait(), 10)
+        await until(swarm, t.task_id, lambda s: s.status != "claimed", within=10)
+        seen = time.monotonic()
+        stopped = exe.stopped_at
+    assert stopped is not None and stopped < seen, "the work ran on after its claim expired"
+    history = await swarm.tasks.history(t.task_id)
+    assert [x.event.data.reason for x in history
+            if isinstance(x.event.data, ev.TaskLeaseExpired)] == ["start-to-close timeout"]
+    assert w.stats.lost == 1

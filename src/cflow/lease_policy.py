@@ -25,6 +25,7 @@ the adapter (:mod:`cflow.leases`) carries out what the verdict calls for.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Literal
 
 import msgspec
@@ -157,10 +158,19 @@ class HolderClock(msgspec.Struct, frozen=True):
     deadline: float  # monotonic time at which the holder gives up
     failures: int = 0  # renewals failed in a row (transient errors)
     lost: str | None = None  # why the holder stopped, once it has
+    closes: float = math.inf  # the task's start-to-close timeout, less the margin
 
     @classmethod
-    def start(cls, policy: LeasePolicy, leased_sent_mono: float) -> HolderClock:
-        return cls(policy, policy.holder_deadline(leased_sent_mono))
+    def start(cls, policy: LeasePolicy, leased_sent_mono: float,
+              start_to_close_s: float | None = None) -> HolderClock:
+        """``start_to_close_s`` caps the claim: reapers expire it that long after it
+        was stored, so the holder stops a margin before, counted from when it sent it."""
+        closes = math.inf
+        if start_to_close_s:
+            margin = min(policy.holder_margin_s, max(0.25, start_to_close_s / 6))
+            closes = leased_sent_mono + start_to_close_s - margin
+        return cls(policy, min(closes, policy.holder_deadline(leased_sent_mono)),
+                   closes=closes)
 
     def after(self, event: HolderEvent, *, sent_mono: float, now_mono: float,
               reason: str = "") -> HolderClock:
@@ -169,21 +179,26 @@ class HolderClock(msgspec.Struct, frozen=True):
             return self
         match event:
             case "renewed":
-                return HolderClock(self.policy, max(self.deadline,
-                                                    self.policy.holder_deadline(sent_mono)))
+                return msgspec.structs.replace(self, failures=0, deadline=min(self.closes, max(
+                    self.deadline, self.policy.holder_deadline(sent_mono))))
             case "refused":
-                return HolderClock(self.policy, self.deadline, self.failures, reason or "refused")
+                return msgspec.structs.replace(self, lost=reason or "refused")
             case "failed":
-                state = HolderClock(self.policy, self.deadline, self.failures + 1)
+                state = msgspec.structs.replace(self, failures=self.failures + 1)
                 return state.check(now_mono)
 
     def check(self, now_mono: float) -> HolderClock:
-        """Lost once the deadline passed without a successful renewal."""
+        """Lost once the deadline passed without a successful renewal, or the claim's
+        start-to-close time is up."""
         if self.lost is None and now_mono >= self.deadline:
+            if self.deadline >= self.closes:
+                return msgspec.structs.replace(
+                    self, lost="start-to-close timeout: stopped before the reapers "
+                               "expire the claim")
             quiet = self.policy.ttl_s - self.policy.holder_margin_s
-            return HolderClock(self.policy, self.deadline, self.failures,
-                               f"no successful renewal for {quiet:.1f} s (cut off from NATS?); "
-                               "stopped before the lease could be taken over")
+            return msgspec.structs.replace(
+                self, lost=f"no successful renewal for {quiet:.1f} s (cut off from NATS?); "
+                           "stopped before the lease could be taken over")
         return self
 
     def next_attempt(self, now_mono: float) -> float:

@@ -146,7 +146,7 @@ class Lease:
         self.ttl_s = task.lease_ttl_s
         self.policy = LeasePolicy(task.lease_ttl_s)
         self.revision = revision
-        self.clock = HolderClock.start(self.policy, leased_sent_mono)
+        self.clock = HolderClock.start(self.policy, leased_sent_mono, task.start_to_close_s)
         self.lost = asyncio.Event()  # set when the lease is lost or the task cancelled
         self.lost_reason: str | None = None
         self.cancelled = False
