@@ -186,6 +186,29 @@ async def test_claim_is_idempotent(mcp: tuple[Client, Adapter]) -> None:
     assert third["epoch"] == first["epoch"]
 
 
+
+async def test_a_claim_answered_past_its_deadline_is_released_not_held(
+        mcp: tuple[Client, Adapter], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim that comes back after the holder's own deadline (a slow link) may already
+    be another agent's: the session is told nothing was claimed, and the task is given
+    back at once (the attempt not counted), not kept alive by the adapter."""
+    client, adapter = mcp
+    t = (await call(client, "task_create", title="answered late", lease_ttl_s=1))["task"]
+    claim = adapter.swarm.tasks.claim
+
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        lease = await claim(*args, **kwargs)
+        if lease is not None:
+            await asyncio.sleep(max(0.0, lease.deadline - time.monotonic()) + 0.01)
+        return lease
+
+    monkeypatch.setattr(adapter.swarm.tasks, "claim", slow_claim)
+    answer = await call(client, "task_claim", task_id=t["id"])
+    assert answer["claimed"] is False and "released" in answer["reason"], answer
+    assert t["id"] not in adapter.leases
+    back = await adapter.swarm.tasks.get(t["id"])
+    assert (back.status, back.attempt) == ("ready", 0)
+
 async def test_fail_with_retry_and_release(mcp: tuple[Client, Adapter]) -> None:
     client, adapter = mcp
     t = (await call(client, "task_create", title="flaky", max_attempts=2))["task"]

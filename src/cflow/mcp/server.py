@@ -13,6 +13,7 @@ short descriptions, and input schemas stripped of pydantic's titles and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -26,6 +27,7 @@ from mcp.types import CallToolResult, TextContent, Tool, ToolAnnotations
 from pydantic import Field, ValidationError
 
 from cflow.errors import CflowError, InvalidInput, InvalidState, LeaseLost, NotFound, Unavailable
+from cflow.keepalive import check_deadline
 from cflow.mcp.catalog import INSTRUCTIONS
 from cflow.mcp.faults import CODES, describe, describe_error
 
@@ -449,6 +451,17 @@ class _Tools:
         lease = await self.swarm.tasks.claim(task_id, capabilities=caps, wait=wait_s)
         if lease is None:
             return result(await self._nothing(caps))
+        if check_deadline(lease):
+            # The claim came back after this holder's own deadline (a slow link): the
+            # lease may be gone and the task another agent's. Give it back (fenced by
+            # its epoch; the attempt is not counted) rather than let the session work.
+            with contextlib.suppress(CflowError, TimeoutError):
+                async with asyncio.timeout(lease.ttl_s):
+                    await lease.release("claim answered past its holder's deadline")
+            return result({"claimed": False, "task_id": lease.task_id,
+                           "reason": f"the claim came back too late ({lease.lost_reason}); "
+                                     "released, not started",
+                           "hint": "call task_claim again"})
         self.a.hold(lease)
         answer = await self._claimed(lease)
         return result(self.a.remember("task_claim", idempotency_key, answer))
