@@ -557,3 +557,35 @@ async def test_the_holder_stops_before_its_start_to_close_timeout_expires_the_cl
     assert [x.event.data.reason for x in history
             if isinstance(x.event.data, ev.TaskLeaseExpired)] == ["start-to-close timeout"]
     assert w.stats.lost == 1
+
+
+@pytest.mark.integration
+async def test_a_status_write_that_failed_is_tried_again(
+        swarm: Swarm, nats_url: str, swarm_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outage during the "busy" write must not leave the agent shown idle (or busy
+    with a finished task) until its status happens to change again."""
+    from cflow.errors import Unavailable
+
+    exe = UntilStopped()
+    async with running_worker(nats_url, swarm_name, exe, name="flaky-status") as w:
+        assert w.agent is not None
+        set_status = w.agent.set_status
+        tries: list[str] = []
+        busy = asyncio.Event()
+
+        async def flaky(status: Any, *args: Any, **kwargs: Any) -> bool:
+            tries.append(status)
+            if status == "busy" and tries.count("busy") == 1:
+                raise Unavailable("nats away")
+            stored = await set_status(status, *args, **kwargs)
+            if status == "busy":
+                busy.set()
+            return stored
+
+        monkeypatch.setattr(w.agent, "set_status", flaky)
+        t = await swarm.tasks.create("long work")
+        await asyncio.wait_for(exe.started.wait(), 10)
+        await asyncio.wait_for(busy.wait(), 10)
+        info = await swarm.agents.get("flaky-status")
+        w.abort()  # the work runs until stopped
+    assert (info.status, info.task_id, tries[:2]) == ("busy", t.task_id, ["busy", "busy"])

@@ -50,6 +50,7 @@ log = logging.getLogger("cflow.worker")
 
 NOTE_OUTPUT_MAX = 512 * 1024
 DEFAULT_CLAIM_WAIT_S = 30.0
+STATUS_RETRY_S = 2.0  # a status write that failed is tried again this often
 DEFAULT_DRAIN_GRACE_S = 30.0
 CLAIM_SETTLE_S = 0.5
 SLOT_STOP_SLACK_S = 5.0  # past the grace period, a slot that has not stopped is cancelled
@@ -319,7 +320,8 @@ class Worker:
         self._status_changed.set()
 
     async def _write_statuses(self) -> None:
-        """Write the latest status asked for; those asked for meanwhile are skipped."""
+        """Write the latest status asked for; those asked for meanwhile are skipped, and
+        one that could not be written is tried again (every few seconds) until it is."""
         written = self._status
         while True:
             await self._status_changed.wait()
@@ -332,6 +334,10 @@ class Worker:
                 written = wanted
             except CflowError as exc:
                 log.warning("status update failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STATUS_RETRY_S):
+                        await self._status_changed.wait()  # or a newer one comes
+                self._status_changed.set()
 
     async def _run_one(self, lease: Lease) -> None:
         self.stats.claimed += 1
