@@ -547,7 +547,8 @@ async def test_the_holder_stops_before_its_start_to_close_timeout_expires_the_cl
     (the lease's own TTL is long here)."""
     exe = UntilStopped()
     async with running_worker(nats_url, swarm_name, exe, name="bounded") as w:
-        t = await swarm.tasks.create("bounded work", lease_ttl_s=30, start_to_close_s=2)
+        t = await swarm.tasks.create("bounded work", lease_ttl_s=30, start_to_close_s=2,
+                                     max_attempts=1)  # no second attempt to wait for
         await asyncio.wait_for(exe.started.wait(), 10)
         await until(swarm, t.task_id, lambda s: s.status != "claimed", within=10)
         seen = time.monotonic()
@@ -589,3 +590,23 @@ async def test_a_status_write_that_failed_is_tried_again(
         info = await swarm.agents.get("flaky-status")
         w.abort()  # the work runs until stopped
     assert (info.status, info.task_id, tries[:2]) == ("busy", t.task_id, ["busy", "busy"])
+
+
+
+
+@pytest.mark.integration
+async def test_a_claim_late_for_its_start_to_close_timeout_counts_its_attempt(
+        swarm: Swarm, nats_url: str, swarm_name: str) -> None:
+    """A claim that came back past its task's start-to-close timeout (shorter than a
+    claim takes) is not given back with its attempt refunded: it would be claimed and
+    given back forever. It is left to the reapers, and its attempt counts."""
+    t = await swarm.tasks.create("too short to run", start_to_close_s=0.2, max_attempts=1)
+    lease = await swarm.tasks.claim(t.task_id, agent="late")
+    assert lease is not None
+    await asyncio.sleep(max(0.0, lease.deadline - time.monotonic()) + 0.01)  # time itself
+    exe = CountingExecutor()
+    await Worker(swarm, exe, WorkerOptions(name="late"))._run_one(lease)
+    assert exe.runs == 0 and (await swarm.tasks.get(t.task_id)).status == "claimed"
+    async with maintained(nats_url, swarm_name):
+        done = await until(swarm, t.task_id, lambda s: s.status in ("failed", "ready"))
+    assert (done.status, done.attempt) == ("failed", 1)

@@ -167,7 +167,7 @@ class HolderClock(msgspec.Struct, frozen=True):
         was stored, so the holder stops a margin before, counted from when it sent it."""
         closes = math.inf
         if start_to_close_s:
-            margin = min(policy.holder_margin_s, max(0.25, start_to_close_s / 6))
+            margin = min(policy.holder_margin_s, start_to_close_s / 6)
             closes = leased_sent_mono + start_to_close_s - margin
         return cls(policy, min(closes, policy.holder_deadline(leased_sent_mono)),
                    closes=closes)
@@ -187,11 +187,16 @@ class HolderClock(msgspec.Struct, frozen=True):
                 state = msgspec.structs.replace(self, failures=self.failures + 1)
                 return state.check(now_mono)
 
+    @property
+    def closed(self) -> bool:
+        """Whether the start-to-close timeout, not a missed renewal, set the deadline."""
+        return self.deadline >= self.closes
+
     def check(self, now_mono: float) -> HolderClock:
         """Lost once the deadline passed without a successful renewal, or the claim's
         start-to-close time is up."""
         if self.lost is None and now_mono >= self.deadline:
-            if self.deadline >= self.closes:
+            if self.closed:
                 return msgspec.structs.replace(
                     self, lost="start-to-close timeout: stopped before the reapers "
                                "expire the claim")

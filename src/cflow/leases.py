@@ -86,6 +86,7 @@ PATHS_MIN_TTL_S = 2.0  # a claim's reservation of its task's paths lives at leas
 OFFER_REPAIR_S = 15.0  # a ready task unoffered this long is offered again by maintainers
 OFFER_REPAIR_MAX = 2000  # offers one sweep may repair (the next sweep does the rest)
 LEASE_TOMBSTONE_TTL_S = 300.0  # a finished claim's lease key disappears after this
+RELEASE_LATE_MAX_S = 5.0  # a late claim's release waits no longer (then the reapers do)
 DROP_DEFER_S = 0.02  # a finished claim's lease delete waits this long for a write to ride with
 SWEEP_INTERVAL_S = 10.0  # every maintainer re-sweeps the whole board this often
 ACTION_RETRY_MAX_S = 5.0  # a maintenance write that failed is retried at least this often
@@ -130,7 +131,9 @@ class Lease:
     When it passes without a successful renewal, for instance because this
     process is cut off from NATS, the lease is treated as lost and ``on_lost``
     tells the holder to stop its work, before the server can expire the lease
-    and another agent claim the task.
+    and another agent claim the task. A task's start-to-close timeout caps that
+    deadline (counted from when the claim was sent, less a margin), so the holder
+    stops before reapers expire the claim however it renews.
     """
 
     def __init__(self, service: TaskService, task: TaskState, revision: int,
@@ -221,6 +224,26 @@ class Lease:
     async def release(self, reason: str = "") -> TaskState:
         return await self.service.release(self.task_id, self.epoch, reason, known=self.task,
                                           agent=self.owner)
+
+    async def release_late(self) -> bool:
+        """Give back a claim that came back past this holder's deadline (a slow link, a
+        paused process): its lease may be gone and the task another agent's, so
+        nothing may start on it. True if released.
+
+        Fenced by the epoch (refused if the claim was reaped or taken meanwhile) and
+        the attempt not counted, unless the deadline was the task's start-to-close
+        timeout: that claim is left to expire and its attempt counts, or a timeout
+        shorter than a claim takes would be claimed and given back forever. A release
+        not stored within ``RELEASE_LATE_MAX_S`` is left to the reapers.
+        """
+        if self.clock.closed:
+            return False
+        try:
+            async with asyncio.timeout(min(self.ttl_s, RELEASE_LATE_MAX_S)):
+                await self.release("claim answered past its holder's deadline")
+        except (CflowError, TimeoutError):
+            return False
+        return True
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,

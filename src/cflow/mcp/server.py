@@ -13,7 +13,6 @@ short descriptions, and input schemas stripped of pydantic's titles and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -453,14 +452,13 @@ class _Tools:
             return result(await self._nothing(caps))
         if check_deadline(lease):
             # The claim came back after this holder's own deadline (a slow link): the
-            # lease may be gone and the task another agent's. Give it back (fenced by
-            # its epoch; the attempt is not counted) rather than let the session work.
-            with contextlib.suppress(CflowError, TimeoutError):
-                async with asyncio.timeout(lease.ttl_s):
-                    await lease.release("claim answered past its holder's deadline")
+            # lease may be gone and the task another agent's; the session must not
+            # start on it.
+            released = await lease.release_late()
             return result({"claimed": False, "task_id": lease.task_id,
                            "reason": f"the claim came back too late ({lease.lost_reason}); "
-                                     "released, not started",
+                                     + ("released" if released else "left to expire")
+                                     + ", not started",
                            "hint": "call task_claim again"})
         self.a.hold(lease)
         answer = await self._claimed(lease)

@@ -322,7 +322,7 @@ class Worker:
     async def _write_statuses(self) -> None:
         """Write the latest status asked for; those asked for meanwhile are skipped, and
         one that could not be written is tried again (every few seconds) until it is."""
-        written = self._status
+        written: tuple[ev.AgentStatus, str | None] | None = self._status
         while True:
             await self._status_changed.wait()
             self._status_changed.clear()
@@ -333,6 +333,9 @@ class Worker:
                 await self.agent.set_status(*wanted)
                 written = wanted
             except CflowError as exc:
+                # It may have been stored all the same (a lost ack): write whatever
+                # comes next, even the status of before (set_status skips a no-op).
+                written = None
                 log.warning("status update failed: %s", exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STATUS_RETRY_S):
@@ -345,15 +348,10 @@ class Worker:
         if check_deadline(lease):
             # The claim came back after this holder's own deadline (a slow link, a
             # stalled process): the server may have expired the lease already and
-            # another agent be running the task. Start nothing, and give the task
-            # back (fenced by the epoch: refused if it was reaped or taken meanwhile;
-            # the attempt is not counted). A release that cannot be stored in a TTL
-            # is left to the reapers.
+            # another agent be running the task. Start nothing, and give it back.
             self.stats.lost += 1
             self._emit("lost", f"{lease.task_id}: {lease.lost_reason}; not started")
-            with contextlib.suppress(CflowError, TimeoutError):
-                async with asyncio.timeout(lease.ttl_s):
-                    await lease.release("claim answered past its holder's deadline")
+            await lease.release_late()
             return
         running: list[_Running] = []
 
