@@ -1251,8 +1251,9 @@ class TaskService:
 
         Idempotent across processes (the expiry's Msg-Id and expected sequence are
         the claim's). ``reason`` "start-to-close timeout" expires a live claim; a
-        ``Verdict`` comes with the ``view`` it was judged from.
-        Returns True if this call (or an identical earlier one) recorded the expiry.
+        ``Verdict`` is taken as is only with the ``view`` it was judged from.
+        Returns True if this call (or an identical earlier one) recorded the expiry;
+        False also when another reaper fenced the lease first (it records it).
         """
         state = self.board.get(task_id)
         if state is None or state.seq < epoch:
@@ -1262,9 +1263,9 @@ class TaskService:
         if reason == "start-to-close timeout":
             verdict_text, refund = "start-to-close timeout", False
         else:
-            if isinstance(reason, Verdict):
+            if isinstance(reason, Verdict) and view is not None:
                 verdict = reason
-            else:
+            else:  # judged here, so that a standing lease is fenced at what was seen
                 verdict, view = await self._judge(state)
             if not verdict.gone:
                 return False  # still alive (or still within the claimer's grace)
