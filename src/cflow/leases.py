@@ -1270,15 +1270,14 @@ class TaskService:
             if not verdict.gone:
                 return False  # still alive (or still within the claimer's grace)
             verdict_text, refund = verdict.reap_reason, verdict is Verdict.NEVER_LEASED
-            if refund and not await self._fence_lease(claim_lease_key(state)):
-                return False  # the lease was written just now: the claim is alive
-            if view is not None and view.op == "PUT" and not await self._fence_lease(
-                    claim_lease_key(state), view.revision):
-                # Judged lapsed from a lease still standing (the server's marker not
-                # seen: a late reply, a clock ahead): take the key at the revision
-                # judged, so a holder that renewed since keeps its claim, and one that
-                # did not learns at its next renewal that it lost it.
-                return False
+            # Take the key as it was judged: absent (never leased), or a lease still
+            # standing judged lapsed (the server's marker not seen: a late reply, a
+            # clock ahead). A lease written or renewed since keeps its claim; a holder
+            # that did neither learns at its next write that it lost it.
+            fence_at = 0 if refund else view.revision if view and view.op == "PUT" else None
+            if fence_at is not None and not await self._fence_lease(claim_lease_key(state),
+                                                                    fence_at):
+                return False  # the claim is alive
         try:
             appended = await self.log.append(
                 ev.TaskLeaseExpired(epoch=epoch, owner=state.owner or "", reason=verdict_text,

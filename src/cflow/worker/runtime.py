@@ -320,22 +320,17 @@ class Worker:
         self._status_changed.set()
 
     async def _write_statuses(self) -> None:
-        """Write the latest status asked for; those asked for meanwhile are skipped, and
-        one that could not be written is tried again (every few seconds) until it is."""
-        written: tuple[ev.AgentStatus, str | None] | None = self._status
+        """Write the latest status asked for (``set_status`` skips one the agent already
+        shows); those asked for meanwhile are skipped, and one that could not be
+        written is tried again every few seconds until it is."""
         while True:
             await self._status_changed.wait()
             self._status_changed.clear()
-            wanted = self._status
-            if wanted == written or self.agent is None:
+            if self.agent is None:
                 continue
             try:
-                await self.agent.set_status(*wanted)
-                written = wanted
+                await self.agent.set_status(*self._status)
             except CflowError as exc:
-                # It may have been stored all the same (a lost ack): write whatever
-                # comes next, even the status of before (set_status skips a no-op).
-                written = None
                 log.warning("status update failed: %s", exc)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(STATUS_RETRY_S):
