@@ -40,7 +40,7 @@ from faults import (
     timeline,
 )
 from support import maintained, until
-from test_worker import running_worker
+from test_worker import UntilStopped, running_worker
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -425,33 +425,21 @@ async def test_a_claim_that_comes_back_after_its_deadline_runs_nothing(
         f"work started on a lease past its deadline (epochs {ran.read_text().split()}): {events}")
 
 
-class CutOffAtStart:
+class CutOffAtStart(UntilStopped):
     """An executor whose work cuts its worker off from NATS (black-holes the worker's
     proxy) the moment it starts, then works until it is stopped."""
 
     name = "cut-off"
 
     def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
         self.proxy = proxy
-        self.started = asyncio.Event()
-        self.stopped = asyncio.Event()
-        self.ran_s: float | None = None
-
-    async def check(self) -> None:
-        return None
 
     async def run(self, ctx: TaskContext) -> Outcome:
         # Synchronously, before the worker's first write after the claim (its
         # "busy" status) can have its answer: that write hangs in the partition.
         self.proxy.blackhole()
-        began = time.monotonic()
-        self.started.set()
-        try:
-            await asyncio.Event().wait()  # works until stopped
-        finally:
-            self.ran_s = time.monotonic() - began
-            self.stopped.set()
-        raise AssertionError("unreachable")
+        return await super().run(ctx)
 
 
 async def test_a_holder_cut_off_as_its_work_starts_stops_within_a_ttl(
@@ -466,8 +454,15 @@ async def test_a_holder_cut_off_as_its_work_starts_stops_within_a_ttl(
     ttl = 2.0
     with proxies(nats_url, 1) as [proxy]:
         exe = CutOffAtStart(proxy)
+        given_up = asyncio.Event()  # the worker is done with the task ("lost")
+
+        def on_event(kind: str, _: str) -> None:
+            if kind == "lost":
+                given_up.set()
+
         async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s, \
-                running_worker(proxy.url, swarm_name, exe, name="cut-off") as w:
+                running_worker(proxy.url, swarm_name, exe, name="cut-off",
+                               on_event=on_event) as w:
             try:
                 await s.tasks.create("cut off as it starts", lease_ttl_s=ttl)
                 await asyncio.wait_for(exe.started.wait(), 20)
@@ -476,10 +471,8 @@ async def test_a_holder_cut_off_as_its_work_starts_stops_within_a_ttl(
                 # Its slot is free again while the partition lasts: nothing it does
                 # after the lease is lost (its status writes) may wait on NATS.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        while w.running or w.stats.lost < 1:
-                            await asyncio.sleep(0.05)
-                slot_freed = not w.running and w.stats.lost == 1
+                    await asyncio.wait_for(given_up.wait(), 2.0)
+                slot_freed = given_up.is_set() and w.stats.lost == 1
             finally:
                 proxy.heal()
             ran = exe.ran_s

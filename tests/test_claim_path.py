@@ -9,6 +9,7 @@ import pytest
 
 from cflow import events as ev
 from cflow.errors import AlreadyClaimed, DependencyError, InvalidState, LeaseLost, NotFound
+from cflow.lease_policy import Verdict
 from cflow.swarm import Swarm
 from support import maintained, until
 
@@ -256,9 +257,6 @@ async def test_a_standing_lease_judged_lapsed_is_taken_before_the_claim_is_expir
     back: the holder would renew on untouched and work on beside the next holder.
     The expiry takes the key at the revision judged: refused if the holder renewed
     since, and otherwise the holder's next renewal is refused."""
-    from cflow.errors import LeaseLost as Lost
-    from cflow.lease_policy import Verdict
-
     t = await swarm.tasks.create("judged from a stale view", lease_ttl_s=30)
     lease = await swarm.tasks.claim(t.task_id, agent="holder")
     assert lease is not None
@@ -272,7 +270,7 @@ async def test_a_standing_lease_judged_lapsed_is_taken_before_the_claim_is_expir
     current = await swarm.tasks.lease_view(claimed)
     assert current is not None and current.revision > stale.revision
     assert await swarm.tasks.reap(t.task_id, lease.epoch, Verdict.EXPIRED, current)
-    with pytest.raises(Lost):
+    with pytest.raises(LeaseLost):
         await lease.heartbeat()
     assert lease.lost.is_set()
 

@@ -187,9 +187,10 @@ async def task_events(swarm: Swarm, task_id: str) -> list[ev.Event]:
 
 @contextlib.asynccontextmanager
 async def running_worker(nats_url: str, swarm_name: str, executor: object, name: str = "w1",
-                         **opts: object) -> AsyncIterator[Worker]:
+                         on_event: Any = None, **opts: object) -> AsyncIterator[Worker]:
     async with Swarm.connect(nats_url, swarm=swarm_name, agent=name) as s:
-        w = Worker(s, executor, WorkerOptions(name=name, url=nats_url, **opts))  # type: ignore[arg-type]
+        w = Worker(s, executor, WorkerOptions(name=name, url=nats_url, **opts),  # type: ignore[arg-type]
+                   on_event=on_event)
         run = asyncio.create_task(w.run())
         try:
             await asyncio.wait_for(w.started.wait(), 10)
@@ -519,23 +520,28 @@ async def test_a_result_written_through_an_outage_keeps_its_lease(
 
 class UntilStopped:
     """Works until it is stopped (ignores the task's timeout, as an agent session
-    would); records when it stopped."""
+    would); records when it stopped and how long it ran."""
 
     name = "until-stopped"
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
+        self.stopped = asyncio.Event()
         self.stopped_at: float | None = None
+        self.ran_s: float | None = None
 
     async def check(self) -> None:
         return None
 
     async def run(self, ctx: TaskContext) -> Outcome:
+        began = time.monotonic()
         self.started.set()
         try:
             await asyncio.Event().wait()
         finally:
             self.stopped_at = time.monotonic()
+            self.ran_s = self.stopped_at - began
+            self.stopped.set()
         raise AssertionError("unreachable")
 
 
