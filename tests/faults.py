@@ -506,8 +506,9 @@ async def step_down(nc: Any, stream: str, within_s: float = 20.0) -> tuple[str, 
 RECORDER_SOURCE = r'''
 """Execution recorder: run by `cfctl worker --exec` for each task (see tests/faults.py).
 
-argv: LOG SECONDS. The task body may be JSON: {"seconds": S, "fail_attempts": N}
-(exit 1 while CFLOW_TASK_ATTEMPT <= N). Lines (monotonic clock of the machine):
+argv: LOG SECONDS. The task body may be JSON: {"seconds": S, "fail_attempts": N,
+"ignore_term": true} (exit 1 while CFLOW_TASK_ATTEMPT <= N; SIGTERM ignored).
+Lines (monotonic clock of the machine):
   start TASK PID MONO WALL EPOCH ATTEMPT AGENT
   end   TASK PID MONO HOW        (HOW: exit-CODE or signal-N)
   dead  TASK PID MONO            (from a watcher process, once PID is gone)
@@ -581,7 +582,7 @@ def stopped(signum, frame):
     os._exit(128 + signum)
 
 
-signal.signal(signal.SIGTERM, stopped)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if spec.get("ignore_term") else stopped)
 signal.signal(signal.SIGINT, stopped)
 note("start", task, pid, mono(), f"{time.time():.6f}", epoch, attempt, agent)
 deadline = time.monotonic() + seconds
@@ -670,11 +671,14 @@ class ExecutionLog:
                          shlex.quote(str(self.path)), f"{seconds:g}"])
 
     @staticmethod
-    def body(seconds: float | None = None, fail_attempts: int = 0) -> str:
+    def body(seconds: float | None = None, fail_attempts: int = 0,
+             ignore_term: bool = False) -> str:
         """A task body the recorder obeys."""
-        spec: dict[str, float | int] = {"fail_attempts": fail_attempts}
+        spec: dict[str, float | int | bool] = {"fail_attempts": fail_attempts}
         if seconds is not None:
             spec["seconds"] = seconds
+        if ignore_term:
+            spec["ignore_term"] = True
         return json.dumps(spec)
 
     def lines(self) -> list[str]:

@@ -25,6 +25,7 @@ import pytest
 from cflow import events as ev
 from cflow.streams import StoredEvent, names
 from cflow.swarm import Swarm
+from faults import ExecutionLog, proxies
 from test_worker import CFCTL, SubprocessExecutor, running_worker, until, until_claimed
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -148,45 +149,88 @@ async def test_500_tasks_drained_while_workers_are_killed(
     assert expired >= 1 and elapsed < 90
 
 
-async def test_paused_holder_is_fenced_off_and_the_new_holder_wins(
+async def test_a_frozen_holders_command_dies_before_the_new_holder_starts(
         nats_url: str, swarm_name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
-    done_flag = tmp_path / "victim-finished"
-    started = tmp_path / "victim-started"
+    """A worker frozen by SIGSTOP cannot stop its command when its lease runs out;
+    the watcher process kills it before the server can hand the task to another
+    worker, and the frozen worker's late report is refused when it wakes up."""
+    runs = ExecutionLog(tmp_path)
+    ttl = 2.0
     async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
-        t = await s.tasks.create("contested", lease_ttl_s=2.0, backoff_initial_s=0.1)
+        t = await s.tasks.create("contested", lease_ttl_s=ttl, backoff_initial_s=0.1)
         stats_out = tmp_path / "victim.json"
         with open(stats_out, "wb") as out, open(tmp_path / "victim.log", "wb") as err:
             victim = subprocess.Popen(
                 [*CFCTL, "--json", "worker", "--name", "victim", "--exec",
-                 f"touch {started}; sleep 1; echo late; touch {done_flag}", "--max-tasks", "1"],
+                 runs.command(seconds=60), "--max-tasks", "1"],
                 env=cli_env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         try:
             await until_claimed(s, t.task_id, "victim")
             async with asyncio.timeout(15):
-                while not started.exists():  # its child runs: a file is the only signal
+                while not runs.executions(t.task_id):  # its command writes the only signal
                     await asyncio.sleep(0.05)
             os.kill(victim.pid, signal.SIGSTOP)  # the holder freezes with its lease
-            async with running_worker(nats_url, swarm_name, SubprocessExecutor("echo rescued"),
+            frozen_at = time.monotonic()
+            async with running_worker(nats_url, swarm_name,
+                                      SubprocessExecutor(runs.command(seconds=0.2)),
                                       name="rescuer"):
                 done = await until(s, t.task_id, lambda st: st.status == "completed", within=20)
-            assert done.owner == "rescuer" and done.result == "rescued\n"
-            async with asyncio.timeout(10):
-                while not done_flag.exists():  # the victim's own child ran on, unpaused
-                    await asyncio.sleep(0.05)
+            woken_at = time.monotonic()
             os.kill(victim.pid, signal.SIGCONT)  # it wakes up and reports its late result
             rc = await asyncio.to_thread(victim.wait, 30)
         finally:
             if victim.poll() is None:
+                os.kill(victim.pid, signal.SIGCONT)
                 victim.kill()
                 victim.wait(10)
-        assert rc == 0
-        result = json.loads(stats_out.read_text().strip().splitlines()[-1])
-        assert result["lost"] == 1 and result["completed"] == 0
         history = [i.event for i in await s.tasks.history(t.task_id)]
+    first, second = runs.executions(t.task_id)
+    assert first.agent == "victim" and second.agent == "rescuer"
+    # Killed by the watcher while its worker was frozen, within one TTL of the
+    # claim (the last renewal), before the rescuer's execution started.
+    assert first.end is not None and first.how in ("dead", "signal-9"), first
+    assert first.end < woken_at and first.end - frozen_at < ttl, (first, frozen_at)
+    assert first.overlap(second) == 0 and first.end <= second.start, (first, second)
+    assert rc == 0
+    result = json.loads(stats_out.read_text().strip().splitlines()[-1])
+    assert result["lost"] == 1 and result["completed"] == 0
+    assert done.owner == "rescuer" and done.result == f"ran {t.task_id} attempt 2\n"
     types = [e.type for e in history]
     assert types.count("TaskCompleted") == 1 and types.count("TaskLeaseExpired") == 1
     completed = next(e for e in history if isinstance(e.data, ev.TaskCompleted))
-    assert completed.actor == "rescuer" and completed.data.result == "rescued\n"  # type: ignore[attr-defined]
+    assert completed.actor == "rescuer"
+
+
+async def test_a_cut_off_holders_command_that_ignores_sigterm_dies_within_a_ttl(
+        nats_url: str, swarm_name: str, tmp_path: Path) -> None:
+    """A holder cut off from NATS stops its command at its deadline with SIGTERM and
+    SIGKILLs it after a grace period; a command that ignores SIGTERM must still be
+    dead before the server's TTL runs out (the grace used to outlast a short TTL)."""
+    runs = ExecutionLog(tmp_path)
+    ttl = 2.0
+    with proxies(nats_url, 1) as [proxy]:
+        async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s, \
+                running_worker(proxy.url, swarm_name,
+                               SubprocessExecutor(runs.command(seconds=60)), name="cut-off"):
+            t = await s.tasks.create("stubborn", body=ExecutionLog.body(ignore_term=True),
+                                     lease_ttl_s=ttl, max_attempts=1)
+            try:
+                async with asyncio.timeout(15):
+                    while not runs.executions(t.task_id):  # the command's own record
+                        await asyncio.sleep(0.05)
+                proxy.blackhole()
+                cut_at = time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ttl + 4):
+                        while runs.executions(t.task_id)[0].end is None:
+                            await asyncio.sleep(0.05)
+            finally:
+                proxy.heal()
+    (run,) = runs.executions(t.task_id)
+    assert run.end is not None, "the command outlived its lease by more than 4 s"
+    assert run.end - cut_at < ttl, (
+        f"the command died {run.end - cut_at:.2f} s after the holder was cut off "
+        f"(lease TTL {ttl:g} s): another worker could have claimed the task by then")
 
 
 async def _exited(pid: int, within: float) -> bool:

@@ -168,3 +168,20 @@ def test_the_holder_stops_a_margin_before_its_start_to_close_timeout() -> None:
     free = HolderClock.start(policy, 100.0)
     assert free.deadline == policy.holder_deadline(100.0)
     assert free.check(free.deadline).lost.startswith("no successful renewal")  # type: ignore[union-attr]
+
+
+@given(ttl=st.floats(0.5, 120), sent=st.floats(0, 1e6), later=st.floats(0, 60),
+       start_to_close=st.one_of(st.none(), st.floats(0.5, 600)))
+def test_a_holders_work_is_killed_after_its_deadline_and_before_anyone_can_take_over(
+        ttl: float, sent: float, later: float, start_to_close: float | None) -> None:
+    """The watcher kills the work at ``kill_by``: after the holder's own deadline (it
+    stops its work itself first) and before the server's TTL of the last renewal
+    or the reapers' start-to-close expiry, both counted from when it was sent."""
+    policy = LeasePolicy(ttl)
+    clock = HolderClock.start(policy, sent, start_to_close)
+    renewed = clock.after("renewed", sent_mono=sent + later, now_mono=sent + later + 0.01)
+    for state, last in ((clock, sent), (renewed, sent + later)):
+        expiry = last + ttl
+        if start_to_close is not None:
+            expiry = min(expiry, sent + start_to_close)
+        assert state.deadline < state.kill_by < expiry

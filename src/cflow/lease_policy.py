@@ -159,18 +159,19 @@ class HolderClock(msgspec.Struct, frozen=True):
     failures: int = 0  # renewals failed in a row (transient errors)
     lost: str | None = None  # why the holder stopped, once it has
     closes: float = math.inf  # the task's start-to-close timeout, less the margin
+    close_margin: float = 0.0  # that margin
 
     @classmethod
     def start(cls, policy: LeasePolicy, leased_sent_mono: float,
               start_to_close_s: float | None = None) -> HolderClock:
         """``start_to_close_s`` caps the claim: reapers expire it that long after it
         was stored, so the holder stops a margin before, counted from when it sent it."""
-        closes = math.inf
+        closes, margin = math.inf, 0.0
         if start_to_close_s:
             margin = min(policy.holder_margin_s, start_to_close_s / 6)
             closes = leased_sent_mono + start_to_close_s - margin
         return cls(policy, min(closes, policy.holder_deadline(leased_sent_mono)),
-                   closes=closes)
+                   closes=closes, close_margin=margin)
 
     def after(self, event: HolderEvent, *, sent_mono: float, now_mono: float,
               reason: str = "") -> HolderClock:
@@ -191,6 +192,16 @@ class HolderClock(msgspec.Struct, frozen=True):
     def closed(self) -> bool:
         """Whether the start-to-close timeout, not a missed renewal, set the deadline."""
         return self.deadline >= self.closes
+
+    @property
+    def kill_by(self) -> float:
+        """Monotonic time by which the holder's work must be dead whatever became of
+        the holder: half-way through the margin between its deadline and the
+        server's expiry of the lease (or the reapers' of the claim). A watcher in
+        another process enforces it, since a holder frozen by SIGSTOP or a blocked
+        event loop cannot stop its own commands."""
+        return min(self.deadline + self.policy.holder_margin_s / 2,
+                   self.closes + self.close_margin / 2)
 
     def check(self, now_mono: float) -> HolderClock:
         """Lost once the deadline passed without a successful renewal, or the claim's

@@ -163,6 +163,12 @@ class Lease:
         """Monotonic time at which this holder gives the lease up without a renewal."""
         return self.clock.deadline
 
+    @property
+    def kill_by(self) -> float:
+        """Monotonic time by which the holder's work must be dead, frozen holder or not
+        (:attr:`cflow.lease_policy.HolderClock.kill_by`)."""
+        return self.clock.kill_by
+
     async def heartbeat(self) -> HeartbeatStatus:
         """Renew once. Raises LeaseLost when the lease is gone or the deadline passed."""
         async with self._beat_lock:
@@ -247,7 +253,8 @@ class Lease:
 
     @contextlib.asynccontextmanager
     async def keep_alive(self, interval_s: float | None = None,
-                         on_lost: Callable[[Lease], None] | None = None
+                         on_lost: Callable[[Lease], None] | None = None,
+                         on_renewed: Callable[[Lease], None] | None = None
                          ) -> AsyncIterator[Lease]:
         """Renew every ``interval_s`` (default TTL/3) in the background while the block runs.
 
@@ -257,15 +264,23 @@ class Lease:
         abandoned at the deadline; the holder's deadline bounds how long that may go
         on. When the lease is lost (refused, deadline passed) or the task cancelled,
         ``self.lost`` is set and ``on_lost`` is called (once) so the holder stops its
-        work.
+        work. ``on_renewed`` is called after each renewal that succeeded (the
+        deadlines moved).
         """
         def lost() -> None:
             if on_lost is not None:
                 on_lost(self)
 
+        async def renew() -> HeartbeatStatus:
+            status = await self.heartbeat()
+            if on_renewed is not None:
+                on_renewed(self)
+            return status
+
         # heartbeat() records each renewal on self.clock and marks a refusal lost.
-        async with kept_alive(self, self.heartbeat, name=f"lease on {self.task_id}",
-                              interval_s=interval_s, on_lost=lost):
+        async with kept_alive(self, renew if on_renewed else self.heartbeat,
+                              name=f"lease on {self.task_id}", interval_s=interval_s,
+                              on_lost=lost):
             yield self
 
 

@@ -39,6 +39,7 @@ from cflow.background import stop_tasks
 from cflow.errors import CflowError, LeaseLost, Unavailable
 from cflow.keepalive import check_deadline
 from cflow.worker.executor import RESULT_CAP_BYTES, Executor, Outcome, TaskContext
+from cflow.worker.guard import guard
 
 if TYPE_CHECKING:
     from cflow import events as ev
@@ -359,29 +360,36 @@ class Worker:
         if self.opts.lease_ttl_s:
             period = max(0.2, min(lease.ttl_s, self.opts.lease_ttl_s) / 3)
         outcome: Outcome | None = None
+        def renewed(_: Lease) -> None:
+            holding.move(lease.kill_by)
+
         try:
             # The keep-alive guards the work from its first instant: nothing is
-            # awaited between starting the executor and watching the deadline.
-            async with lease.keep_alive(interval_s=period, on_lost=lost):
-                work = asyncio.create_task(self.executor.run(self._context(lease)),
-                                           name=f"run-{lease.task_id}")
-                item = _Running(lease, work)
-                running.append(item)
-                self.running[lease.task_id] = item
-                if self.aborting.is_set():
-                    self._stop(item, "worker stopped")
-                self._set_status(True, lease.task_id)
-                try:
-                    outcome = await work
-                except asyncio.CancelledError:
-                    if item.stop_reason is None:
-                        raise  # we are being cancelled ourselves
-                except (CflowError, OSError) as exc:  # the executor could not run it at all
-                    outcome = Outcome(ok=False, error=f"{self.executor.name} executor: {exc}")
-                # Renewals go on while the result is written: a write retried through
-                # an election must not let the lease lapse and the finished work be
-                # refused and run again (the result stays fenced by the epoch).
-                await self._record(item, outcome)
+            # awaited between starting the executor and watching the deadline. The
+            # commands it starts are killed by the watcher process at the lease's
+            # kill-by time, moved with each renewal, should this process freeze.
+            with guard.holding(lease.kill_by) as holding:
+                async with lease.keep_alive(interval_s=period, on_lost=lost,
+                                            on_renewed=renewed):
+                    work = asyncio.create_task(self.executor.run(self._context(lease)),
+                                               name=f"run-{lease.task_id}")
+                    item = _Running(lease, work)
+                    running.append(item)
+                    self.running[lease.task_id] = item
+                    if self.aborting.is_set():
+                        self._stop(item, "worker stopped")
+                    self._set_status(True, lease.task_id)
+                    try:
+                        outcome = await work
+                    except asyncio.CancelledError:
+                        if item.stop_reason is None:
+                            raise  # we are being cancelled ourselves
+                    except (CflowError, OSError) as exc:  # the executor could not run it at all
+                        outcome = Outcome(ok=False, error=f"{self.executor.name} executor: {exc}")
+                    # Renewals go on while the result is written: a write retried through
+                    # an election must not let the lease lapse and the finished work be
+                    # refused and run again (the result stays fenced by the epoch).
+                    await self._record(item, outcome)
         finally:
             if running:
                 self.running.pop(lease.task_id, None)
