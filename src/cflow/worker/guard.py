@@ -207,11 +207,13 @@ class DeathWatch:
         self._forget("container", container_id)
 
     def _watch(self, kind: str, name: str) -> None:
-        self._send(f"+{kind} {name}\n".encode())
+        line = f"+{kind} {name}\n"
         held = _holding.get()
         if held is not None:
             held.held.add((kind, name))
-            self._deadline(kind, name, held.kill_by)
+            if math.isfinite(held.kill_by):
+                line += f"@{kind} {name} {held.kill_by:.6f}\n"
+        self._send(line.encode())
 
     def _forget(self, kind: str, name: str) -> None:
         held = _holding.get()

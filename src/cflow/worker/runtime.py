@@ -356,13 +356,13 @@ class Worker:
                 if not item.work.done():
                     self._stop(item, "lease lost" if not lease.cancelled else "task cancelled")
 
+        def renewed(_: Lease) -> None:
+            holding.move(lease.kill_by)
+
         period = None
         if self.opts.lease_ttl_s:
             period = max(0.2, min(lease.ttl_s, self.opts.lease_ttl_s) / 3)
         outcome: Outcome | None = None
-        def renewed(_: Lease) -> None:
-            holding.move(lease.kill_by)
-
         try:
             # The keep-alive guards the work from its first instant: nothing is
             # awaited between starting the executor and watching the deadline. The
