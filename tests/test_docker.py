@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -265,6 +268,48 @@ async def test_worker_runs_tasks_in_containers(docker_image: str, nats_url: str,
         finally:
             w.drain()
             await asyncio.wait_for(run, 30)
+
+
+@pytest.mark.integration
+@pytest.mark.chaos
+async def test_a_frozen_workers_container_is_removed_when_its_lease_runs_out(
+        docker_image: str, nats_url: str, swarm_name: str, cli_env: dict[str, str],
+        tmp_path: Path) -> None:
+    """SIGSTOP of a `cfctl worker --docker`: the frozen worker cannot stop its container
+    when its lease runs out, so its watcher removes it, before the server's TTL of the
+    last renewal (otherwise it would run on beside the next holder's)."""
+    ttl = 2.0
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
+        t = await s.tasks.create("long container task", lease_ttl_s=ttl)
+        events = ContainerEvents(t.task_id)  # open before anything can happen
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
+                 "--docker-cmd", "sleep 120"],
+                env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            async with asyncio.timeout(60):
+                await events.next("start")
+            os.kill(worker.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ttl + 5):
+                    await events.next("die")
+            died_after = time.monotonic() - frozen_at
+            # The event is read on a thread after Docker sent it: some slack.
+            assert died_after < ttl + 0.5, f"the container ran {died_after:.1f} s after the freeze"
+            async with asyncio.timeout(20):
+                await events.next("destroy")  # force-removed, not only killed
+            assert containers_of(t.task_id) == []
+        finally:
+            events.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGCONT)
+            worker.kill()
+            worker.wait(10)
+            with contextlib.suppress(Exception):  # one removed meanwhile: 404
+                for container in containers_of(t.task_id):
+                    container.remove(force=True)
 
 
 @pytest.mark.integration
