@@ -30,6 +30,11 @@ from test_worker import CFCTL, SubprocessExecutor, running_worker, until, until_
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
+# A recorded execution ends when the recorder's watcher saw its process gone: on a
+# loaded machine a little after the kill (without the watcher's kill-by time, the
+# commands below lived 1.7 s to minutes longer).
+SEEN_DEAD_SLACK_S = 0.5
+
 ENDS_CLAIM = (ev.TaskLeaseExpired, ev.TaskCompleted, ev.TaskFailed, ev.TaskReleased,
               ev.TaskCancelled)
 
@@ -187,9 +192,12 @@ async def test_a_frozen_holders_command_dies_before_the_new_holder_starts(
     first, second = runs.executions(t.task_id)
     assert first.agent == "victim" and second.agent == "rescuer"
     # Killed by the watcher while its worker was frozen, within one TTL of the
-    # claim (the last renewal), before the rescuer's execution started.
+    # claim (the last renewal), before the rescuer's execution started. (Its end is
+    # when the recorder's own watcher saw it gone: up to a few scheduling delays
+    # late on a loaded machine, hence SEEN_DEAD_SLACK_S.)
     assert first.end is not None and first.how in ("dead", "signal-9"), first
-    assert first.end < woken_at and first.end - frozen_at < ttl, (first, frozen_at)
+    assert first.end < woken_at, (first, woken_at)
+    assert first.end - frozen_at < ttl + SEEN_DEAD_SLACK_S, (first, frozen_at)
     assert first.overlap(second) == 0 and first.end <= second.start, (first, second)
     assert rc == 0
     result = json.loads(stats_out.read_text().strip().splitlines()[-1])
@@ -228,7 +236,7 @@ async def test_a_cut_off_holders_command_that_ignores_sigterm_dies_within_a_ttl(
                 proxy.heal()
     (run,) = runs.executions(t.task_id)
     assert run.end is not None, "the command outlived its lease by more than 4 s"
-    assert run.end - cut_at < ttl, (
+    assert run.end - cut_at < ttl + SEEN_DEAD_SLACK_S, (
         f"the command died {run.end - cut_at:.2f} s after the holder was cut off "
         f"(lease TTL {ttl:g} s): another worker could have claimed the task by then")
 
