@@ -278,9 +278,8 @@ class Lease:
             return status
 
         # heartbeat() records each renewal on self.clock and marks a refusal lost.
-        async with kept_alive(self, renew if on_renewed else self.heartbeat,
-                              name=f"lease on {self.task_id}", interval_s=interval_s,
-                              on_lost=lost):
+        async with kept_alive(self, renew, name=f"lease on {self.task_id}",
+                              interval_s=interval_s, on_lost=lost):
             yield self
 
 

@@ -127,8 +127,14 @@ class Holding:
         if abs(kill_by - self.kill_by) < 0.001:
             return
         self.kill_by = kill_by
-        for kind, name in list(self.held):
-            self._watch._deadline(kind, name, kill_by)
+        if self.held:
+            self._watch._send("".join(_kill_by(kind, name, kill_by)
+                                      for kind, name in list(self.held)).encode())
+
+
+def _kill_by(kind: str, name: str, kill_by: float) -> str:
+    """The watcher's line giving a command (or container) the time it must be dead by."""
+    return f"@{kind} {name} {kill_by:.6f}\n" if math.isfinite(kill_by) else ""
 
 
 _holding: contextvars.ContextVar[Holding | None] = contextvars.ContextVar(
@@ -211,8 +217,7 @@ class DeathWatch:
         held = _holding.get()
         if held is not None:
             held.held.add((kind, name))
-            if math.isfinite(held.kill_by):
-                line += f"@{kind} {name} {held.kill_by:.6f}\n"
+            line += _kill_by(kind, name, held.kill_by)
         self._send(line.encode())
 
     def _forget(self, kind: str, name: str) -> None:
@@ -220,10 +225,6 @@ class DeathWatch:
         if held is not None:
             held.held.discard((kind, name))
         self._send(f"-{kind} {name}\n".encode())
-
-    def _deadline(self, kind: str, name: str, kill_by: float) -> None:
-        if math.isfinite(kill_by):
-            self._send(f"@{kind} {name} {kill_by:.6f}\n".encode())
 
 
 guard = DeathWatch()
