@@ -270,6 +270,38 @@ async def test_worker_runs_tasks_in_containers(docker_image: str, nats_url: str,
             await asyncio.wait_for(run, 30)
 
 
+@contextlib.asynccontextmanager
+async def container_worker(docker_image: str, nats_url: str, swarm_name: str,
+                           cli_env: dict[str, str], log_path: Path, *, lease_ttl_s: float
+                           ) -> AsyncIterator[tuple[subprocess.Popen[bytes], str,
+                                                    ContainerEvents]]:
+    """A `cfctl worker --docker` whose container (``sleep 120``) has started: the
+    worker process, the task id and the task's container events. Afterwards the
+    worker is killed (thawed first) and any container of the task removed."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
+        t = await s.tasks.create("long container task", lease_ttl_s=lease_ttl_s)
+    events = ContainerEvents(t.task_id)  # open before anything can happen
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
+             "--docker-cmd", "sleep 120"],
+            env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(60):
+            await events.next("start")
+        yield worker, t.task_id, events
+    finally:
+        events.close()
+        if worker.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGCONT)
+            worker.kill()
+            worker.wait(10)
+        with contextlib.suppress(Exception):  # one removed meanwhile: 404
+            for container in containers_of(t.task_id):
+                container.remove(force=True)
+
+
 @pytest.mark.integration
 @pytest.mark.chaos
 async def test_a_frozen_workers_container_is_removed_when_its_lease_runs_out(
@@ -279,37 +311,20 @@ async def test_a_frozen_workers_container_is_removed_when_its_lease_runs_out(
     when its lease runs out, so its watcher removes it, before the server's TTL of the
     last renewal (otherwise it would run on beside the next holder's)."""
     ttl = 2.0
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
-        t = await s.tasks.create("long container task", lease_ttl_s=ttl)
-        events = ContainerEvents(t.task_id)  # open before anything can happen
-        with open(tmp_path / "worker.log", "wb") as log:
-            worker = subprocess.Popen(
-                [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
-                 "--docker-cmd", "sleep 120"],
-                env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            async with asyncio.timeout(60):
-                await events.next("start")
-            os.kill(worker.pid, signal.SIGSTOP)
-            frozen_at = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ttl + 5):
-                    await events.next("die")
-            died_after = time.monotonic() - frozen_at
-            # The event is read on a thread after Docker sent it: some slack.
-            assert died_after < ttl + 0.5, f"the container ran {died_after:.1f} s after the freeze"
-            async with asyncio.timeout(20):
-                await events.next("destroy")  # force-removed, not only killed
-            assert containers_of(t.task_id) == []
-        finally:
-            events.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGCONT)
-            worker.kill()
-            worker.wait(10)
-            with contextlib.suppress(Exception):  # one removed meanwhile: 404
-                for container in containers_of(t.task_id):
-                    container.remove(force=True)
+    async with container_worker(docker_image, nats_url, swarm_name, cli_env,
+                                tmp_path / "worker.log", lease_ttl_s=ttl) as (
+            worker, task_id, events):
+        os.kill(worker.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ttl + 5):
+                await events.next("die")
+        died_after = time.monotonic() - frozen_at
+        # The event is read on a thread after Docker sent it: some slack.
+        assert died_after < ttl + 0.5, f"the container ran {died_after:.1f} s after the freeze"
+        async with asyncio.timeout(20):
+            await events.next("destroy")  # force-removed, not only killed
+        assert containers_of(task_id) == []
 
 
 @pytest.mark.integration
@@ -319,27 +334,11 @@ async def test_a_killed_workers_container_is_removed(docker_image: str, nats_url
                                                      tmp_path: Path) -> None:
     """kill -9 of a `cfctl worker --docker` leaves no container working on: its watcher
     force-removes it (otherwise it would run on beside the next holder's)."""
-    async with Swarm.connect(nats_url, swarm=swarm_name, agent="tester") as s:
-        t = await s.tasks.create("long container task", lease_ttl_s=30.0)
-        events = ContainerEvents(t.task_id)  # open before anything can happen
-        with open(tmp_path / "worker.log", "wb") as log:
-            worker = subprocess.Popen(
-                [*CFCTL, "worker", "--name", "boxer", "--docker", docker_image,
-                 "--docker-cmd", "sleep 120"],
-                env=cli_env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            async with asyncio.timeout(60):
-                await events.next("start")
-            worker.kill()
-            worker.wait(10)
-            async with asyncio.timeout(20):
-                await events.next("destroy")
-            assert containers_of(t.task_id) == []
-        finally:
-            events.close()
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait(10)
-            for container in containers_of(t.task_id):
-                with contextlib.suppress(Exception):
-                    container.remove(force=True)
+    async with container_worker(docker_image, nats_url, swarm_name, cli_env,
+                                tmp_path / "worker.log", lease_ttl_s=30.0) as (
+            worker, task_id, events):
+        worker.kill()
+        worker.wait(10)
+        async with asyncio.timeout(20):
+            await events.next("destroy")
+        assert containers_of(task_id) == []
