@@ -51,6 +51,16 @@ async def control_events(swarm: Swarm) -> list[ev.Event]:
     return [i.event for i in items if isinstance(i, StoredEvent)]
 
 
+async def control_events_until(swarm: Swarm, kind: type[ev.EventData],
+                               within: float = 10.0) -> list[ev.EventData]:
+    """The data of the control events of type ``kind``, once there is one."""
+    async with asyncio.timeout(within):
+        while not (found := [e.data for e in await control_events(swarm)
+                             if isinstance(e.data, kind)]):
+            await asyncio.sleep(0.05)
+    return found
+
+
 async def test_pause_stops_claims_across_claimers_and_resume_restarts_them(
         nats_url: str, swarm_name: str, admin: Swarm) -> None:
     async with contextlib.AsyncExitStack() as stack:
@@ -208,9 +218,10 @@ async def test_spend_budget_pauses_the_swarm(nats_url: str, swarm_name: str,
             assert lease is not None
             await lease.complete("done", cost_usd=0.6)
         view = await view_until(admin, lambda v: v.mode == "paused")
+        # The pause (KV) is written before its BudgetExceeded event is appended:
+        # awaited while the maintainer that writes both still runs.
+        exceeded = await control_events_until(admin, ev.BudgetExceeded)
     assert "max_spend_usd" in view.swarm.reason
-    events = await control_events(admin)
-    exceeded = [e.data for e in events if isinstance(e.data, ev.BudgetExceeded)]
     assert len(exceeded) == 1 and exceeded[0].scope == "swarm"
     assert exceeded[0].value == pytest.approx(1.2)
 
