@@ -111,9 +111,10 @@ async def test_a_gate_approved_by_clicking_makes_its_dependent_ready(
     dep = await swarm.tasks.create("publish the release", depends_on=[gate.task_id])
     # Live: the board re-reads once the projector has the gate (slow on a loaded CI box;
     # the 1 s update goal is measured in bench/ui_bench.py, not here).
+    # A locator, not an element handle: every live refresh replaces the button.
+    approve = page.locator(f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")')
     try:
-        button = await page.wait_for_selector(
-            f'.gate[data-gate="{gate.task_id}"] button:has-text("Approve")', timeout=15_000)
+        await approve.wait_for(timeout=15_000)
     except Exception as exc:  # say what the page and the console showed instead
         from cflow.ui.processes import tail
 
@@ -123,7 +124,11 @@ async def test_a_gate_approved_by_clicking_makes_its_dependent_ready(
             f"live {await page.evaluate('document.body.dataset.live')}\n{board[:3000]}\n"
             f"console stderr:\n{tail(console.procs['ui'])}") from None
     await page.fill(f"#note-{gate.task_id}", "looks good")
-    await button.click()  # the confirmation dialog is accepted by the fixture
+    # A live update replaces the board while the operator is typing: the note stays.
+    typing = await swarm.tasks.create("arrives while the note is typed")
+    await page.wait_for_selector(f'#board tr[data-task="{typing.task_id}"]', timeout=10_000)
+    assert await page.input_value(f"#note-{gate.task_id}") == "looks good"
+    await approve.click()  # the confirmation dialog is accepted by the fixture
     await page.wait_for_selector(
         f'#flash:has-text("gate {gate.task_id} approved by ui:{OPERATOR}")', timeout=5000)
     await page.goto(f"{console.url}/tasks/{dep.task_id}")

@@ -28,6 +28,7 @@
     if (busy) { pending = true; return; }
     busy = true;
     pending = false;
+    const seq = window.cfSeq;  // updates arriving meanwhile raise cfSeq for the next refresh
     try {
       const now = Date.now();
       const sections = Array.from(document.querySelectorAll("[data-live]"));
@@ -45,13 +46,13 @@
           return null;
         }
         lastRefresh[el.id] = now;
-        const url = el.dataset.live + (el.dataset.live.indexOf("?") >= 0 ? "&" : "?") + "seq=" + window.cfSeq;
+        const url = el.dataset.live + (el.dataset.live.indexOf("?") >= 0 ? "&" : "?") + "seq=" + seq;
         const target = "#" + el.id;
         const swap = el.id === "banner" ? "innerHTML" : "outerHTML";
         return htmx.ajax("GET", url, { target: target, swap: swap }).catch(function () { return null; });
       }));
-      document.body.dataset.seq = String(window.cfSeq);
-      document.dispatchEvent(new CustomEvent("cf-refreshed", { detail: { seq: window.cfSeq } }));
+      document.body.dataset.seq = String(seq);
+      document.dispatchEvent(new CustomEvent("cf-refreshed", { detail: { seq: seq } }));
       // A projector that had not reached the sequence yet answered with what it had
       // (its data-checkpoint says how far it was): look again shortly, or the page
       // would stay behind until some later event.
@@ -94,6 +95,28 @@
   document.body.addEventListener("htmx:afterRequest", function (e) {
     const verb = (e.detail.requestConfig || {}).verb;
     if (verb === "post") { refresh(); }
+  });
+  // A live re-read replaces its section, inputs too: what the operator is typing (a gate's
+  // note) and where the cursor is are carried over to the new inputs with the same id.
+  let typed = null;
+  document.body.addEventListener("htmx:beforeSwap", function (e) {
+    const target = e.detail.target;
+    if ((e.detail.requestConfig || {}).verb !== "get" || !target) { return; }
+    typed = Array.from(target.querySelectorAll("input[id], textarea[id]")).filter(
+      function (el) { return el.value !== el.defaultValue; }).map(function (el) {
+      const focused = el === document.activeElement;
+      return { id: el.id, value: el.value, focused: focused,
+               start: focused ? el.selectionStart : null, end: focused ? el.selectionEnd : null };
+    });
+  });
+  document.body.addEventListener("htmx:afterSwap", function () {
+    (typed || []).forEach(function (was) {
+      const el = document.getElementById(was.id);
+      if (!el || el.value !== el.defaultValue) { return; }
+      el.value = was.value;
+      if (was.focused) { el.focus(); el.setSelectionRange(was.start, was.end); }
+    });
+    typed = null;
   });
   // A live re-read that fails (no projector answering, the console restarting) keeps the
   // section as it was, marks the page stale, and tries again in two seconds.
