@@ -91,14 +91,13 @@ async def shot(page: Any, name: str) -> Path:
     return path
 
 
-async def test_board_shows_a_task_within_a_second_of_cfctl_task_add(page: Any,
-                                                                     console: Console) -> None:
+async def test_board_shows_a_task_live_after_cfctl_task_add(page: Any,
+                                                            console: Console) -> None:
+    """The open board shows the new row without a reload. How fast (the 1 s goal) is
+    measured by ``bench/ui_bench.py``, not here: the suite shares the machine."""
     task_id = await asyncio.to_thread(console.run, "task", "add", "appears live", "--priority",
                                       "7", "--needs", "python", "--label", "area=ui")
-    added = time.monotonic()
-    row = await page.wait_for_selector(f'tr[data-task="{task_id}"]', timeout=1000)
-    elapsed = time.monotonic() - added
-    assert elapsed < 1.0
+    row = await page.wait_for_selector(f'tr[data-task="{task_id}"]', timeout=10_000)
     text = await row.inner_text()
     assert "appears live" in text and task_id in text  # whole ids
     assert await page.inner_text('b[data-count="ready"]') != "0"
