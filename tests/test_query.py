@@ -7,6 +7,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from cflow import events as ev
 from cflow.errors import InvalidInput, LimitExceeded, QueryRejected, Unavailable
 from cflow.projections.projector import Projector
-from cflow.projections.query import QueryClient, QueryService, check_read_only
+from cflow.projections.query import QueryClient, QueryService, TimeLimits, check_read_only
 from cflow.streams import EventLog, connect
 
 
@@ -118,6 +119,36 @@ async def test_service_refuses_writes_and_file_access(log: EventLog, served: Pro
         await client.query("SELECT * FROM no_such_table")
     # The service is still there and the data untouched.
     assert (await client.query("SELECT count(*) FROM checkpoint")).rows == [[1]]
+
+
+def test_a_query_whose_first_interrupt_came_too_early_is_still_cut() -> None:
+    """DuckDB drops an interrupt that arrives before its statement starts (a query
+    thread late to start under load): the limit holds because the query is
+    interrupted again until it is disarmed, and the cursor works afterwards."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    cursor = con.cursor()
+    interrupted = threading.Event()
+
+    class Watched:  # the real cursor, telling the test when it was interrupted
+        def interrupt(self) -> None:
+            cursor.interrupt()
+            interrupted.set()
+
+    limits = TimeLimits()
+    cursor.execute("BEGIN TRANSACTION READ ONLY")
+    token = limits.arm(Watched(), 0.0)
+    assert interrupted.wait(10)  # delivered while no statement ran: dropped by DuckDB
+    try:
+        with pytest.raises(duckdb.InterruptException):  # ~6 s when nothing cuts it
+            cursor.execute("SELECT sum(range) FROM range(3000000000)").fetchall()
+    finally:
+        limits.disarm(token)
+    cursor.execute("ROLLBACK")
+    assert cursor.execute("SELECT 42").fetchall() == [(42,)]
+    con.close()
 
 
 @pytest.mark.integration
