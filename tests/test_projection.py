@@ -55,6 +55,8 @@ async def test_follows_live_events(log: EventLog, projector: Projector) -> None:
     assert await fetch(projector, "SELECT status, owner, epoch, result FROM tasks") == [
         ("completed", "w1", claim.seq, "ok")]
     assert await fetch(projector, "SELECT last_seq FROM checkpoint") == [(done.seq,)]
+    # Statements run on their own thread by default (store.DEFAULT_THREADS).
+    assert await fetch(projector, "SELECT current_setting('threads')") == [(1,)]
 
 
 async def test_bad_messages_are_quarantined_and_the_projector_goes_on(
@@ -345,7 +347,8 @@ async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[s
     last = 0
     for i in range(5):
         last = (await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)).seq
-    proc = await asyncio.create_subprocess_exec(*cfctl, "projector", "--db", str(db), env=env,
+    proc = await asyncio.create_subprocess_exec(*cfctl, "projector", "--db", str(db),
+                                                "--threads", "2", env=env,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stderr is not None
@@ -363,6 +366,9 @@ async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[s
         assert os.stat(db).st_ino != before  # the running projector swapped the file
         result = await QueryClient(log.nc, log.swarm).query("SELECT count(*) FROM tasks")
         assert result.rows == [[5]]
+        result = await QueryClient(log.nc, log.swarm).query(
+            "SELECT current_setting('threads')")
+        assert result.rows == [[2]]  # --threads, kept across the swap
     except BaseException:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)

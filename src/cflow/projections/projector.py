@@ -36,7 +36,7 @@ import msgspec
 from cflow.background import stop_tasks
 from cflow.errors import CflowError, InvalidState
 from cflow.projections import fold
-from cflow.projections.store import ProjectionStore
+from cflow.projections.store import DEFAULT_THREADS, ProjectionStore
 from cflow.streams.names import query_subject
 
 if TYPE_CHECKING:
@@ -83,9 +83,11 @@ class Projector:
     def __init__(self, log_: EventLog, db_path: str | Path, *,
                  batch_max: int = DEFAULT_BATCH_MAX,
                  max_event_bytes: int = fold.DEFAULT_MAX_EVENT_BYTES,
-                 replay: bool = False, reader: str = "raw") -> None:
+                 replay: bool = False, reader: str = "raw",
+                 threads: int = DEFAULT_THREADS) -> None:
         self.log = log_
         self.replay = replay
+        self.threads = threads  # DuckDB's, per statement (store.DEFAULT_THREADS)
         self.reader = reader  # "raw": cflow.streams.raw where it can; "nats-py"
         self.db_path = Path(db_path)
         self.batch_max = batch_max
@@ -119,7 +121,7 @@ class Projector:
         if self.store is None:
             self.store = await self.db(
                 lambda: ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes,
-                                        replay=self.replay))
+                                        replay=self.replay, threads=self.threads))
             self.applied_seq = self.store.last_seq
         return self.store
 
@@ -232,7 +234,8 @@ class BackgroundRebuild:
         tmp = path.with_name(f"{path.name}.rebuild-bg")
         await anyio.to_thread.run_sync(_clear_leftovers, path, tmp)
         shadow = Projector(live.log, tmp, batch_max=live.batch_max,
-                           max_event_bytes=live.max_event_bytes, reader=live.reader)
+                           max_event_bytes=live.max_event_bytes, reader=live.reader,
+                           threads=live.threads)
         shadow.on_batch(lambda seq: self._report("catch-up", seq))
         try:
             return await self._replay_and_swap(shadow, tmp)
@@ -289,7 +292,7 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
                         stop_event: asyncio.Event, *, serve_queries: bool = True,
                         batch_max: int = DEFAULT_BATCH_MAX,
                         ready: Callable[[Projector], None] | None = None,
-                        reap: bool = True) -> None:
+                        reap: bool = True, threads: int = DEFAULT_THREADS) -> None:
     """Run a projector and its query service until ``stop_event`` is set.
 
     This is what ``cfctl projector`` runs, and ``cfctl up`` next to the server.
@@ -308,7 +311,7 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
     try:
         await ensure_swarm(nc, swarm)
         projector = Projector(EventLog(nc, swarm, actor=ident, node=ident), path,
-                              batch_max=batch_max)
+                              batch_max=batch_max, threads=threads)
         await projector.open()
         service = QueryService(nc, swarm, projector, server_id=ident) if serve_queries else None
         try:
