@@ -22,7 +22,9 @@ nats-server without ``--url``); ``bench/bench_projection.py`` runs it too, so
   read-your-writes (append an event, then query with ``wait_for_seq`` = its
   sequence; the figure is the query's round trip after the append returned).
   The baseline in the same run is a bare NATS request/reply to an echo
-  responder on the same connection (``query_rr_baseline_p50_ms``).
+  responder on the same connection (``query_rr_baseline_p50_ms``). On 2,000
+  tasks (``query_*``) and again on a large projection (``query_large_*``:
+  50,000 tasks with ``--quick``, 200,000 otherwise; not in the smoke test).
 """
 
 from __future__ import annotations
@@ -131,16 +133,17 @@ async def lag(nc: Any, url: str, tmp: Path, rate: int, seconds: float,
             "cpu_us_per_event": process_cpu / len(lags) * 1e6}
 
 
-async def queries(nc: Any, tmp: Path, n: int) -> dict[str, float]:
+async def queries(nc: Any, tmp: Path, n: int, tasks: int = 2000) -> dict[str, float]:
     """p50/p99 (ms) of point lookups through the query service, with and without
-    read-your-writes, beside a bare request/reply on the same connection."""
+    read-your-writes, on a projection of ``tasks`` tasks, beside a bare
+    request/reply on the same connection."""
     swarm = f"benchq{int(time.time() * 1000) % 100000}"
     await ensure_swarm(nc, swarm)
     log = EventLog(nc, swarm, actor="bench")
-    for i in range(0, 2000, 500):
+    for i in range(0, tasks, 500):
         await log.append_many([(log.event(ev.TaskCreated(title=f"t{j}"), f"t{j}"), 0)
-                               for j in range(i, i + 500)])
-    projector = Projector(log, tmp / "query.duckdb")
+                               for j in range(i, min(tasks, i + 500))])
+    projector = Projector(log, tmp / f"query-{tasks}.duckdb")
     service = QueryService(nc, swarm, projector, server_id="bench")
     runner = asyncio.create_task(projector.run())
     echo_subject = f"bench.echo.{swarm}"
@@ -160,9 +163,10 @@ async def queries(nc: Any, tmp: Path, n: int) -> dict[str, float]:
             await nc.request(echo_subject, b'{"sql": "SELECT 1"}', timeout=5)
             bare.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
-            result = await client.query(sql, params=[f"t{k % 2000}"], limit=1)
+            looked_up = f"t{k * 7919 % tasks}"
+            result = await client.query(sql, params=[looked_up], limit=1)
             alone.append((time.perf_counter() - t0) * 1000)
-            assert result.rows[:1] == [[f"t{k % 2000}", "ready", 0]], result.rows
+            assert result.rows[:1] == [[looked_up, "ready", 0]], result.rows
             tid = f"w{k}"
             t0 = time.perf_counter()
             written = await log.append(ev.TaskCreated(title=tid), tid, expected=0)
@@ -206,6 +210,13 @@ async def run(url: str | None = None, quick: bool = False,
                         out[f"lag_{name}{suffix}_{key}{unit}"] = value
             for key, value in (await queries(nc, tmp, 200 if quick else 1000)).items():
                 out[f"query_{key}_ms"] = value
+            if os.environ.get("CFLOW_BENCH_SMOKE") != "1":
+                # The same on a large projection: without an index a lookup scans the table.
+                large = 50_000 if quick else 200_000
+                out["query_large_tasks"] = large
+                for key, value in (await queries(nc, tmp, 200 if quick else 1000,
+                                                 tasks=large)).items():
+                    out[f"query_large_{key}_ms"] = value
         finally:
             await nc.close()
     return out

@@ -217,6 +217,33 @@ def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
         again.close()
 
 
+def _scan_type(store: ProjectionStore, sql: str) -> str:
+    plan = store.fetch(f"EXPLAIN ANALYZE {sql}")[0][1]
+    return next(line for line in plan.splitlines() if "Type:" in line)
+
+
+def test_a_point_lookup_reads_the_key_index_also_in_a_file_made_without_it(
+        tmp_path: Path) -> None:
+    items = build_history().items
+    store = apply_in_batches(tmp_path / "p.duckdb", items, 10)
+    lookup = "SELECT status FROM tasks WHERE task_id = 'A'"
+    try:
+        assert "Index Scan" in _scan_type(store, lookup)
+        for table in schema.KEYS:  # as a file written before the indexes existed
+            store.con.execute(f"DROP INDEX {table}_key")
+        assert "Sequential Scan" in _scan_type(store, lookup)
+    finally:
+        store.close()
+    again = ProjectionStore(tmp_path / "p.duckdb")
+    try:
+        assert "Index Scan" in _scan_type(again, lookup)
+        assert again.fetch("SELECT count(*) FROM duckdb_indexes() WHERE index_name LIKE "
+                           "'%_key'") == [(len(schema.KEYS),)]
+        assert again.fetch(lookup) == [("completed",)]
+    finally:
+        again.close()
+
+
 class _Cycle:
     def __init__(self) -> None:
         self.me = self

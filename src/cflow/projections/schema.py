@@ -201,6 +201,10 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 # per statement, so a batch deletes the keys it touches and appends their new
 # rows (both set-at-a-time) instead. ``events`` and ``quarantine`` keep theirs:
 # a sequence applied twice fails the batch instead of silently doubling.
+# Each key has a plain index (ddl(); a file made before it gets it when opened):
+# without one a point lookup or a batch's delete scans the whole table (on 84k
+# tasks: a lookup 1.5 ms instead of 0.4, a 10-key delete 3.7-4.7 ms instead of
+# 1.1); it costs bulk ingest about 6% (5,000-event batches, 56k tasks).
 KEYS: dict[str, tuple[str, ...]] = {
     "tasks": ("task_id",),
     "task_attempts": ("task_id", "epoch"),
@@ -422,9 +426,16 @@ def create_view(name: str) -> str:
     return f"CREATE OR REPLACE VIEW {name} AS {VIEWS[name].strip()}"
 
 
+def create_key_index(table: str) -> str:
+    """An index (not a constraint) on a keyed table's key."""
+    cols = ", ".join(_quote(c) for c in KEYS[table])
+    return f"CREATE INDEX IF NOT EXISTS {table}_key ON {table} ({cols})"
+
+
 def ddl() -> list[str]:
     """Every statement that creates the schema, idempotently, in order."""
     out = [create_table(t) for t in TABLES]
+    out += [create_key_index(t) for t in KEYS]
     out += [create_view(v) for v in VIEWS]
     return out
 
