@@ -53,12 +53,23 @@ async def control_events(swarm: Swarm) -> list[ev.Event]:
 
 async def control_events_until(swarm: Swarm, kind: type[ev.EventData],
                                within: float = 10.0) -> list[ev.EventData]:
-    """The data of the control events of type ``kind``, once there is one."""
-    async with asyncio.timeout(within):
-        while not (found := [e.data for e in await control_events(swarm)
-                             if isinstance(e.data, kind)]):
-            await asyncio.sleep(0.05)
-    return found
+    """The data of the control events of type ``kind``, once there is one (followed
+    from the stream, so each event is awaited, not polled for)."""
+    from cflow.streams import StoredEvent, names
+
+    caught_up = asyncio.Event()
+    found: list[ev.EventData] = []
+    events = swarm.log.follow(names.events_filter(swarm.name, "control"), caught_up=caught_up)
+    try:
+        async with asyncio.timeout(within):
+            async for item in events:
+                if isinstance(item, StoredEvent) and isinstance(item.event.data, kind):
+                    found.append(item.event.data)
+                if found and caught_up.is_set():
+                    return found
+    finally:
+        await events.aclose()
+    raise AssertionError("the follow ended")
 
 
 async def test_pause_stops_claims_across_claimers_and_resume_restarts_them(
