@@ -343,21 +343,56 @@ def test_task_rows_match_the_state_machine(steps: list[tuple[str, bool, int]], d
             fold.TaskRecord(state, reclaims, failures))
 
 
+class _Deletes:
+    """A store's connection that records the keys of each ``DELETE`` it runs."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+        self.keys: list[tuple[str, list[Any]]] = []
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        if sql.startswith("DELETE FROM"):
+            table = sql.split()[2]
+            cols = params if len(schema.KEYS[table]) > 1 else [params[0]]
+            keys = list(zip(*cols, strict=True)) if len(cols) > 1 else list(cols[0])
+            self.keys.append((table, keys))
+        return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.con, name)
+
+
 def test_a_small_row_cache_gives_the_same_tables(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the cache limit the store reads misses from DuckDB; the result is the same."""
     from cflow.projections import store as store_mod
 
-    items = build_history().items
+    history = build_history()
+    history.add(100, ev.TaskCreated(title="late"), "L")  # a new key past the cache limit
+    items = history.items
     reference = apply_in_batches(tmp_path / "ref.duckdb", items, 4)
     monkeypatch.setattr(store_mod, "CACHE_MAX_ROWS", 2)
     small = apply_in_batches(tmp_path / "small.duckdb", items[:12], 4)
     small.close()
     small = ProjectionStore(tmp_path / "small.duckdb")  # reopened: too many rows to cache
+    deletes = _Deletes(small.con)
+    small.con = deletes  # type: ignore[assignment]
+    def keys() -> dict[str, set[Any]]:
+        cols = {t: [schema.COLUMNS[t].index(c) for c in schema.KEYS[t]] for t in schema.KEYS}
+        return {t: {r[i[0]] if len(i) == 1 else tuple(r[j] for j in i)
+                    for r in table_rows(small.con, t)} for t, i in cols.items()}
+
     try:
         assert not small._complete["tasks"]
+        new_keys = 0
         for i in range(12, len(items), 3):
+            before = keys()
+            deletes.keys.clear()
             small.apply(items[i:i + 3], SEEN)
+            for table, deleted in deletes.keys:  # a key the batch wrote new is not deleted
+                assert set(deleted) <= before[table], (table, deleted, before[table])
+            new_keys += sum(len(now - before[t]) for t, now in keys().items())
+        assert new_keys > 0, "no batch wrote a new key: the check above proved nothing"
         for table in schema.TABLES:
             assert table_rows(small.con, table) == table_rows(reference.con, table), table
     finally:

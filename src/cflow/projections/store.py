@@ -213,6 +213,8 @@ class ProjectionStore:
             self._selects = {t: _select_keys(t) for t in schema.UPSERTED}
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
+            # Per batch: the keys snapshot() looked up, by table.
+            self._asked: dict[str, set[Any]] = {t: set() for t in schema.UPSERTED}
             self._warm_cache()
         except CflowError:
             self.con.close()
@@ -313,9 +315,12 @@ class ProjectionStore:
         return out
 
     def _rows(self, table: str, keys: Iterable[Any]) -> dict[Any, dict[str, Any]]:
-        cache = self._cache[table]
+        """The rows of ``keys`` that exist (from the cache, else read); the keys are
+        remembered as looked up for this batch (see :meth:`_write`)."""
+        cache, asked = self._cache[table], self._asked[table]
         hits, misses = {}, []
         for k in keys:
+            asked.add(k)
             row = cache.get(k)
             if row is not None:
                 hits[k] = row
@@ -331,6 +336,7 @@ class ProjectionStore:
     def snapshot(self, items: Sequence[Item]) -> fold.Snapshot:
         keys = fold.keys_of(items)
         snap = fold.Snapshot()
+        self._asked = {t: set() for t in schema.UPSERTED}
         snap.tasks = self._rows("tasks", keys.tasks)
         running = self._cache["task_attempts"]
         for task_id, row in snap.tasks.items():
@@ -450,12 +456,19 @@ class ProjectionStore:
                 self._flush_unwritten(changes, seen_at)
         for table, rows in changes.upserts.items():
             if rows and not self.replay:
-                # Only keys that exist need deleting: with a complete cache, those
-                # the snapshot found; otherwise every key written, to be safe.
+                # Only keys that exist need deleting: those the snapshot found. A
+                # key it did not find does not exist if the cache is complete or the
+                # snapshot looked it up (read it from the table); any other key is
+                # deleted, to be safe. So a new key costs no DELETE, also in a table
+                # too large for the cache (a new task among 200k: one statement less).
                 written = changes.rows[table]
-                if snap is not None and self._complete[table]:
+                if snap is not None:
                     existing = getattr(snap, _SNAPSHOT_FIELD[table])
-                    stale = [k for k in written if k in existing]
+                    if self._complete[table]:
+                        stale = [k for k in written if k in existing]
+                    else:
+                        asked = self._asked[table]
+                        stale = [k for k in written if k in existing or k not in asked]
                 else:
                     stale = list(written)
                 if stale:
