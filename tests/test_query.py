@@ -16,7 +16,13 @@ import pytest
 from cflow import events as ev
 from cflow.errors import InvalidInput, LimitExceeded, QueryRejected, Unavailable
 from cflow.projections.projector import Projector
-from cflow.projections.query import QueryClient, QueryService, TimeLimits, check_read_only
+from cflow.projections.query import (
+    QueryClient,
+    QueryService,
+    TimeLimits,
+    check_read_only,
+    run_query,
+)
 from cflow.streams import EventLog, connect
 
 
@@ -119,6 +125,20 @@ async def test_service_refuses_writes_and_file_access(log: EventLog, served: Pro
         await client.query("SELECT * FROM no_such_table")
     # The service is still there and the data untouched.
     assert (await client.query("SELECT count(*) FROM checkpoint")).rows == [[1]]
+
+
+def test_run_query_checks_the_statement_before_it_runs() -> None:
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.execute("CREATE TABLE t (x INTEGER)")
+    con.execute("INSERT INTO t VALUES (1), (2), (3)")
+    cursor = con.cursor()
+    assert run_query(cursor, "SELECT x FROM t ORDER BY x", limit=2, timeout_s=5) == (
+        ["x"], ["INTEGER"], [(1,), (2,)], True)
+    with pytest.raises(QueryRejected):
+        run_query(cursor, "DELETE FROM t", limit=10, timeout_s=5)
+    assert con.execute("SELECT count(*) FROM t").fetchone() == (3,)
 
 
 def test_a_query_whose_first_interrupt_came_too_early_is_still_cut() -> None:

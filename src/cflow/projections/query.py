@@ -208,10 +208,19 @@ _time_limits = TimeLimits()
 
 
 def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
-              timeout_s: float, params: Sequence[Any] = (), checked: bool = False
+              timeout_s: float, params: Sequence[Any] = ()
               ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
-    """Run one read on ``cursor`` (blocking). Returns columns, types, rows, truncated.
-    ``checked``: ``sql`` is what :func:`check_read_only` returned for it already.
+    """Check ``sql`` and run it on ``cursor`` (blocking): :func:`check_read_only`,
+    then :func:`run_statement`."""
+    return run_statement(cursor, check_read_only(sql), limit=limit, timeout_s=timeout_s,
+                         params=params)
+
+
+def run_statement(cursor: duckdb.DuckDBPyConnection, statement: str, *, limit: int,
+                  timeout_s: float, params: Sequence[Any] = ()
+                  ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
+    """Run one read, ``statement`` as :func:`check_read_only` returned it, on
+    ``cursor`` (blocking). Returns columns, types, rows, truncated.
 
     Raises:
         QueryRejected: the statement is not a pure read, or touched a file.
@@ -220,7 +229,6 @@ def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
     """
     import duckdb
 
-    statement = sql if checked else check_read_only(sql)
     token: int | None = None
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
@@ -349,8 +357,8 @@ class QueryService:
         try:
             checkpoint = self.projector.applied_seq
             cols, types, rows, truncated = await anyio.to_thread.run_sync(
-                lambda: run_query(cursor, statement, limit=limit, timeout_s=timeout_s,
-                                  params=request.params, checked=True),
+                lambda: run_statement(cursor, statement, limit=limit, timeout_s=timeout_s,
+                                      params=request.params),
                 limiter=self.limiter)
         finally:
             self._cursors.put_nowait(cursor)
@@ -451,4 +459,5 @@ __all__ = [
     "QueryService",
     "check_read_only",
     "run_query",
+    "run_statement",
 ]
