@@ -283,6 +283,31 @@ def test_a_live_store_still_collects_cyclic_garbage(tmp_path: Path,
     assert gc.get_freeze_count() == 0
 
 
+def test_a_live_stores_first_batch_does_not_collect_what_the_process_held_before(
+        tmp_path: Path) -> None:
+    """Objects frozen before the store opened (a process holding a lot, a warm row
+    cache) are not growth: the first batch runs no full collection over them."""
+    import gc
+
+    held = [[i] for i in range(100_000)]
+    gc.freeze()
+    full: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    store = ProjectionStore(tmp_path / "p.duckdb")
+    gc.callbacks.append(seen)
+    try:
+        store.apply(build_history().items, SEEN)
+        assert full == []
+    finally:
+        gc.callbacks.remove(seen)
+        store.close()
+        del held
+
+
 # ------------------------------------------- the fold matches cflow.tasks.apply
 
 TASK_EVENTS = st.sampled_from([

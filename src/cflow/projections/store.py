@@ -216,12 +216,25 @@ class ProjectionStore:
             # Per batch: the keys snapshot() looked up, by table.
             self._asked: dict[str, set[Any]] = {t: set() for t in schema.UPSERTED}
             self._warm_cache()
+            if not replay:
+                self._freeze_baseline()
         except CflowError:
             self.con.close()
             raise
         except duckdb.Error as exc:
             self.con.close()
             raise translate(exc, self.path) from exc
+
+    def _freeze_baseline(self) -> None:
+        """Freeze what this process holds now (the rows just cached among it) and
+        measure the growth rule of :meth:`_apply` from here, a minute on. Without
+        it the first batch found every object frozen before it as growth and paid
+        a full collection of the whole process: 0.43 s with 1.5M objects frozen,
+        the lag p99 of a 3 s benchmark run at 1k events/s."""
+        gc.freeze()
+        self._collect_above = (int(gc.get_freeze_count() * FULL_COLLECTION_GROWTH)
+                               + FULL_COLLECTION_SLACK)
+        self._collect_after = time.monotonic() + FULL_COLLECTION_MIN_INTERVAL_S
 
     def _stages(self) -> dict[str, duckdb.Appender]:
         """Replay: an appender per table with ``JSON`` columns into a temporary copy
