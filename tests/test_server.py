@@ -260,11 +260,25 @@ def test_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                     time.sleep(0.1)
             assert "# TYPE cflow_claims_total counter" in text, text[:500]
             assert 'cflow_claims_total{swarm="fg"} 0' in text, text[:2000]
+            # A task, projected before the stop: the projector holds rows when it stops.
+            added = subprocess.run([CFCTL, "--url", url, "--swarm", "fg", "--json", "task",
+                                    "add", "projected before the stop"],
+                                   capture_output=True, text=True, timeout=60)
+            assert added.returncode == 0, added.stderr
+            seq = json.loads(added.stdout)["seq"]
+            projected = subprocess.run(
+                [CFCTL, "--url", url, "--swarm", "fg", "--json", "query", "--wait-for",
+                 str(seq), "select count(*) as n from tasks"],
+                capture_output=True, text=True, timeout=60)
+            assert '"n": 1' in projected.stdout or '"n":1' in projected.stdout, projected
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 130, err  # stopped by a signal, said in one line
             assert err.strip().splitlines()[-1] == (
                 "interrupted: stopped the server and the projector"), err
+            # The projector closed its file (DuckDB folds the WAL into it on close).
+            assert (data / "fg.duckdb").exists()
+            assert not (data / "fg.duckdb.wal").exists()
             assert not port_in_use("127.0.0.1", port)
             assert not (data / f"nats-{port}.pid").exists()
         finally:

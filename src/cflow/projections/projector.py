@@ -47,6 +47,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_MAX = 5000
+CLOSE_BOUND_S = 3.0  # a stopping projector waits this long for its batch and close
 REPLAY_BATCH_FACTOR = 4  # a replay's batches: 20,000 events a transaction by default
 DB_FILE = "projection.duckdb"
 
@@ -338,11 +339,17 @@ async def run_projector(url: str, swarm: str, db_path: str | Path | None,
             if runner in done and runner.exception() is not None:
                 raise runner.exception()  # type: ignore[misc]
         finally:
-            if projector.rebuilding is not None:
-                await stop_tasks([projector.rebuilding.task])
-            if service is not None:
-                await service.stop()
-            await projector.close()
+            # Shielded: a foreground `cfctl up` stops its services by cancelling them,
+            # and unshielded the first await here was cancelled again, so the file
+            # was never closed (its WAL left behind, and DuckDB objects still alive
+            # at exit: nanobind printed a hundred lines of leaks after the
+            # "interrupted" line). Bounded: a close that hangs is left to the exit.
+            with anyio.move_on_after(CLOSE_BOUND_S, shield=True):
+                if projector.rebuilding is not None:
+                    await stop_tasks([projector.rebuilding.task])
+                if service is not None:
+                    await service.stop()
+                await projector.close()
     finally:
         from cflow.swarm import close_quietly
 
