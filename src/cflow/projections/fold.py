@@ -161,6 +161,9 @@ class Snapshot:
     messages: dict[str, Row] = field(default_factory=dict)
     reservations: dict[str, Row] = field(default_factory=dict)
     control: dict[str, Row] = field(default_factory=dict)
+    # Per table, the keys this snapshot looked up: one of them missing above does
+    # not exist (the store deletes only keys that exist, or that it did not look up).
+    looked_up: dict[str, set[Any]] = field(default_factory=dict)
 
 
 def keys_of(items: Iterable[Item]) -> Keys:

@@ -213,8 +213,6 @@ class ProjectionStore:
             self._selects = {t: _select_keys(t) for t in schema.UPSERTED}
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
-            # Per batch: the keys snapshot() looked up, by table.
-            self._asked: dict[str, set[Any]] = {t: set() for t in schema.UPSERTED}
             self._warm_cache()
             if not replay:
                 self._freeze_baseline()
@@ -327,10 +325,12 @@ class ProjectionStore:
             out[key(row)] = row
         return out
 
-    def _rows(self, table: str, keys: Iterable[Any]) -> dict[Any, dict[str, Any]]:
-        """The rows of ``keys`` that exist (from the cache, else read); the keys are
-        remembered as looked up for this batch (see :meth:`_write`)."""
-        cache, asked = self._cache[table], self._asked[table]
+    def _rows(self, snap: fold.Snapshot, table: str,
+              keys: Iterable[Any]) -> dict[Any, dict[str, Any]]:
+        """The rows of ``keys`` that exist (from the cache, else read); the keys go
+        into ``snap.looked_up`` (see :meth:`_write`)."""
+        cache = self._cache[table]
+        asked = snap.looked_up.setdefault(table, set())
         hits, misses = {}, []
         for k in keys:
             asked.add(k)
@@ -349,18 +349,17 @@ class ProjectionStore:
     def snapshot(self, items: Sequence[Item]) -> fold.Snapshot:
         keys = fold.keys_of(items)
         snap = fold.Snapshot()
-        self._asked = {t: set() for t in schema.UPSERTED}
-        snap.tasks = self._rows("tasks", keys.tasks)
+        snap.tasks = self._rows(snap, "tasks", keys.tasks)
         running = self._cache["task_attempts"]
         for task_id, row in snap.tasks.items():
             attempt = running.get((task_id, row["epoch"]))
             if attempt is not None:
                 snap.attempts[(task_id, row["epoch"])] = attempt
-        snap.agents = self._rows("agents", keys.agents | fold.agents_of(snap.tasks))
-        snap.memory = self._rows("memory", keys.memory)
-        snap.messages = self._rows("messages", keys.messages)
-        snap.reservations = self._rows("reservations", keys.reservations)
-        snap.control = self._rows("control", keys.control)
+        snap.agents = self._rows(snap, "agents", keys.agents | fold.agents_of(snap.tasks))
+        snap.memory = self._rows(snap, "memory", keys.memory)
+        snap.messages = self._rows(snap, "messages", keys.messages)
+        snap.reservations = self._rows(snap, "reservations", keys.reservations)
+        snap.control = self._rows(snap, "control", keys.control)
         return snap
 
     def _remember(self, changes: fold.Changes) -> None:
@@ -480,7 +479,7 @@ class ProjectionStore:
                     if self._complete[table]:
                         stale = [k for k in written if k in existing]
                     else:
-                        asked = self._asked[table]
+                        asked = snap.looked_up.get(table, set())
                         stale = [k for k in written if k in existing or k not in asked]
                 else:
                     stale = list(written)
