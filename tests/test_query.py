@@ -21,7 +21,7 @@ from cflow.projections.query import (
     QueryService,
     TimeLimits,
     check_read_only,
-    run_query,
+    run_statement,
 )
 from cflow.streams import EventLog, connect
 
@@ -127,17 +127,17 @@ async def test_service_refuses_writes_and_file_access(log: EventLog, served: Pro
     assert (await client.query("SELECT count(*) FROM checkpoint")).rows == [[1]]
 
 
-def test_run_query_checks_the_statement_before_it_runs() -> None:
+def test_a_statement_is_checked_before_it_runs() -> None:
     import duckdb
 
     con = duckdb.connect(":memory:")
     con.execute("CREATE TABLE t (x INTEGER)")
     con.execute("INSERT INTO t VALUES (1), (2), (3)")
     cursor = con.cursor()
-    assert run_query(cursor, "SELECT x FROM t ORDER BY x", limit=2, timeout_s=5) == (
-        ["x"], ["INTEGER"], [(1,), (2,)], True)
+    assert run_statement(cursor, check_read_only("SELECT x FROM t ORDER BY x"), limit=2,
+                         timeout_s=5) == (["x"], ["INTEGER"], [(1,), (2,)], True)
     with pytest.raises(QueryRejected):
-        run_query(cursor, "DELETE FROM t", limit=10, timeout_s=5)
+        run_statement(cursor, check_read_only("DELETE FROM t"), limit=10, timeout_s=5)
     assert con.execute("SELECT count(*) FROM t").fetchone() == (3,)
 
 

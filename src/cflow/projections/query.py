@@ -207,15 +207,6 @@ class TimeLimits:
 _time_limits = TimeLimits()
 
 
-def run_query(cursor: duckdb.DuckDBPyConnection, sql: str, *, limit: int,
-              timeout_s: float, params: Sequence[Any] = ()
-              ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
-    """Check ``sql`` and run it on ``cursor`` (blocking): :func:`check_read_only`,
-    then :func:`run_statement`."""
-    return run_statement(cursor, check_read_only(sql), limit=limit, timeout_s=timeout_s,
-                         params=params)
-
-
 def run_statement(cursor: duckdb.DuckDBPyConnection, statement: str, *, limit: int,
                   timeout_s: float, params: Sequence[Any] = ()
                   ) -> tuple[list[str], list[str], list[tuple[Any, ...]], bool]:
@@ -458,6 +449,5 @@ __all__ = [
     "QueryResult",
     "QueryService",
     "check_read_only",
-    "run_query",
     "run_statement",
 ]
