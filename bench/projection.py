@@ -90,20 +90,13 @@ KNOWN: dict[str, dict[str, Any]] = {
                                      "unit": "ms"},
     "query_large_tasks": {"label": "tasks in the large projection (query_large_*)",
                           "unit": "tasks"},
-    "query_large_rr_p50_ms": {"label": "bare NATS request/reply p50 (large projection run)",
-                              "unit": "ms", "is_baseline": True},
-    "query_large_p50_ms": {"label": "query point lookup p50, large projection", "unit": "ms",
-                           "baseline": "projection.query_large_rr_p50_ms",
-                           "goals": [Goal("value", "<=", 5, "<= 5 ms")]},
-    "query_large_p99_ms": {"label": "query point lookup p99, large projection", "unit": "ms"},
-    "query_large_ryw_p50_ms": {"label": "read-your-writes query p50, large projection",
-                               "unit": "ms", "baseline": "projection.query_large_rr_p50_ms",
-                               "goals": [Goal("value", "<=", 5, "<= 5 ms")]},
-    "query_large_ryw_p99_ms": {"label": "read-your-writes query p99, large projection",
-                               "unit": "ms"},
-    "query_large_ryw_with_append_p50_ms": {
-        "label": "append + read-your-writes query p50, large projection", "unit": "ms"},
 }
+# The same queries on a large projection (projection_live: query_large_*).
+KNOWN |= {
+    key.replace("query_", "query_large_", 1): {
+        **meta, "label": f"{meta['label']}, large projection",
+        **({"baseline": "projection.query_large_rr_p50_ms"} if "baseline" in meta else {})}
+    for key, meta in list(KNOWN.items()) if key.startswith("query_") and key.endswith("_ms")}
 # What a live batch took (projection_live: Projector.last_batch), beside its lag.
 for _rate in ("1k", "10k"):
     KNOWN |= {

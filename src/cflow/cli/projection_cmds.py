@@ -35,6 +35,7 @@ def projector_cmd(
     ctx: typer.Context,
     db: Path | None = DB_OPTION,
     batch: int = typer.Option(5000, "--batch", min=1, help="Largest batch per transaction."),
+    # 1 is store.DEFAULT_THREADS, not imported here: it would import DuckDB for --help.
     threads: int = typer.Option(1, "--threads", min=1, max=256,
                                 help="DuckDB threads per statement (1 keeps small batches "
                                 "and point queries cheapest; more speeds up heavy "
