@@ -376,11 +376,9 @@ class _Deletes:
         self.keys: list[tuple[str, list[Any]]] = []
 
     def execute(self, sql: str, params: Any = None) -> Any:
-        if sql.startswith("DELETE FROM"):
-            table = sql.split()[2]
-            cols = params if len(schema.KEYS[table]) > 1 else [params[0]]
-            keys = list(zip(*cols, strict=True)) if len(cols) > 1 else list(cols[0])
-            self.keys.append((table, keys))
+        if sql.startswith("DELETE FROM"):  # params: one list per key column
+            keys = list(zip(*params, strict=True)) if len(params) > 1 else list(params[0])
+            self.keys.append((sql.split()[2], keys))
         return self.con.execute(sql, params) if params is not None else self.con.execute(sql)
 
     def __getattr__(self, name: str) -> Any:
@@ -402,10 +400,9 @@ def test_a_small_row_cache_gives_the_same_tables(tmp_path: Path,
     small = ProjectionStore(tmp_path / "small.duckdb")  # reopened: too many rows to cache
     deletes = _Deletes(small.con)
     small.con = deletes  # type: ignore[assignment]
+
     def keys() -> dict[str, set[Any]]:
-        cols = {t: [schema.COLUMNS[t].index(c) for c in schema.KEYS[t]] for t in schema.KEYS}
-        return {t: {r[i[0]] if len(i) == 1 else tuple(r[j] for j in i)
-                    for r in table_rows(small.con, t)} for t, i in cols.items()}
+        return {t: set(small._as_dicts(t, table_rows(small.con, t))) for t in schema.UPSERTED}
 
     try:
         assert not small._complete["tasks"]
