@@ -223,8 +223,8 @@ def checkpoint_of(db: Path) -> int:
         return 0
     con = connect(db)  # replays the WAL a kill -9 left behind
     try:
-        found = con.execute("SELECT count(*) FROM duckdb_tables() "
-                            "WHERE table_name = 'checkpoint'").fetchone()
+        found = con.execute("SELECT count(*) FROM information_schema.tables "
+                            "WHERE table_name = 'checkpoint'").fetchone()  # a view
         if found != (1,):
             return 0  # killed before its schema was committed
         row = con.execute("SELECT last_seq FROM checkpoint").fetchone()

@@ -217,6 +217,63 @@ def test_reopen_resumes_from_checkpoint(tmp_path: Path) -> None:
         again.close()
 
 
+def test_the_checkpoint_moves_with_every_batch_and_its_row_only_now_and_then(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``checkpoint`` reads the largest seq of ``events`` and ``quarantine``, which commit
+    with each batch: exact after every batch and after a reopen, also when the last
+    event was quarantined, while the row behind it is rewritten only once a
+    CHECKPOINT_ROW_INTERVAL_S (its UPDATE was 0.6 ms of a one-event batch)."""
+    from cflow.projections import store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHECKPOINT_ROW_INTERVAL_S", 3600.0)
+    items = build_history().items
+    upto = next(i for i, item in enumerate(items) if isinstance(item, BadMessage)) + 1
+    path = tmp_path / "p.duckdb"
+    store = ProjectionStore(path)
+    try:
+        for item in items[:upto]:
+            store.apply([item], SEEN)
+            assert store.fetch("SELECT last_seq FROM checkpoint") == [(item.seq,)]
+        assert store.fetch("SELECT max(seq) FROM quarantine") == [(upto,)]
+        assert store.fetch("SELECT max(seq) FROM events") < [(upto,)]
+        # The first batch wrote the row; no other within the interval.
+        assert store.fetch(f"SELECT last_seq FROM {schema.STORED_CHECKPOINT}") == [(1,)]
+    finally:
+        store.close()
+    monkeypatch.setattr(store_mod, "CHECKPOINT_ROW_INTERVAL_S", 0.0)
+    again = ProjectionStore(path)
+    try:
+        assert again.last_seq == again.read_checkpoint() == upto
+        assert again.apply(items[:upto], SEEN).count == 0  # nothing applied twice
+        again.apply(items[upto:], SEEN)
+        assert again.fetch(f"SELECT last_seq, updated_at FROM {schema.STORED_CHECKPOINT}") == [
+            (len(items), SEEN)]
+        assert again.fetch("SELECT last_seq FROM checkpoint") == [(len(items),)]
+    finally:
+        again.close()
+
+
+def test_a_file_whose_checkpoint_was_a_table_keeps_its_position(tmp_path: Path) -> None:
+    items = build_history().items
+    path = tmp_path / "p.duckdb"
+    store = apply_in_batches(path, items[:10], 4)
+    try:  # as a file written when the checkpoint was a table
+        store.con.execute("DROP VIEW checkpoint")
+        store.con.execute(f"ALTER TABLE {schema.STORED_CHECKPOINT} RENAME TO checkpoint")
+        store.con.execute("UPDATE checkpoint SET last_seq = 10")
+    finally:
+        store.close()
+    again = ProjectionStore(path)
+    try:
+        assert again.last_seq == 10
+        again.apply(items[10:], SEEN)
+        assert again.fetch("SELECT last_seq FROM checkpoint") == [(len(items),)]
+        assert again.fetch("SELECT table_type FROM information_schema.tables "
+                           "WHERE table_name = 'checkpoint'") == [("VIEW",)]
+    finally:
+        again.close()
+
+
 def _scan_type(store: ProjectionStore, sql: str) -> str:
     plan = store.fetch(f"EXPLAIN ANALYZE {sql}")[0][1]
     return next(line for line in plan.splitlines() if "Type:" in line)

@@ -16,8 +16,11 @@ Tables:
 * ``agents``, ``memory``, ``messages``, ``reservations``, ``control``.
 * ``quarantine``: messages that did not decode, were too large, or whose fold
   was refused; the projector records them and goes on.
-* ``checkpoint``: the last stream sequence applied, written in the same
-  transaction as the rows.
+* ``checkpoint``: the last stream sequence applied, committed with the rows.
+  A view (see :data:`CHECKPOINT_VIEW`): every applied event leaves a row in
+  ``events`` or ``quarantine`` in its batch's transaction, so the position is
+  their largest ``seq``; the row behind it (``projection_checkpoint``) is
+  written by a rebuild, which writes its keyed rows later than its events.
 """
 
 from __future__ import annotations
@@ -224,6 +227,24 @@ UPSERTED = ("tasks", "task_attempts", "agents", "memory", "messages", "reservati
 # columns that carry the projector's own wall clock are left out.
 WALL_CLOCK_COLUMNS = {"quarantine": ("seen_at",), "checkpoint": ("updated_at",)}
 
+# ``checkpoint`` (in TABLES: the shape readers see) is a view over this table. A
+# live projector rewrites the row only now and then (``store.CHECKPOINT_ROW_INTERVAL_S``;
+# ``updated_at`` is when it last applied a batch, to within that), not in every
+# batch. A replay moves the row with its keyed rows, and marks the file with
+# REPLAY_META_KEY until it finishes: while marked, the view reads the row alone.
+STORED_CHECKPOINT = "projection_checkpoint"
+REPLAY_META_KEY = "replay_unfinished"
+CHECKPOINT_VIEW = f"""
+    SELECT c.projection,
+           CASE WHEN EXISTS (SELECT 1 FROM projection_meta WHERE key = '{REPLAY_META_KEY}')
+                THEN c.last_seq
+                ELSE greatest(c.last_seq, (SELECT coalesce(max(seq), 0) FROM events),
+                              (SELECT coalesce(max(seq), 0) FROM quarantine))
+           END AS last_seq,
+           c.updated_at
+    FROM {STORED_CHECKPOINT} c
+"""
+
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     table: tuple(name for name, _ in cols) for table, cols in TABLES.items()
@@ -238,9 +259,10 @@ def _quote(name: str) -> str:
     return f'"{name}"'
 
 
-def create_table(table: str) -> str:
-    cols = [f"{_quote(name)} {kind}" for name, kind in TABLES[table]]
-    return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)})"
+def create_table(table: str, name: str | None = None) -> str:
+    """``CREATE TABLE`` with ``table``'s columns (named ``name`` if given)."""
+    cols = [f"{_quote(col)} {kind}" for col, kind in TABLES[table]]
+    return f"CREATE TABLE IF NOT EXISTS {name or table} ({', '.join(cols)})"
 
 
 def select_list(table: str) -> str:
@@ -434,7 +456,9 @@ def create_key_index(table: str) -> str:
 
 def ddl() -> list[str]:
     """Every statement that creates the schema, idempotently, in order."""
-    out = [create_table(t) for t in TABLES]
+    out = [create_table(t) for t in TABLES if t != "checkpoint"]
+    out.append(create_table("checkpoint", STORED_CHECKPOINT))
+    out.append(f"CREATE OR REPLACE VIEW checkpoint AS {CHECKPOINT_VIEW.strip()}")
     out += [create_key_index(t) for t in KEYS]
     out += [create_view(v) for v in VIEWS]
     return out
@@ -442,11 +466,14 @@ def ddl() -> list[str]:
 
 __all__ = [
     "APPEND_ONLY",
+    "CHECKPOINT_VIEW",
     "COLUMNS",
     "KEYS",
     "META_DDL",
     "PROJECTION",
+    "REPLAY_META_KEY",
     "SCHEMA_VERSION",
+    "STORED_CHECKPOINT",
     "TABLES",
     "UPSERTED",
     "VIEWS",
