@@ -21,7 +21,7 @@ from cflow.projections import schema
 from cflow.projections.projector import Projector, rebuild
 from cflow.projections.query import QueryClient, QueryService
 from cflow.projections.store import ProjectionStore, connect, table_rows
-from cflow.streams import EventLog
+from cflow.streams import EventLog, ensure_swarm
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +80,45 @@ async def test_bad_messages_are_quarantined_and_the_projector_goes_on(
     assert "exceeds the 262144-byte projection limit" in oversized[2]
     assert await fetch(projector, "SELECT task_id FROM tasks") == [("t-after",)]
     assert projector.quarantined == 4
+
+
+@pytest.mark.parametrize("new_events", [2, 7])
+async def test_a_file_projected_from_another_stream_is_moved_aside_and_projected_anew(
+        nc: Any, log: EventLog, tmp_path: Path, new_events: int) -> None:
+    """Same swarm name, other sequences (the server's data wiped, another server, a
+    re-created stream; shorter or longer than the file's checkpoint): following from
+    the checkpoint would skip the new stream's events up to it without a word."""
+    path = tmp_path / "p.duckdb"
+    for i in range(5):
+        await log.append(ev.TaskCreated(title=f"old{i}"), f"old{i}", expected=0)
+    first = Projector(log, path)
+    await first.run(until_seq=5)
+    await first.close()
+    same = Projector(log, path)  # the same stream: the file is kept as it is
+    assert (await same.open()).last_seq == 5
+    await same.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.duckdb"]
+
+    await nc.jetstream().delete_stream(log.stream)
+    await ensure_swarm(nc, log.swarm)
+    for i in range(new_events):
+        await log.append(ev.TaskCreated(title=f"new{i}"), f"new{i}", expected=0)
+    again = Projector(log, path)
+    try:
+        await asyncio.wait_for(again.run(until_seq=new_events), 30)
+        assert await fetch(again, "SELECT task_id FROM tasks ORDER BY ALL") == [
+            (f"new{i}",) for i in range(new_events)]
+        assert await fetch(again, "SELECT last_seq FROM checkpoint") == [(new_events,)]
+    finally:
+        await again.close()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("p.other-")]
+    assert len(aside) == 1 and aside[0].suffix == ".duckdb"
+    con = connect(aside[0])  # kept for a look, as it was
+    try:
+        old = con.execute("SELECT count(*) FROM tasks WHERE task_id LIKE 'old%'").fetchone()
+        assert old == (5,)
+    finally:
+        con.close()
 
 
 async def test_rebuild_equals_incremental_and_swaps_atomically(

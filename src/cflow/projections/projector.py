@@ -34,7 +34,7 @@ import anyio.to_thread
 import msgspec
 
 from cflow.background import stop_tasks
-from cflow.errors import CflowError, InvalidState
+from cflow.errors import CflowError, InvalidState, NotFound
 from cflow.projections import fold
 from cflow.projections.store import DEFAULT_THREADS, ProjectionStore
 from cflow.streams.names import query_subject
@@ -105,6 +105,7 @@ class Projector:
         self._on_batch: list[Callable[[int], None]] = []
         # Held while a batch is applied, and while a rebuilt file is swapped in.
         self._apply_lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
         self._on_swap: list[tuple[Callable[[], Awaitable[None]],
                                   Callable[[], Awaitable[None]]]] = []
         self.rebuilding: BackgroundRebuild | None = None
@@ -119,12 +120,54 @@ class Projector:
         self._on_batch.append(callback)
 
     async def open(self) -> ProjectionStore:
-        if self.store is None:
-            self.store = await self.db(
-                lambda: ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes,
-                                        replay=self.replay, threads=self.threads))
-            self.applied_seq = self.store.last_seq
-        return self.store
+        """The store, opened at the first call. A live projector first checks that the
+        file was projected from this stream (see :meth:`_other_stream`); a file that
+        was not is moved aside and this stream projected from the start."""
+        async with self._open_lock:
+            if self.store is None:
+                store = await self.db(self._open_store)
+                why = None if self.replay else await self._other_stream(store)
+                if why is not None:
+                    await self.db(store.close)
+                    aside = await anyio.to_thread.run_sync(_move_aside, self.db_path)
+                    log.warning("projection %s was not projected from the %s stream (%s): "
+                                "moved aside to %s, projecting from the start",
+                                self.db_path, self.log.swarm, why, aside)
+                    store = await self.db(self._open_store)
+                self.store = store
+                self.applied_seq = store.last_seq
+            return self.store
+
+    def _open_store(self) -> ProjectionStore:
+        return ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes,
+                               replay=self.replay, threads=self.threads)
+
+    async def _other_stream(self, store: ProjectionStore) -> str | None:
+        """Why the file's positions are not this stream's (None: they are, or cannot be
+        told). A server's data wiped, another server, a re-created stream: the swarm's
+        name is the same, its sequences are not, and following from the file's
+        checkpoint would skip this stream's events up to it without a word."""
+        if store.last_seq == 0:
+            return None
+        try:
+            last = await self.log.stream_last_seq()
+        except NotFound:
+            last = 0
+        if last < store.last_seq:
+            return f"the stream ends at sequence {last}, the file applied {store.last_seq}"
+        found = await self.db(store.fetch,
+                              "SELECT seq, id FROM events ORDER BY seq DESC LIMIT 1")
+        if not found:
+            return None
+        seq, event_id = found[0]
+        try:
+            item = await self.log.get(seq)
+        except NotFound:
+            return None  # gone from the stream since (a limit, a delete): cannot tell
+        there = getattr(item, "event", None)
+        if there is None or there.id != event_id:
+            return f"its event at sequence {seq} is not the one the file applied"
+        return None
 
     async def close(self) -> None:
         if self.store is not None:
@@ -445,6 +488,17 @@ async def _maintain(nc: Any, swarm: str, ident: str) -> None:
         await facade.tasks.maintain()
     finally:
         await facade.aclose()
+
+
+def _move_aside(path: Path) -> Path:
+    """``<stem>.other-<time><suffix>`` beside ``path`` (its WAL with it): kept for a
+    look, never read again."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    aside = path.with_name(f"{path.stem}.other-{stamp}{path.suffix}")
+    os.replace(path, aside)
+    if _wal(path).exists():
+        os.replace(_wal(path), _wal(aside))
+    return aside
 
 
 def _wal(path: Path) -> Path:
