@@ -456,7 +456,8 @@ def create_key_index(table: str) -> str:
 
 def ddl() -> list[str]:
     """Every statement that creates the schema, idempotently, in order."""
-    out = [create_table(t) for t in TABLES if t != "checkpoint"]
+    out = [META_DDL]  # the checkpoint view reads it
+    out += [create_table(t) for t in TABLES if t != "checkpoint"]
     out.append(create_table("checkpoint", STORED_CHECKPOINT))
     out.append(f"CREATE OR REPLACE VIEW checkpoint AS {CHECKPOINT_VIEW.strip()}")
     out += [create_key_index(t) for t in KEYS]
