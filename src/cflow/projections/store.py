@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 
 
 
+# Up to this many keys a batch reads or deletes with a plain WHERE (an OR of key
+# equalities), past it through a join with the unnested key lists. Measured
+# 2026-12-04 on 2k and 210k tasks: one key read 1.2-1.4 ms against 2.0-2.3, deleted
+# 0.4-0.5 against 0.9-1.1; 100k attempts (a two-column key): one key deleted 0.57
+# against 1.25, 8 keys 1.8 against 3.7; the join is ahead from 16-32 keys on.
+FEW_KEYS = 8
 CACHE_MAX_ROWS = 200_000  # per table; beyond it the cache is dropped and misses are read
 # A replay keeps at most about this many keyed rows in memory; then it writes them
 # (and its checkpoint) with the batch, as upserts, and its row cache obeys CACHE_MAX_ROWS.
@@ -134,6 +140,22 @@ def _delete_keys(table: str) -> str:
     return f"DELETE FROM {table} USING (SELECT {_given_keys(table)}) g WHERE {match}"
 
 
+def _few_keys(verb: str, table: str, n: int) -> str:
+    """``SELECT`` the rows of ``n`` keys, or ``DELETE`` them, with a plain ``WHERE``
+    (an OR of key equalities); the keys' values are the parameters, key by key."""
+    one = " AND ".join(f'"{c}" = ?' for c in schema.KEYS[table])
+    where = " OR ".join([f"({one})"] * n)
+    if verb == "SELECT":
+        return f"SELECT {schema.select_list(table)} FROM {table} WHERE {where}"
+    return f"DELETE FROM {table} WHERE {where}"
+
+
+def _flat_keys(table: str, keys: Iterable[Any]) -> list[Any]:
+    if len(schema.KEYS[table]) == 1:
+        return list(keys)
+    return [value for key in keys for value in key]
+
+
 _NUMERIC = ("INTEGER", "BIGINT", "DOUBLE")
 
 
@@ -220,8 +242,9 @@ class ProjectionStore:
             self._staged = self._stages() if replay else {}
             self._checkers = {t: (self.con.appender(t, columns=list(cols)), _getter(cols))
                               for t in schema.UPSERTED if (cols := _numeric_columns(t))}
-            self._deletes = {t: _delete_keys(t) for t in schema.UPSERTED}
-            self._selects = {t: _select_keys(t) for t in schema.UPSERTED}
+            self._by_join = {("DELETE", t): _delete_keys(t) for t in schema.UPSERTED} | {
+                ("SELECT", t): _select_keys(t) for t in schema.UPSERTED}
+            self._by_where: dict[tuple[str, str, int], str] = {}
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
             self._warm_cache()
@@ -360,11 +383,20 @@ class ProjectionStore:
             elif not self._complete[table]:
                 misses.append(k)
         if misses:
-            found = self._as_dicts(table, self.con.execute(
-                self._selects[table], _key_lists(table, sorted(misses))).fetchall())
+            found = self._as_dicts(table, self._keyed("SELECT", table, sorted(misses)).fetchall())
             cache.update(found)
             hits.update(found)
         return hits
+
+    def _keyed(self, verb: str, table: str, keys: Sequence[Any]) -> duckdb.DuckDBPyConnection:
+        """``SELECT`` the rows of ``keys`` or ``DELETE`` them (``verb``), with the
+        statement that is cheaper for their number (FEW_KEYS)."""
+        if len(keys) > FEW_KEYS:
+            return self.con.execute(self._by_join[verb, table], _key_lists(table, keys))
+        sql = self._by_where.get((verb, table, len(keys)))
+        if sql is None:
+            sql = self._by_where[verb, table, len(keys)] = _few_keys(verb, table, len(keys))
+        return self.con.execute(sql, _flat_keys(table, keys))
 
     def snapshot(self, items: Sequence[Item]) -> fold.Snapshot:
         keys = fold.keys_of(items)
@@ -504,7 +536,7 @@ class ProjectionStore:
                 else:
                     stale = list(written)
                 if stale:
-                    self.con.execute(self._deletes[table], _key_lists(table, stale))
+                    self._keyed("DELETE", table, stale)
                 upserter = self._upserters[table]
                 upserter.append_rows(rows)
                 upserter.flush()
@@ -535,7 +567,7 @@ class ProjectionStore:
         if not rows:
             return
         if self._flushed:
-            self.con.execute(self._deletes[table], _key_lists(table, list(rows)))
+            self._keyed("DELETE", table, list(rows))
         self._append(table, [fold.row_tuple(table, r) for r in rows.values()])
 
     def _check_rows(self, changes: fold.Changes) -> None:
