@@ -126,7 +126,11 @@ class Projector:
         async with self._open_lock:
             if self.store is None:
                 store = await self.db(self._open_store)
-                why = None if self.replay else await self._other_stream(store)
+                try:
+                    why = None if self.replay else await self._other_stream(store)
+                except BaseException:  # NATS away, cancelled: the file is not left open
+                    await self.db(store.close)
+                    raise
                 if why is not None:
                     await self.db(store.close)
                     aside = await anyio.to_thread.run_sync(_move_aside, self.db_path)

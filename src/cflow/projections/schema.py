@@ -19,8 +19,9 @@ Tables:
 * ``checkpoint``: the last stream sequence applied, committed with the rows.
   A view (see :data:`CHECKPOINT_VIEW`): every applied event leaves a row in
   ``events`` or ``quarantine`` in its batch's transaction, so the position is
-  their largest ``seq``; the row behind it (``projection_checkpoint``) is
-  written by a rebuild, which writes its keyed rows later than its events.
+  their largest ``seq``. The row behind it (``projection_checkpoint``) is what a
+  rebuild moves with its keyed rows (it writes them later than its events); a
+  live projector rewrites it now and then, for ``updated_at``.
 """
 
 from __future__ import annotations

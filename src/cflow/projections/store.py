@@ -7,7 +7,8 @@ service, because a DuckDB cursor is its own connection.
 
 A batch and the checkpoint commit in one transaction: the rows go in through
 DuckDB appenders, never row by row; a keyed table first loses the rows of the
-keys the batch rewrites (one set-at-a-time ``DELETE ... USING``), and
+keys the batch rewrites (one ``DELETE``: a few keys by key equalities, more
+through a join with the key lists), and
 ``checkpoint.last_seq`` (a view: the largest ``seq`` of ``events`` and
 ``quarantine``, where every applied event leaves a row) moves with those rows.
 A kill -9 leaves either the whole batch and its checkpoint or neither.
