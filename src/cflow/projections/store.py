@@ -227,7 +227,6 @@ class ProjectionStore:
             self.con.execute(f"SET threads = {int(threads)}")
             self.con.execute("BEGIN")
             self._check_version()
-            self._stored_checkpoint_of_old_files()
             for statement in schema.ddl():
                 self.con.execute(statement)
             self.con.execute(
@@ -245,7 +244,6 @@ class ProjectionStore:
                               for t in schema.UPSERTED if (cols := _numeric_columns(t))}
             self._by_join = {("DELETE", t): _delete_keys(t) for t in schema.UPSERTED} | {
                 ("SELECT", t): _select_keys(t) for t in schema.UPSERTED}
-            self._by_where: dict[tuple[str, str, int], str] = {}
             self._keys = {t: _key_of(t) for t in schema.UPSERTED}
             self.last_seq = self.read_checkpoint()
             self._warm_cache()
@@ -300,11 +298,16 @@ class ProjectionStore:
         self.con.execute(f"DELETE FROM replay_{table}")
 
     def _check_version(self) -> None:
-        fresh = self.con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND table_name IN ('checkpoint', ?)", [schema.STORED_CHECKPOINT]).fetchone() == (0,)
+        """Refuse a file of another schema version; a file made when ``checkpoint``
+        was a table gets it renamed to the table behind the view (its row holds
+        the position; no rebuild needed)."""
+        tables = {name for (name,) in self.con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND table_name IN ('checkpoint', ?)", [schema.STORED_CHECKPOINT]).fetchall()}
+        if "checkpoint" in tables:
+            self.con.execute(f"ALTER TABLE checkpoint RENAME TO {schema.STORED_CHECKPOINT}")
         self.con.execute(schema.META_DDL)
-        if fresh:
+        if not tables:
             self.con.execute("INSERT INTO projection_meta VALUES ('schema_version', ?)",
                              [str(schema.SCHEMA_VERSION)])
             return
@@ -317,15 +320,6 @@ class ProjectionStore:
                 f"projection database {self.path} has schema version {version}, this cflow "
                 f"writes {schema.SCHEMA_VERSION}: run `cfctl projections rebuild`",
                 path=self.path, version=version)
-
-    def _stored_checkpoint_of_old_files(self) -> None:
-        """A file made when ``checkpoint`` was a table gets it renamed to the table
-        behind the view (its row holds the position; no rebuild needed)."""
-        old = self.con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND table_name = 'checkpoint'").fetchone()
-        if old == (1,):
-            self.con.execute(f"ALTER TABLE checkpoint RENAME TO {schema.STORED_CHECKPOINT}")
 
     def read_checkpoint(self) -> int:
         row = self.con.execute("SELECT last_seq FROM checkpoint WHERE projection = ?",
@@ -394,10 +388,7 @@ class ProjectionStore:
         statement that is cheaper for their number (FEW_KEYS)."""
         if len(keys) > FEW_KEYS:
             return self.con.execute(self._by_join[verb, table], _key_lists(table, keys))
-        sql = self._by_where.get((verb, table, len(keys)))
-        if sql is None:
-            sql = self._by_where[verb, table, len(keys)] = _few_keys(verb, table, len(keys))
-        return self.con.execute(sql, _flat_keys(table, keys))
+        return self.con.execute(_few_keys(verb, table, len(keys)), _flat_keys(table, keys))
 
     def snapshot(self, items: Sequence[Item]) -> fold.Snapshot:
         keys = fold.keys_of(items)
