@@ -94,9 +94,15 @@ async def test_one_skewed_worker_changes_no_deadline(
             retried = await s.tasks.claim(agent="rescuer", capabilities=["flaky"],
                                           wait=BACKOFF_S + 6)
             retry_s = time.monotonic() - failed_at
-            assert retried is not None and retried.task_id == flaky.task_id, (
-                f"the task failed by a holder {skew:+d} s off was not claimable within "
-                f"{BACKOFF_S + 6:g} s (backoff {BACKOFF_S:g} s)")
+            if retried is None or retried.task_id != flaky.task_id:
+                raise AssertionError(
+                    f"the task failed by a holder {skew:+d} s off was not claimable within "
+                    f"{BACKOFF_S + 6:g} s (backoff {BACKOFF_S:g} s): claimed "
+                    f"{retried and retried.task_id}, server time "
+                    f"{await s.log.server_time_ms()}, the task now "
+                    f"{await s.tasks.get(flaky.task_id)}\n"
+                    f"{timeline(await s.tasks.history(flaky.task_id))}\n" + "\n".join(
+                        f"--- {w.name}:\n{w.output()[-1500:]}" for w in workers))
             await retried.complete("second time lucky")
 
             # 2. Ordinary work shared by the skewed worker and two healthy ones.
