@@ -121,6 +121,23 @@ async def test_an_offer_another_process_prefetched_is_still_claimable_at_once(
 
 
 @pytest.mark.integration
+async def test_a_holder_that_leaves_hands_back_the_offer_it_prefetched(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    """A holder that leaves right after its last task (``--max-tasks``) had pulled its
+    next offer ahead of time; closing hands it back, so another claimer gets it at
+    once instead of after the offer's ack wait (30 s)."""
+    async with Swarm.connect(nats_url, swarm=swarm_name, agent="a") as leaving:
+        first_id = (await swarm.tasks.create("first")).task_id
+        first = await leaving.tasks.claim(agent="a")
+        assert first is not None and first.task_id == first_id
+        second_id = (await swarm.tasks.create("second")).task_id
+        await first.complete("ok")  # pulls the offer of "second" ahead of time
+    second = await swarm.tasks.claim(agent="b", wait=leases.offers_mod.ACK_WAIT_S / 3)
+    assert second is not None and second.task_id == second_id
+    await second.complete("ok")
+
+
+@pytest.mark.integration
 async def test_an_idle_waiting_claim_does_not_poll(swarm: Swarm) -> None:
     """Nothing to claim: the claimer waits for a pushed offer and looks again only every
     IDLE_RECHECK_S, not in a loop (it once spun at ~80 requests/s: a backoff deadline

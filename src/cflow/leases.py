@@ -1556,6 +1556,7 @@ class TaskService:
                 await sub.unsubscribe()
 
     async def aclose(self) -> None:
+        await self.offers.aclose()
         await self._send_drops()
         await stop_tasks([self._board_task])
         self._board_task = None

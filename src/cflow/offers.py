@@ -63,6 +63,7 @@ IDLE_RECHECK_S = 2.0  # an idle claimer looks again this often (offers handed ba
                       # a subscription that missed offers while the connection was down)
 CONSUMER_IDLE_S = 3600.0  # an offer consumer nobody fetched from for this long is removed
 PULL_TIMEOUT_S = 2.0  # a no-wait pull is answered in one round trip; longer means lost
+CLOSE_PULLS_S = 0.5  # a closing desk waits this long for answers to its pulls, to hand them back
 PREFETCH_HOLD_S = 0.1  # a prefetched offer not claimed within this goes back to the queue
 _SAFE_CAP = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _PULL_ONE = json.dumps({"batch": 1, "no_wait": True}).encode()
@@ -268,6 +269,25 @@ class OfferDesk:
             if not (answer.headers or {}).get("Status"):
                 return answer
         return None
+
+    async def aclose(self) -> None:
+        """Hand back the offers this process pulled and did not take (a holder's
+        prefetch when it leaves after its last task), waiting up to ``CLOSE_PULLS_S``
+        for pulls still unanswered. Left alone, such an offer is redelivered only
+        after its ack wait (``ACK_WAIT_S``): a retry due in a second waited 30."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + CLOSE_PULLS_S
+        while self._outstanding or not self._pulled.empty():
+            try:
+                async with asyncio.timeout(max(0.0, until - loop.time())):
+                    answer = await self._pulled.get()
+            except TimeoutError:
+                break
+            self._outstanding = max(0, self._outstanding - 1)
+            if not (answer.headers or {}).get("Status"):
+                await settle(answer, "nak")
+        if self._handing_back:
+            await asyncio.gather(*self._handing_back, return_exceptions=True)
 
     def _hand_back_unused(self) -> None:
         if self._pull_lock.locked():
