@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from cflow import events as ev
 from cflow import leases
 from cflow.offers import band_of, band_token, cap_token, caps_token, eligible
+from cflow.streams.client import api_request
 from cflow.swarm import Swarm
 from support import maintained
 
@@ -125,16 +128,84 @@ async def test_a_holder_that_leaves_hands_back_the_offer_it_prefetched(
         nats_url: str, swarm_name: str, swarm: Swarm) -> None:
     """A holder that leaves right after its last task (``--max-tasks``) had pulled its
     next offer ahead of time; closing hands it back, so another claimer gets it at
-    once instead of after the offer's ack wait (30 s)."""
+    once instead of after the offer's ack wait (ACK_WAIT_S)."""
     async with Swarm.connect(nats_url, swarm=swarm_name, agent="a") as leaving:
         first_id = (await swarm.tasks.create("first")).task_id
         first = await leaving.tasks.claim(agent="a")
         assert first is not None and first.task_id == first_id
         second_id = (await swarm.tasks.create("second")).task_id
         await first.complete("ok")  # pulls the offer of "second" ahead of time
-    second = await swarm.tasks.claim(agent="b", wait=leases.offers_mod.ACK_WAIT_S / 3)
+    second = await swarm.tasks.claim(agent="b", wait=leases.offers_mod.ACK_WAIT_S / 2)
     assert second is not None and second.task_id == second_id
     await second.complete("ok")
+
+
+DIES_HOLDING_AN_OFFER = """
+import asyncio, os, signal, sys
+from cflow.swarm import Swarm
+
+async def main(url, swarm):
+    async with Swarm.connect(url, swarm=swarm, agent="doomed") as s:
+        lease = await s.tasks.claim(agent="doomed")
+        assert lease is not None and lease.task_id == sys.argv[3], lease
+        await lease.complete("ok")  # pulls the next offer ahead of time
+        desk = s.tasks.offers
+        while desk._pulled.empty():  # the prefetched offer has arrived
+            await asyncio.sleep(0.005)
+        print("holding", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main(*sys.argv[1:3]))
+"""
+
+
+@pytest.mark.integration
+async def test_an_offer_held_by_a_process_killed_9_is_claimable_within_the_ack_wait(
+        nats_url: str, swarm_name: str, swarm: Swarm) -> None:
+    """kill -9 leaves no process to hand back a prefetched offer: the server offers it
+    again after the consumer's ack wait, which is short (a claim takes milliseconds
+    between its fetch and its ack), so the task waits seconds, not half a minute."""
+    first_id = (await swarm.tasks.create("first")).task_id
+    second_id = (await swarm.tasks.create("second")).task_id
+    child = subprocess.Popen([sys.executable, "-c", DIES_HOLDING_AN_OFFER, nats_url,
+                              swarm_name, first_id], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = await asyncio.to_thread(child.communicate, timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert out.strip() == "holding" and child.returncode == -9, err
+    killed = time.monotonic()
+    # The ack wait (5 s), then an idle claimer's next look (IDLE_RECHECK_S, 2 s).
+    second = await swarm.tasks.claim(agent="b", wait=8.0)
+    assert second is not None and second.task_id == second_id
+    assert time.monotonic() - killed <= 8.0
+    await second.complete("ok")
+
+
+@pytest.mark.integration
+async def test_an_offer_consumer_made_with_the_old_ack_wait_gets_the_new_one(
+        swarm: Swarm) -> None:
+    """Swarms made when the ack wait was 30 s: a claimer's first use of a consumer
+    brings its configuration up to date (JetStream updates a durable in place)."""
+    from cflow import offers
+
+    state = await swarm.tasks.create("t")
+    subject = offers.offer_subject(swarm.name, state)
+    name = offers.consumer_name(subject)
+    desk = swarm.tasks.offers
+    old = {"durable_name": name, "filter_subject": subject, "ack_policy": "explicit",
+           "deliver_policy": "all", "ack_wait": 30 * 10**9, "max_ack_pending": -1,
+           "max_waiting": 4096, "inactive_threshold": 3600 * 10**9}
+    await api_request(swarm.nc, f"$JS.API.CONSUMER.CREATE.{desk.stream}.{name}",
+                      {"stream_name": desk.stream, "config": old})
+    lease = await swarm.tasks.claim(agent="a")
+    assert lease is not None and lease.task_id == state.task_id
+    info = await api_request(swarm.nc, f"$JS.API.CONSUMER.INFO.{desk.stream}.{name}", {})
+    assert info["config"]["ack_wait"] == int(offers.ACK_WAIT_S * 1e9)
+    await lease.complete("ok")
 
 
 @pytest.mark.integration

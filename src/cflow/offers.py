@@ -57,7 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cflow.offers")
 
-ACK_WAIT_S = 30.0  # an offer fetched by a claimer that died is offered again after this
+# An offer fetched by a claimer that died (kill -9: nobody hands it back) is offered
+# again after this. A claim settles its offer milliseconds after the fetch; a slower
+# one only lets a second claimer try, and the compare-and-set decides.
+ACK_WAIT_S = 5.0
 REFRESH_S = 0.25  # how stale a claimer's view of which bands hold offers may get
 IDLE_RECHECK_S = 2.0  # an idle claimer looks again this often (offers handed back with a delay,
                       # a subscription that missed offers while the connection was down)
@@ -274,7 +277,7 @@ class OfferDesk:
         """Hand back the offers this process pulled and did not take (a holder's
         prefetch when it leaves after its last task), waiting up to ``CLOSE_PULLS_S``
         for pulls still unanswered. Left alone, such an offer is redelivered only
-        after its ack wait (``ACK_WAIT_S``): a retry due in a second waited 30."""
+        after its ack wait (``ACK_WAIT_S``): a retry due in a second waited 5."""
         loop = asyncio.get_running_loop()
         until = loop.time() + CLOSE_PULLS_S
         while self._outstanding or not self._pulled.empty():
