@@ -121,6 +121,80 @@ async def test_a_file_projected_from_another_stream_is_moved_aside_and_projected
         con.close()
 
 
+def _damage(path: Path, how: str) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        if how == "overwritten":
+            f.write(random.Random(7).randbytes(size))
+        elif how == "truncated":
+            f.truncate(size // 3)
+        else:  # a header block zeroed: DuckDB's checksum refuses it
+            f.seek(8192)
+            f.write(bytes(8192))
+
+
+@pytest.mark.parametrize("how", ["overwritten", "truncated", "zeroed"])
+async def test_a_damaged_file_is_moved_aside_and_projected_anew(
+        log: EventLog, tmp_path: Path, how: str) -> None:
+    """A projection is rebuilt from its stream, so a file DuckDB cannot read (a crash
+    of the machine, a disk fault) must not stop the projector: it is kept aside as
+    it was, and the stream projected from the start."""
+    path = tmp_path / "p.duckdb"
+    for i in range(5):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    first = Projector(log, path)
+    await first.run(until_seq=5)
+    await first.close()
+    _damage(path, how)
+    damaged = path.read_bytes()
+    await log.append(ev.TaskCreated(title="t5"), "t5", expected=0)
+    again = Projector(log, path)
+    try:
+        await asyncio.wait_for(again.run(until_seq=6), 30)
+        assert await fetch(again, "SELECT task_id FROM tasks ORDER BY ALL") == [
+            (f"t{i}",) for i in range(6)]
+        assert await fetch(again, "SELECT last_seq FROM checkpoint") == [(6,)]
+    finally:
+        await again.close()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("p.damaged-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+
+
+async def test_a_file_another_process_holds_is_not_taken_for_damaged(
+        log: EventLog, tmp_path: Path) -> None:
+    path = tmp_path / "busy.duckdb"
+    Projector(log, path)  # nothing opened yet
+    code = ("import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); "
+            "print('open', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
+        with pytest.raises(Unavailable, match="in use by another process"):
+            await Projector(log, path).open()
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.duckdb"]
+
+
+async def test_rebuild_replaces_a_damaged_file(log: EventLog, tmp_path: Path) -> None:
+    path = tmp_path / "p.duckdb"
+    for i in range(3):
+        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
+    first = Projector(log, path)
+    await first.run(until_seq=3)
+    await first.close()
+    _damage(path, "overwritten")
+    assert (await rebuild(log, path))["events"] == 3
+    con = connect(path)
+    try:
+        assert con.execute("SELECT count(*) FROM tasks").fetchone() == (3,)
+    finally:
+        con.close()
+
+
 async def test_rebuild_equals_incremental_and_swaps_atomically(
         log: EventLog, tmp_path: Path) -> None:
     for i in range(50):

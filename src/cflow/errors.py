@@ -17,7 +17,8 @@
     │   ├── DependencyError                unknown dependency or a cycle
     │   └── QueryRejected                  SQL that is not a pure read, or too expensive
     ├── InvalidState                       the entity is in a state that refuses this step
-    │   └── Paused                         the swarm or scope refuses new claims
+    │   ├── Paused                         the swarm or scope refuses new claims
+    │   └── Damaged                        a stored file cannot be read (a projection: rebuilt)
     ├── LimitExceeded                      a budget, cap or time limit was hit
     ├── ClockOffsetError                   a remote HLC stamp is too far ahead of our wall clock
     └── Unavailable (also ConnectionError) NATS / the query service cannot be reached
@@ -187,6 +188,10 @@ class Paused(InvalidState):
         super().__init__(f"{scope} is paused: {reason}", scope=scope, reason=reason)
 
 
+class Damaged(InvalidState):
+    """A file cflow keeps cannot be read (a projection is set aside and rebuilt)."""
+
+
 class LimitExceeded(CflowError):
     code = "LIMIT_EXCEEDED"
 
@@ -214,6 +219,7 @@ __all__ = [
     "ClockOffsetError",
     "ConcurrencyConflict",
     "ConflictError",
+    "Damaged",
     "DependencyError",
     "InvalidInput",
     "InvalidState",

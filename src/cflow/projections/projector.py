@@ -34,7 +34,7 @@ import anyio.to_thread
 import msgspec
 
 from cflow.background import stop_tasks
-from cflow.errors import CflowError, InvalidState, NotFound
+from cflow.errors import CflowError, Damaged, InvalidState, NotFound
 from cflow.projections import fold
 from cflow.projections.store import DEFAULT_THREADS, ProjectionStore
 from cflow.streams.names import query_subject
@@ -122,10 +122,17 @@ class Projector:
     async def open(self) -> ProjectionStore:
         """The store, opened at the first call. A live projector first checks that the
         file was projected from this stream (see :meth:`_other_stream`); a file that
-        was not is moved aside and this stream projected from the start."""
+        was not, or that DuckDB cannot read (``Damaged``: a crash of the machine, a
+        disk fault), is moved aside and this stream projected from the start."""
         async with self._open_lock:
             if self.store is None:
-                store = await self.db(self._open_store)
+                try:
+                    store = await self.db(self._open_store)
+                except Damaged as exc:
+                    if self.replay:
+                        raise
+                    await self._set_aside("damaged", exc.message)
+                    store = await self.db(self._open_store)
                 try:
                     why = None if self.replay else await self._other_stream(store)
                 except BaseException:  # NATS away, cancelled: the file is not left open
@@ -133,14 +140,17 @@ class Projector:
                     raise
                 if why is not None:
                     await self.db(store.close)
-                    aside = await anyio.to_thread.run_sync(_move_aside, self.db_path)
-                    log.warning("projection %s was not projected from the %s stream (%s): "
-                                "moved aside to %s, projecting from the start",
-                                self.db_path, self.log.swarm, why, aside)
+                    await self._set_aside(
+                        "other", f"was not projected from the {self.log.swarm} stream ({why})")
                     store = await self.db(self._open_store)
                 self.store = store
                 self.applied_seq = store.last_seq
             return self.store
+
+    async def _set_aside(self, label: str, why: str) -> None:
+        aside = await anyio.to_thread.run_sync(_move_aside, self.db_path, label)
+        log.warning("projection %s: %s: moved aside to %s, projecting from the start",
+                    self.db_path, why, aside)
 
     def _open_store(self) -> ProjectionStore:
         return ProjectionStore(self.db_path, max_event_bytes=self.max_event_bytes,
@@ -494,11 +504,11 @@ async def _maintain(nc: Any, swarm: str, ident: str) -> None:
         await facade.aclose()
 
 
-def _move_aside(path: Path) -> Path:
-    """``<stem>.other-<time><suffix>`` beside ``path`` (its WAL with it): kept for a
+def _move_aside(path: Path, label: str) -> Path:
+    """``<stem>.<label>-<time><suffix>`` beside ``path`` (its WAL with it): kept for a
     look, never read again."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    aside = path.with_name(f"{path.stem}.other-{stamp}{path.suffix}")
+    aside = path.with_name(f"{path.stem}.{label}-{stamp}{path.suffix}")
     os.replace(path, aside)
     if _wal(path).exists():
         os.replace(_wal(path), _wal(aside))
@@ -554,6 +564,8 @@ def file_in_use(path: str | Path) -> bool:
         return False
     try:
         con = store_mod.connect(path)
+    except Damaged:
+        return False  # nobody holds it; a rebuild replaces it
     except CflowError:
         return True
     con.close()
@@ -649,10 +661,13 @@ def _check_free(path: Path, tmp: Path) -> None:
     if path.exists():
         try:
             con = store_mod.connect(path)
+        except Damaged:
+            con = None  # nobody holds it: the rebuild replaces it
         except CflowError as exc:
             raise InvalidState(f"cannot rebuild {path}: it is open elsewhere (stop the "
                                f"projector first): {exc}") from exc
-        con.close()
+        if con is not None:
+            con.close()
     _clear_leftovers(path, tmp)
 
 

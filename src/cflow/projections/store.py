@@ -20,8 +20,10 @@ runs on it (a query from the service included) can read or write other files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from cflow.errors import CflowError, InvalidState, Unavailable
+from cflow.errors import CflowError, Damaged, InvalidState, Unavailable
 from cflow.projections import fold, schema
 
 if TYPE_CHECKING:
@@ -185,18 +187,59 @@ def translate(exc: duckdb.Error, path: str) -> CflowError:
     return CflowError(f"projection database {path}: {str(exc).splitlines()[0]}", path=path)
 
 
+# Failures that say nothing of the file itself: this process has it open with another
+# configuration, memory ran out, the statement was interrupted.
+_NOT_THE_FILE = (duckdb.ConnectionException, duckdb.OutOfMemoryException,
+                 duckdb.InterruptException)
+
+
+def held_elsewhere(path: Path) -> bool:
+    """Whether another process has ``path`` open (DuckDB holds an fcntl lock on its file).
+
+    Only for a file this process does not hold: closing the probe drops every
+    fcntl lock this process has on the file (POSIX).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def open_failure(exc: duckdb.Error, path: Path, existed: bool) -> CflowError:
+    """Why a projection file DuckDB failed to open or read is refused: another process
+    holds it (``Unavailable``), or it is damaged (``Damaged``: a projection is set
+    aside and rebuilt from its stream). Told apart by the file's lock, not by
+    DuckDB's message."""
+    if not existed or isinstance(exc, _NOT_THE_FILE):
+        return translate(exc, str(path))
+    if held_elsewhere(path):
+        return Unavailable(f"projection database {path} is in use by another process: "
+                           f"{_first_line(exc)}", path=str(path))
+    return Damaged(f"projection database {path} cannot be read: {_first_line(exc)}",
+                   path=str(path))
+
+
 def connect(path: str | Path, *, external_access: bool = False) -> duckdb.DuckDBPyConnection:
     """Open (creating if needed) a projection database file.
 
     Raises:
         Unavailable: the file is locked by another process or cannot be opened.
+        Damaged: the file exists and DuckDB cannot read it.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    existed = p.exists()
     try:
         return duckdb.connect(str(p), config={"enable_external_access": external_access})
     except duckdb.Error as exc:
-        raise translate(exc, str(p)) from exc
+        raise open_failure(exc, p, existed) from exc
 
 
 class ProjectionStore:
@@ -222,6 +265,7 @@ class ProjectionStore:
         self._collect_above = 0  # frozen objects past which a live batch collects all
         self._collect_after = 0.0  # ... from this time.monotonic() on
         self._row_due = 0.0  # a live batch writes the checkpoint row from this monotonic time
+        existed = Path(path).exists()
         self.con = connect(path)
         try:
             self.con.execute(f"SET threads = {int(threads)}")
@@ -252,9 +296,9 @@ class ProjectionStore:
         except CflowError:
             self.con.close()
             raise
-        except duckdb.Error as exc:
+        except duckdb.Error as exc:  # a damaged file may open and fail at its first read
             self.con.close()
-            raise translate(exc, self.path) from exc
+            raise open_failure(exc, Path(self.path), existed) from exc
 
     def _freeze_baseline(self) -> None:
         """Freeze what this process holds now (the rows just cached among it) and
