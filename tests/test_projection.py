@@ -503,3 +503,14 @@ async def test_cfctl_projector_rebuild_and_export(log: EventLog, cli_env: dict[s
         env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert {p.name for p in out.iterdir()} >= {"events.parquet", "tasks.parquet"}
+    # A damaged file: export says so in one line; a rebuild replaces it.
+    _damage(db, "overwritten")
+    done = await asyncio.to_thread(
+        subprocess.run, [*cfctl, "export", "--parquet", str(tmp_path / "p2"), "--db", str(db)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "cannot be read" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = await asyncio.to_thread(
+        subprocess.run, [*cfctl, "--json", "projections", "rebuild", "--db", str(db)],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and '"events": 5' in done.stdout, done.stderr

@@ -15,7 +15,7 @@ import duckdb
 
 from cflow.errors import LimitExceeded, Unavailable
 from cflow.projections import schema
-from cflow.projections.store import translate
+from cflow.projections.store import open_failure
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -39,11 +39,12 @@ def export_file(db_path: Path, out_dir: Path) -> dict[str, int]:
 
     Raises:
         Unavailable: a projector holds the file.
+        Damaged: DuckDB cannot read the file (``cfctl projections rebuild``).
     """
     try:
         con = duckdb.connect(str(db_path), read_only=True)
     except duckdb.Error as exc:
-        raise translate(exc, str(db_path)) from exc
+        raise open_failure(exc, db_path, db_path.exists()) from exc
     try:
         return _copy_all(con, out_dir)
     finally:
