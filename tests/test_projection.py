@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -193,6 +194,112 @@ async def test_rebuild_replaces_a_damaged_file(log: EventLog, tmp_path: Path) ->
         assert con.execute("SELECT count(*) FROM tasks").fetchone() == (3,)
     finally:
         con.close()
+
+
+# A projector whose files may grow only to a limit (RLIMIT_FSIZE: a write past it
+# fails with EFBIG, as on a full disk) until told otherwise on stdin.
+DISK_FULL_PROJECTOR = """
+import asyncio, json, resource, signal, sys, threading
+from pathlib import Path
+from cflow.streams import EventLog, connect
+from cflow.projections import projector as projector_mod
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+projector_mod.STORE_RETRY_LAST_S = 0.5
+
+async def main(url, swarm, path):
+    nc = await connect(url, name="disk-full")
+    p = projector_mod.Projector(EventLog(nc, swarm, actor="df"), Path(path), batch_max=20)
+    runner = asyncio.create_task(p.run())
+    loop = asyncio.get_running_loop()
+    lines = asyncio.Queue()
+    threading.Thread(target=lambda: [loop.call_soon_threadsafe(lines.put_nowait, line)
+                                     for line in sys.stdin], daemon=True).start()
+    while (words := (await lines.get()).split()) != ["quit"]:
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if words[0] == "limit":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(words[1]), hard))
+        elif words[0] == "unlimit":
+            resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        print(json.dumps({"applied": p.applied_seq, "failures": p.store_failures,
+                          "quarantined": p.quarantined, "running": not runner.done()}),
+              flush=True)
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+    await p.close()
+    await nc.close()
+
+asyncio.run(main(*sys.argv[1:4]))
+"""
+
+
+async def test_a_full_disk_pauses_the_projector_and_loses_nothing(
+        log: EventLog, tmp_path: Path) -> None:
+    """Writes that fail (a full disk) are not the events' fault: no event is
+    quarantined for them, the projector does not stop, and once the disk has room
+    it goes on from its checkpoint; the file then equals a fresh rebuild."""
+    base = await log.stream_last_seq()
+    items = history(base, 600, seed=5)
+    await log.append_many([(log.event(d, e), None) for d, e in items[:100]])
+    (tmp_path / "db").mkdir()
+    path = tmp_path / "db" / "p.duckdb"
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-c", DISK_FULL_PROJECTOR,
+                                  log.nc.connected_url.geturl(), log.swarm, str(path)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                 text=True)
+    assert child.stdin is not None and child.stdout is not None
+
+    def ask(command: str) -> dict[str, Any]:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(command + "\n")
+        child.stdin.flush()
+        return json.loads(child.stdout.readline())
+
+    async def until(command: str, done: Any, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while not done(status := await asyncio.to_thread(ask, command)):
+            assert time.monotonic() < deadline, f"{what}: {status}"
+            await asyncio.sleep(0.05)  # another process's progress: polled
+        return status
+
+    try:
+        await until("status", lambda s: s["applied"] == base + 100, "first 100 applied")
+        sizes = [f.stat().st_size for f in path.parent.iterdir()]
+        await asyncio.to_thread(ask, f"limit {max(sizes) + 4096}")
+        await log.append_many([(log.event(d, e), None) for d, e in items[100:]])
+        full = await until("status", lambda s: s["failures"] >= 2, "writes failing")
+        assert full["running"] and full["quarantined"] == 0
+        assert full["applied"] < base + 600
+        done = await until("unlimit", lambda s: s["applied"] == base + 600, "caught up")
+        assert done["running"] and done["quarantined"] == 0
+        child.stdin.write("quit\n")
+        child.stdin.flush()
+        assert await asyncio.to_thread(child.wait, 20) == 0
+    except BaseException:
+        print("projector's stderr:", stderr.read_text()[-3000:])
+        raise
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdin.close()
+        child.stdout.close()
+    assert "cannot be written" in stderr.read_text()  # said in the log, each time
+    assert sorted(f.name for f in path.parent.iterdir()) == ["p.duckdb"]  # none set aside
+    fresh = tmp_path / "fresh.duckdb"
+    await rebuild(log, fresh)
+    a, b = ProjectionStore(path), ProjectionStore(fresh)
+    try:
+        assert a.read_checkpoint() == b.read_checkpoint() == base + 600
+        assert a.fetch("SELECT count(*) FROM events") == [(base + 600,)]
+        for table in schema.TABLES:
+            assert table_rows(a.con, table) == table_rows(b.con, table), table
+        assert a.fetch("SELECT count(*) FROM quarantine") == [(0,)]
+    finally:
+        a.close()
+        b.close()
 
 
 async def test_rebuild_equals_incremental_and_swaps_atomically(

@@ -50,6 +50,12 @@ DEFAULT_BATCH_MAX = 5000
 CLOSE_BOUND_S = 3.0  # a stopping projector waits this long for its batch and close
 REPLAY_BATCH_FACTOR = 4  # a replay's batches: 20,000 events a transaction by default
 DB_FILE = "projection.duckdb"
+# A projector following for ever whose batch DuckDB could not write (a full disk, an
+# I/O error) lets go of the file, waits, opens it again and goes on from its
+# checkpoint; the wait doubles from the first to the last, and starts again after
+# a batch is stored.
+STORE_RETRY_FIRST_S = 0.5
+STORE_RETRY_LAST_S = 30.0
 
 
 def default_db_path(swarm: str) -> Path:
@@ -109,6 +115,8 @@ class Projector:
         self._on_swap: list[tuple[Callable[[], Awaitable[None]],
                                   Callable[[], Awaitable[None]]]] = []
         self.rebuilding: BackgroundRebuild | None = None
+        self.store_failures = 0  # batches not written, and opens that failed after (run)
+        self._retry_s = STORE_RETRY_FIRST_S
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the DuckDB thread."""
@@ -217,6 +225,7 @@ class Projector:
         self.applied_events += changes.count
         self.quarantined += changes.quarantined
         self.batches += 1
+        self._retry_s = STORE_RETRY_FIRST_S
         async with self._progress:
             self._progress.notify_all()
         for callback in self._on_batch:
@@ -224,10 +233,23 @@ class Projector:
         return changes
 
     async def run(self, *, until_seq: int | None = None) -> None:
-        """Follow the stream and apply it until cancelled (or ``until_seq`` is applied)."""
+        """Follow the stream and apply it until cancelled (or ``until_seq`` is applied).
+
+        Following for ever (no ``until_seq``: ``cfctl projector``, ``cfctl up``), a
+        batch the store could not write is not the end: see :meth:`_recover`. A
+        bounded run (a rebuild's catch-up, a test) raises the store's error.
+        """
         await self.open()
-        if until_seq is not None and self.applied_seq >= until_seq:
-            return
+        while until_seq is None or self.applied_seq < until_seq:
+            failed = await self._follow(until_seq)
+            if failed is None:
+                return
+            if until_seq is not None or self.replay:
+                raise failed
+            await self._recover(failed)
+
+    async def _follow(self, until_seq: int | None) -> CflowError | None:
+        """Apply from the file's checkpoint on; the store's error if a batch failed."""
         from cflow.streams.raw import follow_batches
 
         batches = follow_batches(self.log, start_seq=self.applied_seq + 1,
@@ -235,11 +257,41 @@ class Projector:
                                  reader=self.reader)
         try:
             async for batch in batches:
-                await self.apply(batch)
+                try:
+                    await self.apply(batch)
+                except CflowError as exc:  # the store's: every event's own error is quarantined
+                    return exc
                 if until_seq is not None and self.applied_seq >= until_seq:
-                    return
+                    return None
         finally:
             await batches.aclose()
+        return None
+
+    async def _recover(self, failed: CflowError) -> None:
+        """A batch the store could not write (a full disk, an I/O error, a database
+        DuckDB gave up on): its transaction was rolled back and nothing of it was
+        quarantined. Let go of the file (queries wait), wait, open it again (a file
+        DuckDB can no longer read is set aside, see :meth:`open`) and go on from its
+        checkpoint, as often as it takes: the projector does not stop over what
+        will pass, and says so in the log each time."""
+        self.store_failures += 1
+        async with self._apply_lock:
+            for before, _ in self._on_swap:
+                await before()
+            await self.close()
+            while True:
+                delay, self._retry_s = self._retry_s, min(STORE_RETRY_LAST_S, self._retry_s * 2)
+                log.warning("%s; opening it again in %.1f s, to go on from sequence %d",
+                            failed, delay, self.applied_seq + 1)
+                await asyncio.sleep(delay)  # the cause is outside this process: a timer
+                try:
+                    await self.open()
+                    break
+                except CflowError as exc:
+                    self.store_failures += 1
+                    failed = exc
+            for _, after in self._on_swap:
+                await after()
 
 
     def rebuild_in_background(

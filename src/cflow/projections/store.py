@@ -187,6 +187,10 @@ def translate(exc: duckdb.Error, path: str) -> CflowError:
     return CflowError(f"projection database {path}: {str(exc).splitlines()[0]}", path=path)
 
 
+# DuckDB could not write the file (a full disk, an I/O error, a commit that failed,
+# a database it gave up on): not the events' fault, so a batch refused with one of
+# these is refused whole (Unavailable) and nothing is quarantined for it.
+_NOT_WRITTEN = (duckdb.IOException, duckdb.TransactionException, duckdb.FatalException)
 # Failures that say nothing of the file itself: this process has it open with another
 # configuration, memory ran out, the statement was interrupted.
 _NOT_THE_FILE = (duckdb.ConnectionException, duckdb.OutOfMemoryException,
@@ -212,15 +216,37 @@ def held_elsewhere(path: Path) -> bool:
     return False
 
 
+def readable(path: Path) -> bool:
+    """Whether DuckDB reads ``path``: opened read-only (nothing is written, so a full
+    disk does not matter) and, where the file has one, its checkpoint read."""
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error:
+        return False
+    try:
+        found = con.execute("SELECT count(*) FROM duckdb_views() WHERE NOT internal "
+                            "AND view_name = 'checkpoint'").fetchone()
+        if found is not None and found[0]:
+            con.execute("SELECT * FROM checkpoint").fetchall()
+        return True
+    except duckdb.Error:
+        return False
+    finally:
+        con.close()
+
+
 def open_failure(exc: duckdb.Error, path: Path, existed: bool) -> CflowError:
-    """Why a projection file DuckDB failed to open or read is refused: another process
-    holds it (``Unavailable``), or it is damaged (``Damaged``: a projection is set
-    aside and rebuilt from its stream). Told apart by the file's lock, not by
-    DuckDB's message."""
+    """Why a projection file DuckDB failed to open is refused: another process holds
+    it or it cannot be written now (``Unavailable``: a full disk), or DuckDB cannot
+    read it (``Damaged``: a projection is set aside and rebuilt from its stream).
+    Told apart by the file's lock and a read-only open, not by DuckDB's message."""
     if not existed or isinstance(exc, _NOT_THE_FILE):
         return translate(exc, str(path))
     if held_elsewhere(path):
         return Unavailable(f"projection database {path} is in use by another process: "
+                           f"{_first_line(exc)}", path=str(path))
+    if readable(path):
+        return Unavailable(f"projection database {path} cannot be written: "
                            f"{_first_line(exc)}", path=str(path))
     return Damaged(f"projection database {path} cannot be read: {_first_line(exc)}",
                    path=str(path))
@@ -485,9 +511,12 @@ class ProjectionStore:
         Items at or below the checkpoint are skipped, so a batch is never applied
         twice. If DuckDB refuses the batch, it is rolled back and retried one
         event per transaction; an event DuckDB refuses on its own is quarantined.
+        A batch DuckDB could not *write* (``_NOT_WRITTEN``: the disk, the file) is
+        rolled back and refused whole: no event is quarantined for the disk's sake.
 
         Raises:
-            CflowError: DuckDB refused even a quarantine row (disk full, ...).
+            Unavailable: DuckDB could not write the file (a full disk, an I/O error).
+            CflowError: DuckDB refused even a quarantine row.
         """
         fresh = [item for item in items if item.seq > self.last_seq]
         if not fresh:
@@ -497,6 +526,8 @@ class ProjectionStore:
         # the ones that fail alone are quarantined: the projector does not stop.
         try:
             return self._apply(fresh, seen_at)
+        except _NOT_WRITTEN as exc:
+            raise self._not_written(exc) from exc
         except Exception as exc:
             log.warning("batch %d..%d refused (%s); applying one by one",
                         fresh[0].seq, fresh[-1].seq, _first_line(exc))
@@ -504,6 +535,8 @@ class ProjectionStore:
         for item in fresh:
             try:
                 done = self._apply([item], seen_at)
+            except _NOT_WRITTEN as exc:
+                raise self._not_written(exc) from exc
             except Exception as exc:
                 done = self._quarantine_only(
                     item, seen_at, f"DuckDB refused it: {type(exc).__name__}: {_first_line(exc)}")
@@ -511,6 +544,10 @@ class ProjectionStore:
             total.count += done.count
             total.quarantined += done.quarantined
         return total
+
+    def _not_written(self, exc: duckdb.Error) -> Unavailable:
+        return Unavailable(f"projection database {self.path} cannot be written: "
+                           f"{_first_line(exc)}", path=self.path)
 
     def _apply(self, items: Sequence[Item], seen_at: datetime) -> fold.Changes:
         con = self.con
