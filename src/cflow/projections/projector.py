@@ -51,9 +51,8 @@ CLOSE_BOUND_S = 3.0  # a stopping projector waits this long for its batch and cl
 REPLAY_BATCH_FACTOR = 4  # a replay's batches: 20,000 events a transaction by default
 DB_FILE = "projection.duckdb"
 # A projector following for ever whose batch DuckDB could not write (a full disk, an
-# I/O error) lets go of the file, waits, opens it again and goes on from its
-# checkpoint; the wait doubles from the first to the last, and starts again after
-# a batch is stored.
+# I/O error) waits and tries again (Projector._follow); the wait doubles from the
+# first to the last, and starts again after a batch is stored.
 STORE_RETRY_FIRST_S = 0.5
 STORE_RETRY_LAST_S = 30.0
 
@@ -236,20 +235,25 @@ class Projector:
         """Follow the stream and apply it until cancelled (or ``until_seq`` is applied).
 
         Following for ever (no ``until_seq``: ``cfctl projector``, ``cfctl up``), a
-        batch the store could not write is not the end: see :meth:`_recover`. A
-        bounded run (a rebuild's catch-up, a test) raises the store's error.
+        batch the store could not write does not stop the projector: see
+        :meth:`_follow`. A bounded run (a rebuild's catch-up, a test) raises.
         """
         await self.open()
         while until_seq is None or self.applied_seq < until_seq:
             failed = await self._follow(until_seq)
             if failed is None:
                 return
-            if until_seq is not None or self.replay:
-                raise failed
-            await self._recover(failed)
+            await self._reopen(failed)
 
     async def _follow(self, until_seq: int | None) -> CflowError | None:
-        """Apply from the file's checkpoint on; the store's error if a batch failed."""
+        """Apply from the file's checkpoint on.
+
+        A batch the store could not write (a full disk, an I/O error) was rolled
+        back whole, nothing of it quarantined. While DuckDB still serves the file,
+        the same batch is tried again after a wait (queries go on meanwhile);
+        once it does not (a failed checkpoint invalidates the database until it is
+        opened again), the error is returned for :meth:`_reopen`.
+        """
         from cflow.streams.raw import follow_batches
 
         batches = follow_batches(self.log, start_seq=self.applied_seq + 1,
@@ -257,33 +261,34 @@ class Projector:
                                  reader=self.reader)
         try:
             async for batch in batches:
-                try:
-                    await self.apply(batch)
-                except CflowError as exc:  # the store's: every event's own error is quarantined
-                    return exc
+                while True:
+                    try:
+                        await self.apply(batch)
+                        break
+                    except CflowError as exc:  # the store's: an event's own is quarantined
+                        if until_seq is not None or self.replay:
+                            raise
+                        self.store_failures += 1
+                        if self.store is None or not await self.db(self.store.usable):
+                            return exc
+                        await self._wait_out(exc, "trying the batch again")
                 if until_seq is not None and self.applied_seq >= until_seq:
                     return None
         finally:
             await batches.aclose()
         return None
 
-    async def _recover(self, failed: CflowError) -> None:
-        """A batch the store could not write (a full disk, an I/O error, a database
-        DuckDB gave up on): its transaction was rolled back and nothing of it was
-        quarantined. Let go of the file (queries wait), wait, open it again (a file
-        DuckDB can no longer read is set aside, see :meth:`open`) and go on from its
-        checkpoint, as often as it takes: the projector does not stop over what
-        will pass, and says so in the log each time."""
-        self.store_failures += 1
+    async def _reopen(self, failed: CflowError) -> None:
+        """Let go of a file DuckDB no longer serves (queries wait), open it again after
+        a wait (a file it can no longer read is set aside, see :meth:`open`), as
+        often as it takes; :meth:`run` then follows on from its checkpoint."""
         async with self._apply_lock:
             for before, _ in self._on_swap:
                 await before()
             await self.close()
             while True:
-                delay, self._retry_s = self._retry_s, min(STORE_RETRY_LAST_S, self._retry_s * 2)
-                log.warning("%s; opening it again in %.1f s, to go on from sequence %d",
-                            failed, delay, self.applied_seq + 1)
-                await asyncio.sleep(delay)  # the cause is outside this process: a timer
+                await self._wait_out(failed, "opening it again to go on from sequence "
+                                             f"{self.applied_seq + 1}")
                 try:
                     await self.open()
                     break
@@ -293,6 +298,11 @@ class Projector:
             for _, after in self._on_swap:
                 await after()
 
+    async def _wait_out(self, failed: CflowError, then: str) -> None:
+        """Say so in the log, then wait (longer each time, until a batch is stored)."""
+        delay, self._retry_s = self._retry_s, min(STORE_RETRY_LAST_S, self._retry_s * 2)
+        log.warning("%s; %s in %.1f s", failed, then, delay)
+        await asyncio.sleep(delay)  # the cause is outside this process: a timer by nature
 
     def rebuild_in_background(
             self, progress: Callable[[str, int, int], None] | None = None) -> BackgroundRebuild:

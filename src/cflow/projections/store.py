@@ -401,6 +401,15 @@ class ProjectionStore:
             self.con.close()
             gc.unfreeze()
 
+    def usable(self) -> bool:
+        """Whether DuckDB still serves this file (a fatal error, such as a checkpoint
+        that could not be written, invalidates the database until it is opened again)."""
+        try:
+            self.con.execute("SELECT 1").fetchall()
+        except duckdb.Error:
+            return False
+        return True
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A separate connection to the same database, for readers on other threads."""
         return self.con.cursor()
