@@ -142,16 +142,18 @@ async def test_a_holder_that_leaves_hands_back_the_offer_it_prefetched(
 
 DIES_HOLDING_AN_OFFER = """
 import asyncio, os, signal, sys
+from cflow import offers
 from cflow.swarm import Swarm
+
+offers.PREFETCH_HOLD_S = 3600.0  # it holds the offer until it dies, whatever the load
 
 async def main(url, swarm):
     async with Swarm.connect(url, swarm=swarm, agent="doomed") as s:
         lease = await s.tasks.claim(agent="doomed")
         assert lease is not None and lease.task_id == sys.argv[3], lease
         await lease.complete("ok")  # pulls the next offer ahead of time
-        desk = s.tasks.offers
-        while desk._pulled.empty():  # the prefetched offer has arrived
-            await asyncio.sleep(0.005)
+        pulled = await s.tasks.offers._pulled.get()  # its answer: the next offer
+        assert not (pulled.headers or {}).get("Status"), pulled.headers
         print("holding", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
