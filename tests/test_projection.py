@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ async def test_bad_messages_are_quarantined_and_the_projector_goes_on(
     assert projector.quarantined == 4
 
 
+async def _projected(log: EventLog, path: Path, n: int, prefix: str = "t") -> None:
+    """``n`` new tasks ``<prefix>0...``, projected into ``path`` and the file closed."""
+    for i in range(n):
+        await log.append(ev.TaskCreated(title=f"{prefix}{i}"), f"{prefix}{i}", expected=0)
+    first = Projector(log, path)
+    await first.run(until_seq=await log.stream_last_seq())
+    await first.close()
+
+
 @pytest.mark.parametrize("new_events", [2, 7])
 async def test_a_file_projected_from_another_stream_is_moved_aside_and_projected_anew(
         nc: Any, log: EventLog, tmp_path: Path, new_events: int) -> None:
@@ -90,11 +100,7 @@ async def test_a_file_projected_from_another_stream_is_moved_aside_and_projected
     re-created stream; shorter or longer than the file's checkpoint): following from
     the checkpoint would skip the new stream's events up to it without a word."""
     path = tmp_path / "p.duckdb"
-    for i in range(5):
-        await log.append(ev.TaskCreated(title=f"old{i}"), f"old{i}", expected=0)
-    first = Projector(log, path)
-    await first.run(until_seq=5)
-    await first.close()
+    await _projected(log, path, 5, "old")
     same = Projector(log, path)  # the same stream: the file is kept as it is
     assert (await same.open()).last_seq == 5
     await same.close()
@@ -141,11 +147,7 @@ async def test_a_damaged_file_is_moved_aside_and_projected_anew(
     of the machine, a disk fault) must not stop the projector: it is kept aside as
     it was, and the stream projected from the start."""
     path = tmp_path / "p.duckdb"
-    for i in range(5):
-        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
-    first = Projector(log, path)
-    await first.run(until_seq=5)
-    await first.close()
+    await _projected(log, path, 5)
     _damage(path, how)
     damaged = path.read_bytes()
     await log.append(ev.TaskCreated(title="t5"), "t5", expected=0)
@@ -161,32 +163,34 @@ async def test_a_damaged_file_is_moved_aside_and_projected_anew(
     assert len(aside) == 1 and aside[0].read_bytes() == damaged
 
 
-async def test_a_file_another_process_holds_is_not_taken_for_damaged(
-        log: EventLog, tmp_path: Path) -> None:
-    path = tmp_path / "busy.duckdb"
-    Projector(log, path)  # nothing opened yet
+@contextlib.contextmanager
+def held_by_another_process(path: Path) -> Iterator[None]:
+    """``path`` open in DuckDB by another process for the duration."""
     code = ("import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); "
             "print('open', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
-        with pytest.raises(Unavailable, match="in use by another process"):
-            await Projector(log, path).open()
+        yield
     finally:
         holder.kill()
         holder.wait()
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+async def test_a_file_another_process_holds_is_not_taken_for_damaged(
+        log: EventLog, tmp_path: Path) -> None:
+    path = tmp_path / "busy.duckdb"
+    with held_by_another_process(path), pytest.raises(
+            Unavailable, match="in use by another process"):
+        await Projector(log, path).open()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy.duckdb"]
 
 
 async def test_rebuild_replaces_a_damaged_file(log: EventLog, tmp_path: Path) -> None:
     path = tmp_path / "p.duckdb"
-    for i in range(3):
-        await log.append(ev.TaskCreated(title=f"t{i}"), f"t{i}", expected=0)
-    first = Projector(log, path)
-    await first.run(until_seq=3)
-    await first.close()
+    await _projected(log, path, 3)
     _damage(path, "overwritten")
     assert (await rebuild(log, path))["events"] == 3
     con = connect(path)
@@ -344,18 +348,8 @@ async def test_rebuild_equals_incremental_and_swaps_atomically(
 
 async def test_rebuild_refuses_a_file_in_use(log: EventLog, tmp_path: Path) -> None:
     path = tmp_path / "busy.duckdb"
-    code = ("import sys, time, duckdb; c = duckdb.connect(sys.argv[1]); "
-            "print('open', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
-        with pytest.raises(InvalidState, match="open elsewhere"):
-            await rebuild(log, path)
-    finally:
-        holder.kill()
-        holder.wait()
-        if holder.stdout is not None:
-            holder.stdout.close()
+    with held_by_another_process(path), pytest.raises(InvalidState, match="open elsewhere"):
+        await rebuild(log, path)
 
 
 async def test_background_rebuild_swaps_under_a_running_projector(
