@@ -277,7 +277,7 @@ class OfferDesk:
         """Hand back the offers this process pulled and did not take (a holder's
         prefetch when it leaves after its last task), waiting up to ``CLOSE_PULLS_S``
         for pulls still unanswered. Left alone, such an offer is redelivered only
-        after its ack wait (``ACK_WAIT_S``): a retry due in a second waited 5."""
+        after its ack wait (``ACK_WAIT_S``), even a retry due in a second."""
         loop = asyncio.get_running_loop()
         until = loop.time() + CLOSE_PULLS_S
         while self._outstanding or not self._pulled.empty():

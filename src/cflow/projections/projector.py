@@ -718,18 +718,9 @@ def _alive(pid: int) -> bool:
 
 def _check_free(path: Path, tmp: Path) -> None:
     """Refuse to rebuild a file another process holds; clear a stale temp file."""
-    from cflow.projections import store as store_mod
-
-    if path.exists():
-        try:
-            con = store_mod.connect(path)
-        except Damaged:
-            con = None  # nobody holds it: the rebuild replaces it
-        except CflowError as exc:
-            raise InvalidState(f"cannot rebuild {path}: it is open elsewhere (stop the "
-                               f"projector first): {exc}") from exc
-        if con is not None:
-            con.close()
+    if file_in_use(path):
+        raise InvalidState(f"cannot rebuild {path}: it is open elsewhere (stop the "
+                           "projector first)", path=str(path))
     _clear_leftovers(path, tmp)
 
 
